@@ -1,0 +1,213 @@
+"""Code emission from IR expressions: small placeholder templates whose holes are filled with Python `ast`
+nodes (as Helion's `expr_from_string`), then unparsed, so generated code is always valid, minimally
+parenthesised Python. Nothing from a spec reaches the output except validated identifiers and numbers.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from dsl.ir import DType, Node, Op, is_uniform, linearize, walk
+
+_HOLE = "__hole_"
+
+
+@functools.cache
+def _parse_template(template: str) -> ast.expr:
+    text = template.replace("{", _HOLE).replace("}", "")
+    return ast.parse(text, mode="eval").body
+
+
+class _Fill(ast.NodeTransformer):
+    def __init__(self, holes: dict[str, ast.expr]) -> None:
+        self.holes = holes
+
+    def visit_Name(self, node: ast.Name) -> ast.expr:
+        if node.id.startswith(_HOLE):
+            return self.holes[node.id[len(_HOLE) :]]
+        return node
+
+
+def expr_from_string(template: str, **holes: ast.expr) -> ast.expr:
+    """`expr_from_string("torch.exp({x})", x=ast.Name("t"))` -> the ast of `torch.exp(t)`."""
+    import copy
+
+    return _Fill(holes).visit(copy.deepcopy(_parse_template(template)))
+
+
+def name(id_: str) -> ast.expr:
+    return ast.Name(id_, ast.Load())
+
+
+def constant(value: bool | int | float) -> ast.expr:
+    if isinstance(value, bool):
+        return ast.Constant(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return expr_from_string(f"float('{value}')")
+    if value < 0:
+        return ast.UnaryOp(ast.USub(), ast.Constant(-value))
+    return ast.Constant(value)
+
+
+def code(e: ast.expr) -> str:
+    return ast.unparse(ast.fix_missing_locations(e))
+
+
+# Templates by op: tensor code (torch) and scalar code (Python numbers, for uniform sub-expressions).
+_BOTH = {
+    Op.NEG: "-{a}",
+    Op.ADD: "{a} + {b}",
+    Op.SUB: "{a} - {b}",
+    Op.MUL: "{a} * {b}",
+    Op.DIV: "{a} / {b}",
+    Op.FLOORDIV: "{a} // {b}",  # torch and Python both floor
+    Op.MOD: "{a} % {b}",  # torch.remainder and Python both take the divisor's sign
+    Op.LT: "{a} < {b}",
+    Op.LE: "{a} <= {b}",
+    Op.GT: "{a} > {b}",
+    Op.GE: "{a} >= {b}",
+    Op.EQ: "{a} == {b}",
+    Op.NE: "{a} != {b}",
+}
+TENSOR_TEMPLATES = {
+    **_BOTH,
+    Op.POW: "{a} ** {b}",
+    Op.NOT: "~{a}",
+    Op.AND: "{a} & {b}",
+    Op.OR: "{a} | {b}",
+    Op.ABS: "torch.abs({a})",
+    Op.EXP: "torch.exp({a})",
+    Op.EXP2: "torch.exp2({a})",
+    Op.LOG: "torch.log({a})",
+    Op.LOG2: "torch.log2({a})",
+    Op.SQRT: "torch.sqrt({a})",
+    Op.RSQRT: "torch.rsqrt({a})",
+    Op.TANH: "torch.tanh({a})",
+    Op.SIGMOID: "torch.sigmoid({a})",
+    Op.RELU: "torch.relu({a})",
+    Op.ELU: "torch.nn.functional.elu({a})",
+    Op.FLOOR: "torch.floor({a}).long()",
+    Op.CEIL: "torch.ceil({a}).long()",
+    Op.TO_FLOAT: "{a}.to(_cdt)",
+}
+SCALAR_TEMPLATES = {
+    **_BOTH,
+    Op.POW: "math.pow({a}, {b})",
+    Op.NOT: "not {a}",
+    Op.AND: "{a} and {b}",
+    Op.OR: "{a} or {b}",
+    Op.ABS: "abs({a})",
+    Op.EXP: "math.exp({a})",
+    Op.EXP2: "math.pow(2.0, {a})",
+    Op.LOG: "math.log({a})",
+    Op.LOG2: "math.log2({a})",
+    Op.SQRT: "math.sqrt({a})",
+    Op.RSQRT: "1.0 / math.sqrt({a})",
+    Op.TANH: "math.tanh({a})",
+    Op.SIGMOID: "_sigmoid_scalar({a})",
+    Op.ELU: "{a} if {a} > 0 else math.expm1({a})",
+    Op.FLOOR: "math.floor({a})",
+    Op.CEIL: "math.ceil({a})",
+    Op.TO_FLOAT: "float({a})",
+    Op.MIN: "min({a}, {b})",
+    Op.MAX: "max({a}, {b})",
+    Op.WHERE: "{b} if {a} else {c}",
+}
+
+
+@dataclass
+class Emitter:
+    """Emits expressions of one generated function.
+
+    Uniform sub-expressions (sizes, scalars, constants only) are hoisted once into `hoisted` as Python-number
+    code; non-uniform nodes used more than once become temporaries of the closure that uses them.
+    `load_code(node, args)` renders a LOAD (so the backend decides on bounds checks).
+    """
+
+    load_code: Callable[[Node, list[ast.expr]], ast.expr]
+    leaf_code: Callable[[Node], ast.expr]
+    hoisted: list[tuple[str, str]] = field(default_factory=list)
+    _uniform_names: dict[Node, str] = field(default_factory=dict)
+
+    def _uniform(self, node: Node) -> ast.expr:
+        if node.op is Op.CONST:
+            return constant(node.attr)  # type: ignore[arg-type]
+        if node.op in (Op.SIZE, Op.SCALAR):
+            return name(str(node.attr))
+        if node not in self._uniform_names:
+            vals: dict[Node, ast.expr] = {}
+            for n in linearize([node]):
+                if n.op in (Op.CONST, Op.SIZE, Op.SCALAR):
+                    vals[n] = self._uniform(n)
+                elif n in self._uniform_names:
+                    vals[n] = name(self._uniform_names[n])
+                else:
+                    vals[n] = _apply(SCALAR_TEMPLATES, n, [vals[a] for a in n.args])
+            var = f"_u{len(self.hoisted)}"
+            self.hoisted.append((var, code(vals[node])))
+            self._uniform_names[node] = var
+        return name(self._uniform_names[node])
+
+    def body(self, root: Node) -> tuple[list[str], str]:
+        """Statements (temporaries) and the return expression computing `root`."""
+        if is_uniform(root):
+            return [], code(self._uniform(root))
+        order = linearize([root])
+        uses: dict[Node, int] = {}
+        for n in order:
+            for a in n.args:
+                uses[a] = uses.get(a, 0) + 1
+        vals: dict[Node, ast.expr] = {}
+        stmts: list[str] = []
+        for n in order:
+            if is_uniform(n):
+                continue  # hoisted on demand, as a whole, by its first non-uniform user
+            args = [vals[a] if a in vals else self._uniform(a) for a in n.args]
+            if n.op is Op.LOAD:
+                e = self.load_code(n, args)
+            elif not n.args:
+                e = self.leaf_code(n)
+            else:
+                e = _apply_tensor(n, args, [is_uniform(a) for a in n.args])
+            if n is not root and uses.get(n, 0) > 1 and n.args:
+                tmp = f"_t{len(stmts)}"
+                stmts.append(f"{tmp} = {code(e)}")
+                e = name(tmp)
+            vals[n] = e
+        return stmts, code(vals[root])
+
+
+def _apply(table: dict[Op, str], n: Node, args: list[ast.expr]) -> ast.expr:
+    holes = dict(zip("abc", args, strict=False))
+    return expr_from_string(table[n.op], **holes)
+
+
+def _apply_tensor(n: Node, args: list[ast.expr], uniform: list[bool]) -> ast.expr:
+    if n.op in (Op.MIN, Op.MAX):
+        fn = "minimum" if n.op is Op.MIN else "maximum"
+        bound = "max" if n.op is Op.MIN else "min"
+        a, b = args
+        if uniform[1]:
+            return expr_from_string(f"torch.clamp({{a}}, {bound}={{b}})", a=a, b=b)
+        if uniform[0]:
+            return expr_from_string(f"torch.clamp({{b}}, {bound}={{a}})", a=a, b=b)
+        return expr_from_string(f"torch.{fn}({{a}}, {{b}})", a=a, b=b)
+    if n.op is Op.WHERE:
+        if uniform[0]:
+            return _apply(SCALAR_TEMPLATES, n, args)
+        return expr_from_string("torch.where({a}, {b}, {c})", a=args[0], b=args[1], c=args[2])
+    if n.op in (Op.AND, Op.OR) and all(uniform):  # pragma: no cover - hoisted as uniform
+        return _apply(SCALAR_TEMPLATES, n, args)
+    return _apply(TENSOR_TEMPLATES, n, args)
+
+
+def loads(roots: Iterable[Node]) -> list[Node]:
+    return [n for n in walk(roots) if n.op is Op.LOAD]
+
+
+def is_float(n: Node) -> bool:
+    return n.dtype is DType.FLOAT
