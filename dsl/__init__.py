@@ -1,0 +1,9 @@
+"""The .attn language: grammar -> AST -> checks -> typed IR (and its symbolic analyses)."""
+
+from __future__ import annotations
+
+from .errors import SpecError
+from .lower import compile_to_ir
+from .parser import parse
+
+__all__ = ["SpecError", "compile_to_ir", "parse"]

@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (see README):
+#   make demo   create .venv, install attnc, compile examples/specs/*.attn, run and check them against oracles
+#   make test   the same install plus dev extras, then the test suite (this is what CI runs)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this project's machines; a plain `torch` would pull a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?= -q -n 2
+
+.PHONY: demo test lint format clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(PY) examples/demo.py
+
+test: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache

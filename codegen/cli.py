@@ -1,0 +1,172 @@
+"""The `attnc` command line: check | codegen | show-ir.
+
+Exit codes: 0 success, 1 a spec error (printed as file:line:col with a caret), 2 a usage error (bad flags,
+unreadable files). No Python traceback reaches the user; set ATTNC_DEBUG=1 to see one for internal errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from dsl.errors import SpecError
+from dsl.ir import Attention, format_expr, linearize
+from dsl.lower import compile_to_ir
+
+from .module import Target, module_name_for, render
+from .settings import settings
+from .version import ATTNC_VERSION, LANGUAGE_VERSION
+
+EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+def _read(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"{path}: no such file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise UsageError(f"{path}: cannot read ({err.strerror})") from None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    status = EXIT_OK
+    for path in args.specs:
+        try:
+            program = compile_to_ir(_read(path), path)
+        except SpecError as err:
+            print(err.format(), file=sys.stderr)
+            status = EXIT_SPEC
+            continue
+        names = ", ".join(a.name for a in program.attentions)
+        if not args.quiet:
+            print(f"{path}: ok ({names})")
+    return status
+
+
+def cmd_codegen(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    targets = [Target.REFERENCE]  # 'all' is every backend this version has
+    if args.target == "triton":
+        raise UsageError("--target triton: the Triton backend is not part of attnc 0.1.0 yet; use reference")
+    status = EXIT_OK
+    written: list[Path] = []
+    for path in args.specs:
+        try:
+            source = _read(path)
+            program = compile_to_ir(source, path)
+        except SpecError as err:
+            print(err.format(), file=sys.stderr)
+            status = EXIT_SPEC
+            continue
+        for target in targets:
+            text = render(program, source, target)
+            dest = out / f"{module_name_for(path)}.py"
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_suffix(".py.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(dest)
+            written.append(dest)
+            print(f"{path} -> {dest} ({', '.join(a.name for a in program.attentions)})")
+    return status
+
+
+def show_attention(att: Attention) -> str:
+    """A readable dump of one attention's IR: parameters, layout, then each root as SSA lines."""
+    lines = [f"attention {att.name}"]
+    for p in att.params:
+        lines.append(f"  param {p}")
+    lay = att.layout
+    lines.append(
+        "  layout: "
+        + ", ".join(
+            f"{k}={format_expr(getattr(lay, k))}"
+            for k in ("batch", "heads", "kv_heads", "q_len", "kv_len", "head_dim", "v_dim")
+        )
+    )
+    lines.append(f"  norm: {att.norm.kind.value}")
+    for root_name, root in att.roots().items():
+        lines.append(f"  {root_name}:")
+        ids: dict[object, str] = {}
+        for n in linearize([root]):
+            ref = f"%{len(ids)}"
+            ids[n] = ref
+            args = ", ".join(ids[a] for a in n.args)
+            attr = "" if n.attr is None else f" {getattr(n.attr, 'value', n.attr)!r}"
+            lines.append(f"    {ref} = {n.op.value}{attr}({args}) : {n.dtype.value}")
+        lines.append(f"    = {format_expr(root)}")
+    return "\n".join(lines)
+
+
+def cmd_show_ir(args: argparse.Namespace) -> int:
+    try:
+        program = compile_to_ir(_read(args.spec), args.spec)
+    except SpecError as err:
+        print(err.format(), file=sys.stderr)
+        return EXIT_SPEC
+    atts = [a for a in program.attentions if args.name in (None, a.name)]
+    if not atts:
+        raise UsageError(f"{args.spec}: no attention named {args.name!r}")
+    print("\n\n".join(show_attention(a) for a in atts))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="attnc",
+        description="attnc: compile .attn attention specs to PyTorch (and, later, Triton) code.",
+    )
+    p.add_argument("--version", action="version", version=f"attnc {ATTNC_VERSION} (language {LANGUAGE_VERSION})")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    c = sub.add_parser("check", help="parse and type-check specs; print diagnostics")
+    c.add_argument("specs", nargs="+", metavar="SPEC")
+    c.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    c.set_defaults(func=cmd_check)
+
+    g = sub.add_parser("codegen", help="write an importable Python module per spec")
+    g.add_argument("specs", nargs="+", metavar="SPEC")
+    g.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    g.add_argument("--target", choices=["reference", "triton", "all"], default="all")
+    g.set_defaults(func=cmd_codegen)
+
+    s = sub.add_parser("show-ir", help="print the typed IR of a spec")
+    s.add_argument("spec", metavar="SPEC")
+    s.add_argument("--name", help="only this attention block")
+    s.set_defaults(func=cmd_show_ir)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        return int(args.func(args))
+    except UsageError as err:
+        print(f"attnc: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # an attnc bug: report it without a traceback unless asked
+        if settings().debug:
+            raise
+        print(f"attnc: internal error: {type(err).__name__}: {err}", file=sys.stderr)
+        print("attnc: please report this; rerun with ATTNC_DEBUG=1 for a traceback", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
