@@ -33,10 +33,24 @@ def rewrite(root: Node, fn: Callable[[Node], Node | None]) -> Node:
     new: dict[Node, Node] = {}
     for n in linearize([root]):
         args = tuple(new[a] for a in n.args)
-        m = n if args == n.args else Node(n.op, n.dtype, args, n.attr)
+        m = n if args == n.args else _rebuild(n, args)
         r = fn(m)
         new[n] = m if r is None else r
     return new[root]
+
+
+def _rebuild(n: Node, args: tuple[Node, ...]) -> Node:
+    """A node with new arguments, folded again when they became constants."""
+    if args and all(a.op is Op.CONST for a in args):
+        if n.op is Op.TO_FLOAT:
+            return bld.to_float(args[0])
+        if len(args) == 1:
+            return bld.unary(n.op, args[0])
+        if len(args) == 2:
+            return bld.binary(n.op, *args)
+        if n.op is Op.WHERE:
+            return bld.where(*args)
+    return Node(n.op, n.dtype, args, n.attr)
 
 
 def map_roots(att: Attention, fn: Callable[[Node], Node]) -> Attention:

@@ -28,12 +28,24 @@ def nonneg(e: sp.Expr, depth: int = 0) -> bool:
         return any(nonneg(a, depth + 1) for a in e.args)
     if isinstance(e, sp.Min):
         return all(nonneg(a, depth + 1) for a in e.args)
+    if isinstance(e, sp.floor):  # floor(y) >= 0 exactly when y >= 0
+        return nonneg(e.args[0], depth + 1)
     if isinstance(e, sp.Add):
         for t in e.args:
-            if isinstance(t, sp.Min | sp.Max):
+            tt = _push_negation(t)
+            if isinstance(tt, sp.Min | sp.Max):
                 rest = e - t
-                return nonneg(type(t)(*(a + rest for a in t.args)), depth + 1)
+                return nonneg(type(tt)(*(a + rest for a in tt.args)), depth + 1)
     return False
+
+
+def _push_negation(t: sp.Expr) -> sp.Expr:
+    """-Min(a, b) -> Max(-a, -b) and -Max(a, b) -> Min(-a, -b), so Add terms expose Min/Max."""
+    if isinstance(t, sp.Mul) and len(t.args) == 2 and t.args[0] == -1 and isinstance(t.args[1], sp.Min | sp.Max):
+        inner = t.args[1]
+        flipped = sp.Max if isinstance(inner, sp.Min) else sp.Min
+        return flipped(*(-a for a in inner.args))
+    return t
 
 
 def _is_const(e: sp.Expr) -> bool:
@@ -76,7 +88,8 @@ def bounds(root: Node, layout: Layout) -> Bounds:
         elif op is Op.FLOORDIV:
             (l0, h0), (l1, h1) = a
             if l1 == h1 and _is_const(l1) and l1 > 0:
-                r = (sp.floor(l0 / l1), sp.floor(h0 / l1))
+                # floor(y) <= y: the real quotient is a (sound, slightly loose) upper bound sympy reasons with.
+                r = (sp.floor(l0 / l1), h0 / l1)
         elif op is Op.MOD:
             (l1, h1) = a[1]
             if l1 == h1 and nonneg(l1 - 1):
