@@ -1,8 +1,8 @@
 """attnc code generation: IR -> importable Python modules (PyTorch reference; Triton kernels later).
 
-    import codegen
-    mod = codegen.compile_file("examples/specs/alibi.attn")
-    o = mod.alibi(q, k, v, slopes)
+import codegen
+mod = codegen.compile_file("examples/specs/alibi.attn")
+o = mod.alibi(q, k, v, slopes)
 """
 
 from __future__ import annotations

@@ -125,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnc",
         description="attnc: compile .attn attention specs to PyTorch (and, later, Triton) code.",
     )
-    p.add_argument("--version", action="version", version=f"attnc {ATTNC_VERSION} (language {LANGUAGE_VERSION})")
+    p.add_argument(
+        "--version", action="version", version=f"attnc {ATTNC_VERSION} (language {LANGUAGE_VERSION})"
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 

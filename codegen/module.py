@@ -152,7 +152,9 @@ def compile_source(
         if verify_text(cached):
             text = cached
         else:
-            warnings.warn(f"attnc: cached module {path} is corrupt; regenerating it", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"attnc: cached module {path} is corrupt; regenerating it", RuntimeWarning, stacklevel=2
+            )
     if text is None:
         text = generate(source, filename, target)
         try:

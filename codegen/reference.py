@@ -122,8 +122,11 @@ class _Loads:
     def __call__(self, n: Node, args: list[ast.expr]) -> ast.expr:
         p = self.att.param(str(n.attr))
         assert isinstance(p, TensorParam)
-        check = [k for k, (ix, ext) in enumerate(zip(n.args, p.shape, strict=True))
-                 if index_status(ix, ext, self.att.layout) != "in"]
+        check = [
+            k
+            for k, (ix, ext) in enumerate(zip(n.args, p.shape, strict=True))
+            if index_status(ix, ext, self.att.layout) != "in"
+        ]
         idx = ast.Tuple(args, ast.Load()) if len(args) > 1 else args[0]
         if not check:
             return ast.Subscript(name(p.name), idx, ast.Load())
@@ -159,7 +162,8 @@ def emit_attention(att: Attention) -> str:
     )
     v = next(p for p in att.tensors if p.role is Role.V)
     q = next(p for p in att.tensors if p.role is Role.Q)
-    out_shape = "[" + ", ".join(shapes[q.name][1:-1].split(", ")[:3] + [shapes[v.name][1:-1].split(", ")[3]]) + "]"
+    row_dims = [dim_code(d) for d in q.shape[:3]]
+    out_shape = "[" + ", ".join([*row_dims, dim_code(v.shape[3])]) + "]"
     softmax = att.norm.kind is NormKind.SOFTMAX
 
     L.append(f"def {nm}_reference(")
@@ -170,7 +174,9 @@ def emit_attention(att: Attention) -> str:
     L.append(f'    """Exact PyTorch reference for `{nm}` (norm = {att.norm.kind.value}).')
     L.append("")
     L.append(f"    {doc_params}")
-    lse_doc = f" and lse: [{', '.join(out_shape[1:-1].split(', ')[:3])}] when return_lse=True" if softmax else ""
+    lse_doc = (
+        f" and lse: [{', '.join(out_shape[1:-1].split(', ')[:3])}] when return_lse=True" if softmax else ""
+    )
     L.append(f"    Returns o: {out_shape}{lse_doc}.")
     L.append('    """')
     # Argument checks: shapes, dtypes, devices, scalars.
@@ -178,7 +184,9 @@ def emit_attention(att: Attention) -> str:
     for p in att.tensors:
         L.append(f"    _bind(sizes, {p.name!r}, {p.name}, {_dims_tuple(p)}, {shapes[p.name]!r})")
     syms = _sizes(att)
-    L.append(f"    {', '.join(syms)}{',' if len(syms) == 1 else ''} = {', '.join(f'sizes[{s!r}]' for s in syms)}")
+    L.append(
+        f"    {', '.join(syms)}{',' if len(syms) == 1 else ''} = {', '.join(f'sizes[{s!r}]' for s in syms)}"
+    )
     for p in att.tensors:
         kind = p.type.kind.value
         if p.role in (Role.K, Role.V):
@@ -196,13 +204,17 @@ def emit_attention(att: Attention) -> str:
         for axis, d in enumerate(p.shape):
             if d.op not in (Op.SIZE, Op.CONST):
                 text = dim_code(d)
-                L.append(f"    _check_dim({p.name!r}, {p.name}, {axis}, {dim_code(d)}, {text!r}, {shapes[p.name]!r})")
+                L.append(
+                    f"    _check_dim({p.name!r}, {p.name}, {axis}, {dim_code(d)}, {text!r}, {shapes[p.name]!r})"
+                )
     heads, kv_heads = att.layout.heads, att.layout.kv_heads
     if heads != kv_heads:
         hc, gc = dim_code(heads), dim_code(kv_heads)
         L.append(f"    if {gc} < 1 or {hc} % {gc} != 0:")
         L.append("        raise ValueError(")
-        L.append(f'            f"k, v: the key/value head count ({{{gc}}}) must divide the query head count ({{{hc}}})"')
+        L.append(
+            f'            f"k, v: the key/value head count ({{{gc}}}) must divide the query head count ({{{hc}}})"'
+        )
         L.append("        )")
     if not softmax:
         L.append("    if return_lse:")
@@ -253,9 +265,10 @@ def emit_attention(att: Attention) -> str:
     L.append('    """')
     L.append('    if backend not in (None, "reference"):')
     L.append("        raise ValueError(")
-    L.append(f'            f"backend={{backend!r}}: this module provides only the \'reference\' backend for {nm}"')
+    L.append(
+        f"            f\"backend={{backend!r}}: this module provides only the 'reference' backend for {nm}\""
+    )
     L.append("        )")
     call_args = ", ".join(p.name for p in att.params)
     L.append(f"    return {nm}_reference({call_args}, return_lse=return_lse)")
     return "\n".join(L) + "\n"
-

@@ -67,7 +67,11 @@ def _check_type(name, t, kind, exact, device):
 
 
 def _check_scalar(name, value, kind):
-    if isinstance(value, bool) or not isinstance(value, int | float) or (kind == "int" and isinstance(value, float)):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (kind == "int" and isinstance(value, float))
+    ):
         raise ValueError(f"{name}: expected a Python {kind}, got {value!r}")
     return float(value) if kind == "float" else int(value)
 
@@ -197,7 +201,9 @@ def _attend(q, k, v, spec, return_lse):
                 eps = spec.eps(b, h, h // rep, i) if spec.eps is not None else 0.0
                 denom = _full(s.sum(-1, keepdim=True) + eps, (B, H, mc, 1), qk)
                 alive = denom != 0
-                o = torch.where(alive, o / torch.where(alive, denom, torch.ones_like(denom)), torch.zeros_like(o))
+                o = torch.where(
+                    alive, o / torch.where(alive, denom, torch.ones_like(denom)), torch.zeros_like(o)
+                )
         if spec.output is not None:
             e = torch.arange(E, device=dev).view(1, 1, 1, E)
             o = _full(spec.output(o, b, h, h // rep, i, e), o.shape, o)

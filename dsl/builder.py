@@ -66,7 +66,9 @@ def to_float(x: Node) -> Node:
 
 def _numeric(x: Node, what: str) -> None:
     if x.dtype is DType.BOOL:
-        raise BuildError(f"{what} needs a number, got a bool", "use where(cond, a, b) to turn a bool into a number")
+        raise BuildError(
+            f"{what} needs a number, got a bool", "use where(cond, a, b) to turn a bool into a number"
+        )
 
 
 def _fold_unary(op: Op, v: float | int) -> float | int:

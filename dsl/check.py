@@ -36,7 +36,20 @@ FUNCTIONS = {
     "max": -2,
     "clamp": 3,
 }
-KEYWORDS = {"attention", "let", "score", "mask", "norm", "output", "feature", "and", "or", "not", "true", "false"}
+KEYWORDS = {
+    "attention",
+    "let",
+    "score",
+    "mask",
+    "norm",
+    "output",
+    "feature",
+    "and",
+    "or",
+    "not",
+    "true",
+    "false",
+}
 NORMS = {"softmax": ("sink",), "sigmoid": ("bias",), "none": (), "sum": ("eps",)}
 TENSOR_TYPES = {t.value: t for t in TensorType}
 # Names the generated Python uses for itself; a parameter may not shadow them.
@@ -150,7 +163,9 @@ def _bind_sizes(att: A.Attention, scope: Scope) -> None:
 
     def same(a: A.Expr, b: A.Expr, msg: str) -> None:
         if a != b:
-            raise SpecError(msg, b.span, hint=f"write the same size symbol in both (found {_txt(a)} and {_txt(b)})")
+            raise SpecError(
+                msg, b.span, hint=f"write the same size symbol in both (found {_txt(a)} and {_txt(b)})"
+            )
 
     same(q[0], k[0], "q and k must share the batch dimension")
     same(q[0], v[0], "q and v must share the batch dimension")
@@ -199,7 +214,9 @@ def check_body(att: A.Attention) -> None:
         if isinstance(st, A.FeatureStmt):
             if st.target not in ("q", "k"):
                 raise SpecError(
-                    f"'feature' applies to q or k, not '{st.target}'", st.target_span, hint="write 'feature q = ...'"
+                    f"'feature' applies to q or k, not '{st.target}'",
+                    st.target_span,
+                    hint="write 'feature q = ...'",
                 )
             key = f"feature {st.target}"
         if isinstance(st, A.Let):

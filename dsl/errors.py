@@ -14,7 +14,6 @@ import difflib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-
 _WINDOW = 100  # characters of a long source line shown around the error
 
 

@@ -103,7 +103,9 @@ class Node:
     depth: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_hash", hash((self.op, self.dtype, self.attr, tuple(a._hash for a in self.args))))
+        object.__setattr__(
+            self, "_hash", hash((self.op, self.dtype, self.attr, tuple(a._hash for a in self.args)))
+        )
         object.__setattr__(self, "depth", 1 + max((a.depth for a in self.args), default=0))
 
     def __hash__(self) -> int:

@@ -26,10 +26,8 @@ from .ir import (
     NormKind,
     Op,
     Program,
-    Role,
     ScalarParam,
     TensorParam,
-    Var,
     const,
     size,
     var,
@@ -138,7 +136,9 @@ class _Lowerer:
         if n in INDEX_VARS:
             if n not in _VARS[ctx]:
                 allowed = ", ".join(sorted(_VARS[ctx])) or "no index variables"
-                raise SpecError(f"index variable '{n}' cannot be used in {ctx.value} (it may use {allowed})", e.span)
+                raise SpecError(
+                    f"index variable '{n}' cannot be used in {ctx.value} (it may use {allowed})", e.span
+                )
             return var(INDEX_VARS[n])
         if n == _ELEM.get(ctx):
             return Node(Op.ELEM, DType.FLOAT, (), n)
@@ -153,7 +153,9 @@ class _Lowerer:
             return size(n)
         if n in self.scope.tensors:
             if n in ("q", "k", "v"):
-                hint = "use dot(q, k)" if n != "v" else "v is combined by the normalisation, not in expressions"
+                hint = (
+                    "use dot(q, k)" if n != "v" else "v is combined by the normalisation, not in expressions"
+                )
                 if ctx in (Ctx.FEATURE_Q, Ctx.FEATURE_K):
                     hint = f"a feature map of {_ELEM[ctx]} may use only {_ELEM[ctx]}"
                 raise SpecError(f"'{n}' cannot be used directly in {ctx.value}", e.span, hint=hint)
@@ -219,11 +221,16 @@ class _Lowerer:
             raise SpecError(f"{f}() takes {want} argument(s), got {len(e.args)}", e.span)
         if f == "dot":
             if ctx is not Ctx.SCORE:
-                raise SpecError(f"dot(q, k) cannot be used in {ctx.value}", e.span,
-                                hint="only the score (and lets it uses) may depend on q and k")
+                raise SpecError(
+                    f"dot(q, k) cannot be used in {ctx.value}",
+                    e.span,
+                    hint="only the score (and lets it uses) may depend on q and k",
+                )
             names = [a.id if isinstance(a, A.Name) else None for a in e.args]
             if names != ["q", "k"]:
-                raise SpecError("dot() takes exactly (q, k)", e.span, hint="feature maps go in 'feature q = ...'")
+                raise SpecError(
+                    "dot() takes exactly (q, k)", e.span, hint="feature maps go in 'feature q = ...'"
+                )
             return Node(Op.DOT, DType.FLOAT)
         args = [self.expr(a, ctx, before) for a in e.args]
         try:
@@ -310,7 +317,9 @@ class _Lowerer:
         params: list[TensorParam | ScalarParam] = []
         for p in att.params:
             if isinstance(p, A.TensorParam):
-                params.append(TensorParam(p.name, scope.roles[p.name], self.aux_shape(p), scope.tensor_types[p.name]))
+                params.append(
+                    TensorParam(p.name, scope.roles[p.name], self.aux_shape(p), scope.tensor_types[p.name])
+                )
             else:
                 default = None
                 if p.default is not None:
@@ -380,7 +389,9 @@ class _Lowerer:
         for kw in st.kwargs:
             if kw.name not in allowed:
                 accepted = f"accepts only {', '.join(allowed)}" if allowed else "takes no arguments"
-                raise SpecError(f"{st.kind}() has no argument '{kw.name}'", kw.span, hint=f"{st.kind}() {accepted}")
+                raise SpecError(
+                    f"{st.kind}() has no argument '{kw.name}'", kw.span, hint=f"{st.kind}() {accepted}"
+                )
             if kw.name in values:
                 raise SpecError(f"argument '{kw.name}' given twice", kw.span)
             values[kw.name] = self.number(kw.value, ctxs[kw.name], pos, f"{st.kind}({kw.name} = ...)")
@@ -409,14 +420,18 @@ def lower_file(spec: A.SpecFile) -> Program:
         for att in spec.attentions:
             for name in (att.name, f"{att.name}_reference"):
                 if name in seen:
-                    raise SpecError(f"attention '{att.name}' clashes with an earlier attention", att.name_span)
+                    raise SpecError(
+                        f"attention '{att.name}' clashes with an earlier attention", att.name_span
+                    )
             seen[att.name] = att.name_span
             seen[f"{att.name}_reference"] = att.name_span
             out.append(lower_attention(att))
     except SpecError as err:
         raise err.with_source(spec.filename, spec.source) from None
     if not out:
-        raise SpecError("no 'attention' block in the file", Span(1, 1)).with_source(spec.filename, spec.source)
+        raise SpecError("no 'attention' block in the file", Span(1, 1)).with_source(
+            spec.filename, spec.source
+        )
     sha = hashlib.sha256(spec.source.encode("utf-8", "surrogatepass")).hexdigest()
     return Program(spec.filename, sha, tuple(out))
 

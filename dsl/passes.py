@@ -141,7 +141,9 @@ def verify(att: Attention) -> None:
                     fail(f"bad load {n.attr}")
                 if any(x is not DType.INT for x in arg_types):
                     fail(f"non-int index into {n.attr}")
-            if n.op is Op.SCALAR and (str(n.attr) not in scalars or scalars[str(n.attr)].dtype is not n.dtype):
+            if n.op is Op.SCALAR and (
+                str(n.attr) not in scalars or scalars[str(n.attr)].dtype is not n.dtype
+            ):
                 fail(f"unknown scalar {n.attr}")
             if n.op is Op.SIZE and str(n.attr) not in sizes:
                 fail(f"unknown size {n.attr}")

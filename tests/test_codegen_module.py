@@ -134,7 +134,9 @@ def test_concurrent_processes_share_the_cache_safely(tmp_path: Path) -> None:
 
 def test_compile_file_reports_spec_errors_with_the_path(tmp_path: Path) -> None:
     bad = tmp_path / "bad.attn"
-    bad.write_text("attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {\n  score = dot(q, k) * scal\n}\n")
+    bad.write_text(
+        "attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {\n  score = dot(q, k) * scal\n}\n"
+    )
     with pytest.raises(SpecError) as info:
         codegen.compile_file(bad, cache_dir=tmp_path)
     text = str(info.value)

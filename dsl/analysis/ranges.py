@@ -41,7 +41,12 @@ def nonneg(e: sp.Expr, depth: int = 0) -> bool:
 
 def _push_negation(t: sp.Expr) -> sp.Expr:
     """-Min(a, b) -> Max(-a, -b) and -Max(a, b) -> Min(-a, -b), so Add terms expose Min/Max."""
-    if isinstance(t, sp.Mul) and len(t.args) == 2 and t.args[0] == -1 and isinstance(t.args[1], sp.Min | sp.Max):
+    if (
+        isinstance(t, sp.Mul)
+        and len(t.args) == 2
+        and t.args[0] == -1
+        and isinstance(t.args[1], sp.Min | sp.Max)
+    ):
         inner = t.args[1]
         flipped = sp.Max if isinstance(inner, sp.Min) else sp.Min
         return flipped(*(-a for a in inner.args))
