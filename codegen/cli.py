@@ -7,12 +7,14 @@ unreadable files). No Python traceback reaches the user; set ATTNC_DEBUG=1 to se
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dsl.analysis.ranges import index_status
 from dsl.errors import SpecError
-from dsl.ir import Attention, format_expr, linearize
+from dsl.ir import Attention, Op, TensorParam, format_expr, linearize, walk
 from dsl.lower import compile_to_ir
 
 from .module import Target, module_name_for, render
@@ -84,7 +86,12 @@ def show_attention(att: Attention) -> str:
     """A readable dump of one attention's IR: parameters, layout, then each root as SSA lines."""
     lines = [f"attention {att.name}"]
     for p in att.params:
-        lines.append(f"  param {p}")
+        if isinstance(p, TensorParam):
+            dims = ", ".join(format_expr(d) for d in p.shape)
+            lines.append(f"  param {p.name}: [{dims}] {p.type.value} ({p.role.value})")
+        else:
+            default = "" if p.default is None else f" = {format_expr(p.default)}"
+            lines.append(f"  param {p.name}: {p.dtype.value}{default} (runtime scalar)")
     lay = att.layout
     lines.append(
         "  layout: "
@@ -104,6 +111,15 @@ def show_attention(att: Attention) -> str:
             attr = "" if n.attr is None else f" {getattr(n.attr, 'value', n.attr)!r}"
             lines.append(f"    {ref} = {n.op.value}{attr}({args}) : {n.dtype.value}")
         lines.append(f"    = {format_expr(root)}")
+    loads = [n for n in walk(att.roots().values()) if n.op is Op.LOAD]
+    if loads:
+        lines.append("  index ranges (interval analysis over the whole iteration space):")
+    for n in sorted(loads, key=format_expr):
+        p = att.param(str(n.attr))
+        assert isinstance(p, TensorParam)
+        verdicts = [index_status(ix, ext, att.layout) for ix, ext in zip(n.args, p.shape, strict=True)]
+        text = ", ".join("proven in range" if v == "in" else "checked at run time" for v in verdicts)
+        lines.append(f"    {format_expr(n)}: {text}")
     return "\n".join(lines)
 
 
@@ -162,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `attnc show-ir x.attn | head`: the reader left; not an error of ours
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
     except Exception as err:  # an attnc bug: report it without a traceback unless asked
         if settings().debug:
             raise
