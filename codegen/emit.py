@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from dsl.ir import DType, Node, Op, is_uniform, linearize, walk
 
 _HOLE = "__hole_"
+MAX_INLINE_DEPTH = 24  # deeper expressions are split into temporaries
 
 
 @functools.cache
@@ -147,6 +148,11 @@ class Emitter:
                     vals[n] = name(self._uniform_names[n])
                 else:
                     vals[n] = _apply(SCALAR_TEMPLATES, n, [vals[a] for a in n.args])
+                    if n is not node and n.depth % MAX_INLINE_DEPTH == 0:
+                        var = f"_u{len(self.hoisted)}"
+                        self.hoisted.append((var, code(vals[n])))
+                        self._uniform_names[n] = var
+                        vals[n] = name(var)
             var = f"_u{len(self.hoisted)}"
             self.hoisted.append((var, code(vals[node])))
             self._uniform_names[node] = var
@@ -162,6 +168,7 @@ class Emitter:
             for a in n.args:
                 uses[a] = uses.get(a, 0) + 1
         vals: dict[Node, ast.expr] = {}
+        depth: dict[Node, int] = {}  # nesting of each inline expression: bounded so unparse stays shallow
         stmts: list[str] = []
         for n in order:
             if is_uniform(n):
@@ -173,10 +180,13 @@ class Emitter:
                 e = self.leaf_code(n)
             else:
                 e = _apply_tensor(n, args, [is_uniform(a) for a in n.args])
-            if n is not root and uses.get(n, 0) > 1 and n.args:
+            depth[n] = 1 + max((depth.get(a, 0) for a in n.args), default=0)
+            shared = uses.get(n, 0) > 1 and n.args
+            if n is not root and (shared or depth[n] >= MAX_INLINE_DEPTH):
                 tmp = f"_t{len(stmts)}"
                 stmts.append(f"{tmp} = {code(e)}")
                 e = name(tmp)
+                depth[n] = 0
             vals[n] = e
         return stmts, code(vals[root])
 

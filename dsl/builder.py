@@ -36,6 +36,12 @@ _OP_SYMBOL = {
     Op.POW: "**",
     Op.MIN: "min",
     Op.MAX: "max",
+    Op.LT: "<",
+    Op.LE: "<=",
+    Op.GT: ">",
+    Op.GE: ">=",
+    Op.EQ: "==",
+    Op.NE: "!=",
 }
 
 

@@ -53,7 +53,20 @@ KEYWORDS = {
 NORMS = {"softmax": ("sink",), "sigmoid": ("bias",), "none": (), "sum": ("eps",)}
 TENSOR_TYPES = {t.value: t for t in TensorType}
 # Names the generated Python uses for itself; a parameter may not shadow them.
-GENERATED_NAMES = {"torch", "math", "checkpoint", "annotations", "qk", "o", "backend", "return_lse"}
+GENERATED_NAMES = {
+    "torch",
+    "math",
+    "checkpoint",
+    "annotations",
+    "NamedTuple",
+    "qk",
+    "o",
+    "lse",
+    "sizes",
+    "spec",
+    "backend",
+    "return_lse",
+}
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 
 

@@ -82,7 +82,7 @@ class SpecError(Exception):
             head = f"{name}:{self.span.line}:{self.span.col}: error: {self.message}"
             lines = [head]
             if self.source is not None:
-                src_lines = self.source.splitlines()
+                src_lines = self.source.split("\n")  # lark counts lines by "\\n" only
                 if 1 <= self.span.line <= len(src_lines):
                     src = src_lines[self.span.line - 1]
                     caret = self.span.caret(src)

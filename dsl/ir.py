@@ -116,13 +116,25 @@ class Node:
             return True
         if not isinstance(other, Node) or self._hash != other._hash:
             return False
-        return (
-            self.op is other.op
-            and self.dtype is other.dtype
-            and type(self.attr) is type(other.attr)
-            and self.attr == other.attr
-            and self.args == other.args
-        )
+        # Iterative, memoised comparison: deep or heavily shared DAGs neither recurse nor blow up.
+        stack: list[tuple[Node, Node]] = [(self, other)]
+        seen: set[tuple[int, int]] = set()
+        while stack:
+            a, b = stack.pop()
+            if a is b or (id(a), id(b)) in seen:
+                continue
+            seen.add((id(a), id(b)))
+            if (
+                a._hash != b._hash
+                or a.op is not b.op
+                or a.dtype is not b.dtype
+                or type(a.attr) is not type(b.attr)
+                or a.attr != b.attr
+                or len(a.args) != len(b.args)
+            ):
+                return False
+            stack.extend(zip(a.args, b.args, strict=True))
+        return True
 
     def __repr__(self) -> str:
         return f"Node({format_expr(self)})"

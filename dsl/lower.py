@@ -34,7 +34,7 @@ from .ir import (
 )
 from .parser import parse
 
-MAX_IR_DEPTH = 400
+MAX_IR_DEPTH = 300
 
 _UNARY_FUNCS = {
     "exp": Op.EXP,
@@ -109,7 +109,7 @@ class _Lowerer:
         self.att = att
         self.scope = scope
         self.lets: dict[str, _Let] = {}
-        self.let_cache: dict[tuple[str, Ctx], Node] = {}
+        self.let_cache: dict[tuple[str, Ctx], Node | SpecError] = {}
         self.layout: Layout | None = None
 
     # ---- names ------------------------------------------------------------------------------------------
@@ -129,10 +129,7 @@ class _Lowerer:
         if let is not None and ctx not in (Ctx.DEFAULT, Ctx.SHAPE):
             if let.index >= before:
                 raise SpecError(f"'{n}' is used before its 'let'", e.span)
-            key = (n, ctx)
-            if key not in self.let_cache:
-                self.let_cache[key] = self.expr(let.stmt.value, ctx, let.index)
-            return self.let_cache[key]
+            return self.let_value(n, ctx)
         if n in INDEX_VARS:
             if n not in _VARS[ctx]:
                 allowed = ", ".join(sorted(_VARS[ctx])) or "no index variables"
@@ -171,6 +168,23 @@ class _Lowerer:
         if hint is None and n[:1].isupper():
             hint = "size symbols must appear in a parameter's shape"
         raise SpecError(f"unknown name '{n}'", e.span, hint=hint)
+
+    def let_value(self, target: str, ctx: Ctx) -> Node:
+        """Lower lets in statement order, each once per context, so a chain of lets never recurses deeply.
+        A let that is invalid in this context is an error only if it is actually used here."""
+        for name, let in self.lets.items():
+            key = (name, ctx)
+            if key not in self.let_cache:
+                try:
+                    self.let_cache[key] = self.expr(let.stmt.value, ctx, let.index)
+                except SpecError as err:
+                    self.let_cache[key] = err
+            if name == target:
+                break
+        value = self.let_cache[(target, ctx)]
+        if isinstance(value, SpecError):
+            raise value
+        return value
 
     # ---- expressions ------------------------------------------------------------------------------------
 
@@ -271,7 +285,7 @@ class _Lowerer:
             n = self.expr(ie, ctx, before)
             if n.dtype is not DType.INT:
                 raise SpecError(
-                    f"index {k} of '{t}' must be an int, got a {n.dtype.value}",
+                    f"index {k} of '{t}' must be an int, got {_article(n.dtype)}",
                     ie.span,
                     hint="use floor(x) to turn a float into an int" if n.dtype is DType.FLOAT else None,
                 )
@@ -350,7 +364,7 @@ class _Lowerer:
                 mask = self.expr(st.value, Ctx.MASK, pos)
                 if mask.dtype is not DType.BOOL:
                     raise SpecError(
-                        f"the mask must be a bool, got a {mask.dtype.value}",
+                        f"the mask must be a bool, got {_article(mask.dtype)}",
                         st.value.span,
                         hint="compare positions, e.g. 'mask = j <= i'",
                     )
@@ -396,6 +410,10 @@ class _Lowerer:
                 raise SpecError(f"argument '{kw.name}' given twice", kw.span)
             values[kw.name] = self.number(kw.value, ctxs[kw.name], pos, f"{st.kind}({kw.name} = ...)")
         return Norm(NormKind(st.kind), values.get("sink"), values.get("bias"), values.get("eps"))
+
+
+def _article(t: DType) -> str:
+    return {DType.INT: "an int", DType.FLOAT: "a float", DType.BOOL: "a bool"}[t]
 
 
 def _dim_text(d: A.Expr) -> str:

@@ -65,7 +65,7 @@ def _span_of(node: Tree | Token) -> Span:
 
 
 def _end_span(text: str) -> Span:
-    lines = text.splitlines() or [""]
+    lines = text.split("\n")  # as lark counts lines
     return Span(len(lines), len(lines[-1]) + 1)
 
 
