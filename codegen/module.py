@@ -9,6 +9,7 @@ concurrent processes compiling the same spec cannot corrupt or half-read an entr
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import importlib.util
 import os
@@ -100,9 +101,23 @@ def module_name_for(filename: str) -> str:
     return stem
 
 
+@functools.cache
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's own sources, so that an edited compiler never reuses stale cached modules
+    (the version strings alone would miss a development change)."""
+    h = hashlib.sha256()
+    for pkg in (Path(__file__).parent, Path(__file__).parent.parent / "dsl"):
+        for f in sorted(pkg.rglob("*")):
+            if f.suffix in (".py", ".lark"):
+                h.update(f.relative_to(pkg.parent).as_posix().encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
 def _cache_key(source: str, filename: str, target: Target) -> str:
     h = hashlib.sha256()
-    for part in (ATTNC_VERSION, LANGUAGE_VERSION, CODEGEN_VERSION, target.value, Path(filename).name, source):
+    parts = (ATTNC_VERSION, LANGUAGE_VERSION, CODEGEN_VERSION, compiler_fingerprint(), target.value)
+    for part in (*parts, Path(filename).name, source):
         h.update(part.encode("utf-8", "surrogatepass"))
         h.update(b"\0")
     return h.hexdigest()

@@ -173,7 +173,8 @@ def _attend(q, k, v, spec, return_lse):
         if spec.norm == "softmax":
             if idx is not None:
                 s = qk.new_full(shape, _NEG_INF).index_put(idx, s)
-            m = s.detach().amax(-1, keepdim=True)
+            # Row maxima; with no keys at all (N == 0) every row is fully masked.
+            m = s.detach().amax(-1, keepdim=True) if N > 0 else qk.new_full((B, H, mc, 1), _NEG_INF)
             sink = None
             if spec.sink is not None:
                 sink = _full(spec.sink(b, h, h // rep, i), (B, H, mc, 1), qk)

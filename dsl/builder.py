@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from .ir import DType, Node, Op, const
+from .ir import INFIX, DType, Node, Op, const
 
 MAX_INT = 2**63 - 1
 
@@ -26,23 +26,7 @@ class BuildError(Exception):
         self.hint = hint
 
 
-_OP_SYMBOL = {
-    Op.ADD: "+",
-    Op.SUB: "-",
-    Op.MUL: "*",
-    Op.DIV: "/",
-    Op.FLOORDIV: "//",
-    Op.MOD: "%",
-    Op.POW: "**",
-    Op.MIN: "min",
-    Op.MAX: "max",
-    Op.LT: "<",
-    Op.LE: "<=",
-    Op.GT: ">",
-    Op.GE: ">=",
-    Op.EQ: "==",
-    Op.NE: "!=",
-}
+_OP_SYMBOL = {**INFIX, Op.MIN: "min", Op.MAX: "max"}
 
 
 def _check_value(value: object) -> Node:

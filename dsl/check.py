@@ -101,10 +101,6 @@ def _is_size_symbol(name: str) -> bool:
     return name[:1].isupper()
 
 
-def _shape_text(p: A.TensorParam) -> str:
-    return p.name
-
-
 def build_scope(att: A.Attention) -> Scope:
     check_identifier(att.name, att.name_span, "attention")
     scope = Scope()
@@ -177,7 +173,9 @@ def _bind_sizes(att: A.Attention, scope: Scope) -> None:
     def same(a: A.Expr, b: A.Expr, msg: str) -> None:
         if a != b:
             raise SpecError(
-                msg, b.span, hint=f"write the same size symbol in both (found {_txt(a)} and {_txt(b)})"
+                msg,
+                b.span,
+                hint=f"write the same size symbol in both (found {dim_text(a)} and {dim_text(b)})",
             )
 
     same(q[0], k[0], "q and k must share the batch dimension")
@@ -205,12 +203,13 @@ def _bind_sizes(att: A.Attention, scope: Scope) -> None:
                 scope.sizes.setdefault(dim.id, dim.span)
 
 
-def _txt(e: A.Expr) -> str:
+def dim_text(e: A.Expr, other: str = "an expression") -> str:
+    """A plain dimension as written (`N`, `64`), else `other`."""
     if isinstance(e, A.Name):
         return e.id
     if isinstance(e, A.IntLit):
         return str(e.value)
-    return "an expression"
+    return other
 
 
 def check_body(att: A.Attention) -> None:

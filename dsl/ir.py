@@ -206,7 +206,7 @@ def is_uniform(node: Node) -> bool:
 
 # ---- printing -----------------------------------------------------------------------------------------------
 
-_INFIX = {
+INFIX = {
     Op.ADD: "+",
     Op.SUB: "-",
     Op.MUL: "*",
@@ -245,9 +245,9 @@ def format_expr(node: Node) -> str:
         return "dot(q, k)"
     if op is Op.LOAD:
         return f"{node.attr}[{', '.join(format_expr(a) for a in node.args)}]"
-    if op in _INFIX:
+    if op in INFIX:
         a, b = node.args
-        return f"({format_expr(a)} {_INFIX[op]} {format_expr(b)})"
+        return f"({format_expr(a)} {INFIX[op]} {format_expr(b)})"
     if op is Op.NEG:
         return f"-{format_expr(node.args[0])}"
     if op is Op.NOT:

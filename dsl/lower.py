@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from . import ast as A
 from . import builder as bld
 from .analysis.ranges import index_status
-from .check import FUNCTIONS, INDEX_VARS, NORMS, Scope, build_scope, check_body
+from .check import FUNCTIONS, INDEX_VARS, NORMS, Scope, build_scope, check_body, check_identifier, dim_text
 from .errors import Span, SpecError, did_you_mean
 from .ir import (
     Attention,
@@ -298,7 +298,7 @@ class _Lowerer:
             if index_status(n, shape[k], self.layout) == "out":
                 raise SpecError(
                     f"index {k} of '{t}' is always out of range (dimension {k} has size "
-                    f"{_dim_text(param.shape[k])})",
+                    f"{dim_text(param.shape[k], 'the declared size')})",
                     ie.span,
                 )
         return node
@@ -354,8 +354,6 @@ class _Lowerer:
                     raise SpecError(f"'let {st.name}' shadows a parameter or size symbol", st.span)
                 if st.name in INDEX_VARS or st.name in FUNCTIONS or st.name in ("o", "q", "k", "v"):
                     raise SpecError(f"'let {st.name}' shadows a built-in name", st.span)
-                from .check import check_identifier
-
                 check_identifier(st.name, st.span, "let")
                 self.lets[st.name] = _Let(pos, st)
             elif isinstance(st, A.ScoreStmt):
@@ -414,14 +412,6 @@ class _Lowerer:
 
 def _article(t: DType) -> str:
     return {DType.INT: "an int", DType.FLOAT: "a float", DType.BOOL: "a bool"}[t]
-
-
-def _dim_text(d: A.Expr) -> str:
-    if isinstance(d, A.Name):
-        return d.id
-    if isinstance(d, A.IntLit):
-        return str(d.value)
-    return "the declared size"
 
 
 def lower_attention(att: A.Attention) -> Attention:

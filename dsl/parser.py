@@ -65,7 +65,8 @@ def _span_of(node: Tree | Token) -> Span:
 
 
 def _end_span(text: str) -> Span:
-    lines = text.split("\n")  # as lark counts lines
+    """Just after the last visible character (lines counted by newlines only, as lark counts them)."""
+    lines = text.rstrip().split("\n")
     return Span(len(lines), len(lines[-1]) + 1)
 
 
