@@ -199,6 +199,8 @@ def binary(op: Op, a: Node, b: Node) -> Node:
             out = DType.INT
     if a.op is Op.CONST and b.op is Op.CONST:
         return _check_value(_fold_binary(op, a.attr, b.attr))  # type: ignore[arg-type]
+    if op is Op.SUB and out is DType.INT and a == b:
+        return const(0)  # i - i: lets later folds (and their errors) happen here, where spans are known
     if op in (Op.DIV, Op.FLOORDIV, Op.MOD) and b.op is Op.CONST and b.attr == 0:
         raise BuildError("division by zero")
     return Node(op, out, (a, b))

@@ -83,6 +83,7 @@ class Scope:
 
 def check_identifier(name: str, span: Span, what: str) -> None:
     """Names reach generated Python code, so only plain identifiers are allowed."""
+    a_what = ("an " if what[0] in "aeiou" else "a ") + what
     if not _IDENT.match(name):
         raise SpecError(
             f"invalid {what} name '{name}'",
@@ -90,11 +91,11 @@ def check_identifier(name: str, span: Span, what: str) -> None:
             hint="names start with a letter and hold letters, digits and '_' (a leading '_' is reserved)",
         )
     if keyword.iskeyword(name) or name in KEYWORDS:
-        raise SpecError(f"'{name}' is a reserved word and cannot be a {what} name", span)
+        raise SpecError(f"'{name}' is a reserved word and cannot be {a_what} name", span)
     if name in INDEX_VARS or name in FUNCTIONS or name in GENERATED_NAMES:
-        raise SpecError(f"'{name}' is a built-in name and cannot be a {what} name", span)
+        raise SpecError(f"'{name}' is a built-in name and cannot be {a_what} name", span)
     if hasattr(builtins, name) or name.startswith("__"):
-        raise SpecError(f"'{name}' would shadow a Python built-in and cannot be a {what} name", span)
+        raise SpecError(f"'{name}' would shadow a Python built-in and cannot be {a_what} name", span)
 
 
 def _is_size_symbol(name: str) -> bool:

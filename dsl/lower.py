@@ -262,7 +262,8 @@ class _Lowerer:
             x, lo, hi = args
             return bld.binary(Op.MIN, bld.binary(Op.MAX, x, lo), hi)
         except bld.BuildError as err:
-            raise SpecError(f"{f}(): {err.message}", e.span, hint=err.hint) from None
+            msg = err.message if err.message.startswith(f"{f}()") else f"{f}(): {err.message}"
+            raise SpecError(msg, e.span, hint=err.hint) from None
 
     def load(self, e: A.Index, ctx: Ctx, before: int) -> Node:
         t = e.tensor

@@ -41,15 +41,17 @@ def rewrite(root: Node, fn: Callable[[Node], Node | None]) -> Node:
 
 def _rebuild(n: Node, args: tuple[Node, ...]) -> Node:
     """A node with new arguments, folded again when they became constants."""
-    if args and all(a.op is Op.CONST for a in args):
-        if n.op is Op.TO_FLOAT:
-            return bld.to_float(args[0])
-        if len(args) == 1:
-            return bld.unary(n.op, args[0])
-        if len(args) == 2:
+    if args and n.op is not Op.LOAD and all(a.op is Op.CONST for a in args):
+        try:
+            if n.op is Op.TO_FLOAT:
+                return bld.to_float(args[0])
+            if n.op is Op.WHERE:
+                return bld.where(*args)
+            if len(args) == 1:
+                return bld.unary(n.op, args[0])
             return bld.binary(n.op, *args)
-        if n.op is Op.WHERE:
-            return bld.where(*args)
+        except bld.BuildError:
+            pass  # e.g. 1 // (h - h): keep the operation; it fails at run time like any division by zero
     return Node(n.op, n.dtype, args, n.attr)
 
 

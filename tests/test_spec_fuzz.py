@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 from datetime import timedelta
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from dsl.errors import SpecError
@@ -99,7 +100,20 @@ attention lightning(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D], decay: [H
 ALL_SPECS = "\n".join(VALID_SPECS.values())
 SPEC_TEXTS = [ALL_SPECS, *VALID_SPECS.values()]
 
-KEYWORDS = ["attention", "let", "score", "mask", "norm", "output", "feature", "and", "or", "not", "true", "false"]
+KEYWORDS = [
+    "attention",
+    "let",
+    "score",
+    "mask",
+    "norm",
+    "output",
+    "feature",
+    "and",
+    "or",
+    "not",
+    "true",
+    "false",
+]
 TYPES = ["int", "float", "int32", "bool", "float16"]
 PUNCT = ["(", ")", "[", "]", "{", "}", ",", ":", "=", ";", "+", "-", "*", "/", "//", "%", "**"]
 COMPARISONS = ["<", "<=", ">", ">=", "==", "!="]
@@ -110,8 +124,13 @@ FUNCS += ["abs", "floor", "ceil", "min", "max", "clamp"]
 NORM_NAMES = ["softmax", "sigmoid", "none", "sum", "sink", "bias", "eps"]
 OTHER_NAMES = ["q", "k", "v", "slopes", "slope", "table", "doc", "cap", "x", "s", "__import__", "eval", "_x"]
 LITERALS = ["0", "1", "2", "64", "0.5", "1e3", ".5", "1e400", "9223372036854775808", "99999999999999999999"]
-JUNK = ["$", '"', "'", "#", "!", "&", "|", ".", "@", "\\", "\t", "\n", "\r\n", "\x0c", "é", "\x00"]
-TOKENS = KEYWORDS + TYPES + PUNCT + COMPARISONS + INDEX_VARS + SIZES + FUNCS + NORM_NAMES + OTHER_NAMES + LITERALS
+# Form feed and lone '\r' are whitespace to the parser but line breaks to `str.splitlines`: they check that
+# positions and rendering count lines the parser's way.
+JUNK = ["$", '"', "'", "#", "!", "&", "|", ".", "@", "\\", "\t", "\n", "\r\n", "\r", "\x0c", "\x0b"]
+JUNK += ["\u2028", "é", "\x00"]
+TOKENS = (
+    KEYWORDS + TYPES + PUNCT + COMPARISONS + INDEX_VARS + SIZES + FUNCS + NORM_NAMES + OTHER_NAMES + LITERALS
+)
 SOUP_TOKENS = TOKENS + JUNK
 
 # A lexer good enough to cut specs into tokens for token-level mutations (whitespace kept as tokens).
@@ -122,6 +141,16 @@ def _tokens(text: str) -> list[str]:
     return _TOKEN_RE.findall(text)
 
 
+def _known_bug(exc: BaseException) -> bool:
+    """Crashes already pinned by strict xfails in test_spec_errors.py, skipped here so that the generators keep
+    looking for new ones. Delete an entry once its bug is fixed."""
+    # test_index_that_simplifies_to_a_constant and test_refolding_after_simplification_raises_spec_error:
+    # once `h - h` is simplified to 0, passes._rebuild refolds constants and raises AssertionError (a LOAD
+    # folded as an operator) or BuildError (`1 // 0`, `log(0)`, overflow) instead of SpecError.
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f.name == "_rebuild" and f.filename.endswith("passes.py") for f in frames)
+
+
 def compile_or_spec_error(source: str) -> SpecError | None:
     """Run the front end; return the SpecError it raised (or None). Any other exception propagates."""
     try:
@@ -129,6 +158,9 @@ def compile_or_spec_error(source: str) -> SpecError | None:
     except SpecError as err:
         check_error(err, source)
         return err
+    except Exception as exc:
+        assume(not _known_bug(exc))
+        raise
     return None
 
 
@@ -139,7 +171,9 @@ def check_error(err: SpecError, source: str) -> None:
     if err.line is not None:
         assert err.col is not None
         assert 1 <= err.line <= len(lines), f"line {err.line} outside a source of {len(lines)} lines: {err}"
-        assert 1 <= err.col <= len(lines[err.line - 1]) + 1, f"column {err.col} outside line {err.line}: {err}"
+        assert 1 <= err.col <= len(lines[err.line - 1]) + 1, (
+            f"column {err.col} outside line {err.line}: {err}"
+        )
     text = str(err)  # rendering must never fail
     head = f"fuzz.attn:{err.line}:{err.col}: error: " if err.line is not None else "fuzz.attn: error: "
     assert text.startswith(head), text
@@ -174,8 +208,10 @@ def test_token_soup(source: str) -> None:
 
 
 @FUZZ
-@given(st.sampled_from(["attention a(", "attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]"]),
-       token_soup())
+@given(
+    st.sampled_from(["attention a(", "attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]"]),
+    token_soup(),
+)
 def test_token_soup_after_header(prefix: str, soup: str) -> None:
     compile_or_spec_error(prefix + soup)
 
@@ -200,8 +236,17 @@ def test_token_soup_as_score(toks: list[str]) -> None:
 
 # ---- (b) mutations of the valid specs ---------------------------------------------------------------------
 
-_MUTATIONS = ["del-char", "dup-char", "swap-chars", "ins-char", "del-token", "dup-token", "swap-tokens",
-              "ins-token", "replace-token"]
+_MUTATIONS = [
+    "del-char",
+    "dup-char",
+    "swap-chars",
+    "ins-char",
+    "del-token",
+    "dup-token",
+    "swap-tokens",
+    "ins-token",
+    "replace-token",
+]
 
 
 @st.composite
@@ -254,8 +299,23 @@ def test_mutated_specs(source: str) -> None:
 # ---- (c) grammar-aware expressions --------------------------------------------------------------------------
 
 _LEAF_NAMES = [
-    *INDEX_VARS, "hk", *SIZES, "q", "k", "v", "slopes", "table", "doc", "cap", "W", "s", "m", "x", "slope",
-    "dot", "softmax",
+    *INDEX_VARS,
+    "hk",
+    *SIZES,
+    "q",
+    "k",
+    "v",
+    "slopes",
+    "table",
+    "doc",
+    "cap",
+    "W",
+    "s",
+    "m",
+    "x",
+    "slope",
+    "dot",
+    "softmax",
 ]
 _leaf = st.one_of(
     st.integers(0, 2**70).map(str),
@@ -339,7 +399,11 @@ def test_random_shapes(expr: str, dim: str) -> None:
 
 
 @FUZZ
-@given(st.one_of(mutated_spec(), token_soup(), expressions.map(lambda e: _EXPR_FRAME.format(stmts=f"score = {e}"))))
+@given(
+    st.one_of(
+        mutated_spec(), token_soup(), expressions.map(lambda e: _EXPR_FRAME.format(stmts=f"score = {e}"))
+    )
+)
 def test_error_positions_point_into_the_source(source: str) -> None:
     err = compile_or_spec_error(source)
     if err is not None and err.line is not None:
@@ -347,9 +411,8 @@ def test_error_positions_point_into_the_source(source: str) -> None:
         rendered = str(err).split("\n")
         # The rendered source line is the one the position names (when the line is short enough to show whole).
         line_text = source.split("\n")[err.line - 1]
-        # (Other line breaks than '\n' are covered by an xfail in test_spec_errors.py.)
-        shown = err.line <= len(source.splitlines())  # an empty last line has nothing to show
-        if shown and len(line_text) <= 100 and not any(c in source for c in "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"):
+        # Only '\n' breaks lines (a form feed or a lone '\r' is whitespace), in positions and rendering alike.
+        if len(line_text) <= 100:
             assert rendered[1] == "    " + line_text
             assert "^" in rendered[2]
 
@@ -357,3 +420,37 @@ def test_error_positions_point_into_the_source(source: str) -> None:
 @pytest.mark.parametrize("name", list(VALID_SPECS))
 def test_each_valid_spec_compiles_alone(name: str) -> None:
     assert compile_or_spec_error(VALID_SPECS[name]) is None
+
+
+# ---- (d) integer index expressions (the interval analysis behind "always out of range") -------------------
+
+_int_leaf = st.one_of(
+    st.sampled_from(["b", "h", "hk", "i", "j", "H", "N", "M", "D", "W", "0", "1", "2", "3"]),
+    st.integers(-70, 70).map(lambda n: f"({n})"),
+)
+
+
+def _int_extend(children: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    return st.one_of(
+        st.tuples(children, st.sampled_from(["+", "-", "*", "//", "%"]), children).map(
+            lambda t: f"({t[0]} {t[1]} {t[2]})"
+        ),
+        children.map(lambda c: f"-{c}"),
+        st.tuples(st.sampled_from(["min", "max"]), children, children).map(
+            lambda t: f"{t[0]}({t[1]}, {t[2]})"
+        ),
+        st.tuples(children, children, children).map(lambda t: f"clamp({t[0]}, {t[1]}, {t[2]})"),
+        children.map(lambda c: f"abs({c})"),
+        st.tuples(children, children, children, children).map(
+            lambda t: f"where({t[0]} < {t[1]}, {t[2]}, {t[3]})"
+        ),
+    )
+
+
+int_expressions = st.recursive(_int_leaf, _int_extend, max_leaves=16)
+
+
+@FUZZ
+@given(int_expressions, int_expressions)
+def test_random_index_expressions(row: str, col: str) -> None:
+    compile_or_spec_error(_EXPR_FRAME.format(stmts=f"    score = s + table[{row}, {col}]\n    mask = m"))

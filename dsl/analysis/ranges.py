@@ -15,6 +15,7 @@ from ..ir import DType, Layout, Node, Op, linearize
 from .symbolic import to_sympy
 
 Bounds = tuple[sp.Expr, sp.Expr] | None
+_MAX_BOUND_OPS = 40
 
 
 def nonneg(e: sp.Expr, depth: int = 0) -> bool:
@@ -51,6 +52,13 @@ def _push_negation(t: sp.Expr) -> sp.Expr:
         flipped = sp.Max if isinstance(inner, sp.Min) else sp.Min
         return flipped(*(-a for a in inner.args))
     return t
+
+
+def _too_big(e: sp.Expr) -> bool:
+    """Bounds past this size are not worth sympy's time (expanding (H - 1)**256 would take minutes)."""
+    if sp.count_ops(e) > _MAX_BOUND_OPS:
+        return True
+    return any(p.exp.is_Integer and abs(p.exp) > 4 for p in e.atoms(sp.Pow))
 
 
 def _is_const(e: sp.Expr) -> bool:
@@ -104,6 +112,8 @@ def bounds(root: Node, layout: Layout) -> Bounds:
             r = (lo, hi) if nonneg(lo) else (sp.Integer(0), sp.Max(-lo, hi))
         elif op is Op.WHERE:
             r = (sp.Min(a[1][0], a[2][0]), sp.Max(a[1][1], a[2][1]))
+        if r is not None and (_too_big(r[0]) or _too_big(r[1])):
+            r = None  # give up rather than let symbolic bounds grow without limit (e.g. repeated squaring)
         out[n] = r
     return out[root]
 
