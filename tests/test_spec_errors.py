@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import pytest
 
-from dsl.builder import BuildError
 from dsl.errors import SpecError
 from dsl.lower import compile_to_ir
 
