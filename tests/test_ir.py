@@ -135,3 +135,10 @@ def test_nonneg_sees_through_min_max() -> None:
     m = sp.Symbol("M", integer=True, positive=True)
     assert nonneg(r + sp.Max(-r, 1 - m))
     assert not nonneg(r + sp.Min(-r, 1 - m))
+
+
+def test_every_op_has_a_sympy_form() -> None:
+    from dsl.analysis.symbolic import _OPS
+
+    handled_directly = {Op.CONST, Op.VAR, Op.SIZE, Op.SCALAR, Op.LOAD, Op.DOT, Op.ELEM, Op.TO_FLOAT}
+    assert set(Op) - handled_directly == set(_OPS)

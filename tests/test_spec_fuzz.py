@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+from dsl.check import KEYWORDS as LANGUAGE_KEYWORDS
 from dsl.errors import SpecError
 from dsl.lower import compile_to_ir
 
@@ -100,20 +101,7 @@ attention lightning(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D], decay: [H
 ALL_SPECS = "\n".join(VALID_SPECS.values())
 SPEC_TEXTS = [ALL_SPECS, *VALID_SPECS.values()]
 
-KEYWORDS = [
-    "attention",
-    "let",
-    "score",
-    "mask",
-    "norm",
-    "output",
-    "feature",
-    "and",
-    "or",
-    "not",
-    "true",
-    "false",
-]
+KEYWORDS = sorted(LANGUAGE_KEYWORDS)
 TYPES = ["int", "float", "int32", "bool", "float16"]
 PUNCT = ["(", ")", "[", "]", "{", "}", ",", ":", "=", ";", "+", "-", "*", "/", "//", "%", "**"]
 COMPARISONS = ["<", "<=", ">", ">=", "==", "!="]

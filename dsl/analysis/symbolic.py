@@ -25,7 +25,10 @@ def symbol_for_scalar(name: str, is_int: bool) -> sp.Symbol:
     return sp.Symbol(name, integer=True) if is_int else sp.Symbol(name, real=True)
 
 
-_UNARY = {
+# IR op -> sympy, by arity of the lambda.
+_OPS = {
+    Op.NEG: lambda x: -x,
+    Op.NOT: sp.Not,
     Op.EXP: sp.exp,
     Op.LOG: sp.log,
     Op.SQRT: sp.sqrt,
@@ -33,6 +36,30 @@ _UNARY = {
     Op.ABS: sp.Abs,
     Op.FLOOR: sp.floor,
     Op.CEIL: sp.ceiling,
+    Op.EXP2: lambda x: 2**x,
+    Op.LOG2: lambda x: sp.log(x, 2),
+    Op.RSQRT: lambda x: 1 / sp.sqrt(x),
+    Op.SIGMOID: lambda x: 1 / (1 + sp.exp(-x)),
+    Op.RELU: lambda x: sp.Max(x, 0),
+    Op.ELU: lambda x: sp.Piecewise((x, x > 0), (sp.exp(x) - 1, True)),
+    Op.ADD: lambda x, y: x + y,
+    Op.SUB: lambda x, y: x - y,
+    Op.MUL: lambda x, y: x * y,
+    Op.DIV: lambda x, y: x / y,
+    Op.FLOORDIV: lambda x, y: sp.floor(x / y),
+    Op.MOD: sp.Mod,
+    Op.POW: lambda x, y: x**y,
+    Op.MIN: sp.Min,
+    Op.MAX: sp.Max,
+    Op.LT: sp.Lt,
+    Op.LE: sp.Le,
+    Op.GT: sp.Gt,
+    Op.GE: sp.Ge,
+    Op.EQ: sp.Eq,
+    Op.NE: sp.Ne,
+    Op.AND: sp.And,
+    Op.OR: sp.Or,
+    Op.WHERE: lambda c, x, y: sp.Piecewise((x, c), (y, True)),
 }
 
 
@@ -58,60 +85,8 @@ def to_sympy(root: Node) -> sp.Basic:
             r = sp.Symbol(str(n.attr), real=True)
         elif op is Op.TO_FLOAT:
             r = a[0]
-        elif op is Op.NEG:
-            r = -a[0]
-        elif op is Op.NOT:
-            r = sp.Not(a[0])
-        elif op in _UNARY:
-            r = _UNARY[op](a[0])
-        elif op is Op.EXP2:
-            r = 2 ** a[0]
-        elif op is Op.LOG2:
-            r = sp.log(a[0], 2)
-        elif op is Op.RSQRT:
-            r = 1 / sp.sqrt(a[0])
-        elif op is Op.SIGMOID:
-            r = 1 / (1 + sp.exp(-a[0]))
-        elif op is Op.RELU:
-            r = sp.Max(a[0], 0)
-        elif op is Op.ELU:
-            r = sp.Piecewise((a[0], a[0] > 0), (sp.exp(a[0]) - 1, True))
-        elif op is Op.ADD:
-            r = a[0] + a[1]
-        elif op is Op.SUB:
-            r = a[0] - a[1]
-        elif op is Op.MUL:
-            r = a[0] * a[1]
-        elif op is Op.DIV:
-            r = a[0] / a[1]
-        elif op is Op.FLOORDIV:
-            r = sp.floor(a[0] / a[1])
-        elif op is Op.MOD:
-            r = sp.Mod(a[0], a[1])
-        elif op is Op.POW:
-            r = a[0] ** a[1]
-        elif op is Op.MIN:
-            r = sp.Min(a[0], a[1])
-        elif op is Op.MAX:
-            r = sp.Max(a[0], a[1])
-        elif op is Op.LT:
-            r = sp.Lt(a[0], a[1])
-        elif op is Op.LE:
-            r = sp.Le(a[0], a[1])
-        elif op is Op.GT:
-            r = sp.Gt(a[0], a[1])
-        elif op is Op.GE:
-            r = sp.Ge(a[0], a[1])
-        elif op is Op.EQ:
-            r = sp.Eq(a[0], a[1])
-        elif op is Op.NE:
-            r = sp.Ne(a[0], a[1])
-        elif op is Op.AND:
-            r = sp.And(a[0], a[1])
-        elif op is Op.OR:
-            r = sp.Or(a[0], a[1])
-        elif op is Op.WHERE:
-            r = sp.Piecewise((a[1], a[0]), (a[2], True))
+        elif op in _OPS:
+            r = _OPS[op](*a)
         else:  # pragma: no cover - every Op is handled above
             raise NotImplementedError(op)
         val[n] = r
