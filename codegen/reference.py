@@ -241,13 +241,24 @@ def emit_attention(att: Attention) -> str:
         closures.append(f"        return {ret}")
         closures.append("")
         spec_args.append(f"{spec_field}={fn}")
-    for var, expr in em.hoisted:
-        L.append(f"    {var} = {expr}")
+    scalars = ", ".join(f"{s.name}={{{s.name}!r}}" for s in att.scalars)
+    context = f'f"sizes {{sizes}}{", " + scalars if scalars else ""}"'
+    if em.hoisted:
+        # Size/scalar expressions are plain Python numbers: a domain error names the inputs, not math.
+        L.append("    try:")
+        L += [f"        {var} = {expr}" for var, expr in em.hoisted]
+        L.append("    except (ArithmeticError, ValueError) as err:")
+        L.append(f"        raise _eval_error({nm!r}, err, {context}) from None")
     L.append("")
     L += closures
     norm = att.norm.kind.value
     L.append(f"    spec = _Spec({norm!r}, {', '.join(spec_args)})")
-    L.append("    o, lse = _attend(q.to(_cdt), k.to(_cdt), v.to(_cdt), spec, return_lse)")
+    L.append("    try:")
+    L.append("        o, lse = _attend(q.to(_cdt), k.to(_cdt), v.to(_cdt), spec, return_lse)")
+    L.append("    except RuntimeError as err:  # torch reports an integer division by zero this way")
+    L.append('        if "ZeroDivisionError" not in str(err):')
+    L.append("            raise")
+    L.append(f"        raise _eval_error({nm!r}, err, {context}) from None")
     L.append("    o = o.to(q.dtype)")
     L.append("    return (o, lse) if return_lse else o")
     L.append("")

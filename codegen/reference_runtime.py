@@ -94,6 +94,12 @@ def _load(t, name, idx, check):
     return t[idx]
 
 
+def _eval_error(name, err, context):
+    """A ValueError for an expression of the spec that the given inputs make undefined."""
+    what = "division by zero" if "ZeroDivision" in f"{type(err).__name__} {err}" else str(err)
+    return ValueError(f"{name}: the spec's expressions are undefined for these inputs ({what}); {context}")
+
+
 def _sigmoid_scalar(x):
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 

@@ -110,6 +110,7 @@ class _Lowerer:
         self.scope = scope
         self.lets: dict[str, _Let] = {}
         self.let_cache: dict[tuple[str, Ctx], Node | SpecError] = {}
+        self.used_lets: set[str] = set()
         self.layout: Layout | None = None
 
     # ---- names ------------------------------------------------------------------------------------------
@@ -129,6 +130,7 @@ class _Lowerer:
         if let is not None and ctx not in (Ctx.DEFAULT, Ctx.SHAPE):
             if let.index >= before:
                 raise SpecError(f"'{n}' is used before its 'let'", e.span)
+            self.used_lets.add(n)
             return self.let_value(n, ctx)
         if n in INDEX_VARS:
             if n not in _VARS[ctx]:
@@ -169,6 +171,21 @@ class _Lowerer:
             hint = "size symbols must appear in a parameter's shape"
         raise SpecError(f"unknown name '{n}'", e.span, hint=hint)
 
+    def check_unused_lets(self) -> None:
+        """A let no statement uses must still be valid in some context (typos do not hide in dead code)."""
+        for name in self.lets:
+            if name in self.used_lets:
+                continue
+            errors = []
+            for ctx in (Ctx.SCORE, Ctx.MASK, Ctx.OUTPUT, Ctx.FEATURE_Q, Ctx.FEATURE_K):
+                try:
+                    self.let_value(name, ctx)
+                    break
+                except SpecError as err:
+                    errors.append(err)
+            else:
+                raise errors[0]
+
     def let_value(self, target: str, ctx: Ctx) -> Node:
         """Lower lets in statement order, each once per context, so a chain of lets never recurses deeply.
         A let that is invalid in this context is an error only if it is actually used here."""
@@ -195,8 +212,9 @@ class _Lowerer:
             raise SpecError(err.message, e.span, hint=err.hint) from None
         if node.depth > MAX_IR_DEPTH:
             raise SpecError(
-                f"expression is too deep after expanding 'let' bindings (depth {node.depth} > {MAX_IR_DEPTH})",
+                f"expression is too deep (depth {node.depth} > {MAX_IR_DEPTH})",
                 e.span,
+                hint="the depth counts expanded let bindings and min/max chains; simplify the expression",
             )
         return node
 
@@ -347,8 +365,7 @@ class _Lowerer:
                         default = bld.to_float(default)
                 params.append(ScalarParam(p.name, DType.INT if p.type == "int" else DType.FLOAT, default))
 
-        score = mask = output = fq = fk = None
-        norm = Norm(NormKind.SOFTMAX)
+        # Register every let first, so that a use before the definition gets a precise message.
         for pos, st in enumerate(att.body):
             if isinstance(st, A.Let):
                 if st.name in scope.tensors or st.name in scope.scalars or st.name in scope.sizes:
@@ -357,7 +374,13 @@ class _Lowerer:
                     raise SpecError(f"'let {st.name}' shadows a built-in name", st.span)
                 check_identifier(st.name, st.span, "let")
                 self.lets[st.name] = _Let(pos, st)
-            elif isinstance(st, A.ScoreStmt):
+
+        score = mask = output = fq = fk = None
+        norm = Norm(NormKind.SOFTMAX)
+        for pos, st in enumerate(att.body):
+            if isinstance(st, A.Let):
+                continue
+            if isinstance(st, A.ScoreStmt):
                 score = self.number(st.value, Ctx.SCORE, pos, "the score")
             elif isinstance(st, A.MaskStmt):
                 mask = self.expr(st.value, Ctx.MASK, pos)
@@ -379,6 +402,7 @@ class _Lowerer:
             elif isinstance(st, A.NormStmt):
                 norm = self.norm(st, pos)
         assert score is not None
+        self.check_unused_lets()
         if mask is not None and mask.op is Op.CONST and mask.attr is True:
             mask = None
         return Attention(att.name, tuple(params), self.layout, score, mask, norm, fq, fk, output)

@@ -32,6 +32,7 @@ _TOKEN_NAMES = {
     "$END": "end of file",
 }
 
+_FIRST = ["'}'", "')'", "']'", "','"]
 _STATEMENT_KEYWORDS = ("let", "score", "mask", "norm", "output", "feature")
 
 
@@ -83,7 +84,17 @@ def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
         return SpecError(f"unexpected character {ch!r}", Span(err.line, err.column), hint=hint)
     if isinstance(err, UnexpectedToken):
         tok = err.token
-        expected = sorted(_describe(t) for t in err.expected)
+        # LALR tables merge look-aheads, so err.expected can list tokens that cannot occur here; asking the
+        # parser state which terminals it really accepts gives the exact set.
+        try:
+            accepted = (
+                err.interactive_parser.accepts() if err.interactive_parser is not None else err.expected
+            )
+        except Exception:  # pragma: no cover - fall back to lark's approximation
+            accepted = err.expected
+        names = {_describe(t) for t in (accepted or err.expected) if t != "$END" or len(accepted) == 1}
+        # Closing brackets and separators first: they are what a user most often forgot.
+        expected = sorted(names, key=lambda n: (_FIRST.index(n) if n in _FIRST else len(_FIRST), n))
         if tok.type == "$END":
             span = _end_span(text)
             what = "end of file"
@@ -97,6 +108,8 @@ def _syntax_error(err: UnexpectedInput, text: str) -> SpecError:
         hint = None
         if str(tok) == "=" and ("'=='" not in expected and "a comparison" in expected):
             hint = "use '==' to compare"
+        elif tok.type in ("NAME", "INT") and "','" in expected and ("']'" in expected or "')'" in expected):
+            hint = "is a ',' missing?"
         elif tok.type == "NAME" and "'}'" in expected and "'let'" in expected:
             hint = "statements start with " + ", ".join(_STATEMENT_KEYWORDS)
         elif tok.type == "$END" and "'}'" in expected:

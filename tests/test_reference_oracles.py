@@ -1325,3 +1325,12 @@ def test_replace_keeps_ids_readable() -> None:
     case = Case("alibi", 37, 77, dtype=torch.float32)
     assert str(case) == "alibi-B2-H4-M37-N77-D16-fp32"
     assert str(replace(case, spec="sliding_window", M=77, N=77)) == "sliding_window-B2-H4-G2-N77-D16-fp32"
+
+
+def test_undefined_size_and_scalar_expressions_name_the_inputs(compiled: Callable[[str], ModuleType]) -> None:
+    x = torch.randn(1, 2, 5, 4, dtype=F64)
+    with pytest.raises(ValueError, match=r"chunked_local: .*division by zero.*C=0"):
+        compiled("chunked_local").chunked_local(x, x, x, 0)  # i // C with C = 0, inside the kernel's math
+    empty = x[:, :, :0]
+    with pytest.raises(ValueError, match=r"sigmoid_attn: .*undefined.*'N': 0"):
+        compiled("sigmoid_attn").sigmoid_attn(empty, empty, empty)  # bias = -log(N) with N = 0
