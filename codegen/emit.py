@@ -131,6 +131,11 @@ class Emitter:
 
     load_code: Callable[[Node, list[ast.expr]], ast.expr]
     leaf_code: Callable[[Node], ast.expr]
+    # How a non-uniform node becomes code (torch by default; the Triton backend passes its own).
+    tensor_apply: Callable[[Node, list[ast.expr], list[bool]], ast.expr] = field(
+        default_factory=lambda: _apply_tensor
+    )
+    uniform_prefix: str = "_u"
     hoisted: list[tuple[str, str]] = field(default_factory=list)
     _uniform_names: dict[Node, str] = field(default_factory=dict)
 
@@ -149,17 +154,17 @@ class Emitter:
                 else:
                     vals[n] = _apply(SCALAR_TEMPLATES, n, [vals[a] for a in n.args])
                     if n is not node and n.depth % MAX_INLINE_DEPTH == 0:
-                        var = f"_u{len(self.hoisted)}"
+                        var = f"{self.uniform_prefix}{len(self.hoisted)}"
                         self.hoisted.append((var, code(vals[n])))
                         self._uniform_names[n] = var
                         vals[n] = name(var)
-            var = f"_u{len(self.hoisted)}"
+            var = f"{self.uniform_prefix}{len(self.hoisted)}"
             self.hoisted.append((var, code(vals[node])))
             self._uniform_names[node] = var
         return name(self._uniform_names[node])
 
-    def body(self, root: Node) -> tuple[list[str], str]:
-        """Statements (temporaries) and the return expression computing `root`."""
+    def body(self, root: Node, prefix: str = "_t") -> tuple[list[str], str]:
+        """Statements (temporaries named `prefix<k>`) and the expression computing `root`."""
         if is_uniform(root):
             return [], code(self._uniform(root))
         order = linearize([root])
@@ -179,11 +184,11 @@ class Emitter:
             elif not n.args:
                 e = self.leaf_code(n)
             else:
-                e = _apply_tensor(n, args, [is_uniform(a) for a in n.args])
+                e = self.tensor_apply(n, args, [is_uniform(a) for a in n.args])
             depth[n] = 1 + max((depth.get(a, 0) for a in n.args), default=0)
             shared = uses.get(n, 0) > 1 and n.args
             if n is not root and (shared or depth[n] >= MAX_INLINE_DEPTH):
-                tmp = f"_t{len(stmts)}"
+                tmp = f"{prefix}{len(stmts)}"
                 stmts.append(f"{tmp} = {code(e)}")
                 e = name(tmp)
                 depth[n] = 0

@@ -149,38 +149,35 @@ def _leaf(n: Node) -> ast.expr:
     raise AssertionError(n)  # pragma: no cover
 
 
-def emit_attention(att: Attention) -> str:
-    """The `<name>_reference` and `<name>` functions for one attention block."""
-    nm = att.name
-    L: list[str] = []
+def _doc_params(att: Attention) -> str:
     shapes = {p.name: _shape_text(p) for p in att.tensors}
-    doc_params = ", ".join(
+    return ", ".join(
         f"{p.name}: {shapes[p.name]}" + ("" if p.type is TensorType.FLOAT else f" {p.type.value}")
         if isinstance(p, TensorParam)
         else f"{p.name}: {'int' if p.dtype is DType.INT else 'float'}"
         for p in att.params
     )
-    v = next(p for p in att.tensors if p.role is Role.V)
-    q = next(p for p in att.tensors if p.role is Role.Q)
-    row_dims = [dim_code(d) for d in q.shape[:3]]
-    out_shape = "[" + ", ".join([*row_dims, dim_code(v.shape[3])]) + "]"
-    softmax = att.norm.kind is NormKind.SOFTMAX
 
-    L.append(f"def {nm}_reference(")
+
+def _def(att: Attention, fn: str, doc: list[str], backend: bool = False) -> list[str]:
+    L = [f"def {fn}("]
     L += _signature(att)
     L.append("    *,")
     L.append("    return_lse: bool = False,")
+    if backend:
+        L.append("    backend: str | None = None,")
     L.append("):")
-    L.append(f'    """Exact PyTorch reference for `{nm}` (norm = {att.norm.kind.value}).')
-    L.append("")
-    L.append(f"    {doc_params}")
-    lse_doc = (
-        f" and lse: [{', '.join(out_shape[1:-1].split(', ')[:3])}] when return_lse=True" if softmax else ""
-    )
-    L.append(f"    Returns o: {out_shape}{lse_doc}.")
+    L.append(f'    """{doc[0]}')
+    L += [f"    {d}" if d else "" for d in doc[1:]]
     L.append('    """')
-    # Argument checks: shapes, dtypes, devices, scalars.
-    L.append("    sizes: dict[str, int] = {}")
+    return L
+
+
+def _checks(att: Attention) -> list[str]:
+    """Argument checks: shapes, dtypes, devices, scalars (the same for every backend)."""
+    nm = att.name
+    shapes = {p.name: _shape_text(p) for p in att.tensors}
+    L = ["    sizes: dict[str, int] = {}"]
     for p in att.tensors:
         L.append(f"    _bind(sizes, {p.name!r}, {p.name}, {_dims_tuple(p)}, {shapes[p.name]!r})")
     syms = _sizes(att)
@@ -188,24 +185,20 @@ def emit_attention(att: Attention) -> str:
         f"    {', '.join(syms)}{',' if len(syms) == 1 else ''} = {', '.join(f'sizes[{s!r}]' for s in syms)}"
     )
     for p in att.tensors:
-        kind = p.type.kind.value
-        if p.role in (Role.K, Role.V):
-            exact = "q.dtype"
-        else:
-            exact = _EXACT.get(p.type, "None")
-        L.append(f"    _check_type({p.name!r}, {p.name}, {kind!r}, {exact}, q.device)")
-    for s in att.scalars:
-        kind = "int" if s.dtype is DType.INT else "float"
-        if s.default is not None and s.default.op is not Op.CONST:
-            L.append(f"    if {s.name} is None:")
-            L.append(f"        {s.name} = {dim_code(s.default)}")
-        L.append(f"    {s.name} = _check_scalar({s.name!r}, {s.name}, {kind!r})")
+        exact = "q.dtype" if p.role in (Role.K, Role.V) else _EXACT.get(p.type, "None")
+        L.append(f"    _check_type({p.name!r}, {p.name}, {p.type.kind.value!r}, {exact}, q.device)")
+    for sc in att.scalars:
+        kind = "int" if sc.dtype is DType.INT else "float"
+        if sc.default is not None and sc.default.op is not Op.CONST:
+            L.append(f"    if {sc.name} is None:")
+            L.append(f"        {sc.name} = {dim_code(sc.default)}")
+        L.append(f"    {sc.name} = _check_scalar({sc.name!r}, {sc.name}, {kind!r})")
     for p in att.tensors:
         for axis, d in enumerate(p.shape):
             if d.op not in (Op.SIZE, Op.CONST):
                 text = dim_code(d)
                 L.append(
-                    f"    _check_dim({p.name!r}, {p.name}, {axis}, {dim_code(d)}, {text!r}, {shapes[p.name]!r})"
+                    f"    _check_dim({p.name!r}, {p.name}, {axis}, {text}, {text!r}, {shapes[p.name]!r})"
                 )
     heads, kv_heads = att.layout.heads, att.layout.kv_heads
     if heads != kv_heads:
@@ -216,24 +209,38 @@ def emit_attention(att: Attention) -> str:
             f'            f"k, v: the key/value head count ({{{gc}}}) must divide the query head count ({{{hc}}})"'
         )
         L.append("        )")
-    if not softmax:
+    if att.norm.kind is not NormKind.SOFTMAX:
         L.append("    if return_lse:")
         L.append(
             f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
         )
-    L.append("    _cdt = torch.float64 if q.dtype is torch.float64 else torch.float32")
-    for p in att.aux_tensors:
-        if p.type.kind is DType.FLOAT:
-            L.append(f"    {p.name} = {p.name}.to(_cdt)")
+    return L
 
-    # The spec's expressions as closures over the auxiliary tensors and scalars.
-    em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
+
+def _context(att: Attention) -> str:
+    scalars = ", ".join(f"{s.name}={{{s.name}!r}}" for s in att.scalars)
+    return f'f"sizes {{sizes}}{", " + scalars if scalars else ""}"'
+
+
+def _hoisted(att: Attention, hoisted: list[tuple[str, str]]) -> list[str]:
+    if not hoisted:
+        return []
+    # Size/scalar expressions are plain Python numbers: a domain error names the inputs, not math.
+    L = ["    try:"]
+    L += [f"        {var} = {expr}" for var, expr in hoisted]
+    L.append("    except (ArithmeticError, ValueError) as err:")
+    L.append(f"        raise _eval_error({att.name!r}, err, {_context(att)}) from None")
+    return L
+
+
+def _closures(att: Attention, em: Emitter, only: set[str] | None = None) -> tuple[list[str], list[str]]:
+    """The spec's expressions as closures over the auxiliary tensors and scalars."""
     roots = att.roots()
     closures: list[str] = []
     spec_args: list[str] = []
     for field_name, fn, params, spec_field in _CLOSURES:
         root = roots.get(field_name)
-        if root is None:
+        if root is None or (only is not None and field_name not in only):
             continue
         stmts, ret = em.body(root)
         closures.append(f"    def {fn}({params}):")
@@ -241,18 +248,40 @@ def emit_attention(att: Attention) -> str:
         closures.append(f"        return {ret}")
         closures.append("")
         spec_args.append(f"{spec_field}={fn}")
-    scalars = ", ".join(f"{s.name}={{{s.name}!r}}" for s in att.scalars)
-    context = f'f"sizes {{sizes}}{", " + scalars if scalars else ""}"'
-    if em.hoisted:
-        # Size/scalar expressions are plain Python numbers: a domain error names the inputs, not math.
-        L.append("    try:")
-        L += [f"        {var} = {expr}" for var, expr in em.hoisted]
-        L.append("    except (ArithmeticError, ValueError) as err:")
-        L.append(f"        raise _eval_error({nm!r}, err, {context}) from None")
+    return closures, spec_args
+
+
+def emit_attention(att: Attention, kernels: list[tuple[str, str]] | None = None) -> str:
+    """`<name>_reference`, `<name>_triton` (when `kernels`, the Triton kernels' hoisted uniforms, is given)
+    and the dispatching `<name>` for one attention block."""
+    nm = att.name
+    doc_params = _doc_params(att)
+    v = next(p for p in att.tensors if p.role is Role.V)
+    q = next(p for p in att.tensors if p.role is Role.Q)
+    row_dims = [dim_code(d) for d in q.shape[:3]]
+    out_shape = "[" + ", ".join([*row_dims, dim_code(v.shape[3])]) + "]"
+    softmax = att.norm.kind is NormKind.SOFTMAX
+    lse_doc = f" and lse: [{', '.join(row_dims)}] when return_lse=True" if softmax else ""
+    returns = f"Returns o: {out_shape}{lse_doc}."
+    call_args = ", ".join(p.name for p in att.params)
+    context = _context(att)
+
+    L = _def(
+        att,
+        f"{nm}_reference",
+        [f"Exact PyTorch reference for `{nm}` (norm = {att.norm.kind.value}).", "", doc_params, returns],
+    )
+    L += _checks(att)
+    L.append("    _cdt = torch.float64 if q.dtype is torch.float64 else torch.float32")
+    for p in att.aux_tensors:
+        if p.type.kind is DType.FLOAT:
+            L.append(f"    {p.name} = {p.name}.to(_cdt)")
+    em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
+    closures, spec_args = _closures(att, em)
+    L += _hoisted(att, em.hoisted)
     L.append("")
     L += closures
-    norm = att.norm.kind.value
-    L.append(f"    spec = _Spec({norm!r}, {', '.join(spec_args)})")
+    L.append(f"    spec = _Spec({att.norm.kind.value!r}, {', '.join(spec_args)})")
     L.append("    try:")
     L.append("        o, lse = _attend(q.to(_cdt), k.to(_cdt), v.to(_cdt), spec, return_lse)")
     L.append("    except RuntimeError as err:  # torch reports an integer division by zero this way")
@@ -261,25 +290,89 @@ def emit_attention(att: Attention) -> str:
     L.append(f"        raise _eval_error({nm!r}, err, {context}) from None")
     L.append("    o = o.to(q.dtype)")
     L.append("    return (o, lse) if return_lse else o")
-    L.append("")
-    L.append("")
+    L += ["", ""]
+
+    if kernels is not None:
+        L += _emit_triton(att, kernels, doc_params, returns)
+        L += ["", ""]
+
     # The dispatching entry point.
-    L.append(f"def {nm}(")
-    L += _signature(att)
-    L.append("    *,")
-    L.append("    return_lse: bool = False,")
-    L.append("    backend: str | None = None,")
-    L.append("):")
-    L.append(f'    """`{nm}` attention. backend: None (best available) or "reference".')
-    L.append("")
-    L.append(f"    {doc_params}")
-    L.append('    """')
+    backends = "'reference' or 'triton'" if kernels is not None else "'reference'"
+    L += _def(
+        att,
+        nm,
+        [
+            f"`{nm}` attention. backend: None (Triton on CUDA tensors, else the reference) or {backends}.",
+            "",
+            doc_params,
+            returns,
+        ],
+        backend=True,
+    )
+    if kernels is not None:
+        L.append('    if backend == "triton" or (backend is None and q.is_cuda and _has_triton()):')
+        L.append(f"        return {nm}_triton({call_args}, return_lse=return_lse)")
     L.append('    if backend not in (None, "reference"):')
     L.append("        raise ValueError(")
-    L.append(
-        f"            f\"backend={{backend!r}}: this module provides only the 'reference' backend for {nm}\""
-    )
+    L.append(f'            f"backend={{backend!r}}: {nm} has the backends {backends}"')
     L.append("        )")
-    call_args = ", ".join(p.name for p in att.params)
     L.append(f"    return {nm}_reference({call_args}, return_lse=return_lse)")
     return "\n".join(L) + "\n"
+
+
+def _emit_triton(att: Attention, kernels: list[tuple[str, str]], doc_params: str, returns: str) -> list[str]:
+    nm = att.name
+    softmax = att.norm.kind is NormKind.SOFTMAX
+    L = _def(
+        att,
+        f"{nm}_triton",
+        [
+            f"Fused Triton kernels for `{nm}` (FlashAttention-2 style, forward and backward).",
+            "",
+            doc_params,
+            returns,
+            "",
+            "CPU tensors run the kernels under the Triton interpreter.",
+        ],
+    )
+    L += _checks(att)
+    L.append("    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):")
+    L.append("        raise ValueError(")
+    L.append(
+        '            f"q: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}; '
+        "use backend='reference'\""
+    )
+    L.append("        )")
+    em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
+    closures, _ = _closures(att, em, only={"output"})
+    L += _hoisted(att, [*kernels, *em.hoisted])
+    L += closures
+    aux = [p.name for p in att.aux_tensors]
+    extra = [f"*_aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
+    extra += [s.name for s in att.scalars] + _sizes(att) + [v for v, _ in kernels]
+    output = ", output=_output" if att.output is not None else ""
+    L.append("    kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
+    L.append("    spec = _TritonSpec(")
+    L.append(f"        kern._{nm}_fwd_kernel, kern._{nm}_bwd_dkdv_kernel, kern._{nm}_bwd_dq_kernel,")
+    L.append(f"        {att.norm.kind.value!r}, ({', '.join(extra)}{',' if len(extra) == 1 else ''}){output}")
+    L.append("    )")
+    L.append("    o, lse = _TritonAttention.apply(spec, q.contiguous(), k.contiguous(), v.contiguous())")
+    float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
+    if float_aux:
+        L.append(
+            f"    if torch.is_grad_enabled() and any(t.requires_grad for t in ({', '.join(float_aux)},)):"
+        )
+        L.append(
+            "        # Gradients of auxiliary tensors come from the exact reference (not fused yet), bridged so"
+        )
+        L.append("        # that the forward value stays the kernels' own.")
+        args = ", ".join(f"{p.name}.detach()" if p.name in ("q", "k", "v") else p.name for p in att.params)
+        ret = "return_lse=True" if softmax else "return_lse=False"
+        L.append(f"        ref = {nm}_reference({args}, {ret})")
+        if softmax:
+            L.append("        o = o + (ref[0] - ref[0].detach())")
+            L.append("        lse = lse + (ref[1] - ref[1].detach())")
+        else:
+            L.append("        o = o + (ref - ref.detach())")
+    L.append("    return (o, lse) if return_lse else o")
+    return L

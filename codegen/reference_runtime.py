@@ -230,3 +230,160 @@ def _attend(q, k, v, spec, return_lse):
         return o, None
     lse = torch.cat([p[1] for p in pieces], dim=2) if pieces else q.new_zeros(B, H, 0)
     return o, lse
+
+
+# ---- the Triton path: launch generated kernels (imported lazily from the sibling `*_triton.py` file) ----
+
+_TRITON_MODULES = {}
+
+
+def _triton_kernels(module_file, interpret):
+    """Import the Triton kernels beside this module; `interpret` runs them under the Triton interpreter
+    (CPU tensors), which Triton decides when the kernels are defined."""
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    path = Path(module_file).with_name(Path(module_file).stem + "_triton.py")
+    key = (str(path), interpret)
+    if key not in _TRITON_MODULES:
+        if not path.exists():
+            raise ValueError(
+                f"backend='triton': the kernels file {path.name} was not generated beside this module"
+            )
+        if interpret:
+            # Triton reads this when kernels are defined and when its own helpers import: switching it back
+            # and forth within a process is not supported, so CPU tensors leave the process in interpreter mode.
+            os.environ["TRITON_INTERPRET"] = "1"
+        spec = importlib.util.spec_from_file_location(f"{path.stem}_{int(interpret)}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _TRITON_MODULES[key] = mod
+    return _TRITON_MODULES[key]
+
+
+class _TritonSpec(NamedTuple):
+    """What the generic autograd function needs to launch one attention block's kernels."""
+
+    fwd: object
+    dkdv: object
+    dq: object
+    norm: str
+    extra: tuple  # aux tensors with strides and extents, scalars, sizes, uniforms: the kernels' shared tail
+    output: object = None  # (o, b, h, hk, i, e) -> epilogue, for the backward through it
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def _next_pow2(n):
+    return max(16, 1 << (int(n) - 1).bit_length())
+
+
+def _dense_output(fn, o, rep):
+    B, H, M, E = o.shape
+    dev = o.device
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, H, 1, 1)
+    i = torch.arange(M, device=dev).view(1, 1, M, 1)
+    e = torch.arange(E, device=dev).view(1, 1, 1, E)
+    return _full(fn(o, b, h, h // rep, i, e), o.shape, o)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Fused forward and backward kernels; gradients for q, k and v (auxiliary tensors: see the caller)."""
+
+    @staticmethod
+    def forward(ctx, spec, q, k, v):
+        B, H, M, D = q.shape
+        G, N, E = k.shape[1], k.shape[2], v.shape[3]
+        o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
+        oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
+        stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
+        grid = (triton_cdiv(M, spec.block_m), B * H)
+        spec.fwd[grid](
+            q,
+            k,
+            v,
+            o,
+            oraw,
+            stat,
+            *spec.extra,
+            *_strides(q, k, v, o),
+            H,
+            G,
+            M,
+            N,
+            D,
+            E,
+            **_launch(spec, q, D, E),
+        )
+        ctx.spec = spec
+        ctx.save_for_backward(q, k, v, o, oraw, stat)
+        return o, stat
+
+    @staticmethod
+    def backward(ctx, do, dstat):
+        spec = ctx.spec
+        q, k, v, o, oraw, stat = ctx.saved_tensors
+        B, H, M, D = q.shape
+        G, N, E = k.shape[1], k.shape[2], v.shape[3]
+        do = do.contiguous()
+        if spec.output is not None:
+            with torch.enable_grad():
+                x = oraw.detach().requires_grad_()
+                (do_raw,) = torch.autograd.grad(_dense_output(spec.output, x, H // G), x, do.to(x.dtype))
+            o_raw = oraw
+        else:
+            do_raw, o_raw = do, o
+        do_raw = do_raw.to(torch.float32).contiguous()
+        delta = (do_raw * o_raw.to(torch.float32)).sum(-1)
+        if dstat is not None and spec.norm == "softmax":
+            delta = delta - dstat  # d lse / d s = p: folds into ds = p (dp - delta + dlse)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+        strides = _strides(q, k, v, do_raw)
+        kw = _launch(spec, q, D, E)
+        spec.dkdv[(triton_cdiv(N, spec.block_n), B * G)](
+            q, k, v, do_raw, stat, delta, dk, dv, *spec.extra, *strides, H, G, M, N, D, E, **kw
+        )
+        spec.dq[(triton_cdiv(M, spec.block_m), B * H)](
+            q, k, v, do_raw, stat, delta, dq, *spec.extra, *strides, H, G, M, N, D, E, **kw
+        )
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _strides(q, k, v, o):
+    return (*q.stride(), *k.stride(), *v.stride(), *o.stride())
+
+
+def _launch(spec, q, D, E):
+    return {
+        "_BLOCK_M": spec.block_m,
+        "_BLOCK_N": spec.block_n,
+        "_BLOCK_D": _next_pow2(D),
+        "_BLOCK_E": _next_pow2(E),
+        "_DOT_PRECISION": "ieee" if q.dtype is torch.float32 else "tf32",
+        "num_warps": spec.num_warps,
+        "num_stages": spec.num_stages,
+    }
+
+
+def _aux_args(*tensors):
+    """Each auxiliary tensor followed by its strides and extents (the kernels' `_s_*` and `_n_*`)."""
+    out = []
+    for t in tensors:
+        out += [t, *t.stride(), *t.shape]
+    return tuple(out)
+
+
+def _has_triton():
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None

@@ -1,0 +1,149 @@
+"""IR expressions as Triton tile code.
+
+Only Triton builtins are called (not `tl.sigmoid`, `tl.max`, `tl.sum` or `tl.zeros`: those are themselves
+jit functions, which break when Triton was imported in the other of compiled/interpreted mode).
+Index variables are tiles (i = offs_m[:, None], j = offs_n[None, :]) or program scalars (b, h, hk);
+uniform sub-expressions arrive as kernel arguments (`_u0`, ...) computed on the host. Transcendentals are
+lowered to Triton primitives that both the compiler and the interpreter support (no libdevice): e.g.
+tanh(x) = 2 / (1 + exp(−2x)) − 1, which saturates cleanly for large |x|. Integer `//` and `%` get Python's floor semantics
+unless interval analysis proves both operands non-negative (Triton truncates).
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Callable
+
+from dsl.analysis.ranges import bounds, nonneg
+from dsl.ir import Attention, DType, Node, Op, TensorParam
+
+from ..emit import Emitter, expr_from_string, name
+
+_TEMPLATES = {
+    Op.NEG: "-{a}",
+    Op.ADD: "{a} + {b}",
+    Op.SUB: "{a} - {b}",
+    Op.MUL: "{a} * {b}",
+    Op.DIV: "{a} / {b}",
+    Op.LT: "{a} < {b}",
+    Op.LE: "{a} <= {b}",
+    Op.GT: "{a} > {b}",
+    Op.GE: "{a} >= {b}",
+    Op.EQ: "{a} == {b}",
+    Op.NE: "{a} != {b}",
+    Op.AND: "{a} & {b}",
+    Op.OR: "{a} | {b}",
+    Op.NOT: "{a} == 0",
+    Op.ABS: "tl.abs({a})",
+    Op.EXP: "tl.exp({a})",
+    Op.EXP2: "tl.exp2({a})",
+    Op.LOG: "tl.log({a})",
+    Op.LOG2: "tl.log2({a})",
+    Op.SQRT: "tl.sqrt({a})",
+    Op.RSQRT: "tl.rsqrt({a})",
+    Op.TANH: "2.0 / (1.0 + tl.exp(-2.0 * {a})) - 1.0",
+    Op.SIGMOID: "1.0 / (1.0 + tl.exp(-{a}))",
+    Op.RELU: "tl.maximum({a}, 0)",
+    Op.ELU: "tl.where({a} > 0, {a}, tl.exp({a}) - 1.0)",
+    Op.FLOOR: "tl.floor({a}).to(tl.int32)",
+    Op.CEIL: "tl.ceil({a}).to(tl.int32)",
+    Op.TO_FLOAT: "({a}).to(tl.float32)",
+    Op.MIN: "tl.minimum({a}, {b})",
+    Op.MAX: "tl.maximum({a}, {b})",
+    Op.WHERE: "tl.where({a}, {b}, {c})",
+}
+
+
+def _holes(args: list[ast.expr]) -> dict[str, ast.expr]:
+    return dict(zip("abc", args, strict=False))
+
+
+class TritonExprs:
+    """Builds an `Emitter` whose tensor code is Triton, for one attention block."""
+
+    def __init__(self, att: Attention) -> None:
+        self.att = att
+
+    def _nonneg(self, n: Node) -> bool:
+        b = bounds(n, self.att.layout)
+        return b is not None and nonneg(b[0])
+
+    def apply(self, n: Node, args: list[ast.expr], uniform: list[bool]) -> ast.expr:
+        op = n.op
+        if op in (Op.FLOORDIV, Op.MOD):
+            a, b = n.args
+            if n.dtype is DType.FLOAT:
+                tpl = "tl.floor({a} / {b})" if op is Op.FLOORDIV else "{a} - tl.floor({a} / {b}) * {b}"
+            elif self._nonneg(a) and self._nonneg(b):
+                tpl = "{a} // {b}" if op is Op.FLOORDIV else "{a} % {b}"  # truncation == floor here
+            else:
+                tpl = "_floordiv({a}, {b})" if op is Op.FLOORDIV else "_floormod({a}, {b})"
+            return expr_from_string(tpl, **_holes(args))
+        if op is Op.POW:
+            return self._pow(n, args)
+        if op is Op.WHERE and all(uniform[1:]):
+            # tl.where needs a tensor branch to know the result type: make the first one a float tile.
+            return expr_from_string("tl.where({a}, {b} + 0.0 * {a}, {c})", **_holes(args))
+        return expr_from_string(_TEMPLATES[op], **_holes(args))
+
+    def _pow(self, n: Node, args: list[ast.expr]) -> ast.expr:
+        ex = n.args[1]
+        if ex.op is Op.CONST:
+            k = float(ex.attr)  # type: ignore[arg-type]
+            if k == 0.5:
+                return expr_from_string("tl.sqrt({a})", a=args[0])
+            if k == -0.5:
+                return expr_from_string("tl.rsqrt({a})", a=args[0])
+            if k.is_integer() and 1 <= abs(k) <= 8:
+                prod: ast.expr = args[0]
+                for _ in range(int(abs(k)) - 1):
+                    prod = expr_from_string("{a} * {b}", a=prod, b=args[0])
+                return prod if k > 0 else expr_from_string("1.0 / ({a})", a=prod)
+        # General real power through exp2/log2: NaN for a negative base, as torch's pow of a float.
+        return expr_from_string("tl.exp2({b} * tl.log2({a}))", a=args[0], b=args[1])
+
+    def emitter(
+        self, load_code: Callable[[Node, list[ast.expr]], ast.expr], leaf_code: Callable[[Node], ast.expr]
+    ) -> Emitter:
+        return Emitter(
+            load_code=load_code, leaf_code=leaf_code, tensor_apply=self.apply, uniform_prefix="_ku"
+        )
+
+    def load(self, n: Node, args: list[ast.expr]) -> ast.expr:
+        """A masked gather: never reads out of bounds; out-of-range lanes read 0 (and are masked later)."""
+        p = self.att.param(str(n.attr))
+        assert isinstance(p, TensorParam)
+        offset: ast.expr | None = None
+        in_bounds: ast.expr | None = None
+        for k, idx in enumerate(args):
+            term = expr_from_string("({a}) * {s}", a=idx, s=name(f"_s_{p.name}_{k}"))
+            offset = term if offset is None else expr_from_string("{a} + {b}", a=offset, b=term)
+            # Each axis check as an int, multiplied: the interpreter mis-types `scalar_bool & tile_bool`.
+            ok = expr_from_string(
+                "((({a}) >= 0) & (({a}) < {n})).to(tl.int32)", a=idx, n=name(f"_n_{p.name}_{k}")
+            )
+            in_bounds = ok if in_bounds is None else expr_from_string("{a} * {b}", a=in_bounds, b=ok)
+        assert offset is not None and in_bounds is not None
+        load = expr_from_string(
+            "tl.load({t} + {o}, mask={m} != 0, other=0)", t=name(p.name), o=offset, m=in_bounds
+        )
+        if n.dtype is DType.FLOAT:
+            return expr_from_string("({a}).to(tl.float32)", a=load)
+        if n.dtype is DType.BOOL:
+            return expr_from_string("({a}) != 0", a=load)
+        return expr_from_string("({a}).to(tl.int32)", a=load)
+
+
+def leaf(names: dict[str, str]) -> Callable[[Node], ast.expr]:
+    """Leaves by name: index variables as given in `names` (e.g. {'i': 'i', 'j': 'j'}), dot as `qk`."""
+
+    def code(n: Node) -> ast.expr:
+        if n.op is Op.VAR:
+            return name(names[n.attr.value])  # type: ignore[union-attr]
+        if n.op is Op.DOT:
+            return name("qk")
+        if n.op is Op.ELEM:
+            return name(names[str(n.attr)])
+        raise AssertionError(n)  # pragma: no cover
+
+    return code

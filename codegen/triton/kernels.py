@@ -1,0 +1,424 @@
+"""Writes the Triton module of an attention block: forward, dK/dV and dQ kernels, plus their launchers.
+
+The forward kernel is FlashAttention-2's (Dao, 2023, Alg. 1): one program per (query tile, batch, head),
+an online softmax over key tiles in float32 with exp2 (log2(e) folded into the score) and the log-sum-exp
+written for the backward. The backward follows Alg. 2 split in two deterministic kernels: dK/dV (one program
+per key tile and key/value head, looping over the query heads of its group, so GQA needs no atomics) and dQ
+(one program per query tile and head). The score's derivative ∂s/∂(q·k) comes from `dsl.autodiff`.
+Row reductions are `tl.reduce` with `tl.standard`'s own combine functions (what `tl.max`/`tl.sum` use):
+the interpreter recognises them and reduces with numpy instead of calling the combine per element.
+The norms: softmax (optionally with a sink logit), sigmoid(s + bias), none (Σ s·v) and sum (Σ s·v / Σ s).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dsl.autodiff import gradients
+from dsl.ir import Attention, Node, NormKind, Op, Var, uses_var, walk
+
+from ..emit import Emitter
+from .expr import TritonExprs, leaf
+
+LOG2E = 1.4426950408889634
+
+# Kernel parameters shared by the kernels, in order. Sizes of the iteration space have internal names; the
+# spec's own size symbols, scalars and hoisted uniforms are appended per attention.
+_QKV_STRIDES = [f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d")]
+_EXTENTS = ["_NH", "_NG", "_M", "_N", "_D", "_E"]
+_CONSTEXPRS = ["_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION"]
+
+
+@dataclass(frozen=True)
+class KernelText:
+    name: str
+    params: list[str]  # the kernel's own leading parameters (tensors it reads and writes)
+    body: list[str]
+
+
+class KernelWriter:
+    def __init__(self, att: Attention) -> None:
+        self.att = att
+        self.tx = TritonExprs(att)
+        # One emitter for all kernels of the block, so uniform values get one name each (`_u<k>`).
+        self.em: Emitter = self.tx.emitter(self.tx.load, leaf({}))
+        self.counter = 0
+
+    # ---- expression helpers -------------------------------------------------------------------------------
+
+    def expr(self, root: Node, names: dict[str, str], out: list[str], indent: str) -> str:
+        """Emit temporaries for `root` into `out`; return its expression."""
+        self.em.leaf_code = leaf(names)
+        self.counter += 1
+        stmts, e = self.em.body(root, prefix=f"_t{self.counter}_")
+        out += [indent + s for s in stmts]
+        return e
+
+    @property
+    def uniforms(self) -> list[str]:
+        return [v for v, _ in self.em.hoisted]
+
+    def spec_args(self) -> list[str]:
+        """Aux tensors (+ strides and extents), scalars, size symbols and uniforms, in a fixed order."""
+        args: list[str] = []
+        for p in self.att.aux_tensors:
+            args.append(p.name)
+            args += [f"_s_{p.name}_{k}" for k in range(len(p.shape))]
+            args += [f"_n_{p.name}_{k}" for k in range(len(p.shape))]
+        args += [s.name for s in self.att.scalars]
+        args += self.size_symbols()
+        return args
+
+    def size_symbols(self) -> list[str]:
+        seen: list[str] = []
+        for p in self.att.tensors:
+            for d in p.shape:
+                for n in walk([d]):
+                    if n.op is Op.SIZE and n.attr not in seen:
+                        seen.append(str(n.attr))
+        return seen
+
+    # ---- shared tile code ---------------------------------------------------------------------------------
+
+    def _score_block(self, out: list[str], ind: str, i: str, j: str) -> None:
+        """qk -> valid (bool tile) and s (float32 tile, the score where valid)."""
+        att = self.att
+        names = {"b": "b", "h": "h", "hk": "hk", "i": i, "j": j}
+        valid = f"({i} < _M) & ({j} < _N)"
+        if att.mask is not None:
+            m = self.expr(att.mask, names, out, ind)
+            if not (uses_var(att.mask, Var.I) and uses_var(att.mask, Var.J)):
+                # Broadcast to a tile first: the interpreter mis-types `tile_bool & scalar_bool`.
+                m = f"(({m}).to(tl.int32) + 0 * {i} + 0 * {j}) != 0"
+            valid = f"{valid} & ({m})"
+        out.append(f"{ind}valid = {valid}")
+        s = self.expr(att.score, names, out, ind)
+        out.append(f"{ind}s = tl.where(valid, {s}, 0.0)")
+
+    def _feature(
+        self, root: Node | None, tensor: str, names: dict[str, str], out: list[str], ind: str
+    ) -> None:
+        if root is None:
+            return
+        e = self.expr(root, names, out, ind)
+        out.append(f"{ind}{tensor}f = ({e}).to({tensor}.dtype)")
+
+    # ---- forward ------------------------------------------------------------------------------------------
+
+    def forward(self) -> list[str]:
+        att, nm = self.att, self.att.name
+        kind = att.norm.kind
+        L: list[str] = []
+        ind = "    "
+        L.append("    pid_m = tl.program_id(0)")
+        L.append("    pid_bh = tl.program_id(1)")
+        L.append("    b = pid_bh // _NH")
+        L.append("    h = pid_bh % _NH")
+        L.append("    hk = h // (_NH // _NG)")
+        L.append("    offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)")
+        L.append("    offs_d = tl.arange(0, _BLOCK_D)")
+        L.append("    offs_e = tl.arange(0, _BLOCK_E)")
+        L.append("    i = offs_m[:, None]")
+        L.append(
+            "    q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
+            " + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)"
+        )
+        self._feature(
+            att.feature_q,
+            "q",
+            {"b": "b", "h": "h", "hk": "hk", "i": "i", "d": "offs_d[None, :]", "q": "q.to(tl.float32)"},
+            L,
+            ind,
+        )
+        qname = "qf" if att.feature_q is not None else "q"
+        L.append("    k_base = _K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h")
+        L.append("    v_base = _V + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h")
+        L.append("    m_i = tl.full([_BLOCK_M, 1], float('-inf'), tl.float32)")
+        L.append("    l_i = tl.full([_BLOCK_M, 1], 0.0, tl.float32)")
+        L.append("    acc = tl.full([_BLOCK_M, _BLOCK_E], 0.0, tl.float32)")
+        L.append("    for start_n in range(0, _N, _BLOCK_N):")
+        ind = "        "
+        L.append(f"{ind}offs_n = start_n + tl.arange(0, _BLOCK_N)")
+        L.append(f"{ind}j = offs_n[None, :]")
+        L.append(
+            f"{ind}kt = tl.load(k_base + offs_n[None, :] * _sk_n + offs_d[:, None] * _sk_d,"
+            " mask=(offs_n[None, :] < _N) & (offs_d[:, None] < _D), other=0.0)"
+        )
+        self._feature(
+            att.feature_k,
+            "kt",
+            {"b": "b", "hk": "hk", "j": "offs_n[None, :]", "d": "offs_d[:, None]", "k": "kt.to(tl.float32)"},
+            L,
+            ind,
+        )
+        kname = "ktf" if att.feature_k is not None else "kt"
+        L.append(f"{ind}qk = tl.dot({qname}, {kname}, input_precision=_DOT_PRECISION)")
+        self._score_block(L, ind, "i", "j")
+        L.append(
+            f"{ind}v = tl.load(v_base + offs_n[:, None] * _sv_n + offs_e[None, :] * _sv_d,"
+            " mask=(offs_n[:, None] < _N) & (offs_e[None, :] < _E), other=0.0)"
+        )
+        if kind is NormKind.SOFTMAX:
+            L.append(f"{ind}s2 = tl.where(valid, s * {LOG2E!r}, float('-inf'))")
+            L.append(
+                f"{ind}m_new = tl.maximum(m_i, tl.reduce(s2, 1, tl.standard._elementwise_max, keep_dims=True))"
+            )
+            L.append(f"{ind}m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)")
+            L.append(f"{ind}alpha = tl.exp2(m_i - m_safe)")
+            L.append(f"{ind}p = tl.exp2(s2 - m_safe)")
+            L.append(f"{ind}l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine, keep_dims=True)")
+            L.append(f"{ind}acc = acc * alpha + tl.dot(p.to(v.dtype), v, input_precision=_DOT_PRECISION)")
+            L.append(f"{ind}m_i = m_new")
+        else:
+            if kind is NormKind.SIGMOID:
+                bias = "0.0"
+                if att.norm.bias is not None:
+                    bias = self.expr(
+                        att.norm.bias, {"b": "b", "h": "h", "hk": "hk", "i": "i", "j": "j"}, L, ind
+                    )
+                L.append(f"{ind}p = tl.where(valid, 1.0 / (1.0 + tl.exp(-(s + {bias}))), 0.0)")
+            else:
+                L.append(f"{ind}p = s")
+            if kind is NormKind.SUM:
+                L.append(f"{ind}l_i += tl.reduce(p, 1, tl.standard._sum_combine, keep_dims=True)")
+            # Unnormalised weights can be large: keep them in float32 for the second product.
+            L.append(f"{ind}acc += tl.dot(p, v.to(tl.float32), input_precision=_DOT_PRECISION)")
+        ind = "    "
+        row = {"b": "b", "h": "h", "hk": "hk", "i": "i"}
+        if kind is NormKind.SOFTMAX:
+            if att.norm.sink is not None:
+                sink = self.expr(att.norm.sink, row, L, ind)
+                L.append(f"    sink2 = ({sink}) * {LOG2E!r} + tl.full([_BLOCK_M, 1], 0.0, tl.float32)")
+                L.append("    m_f = tl.maximum(m_i, sink2)")
+                L.append("    m_safe = tl.where(m_f == float('-inf'), 0.0, m_f)")
+                L.append("    alpha = tl.exp2(m_i - m_safe)")
+                L.append("    l_i = l_i * alpha + tl.exp2(sink2 - m_safe)")
+                L.append("    acc = acc * alpha")
+                L.append("    m_i = m_f")
+            L.append("    m_safe = tl.where(m_i == float('-inf'), 0.0, m_i)")
+            L.append("    alive = l_i > 0")
+            L.append("    o = tl.where(alive, acc / tl.where(alive, l_i, 1.0), 0.0)")
+            L.append(
+                f"    stat = tl.where(alive, (m_safe + tl.log2(tl.where(alive, l_i, 1.0))) / {LOG2E!r},"
+                " float('-inf'))"
+            )
+        elif kind is NormKind.SUM:
+            eps = "0.0"
+            if att.norm.eps is not None:
+                eps = self.expr(att.norm.eps, row, L, ind)
+            L.append(f"    stat = l_i + ({eps})")
+            L.append("    alive = stat != 0")
+            L.append("    o = tl.where(alive, acc / tl.where(alive, stat, 1.0), 0.0)")
+        else:
+            L.append("    o = acc")
+            L.append("    stat = l_i")
+        L.append(
+            "    o_off = b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d"
+        )
+        L.append("    o_mask = (i < _M) & (offs_e[None, :] < _E)")
+        if att.output is not None:
+            L.append("    tl.store(_ORAW + o_off, o, mask=o_mask)")
+            out = self.expr(att.output, {**row, "e": "offs_e[None, :]", "o": "o"}, L, ind)
+            L.append(f"    o = {out}")
+        L.append("    tl.store(_O + o_off, o.to(_O.dtype.element_ty), mask=o_mask)")
+        L.append("    tl.store(_STAT + pid_bh.to(tl.int64) * _M + i, stat, mask=i < _M)")
+        return KernelText(f"_{nm}_fwd_kernel", ["_Q", "_K", "_V", "_O", "_ORAW", "_STAT"], L)
+
+    # ---- backward -----------------------------------------------------------------------------------------
+
+    def _dscore(self, L: list[str], ind: str) -> None:
+        """From p (weights), dp = dO·vᵀ and the row statistics: ds = ∂loss/∂s, then dqk = ds · ∂s/∂qk."""
+        att, kind = self.att, self.att.norm.kind
+        if kind is NormKind.SOFTMAX:
+            L.append(f"{ind}ds = p * (dp - delta)")
+        elif kind is NormKind.SIGMOID:
+            L.append(f"{ind}ds = tl.where(valid, dp * p * (1.0 - p), 0.0)")
+        elif kind is NormKind.NONE:
+            L.append(f"{ind}ds = tl.where(valid, dp, 0.0)")
+        else:
+            L.append(f"{ind}ds = tl.where(valid, (dp - delta) / stat_safe, 0.0)")
+        dot = next((n for n in walk([att.score]) if n.op is Op.DOT), None)
+        if dot is None:
+            L.append(f"{ind}dqk = ds * 0.0")
+            return
+        d = gradients(att.score, [dot])[dot]
+        e = self.expr(d, {"b": "b", "h": "h", "hk": "hk", "i": "i", "j": "j"}, L, ind)
+        L.append(f"{ind}dqk = tl.where(valid, ds * ({e}), 0.0)")
+
+    def _weights(self, L: list[str], ind: str) -> None:
+        """p: the weight of each (i, j) in o_i = Σ_j p_ij v_j, recomputed from the forward's row statistics."""
+        att, kind = self.att, self.att.norm.kind
+        if kind is NormKind.SOFTMAX:
+            L.append(f"{ind}p = tl.where(valid, tl.exp2(s * {LOG2E!r} - stat * {LOG2E!r}), 0.0)")
+        elif kind is NormKind.SIGMOID:
+            bias = "0.0"
+            if att.norm.bias is not None:
+                bias = self.expr(att.norm.bias, {"b": "b", "h": "h", "hk": "hk", "i": "i", "j": "j"}, L, ind)
+            L.append(f"{ind}p = tl.where(valid, 1.0 / (1.0 + tl.exp(-(s + {bias}))), 0.0)")
+        else:
+            L.append(f"{ind}p = s")
+
+    def _row_stats(self, L: list[str], ind: str) -> None:
+        L.append(f"{ind}row = (b * _NH + h).to(tl.int64) * _M + i")
+        L.append(f"{ind}stat = tl.load(_STAT + row, mask=i < _M, other=0.0)")
+        L.append(f"{ind}delta = tl.load(_DELTA + row, mask=i < _M, other=0.0)")
+        if self.att.norm.kind is NormKind.SUM:
+            L.append(f"{ind}stat_safe = tl.where(stat != 0, stat, 1.0)")
+
+    def _feature_grad(self, root: Node | None, t: str, names: dict[str, str], L: list[str], ind: str) -> None:
+        """d(raw) = d(feature) · φ'(raw), elementwise."""
+        if root is None:
+            return
+        elem = next(n for n in walk([root]) if n.op is Op.ELEM)
+        e = self.expr(gradients(root, [elem])[elem], names, L, ind)
+        L.append(f"{ind}d{t} = d{t} * ({e})")
+
+    def dkdv(self) -> list[str]:
+        att, nm = self.att, self.att.name
+        L: list[str] = []
+        ind = "    "
+        L.append("    pid_n = tl.program_id(0)")
+        L.append("    pid_bg = tl.program_id(1)")
+        L.append("    b = pid_bg // _NG")
+        L.append("    hk = pid_bg % _NG")
+        L.append("    rep = _NH // _NG")
+        L.append("    offs_n = pid_n * _BLOCK_N + tl.arange(0, _BLOCK_N)")
+        L.append("    offs_d = tl.arange(0, _BLOCK_D)")
+        L.append("    offs_e = tl.arange(0, _BLOCK_E)")
+        L.append("    j = offs_n[None, :]")
+        L.append(
+            "    kt = tl.load(_K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h + offs_n[None, :] * _sk_n"
+            " + offs_d[:, None] * _sk_d, mask=(offs_n[None, :] < _N) & (offs_d[:, None] < _D), other=0.0)"
+        )
+        knames = {
+            "b": "b",
+            "hk": "hk",
+            "j": "offs_n[None, :]",
+            "d": "offs_d[:, None]",
+            "k": "kt.to(tl.float32)",
+        }
+        self._feature(att.feature_k, "kt", knames, L, ind)
+        kname = "ktf" if att.feature_k is not None else "kt"
+        L.append(
+            "    vt = tl.load(_V + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h + offs_n[None, :] * _sv_n"
+            " + offs_e[:, None] * _sv_d, mask=(offs_n[None, :] < _N) & (offs_e[:, None] < _E), other=0.0)"
+        )
+        L.append("    dkt = tl.full([_BLOCK_D, _BLOCK_N], 0.0, tl.float32)")
+        L.append("    dvt = tl.full([_BLOCK_E, _BLOCK_N], 0.0, tl.float32)")
+        L.append("    for hh in range(0, rep):")
+        L.append("        h = hk * rep + hh")
+        L.append("        for start_m in range(0, _M, _BLOCK_M):")
+        ind = "            "
+        L.append(f"{ind}offs_m = start_m + tl.arange(0, _BLOCK_M)")
+        L.append(f"{ind}i = offs_m[:, None]")
+        L.append(
+            f"{ind}q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
+            " + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)"
+        )
+        qnames = {"b": "b", "h": "h", "hk": "hk", "i": "i", "d": "offs_d[None, :]", "q": "q.to(tl.float32)"}
+        self._feature(att.feature_q, "q", qnames, L, ind)
+        qname = "qf" if att.feature_q is not None else "q"
+        L.append(f"{ind}qk = tl.dot({qname}, {kname}, input_precision=_DOT_PRECISION)")
+        self._score_block(L, ind, "i", "j")
+        self._row_stats(L, ind)
+        self._weights(L, ind)
+        L.append(
+            f"{ind}do = tl.load(_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n"
+            " + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)"
+        )
+        # dV = Pᵀ dO: p is scaled by the row normaliser for sum (o = Σ p v / stat).
+        pv = "p / stat_safe" if att.norm.kind is NormKind.SUM else "p"
+        L.append(f"{ind}dvt += tl.dot(tl.trans(do.to(tl.float32)), {pv}, input_precision=_DOT_PRECISION)")
+        L.append(f"{ind}dp = tl.dot(do.to(tl.float32), vt.to(tl.float32), input_precision=_DOT_PRECISION)")
+        self._dscore(L, ind)
+        L.append(f"{ind}dkt += tl.dot(tl.trans({qname}.to(tl.float32)), dqk, input_precision=_DOT_PRECISION)")
+        ind = "    "
+        self._feature_grad(att.feature_k, "kt", knames, L, ind)
+        L.append("    kmask = (offs_n[None, :] < _N) & (offs_d[:, None] < _D)")
+        L.append(
+            "    tl.store(_DK + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h + offs_n[None, :] * _sk_n"
+            " + offs_d[:, None] * _sk_d, dkt, mask=kmask)"
+        )
+        L.append("    vmask = (offs_n[None, :] < _N) & (offs_e[:, None] < _E)")
+        L.append(
+            "    tl.store(_DV + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h + offs_n[None, :] * _sv_n"
+            " + offs_e[:, None] * _sv_d, dvt, mask=vmask)"
+        )
+        return KernelText(
+            f"_{nm}_bwd_dkdv_kernel", ["_Q", "_K", "_V", "_DO", "_STAT", "_DELTA", "_DK", "_DV"], L
+        )
+
+    def dq(self) -> list[str]:
+        att, nm = self.att, self.att.name
+        L: list[str] = []
+        ind = "    "
+        L.append("    pid_m = tl.program_id(0)")
+        L.append("    pid_bh = tl.program_id(1)")
+        L.append("    b = pid_bh // _NH")
+        L.append("    h = pid_bh % _NH")
+        L.append("    hk = h // (_NH // _NG)")
+        L.append("    offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)")
+        L.append("    offs_d = tl.arange(0, _BLOCK_D)")
+        L.append("    offs_e = tl.arange(0, _BLOCK_E)")
+        L.append("    i = offs_m[:, None]")
+        L.append(
+            "    q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
+            " + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)"
+        )
+        qnames = {"b": "b", "h": "h", "hk": "hk", "i": "i", "d": "offs_d[None, :]", "q": "q.to(tl.float32)"}
+        self._feature(att.feature_q, "q", qnames, L, ind)
+        qname = "qf" if att.feature_q is not None else "q"
+        L.append(
+            "    do = tl.load(_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n"
+            " + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)"
+        )
+        self._row_stats(L, ind)
+        L.append("    dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)")
+        L.append("    for start_n in range(0, _N, _BLOCK_N):")
+        ind = "        "
+        L.append(f"{ind}offs_n = start_n + tl.arange(0, _BLOCK_N)")
+        L.append(f"{ind}j = offs_n[None, :]")
+        L.append(
+            f"{ind}kt = tl.load(_K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h + offs_n[None, :] * _sk_n"
+            " + offs_d[:, None] * _sk_d, mask=(offs_n[None, :] < _N) & (offs_d[:, None] < _D), other=0.0)"
+        )
+        knames = {
+            "b": "b",
+            "hk": "hk",
+            "j": "offs_n[None, :]",
+            "d": "offs_d[:, None]",
+            "k": "kt.to(tl.float32)",
+        }
+        self._feature(att.feature_k, "kt", knames, L, ind)
+        kname = "ktf" if att.feature_k is not None else "kt"
+        L.append(
+            f"{ind}vt = tl.load(_V + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h + offs_n[None, :] * _sv_n"
+            " + offs_e[:, None] * _sv_d, mask=(offs_n[None, :] < _N) & (offs_e[:, None] < _E), other=0.0)"
+        )
+        L.append(f"{ind}qk = tl.dot({qname}, {kname}, input_precision=_DOT_PRECISION)")
+        self._score_block(L, ind, "i", "j")
+        self._weights(L, ind)
+        L.append(f"{ind}dp = tl.dot(do.to(tl.float32), vt.to(tl.float32), input_precision=_DOT_PRECISION)")
+        self._dscore(L, ind)
+        L.append(f"{ind}dq += tl.dot(dqk, tl.trans({kname}.to(tl.float32)), input_precision=_DOT_PRECISION)")
+        ind = "    "
+        self._feature_grad(att.feature_q, "q", qnames, L, ind)
+        L.append(
+            "    tl.store(_DQ + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
+            " + offs_d[None, :] * _sq_d, dq, mask=(i < _M) & (offs_d[None, :] < _D))"
+        )
+        return KernelText(f"_{nm}_bwd_dq_kernel", ["_Q", "_K", "_V", "_DO", "_STAT", "_DELTA", "_DQ"], L)
+
+    def kernels(self) -> tuple[list[str], list[KernelText]]:
+        """All three kernels; the shared tail of their signatures is known only once all are emitted."""
+        ks = [self.forward(), self.dkdv(), self.dq()]
+        tail = [*self.spec_args(), *self.uniforms, *_QKV_STRIDES, *_EXTENTS]
+        lines: list[str] = []
+        for k in ks:
+            lines += ["@triton.jit", f"def {k.name}("]
+            lines += [f"    {p}," for p in [*k.params, *tail]]
+            lines += [f"    {c}: tl.constexpr," for c in _CONSTEXPRS]
+            lines.append("):")
+            lines += k.body
+            lines += ["", ""]
+        return lines, ks

@@ -1,0 +1,161 @@
+"""The Triton backend under the Triton interpreter (CPU), against the independent oracles of
+tests/test_reference_oracles.py (SDPA with explicit masks/biases and the papers' formulas, in float64):
+forward outputs, log-sum-exp and gradients of q, k, v and every float auxiliary tensor.
+
+CI runs every kernel this way; the GPU compiler's stricter rules are checked by ahead-of-time compilation
+(tests/test_aot.py) and on a GPU by the tests marked `gpu`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from types import ModuleType
+
+import pytest
+import torch
+
+import codegen
+
+from .test_reference_oracles import (
+    F64,
+    NEG_INF,
+    SPEC_DIR,
+    SPECS,
+    Case,
+    Tol,
+    _is_float,
+    assert_close,
+    grad_names,
+    grads,
+    leaves,
+    make_args,
+    oracles,
+)
+
+pytest.importorskip("triton")
+
+# Measured worst cases (relative to max |expected|): float32 ~2e-6; float16 ~1e-3 (p is rounded to fp16 before
+# the second product, as in FlashAttention). Gradients in float16 accumulate more rounding.
+FWD_TOL = {torch.float32: Tol(5e-5, 5e-5), torch.float16: Tol(8e-3, 8e-3)}
+GRAD_TOL = {torch.float32: Tol(1e-4, 1e-4), torch.float16: Tol(3e-2, 3e-2)}
+_NAME = {torch.float32: "fp32", torch.float16: "fp16"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_intra_op_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ModuleType]:
+    cache = tmp_path_factory.mktemp("attnc-triton-cache")
+
+    @functools.cache
+    def get(spec: str) -> ModuleType:
+        return codegen.compile_file(SPEC_DIR / f"{spec}.attn", cache_dir=cache)
+
+    return get
+
+
+def _case(spec: str, dtype: torch.dtype, **kw: int) -> Case:
+    M, N = SPECS[spec].shapes[0]
+    return Case(spec, kw.pop("M", M), kw.pop("N", N), dtype=F64, **kw), dtype  # type: ignore[return-value]
+
+
+def _cases() -> list[object]:
+    out = []
+    for spec in SPECS:
+        out.append(pytest.param(spec, torch.float32, {}, id=f"{spec}-fp32"))
+    for spec in ("causal", "alibi", "sliding_window", "sink", "softcap", "linear_elu", "document"):
+        out.append(pytest.param(spec, torch.float16, {}, id=f"{spec}-fp16"))
+    out.append(pytest.param("cross", torch.float32, {"D": 80}, id="cross-D80-E24-fp32"))
+    out.append(pytest.param("decode", torch.float32, {"M": 1, "N": 129}, id="decode-M1-N129-GQA-fp32"))
+    out.append(
+        pytest.param("key_padding", torch.float32, {"M": 77, "N": 37}, id="key_padding-dead-rows-fp32")
+    )
+    return out
+
+
+def _run(mod: ModuleType, spec: str, args: dict[str, object], **kw: object) -> object:
+    return getattr(mod, spec)(*args.values(), backend="triton", **kw)
+
+
+@pytest.mark.parametrize(("spec", "dtype", "shape"), _cases())
+def test_triton_matches_oracles(
+    spec: str, dtype: torch.dtype, shape: dict[str, int], compiled: Callable[[str], ModuleType]
+) -> None:
+    info = SPECS[spec]
+    M, N = info.shapes[0]
+    case = Case(spec, shape.get("M", M), shape.get("N", N), D=shape.get("D", 16), dtype=F64)
+    base = make_args(case)
+    # Inputs rounded to the test dtype once; the oracles see exactly those values in float64.
+    rounded = {n: a.to(dtype).to(F64) if _is_float(a) else a for n, a in base.items()}
+    args = leaves(rounded, dtype)
+    ref_args = leaves(rounded, F64)
+    mod = compiled(spec)
+    if info.softmax:
+        o, lse = _run(mod, spec, args, return_lse=True)  # type: ignore[misc]
+    else:
+        o, lse = _run(mod, spec, args), None
+    assert o.dtype == dtype and o.isfinite().all()
+    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
+    names = grad_names(args)
+    got = grads(o, weights, args, names)
+    for oname, oracle in oracles(info, autograd_only=True).items():
+        expected = oracle(ref_args)
+        assert_close(o, expected, FWD_TOL[dtype], f"{spec}-{_NAME[dtype]} forward vs {oname}")
+        want = grads(expected, weights, ref_args, names)
+        for n, g, w in zip(names, got, want, strict=True):
+            assert g.isfinite().all(), f"{n}: non-finite gradient"
+            assert_close(g, w, GRAD_TOL[dtype], f"{spec}-{_NAME[dtype]} d{n} vs {oname}")
+        for a in ref_args.values():
+            if isinstance(a, torch.Tensor):
+                a.grad = None
+    if lse is not None:
+        _, lse_ref = info.naive(leaves(rounded, F64))
+        assert lse_ref is not None
+        dead = lse_ref == NEG_INF
+        assert (lse[dead] == NEG_INF).all()
+        assert_close(lse[~dead], lse_ref[~dead].detach(), FWD_TOL[dtype], f"{spec} lse")
+
+
+def test_lse_gradient_flows(compiled: Callable[[str], ModuleType]) -> None:
+    """A loss on the log-sum-exp itself (as in distillation) gets the same gradients as the oracle."""
+    case = Case("alibi", 37, 77, dtype=F64)
+    base = make_args(case)
+    args = leaves({n: a.float() if _is_float(a) else a for n, a in base.items()}, torch.float32)
+    ref = leaves(base, F64)
+    o, lse = _run(compiled("alibi"), "alibi", args, return_lse=True)  # type: ignore[misc]
+    _, lse_ref = SPECS["alibi"].naive(ref)
+    names = ["q", "k", "slopes"]
+    got = torch.autograd.grad(lse.sum() + o.sum(), [args[n] for n in names])
+    o_ref = SPECS["alibi"].naive(ref)[0]
+    want = torch.autograd.grad(lse_ref.sum() + o_ref.sum(), [ref[n] for n in names])
+    for n, g, w in zip(names, got, want, strict=True):
+        assert_close(g, w, GRAD_TOL[torch.float32], f"d{n} through lse")
+
+
+def test_float64_is_refused_with_a_clear_error(compiled: Callable[[str], ModuleType]) -> None:
+    x = torch.randn(1, 2, 5, 16, dtype=F64)
+    with pytest.raises(ValueError, match="q: the Triton backend takes float16, bfloat16 or float32"):
+        compiled("causal").causal(x, x, x, backend="triton")
+
+
+def test_non_contiguous_inputs(compiled: Callable[[str], ModuleType]) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 37, 4, 16, generator=g).transpose(1, 2)  # [B, H, N, D] view with non-unit strides
+    mod = compiled("causal")
+    o = mod.causal(x, x, x, backend="triton")
+    torch.testing.assert_close(
+        o, mod.causal(x.contiguous(), x.contiguous(), x.contiguous(), backend="triton")
+    )
+    assert_close(
+        o,
+        SPECS["causal"].naive({"q": x.double(), "k": x.double(), "v": x.double()})[0],
+        FWD_TOL[torch.float32],
+        "non-contiguous",
+    )
