@@ -17,7 +17,7 @@ from dsl.errors import SpecError
 from dsl.ir import Attention, Op, TensorParam, format_expr, linearize, walk
 from dsl.lower import compile_to_ir
 
-from .module import Target, module_name_for, render
+from .module import Target, module_name_for, render_all
 from .settings import settings
 from .version import ATTNC_VERSION, LANGUAGE_VERSION
 
@@ -57,11 +57,9 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_codegen(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    targets = [Target.REFERENCE]  # 'all' is every backend this version has
-    if args.target == "triton":
-        raise UsageError("--target triton: the Triton backend is not part of attnc 0.1.0 yet; use reference")
+    # The Triton kernels go in a file beside the main module, which imports them only when used.
+    target = Target.REFERENCE if args.target == "reference" else Target.ALL
     status = EXIT_OK
-    written: list[Path] = []
     for path in args.specs:
         try:
             source = _read(path)
@@ -70,15 +68,18 @@ def cmd_codegen(args: argparse.Namespace) -> int:
             print(err.format(), file=sys.stderr)
             status = EXIT_SPEC
             continue
-        for target in targets:
-            text = render(program, source, target)
-            dest = out / f"{module_name_for(path)}.py"
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(".py.tmp")
+        main, kernels = render_all(program, source, target)
+        out.mkdir(parents=True, exist_ok=True)
+        dest = out / f"{module_name_for(path)}.py"
+        files = [(dest, main)]
+        if kernels is not None:
+            files.insert(0, (dest.with_name(dest.stem + "_triton.py"), kernels))
+        for file, text in files:
+            tmp = file.with_suffix(".py.tmp")
             tmp.write_text(text, encoding="utf-8")
-            tmp.replace(dest)
-            written.append(dest)
-            print(f"{path} -> {dest} ({', '.join(a.name for a in program.attentions)})")
+            tmp.replace(file)
+        names = ", ".join(a.name for a in program.attentions)
+        print(f"{path} -> {', '.join(str(f) for f, _ in reversed(files))} ({names})")
     return status
 
 
@@ -136,6 +137,60 @@ def cmd_show_ir(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_show_mask(args: argparse.Namespace) -> int:
+    """Draw the mask and the compiler's tile classification (skipped / full / partial) to a PNG."""
+    import math
+
+    from dsl.analysis.tiles import BindingError
+
+    from .show_mask import render_mask_png
+
+    def int_pair(text: str, flag: str) -> tuple[int, int]:
+        try:
+            a, b = (int(x) for x in text.split(","))
+        except ValueError:
+            a = b = 0
+        if a < 1 or b < 1:
+            raise UsageError(f"{flag} takes two positive integers A,B (e.g. 1024,1024), got {text!r}")
+        return a, b
+
+    m, n = int_pair(args.shape, "--shape")
+    block_m, block_n = int_pair(args.block, "--block")
+    values: dict[str, int | float] = {}
+    for item in args.scalar:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        try:
+            value: int | float = int(text)
+        except ValueError:
+            try:
+                value = float(text)
+            except ValueError:
+                value = math.nan
+        if not sep or not name or not math.isfinite(value):
+            raise UsageError(f"--scalar takes NAME=NUMBER (e.g. W=64), got {item!r}")
+        values[name] = value
+    try:
+        program = compile_to_ir(_read(args.spec), args.spec)
+    except SpecError as err:
+        print(err.format(), file=sys.stderr)
+        return EXIT_SPEC
+    atts = [a for a in program.attentions if args.name in (None, a.name)]
+    if not atts:
+        raise UsageError(f"{args.spec}: no attention named {args.name!r}")
+    if len(atts) > 1:
+        names = ", ".join(a.name for a in atts)
+        raise UsageError(f"{args.spec} has several attentions ({names}): pick one with --name")
+    try:
+        summary = render_mask_png(atts[0], m, n, values, block_m, block_n, args.output)
+    except BindingError as err:
+        raise UsageError(str(err)) from None
+    except OSError as err:
+        raise UsageError(f"{args.output}: cannot write ({err.strerror or err})") from None
+    print(summary)
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="attnc",
@@ -162,6 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("spec", metavar="SPEC")
     s.add_argument("--name", help="only this attention block")
     s.set_defaults(func=cmd_show_ir)
+
+    sm = sub.add_parser("show-mask", help="draw a mask and the compiler's tile classification to a PNG")
+    sm.add_argument("spec", metavar="SPEC")
+    sm.add_argument("--name", help="the attention block (needed when the file has several)")
+    sm.add_argument("--shape", required=True, metavar="M,N", help="query and key lengths")
+    sm.add_argument(
+        "--scalar",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a runtime scalar, or a size symbol the mask uses, e.g. W=64 (repeatable)",
+    )
+    sm.add_argument("--block", default="64,64", metavar="BM,BN", help="tile size (default: 64,64)")
+    sm.add_argument("-o", "--output", required=True, metavar="PNG", help="where to write the picture")
+    sm.set_defaults(func=cmd_show_mask)
     return p
 
 

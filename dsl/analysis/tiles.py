@@ -1,0 +1,973 @@
+"""Compile-time block sparsity of a mask: which key tiles each query tile must visit, and which tiles are full.
+
+A kernel walks the score matrix in tiles: query tile [m0, m0 + BM) x key tile [n0, n0 + BN), both clipped to
+[0, M) x [0, N). From the mask's IR, `plan_tiles` derives with sympy, once per spec, symbolic expressions in
+m0, BM (resp. n0, BN), the size symbols and the runtime scalars:
+
+- `kv_intervals`: at most three key intervals [lo, hi) per query tile whose union contains every key j that is
+  visible from some query of the tile. Key tiles outside them are never loaded.
+- `q_intervals`: the transpose, for the dK/dV kernel (which walks query tiles for a fixed key tile).
+- `full`: a condition that, when true, guarantees every in-range pair of the tile is visible, so the kernel
+  may skip the mask arithmetic there. Only boundary tiles evaluate the mask.
+
+Everything is *sound*: the intervals are supersets and `full` is a sufficient condition. Where the analysis
+cannot decide, it falls back to visiting the whole range [0, N) with the mask applied, never to skipping.
+
+How. The mask is turned into a formula of and/or over atoms `d < 0` or `d <= 0`, d a sympy expression
+(negations pushed to the comparisons; min, max, abs and where removed by distributing or case splitting;
+`a == b` is `a - b <= 0 and b - a <= 0`). Then, for a query tile whose rows are i in [i_lo, i_hi]:
+
+- an atom's key set {j : some i in the tile has d(i, j) <= 0} is found by writing d = A(i) + B(j)
+  (terms mixing i and j, e.g. floor((i - j) / C), are first replaced by a lower bound such as
+  floor(u) >= u - 1, which only enlarges the set), bounding min A over the tile by interval arithmetic, and
+  solving B(j) <= -min A for j: exactly when B is c*j or e*floor(linear(j)), else after relaxing B too;
+- `and` intersects the interval lists, `or` concatenates them (merging same-start or same-end intervals, and
+  taking hulls when more than three remain);
+- an atom is true on the whole tile when the upper bound of d over the tile's rectangle (interval arithmetic,
+  exact for affine d and monotone floor terms) is below 0; `full(and) = and(full)`, `full(or) = or(full)`.
+
+Int scalars used as divisors (`i // C`) are assumed positive while solving (sympy then knows the signs);
+the results are guarded by `C > 0` and fall back to the whole range otherwise. A comparison that reads a
+tensor (`doc[b, i] == doc[b, j]`) is unknown: it neither restricts the intervals nor makes a tile full, so
+`doc[b, i] == doc[b, j] and j <= i` still gets the causal bounds; `data_dependent` says that a runtime
+pre-pass could skip more. The index variables b, h, hk are per-program constants and may appear in the plan.
+
+`classify` evaluates the plan numerically for concrete sizes (what a kernel does); `dense_mask` is an
+independent numpy evaluator of the mask IR, used as the oracle in tests and for `attnc show-mask`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import sympy as sp
+
+from ..ir import COMPARE_OPS, Attention, DType, Node, Op, ScalarParam, Var, linearize, walk
+from .symbolic import symbol_for_scalar, symbol_for_size, symbol_for_var, to_sympy
+
+SKIP, PARTIAL, FULL = 0, 1, 2
+MAX_INTERVALS = 3
+_MAX_ATOMS = 256  # beyond this the mask is not analysed (every tile is visited with the mask applied)
+
+# Tile symbols. Dummies, so that they can never clash with a spec's size symbol or scalar named BM or m0.
+TILE_M0 = sp.Dummy("m0", integer=True, nonnegative=True)  # first query row of the tile
+TILE_BM = sp.Dummy("BM", integer=True, positive=True)  # query tile size
+TILE_N0 = sp.Dummy("n0", integer=True, nonnegative=True)  # first key of the tile
+TILE_BN = sp.Dummy("BN", integer=True, positive=True)  # key tile size
+TILE_SYMBOLS = (TILE_M0, TILE_BM, TILE_N0, TILE_BN)
+
+_I = symbol_for_var(Var.I)
+_J = symbol_for_var(Var.J)
+
+Interval = tuple[sp.Expr, sp.Expr]  # [lo, hi): hi <= lo means empty
+
+
+class BindingError(ValueError):
+    """Sizes or scalars given to `classify`/`dense_mask` do not fit the spec (unknown name, missing value...)."""
+
+
+# ---- the plan -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    name: str
+    q_len: sp.Expr  # M, in size symbols
+    kv_len: sp.Expr  # N
+    kv_intervals: tuple[Interval, ...]  # keys a query tile [m0, m0 + BM) may see; within [0, N)
+    q_intervals: tuple[Interval, ...]  # queries that may see a key tile [n0, n0 + BN); within [0, M)
+    full: sp.Basic  # sympy bool in m0, BM, n0, BN, ...: true => every in-range pair of the tile is visible
+    data_dependent: bool  # the mask reads tensors; a runtime pre-pass could skip more tiles
+    notes: tuple[str, ...] = ()  # where the analysis was conservative, and what it assumed
+
+    def free_symbols(self) -> set[sp.Symbol]:
+        exprs: list[sp.Basic] = [self.full, self.q_len, self.kv_len]
+        for lo, hi in self.kv_intervals + self.q_intervals:
+            exprs += [lo, hi]
+        out: set[sp.Symbol] = set()
+        for e in exprs:
+            out |= e.free_symbols  # type: ignore[arg-type]
+        return out - set(TILE_SYMBOLS)
+
+    def describe(self) -> str:
+        """Readable rendering with the tile symbols printed as m0, BM, n0, BN."""
+        names = {s: sp.Symbol(s.name) for s in TILE_SYMBOLS}
+
+        def show(e: sp.Basic) -> str:
+            return str(e.xreplace(names))
+
+        def ivs(v: tuple[Interval, ...]) -> str:
+            return " U ".join(f"[{show(lo)}, {show(hi)})" for lo, hi in v) or "(none)"
+
+        lines = [
+            f"{self.name}: keys visited by query tile [m0, m0 + BM): {ivs(self.kv_intervals)}",
+            f"{self.name}: queries visited by key tile [n0, n0 + BN): {ivs(self.q_intervals)}",
+            f"{self.name}: tile fully visible when: {show(self.full)}",
+        ]
+        if self.data_dependent:
+            lines.append(f"{self.name}: data-dependent mask (bounds use only the conjuncts without loads)")
+        lines += [f"{self.name}: note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+# ---- formulas -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Atom:  # d < 0 (strict) or d <= 0
+    d: sp.Expr
+    strict: bool
+
+
+@dataclass(frozen=True)
+class _And:
+    parts: tuple[Formula, ...]
+
+
+@dataclass(frozen=True)
+class _Or:
+    parts: tuple[Formula, ...]
+
+
+@dataclass(frozen=True)
+class _Const:  # a condition on sizes and scalars only
+    value: sp.Basic
+
+
+@dataclass(frozen=True)
+class _Unknown:  # anything we do not analyse: may be true or false anywhere
+    reason: str
+
+
+Formula = _Atom | _And | _Or | _Const | _Unknown
+
+_NEGATED = {Op.LT: Op.GE, Op.LE: Op.GT, Op.GT: Op.LE, Op.GE: Op.LT, Op.EQ: Op.NE, Op.NE: Op.EQ}
+
+
+class _TooBig(Exception):
+    pass
+
+
+class _FormulaBuilder:
+    """IR mask -> formula over atoms. Negations are pushed down to the comparisons."""
+
+    def __init__(self, att: Attention) -> None:
+        self.notes: list[str] = []
+        self.atoms = 0
+        # Int/float scalars used directly as divisors get a positive twin while solving (see module doc).
+        self.twins: dict[sp.Symbol, sp.Symbol] = {}
+        assert att.mask is not None
+        for n in walk([att.mask]):
+            if n.op in (Op.DIV, Op.FLOORDIV, Op.MOD) and n.args[1].op is Op.SCALAR:
+                s = to_sympy(n.args[1])
+                assert isinstance(s, sp.Symbol)
+                kind = {"integer": True} if s.is_integer else {"real": True}
+                self.twins[s] = sp.Dummy(s.name, positive=True, **kind)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def from_ir(self, n: Node, pos: bool = True) -> Formula:
+        op = n.op
+        if op is Op.CONST:
+            return _Const(sp.true if bool(n.attr) == pos else sp.false)
+        if op is Op.NOT:
+            return self.from_ir(n.args[0], not pos)
+        if op in (Op.AND, Op.OR):
+            parts = tuple(self.from_ir(a, pos) for a in n.args)
+            return _And(parts) if (op is Op.AND) == pos else _Or(parts)
+        if op is Op.WHERE:
+            # where(c, a, b) = (c and a) or (not c and b); not where(c, a, b) = where(c, not a, not b)
+            c, a, b = n.args
+            return _Or(
+                (
+                    _And((self.from_ir(c, True), self.from_ir(a, pos))),
+                    _And((self.from_ir(c, False), self.from_ir(b, pos))),
+                )
+            )
+        if op in (Op.EQ, Op.NE) and n.args[0].dtype is DType.BOOL:
+            a, b = n.args
+            if (op is Op.EQ) == pos:  # a == b: both true or both false
+                return _Or(
+                    (
+                        _And((self.from_ir(a, True), self.from_ir(b, True))),
+                        _And((self.from_ir(a, False), self.from_ir(b, False))),
+                    )
+                )
+            return _Or(
+                (
+                    _And((self.from_ir(a, True), self.from_ir(b, False))),
+                    _And((self.from_ir(a, False), self.from_ir(b, True))),
+                )
+            )
+        if op in COMPARE_OPS:
+            loads = sorted({str(x.attr) for x in walk(n.args) if x.op is Op.LOAD})
+            if loads:
+                self.note(f"conditions reading {', '.join(loads)} are data-dependent: not used for skipping")
+                return _Unknown("reads " + ", ".join(loads))
+            a, b = (to_sympy(x).xreplace(self.twins) for x in n.args)
+            return self.compare(op if pos else _NEGATED[op], a, b)
+        if op is Op.LOAD:
+            self.note(f"bool tensor {n.attr} is data-dependent: not used for skipping")
+            return _Unknown(f"reads {n.attr}")
+        self.note(f"cannot analyse a bool {op.value}")  # pragma: no cover - every bool op is handled above
+        return _Unknown(op.value)  # pragma: no cover
+
+    def compare(self, op: Op, a: sp.Expr, b: sp.Expr) -> Formula:
+        if op is Op.LE:
+            return self.atom(a - b, False)
+        if op is Op.LT:
+            return self.atom(a - b, True)
+        if op is Op.GE:
+            return self.atom(b - a, False)
+        if op is Op.GT:
+            return self.atom(b - a, True)
+        if op is Op.EQ:
+            return _And((self.atom(a - b, False), self.atom(b - a, False)))
+        return _Or((self.atom(a - b, True), self.atom(b - a, True)))  # NE
+
+    def from_sympy_bool(self, c: sp.Basic, pos: bool) -> Formula:
+        """Conditions of a Piecewise (from an int/float `where` inside a comparison)."""
+        if c in (sp.true, sp.false):
+            return _Const(sp.true if (c is sp.true) == pos else sp.false)
+        if isinstance(c, sp.Not):
+            return self.from_sympy_bool(c.args[0], not pos)
+        if isinstance(c, sp.And | sp.Or):
+            parts = tuple(self.from_sympy_bool(a, pos) for a in c.args)
+            return _And(parts) if isinstance(c, sp.And) == pos else _Or(parts)
+        ops = {sp.StrictLessThan: Op.LT, sp.LessThan: Op.LE, sp.StrictGreaterThan: Op.GT}
+        ops |= {sp.GreaterThan: Op.GE, sp.Equality: Op.EQ, sp.Unequality: Op.NE}
+        if type(c) in ops:
+            op = ops[type(c)]
+            return self.compare(op if pos else _NEGATED[op], c.lhs, c.rhs)
+        self.note(f"cannot analyse the condition {c}")
+        return _Unknown(str(c))
+
+    def atom(self, d: sp.Expr, strict: bool) -> Formula:
+        self.atoms += 1
+        if self.atoms > _MAX_ATOMS:
+            raise _TooBig
+        d = sp.expand(d)
+        if not d.has(_I, _J):  # a condition on sizes, scalars, b, h: the same for every pair
+            return _Const(sp.Lt(d, 0) if strict else sp.Le(d, 0))
+        for p in d.atoms(sp.Pow):
+            if p.exp.is_negative and not p.base.is_positive:
+                self.note(f"division by {p.base}, whose sign is unknown: not used for skipping")
+                return _Unknown(f"division by {p.base}")
+        for m in d.atoms(sp.Mod):
+            if not m.args[1].is_positive:
+                self.note(f"modulo {m.args[1]}, whose sign is unknown: not used for skipping")
+                return _Unknown(f"modulo {m.args[1]}")
+        # Piecewise-linear terms at the top of d distribute exactly: with c > 0,
+        # rest + c*max(a, b) <= 0  <=>  rest + c*a <= 0 and rest + c*b <= 0, and min gives `or`.
+        for t in sp.Add.make_args(d):
+            coef, f = t.as_independent(_I, _J, as_Add=False)
+            if isinstance(f, sp.Min | sp.Max | sp.Abs) and coef.is_number and coef != 0:
+                args = (f.args[0], -f.args[0]) if isinstance(f, sp.Abs) else f.args
+                conj = isinstance(f, sp.Max | sp.Abs) == bool(coef > 0)
+                rest = d - t
+                parts = tuple(self.atom(rest + coef * a, strict) for a in args)
+                return _And(parts) if conj else _Or(parts)
+        # Nested ones (e.g. inside a floor, or with a symbolic coefficient): split into the cases.
+        inner = [
+            x for x in sp.preorder_traversal(d) if isinstance(x, sp.Min | sp.Max | sp.Abs | sp.Piecewise)
+        ]
+        if inner:
+            f = inner[0]
+            if isinstance(f, sp.Piecewise):
+                return self.split_piecewise(d, f, strict)
+            if isinstance(f, sp.Abs):
+                x, rest_f = f.args[0], -f.args[0]
+                first_wins = self.atom(-x, False)  # x >= 0: abs(x) = x
+                other_wins = self.atom(x, True)
+            else:
+                x, rest_f = f.args[0], f.func(*f.args[1:])
+                # max(x, r) = x when r <= x; min(x, r) = x when x <= r
+                diff = rest_f - x if isinstance(f, sp.Max) else x - rest_f
+                first_wins, other_wins = self.atom(diff, False), self.atom(-diff, True)
+            return _Or(
+                (
+                    _And((first_wins, self.atom(d.xreplace({f: x}), strict))),
+                    _And((other_wins, self.atom(d.xreplace({f: rest_f}), strict))),
+                )
+            )
+        return _Atom(d, strict)
+
+    def split_piecewise(self, d: sp.Expr, f: sp.Piecewise, strict: bool) -> Formula:
+        cases: list[Formula] = []
+        earlier: list[Formula] = []  # the conditions of earlier branches are false in later ones
+        for value, cond in f.args:
+            this = _And(
+                (*earlier, self.from_sympy_bool(cond, True), self.atom(d.xreplace({f: value}), strict))
+            )
+            cases.append(this)
+            earlier.append(self.from_sympy_bool(cond, False))
+        return _Or(tuple(cases))
+
+
+# ---- interval arithmetic over a tile ------------------------------------------------------------------------
+
+
+def _by_sign(c: sp.Expr, pos: sp.Expr, neg: sp.Expr, zero: sp.Expr | None = None) -> sp.Expr:
+    """pos where c > 0, neg where c < 0 (and zero, if given, where c == 0)."""
+    if c.is_positive:
+        return pos
+    if c.is_negative:
+        return neg
+    if zero is None:
+        if c.is_nonnegative:
+            return pos
+        if c.is_nonpositive:
+            return neg
+        return sp.Piecewise((pos, c >= 0), (neg, True))
+    if c.is_zero:
+        return zero
+    return sp.Piecewise((pos, c > 0), (neg, c < 0), (zero, True))
+
+
+def _bounds(e: sp.Expr, box: Mapping[sp.Symbol, Interval]) -> Interval | None:
+    """(lo, hi) with lo <= e <= hi whenever each box symbol s lies in [box[s][0], box[s][1]] (inclusive).
+    Other symbols are fixed. None when e is not built from + and * by constants, floor, ceiling, mod by a
+    positive constant, min, max and abs."""
+    if not any(e.has(s) for s in box):
+        return (e, e)
+    if e in box:
+        return box[e]  # type: ignore[index]
+    if isinstance(e, sp.Add):
+        parts = [_bounds(t, box) for t in e.args]
+        if any(p is None for p in parts):
+            return None
+        return (sp.Add(*(p[0] for p in parts)), sp.Add(*(p[1] for p in parts)))  # type: ignore[index]
+    if isinstance(e, sp.Mul):
+        coef, rest = e.as_independent(*box, as_Add=False)
+        if isinstance(rest, sp.Mul):  # a product of two varying factors: not handled
+            return None
+        b = _bounds(rest, box)
+        if b is None:
+            return None
+        return (_by_sign(coef, coef * b[0], coef * b[1]), _by_sign(coef, coef * b[1], coef * b[0]))
+    if isinstance(e, sp.floor | sp.ceiling):  # monotone
+        b = _bounds(e.args[0], box)
+        return None if b is None else (e.func(b[0]), e.func(b[1]))
+    if isinstance(e, sp.Mod):
+        a, c = e.args
+        b = _bounds(a, box)
+        if b is None or not c.is_positive or any(c.has(s) for s in box):
+            return None
+        # Exact when the whole range lies in one period [c*k, c*(k + 1)), else [0, c) in general.
+        k = sp.floor(b[0] / c)
+        same = sp.Eq(sp.floor(b[1] / c), k)
+        top = c - 1 if (a.is_integer and c.is_integer) else c
+        return (
+            sp.Piecewise((b[0] - c * k, same), (0, True)),
+            sp.Piecewise((b[1] - c * k, same), (top, True)),
+        )
+    if isinstance(e, sp.Min | sp.Max):
+        parts = [_bounds(t, box) for t in e.args]
+        if any(p is None for p in parts):
+            return None
+        return (e.func(*(p[0] for p in parts)), e.func(*(p[1] for p in parts)))  # type: ignore[index]
+    if isinstance(e, sp.Abs):
+        b = _bounds(e.args[0], box)
+        if b is None:
+            return None
+        lo, hi = b
+        return (sp.Piecewise((lo, lo >= 0), (-hi, hi <= 0), (0, True)), sp.Max(-lo, hi))
+    return None
+
+
+def _lower_term(t: sp.Expr, xs: tuple[sp.Symbol, ...]) -> sp.Expr | None:
+    """A lower bound of one term coef * f(...) without floor/ceiling/mod of the variables xs:
+    floor(u) > u - 1, ceiling(u) >= u, 0 <= mod(a, c) < c (c > 0). None if not possible."""
+    coef, f = t.as_independent(*xs, as_Add=False)
+    if not (coef.is_positive or coef.is_negative):
+        return None
+    if isinstance(f, sp.floor):
+        lo, hi = f.args[0] - 1, f.args[0]
+    elif isinstance(f, sp.ceiling):
+        lo, hi = f.args[0], f.args[0] + 1
+    elif isinstance(f, sp.Mod) and f.args[1].is_positive and not any(f.args[1].has(x) for x in xs):
+        lo, hi = sp.Integer(0), f.args[1]
+    else:
+        return None
+    return coef * lo if coef.is_positive else coef * hi
+
+
+def _relax(e: sp.Expr, xs: tuple[sp.Symbol, ...], mixed_only: bool) -> sp.Expr | None:
+    """Replace the terms of e that apply floor/ceiling/mod to xs (only those mixing all of xs, if
+    mixed_only) by lower bounds, until none is left. e <= 0 then implies relaxed(e) <= 0."""
+    for _ in range(8):
+        changed = False
+        terms = []
+        for t in sp.Add.make_args(sp.expand(e)):
+            needs = all(t.has(x) for x in xs) if mixed_only else any(t.has(x) for x in xs)
+            if needs and t.has(sp.floor, sp.ceiling, sp.Mod):
+                t2 = _lower_term(t, xs)
+                if t2 is None:
+                    return None
+                t, changed = t2, True
+            terms.append(t)
+        e = sp.expand(sp.Add(*terms))
+        if not changed:
+            return e
+    return None
+
+
+# ---- key (or query) sets of formulas ------------------------------------------------------------------------
+
+
+@dataclass
+class _Solver:
+    """Solves for variable x (j: the keys of a query tile; or i, transposed), the other variable y ranging
+    over the tile [y_lo, y_hi]; universe = [0, extent of x)."""
+
+    x: sp.Symbol
+    y: sp.Symbol
+    ybox: Interval
+    universe: Interval
+    notes: list[str]
+
+    def when(self, cond: sp.Basic, ivs: list[Interval]) -> list[Interval]:
+        if cond is sp.true:
+            return ivs
+        if cond is sp.false:
+            return []
+        lo0 = self.universe[0]
+        return [(lo, sp.Piecewise((hi, cond), (lo0, True))) for lo, hi in ivs]
+
+    def reach(self, f: Formula) -> list[Interval]:
+        if isinstance(f, _Const):
+            return self.when(f.value, [self.universe])
+        if isinstance(f, _Unknown):
+            return [self.universe]
+        if isinstance(f, _Or):
+            out: list[Interval] = []
+            for p in f.parts:
+                out += self.reach(p)
+            return self.merge(out)
+        if isinstance(f, _And):
+            acc = [self.universe]
+            for p in f.parts:
+                other = self.reach(p)
+                acc = self.merge([(sp.Max(a[0], b[0]), sp.Min(a[1], b[1])) for a in acc for b in other])
+            return acc
+        return self.reach_atom(f)
+
+    def merge(self, ivs: list[Interval]) -> list[Interval]:
+        """Drop provably empty intervals, merge intervals with the same start or end, then take hulls until at
+        most MAX_INTERVALS remain (a hull is a superset: still sound)."""
+        out: list[Interval] = []
+        for lo, hi in ivs:
+            if sp.Le(hi, lo) is sp.true:
+                continue
+            for k, (lo2, hi2) in enumerate(out):
+                if lo == lo2:
+                    out[k] = (lo, sp.Max(hi, hi2))
+                    break
+                if hi == hi2:
+                    out[k] = (sp.Min(lo, lo2), hi)
+                    break
+            else:
+                out.append((lo, hi))
+        if any(iv == self.universe for iv in out):
+            return [self.universe]
+        while len(out) > MAX_INTERVALS:
+            (a_lo, a_hi), (b_lo, b_hi) = out[-2], out[-1]
+            out[-2:] = [(sp.Min(a_lo, b_lo), sp.Max(a_hi, b_hi))]
+            self.note(f"more than {MAX_INTERVALS} intervals: hull taken")
+        return out
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def reach_atom(self, f: _Atom) -> list[Interval]:
+        """{x : some y of the tile has d(x, y) <= 0 (or < 0)}, as a superset."""
+        x, y = self.x, self.y
+        d = _relax(f.d, (x, y), mixed_only=True)  # floor((i - j) / C) -> (i - j) / C - 1, ...
+        if d is None:
+            self.note(f"cannot separate {f.d}: not used for skipping")
+            return [self.universe]
+        if d != sp.expand(f.d):
+            self.note(f"relaxed a term mixing i and j in {f.d} <= 0")
+        a_terms, b_terms = [], []
+        for t in sp.Add.make_args(d):
+            if t.has(x) and t.has(y):  # e.g. i * j
+                self.note(f"cannot separate {f.d}: not used for skipping")
+                return [self.universe]
+            (b_terms if t.has(x) else a_terms).append(t)
+        a_bounds = _bounds(sp.Add(*a_terms), {y: self.ybox})
+        if a_bounds is None:
+            self.note(f"cannot bound {sp.Add(*a_terms)} over a tile: not used for skipping")
+            return [self.universe]
+        # some y has A(y) + B(x) <= 0  <=>  B(x) <= -min A  (and -lower bound of A is weaker: still sound)
+        return self.solve(sp.Add(*b_terms), -a_bounds[0], f.strict)
+
+    def solve(self, b: sp.Expr, r: sp.Expr, strict: bool) -> list[Interval]:
+        """{x : b(x) <= r} (b(x) < r if strict), b without other varying symbols; a superset."""
+        x = self.x
+        if b == 0:
+            return self.when(sp.Lt(0, r) if strict else sp.Le(0, r), [self.universe])
+        c = b.coeff(x)
+        if not c.has(x) and not sp.expand(b - c * x).has(x):
+            return self.solve_linear(c, r - sp.expand(b - c * x), strict)
+        coef, f = b.as_independent(x, as_Add=False)
+        if isinstance(f, sp.floor) and (coef.is_positive or coef.is_negative):
+            u = sp.expand(f.args[0])
+            uc = u.coeff(x)
+            if not uc.has(x) and not sp.expand(u - uc * x).has(x):
+                # floor inverted exactly: for an integer n, floor(u) <= n <=> u < n + 1; floor(u) >= n <=> u >= n
+                if coef.is_positive:  # coef * floor(u) <= r  <=>  floor(u) <= floor(r / coef)
+                    n = sp.ceiling(r / coef) - 1 if strict else sp.floor(r / coef)
+                    return self.solve(u, n + 1, True)
+                n = sp.floor(r / coef) + 1 if strict else sp.ceiling(r / coef)  # floor(u) >= r / coef
+                return self.solve(-u, -n, False)
+        relaxed = _relax(b, (x,), mixed_only=False)
+        if relaxed is None or relaxed == b:
+            self.note(f"cannot solve {b} <= r for {x}: not used for skipping")
+            return [self.universe]
+        self.note(f"relaxed {b} to {relaxed}")
+        return self.solve(relaxed, r, strict)
+
+    def solve_linear(self, c: sp.Expr, r: sp.Expr, strict: bool) -> list[Interval]:
+        """{x : c * x <= r} (< if strict) for integer x."""
+        lo_u, hi_u = self.universe
+        if strict:  # c > 0: x < r / c <=> x <= ceil(r / c) - 1;  c < 0: x > r / c <=> x >= floor(r / c) + 1
+            pos, neg = (lo_u, sp.ceiling(r / c)), (sp.floor(r / c) + 1, hi_u)
+            zero_ok = sp.Lt(0, r)
+        else:  # c > 0: x <= floor(r / c);  c < 0: x >= ceil(r / c)
+            pos, neg = (lo_u, sp.floor(r / c) + 1), (sp.ceiling(r / c), hi_u)
+            zero_ok = sp.Le(0, r)
+        if c.is_zero:
+            return self.when(zero_ok, [self.universe])
+        if c.is_positive:
+            return [pos]
+        if c.is_negative:
+            return [neg]
+        zero = (lo_u, sp.Piecewise((hi_u, zero_ok), (lo_u, True)))
+        return [(_by_sign(c, pos[0], neg[0], zero[0]), _by_sign(c, pos[1], neg[1], zero[1]))]
+
+
+def _full(f: Formula, box: Mapping[sp.Symbol, Interval]) -> sp.Basic:
+    """A sufficient condition for f to hold at every point of the box."""
+    if isinstance(f, _Const):
+        return f.value
+    if isinstance(f, _Unknown):
+        return sp.false
+    if isinstance(f, _And):
+        return sp.And(*(_full(p, box) for p in f.parts))
+    if isinstance(
+        f, _Or
+    ):  # sufficient, not necessary: a tile covered by two disjuncts together stays partial
+        return sp.Or(*(_full(p, box) for p in f.parts))
+    b = _bounds(f.d, box)
+    if b is None:
+        return sp.false
+    return sp.Lt(b[1], 0) if f.strict else sp.Le(b[1], 0)
+
+
+# ---- entry point --------------------------------------------------------------------------------------------
+
+
+def plan_tiles(att: Attention) -> TilePlan:
+    """The block-sparsity plan of `att.mask` (see the module docstring)."""
+    m_len = to_sympy(att.layout.q_len)
+    n_len = to_sympy(att.layout.kv_len)
+    kv_universe: Interval = (sp.Integer(0), n_len)
+    q_universe: Interval = (sp.Integer(0), m_len)
+    if att.mask is None:
+        return TilePlan(att.name, m_len, n_len, (kv_universe,), (q_universe,), sp.true, False)
+
+    data_dependent = any(n.op is Op.LOAD for n in walk([att.mask]))
+    builder = _FormulaBuilder(att)
+    try:
+        formula = builder.from_ir(att.mask)
+    except _TooBig:
+        note = f"mask too large to analyse (more than {_MAX_ATOMS} comparisons): every tile is visited"
+        return TilePlan(
+            att.name, m_len, n_len, (kv_universe,), (q_universe,), sp.false, data_dependent, (note,)
+        )
+
+    # Rows of a query tile and keys of a key tile, clipped to the matrix (inclusive ends).
+    ibox: Interval = (TILE_M0, sp.Min(TILE_M0 + TILE_BM, m_len) - 1)
+    jbox: Interval = (TILE_N0, sp.Min(TILE_N0 + TILE_BN, n_len) - 1)
+    notes = list(builder.notes)
+    kv = _Solver(_J, _I, ibox, kv_universe, notes).reach(formula)
+    q = _Solver(_I, _J, jbox, q_universe, notes).reach(formula)
+    full = _full(formula, {_I: ibox, _J: jbox})
+
+    # Back from the positive twins to the scalars, guarded by their positivity.
+    untwin = {t: s for s, t in builder.twins.items()}
+    valid = sp.And(*(s > 0 for s in builder.twins))
+    if builder.twins:
+        notes.append(
+            f"assumes {', '.join(f'{s} > 0' for s in builder.twins)} (else every tile is visited, masked)"
+        )
+
+    def finish(ivs: list[Interval], universe: Interval) -> tuple[Interval, ...]:
+        if not ivs and valid is not sp.true:
+            ivs = [(universe[0], universe[0])]  # empty under the assumptions, but the guard must stay
+        out = []
+        for lo, hi in ivs:
+            lo = sp.Max(lo.xreplace(untwin), universe[0])
+            hi = sp.Min(hi.xreplace(untwin), universe[1])
+            if valid is not sp.true:
+                lo = sp.Piecewise((lo, valid), (universe[0], True))
+                hi = sp.Piecewise((hi, valid), (universe[1], True))
+            out.append((lo, hi))
+        return tuple(out)
+
+    full = sp.And(valid, full.xreplace(untwin))
+    for twin, scalar in untwin.items():  # notes were written with the twins' names (_C): use the scalars'
+        notes = [n.replace(str(twin), str(scalar)) for n in notes]
+    return TilePlan(
+        att.name,
+        m_len,
+        n_len,
+        finish(kv, kv_universe),
+        finish(q, q_universe),
+        full,
+        data_dependent,
+        tuple(notes),
+    )
+
+
+# ---- numeric evaluation -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bindings:
+    """Concrete values for a spec: every size symbol and scalar the mask needs, plus M and N."""
+
+    values: dict[sp.Symbol, int | float]
+    sizes: dict[str, int]
+    scalars: dict[str, int | float]
+    M: int
+    N: int
+
+
+def bind(att: Attention, sizes: Mapping[str, int], scalars: Mapping[str, int | float]) -> Bindings:
+    """Check names and fill scalar defaults. Raises BindingError with a readable message."""
+    size_names = set()
+    for p in att.tensors:
+        for dim in p.shape:
+            size_names |= {str(n.attr) for n in walk([dim]) if n.op is Op.SIZE}
+    for name, v in sizes.items():
+        if name not in size_names:
+            known = ", ".join(sorted(size_names))
+            raise BindingError(f"{att.name} has no size symbol '{name}' (its sizes: {known})")
+        if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+            raise BindingError(f"size {name} must be an integer >= 1, got {v!r}")
+    scalar_params = {p.name: p for p in att.scalars}
+    for name in scalars:
+        if name not in scalar_params:
+            known = ", ".join(sorted(scalar_params)) or "none"
+            raise BindingError(f"{att.name} has no scalar parameter '{name}' (its scalars: {known})")
+    values: dict[sp.Symbol, int | float] = {symbol_for_size(k): int(v) for k, v in sizes.items()}
+    out_scalars: dict[str, int | float] = {}
+    for name, p in scalar_params.items():
+        value = _scalar_value(p, scalars.get(name), values)
+        if value is None:
+            continue  # no default, or one needing sizes not given: an error only if the mask needs it
+        out_scalars[name] = value
+        values[symbol_for_scalar(name, p.dtype is DType.INT)] = value
+    for v in (Var.B, Var.H, Var.HK):  # the picture (and the tests) take batch 0, head 0
+        values[symbol_for_var(v)] = 0
+    m, n = (
+        _int_value(att, e, values, what) for e, what in ((att.layout.q_len, "M"), (att.layout.kv_len, "N"))
+    )
+    return Bindings(values, {k: int(v) for k, v in sizes.items()}, out_scalars, m, n)
+
+
+def _scalar_value(
+    p: ScalarParam, given: int | float | None, values: Mapping[sp.Symbol, int | float]
+) -> int | float | None:
+    if given is None:
+        if p.default is None:
+            return None
+        expr = _substitute(to_sympy(p.default), values)
+        if expr.free_symbols:
+            return None
+        return int(expr) if p.dtype is DType.INT else float(expr)
+    if p.dtype is DType.INT:
+        if isinstance(given, bool) or not isinstance(given, int | np.integer):
+            raise BindingError(f"scalar {p.name} is an int, got {given!r}")
+        return int(given)
+    if isinstance(given, bool) or not isinstance(given, int | float | np.number):
+        raise BindingError(f"scalar {p.name} is a float, got {given!r}")
+    return float(given)
+
+
+def _missing_text(att: Attention, names: list[str]) -> str:
+    scalars = {p.name for p in att.scalars}
+    parts = []
+    for name in names:
+        if name in scalars:
+            parts.append(f"scalar {name} has no value (give it, or the sizes its default needs)")
+        else:
+            parts.append(f"size {name} has no value")
+    return "the mask needs values: " + "; ".join(parts)
+
+
+def _substitute(e: sp.Basic, values: Mapping[sp.Symbol, int | float]) -> sp.Basic:
+    return e.xreplace({k: sp.sympify(v) for k, v in values.items()})
+
+
+def _int_value(att: Attention, e: Node, values: Mapping[sp.Symbol, int | float], what: str) -> int:
+    expr = _substitute(to_sympy(e), values)
+    if expr.free_symbols:
+        raise BindingError(f"{what} of {att.name} is {expr}: give its size")
+    return int(expr)
+
+
+@dataclass(frozen=True)
+class _Compiled:
+    """A plan's expressions as Python functions (sympy.lambdify), compiled once per plan."""
+
+    symbols: tuple[sp.Symbol, ...]  # sizes, scalars, b/h/hk the plan uses, after the tile symbols
+    kv_bounds: Callable[..., list]  # (m0, BM, *symbols) -> [lo0, hi0, lo1, hi1, ...]
+    q_bounds: Callable[..., list]  # (n0, BN, *symbols) -> ...
+    full: Callable[..., bool]  # (m0, BM, n0, BN, *symbols) -> bool
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(plan: TilePlan) -> _Compiled:
+    syms = tuple(sorted(plan.free_symbols(), key=str))
+
+    def fn(tile: tuple[sp.Symbol, ...], exprs: list[sp.Basic]) -> Callable:
+        return sp.lambdify([*tile, *syms], exprs, modules="math")
+
+    return _Compiled(
+        syms,
+        fn(TILE_SYMBOLS[:2], [e for iv in plan.kv_intervals for e in iv]),
+        fn(TILE_SYMBOLS[2:], [e for iv in plan.q_intervals for e in iv]),
+        fn(TILE_SYMBOLS, plan.full),
+    )
+
+
+def classify(
+    att: Attention,
+    plan: TilePlan,
+    sizes: Mapping[str, int],
+    scalars: Mapping[str, int | float],
+    BM: int,
+    BN: int,
+    *,
+    by: Literal["query", "key"] = "query",
+) -> np.ndarray:
+    """int8 [ceil(M / BM), ceil(N / BN)]: SKIP, PARTIAL or FULL per tile, as a kernel would decide it from
+    the plan: by="query" walks the key intervals of each query tile (forward, dQ); by="key" the query
+    intervals of each key tile (dK/dV). FULL tiles are those visited for which `plan.full` holds."""
+    if BM < 1 or BN < 1:
+        raise BindingError(f"tile sizes must be >= 1, got {BM}x{BN}")
+    if by not in ("query", "key"):
+        raise ValueError(f"by must be 'query' or 'key', got {by!r}")
+    b = bind(att, sizes, scalars)
+    m, n = b.M, b.N
+    nq, nk = -(-m // BM), -(-n // BN)
+    cls = np.zeros((nq, nk), dtype=np.int8)
+    c = _compile(plan)
+    missing = sorted(str(s) for s in c.symbols if s not in b.values)
+    if missing:
+        raise BindingError(f"{att.name}: {_missing_text(att, missing)}")
+    vals = [b.values[s] for s in c.symbols]
+    # Walk the tiles of one side; mark the tiles of the other side that its intervals touch.
+    if by == "query":
+        bounds_fn, size, count, other_size, other_len = c.kv_bounds, BM, nq, BN, n
+    else:
+        bounds_fn, size, count, other_size, other_len = c.q_bounds, BN, nk, BM, m
+    for t in range(count):
+        try:
+            got = bounds_fn(t * size, size, *vals)
+        except (
+            ArithmeticError
+        ):  # e.g. a float scalar divisor of 0.0 (the guard is not always evaluated first)
+            got = [0, other_len]
+        for k in range(0, len(got), 2):
+            lo, hi = max(math.floor(got[k]), 0), min(math.ceil(got[k + 1]), other_len)
+            if hi > lo:
+                first, last = lo // other_size, -(-hi // other_size)
+                if by == "query":
+                    cls[t, first:last] = PARTIAL
+                else:
+                    cls[first:last, t] = PARTIAL
+    for t, u in zip(*np.nonzero(cls), strict=True):
+        try:
+            full = bool(c.full(int(t) * BM, BM, int(u) * BN, BN, *vals))
+        except ArithmeticError:
+            full = False
+        if full:
+            cls[t, u] = FULL
+    return cls
+
+
+def visited_fraction(classes: np.ndarray) -> float:
+    """Fraction of tiles a kernel loads (PARTIAL or FULL)."""
+    return float(np.count_nonzero(classes != SKIP)) / max(classes.size, 1)
+
+
+# ---- the oracle: a dense numpy evaluation of the mask --------------------------------------------------------
+
+_UNARY_NP: dict[Op, Callable[[np.ndarray], np.ndarray]] = {
+    Op.NEG: np.negative,
+    Op.ABS: np.abs,
+    Op.EXP: np.exp,
+    Op.EXP2: np.exp2,
+    Op.LOG: np.log,
+    Op.LOG2: np.log2,
+    Op.SQRT: np.sqrt,
+    Op.RSQRT: lambda x: 1.0 / np.sqrt(x),
+    Op.TANH: np.tanh,
+    Op.SIGMOID: lambda x: 1.0 / (1.0 + np.exp(-x)),
+    Op.RELU: lambda x: np.maximum(x, 0),
+    Op.ELU: lambda x: np.where(x > 0, x, np.expm1(np.minimum(x, 0))),
+    Op.TO_FLOAT: lambda x: np.asarray(x, dtype=np.float64),
+}
+_BINARY_NP: dict[Op, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    Op.ADD: np.add,
+    Op.SUB: np.subtract,
+    Op.MUL: np.multiply,
+    Op.DIV: lambda a, b: np.true_divide(np.asarray(a, np.float64), b),
+    Op.FLOORDIV: np.floor_divide,  # floor semantics, like Python
+    Op.MOD: np.mod,  # the sign of the divisor, like Python
+    Op.POW: lambda a, b: np.power(np.asarray(a, np.float64), b),
+    Op.MIN: np.minimum,
+    Op.MAX: np.maximum,
+    Op.LT: np.less,
+    Op.LE: np.less_equal,
+    Op.GT: np.greater,
+    Op.GE: np.greater_equal,
+    Op.EQ: np.equal,
+    Op.NE: np.not_equal,
+}
+
+
+def mask_bounds(
+    att: Attention,
+    sizes: Mapping[str, int],
+    scalars: Mapping[str, int | float],
+    aux: Mapping[str, np.ndarray] | None = None,
+    rows: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(may, must), bool [rows, N]: the mask where it is known. With every tensor it reads given in `aux`,
+    may == must == the mask. A comparison reading a missing tensor is unknown (may true, must false), and
+    unknowns propagate through not/and/or (Kleene logic): `must` is what is visible whatever the data, `may`
+    what could be. b = h = hk = 0. Evaluated node by node over broadcast i, j grids."""
+    b = bind(att, sizes, scalars)
+    r0, r1 = rows if rows is not None else (0, b.M)
+    shape = (r1 - r0, b.N)
+    if att.mask is None:
+        return np.ones(shape, bool), np.ones(shape, bool)
+    grid = {
+        Var.I: np.arange(r0, r1, dtype=np.int64)[:, None],
+        Var.J: np.arange(b.N, dtype=np.int64)[None, :],
+        Var.B: np.int64(0),
+        Var.H: np.int64(0),
+        Var.HK: np.int64(0),
+    }
+    aux = aux or {}
+    # Values: numbers are arrays or None (unknown: depends on a tensor not given); bools are (may, must).
+    val: dict[Node, object] = {}
+    with np.errstate(all="ignore"):  # integer division by zero is outside the contract (docs §7)
+        for node in linearize([att.mask]):
+            a = [val[x] for x in node.args]
+            op = node.op
+            r: object
+            if op is Op.CONST:
+                r = (np.bool_(node.attr),) * 2 if node.dtype is DType.BOOL else np.asarray(node.attr)
+            elif op is Op.VAR:
+                r = grid[node.attr]  # type: ignore[index]
+            elif op is Op.SIZE:
+                s = symbol_for_size(str(node.attr))
+                if s not in b.values:
+                    raise BindingError(f"{att.name}: the mask uses size {node.attr}; give its value")
+                r = np.asarray(b.values[s])
+            elif op is Op.SCALAR:
+                if str(node.attr) not in b.scalars:
+                    raise BindingError(f"{att.name}: {_missing_text(att, [str(node.attr)])}")
+                r = np.asarray(b.scalars[str(node.attr)])
+            elif op is Op.LOAD:
+                r = _load(node, a, aux)
+                if node.dtype is DType.BOOL:
+                    r = (np.True_, np.False_) if r is None else (r, r)
+            elif op is Op.NOT:
+                may, must = a[0]  # type: ignore[misc]
+                r = (~must, ~may)
+            elif op in (Op.AND, Op.OR) or (op in (Op.EQ, Op.NE) and node.args[0].dtype is DType.BOOL):
+                r = _bool_op(op, a[0], a[1])  # type: ignore[arg-type]
+            elif op is Op.WHERE and node.dtype is DType.BOOL:
+                (cm, cs), (am, as_), (bm, bs) = a  # type: ignore[misc]
+                r = ((cm & am) | (~cs & bm), (cs & as_) | (~cm & bs) | (as_ & bs))
+            elif op is Op.WHERE:
+                (cm, cs), x, y = a  # type: ignore[misc]
+                known = np.all(cm == cs)
+                r = None if (x is None or y is None or not known) else np.where(cs, x, y)
+            elif any(x is None for x in a):
+                r = (np.True_, np.False_) if node.dtype is DType.BOOL else None
+            elif op in (Op.FLOOR, Op.CEIL):
+                x = np.asarray(a[0])
+                if x.dtype.kind == "f":
+                    x = (np.floor if op is Op.FLOOR else np.ceil)(x).astype(np.int64)
+                r = x
+            elif op in _UNARY_NP:
+                r = _UNARY_NP[op](a[0])  # type: ignore[arg-type]
+            elif op in _BINARY_NP:
+                r = _BINARY_NP[op](a[0], a[1])  # type: ignore[arg-type]
+                if node.dtype is DType.BOOL:
+                    r = (r, r)
+            else:  # pragma: no cover - dot(q, k) and elements never reach a mask
+                raise ValueError(f"cannot evaluate {op.value} in a mask")
+            val[node] = r
+    may, must = val[att.mask]  # type: ignore[misc]
+    return np.broadcast_to(may, shape).copy(), np.broadcast_to(must, shape).copy()
+
+
+def _bool_op(op: Op, x: tuple, y: tuple) -> tuple:
+    (xm, xs), (ym, ys) = x, y
+    if op is Op.AND:
+        return (xm & ym, xs & ys)
+    if op is Op.OR:
+        return (xm | ym, xs | ys)
+    eq = ((xm & ym) | (~xs & ~ys), (xs & ys) | (~xm & ~ym))  # may / must be equal
+    return eq if op is Op.EQ else (~eq[1], ~eq[0])
+
+
+def _load(node: Node, idx: list, aux: Mapping[str, np.ndarray]) -> np.ndarray | None:
+    name = str(node.attr)
+    if name not in aux:
+        return None
+    if any(x is None for x in idx):
+        return None
+    t = np.asarray(aux[name])
+    if t.ndim != len(idx):
+        raise BindingError(f"{name}: expected {len(idx)} dimensions, got shape {list(t.shape)}")
+    arrays = np.broadcast_arrays(*(np.asarray(x, dtype=np.int64) for x in idx))
+    for k, (ix, dim) in enumerate(zip(arrays, t.shape, strict=True)):
+        if ix.size and (ix.min() < 0 or ix.max() >= dim):
+            raise BindingError(
+                f"{name}: index {k} takes values in [{ix.min()}, {ix.max()}] where the mask reads it, "
+                f"outside the dimension's range [0, {dim - 1}]"
+            )
+    return t[tuple(arrays)]
+
+
+def dense_mask(
+    att: Attention,
+    sizes: Mapping[str, int],
+    scalars: Mapping[str, int | float],
+    aux: Mapping[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """The mask as a bool [M, N] array (b = h = hk = 0), Python floor semantics for // and %. Every tensor the
+    mask reads must be in `aux` (else BindingError)."""
+    if att.mask is not None:
+        missing = sorted({str(n.attr) for n in walk([att.mask]) if n.op is Op.LOAD} - set(aux or {}))
+        if missing:
+            raise BindingError(f"{att.name}: the mask reads {', '.join(missing)}; pass it in aux")
+    may, _must = mask_bounds(att, sizes, scalars, aux)
+    return may
