@@ -317,6 +317,7 @@ class _TritonAttention(torch.autograd.Function):
             N,
             D,
             E,
+            *_visits("fwd", (B * H, grid[0]), stat),
             **_launch(spec, q, D, E),
         )
         ctx.spec = spec
@@ -347,12 +348,59 @@ class _TritonAttention(torch.autograd.Function):
         strides = _strides(q, k, v, do_raw)
         kw = _launch(spec, q, D, E)
         spec.dkdv[(triton_cdiv(N, spec.block_n), B * G)](
-            q, k, v, do_raw, stat, delta, dk, dv, *spec.extra, *strides, H, G, M, N, D, E, **kw
+            q,
+            k,
+            v,
+            do_raw,
+            stat,
+            delta,
+            dk,
+            dv,
+            *spec.extra,
+            *strides,
+            H,
+            G,
+            M,
+            N,
+            D,
+            E,
+            *_visits("dkdv", (B * G, triton_cdiv(N, spec.block_n)), stat),
+            **kw,
         )
         spec.dq[(triton_cdiv(M, spec.block_m), B * H)](
-            q, k, v, do_raw, stat, delta, dq, *spec.extra, *strides, H, G, M, N, D, E, **kw
+            q,
+            k,
+            v,
+            do_raw,
+            stat,
+            delta,
+            dq,
+            *spec.extra,
+            *strides,
+            H,
+            G,
+            M,
+            N,
+            D,
+            E,
+            *_visits("dq", (B * H, triton_cdiv(M, spec.block_m)), stat),
+            **kw,
         )
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# A test probe: set to a dict and every launch records, per program, how many tiles it visited (the kernels
+# count only then: `_COUNT_VISITS` is a compile-time switch).
+_VISIT_PROBE = None
+
+
+def _visits(kernel, shape, dummy):
+    """The kernel's `_VISITS` argument and its `_COUNT_VISITS` switch."""
+    if _VISIT_PROBE is None:
+        return dummy, False
+    counts = torch.zeros(shape, dtype=torch.int32, device=dummy.device)
+    _VISIT_PROBE[kernel] = counts
+    return counts, True
 
 
 def triton_cdiv(a, b):

@@ -14,10 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import sympy as sp
+
+from dsl.analysis.tiles import plan_tiles
 from dsl.autodiff import gradients
 from dsl.ir import Attention, Node, NormKind, Op, Var, uses_var, walk
 
 from ..emit import Emitter
+from . import tile_code
 from .expr import TritonExprs, leaf
 
 LOG2E = 1.4426950408889634
@@ -25,8 +29,8 @@ LOG2E = 1.4426950408889634
 # Kernel parameters shared by the kernels, in order. Sizes of the iteration space have internal names; the
 # spec's own size symbols, scalars and hoisted uniforms are appended per attention.
 _QKV_STRIDES = [f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d")]
-_EXTENTS = ["_NH", "_NG", "_M", "_N", "_D", "_E"]
-_CONSTEXPRS = ["_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION"]
+_EXTENTS = ["_NH", "_NG", "_M", "_N", "_D", "_E", "_VISITS"]
+_CONSTEXPRS = ["_COUNT_VISITS", "_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,7 @@ class KernelWriter:
         # One emitter for all kernels of the block, so uniform values get one name each (`_u<k>`).
         self.em: Emitter = self.tx.emitter(self.tx.load, leaf({}))
         self.counter = 0
+        self.kv_intervals, self.q_intervals, self.full = _tile_code(att)
 
     # ---- expression helpers -------------------------------------------------------------------------------
 
@@ -84,14 +89,22 @@ class KernelWriter:
         """qk -> valid (bool tile) and s (float32 tile, the score where valid)."""
         att = self.att
         names = {"b": "b", "h": "h", "hk": "hk", "i": i, "j": j}
-        valid = f"({i} < _M) & ({j} < _N)"
-        if att.mask is not None:
-            m = self.expr(att.mask, names, out, ind)
+        in_range = f"({i} < _M) & ({j} < _N)"
+        if att.mask is None:
+            out.append(f"{ind}valid = {in_range}")
+        else:
+            inner = ind
+            if self.full is not None:
+                # A tile the analysis proves fully visible skips the mask arithmetic.
+                out.append(f"{ind}if {self.full}:")
+                out.append(f"{ind}    valid = {in_range}")
+                out.append(f"{ind}else:")
+                inner = ind + "    "
+            m = self.expr(att.mask, names, out, inner)
             if not (uses_var(att.mask, Var.I) and uses_var(att.mask, Var.J)):
                 # Broadcast to a tile first: the interpreter mis-types `tile_bool & scalar_bool`.
                 m = f"(({m}).to(tl.int32) + 0 * {i} + 0 * {j}) != 0"
-            valid = f"{valid} & ({m})"
-        out.append(f"{ind}valid = {valid}")
+            out.append(f"{inner}valid = {in_range} & ({m})")
         s = self.expr(att.score, names, out, ind)
         out.append(f"{ind}s = tl.where(valid, {s}, 0.0)")
 
@@ -136,8 +149,12 @@ class KernelWriter:
         L.append("    m_i = tl.full([_BLOCK_M, 1], float('-inf'), tl.float32)")
         L.append("    l_i = tl.full([_BLOCK_M, 1], 0.0, tl.float32)")
         L.append("    acc = tl.full([_BLOCK_M, _BLOCK_E], 0.0, tl.float32)")
+        L.append("    m0 = pid_m * _BLOCK_M")
+        L.append("    visits = pid_m * 0")
         L.append("    for start_n in range(0, _N, _BLOCK_N):")
         ind = "        "
+        L.append(f"{ind}n0 = start_n")
+        L.append(f"{ind}visits += 1")
         L.append(f"{ind}offs_n = start_n + tl.arange(0, _BLOCK_N)")
         L.append(f"{ind}j = offs_n[None, :]")
         L.append(
@@ -222,6 +239,8 @@ class KernelWriter:
             L.append(f"    o = {out}")
         L.append("    tl.store(_O + o_off, o.to(_O.dtype.element_ty), mask=o_mask)")
         L.append("    tl.store(_STAT + pid_bh.to(tl.int64) * _M + i, stat, mask=i < _M)")
+        L.append("    if _COUNT_VISITS:")
+        L.append("        tl.store(_VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visits)")
         return KernelText(f"_{nm}_fwd_kernel", ["_Q", "_K", "_V", "_O", "_ORAW", "_STAT"], L)
 
     # ---- backward -----------------------------------------------------------------------------------------
@@ -305,10 +324,14 @@ class KernelWriter:
         )
         L.append("    dkt = tl.full([_BLOCK_D, _BLOCK_N], 0.0, tl.float32)")
         L.append("    dvt = tl.full([_BLOCK_E, _BLOCK_N], 0.0, tl.float32)")
+        L.append("    n0 = pid_n * _BLOCK_N")
+        L.append("    visits = pid_n * 0")
         L.append("    for hh in range(0, rep):")
         L.append("        h = hk * rep + hh")
         L.append("        for start_m in range(0, _M, _BLOCK_M):")
         ind = "            "
+        L.append(f"{ind}m0 = start_m")
+        L.append(f"{ind}visits += 1")
         L.append(f"{ind}offs_m = start_m + tl.arange(0, _BLOCK_M)")
         L.append(f"{ind}i = offs_m[:, None]")
         L.append(
@@ -344,6 +367,8 @@ class KernelWriter:
             "    tl.store(_DV + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h + offs_n[None, :] * _sv_n"
             " + offs_e[:, None] * _sv_d, dvt, mask=vmask)"
         )
+        L.append("    if _COUNT_VISITS:")
+        L.append("        tl.store(_VISITS + pid_bg.to(tl.int64) * tl.num_programs(0) + pid_n, visits)")
         return KernelText(
             f"_{nm}_bwd_dkdv_kernel", ["_Q", "_K", "_V", "_DO", "_STAT", "_DELTA", "_DK", "_DV"], L
         )
@@ -374,8 +399,12 @@ class KernelWriter:
         )
         self._row_stats(L, ind)
         L.append("    dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)")
+        L.append("    m0 = pid_m * _BLOCK_M")
+        L.append("    visits = pid_m * 0")
         L.append("    for start_n in range(0, _N, _BLOCK_N):")
         ind = "        "
+        L.append(f"{ind}n0 = start_n")
+        L.append(f"{ind}visits += 1")
         L.append(f"{ind}offs_n = start_n + tl.arange(0, _BLOCK_N)")
         L.append(f"{ind}j = offs_n[None, :]")
         L.append(
@@ -407,11 +436,17 @@ class KernelWriter:
             "    tl.store(_DQ + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
             " + offs_d[None, :] * _sq_d, dq, mask=(i < _M) & (offs_d[None, :] < _D))"
         )
+        L.append("    if _COUNT_VISITS:")
+        L.append("        tl.store(_VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visits)")
         return KernelText(f"_{nm}_bwd_dq_kernel", ["_Q", "_K", "_V", "_DO", "_STAT", "_DELTA", "_DQ"], L)
 
     def kernels(self) -> tuple[list[str], list[KernelText]]:
         """All three kernels; the shared tail of their signatures is known only once all are emitted."""
         ks = [self.forward(), self.dkdv(), self.dq()]
+        ks = [
+            KernelText(k.name, k.params, _expand_loops(k.body, self.kv_intervals, self.q_intervals))
+            for k in ks
+        ]
         tail = [*self.spec_args(), *self.uniforms, *_QKV_STRIDES, *_EXTENTS]
         lines: list[str] = []
         for k in ks:
@@ -422,3 +457,72 @@ class KernelWriter:
             lines += k.body
             lines += ["", ""]
         return lines, ks
+
+
+# ---- block sparsity ------------------------------------------------------------------------------------------
+
+Intervals = list[tuple[str, str]]
+
+
+def _tile_code(att: Attention) -> tuple[Intervals, Intervals, str | None]:
+    """Key intervals per query tile, query intervals per key tile and the full-tile test, as kernel code.
+    Whatever cannot be printed falls back to the whole range with the mask applied (sound, never skipping)."""
+    whole_k, whole_q = [("0", "_N")], [("0", "_M")]
+    if att.mask is None:
+        return whole_k, whole_q, None
+    plan = plan_tiles(att)
+    try:
+        kv = [(tile_code.code(lo), tile_code.code(hi)) for lo, hi in plan.kv_intervals]
+    except tile_code.Unprintable:
+        kv = whole_k
+    try:
+        qv = [(tile_code.code(lo), tile_code.code(hi)) for lo, hi in plan.q_intervals]
+    except tile_code.Unprintable:
+        qv = whole_q
+    try:
+        full = None if plan.full is sp.false else tile_code.code(plan.full)
+    except tile_code.Unprintable:
+        full = None
+    return kv or [("0", "0")], qv or [("0", "0")], full
+
+
+def _bound(e: str, clip: str, fn: str) -> str:
+    return e if e.lstrip("-").isdigit() else f"{fn}({e}, {clip})"
+
+
+def _expand_loops(body: list[str], kv: Intervals, qv: Intervals) -> list[str]:
+    """Replace each full-range tile loop by one loop per interval of the plan. A tile that several intervals
+    cover is visited once: by the first interval containing it (the intervals need not be sorted)."""
+    out: list[str] = []
+    k = 0
+    while k < len(body):
+        line = body[k]
+        stripped = line.lstrip()
+        if stripped in ("for start_n in range(0, _N, _BLOCK_N):", "for start_m in range(0, _M, _BLOCK_M):"):
+            ind = line[: len(line) - len(stripped)]
+            var, block, extent, intervals = (
+                ("start_n", "_BLOCK_N", "_N", kv)
+                if "start_n" in stripped
+                else ("start_m", "_BLOCK_M", "_M", qv)
+            )
+            k += 1
+            inner: list[str] = []
+            while k < len(body) and (body[k].startswith(ind + " ") or not body[k].strip()):
+                inner.append(body[k])
+                k += 1
+            for n, (lo, hi) in enumerate(intervals):
+                out.append(f"{ind}lo{n} = {_bound(lo, '0', 'tl.maximum')}")
+                out.append(f"{ind}hi{n} = {_bound(hi, extent, 'tl.minimum')}")
+                out.append(f"{ind}for {var} in range((lo{n} // {block}) * {block}, hi{n}, {block}):")
+                if n == 0:
+                    out += inner
+                    continue
+                fresh = " & ".join(
+                    f"(({var} < (lo{p} // {block}) * {block}) | ({var} >= hi{p}))" for p in range(n)
+                )
+                out.append(f"{ind}    if {fresh}:")
+                out += ["    " + x if x.strip() else x for x in inner]
+            continue
+        out.append(line)
+        k += 1
+    return out

@@ -1,0 +1,80 @@
+"""Sympy expressions of a `TilePlan` as Triton scalar code (loop bounds and full-tile tests in kernels).
+
+Integer semantics are kept exact: `floor(a / b)` becomes `_floordiv(a, b)` (Python's floor division), and
+anything the printer does not know raises `Unprintable`, in which case the kernel falls back to visiting
+every key tile with the mask applied: never to skipping.
+"""
+
+from __future__ import annotations
+
+import sympy as sp
+
+from dsl.analysis.tiles import TILE_BM, TILE_BN, TILE_M0, TILE_N0
+
+
+class Unprintable(Exception):
+    pass
+
+
+_TILE_NAMES = {TILE_M0: "m0", TILE_BM: "_BLOCK_M", TILE_N0: "n0", TILE_BN: "_BLOCK_N"}
+_REL = {
+    sp.StrictLessThan: "<",
+    sp.LessThan: "<=",
+    sp.StrictGreaterThan: ">",
+    sp.GreaterThan: ">=",
+    sp.Equality: "==",
+    sp.Unequality: "!=",
+}
+
+
+def code(e: sp.Basic) -> str:
+    """Triton code for an integer or boolean sympy expression."""
+    if e is sp.true:
+        return "True"
+    if e is sp.false:
+        return "False"
+    if isinstance(e, sp.Symbol):
+        return _TILE_NAMES.get(e, e.name)
+    if isinstance(e, sp.Integer):
+        return str(int(e))
+    if isinstance(e, sp.Add):
+        terms = [code(t) for t in e.args]
+        return "(" + " + ".join(terms) + ")"
+    if isinstance(e, sp.Mul):
+        coeff, rest = e.as_coeff_Mul()
+        if not coeff.is_Integer:
+            raise Unprintable(f"non-integer coefficient in {e}")
+        factors = sp.Mul.make_args(rest)
+        if any(isinstance(f, sp.Pow) and f.exp.is_negative for f in factors):
+            raise Unprintable(f"division outside floor in {e}")
+        body = " * ".join(code(f) for f in factors)
+        return f"({int(coeff)} * {body})" if coeff != 1 else f"({body})"
+    if isinstance(e, sp.Pow) and e.exp.is_Integer and 1 <= int(e.exp) <= 4:
+        return "(" + " * ".join([code(e.base)] * int(e.exp)) + ")"
+    if isinstance(e, sp.floor):
+        num, den = sp.fraction(sp.together(e.args[0]))
+        if den == 1:
+            return code(num)
+        return f"_floordiv({code(num)}, {code(den)})"
+    if isinstance(e, sp.Min | sp.Max):
+        fn = "tl.minimum" if isinstance(e, sp.Min) else "tl.maximum"
+        out = code(e.args[0])
+        for a in e.args[1:]:
+            out = f"{fn}({out}, {code(a)})"
+        return out
+    if isinstance(e, sp.Piecewise):
+        *cases, (last, cond) = e.args
+        if cond is not sp.true:
+            raise Unprintable("Piecewise without a default")
+        out = code(last)
+        for val, c in reversed(cases):
+            out = f"tl.where({code(c)}, {code(val)}, {out})"
+        return out
+    if type(e) in _REL:
+        return f"({code(e.lhs)} {_REL[type(e)]} {code(e.rhs)})"
+    if isinstance(e, sp.And | sp.Or):
+        op = " & " if isinstance(e, sp.And) else " | "
+        return "(" + op.join(code(a) for a in e.args) + ")"
+    if isinstance(e, sp.Not):
+        return f"({code(e.args[0])} == 0)"
+    raise Unprintable(f"cannot print {type(e).__name__}: {e}")
