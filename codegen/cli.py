@@ -191,6 +191,32 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma."""
+    from .module import compile_source
+    from .reference_runtime import _triton_kernels
+    from .triton.aot import AOTCompileError, compile_reports, format_table
+    from .triton.inspect import Target, all_jobs
+
+    try:
+        source = _read(args.spec)
+        program = compile_to_ir(source, args.spec)
+    except SpecError as err:
+        print(err.format(), file=sys.stderr)
+        return EXIT_SPEC
+    atts = [a for a in program.attentions if args.name in (None, a.name)]
+    if not atts:
+        raise UsageError(f"{args.spec}: no attention named {args.name!r}")
+    kernels = _triton_kernels(compile_source(source, args.spec).__file__, interpret=False)
+    target = Target(args.cc, args.dtype, args.head_dim)
+    reports = compile_reports(all_jobs(atts, kernels, [target]), max_workers=args.jobs, raise_on_error=False)
+    print(format_table([r for r in reports if not isinstance(r, AOTCompileError)]))
+    failed = [r for r in reports if isinstance(r, AOTCompileError)]
+    for err in failed:
+        print(f"attnc: {err}", file=sys.stderr)
+    return EXIT_SPEC if failed else EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="attnc",
@@ -232,6 +258,16 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--block", default="64,64", metavar="BM,BN", help="tile size (default: 64,64)")
     sm.add_argument("-o", "--output", required=True, metavar="PNG", help="where to write the picture")
     sm.set_defaults(func=cmd_show_mask)
+    ins = sub.add_parser(
+        "inspect", help="compile the Triton kernels ahead of time (no GPU needed); print their resources"
+    )
+    ins.add_argument("spec", metavar="SPEC")
+    ins.add_argument("--name", help="only this attention block")
+    ins.add_argument("--cc", type=int, default=90, choices=[80, 86, 89, 90], help="compute capability")
+    ins.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
+    ins.add_argument("--head-dim", type=int, default=64, help="D (= E) to compile for")
+    ins.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile processes")
+    ins.set_defaults(func=cmd_inspect)
     return p
 
 

@@ -27,6 +27,7 @@ from dsl.lower import compile_to_ir
 from . import reference
 from .settings import settings
 from .triton import module as triton_module
+from .triton.kernels import KernelWriter
 from .version import ATTNC_VERSION, CODEGEN_VERSION, LANGUAGE_VERSION
 
 
@@ -56,12 +57,12 @@ def _with_header(program: Program, target: Target, text: str) -> str:
 def render_all(program: Program, source: str, target: Target = Target.ALL) -> tuple[str, str | None]:
     """The main module and, for Target.ALL, the Triton kernels file that goes beside it."""
     kernel_files: list[list[str]] = []
-    hoisted: list[list[tuple[str, str]] | None] = []
+    hoisted: list[KernelWriter | None] = []
     if target is Target.ALL:
         for w in triton_module.writers(program):
             lines, _ = w.kernels()
             kernel_files.append(lines)
-            hoisted.append(w.em.hoisted)
+            hoisted.append(w)
     else:
         hoisted = [None] * len(program.attentions)
     names = [a.name for a in program.attentions]

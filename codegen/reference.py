@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dsl.analysis.ranges import index_status
 from dsl.ir import (
@@ -24,6 +25,9 @@ from dsl.ir import (
 )
 
 from .emit import Emitter, code, constant, expr_from_string, name
+
+if TYPE_CHECKING:
+    from .triton.kernels import KernelWriter
 
 _RUNTIME_PATH = Path(__file__).with_name("reference_runtime.py")
 _EXACT = {
@@ -251,9 +255,9 @@ def _closures(att: Attention, em: Emitter, only: set[str] | None = None) -> tupl
     return closures, spec_args
 
 
-def emit_attention(att: Attention, kernels: list[tuple[str, str]] | None = None) -> str:
-    """`<name>_reference`, `<name>_triton` (when `kernels`, the Triton kernels' hoisted uniforms, is given)
-    and the dispatching `<name>` for one attention block."""
+def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
+    """`<name>_reference`, `<name>_triton` (when the block's Triton `kernels` are given) and the dispatching
+    `<name>` for one attention block."""
     nm = att.name
     doc_params = _doc_params(att)
     v = next(p for p in att.tensors if p.role is Role.V)
@@ -320,7 +324,8 @@ def emit_attention(att: Attention, kernels: list[tuple[str, str]] | None = None)
     return "\n".join(L) + "\n"
 
 
-def _emit_triton(att: Attention, kernels: list[tuple[str, str]], doc_params: str, returns: str) -> list[str]:
+def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns: str) -> list[str]:
+    kernels = writer.em.hoisted
     nm = att.name
     softmax = att.norm.kind is NormKind.SOFTMAX
     L = _def(
@@ -351,6 +356,7 @@ def _emit_triton(att: Attention, kernels: list[tuple[str, str]], doc_params: str
     extra = [f"*_aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
     extra += [s.name for s in att.scalars] + _sizes(att) + [v for v, _ in kernels]
     output = ", output=_output" if att.output is not None else ""
+    output += ", heavy=True" if writer.heavy else ""
     L.append("    kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
     L.append("    spec = _TritonSpec(")
     L.append(f"        kern._{nm}_fwd_kernel, kern._{nm}_bwd_dkdv_kernel, kern._{nm}_bwd_dq_kernel,")

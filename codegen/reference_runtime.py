@@ -262,6 +262,31 @@ def _triton_kernels(module_file, interpret):
     return _TRITON_MODULES[key]
 
 
+class _KernelConfig(NamedTuple):
+    """The schedule of one launch (tiles, warps, stages): never part of the spec (Halide's split)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _default_config(D, E, kernel="fwd", heavy=False):
+    """Fixed, sensible schedules per head dim and kernel until the autotuner owns them. The backward kernels
+    iterate over narrower tiles than the forward: they keep more fp32 tiles alive (FlashAttention-2,
+    section 3.1.2); `heavy` specs (a tensor gathered per (i, j) pair, or unnormalised float32 weights) get narrower
+    tiles too. CI compiles
+    every default for sm_90 and checks that it does not spill."""
+    width = max(D, E)
+    warps = 4 if width <= 64 else 8
+    stages = 2 if width <= 128 else 1
+    if kernel == "fwd":
+        return _KernelConfig(64, 64 if width <= 64 and not heavy else 32, warps, stages)
+    if kernel == "dkdv":
+        return _KernelConfig(16 if heavy and width > 64 else 32, 32, warps, stages)
+    return _KernelConfig(64 if width <= 128 and not heavy else 32, 32, warps, stages)
+
+
 class _TritonSpec(NamedTuple):
     """What the generic autograd function needs to launch one attention block's kernels."""
 
@@ -271,10 +296,8 @@ class _TritonSpec(NamedTuple):
     norm: str
     extra: tuple  # aux tensors with strides and extents, scalars, sizes, uniforms: the kernels' shared tail
     output: object = None  # (o, b, h, hk, i, e) -> epilogue, for the backward through it
-    block_m: int = 64
-    block_n: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
+    configs: object = None  # {"fwd" | "dkdv" | "dq": _KernelConfig}; None: _default_config per kernel
+    heavy: bool = False  # the score or mask gathers a tensor per (i, j): narrower default tiles
 
 
 def _next_pow2(n):
@@ -301,7 +324,8 @@ class _TritonAttention(torch.autograd.Function):
         o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
         oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
         stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
-        grid = (triton_cdiv(M, spec.block_m), B * H)
+        cfg = _config(spec, "fwd", D, E)
+        grid = (triton_cdiv(M, cfg.block_m), B * H)
         spec.fwd[grid](
             q,
             k,
@@ -318,7 +342,7 @@ class _TritonAttention(torch.autograd.Function):
             D,
             E,
             *_visits("fwd", (B * H, grid[0]), stat),
-            **_launch(spec, q, D, E),
+            **_launch(cfg, q, D, E),
         )
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, o, oraw, stat)
@@ -346,8 +370,8 @@ class _TritonAttention(torch.autograd.Function):
         dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
         strides = _strides(q, k, v, do_raw)
-        kw = _launch(spec, q, D, E)
-        spec.dkdv[(triton_cdiv(N, spec.block_n), B * G)](
+        cfg = _config(spec, "dkdv", D, E)
+        spec.dkdv[(triton_cdiv(N, cfg.block_n), B * G)](
             q,
             k,
             v,
@@ -364,10 +388,11 @@ class _TritonAttention(torch.autograd.Function):
             N,
             D,
             E,
-            *_visits("dkdv", (B * G, triton_cdiv(N, spec.block_n)), stat),
-            **kw,
+            *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat),
+            **_launch(cfg, q, D, E),
         )
-        spec.dq[(triton_cdiv(M, spec.block_m), B * H)](
+        cfg = _config(spec, "dq", D, E)
+        spec.dq[(triton_cdiv(M, cfg.block_m), B * H)](
             q,
             k,
             v,
@@ -383,8 +408,8 @@ class _TritonAttention(torch.autograd.Function):
             N,
             D,
             E,
-            *_visits("dq", (B * H, triton_cdiv(M, spec.block_m)), stat),
-            **kw,
+            *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat),
+            **_launch(cfg, q, D, E),
         )
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
@@ -411,15 +436,19 @@ def _strides(q, k, v, o):
     return (*q.stride(), *k.stride(), *v.stride(), *o.stride())
 
 
-def _launch(spec, q, D, E):
+def _config(spec, kernel, D, E):
+    return (spec.configs or {}).get(kernel) or _default_config(D, E, kernel, spec.heavy)
+
+
+def _launch(cfg, q, D, E):
     return {
-        "_BLOCK_M": spec.block_m,
-        "_BLOCK_N": spec.block_n,
+        "_BLOCK_M": cfg.block_m,
+        "_BLOCK_N": cfg.block_n,
         "_BLOCK_D": _next_pow2(D),
         "_BLOCK_E": _next_pow2(E),
         "_DOT_PRECISION": "ieee" if q.dtype is torch.float32 else "tf32",
-        "num_warps": spec.num_warps,
-        "num_stages": spec.num_stages,
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
     }
 
 

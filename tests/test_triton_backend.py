@@ -208,27 +208,25 @@ def test_kernels_visit_exactly_the_planned_tiles(
     o.sum().backward()
     sizes = {"M": M, "N": N, "B": 1, "H": H, "G": G, "D": 16}
     visible = dense_mask(ir, {s: sizes[s] for s in ("M", "N") if s in _symbols(ir)} | {"N": N}, scalars, aux)
-    bm = bn = 64
-    tiles = torch.tensor(
-        [[bool(visible[a : a + bm, c : c + bn].any()) for c in range(0, N, bn)] for a in range(0, M, bm)]
-    )
-    rows = tiles.sum(1).to(torch.int32)
-    cols = tiles.sum(0).to(torch.int32)
     plan = plan_tiles(ir)
-    if plan.data_dependent:
-        # Only the static part of the mask is analysed (document: the causal bounds): a superset, never less.
-        assert (rows <= _planned(ir, plan, sizes, scalars, "query")).all()
-        rows = _planned(ir, plan, sizes, scalars, "query")
-        assert (cols <= _planned(ir, plan, sizes, scalars, "key")).all()
-        cols = _planned(ir, plan, sizes, scalars, "key")
-    for kernel in ("fwd", "dq"):
-        assert (probe[kernel] == rows).all(), (
-            f"{kernel}: visited {probe[kernel].tolist()}, needed {rows.tolist()}"
-        )
     rep = H // G
-    assert (probe["dkdv"] == cols * rep).all(), (
-        f"dkdv: visited {probe['dkdv'].tolist()}, needed {cols.tolist()}"
-    )
+    for kernel, by in (("fwd", "query"), ("dq", "query"), ("dkdv", "key")):
+        cfg = mod._default_config(16, 16, kernel)  # the schedule each kernel ran with
+        bm, bn = cfg.block_m, cfg.block_n
+        tiles = torch.tensor(
+            [[bool(visible[a : a + bm, c : c + bn].any()) for c in range(0, N, bn)] for a in range(0, M, bm)]
+        )
+        needed = tiles.sum(1 if by == "query" else 0).to(torch.int32)
+        if plan.data_dependent:
+            # Only the static part of the mask is analysed (document: the causal bounds): never less.
+            planned = _planned(ir, plan, sizes, scalars, by, bm, bn)
+            assert (needed <= planned).all()
+            needed = planned
+        if kernel == "dkdv":
+            needed = needed * rep  # one pass per query head of the group
+        assert (probe[kernel] == needed).all(), (
+            f"{kernel}: visited {probe[kernel].tolist()}, needed {needed.tolist()}"
+        )
 
 
 def _symbols(att: object) -> set[str]:
@@ -238,10 +236,10 @@ def _symbols(att: object) -> set[str]:
 
 
 def _planned(
-    ir: object, plan: object, sizes: dict[str, int], scalars: dict[str, int], by: str
+    ir: object, plan: object, sizes: dict[str, int], scalars: dict[str, int], by: str, bm: int, bn: int
 ) -> torch.Tensor:
     from dsl.analysis.tiles import SKIP, classify
 
     names = _symbols(ir)
-    classes = classify(ir, plan, {n: sizes[n] for n in names if n in sizes}, scalars, 64, 64, by=by)  # type: ignore[arg-type]
+    classes = classify(ir, plan, {n: sizes[n] for n in names if n in sizes}, scalars, bm, bn, by=by)  # type: ignore[arg-type]
     return torch.from_numpy((classes != SKIP).sum(1 if by == "query" else 0)).to(torch.int32)

@@ -63,6 +63,20 @@ class KernelWriter:
     def uniforms(self) -> list[str]:
         return [v for v, _ in self.em.hoisted]
 
+    @property
+    def heavy(self) -> bool:
+        """Whether the score or mask gathers a tensor per (i, j) pair, or the weights stay in float32
+        (norm = none): both take more registers per tile."""
+        if self.att.norm.kind is NormKind.NONE:
+            return True
+        roots = [r for r in (self.att.score, self.att.mask) if r is not None]
+        return any(
+            n.op is Op.LOAD
+            and any(uses_var(a, Var.I) for a in n.args)
+            and any(uses_var(a, Var.J) for a in n.args)
+            for n in walk(roots)
+        )
+
     def spec_args(self) -> list[str]:
         """Aux tensors (+ strides and extents), scalars, size symbols and uniforms, in a fixed order."""
         args: list[str] = []
@@ -277,6 +291,11 @@ class KernelWriter:
         else:
             L.append(f"{ind}p = s")
 
+    def _bwd_dot_type(self) -> str:
+        """Operands of the backward's products in the input dtype (tensor cores, few registers), as in
+        FlashAttention-2; unnormalised weights (norm = none) can exceed float16, so those stay in float32."""
+        return "tl.float32" if self.att.norm.kind is NormKind.NONE else "q.dtype"
+
     def _row_stats(self, L: list[str], ind: str) -> None:
         L.append(f"{ind}row = (b * _NH + h).to(tl.int64) * _M + i")
         L.append(f"{ind}stat = tl.load(_STAT + row, mask=i < _M, other=0.0)")
@@ -351,10 +370,13 @@ class KernelWriter:
         )
         # dV = Pᵀ dO: p is scaled by the row normaliser for sum (o = Σ p v / stat).
         pv = "p / stat_safe" if att.norm.kind is NormKind.SUM else "p"
-        L.append(f"{ind}dvt += tl.dot(tl.trans(do.to(tl.float32)), {pv}, input_precision=_DOT_PRECISION)")
-        L.append(f"{ind}dp = tl.dot(do.to(tl.float32), vt.to(tl.float32), input_precision=_DOT_PRECISION)")
+        w = self._bwd_dot_type()
+        L.append(f"{ind}dvt += tl.dot(tl.trans(do).to({w}), ({pv}).to({w}), input_precision=_DOT_PRECISION)")
+        L.append(f"{ind}dp = tl.dot(do.to({w}), vt.to({w}), input_precision=_DOT_PRECISION)")
         self._dscore(L, ind)
-        L.append(f"{ind}dkt += tl.dot(tl.trans({qname}.to(tl.float32)), dqk, input_precision=_DOT_PRECISION)")
+        L.append(
+            f"{ind}dkt += tl.dot(tl.trans({qname}).to({w}), dqk.to({w}), input_precision=_DOT_PRECISION)"
+        )
         ind = "    "
         self._feature_grad(att.feature_k, "kt", knames, L, ind)
         L.append("    kmask = (offs_n[None, :] < _N) & (offs_d[:, None] < _D)")
@@ -427,9 +449,10 @@ class KernelWriter:
         L.append(f"{ind}qk = tl.dot({qname}, {kname}, input_precision=_DOT_PRECISION)")
         self._score_block(L, ind, "i", "j")
         self._weights(L, ind)
-        L.append(f"{ind}dp = tl.dot(do.to(tl.float32), vt.to(tl.float32), input_precision=_DOT_PRECISION)")
+        w = self._bwd_dot_type()
+        L.append(f"{ind}dp = tl.dot(do.to({w}), vt.to({w}), input_precision=_DOT_PRECISION)")
         self._dscore(L, ind)
-        L.append(f"{ind}dq += tl.dot(dqk, tl.trans({kname}.to(tl.float32)), input_precision=_DOT_PRECISION)")
+        L.append(f"{ind}dq += tl.dot(dqk.to({w}), tl.trans({kname}).to({w}), input_precision=_DOT_PRECISION)")
         ind = "    "
         self._feature_grad(att.feature_q, "q", qnames, L, ind)
         L.append(
