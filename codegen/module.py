@@ -80,7 +80,7 @@ def render_all(program: Program, source: str, target: Target = Target.ALL) -> tu
     body.append("from __future__ import annotations")
     body.append("")
     body.append("import math")
-    body.append("from typing import NamedTuple")
+    body.append("from typing import NamedTuple, Optional")
     body.append("")
     body.append("import torch")
     body.append("from torch.utils.checkpoint import checkpoint")
@@ -88,6 +88,11 @@ def render_all(program: Program, source: str, target: Target = Target.ALL) -> tu
     body.append(f"ATTNC_VERSION = {ATTNC_VERSION!r}")
     body.append(f"LANGUAGE_VERSION = {LANGUAGE_VERSION!r}")
     body.append(f"SPEC_SHA256 = {program.source_sha256!r}")
+    # Names this module's custom ops: the same spec compiled by the same compiler registers the same ops.
+    op_key = hashlib.sha256(
+        f"{program.source_sha256}{compiler_fingerprint()}{target.value}".encode()
+    ).hexdigest()
+    body.append(f"_OP_KEY = {op_key[:16]!r}")
     body.append(f"__all__ = {exports!r}")
     body.append("")
     body.append("")

@@ -313,15 +313,130 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
         ],
         backend=True,
     )
+    L.append("    if backend is None:")
     if kernels is not None:
-        L.append('    if backend == "triton" or (backend is None and q.is_cuda and _has_triton()):')
-        L.append(f"        return {nm}_triton({call_args}, return_lse=return_lse)")
-    L.append('    if backend not in (None, "reference"):')
-    L.append("        raise ValueError(")
-    L.append(f'            f"backend={{backend!r}}: {nm} has the backends {backends}"')
-    L.append("        )")
-    L.append(f"    return {nm}_reference({call_args}, return_lse=return_lse)")
+        L.append('        backend = "triton" if q.is_cuda and _has_triton() else "reference"')
+    else:
+        L.append('        backend = "reference"')
+    allowed = '("reference", "triton")' if kernels is not None else '("reference",)'
+    L.append(f"    if backend not in {allowed}:")
+    L.append(f'        raise ValueError(f"backend={{backend!r}}: {nm} has the backends {backends}")')
+    if not softmax:
+        L.append("    if return_lse:")
+        L.append(
+            f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
+        )
+    # The op's schema admits only tensors and numbers: check the kinds here, for messages naming parameters.
+    for p in att.params:
+        if isinstance(p, TensorParam):
+            L.append(f"    _require_tensor({p.name!r}, {p.name}, {_shape_text(p)!r}, q)")
+        else:
+            kind = "int" if p.dtype is DType.INT else "float"
+            optional = p.default is not None and p.default.op is not Op.CONST
+            check = f"_check_scalar({p.name!r}, {p.name}, {kind!r})"
+            L.append(f"    {p.name} = {check}" + (f" if {p.name} is not None else None" if optional else ""))
+    L.append(f"    o, lse = _{nm}_op({call_args}, backend)")
+    L.append("    return (o, lse) if return_lse else o")
+    L += ["", ""]
+    L += _emit_op(att, kernels is not None)
     return "\n".join(L) + "\n"
+
+
+def _op_types(att: Attention) -> list[str]:
+    out = []
+    for p in att.params:
+        if isinstance(p, TensorParam):
+            out.append(f"{p.name}: torch.Tensor")
+        else:
+            ty = "int" if p.dtype is DType.INT else "float"
+            out.append(
+                f"{p.name}: Optional[{ty}]"
+                if p.default is not None and p.default.op is not Op.CONST
+                else f"{p.name}: {ty}"
+            )
+    return out
+
+
+def _emit_op(att: Attention, has_triton: bool) -> list[str]:
+    """A torch.library custom op (with a fake implementation and an autograd formula) around the block, so
+    that torch.compile(fullgraph=True) traces models that call it without looking inside."""
+    nm = att.name
+    softmax = att.norm.kind is NormKind.SOFTMAX
+    params = _op_types(att)
+    names = [p.name for p in att.params]
+    tensors = [p.name for p in att.tensors]
+    floats = [p.name for p in att.tensors if p.type.kind is DType.FLOAT]
+    args = ", ".join(names)
+    impls = "_impl = " + (
+        f"{nm}_triton if backend == 'triton' else {nm}_reference" if has_triton else f"{nm}_reference"
+    )
+    L = [f"def _{nm}_impl({', '.join(params)}, backend: str) -> tuple[torch.Tensor, torch.Tensor]:"]
+    L.append(f"    {impls}")
+    if softmax:
+        L.append(f"    o, lse = _impl({args}, return_lse=True)")
+    else:
+        L.append(f"    o = _impl({args})")
+        L.append("    lse = torch.zeros(q.shape[:3], dtype=_lse_dtype(q), device=q.device)")
+    L.append("    return o, lse.to(_lse_dtype(q))")
+    L += ["", ""]
+    L.append(f"def _{nm}_fake({', '.join(params)}, backend: str) -> tuple[torch.Tensor, torch.Tensor]:")
+    L.append(
+        "    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))"
+    )
+    L += ["", ""]
+    L.append(f"def _{nm}_backward_impl(")
+    L.append("    do: torch.Tensor, dlse: torch.Tensor, " + ", ".join(params) + ", backend: str")
+    L.append(") -> list[torch.Tensor]:")
+    L.append(
+        "    # Gradients by recomputing the forward under autograd (reference: exact; Triton: fused kernels)."
+    )
+    L.append("    def grads():")
+    for t in floats:
+        L.append(f"        {t}_ = {t}.detach().requires_grad_()")
+    rec = ", ".join(f"{n}_" if n in floats else n for n in names)
+    L.append(f"        o, lse = _{nm}_impl({rec}, backend)")
+    outs = "(o, lse)" if softmax else "(o,)"
+    grads_in = "(do, dlse)" if softmax else "(do,)"
+    leaves = ", ".join(f"{t}_" for t in floats)
+    L.append(f"        return torch.autograd.grad({outs}, ({leaves},), {grads_in}, allow_unused=True)")
+    L.append("")
+    L.append("    out = _with_autograd(grads)")
+    L.append(
+        f"    return [torch.zeros_like(x) if g is None else g for x, g in zip(({', '.join(floats)},), out)]"
+    )
+    L += ["", ""]
+    L.append(f"def _{nm}_backward_fake(")
+    L.append("    do: torch.Tensor, dlse: torch.Tensor, " + ", ".join(params) + ", backend: str")
+    L.append(") -> list[torch.Tensor]:")
+    L.append(f"    return [torch.empty_like(x) for x in ({', '.join(floats)},)]")
+    L += ["", ""]
+    non_tensors = [p.name for p in att.params if not isinstance(p, TensorParam)]
+    L.append(f"def _{nm}_setup_context(ctx, inputs, output):")
+    L.append(f"    {', '.join(names)}, backend = inputs")
+    L.append(f"    ctx.save_for_backward({', '.join(tensors)})")
+    L.append(f"    ctx.rest = ({', '.join([*non_tensors, 'backend'])},)")
+    L += ["", ""]
+    L.append(f"def _{nm}_backward(ctx, do, dlse):")
+    L.append(f"    {', '.join(tensors)}, = ctx.saved_tensors")
+    L.append(f"    {', '.join([*non_tensors, 'backend'])}, = ctx.rest")
+    L.append("    if do is None:")
+    L.append("        do = q.new_zeros((*q.shape[:3], v.shape[3]))")
+    L.append("    if dlse is None:")
+    L.append("        dlse = q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))")
+    L.append(f"    {', '.join('d' + f for f in floats)}, = _{nm}_backward_op(do, dlse, {args}, backend)")
+    grads = [
+        f"d{p.name}" if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT else "None"
+        for p in att.params
+    ]
+    L.append(f"    return {', '.join([*grads, 'None'])}")
+    L += ["", ""]
+    L.append(f"_{nm}_op, _fresh = _custom_op('{nm}_{{}}'.format(_OP_KEY), _{nm}_impl, _{nm}_fake)")
+    L.append(
+        f"_{nm}_backward_op, _ = _custom_op('{nm}_{{}}_backward'.format(_OP_KEY), _{nm}_backward_impl, _{nm}_backward_fake)"
+    )
+    L.append("if _fresh:")
+    L.append(f"    _{nm}_op.register_autograd(_{nm}_backward, setup_context=_{nm}_setup_context)")
+    return L
 
 
 def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns: str) -> list[str]:

@@ -14,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 MARKER = "# --- attnc reference runtime (copied into generated modules) ---"
+_OP_KEY = ""  # set by each generated module (hash of spec and compiler)
 
 # --- attnc reference runtime (copied into generated modules) ---
 _REF_CHUNK_ELEMENTS = 1 << 22  # score entries per query-row chunk: bounds memory in forward and backward
@@ -43,6 +44,13 @@ def _bind(sizes, name, t, dims, text):
                 f"{name}: expected shape {text} = {_fmt_shape(dims, sizes)}, got {list(t.shape)} "
                 f"(dimension {axis} should be {want})"
             )
+
+
+def _require_tensor(name, t, text, q):
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a tensor of shape {text}, got {type(t).__name__}")
+    if isinstance(q, torch.Tensor) and t.device != q.device:
+        raise ValueError(f"{name}: expected a tensor on {q.device} (where q is), got one on {t.device}")
 
 
 def _check_dim(name, t, axis, want, dim_text, text):
@@ -464,3 +472,54 @@ def _has_triton():
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
+
+
+# ---- torch.library: every block is a custom op, so torch.compile(fullgraph=True) traces models calling it ----
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype is torch.float64 else torch.float32
+
+
+def _custom_op(name, impl, fake):
+    """Register `attnc::<name>_<key>` once per process. The key hashes the spec, the compiler and this file's
+    path, so two generated files never share an op (each keeps its own globals), while the same file loaded
+    twice reuses the first registration. Returns the op and whether it is new."""
+    import hashlib
+
+    where = hashlib.sha256(str(globals().get("__file__", "")).encode()).hexdigest()[:8]
+    name = f"{name}_{_OP_KEY}_{where}"
+    existing = getattr(torch.ops.attnc, name, None) if _attnc_ns_exists() else None
+    if existing is not None:
+        return existing, False
+    op = torch.library.custom_op(f"attnc::{name}", mutates_args=())(impl)
+    op.register_fake(fake)
+    return op, True
+
+
+def _attnc_ns_exists():
+    try:
+        torch.ops.attnc  # noqa: B018 - the namespace object is created on first registration
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _with_autograd(fn):
+    """Run `fn` with autograd available. A custom op's implementation runs below the autograd dispatch key
+    (thread-local), so the backward op recomputes the forward on a helper thread, on the caller's stream."""
+    import concurrent.futures
+
+    stream = (
+        torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+
+    def run():
+        with torch.enable_grad():
+            if stream is None:
+                return fn()
+            with torch.cuda.stream(stream):
+                return fn()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()
