@@ -465,6 +465,17 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     L.append("        )")
     em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
     closures, _ = _closures(att, em, only={"output"})
+    # Per-tile summaries of data-dependent mask terms (`doc[b, i] == doc[b, j]`): the kernels skip key tiles
+    # whose range of values cannot meet the query tile's.
+    pairs = []
+    for n, (qside, kside) in enumerate(writer.summaries):
+        for fn, params, root in ((f"_sum_q{n}", "b, h, hk, i", qside), (f"_sum_k{n}", "b, hk, j", kside)):
+            stmts, ret = em.body(root)
+            closures.append(f"    def {fn}({params}):")
+            closures += [f"        {st}" for st in stmts]
+            closures.append(f"        return {ret}")
+            closures.append("")
+        pairs.append(f"(_sum_q{n}, _sum_k{n})")
     L += _hoisted(att, [*kernels, *em.hoisted])
     L += closures
     aux = [p.name for p in att.aux_tensors]
@@ -472,6 +483,7 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     extra += [s.name for s in att.scalars] + _sizes(att) + [v for v, _ in kernels]
     output = ", output=_output" if att.output is not None else ""
     output += ", heavy=True" if writer.heavy else ""
+    output += f", summaries=({', '.join(pairs)},)" if pairs else ""
     L.append("    kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
     L.append("    spec = _TritonSpec(")
     L.append(f"        kern._{nm}_fwd_kernel, kern._{nm}_bwd_dkdv_kernel, kern._{nm}_bwd_dq_kernel,")

@@ -292,7 +292,9 @@ def _default_config(D, E, kernel="fwd", heavy=False):
         return _KernelConfig(64, 64 if width <= 64 and not heavy else 32, warps, stages)
     if kernel == "dkdv":
         return _KernelConfig(16 if heavy and width > 64 else 32, 32, warps, stages)
-    return _KernelConfig(64 if width <= 128 and not heavy else 32, 32, warps, stages)
+    if heavy:
+        return _KernelConfig(16, 32 if width <= 64 else 16, warps, stages)
+    return _KernelConfig(64 if width <= 128 else 32, 32, warps, stages)
 
 
 class _TritonSpec(NamedTuple):
@@ -306,6 +308,7 @@ class _TritonSpec(NamedTuple):
     output: object = None  # (o, b, h, hk, i, e) -> epilogue, for the backward through it
     configs: object = None  # {"fwd" | "dkdv" | "dq": _KernelConfig}; None: _default_config per kernel
     heavy: bool = False  # the score or mask gathers a tensor per (i, j): narrower default tiles
+    summaries: tuple = ()  # ((q_fn(b, h, hk, i), k_fn(b, hk, j)), ...): `A(i) == B(j)` terms of the mask
 
 
 def _next_pow2(n):
@@ -349,7 +352,8 @@ class _TritonAttention(torch.autograd.Function):
             N,
             D,
             E,
-            *_visits("fwd", (B * H, grid[0]), stat),
+            *_summaries(spec, q, k, cfg),
+            *_visits("fwd", (B * H, grid[0]), stat, cfg),
             **_launch(cfg, q, D, E),
         )
         ctx.spec = spec
@@ -396,7 +400,8 @@ class _TritonAttention(torch.autograd.Function):
             N,
             D,
             E,
-            *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat),
+            *_summaries(spec, q, k, cfg),
+            *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat, cfg),
             **_launch(cfg, q, D, E),
         )
         cfg = _config(spec, "dq", D, E)
@@ -416,10 +421,49 @@ class _TritonAttention(torch.autograd.Function):
             N,
             D,
             E,
-            *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat),
+            *_summaries(spec, q, k, cfg),
+            *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat, cfg),
             **_launch(cfg, q, D, E),
         )
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _tile_minmax(values, block):
+    """[R, L] int values -> ([R, tiles] min, [R, tiles] max) over consecutive blocks of `block` positions."""
+    R, L = values.shape
+    if L == 0:
+        empty = values.new_zeros((R, 0))
+        return empty, empty
+    tiles = triton_cdiv(L, block)
+    pad = tiles * block - L
+    # Padding lanes must not move min or max: repeat each row's last value (F.pad's fill goes through float).
+    filler = values[:, -1:].expand(R, pad)
+    lo = hi = torch.cat([values, filler], dim=1)
+    return lo.view(R, tiles, block).amin(-1).contiguous(), hi.view(R, tiles, block).amax(-1).contiguous()
+
+
+def _summaries(spec, q, k, cfg):
+    """The cheap device pre-pass for data-dependent masks: per tile, min and max of each summarised value
+    (no host synchronisation). Order: for each term, query min, query max, key min, key max."""
+    out = []
+    if not spec.summaries:
+        return out
+    B, H, M = q.shape[:3]
+    G, N = k.shape[1], k.shape[2]
+    dev = q.device
+    b = torch.arange(B, device=dev).view(B, 1, 1)
+    h = torch.arange(H, device=dev).view(1, H, 1)
+    hk = torch.arange(G, device=dev).view(1, G, 1)
+    i = torch.arange(M, device=dev).view(1, 1, M)
+    j = torch.arange(N, device=dev).view(1, 1, N)
+    for qfn, kfn in spec.summaries:
+        qv = torch.as_tensor(qfn(b, h, h // (H // G), i), device=dev).to(torch.int64).broadcast_to(B, H, M)
+        kv = torch.as_tensor(kfn(b, hk, j), device=dev).to(torch.int64).broadcast_to(B, G, N)
+        out += [
+            *_tile_minmax(qv.reshape(B * H, M), cfg.block_m),
+            *_tile_minmax(kv.reshape(B * G, N), cfg.block_n),
+        ]
+    return out
 
 
 # A test probe: set to a dict and every launch records, per program, how many tiles it visited (the kernels
@@ -427,12 +471,13 @@ class _TritonAttention(torch.autograd.Function):
 _VISIT_PROBE = None
 
 
-def _visits(kernel, shape, dummy):
-    """The kernel's `_VISITS` argument and its `_COUNT_VISITS` switch."""
+def _visits(kernel, shape, dummy, cfg):
+    """The kernel's `_VISITS` argument and its `_COUNT_VISITS` switch (the probe also records the schedule)."""
     if _VISIT_PROBE is None:
         return dummy, False
     counts = torch.zeros(shape, dtype=torch.int32, device=dummy.device)
     _VISIT_PROBE[kernel] = counts
+    _VISIT_PROBE[f"{kernel}_config"] = cfg
     return counts, True
 
 

@@ -82,5 +82,3 @@ def test_forward_is_capturable_in_a_cuda_graph() -> None:
         out = mod.sliding_window(q, k, k, 128)
     graph.replay()
     torch.testing.assert_close(out, mod.sliding_window(q, k, k, 128))
-
-

@@ -82,7 +82,10 @@ def jobs(att: Attention, kernels_module: object, target: Target) -> list[Compile
     for name in _QKV_STRIDES:
         tail[name] = "i32"
     for name in _EXTENTS:
-        tail[name] = "*i32" if name == "_VISITS" else "i32"
+        tail[name] = "i32"
+    for name in writer.summary_params():
+        tail[name] = "*i64"
+    tail["_VISITS"] = "*i32"
     D = E = target.head_dim
     out = []
     for kind in target.kernels:

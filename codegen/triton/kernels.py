@@ -18,7 +18,7 @@ import sympy as sp
 
 from dsl.analysis.tiles import plan_tiles
 from dsl.autodiff import gradients
-from dsl.ir import Attention, Node, NormKind, Op, Var, uses_var, walk
+from dsl.ir import Attention, DType, Node, NormKind, Op, Var, uses_var, walk
 
 from ..emit import Emitter
 from . import tile_code
@@ -29,7 +29,7 @@ LOG2E = 1.4426950408889634
 # Kernel parameters shared by the kernels, in order. Sizes of the iteration space have internal names; the
 # spec's own size symbols, scalars and hoisted uniforms are appended per attention.
 _QKV_STRIDES = [f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d")]
-_EXTENTS = ["_NH", "_NG", "_M", "_N", "_D", "_E", "_VISITS"]
+_EXTENTS = ["_NH", "_NG", "_M", "_N", "_D", "_E"]
 _CONSTEXPRS = ["_COUNT_VISITS", "_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION"]
 
 
@@ -48,6 +48,7 @@ class KernelWriter:
         self.em: Emitter = self.tx.emitter(self.tx.load, leaf({}))
         self.counter = 0
         self.kv_intervals, self.q_intervals, self.full = _tile_code(att)
+        self.summaries = summary_atoms(att)
 
     # ---- expression helpers -------------------------------------------------------------------------------
 
@@ -67,8 +68,8 @@ class KernelWriter:
     def heavy(self) -> bool:
         """Whether the score or mask gathers a tensor per (i, j) pair, or the weights stay in float32
         (norm = none): both take more registers per tile."""
-        if self.att.norm.kind is NormKind.NONE:
-            return True
+        if self.att.norm.kind is NormKind.NONE or summary_atoms(self.att):
+            return True  # also data-dependent masks: the per-tile summary checks take registers too
         roots = [r for r in (self.att.score, self.att.mask) if r is not None]
         return any(
             n.op is Op.LOAD
@@ -76,6 +77,44 @@ class KernelWriter:
             and any(uses_var(a, Var.J) for a in n.args)
             for n in walk(roots)
         )
+
+    # ---- data-dependent masks: per-tile summaries (computed by a pre-pass on the device) -----------------------
+
+    def summary_params(self) -> list[str]:
+        return [
+            f"_S{side}{bound}{n}"
+            for n in range(len(self.summaries))
+            for side in "QK"
+            for bound in ("MIN", "MAX")
+        ]
+
+    def _own_summaries(self, side: str, row: str, tile: str) -> list[str]:
+        """Load this program's own tile summaries (min/max of each summarised value over its tile)."""
+        out = []
+        for n in range(len(self.summaries)):
+            for bound in ("min", "max"):
+                ptr = f"_S{side.upper()}{bound.upper()}{n}"
+                out.append(
+                    f"    {side}{bound}{n} = tl.load({ptr} + {row}.to(tl.int64) * tl.num_programs(0) + {tile})"
+                )
+        return out
+
+    def _summary_conditions(self) -> tuple[str | None, str | None]:
+        """Conditions, inside the key loop (forward, dQ) and the query loop (dK/dV), that a tile can hold a
+        visible pair: for each `A(i) == B(j)` conjunct, the tiles' [min, max] ranges of A and B overlap."""
+        if not self.summaries:
+            return None, None
+        key_tile = "(b * _NG + hk).to(tl.int64) * ((_N + _BLOCK_N - 1) // _BLOCK_N) + start_n // _BLOCK_N"
+        query_tile = "(b * _NH + h).to(tl.int64) * ((_M + _BLOCK_M - 1) // _BLOCK_M) + start_m // _BLOCK_M"
+        in_key, in_query = [], []
+        for n in range(len(self.summaries)):
+            in_key.append(
+                f"(qmax{n} >= tl.load(_SKMIN{n} + {key_tile})) & (tl.load(_SKMAX{n} + {key_tile}) >= qmin{n})"
+            )
+            in_query.append(
+                f"(kmax{n} >= tl.load(_SQMIN{n} + {query_tile})) & (tl.load(_SQMAX{n} + {query_tile}) >= kmin{n})"
+            )
+        return " & ".join(f"({c})" for c in in_key), " & ".join(f"({c})" for c in in_query)
 
     def spec_args(self) -> list[str]:
         """Aux tensors (+ strides and extents), scalars, size symbols and uniforms, in a fixed order."""
@@ -164,6 +203,7 @@ class KernelWriter:
         L.append("    l_i = tl.full([_BLOCK_M, 1], 0.0, tl.float32)")
         L.append("    acc = tl.full([_BLOCK_M, _BLOCK_E], 0.0, tl.float32)")
         L.append("    m0 = pid_m * _BLOCK_M")
+        L += self._own_summaries("q", "pid_bh", "pid_m")
         L.append("    visits = pid_m * 0")
         L.append("    for start_n in range(0, _N, _BLOCK_N):")
         ind = "        "
@@ -344,6 +384,7 @@ class KernelWriter:
         L.append("    dkt = tl.full([_BLOCK_D, _BLOCK_N], 0.0, tl.float32)")
         L.append("    dvt = tl.full([_BLOCK_E, _BLOCK_N], 0.0, tl.float32)")
         L.append("    n0 = pid_n * _BLOCK_N")
+        L += self._own_summaries("k", "pid_bg", "pid_n")
         L.append("    visits = pid_n * 0")
         L.append("    for hh in range(0, rep):")
         L.append("        h = hk * rep + hh")
@@ -422,6 +463,7 @@ class KernelWriter:
         self._row_stats(L, ind)
         L.append("    dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)")
         L.append("    m0 = pid_m * _BLOCK_M")
+        L += self._own_summaries("q", "pid_bh", "pid_m")
         L.append("    visits = pid_m * 0")
         L.append("    for start_n in range(0, _N, _BLOCK_N):")
         ind = "        "
@@ -467,10 +509,21 @@ class KernelWriter:
         """All three kernels; the shared tail of their signatures is known only once all are emitted."""
         ks = [self.forward(), self.dkdv(), self.dq()]
         ks = [
-            KernelText(k.name, k.params, _expand_loops(k.body, self.kv_intervals, self.q_intervals))
+            KernelText(
+                k.name,
+                k.params,
+                _expand_loops(k.body, self.kv_intervals, self.q_intervals, *self._summary_conditions()),
+            )
             for k in ks
         ]
-        tail = [*self.spec_args(), *self.uniforms, *_QKV_STRIDES, *_EXTENTS]
+        tail = [
+            *self.spec_args(),
+            *self.uniforms,
+            *_QKV_STRIDES,
+            *_EXTENTS,
+            *self.summary_params(),
+            "_VISITS",
+        ]
         lines: list[str] = []
         for k in ks:
             lines += ["@triton.jit", f"def {k.name}("]
@@ -513,9 +566,12 @@ def _bound(e: str, clip: str, fn: str) -> str:
     return e if e.lstrip("-").isdigit() else f"{fn}({e}, {clip})"
 
 
-def _expand_loops(body: list[str], kv: Intervals, qv: Intervals) -> list[str]:
+def _expand_loops(
+    body: list[str], kv: Intervals, qv: Intervals, key_cond: str | None = None, query_cond: str | None = None
+) -> list[str]:
     """Replace each full-range tile loop by one loop per interval of the plan. A tile that several intervals
-    cover is visited once: by the first interval containing it (the intervals need not be sorted)."""
+    cover is visited once: by the first interval containing it (the intervals need not be sorted). Tiles
+    failing the data-dependent condition (`key_cond` for key loops, `query_cond` for query loops) are skipped."""
     out: list[str] = []
     k = 0
     while k < len(body):
@@ -533,19 +589,48 @@ def _expand_loops(body: list[str], kv: Intervals, qv: Intervals) -> list[str]:
             while k < len(body) and (body[k].startswith(ind + " ") or not body[k].strip()):
                 inner.append(body[k])
                 k += 1
+            extra = key_cond if var == "start_n" else query_cond
             for n, (lo, hi) in enumerate(intervals):
                 out.append(f"{ind}lo{n} = {_bound(lo, '0', 'tl.maximum')}")
                 out.append(f"{ind}hi{n} = {_bound(hi, extent, 'tl.minimum')}")
                 out.append(f"{ind}for {var} in range((lo{n} // {block}) * {block}, hi{n}, {block}):")
-                if n == 0:
+                conds = [f"(({var} < (lo{p} // {block}) * {block}) | ({var} >= hi{p}))" for p in range(n)]
+                if extra:
+                    conds.append(f"({extra})")
+                if not conds:
                     out += inner
                     continue
-                fresh = " & ".join(
-                    f"(({var} < (lo{p} // {block}) * {block}) | ({var} >= hi{p}))" for p in range(n)
-                )
-                out.append(f"{ind}    if {fresh}:")
+                out.append(f"{ind}    if {' & '.join(conds)}:")
                 out += ["    " + x if x.strip() else x for x in inner]
             continue
         out.append(line)
         k += 1
     return out
+
+
+def summary_atoms(att: Attention) -> list[tuple[Node, Node]]:
+    """Conjuncts `A == B` of the mask with A a function of the query side only (b, h, hk, i) and B of the key
+    side only (b, hk, j), reading a tensor (document ids, segment ids...). Tiles whose [min, max] ranges of A
+    and B do not overlap hold no visible pair: a device pre-pass summarises each tile, the kernels skip."""
+    if att.mask is None:
+        return []
+    conjuncts, stack = [], [att.mask]
+    while stack:
+        n = stack.pop()
+        if n.op is Op.AND:
+            stack.extend(n.args)
+        else:
+            conjuncts.append(n)
+    out = []
+    for c in conjuncts:
+        if c.op is not Op.EQ or any(a.dtype is not DType.INT for a in c.args):
+            continue
+        a, b = c.args
+        for x, y in ((a, b), (b, a)):
+            q_side = uses_var(x, Var.I) and not uses_var(x, Var.J)
+            k_side = uses_var(y, Var.J) and not uses_var(y, Var.I) and not uses_var(y, Var.H)
+            reads = any(n.op is Op.LOAD for n in walk([x, y]))
+            if q_side and k_side and reads:
+                out.append((x, y))
+                break
+    return out[:2]
