@@ -124,15 +124,16 @@ def show_attention(att: Attention) -> str:
     return "\n".join(lines)
 
 
-def cmd_show_ir(args: argparse.Namespace) -> int:
-    try:
-        program = compile_to_ir(_read(args.spec), args.spec)
-    except SpecError as err:
-        print(err.format(), file=sys.stderr)
-        return EXIT_SPEC
-    atts = [a for a in program.attentions if args.name in (None, a.name)]
+def _select(spec: str, name: str | None) -> list[Attention]:
+    """The spec's attention blocks (or the one named); a SpecError reaches `main`, which prints it."""
+    atts = [a for a in compile_to_ir(_read(spec), spec).attentions if name in (None, a.name)]
     if not atts:
-        raise UsageError(f"{args.spec}: no attention named {args.name!r}")
+        raise UsageError(f"{spec}: no attention named {name!r}")
+    return atts
+
+
+def cmd_show_ir(args: argparse.Namespace) -> int:
+    atts = _select(args.spec, args.name)
     print("\n\n".join(show_attention(a) for a in atts))
     return EXIT_OK
 
@@ -170,14 +171,7 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
         if not sep or not name or not math.isfinite(value):
             raise UsageError(f"--scalar takes NAME=NUMBER (e.g. W=64), got {item!r}")
         values[name] = value
-    try:
-        program = compile_to_ir(_read(args.spec), args.spec)
-    except SpecError as err:
-        print(err.format(), file=sys.stderr)
-        return EXIT_SPEC
-    atts = [a for a in program.attentions if args.name in (None, a.name)]
-    if not atts:
-        raise UsageError(f"{args.spec}: no attention named {args.name!r}")
+    atts = _select(args.spec, args.name)
     if len(atts) > 1:
         names = ", ".join(a.name for a in atts)
         raise UsageError(f"{args.spec} has several attentions ({names}): pick one with --name")
@@ -198,16 +192,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from .triton.aot import AOTCompileError, compile_reports, format_table
     from .triton.inspect import Target, all_jobs
 
-    try:
-        source = _read(args.spec)
-        program = compile_to_ir(source, args.spec)
-    except SpecError as err:
-        print(err.format(), file=sys.stderr)
-        return EXIT_SPEC
-    atts = [a for a in program.attentions if args.name in (None, a.name)]
-    if not atts:
-        raise UsageError(f"{args.spec}: no attention named {args.name!r}")
-    kernels = _triton_kernels(compile_source(source, args.spec).__file__, interpret=False)
+    atts = _select(args.spec, args.name)
+    kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
     target = Target(args.cc, args.dtype, args.head_dim)
     reports = compile_reports(all_jobs(atts, kernels, [target]), max_workers=args.jobs, raise_on_error=False)
     print(format_table([r for r in reports if not isinstance(r, AOTCompileError)]))
@@ -282,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as err:
         print(f"attnc: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except SpecError as err:
+        print(err.format(), file=sys.stderr)
+        return EXIT_SPEC
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `attnc show-ir x.attn | head`: the reader left; not an error of ours

@@ -20,3 +20,31 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("ATTNC_CACHE_DIR", str(tmp_path_factory.mktemp("attnc-cache")))
     yield
     mp.undo()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Test tensors are tiny: with pytest-xdist, workers each running a multi-threaded OpenMP pool
+    oversubscribe the cores and make every small op wait."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def compiled(tmp_path_factory: pytest.TempPathFactory):
+    """`compiled("alibi")`: the module generated from examples/specs/alibi.attn, once per session."""
+    import functools
+
+    import codegen
+
+    cache = tmp_path_factory.mktemp("attnc-compiled")
+
+    @functools.cache
+    def get(spec: str):
+        return codegen.compile_file(SPECS / f"{spec}.attn", cache_dir=cache)
+
+    return get

@@ -18,7 +18,6 @@ comparison measures the reference's own float32 error.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from collections.abc import Callable, Iterator
@@ -831,27 +830,6 @@ ONE_F64 = params(_cases(dtypes=[F64], shapes=slice(0, 1)))
 
 # --------------------------------------------------------------------------------------------------------------
 # Running the generated code and the oracles
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    """These tensors are tiny: with pytest-xdist, several workers each running a multi-threaded OpenMP pool
-    oversubscribe the cores and make every small op wait. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ModuleType]:
-    cache = tmp_path_factory.mktemp("attnc-cache")
-
-    @functools.cache
-    def get(spec: str) -> ModuleType:
-        return codegen.compile_file(SPEC_DIR / f"{spec}.attn", cache_dir=cache)
-
-    return get
 
 
 def run_generated(mod: ModuleType, spec: str, args: Args, **kw: Any) -> Any:

@@ -8,14 +8,11 @@ CI runs every kernel this way; the GPU compiler's stricter rules are checked by 
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from types import ModuleType
 
 import pytest
 import torch
-
-import codegen
 
 from .test_reference_oracles import (
     F64,
@@ -40,25 +37,6 @@ pytest.importorskip("triton")
 FWD_TOL = {torch.float32: Tol(5e-5, 5e-5), torch.float16: Tol(8e-3, 8e-3)}
 GRAD_TOL = {torch.float32: Tol(1e-4, 1e-4), torch.float16: Tol(3e-2, 3e-2)}
 _NAME = {torch.float32: "fp32", torch.float16: "fp16"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_intra_op_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], ModuleType]:
-    cache = tmp_path_factory.mktemp("attnc-triton-cache")
-
-    @functools.cache
-    def get(spec: str) -> ModuleType:
-        return codegen.compile_file(SPEC_DIR / f"{spec}.attn", cache_dir=cache)
-
-    return get
 
 
 def _case(spec: str, dtype: torch.dtype, **kw: int) -> Case:

@@ -171,24 +171,28 @@ class KernelWriter:
 
     # ---- forward ------------------------------------------------------------------------------------------
 
+    def _query_tile_prologue(self) -> list[str]:
+        """Program ids of a (query tile, batch, head) program, its offsets, and its q tile."""
+        return [
+            "    pid_m = tl.program_id(0)",
+            "    pid_bh = tl.program_id(1)",
+            "    b = pid_bh // _NH",
+            "    h = pid_bh % _NH",
+            "    hk = h // (_NH // _NG)",
+            "    offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)",
+            "    offs_d = tl.arange(0, _BLOCK_D)",
+            "    offs_e = tl.arange(0, _BLOCK_E)",
+            "    i = offs_m[:, None]",
+            "    q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
+            " + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)",
+        ]
+
     def forward(self) -> list[str]:
         att, nm = self.att, self.att.name
         kind = att.norm.kind
         L: list[str] = []
         ind = "    "
-        L.append("    pid_m = tl.program_id(0)")
-        L.append("    pid_bh = tl.program_id(1)")
-        L.append("    b = pid_bh // _NH")
-        L.append("    h = pid_bh % _NH")
-        L.append("    hk = h // (_NH // _NG)")
-        L.append("    offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)")
-        L.append("    offs_d = tl.arange(0, _BLOCK_D)")
-        L.append("    offs_e = tl.arange(0, _BLOCK_E)")
-        L.append("    i = offs_m[:, None]")
-        L.append(
-            "    q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
-            " + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)"
-        )
+        L += self._query_tile_prologue()
         self._feature(
             att.feature_q,
             "q",
@@ -440,19 +444,7 @@ class KernelWriter:
         att, nm = self.att, self.att.name
         L: list[str] = []
         ind = "    "
-        L.append("    pid_m = tl.program_id(0)")
-        L.append("    pid_bh = tl.program_id(1)")
-        L.append("    b = pid_bh // _NH")
-        L.append("    h = pid_bh % _NH")
-        L.append("    hk = h // (_NH // _NG)")
-        L.append("    offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)")
-        L.append("    offs_d = tl.arange(0, _BLOCK_D)")
-        L.append("    offs_e = tl.arange(0, _BLOCK_E)")
-        L.append("    i = offs_m[:, None]")
-        L.append(
-            "    q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n"
-            " + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)"
-        )
+        L += self._query_tile_prologue()
         qnames = {"b": "b", "h": "h", "hk": "hk", "i": "i", "d": "offs_d[None, :]", "q": "q.to(tl.float32)"}
         self._feature(att.feature_q, "q", qnames, L, ind)
         qname = "qf" if att.feature_q is not None else "q"
