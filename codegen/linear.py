@@ -1,0 +1,227 @@
+"""Emits `NAME_linear` for blocks with a linear-time form (dsl/analysis/linear.py).
+
+The generated function evaluates the prologue — q~ = φ(q)·a(i), k~ = ψ(k)·c(j) and the log-decay G at
+positions −1..N−1 — in PyTorch (autograd carries gradients to every auxiliary tensor), runs the core with
+the Triton kernels or exactly in PyTorch, and finishes the norm and the output epilogue. As in
+flash-linear-attention, element-wise feature maps are applied before the kernels; the kernels fuse the
+decays, the causal mask, the carried state and both normalisers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from dsl.analysis.linear import LinearForm
+from dsl.ir import Attention, DType, Node, NormKind
+
+from .emit import Emitter, expr_from_string, name
+from .reference import _checks, _closures, _hoisted, _leaf, _Loads, _signature
+
+_RUNTIME_PATH = Path(__file__).with_name("linear_runtime.py")
+_KERNELS_PATH = Path(__file__).parent / "triton" / "linear_kernels.py"
+
+
+def _after_marker(path: Path, marker: str) -> str:
+    text = path.read_text()
+    return text[text.index(marker) :]
+
+
+def runtime_source() -> str:
+    from .linear_runtime import MARKER
+
+    return _after_marker(_RUNTIME_PATH, MARKER)
+
+
+def kernels_source() -> str:
+    from .triton.linear_kernels import MARKER
+
+    return _after_marker(_KERNELS_PATH, MARKER)
+
+
+def _zero_load(n: Node, args: list[ast.expr]) -> ast.expr:
+    return expr_from_string("_lin_load0({t}, {idx})", t=name(f"_a_{n.attr}"), idx=ast.Tuple(args, ast.Load()))
+
+
+def _closure(em: Emitter, fn: str, params: str, root: Node, prelude: tuple[str, ...] = ()) -> list[str]:
+    stmts, ret = em.body(root)
+    body = [*prelude, *stmts]
+    return [f"    def {fn}({params}):", *[f"        {s}" for s in body], f"        return {ret}", ""]
+
+
+def linear_kwargs() -> list[str]:
+    return [
+        "    algorithm: str | None = None,",
+        "    initial_state: torch.Tensor | None = None,",
+        "    return_state: bool = False,",
+    ]
+
+
+def dispatch_lines(att: Attention, has_triton: bool) -> list[str]:
+    """Lines of the entry point `NAME` that route to the linear forms (after `backend` is resolved)."""
+    nm = att.name
+    args = ", ".join(p.name for p in att.params)
+    L = ["    if algorithm is not None or initial_state is not None or return_state:"]
+    L.append(
+        f"        return {nm}_linear({args}, algorithm=algorithm or 'chunk', backend=backend, "
+        "initial_state=initial_state, return_state=return_state)"
+    )
+    if has_triton:
+        L.append("    if backend == 'triton' and q.dim() == 4 and q.shape[2] > _LINEAR_PARALLEL_MAX_N:")
+        L.append(f"        return {nm}_linear({args}, algorithm='chunk', backend=backend)")
+    return L
+
+
+def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]:
+    nm = att.name
+    norm_sum = att.norm.kind is NormKind.SUM
+    state_shape = "[B, H, D, E + 1] (the last column is the normaliser z)" if norm_sum else "[B, H, D, E]"
+    L = [f"def {nm}_linear("]
+    L += _signature(att)
+    L.append("    *,")
+    L.append("    return_lse: bool = False,")
+    L.append('    algorithm: str = "chunk",')
+    L.append(f'    backend: str = "{"triton" if has_triton else "reference"}",')
+    L.append("    initial_state: torch.Tensor | None = None,")
+    L.append("    return_state: bool = False,")
+    L.append("):")
+    L.append(
+        f'    """Linear-time forms of `{nm}`: algorithm "chunk" (chunked, carried state), "recurrent" (token by'
+    )
+    L.append('    token, for decoding) or "parallel" (the quadratic kernels; no state).')
+    L.append("")
+    L.append(f"    initial_state / the returned state: {state_shape}, float32, the state after position")
+    L.append(
+        "    N - 1 (the initial one sits at position -1). Returns o, or (o, state) when return_state=True."
+    )
+    L.append('    """')
+    L += _checks(att)
+    L.append("    if algorithm not in _LINEAR_ALGORITHMS:")
+    L.append(
+        f'        raise ValueError(f"algorithm={{algorithm!r}}: {nm} has the algorithms {{_LINEAR_ALGORITHMS}}")'
+    )
+    backends = "('reference', 'triton')" if has_triton else "('reference',)"
+    L.append(f"    if backend not in {backends}:")
+    L.append(f'        raise ValueError(f"backend={{backend!r}}: {nm}_linear has the backends {backends}")')
+    if not form.causal:
+        L.append('    if algorithm == "recurrent":')
+        L.append(
+            f"        raise ValueError(\"algorithm='recurrent': {nm} is bidirectional (no causal mask), "
+            "so it has no token-by-token form; use 'chunk'\")"
+        )
+    L.append('    if algorithm == "parallel":')
+    L.append("        if initial_state is not None or return_state:")
+    L.append(
+        "            raise ValueError(\"algorithm='parallel' carries no state; use algorithm='chunk' "
+        'for initial_state/return_state")'
+    )
+    impl = f"{nm}_triton" if has_triton else f"{nm}_reference"
+    call = ", ".join(p.name for p in att.params)
+    if has_triton:
+        L.append(f"        return ({impl} if backend == 'triton' else {nm}_reference)({call})")
+    else:
+        L.append(f"        return {impl}({call})")
+    if has_triton:
+        L.append(
+            '    if backend == "triton" and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):'
+        )
+        L.append(
+            '        raise ValueError(f"q: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}; '
+            "use backend='reference'\")"
+        )
+    L.append("    _cdt = torch.float64 if q.dtype is torch.float64 else torch.float32")
+    float_aux = [p for p in att.aux_tensors if p.type.kind is DType.FLOAT]
+    for p in float_aux:
+        L.append(f"    {p.name} = {p.name}.to(_cdt)")
+    em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
+    closures, _ = _closures(att, em, only={"feature q", "feature k", "eps", "output"})
+    if form.q_scale is not None:
+        closures += _closure(em, "_lin_qs", "b, h, hk, i", form.q_scale)
+    if form.k_scale is not None:
+        closures += _closure(em, "_lin_ks", "b, h, hk, j", form.k_scale)
+    gem = Emitter(load_code=_zero_load, leaf_code=_leaf, uniform_prefix="_ug")
+    if form.log_decay is not None:
+        aux = [p.name for p in att.aux_tensors]
+        params = ", ".join(["b", "h", "hk", "j", *(f"_a_{a}" for a in aux)])
+        closures += _closure(gem, "_lin_g", params, form.log_decay, ("_cdt = torch.float64",))
+    L += _hoisted(att, [*em.hoisted, *gem.hoisted])
+    L.append("")
+    L += closures
+    L.append("    Bq, Hq, Nq, Dq = q.shape")
+    L.append("    Gv, Ev = v.shape[1], v.shape[3]")
+    L.append("    rep = Hq // Gv")
+    L.append("    dev = q.device")
+    L.append("    b = torch.arange(Bq, device=dev).view(Bq, 1, 1)")
+    L.append("    h = torch.arange(Hq, device=dev).view(1, Hq, 1)")
+    L.append("    i = torch.arange(Nq, device=dev).view(1, 1, Nq)")
+    L.append("    d = torch.arange(Dq, device=dev).view(1, 1, 1, Dq)")
+    L.append("    qt = q.to(_cdt)")
+    if att.feature_q is not None:
+        L.append(
+            "    qt = _full(_feature_q(qt, b[..., None], h[..., None], (h // rep)[..., None], i[..., None], d), qt.shape, qt)"
+        )
+    if form.q_scale is not None:
+        L.append("    qt = qt * _full(_lin_qs(b, h, h // rep, i), (Bq, Hq, Nq), qt)[..., None]")
+    kt_heads = "Hq" if form.k_per_query_head else "Gv"
+    L.append(f"    kt = k.to(_cdt){'.repeat_interleave(rep, dim=1)' if form.k_per_query_head else ''}")
+    L.append(f"    hk = torch.arange({kt_heads}, device=dev).view(1, {kt_heads}, 1)")
+    hk_k = "hk // rep" if form.k_per_query_head else "hk"
+    if att.feature_k is not None:
+        L.append(
+            f"    kt = _full(_feature_k(kt, b[..., None], ({hk_k})[..., None], i[..., None], d), kt.shape, kt)"
+        )
+    if form.k_scale is not None:
+        L.append(f"    kt = kt * _full(_lin_ks(b, hk, {hk_k}, i), (Bq, {kt_heads}, Nq), kt)[..., None]")
+    if form.log_decay is not None:
+        aux_args = "".join(
+            f", {p.name}.double()" if p.type.kind is DType.FLOAT else f", {p.name}" for p in att.aux_tensors
+        )
+        L.append(
+            "    # G at positions -1..N-1 in float64: chunks take differences of it (reads at -1 give 0)."
+        )
+        L.append("    jj = torch.arange(-1, Nq, device=dev).view(1, 1, Nq + 1)")
+        L.append(
+            f"    gfull = _full(_lin_g(b, h, h // rep, jj{aux_args}), (Bq, Hq, Nq + 1), "
+            "torch.empty((), dtype=torch.float64, device=dev))"
+        )
+    else:
+        L.append("    gfull = None")
+    L.append(f"    s0, z0 = _lin_state_split(initial_state, Bq, Hq, Dq, Ev, {norm_sum})")
+    causal = form.causal
+    if has_triton:
+        L.append('    if backend == "triton":')
+        L.append("        kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
+        L.append(
+            f'        opts = _LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _lin_default_config(Dq, Ev))'
+        )
+        L.append("        s0 = None if s0 is None else s0.float()")
+        L.append("        z0 = None if z0 is None else z0.float()")
+        L.append("        o, den, so, zo = _LinearCore.apply(")
+        L.append(
+            "            kern, opts, qt.to(q.dtype).contiguous(), kt.to(q.dtype).contiguous(), v.contiguous(), gfull, s0, z0"
+        )
+        L.append("        )")
+        L.append("    else:")
+        ind = "        "
+    else:
+        ind = "    "
+    L.append(f"{ind}s0 = None if s0 is None else s0.to(_cdt)")
+    L.append(f"{ind}z0 = None if z0 is None else z0.to(_cdt)")
+    L.append(
+        f"{ind}o, den, so, zo = _lin_core_torch(qt, kt, v.to(_cdt), gfull, s0, z0, {causal}, {norm_sum})"
+    )
+    if norm_sum:
+        if att.norm.eps is not None:
+            L.append("    den = den + _full(_eps(b, h, h // rep, i), den.shape, den)")
+        L.append("    alive = den != 0")
+        L.append("    o = torch.where(alive[..., None], o / torch.where(alive, den, 1.0)[..., None], 0.0)")
+    if att.output is not None:
+        L.append("    o = _dense_output(_output, o, rep)")
+    L.append("    o = o.to(q.dtype)")
+    L.append("    if return_state:")
+    L.append(f"        return o, _lin_state_join(so, zo, {norm_sum})")
+    L.append("    return o")
+    return L
+
+
+__all__ = ["dispatch_lines", "emit_linear", "kernels_source", "linear_kwargs", "runtime_source"]

@@ -1,0 +1,272 @@
+"""Runtime of the linear family, copied (after MARKER) into generated modules that have a linear-form block.
+
+The generated `NAME_linear` evaluates the spec's prologue in PyTorch — feature maps, per-position scales and
+the log-decay G — so that autograd carries gradients to every auxiliary tensor (decay rates, gates), then runs
+the core (see codegen/triton/linear_kernels.py for the formulas) with the Triton kernels (`_LinearCore`) or
+exactly in PyTorch (`_lin_core_torch`, the reference).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .reference_runtime import _next_pow2, triton_cdiv
+
+MARKER = "# ---- linear-family runtime ----"
+
+# ---- linear-family runtime ----
+
+_LINEAR_PARALLEL_MAX_N = (
+    256  # up to this length the quadratic (parallel) kernels win; the autotuner may own it
+)
+_LINEAR_ALGORITHMS = ("chunk", "recurrent", "parallel")
+
+
+class _LinConfig(NamedTuple):
+    """Schedule of the linear kernels (never part of the spec)."""
+
+    chunk: int
+    block_k: int  # D-block of the sequential state passes
+    block_v: int  # E-block of the state passes and of the output kernel
+    num_warps: int
+    num_stages: int
+
+
+def _lin_default_config(D, E):
+    """Chunks of 64 (Lightning Attention-2's choice), narrowed for heads wider than 128, and 8 warps above 64,
+    so that the per-chunk dq and dk/dv kernels, which hold C×D and C×E fp32 tiles, do not spill on sm_90
+    (CI compiles every variant ahead of time and checks)."""
+    width = max(D, E)
+    chunk = 64 if width <= 128 else 32
+    warps = 4 if width <= 64 else 8
+    return _LinConfig(chunk, 64 if D > 32 else _next_pow2(D), 64 if E > 32 else _next_pow2(E), warps, 2)
+
+
+class _LinOpts(NamedTuple):
+    causal: bool
+    norm_sum: bool
+    recurrent: bool
+    cfg: object  # _LinConfig
+
+
+def _lin_chunk_g(gfull, N, C):
+    """G re-based per chunk: GL[t] = G_t − G(end of the previous chunk), GS[c] = one chunk's whole step.
+    gfull: [B, H, N + 1], index 0 is position −1 (the initial state). Differences are taken in gfull's dtype
+    (float64 from the prologue) before rounding to float32, so long sequences keep their precision."""
+    dev = gfull.device
+    t = torch.arange(N, device=dev)
+    ref = (t // C) * C  # gfull index of the position before the chunk's first
+    gl = (gfull[..., 1:] - gfull[..., ref]).float().contiguous()
+    c = torch.arange(triton_cdiv(N, C), device=dev)
+    last = torch.clamp((c + 1) * C, max=N)  # gfull index of the chunk's last position
+    gs = (gfull[..., last] - gfull[..., c * C]).float().contiguous()
+    return gl, gs
+
+
+def _lin_dummy(x):
+    return x.new_empty(1, dtype=torch.float32)
+
+
+class _LinearCore(torch.autograd.Function):
+    """The chunked (or recurrent) core on q~ [B, H, N, D], k~ [B, Gk, N, D], v [B, G, N, E], G [B, H, N + 1];
+    returns o_num [B, H, N, E] and den [B, H, N] (fp32) and the final state S [B, H, D, E], z [B, H, D]."""
+
+    @staticmethod
+    def forward(ctx, kern, opts, qt, kt, v, gfull, s0, z0):
+        B, H, N, D = qt.shape
+        Gk, G, E = kt.shape[1], v.shape[1], v.shape[3]
+        cfg = opts.cfg
+        dot = "ieee" if qt.dtype is torch.float32 else "tf32"
+        o = torch.empty((B, H, N, E), device=qt.device, dtype=torch.float32)
+        den = (
+            torch.empty((B, H, N), device=qt.device, dtype=torch.float32) if opts.norm_sum else _lin_dummy(qt)
+        )
+        has_s0 = s0 is not None
+        s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
+        z0_ = z0.contiguous() if has_s0 and z0 is not None else _lin_dummy(qt)
+        if opts.recurrent:
+            gstep = (
+                (gfull[..., 1:] - gfull[..., :-1]).float().contiguous()
+                if gfull is not None
+                else _lin_dummy(qt)
+            )
+            so = torch.empty((B, H, D, E), device=qt.device, dtype=torch.float32)
+            zo = torch.zeros((B, H, D), device=qt.device, dtype=torch.float32)
+            bv = min(cfg.block_v, _next_pow2(E))
+            kern._lin_recurrent_kernel[(triton_cdiv(E, bv), B * H)](
+                qt, kt, v, gstep, s0_, z0_, o, den, so, zo, N, H, H // Gk, H // G,
+                D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
+                NORM_SUM=opts.norm_sum, num_warps=cfg.num_warps,
+            )  # fmt: skip
+        else:
+            hs, zs, _ = _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot)
+            gl = _lin_chunk_g(gfull, N, cfg.chunk)[0] if gfull is not None else _lin_dummy(qt)
+            nc = triton_cdiv(N, cfg.chunk)
+            bv = min(cfg.block_v, _next_pow2(E))
+            kern._lin_fwd_out_kernel[(triton_cdiv(E, bv), nc, B * H)](
+                qt, kt, v, gl, hs, zs, o, den, N, H, H // Gk, H // G, nc,
+                D=D, E=E, CHUNK=cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=bv, CAUSAL=opts.causal,
+                HAS_DECAY=gfull is not None, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+            so = hs[:, nc].view(B, H, D, E)
+            zo = zs[:, nc].view(B, H, D)
+        ctx.opts, ctx.kern = opts, kern
+        ctx.has_s0, ctx.has_z0 = has_s0, z0 is not None
+        ctx.save_for_backward(qt, kt, v, gfull, s0, z0, so, zo)
+        return o, den, so, zo
+
+    @staticmethod
+    def backward(ctx, do, dden, dso, dzo):
+        qt, kt, v, gfull, s0, z0, so, zo = ctx.saved_tensors
+        opts, kern = ctx.opts, ctx.kern
+        cfg = opts.cfg
+        B, H, N, D = qt.shape
+        Gk, G, E = kt.shape[1], v.shape[1], v.shape[3]
+        dot = "ieee" if qt.dtype is torch.float32 else "tf32"
+        has_s0 = ctx.has_s0
+        s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
+        z0_ = z0.contiguous() if ctx.has_z0 else _lin_dummy(qt)
+        hs, zs, _ = _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot)
+        nc = triton_cdiv(N, cfg.chunk)
+        gl, gs = _lin_chunk_g(gfull, N, cfg.chunk) if gfull is not None else (_lin_dummy(qt),) * 2
+        do = (do if do is not None else qt.new_zeros((B, H, N, E))).float().contiguous()
+        dden_ = dden.float().contiguous() if (opts.norm_sum and dden is not None) else None
+        if opts.norm_sum and dden_ is None:
+            dden_ = torch.zeros((B, H, N), device=qt.device, dtype=torch.float32)
+        has_dso = dso is not None or dzo is not None
+        dso_ = (dso if dso is not None else torch.zeros_like(so)).float().contiguous()
+        dzo_ = (dzo if dzo is not None else torch.zeros_like(zo)).float().contiguous()
+        dhs = torch.empty((B * H, nc + 1, D, E), device=qt.device, dtype=torch.float32)
+        dzs = torch.zeros((B * H, nc + 1, D), device=qt.device, dtype=torch.float32)
+        bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
+        dd = dden_ if dden_ is not None else _lin_dummy(qt)
+        kern._lin_bwd_dstate_kernel[(triton_cdiv(D, bk), triton_cdiv(E, bv), B * H)](
+            qt, do, dd, gl, gs, dso_, dzo_, dhs, dzs, N, H, nc,
+            D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_DSO=has_dso,
+            NORM_SUM=opts.norm_sum, DOT_PRECISION=dot, num_warps=cfg.num_warps,
+        )  # fmt: skip
+        dqt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
+        dkt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
+        dv = torch.empty((B, H, N, E), device=qt.device, dtype=torch.float32)
+        common = dict(
+            D=D, E=E, CHUNK=cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=bv, CAUSAL=opts.causal,
+            HAS_DECAY=gfull is not None, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        kern._lin_bwd_dq_kernel[(nc, B * H)](
+            qt, kt, v, do, dd, gl, hs, zs, dqt, N, H, H // Gk, H // G, nc, **common
+        )
+        kern._lin_bwd_dkv_kernel[(nc, B * H)](
+            qt, kt, v, do, dd, gl, gs, dhs, dzs, dkt, dv, N, H, H // Gk, H // G, nc, **common
+        )
+        dgfull = None
+        if gfull is not None:
+            # dL/dG_t = q~_t·dq~_t − k~_t·dk~_t: every term carrying e^{+G_t} sits in row t, every e^{−G_t} in
+            # column t; the final state carries e^{+G_{N−1}}, the initial one e^{−G_{−1}}.
+            ktq = kt.float().repeat_interleave(H // Gk, dim=1)
+            dg = (qt.float() * dqt).sum(-1) - (ktq * dkt).sum(-1)
+            dgfull = torch.zeros_like(gfull)
+            dgfull[..., 1:] = dg.to(gfull.dtype)
+            dgfull[..., N] += ((dso_ * so).sum((-1, -2)) + (dzo_ * zo).sum(-1)).to(gfull.dtype)
+        ds0 = dz0 = None
+        if has_s0:
+            ds0 = dhs[:, nc].view(B, H, D, E).to(s0.dtype)
+            if ctx.has_z0:
+                dz0 = dzs[:, nc].view(B, H, D).to(z0.dtype)
+            if dgfull is not None:
+                edge = (s0.float() * dhs[:, nc].view(B, H, D, E)).sum((-1, -2))
+                if ctx.has_z0:
+                    edge = edge + (z0.float() * dzs[:, nc].view(B, H, D)).sum(-1)
+                dgfull[..., 0] -= edge.to(gfull.dtype)
+        dk = dkt.view(B, Gk, H // Gk, N, D).sum(2).to(kt.dtype)
+        dv_ = dv.view(B, G, H // G, N, E).sum(2).to(v.dtype)
+        return None, None, dqt.to(qt.dtype), dk, dv_, dgfull, ds0, dz0
+
+
+def _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot):
+    """The sequential pass: the state entering every chunk (and the final one), fp32."""
+    cfg = opts.cfg
+    nc = triton_cdiv(N, cfg.chunk)
+    hs = torch.empty((B * H, nc + 1, D, E), device=kt.device, dtype=torch.float32)
+    zs = torch.zeros((B * H, nc + 1, D), device=kt.device, dtype=torch.float32)
+    gl, gs = _lin_chunk_g(gfull, N, cfg.chunk) if gfull is not None else (_lin_dummy(kt),) * 2
+    bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
+    kern._lin_fwd_state_kernel[(triton_cdiv(D, bk), triton_cdiv(E, bv), B * H)](
+        kt, v, gl, gs, s0_, z0_, hs, zs, N, H, H // kt.shape[1], H // v.shape[1], nc,
+        D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
+        NORM_SUM=opts.norm_sum, DOT_PRECISION=dot, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return hs, zs, nc
+
+
+def _lin_core_torch(qt, kt, v, gfull, s0, z0, causal, norm_sum):
+    """The same core, exactly, in PyTorch (O(N²) memory per head: the reference for tests and CPU runs)."""
+    H = qt.shape[1]
+    kt = kt.repeat_interleave(H // kt.shape[1], dim=1)
+    v = v.repeat_interleave(H // v.shape[1], dim=1)
+    a = qt @ kt.transpose(-1, -2)
+    N = qt.shape[2]
+    if causal:
+        tril = torch.ones(N, N, dtype=torch.bool, device=qt.device).tril()
+        if gfull is not None:
+            g = gfull[..., 1:].to(qt.dtype)
+            expo = torch.where(tril, g[..., :, None] - g[..., None, :], float("-inf"))
+            a = a * torch.exp(expo)
+        else:
+            a = torch.where(tril, a, 0.0)
+    o = a @ v
+    den = a.sum(-1) if norm_sum else None
+    kw = kt
+    if gfull is not None:
+        g = gfull.to(qt.dtype)
+        kw = kt * torch.exp(g[..., -1:] - g[..., 1:])[..., None]
+    so = kw.transpose(-1, -2) @ v
+    zo = kw.sum(-2) if norm_sum else torch.zeros_like(kw[..., 0, :])
+    if s0 is not None:
+        s0 = s0.to(qt.dtype)
+        w, carry = 1.0, 1.0
+        if gfull is not None:  # e^{G_i − G_{−1}} per row, e^{G_{N−1} − G_{−1}} for the carried state
+            w = torch.exp(gfull[..., 1:] - gfull[..., :1]).to(qt.dtype)[..., None]
+            carry = torch.exp(gfull[..., -1:] - gfull[..., :1]).to(qt.dtype)[..., None]
+        o = o + w * (qt @ s0)
+        so = so + carry * s0
+        if z0 is not None:
+            z0 = z0.to(qt.dtype)
+            if norm_sum:
+                den = den + (w * (qt @ z0[..., None]))[..., 0]
+            zo = zo + (carry[..., 0] if gfull is not None else 1.0) * z0
+    return o, den, so, zo
+
+
+def _lin_state_split(state, B, H, D, E, norm_sum, name="initial_state"):
+    """The user's state [B, H, D, E] (norm = none) or [B, H, D, E + 1] (norm = sum: last column is z)."""
+    if state is None:
+        return None, None
+    width = E + 1 if norm_sum else E
+    want = (B, H, D, width)
+    if not isinstance(state, torch.Tensor) or tuple(state.shape) != want:
+        got = list(state.shape) if isinstance(state, torch.Tensor) else type(state).__name__
+        raise ValueError(
+            f"{name}: expected a tensor of shape [B, H, D, {'E + 1' if norm_sum else 'E'}] = {list(want)}, "
+            f"got {got}"
+        )
+    if norm_sum:
+        return state[..., :E], state[..., E]
+    return state, None
+
+
+def _lin_load0(t, idx):
+    """t[idx] where every index is in range, else 0: how the log-decay G reads tensors at position −1."""
+    idx = torch.broadcast_tensors(*(torch.as_tensor(x, device=t.device) for x in idx))
+    ok = torch.ones(idx[0].shape, dtype=torch.bool, device=t.device)
+    for ix, n in zip(idx, t.shape, strict=True):
+        ok = ok & (ix >= 0) & (ix < n)
+    safe = tuple(torch.where(ok, ix, 0) for ix in idx)
+    return torch.where(ok, t[safe], 0)
+
+
+def _lin_state_join(so, zo, norm_sum):
+    return torch.cat([so, zo[..., None]], dim=-1) if norm_sum else so
