@@ -184,7 +184,7 @@ def _lin_fwd_out_kernel(
             other=0.0,
         )
         a = tl.dot(q, kt, input_precision=DOT_PRECISION)
-        keep = t[None, :] <= t[:, None]
+        keep = (t[None, :] <= t[:, None]) & tmask[:, None]  # padded rows: no e^{+G} overflow
         if HAS_DECAY:
             gj = tl.load(GL + bh.to(tl.int64) * N + t[None, :], mask=tmask[None, :], other=0.0)
             a = a * tl.exp(tl.where(keep, gi - gj, float("-inf")))
@@ -363,7 +363,7 @@ def _lin_bwd_dq_kernel(
     if CAUSAL:
         if NORM_SUM:
             dw += dden
-        keep = t[None, :] <= t[:, None]
+        keep = (t[None, :] <= t[:, None]) & tmask[:, None]
         if HAS_DECAY:
             gj = tl.load(GL + bh.to(tl.int64) * N + t[None, :], mask=tmask[None, :], other=0.0)
             dw = dw * tl.exp(tl.where(keep, gi - gj, float("-inf")))
@@ -436,7 +436,7 @@ def _lin_bwd_dkv_kernel(
             mask=tmask[None, :] & dmask[:, None],
             other=0.0,
         )
-        keep = t[:, None] <= t[None, :]
+        keep = (t[:, None] <= t[None, :]) & tmask[None, :]
         at = tl.dot(k, qt, input_precision=DOT_PRECISION)  # [j, i] = q~_i·k~_j
         if HAS_DECAY:
             gi = tl.load(GL + bh.to(tl.int64) * N + t[None, :], mask=tmask[None, :], other=0.0)

@@ -1,0 +1,40 @@
+"""Every linear-family core kernel compiles ahead of time for sm_90 (fp16 at head dim 64, bf16 at 128) with
+the runtime's default schedule and does not spill: what the interpreter cannot check, on a CPU machine."""
+
+from __future__ import annotations
+
+import pytest
+
+from codegen.triton.aot import AOTCompileError, KernelReport, compile_reports
+from codegen.triton.linear_aot import VARIANTS, jobs
+
+
+@pytest.fixture(scope="module")
+def reports() -> list[KernelReport | AOTCompileError]:
+    return compile_reports(jobs(90, "fp16", 64) + jobs(90, "bf16", 128), max_workers=2, raise_on_error=False)
+
+
+def test_every_linear_kernel_compiles_for_sm90(reports: list[KernelReport | AOTCompileError]) -> None:
+    failed = [str(r) for r in reports if not isinstance(r, KernelReport)]
+    assert not failed, "\n".join(failed)
+    causal = sum(v.causal for v in VARIANTS)
+    assert len(reports) == 2 * (5 * len(VARIANTS) + causal)  # five chunk kernels, plus the recurrent one
+
+
+def test_linear_kernels_do_not_spill_on_sm90(reports: list[KernelReport | AOTCompileError]) -> None:
+    spills = [
+        f"{r.name} {dict(r.constexprs)}: {r.spill_bytes} B"
+        for r in reports
+        if isinstance(r, KernelReport) and r.spill_bytes
+    ]
+    assert not spills, "\n".join(spills)
+
+
+def test_chunk_kernels_use_wgmma(reports: list[KernelReport | AOTCompileError]) -> None:
+    """The chunk kernels' products run on Hopper's warpgroup MMA (the recurrent one has no matrix product)."""
+    no_wgmma = [
+        r.name
+        for r in reports
+        if isinstance(r, KernelReport) and r.name != "_lin_recurrent_kernel" and not r.uses_wgmma
+    ]
+    assert not no_wgmma, no_wgmma
