@@ -424,3 +424,34 @@ def test_separability_analysis(score, mask, expect) -> None:
 def test_softmax_specs_have_no_linear_decision() -> None:
     path = SPECS / "alibi.attn"
     assert linear_form(compile_to_ir(path.read_text(), str(path)).attentions[0]) is None
+
+
+GPU_MATRIX = [
+    (s, n, dt) for s in CASES for n in (1000, 4096) for dt in (torch.bfloat16, torch.float16, torch.float32)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("spec", "N", "dtype"), GPU_MATRIX, ids=[f"{s}-B2-H4-N{n}-D128-{str(d)[6:]}" for s, n, d in GPU_MATRIX]
+)
+def test_gpu_linear_forms(compiled, spec, N, dtype) -> None:
+    """Compiled kernels on a GPU: chunk and recurrent forms, states and gradients against the float64 oracle."""
+    case = CASES[spec]
+    q, k, v, aux, s0 = inputs(case, B=2, H=4, N=N, D=128, E=128, state=True)
+    gen = torch.Generator().manual_seed(2)
+    wo = torch.randn(2, 4, N, 128, generator=gen, dtype=torch.float64)
+    o_ref, st_ref, g_ref = _oracle_grads(naive, case, q, k, v, aux, s0, wo, 0.0)
+    tol = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}[dtype]
+    cuda = [x.cuda() if x is not None else None for x in (q, k, v, aux, s0)]
+    for algorithm in ("chunk", "recurrent") if case.causal else ("chunk",):
+        (o, st), xs = _call(
+            compiled(spec), case, *cuda[:4], dtype, initial_state=cuda[4], backend="triton",
+            algorithm=algorithm, return_state=True,
+        )  # fmt: skip
+        _close(o.cpu(), o_ref, tol, f"{algorithm} o")
+        _close(st.cpu(), st_ref, tol, f"{algorithm} state")
+        grads = torch.autograd.grad((o.double() * wo.cuda()).sum(), xs)
+        for name, got, want in zip(["q", "k", "v", "aux", "state"], grads, g_ref, strict=False):
+            _close(got.cpu(), want, 2 * tol, f"{algorithm} d{name}")
