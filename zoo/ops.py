@@ -1,17 +1,21 @@
 """Loading the generated operators of the zoo's specs.
 
-Zoo modules are generated at first use (not committed): `load(spec)` compiles `zoo/specs/<spec>.attn`
-through `codegen.compile_file`, whose on-disk cache (keyed by the spec's hash and the compiler version, in
-`~/.cache/attnc` or `$ATTNC_CACHE_DIR`) makes every later import of the same spec a file load. A compiler
-change therefore regenerates the zoo's operators by itself; there is no generated code to keep in sync.
+Zoo modules are generated at first use (nothing generated is committed): `load(spec)` compiles
+`zoo/specs/<spec>.attn` through `codegen.compile_file`, whose on-disk cache (keyed by the spec's hash and
+the compiler's version and source fingerprint, in `~/.cache/attnc` or `$ATTNC_CACHE_DIR`) makes every later
+load of the same spec a file read. A compiler change therefore regenerates the zoo's operators by itself.
+
+`op(spec)` returns a callable that compiles only what a call needs: calls that run on the PyTorch reference
+(`backend="reference"`, or `backend=None` with CPU tensors) load the reference-only module, so CPU users
+never wait for Triton tile planning; calls that run the kernels load the full module.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 SPEC_DIR = Path(__file__).resolve().parent / "specs"
 
@@ -25,13 +29,32 @@ def spec_path(spec: str) -> Path:
 
 
 @functools.cache
-def load(spec: str) -> ModuleType:
+def load(spec: str, *, reference_only: bool = False) -> ModuleType:
     """The generated module of `zoo/specs/<spec>.attn`, compiled once per process (and cached on disk)."""
     import codegen
+    from codegen.module import Target
 
-    return codegen.compile_file(spec_path(spec))
+    return codegen.compile_file(spec_path(spec), target=Target.REFERENCE if reference_only else Target.ALL)
 
 
-def op(spec: str, name: str | None = None) -> Callable[..., object]:
-    """The generated operator `name` (default: the spec's stem) of `zoo/specs/<spec>.attn`."""
-    return getattr(load(spec), name or spec)
+class Operator:
+    """The generated operator `name` of `zoo/specs/<spec>.attn`; called exactly like the generated
+    function: `(q, k, v, *aux, *scalars, return_lse=False, backend=None)`."""
+
+    def __init__(self, spec: str, name: str) -> None:
+        self.spec, self.name = spec, name
+
+    def __repr__(self) -> str:
+        return f"<zoo operator {self.name} from {spec_path(self.spec).name}>"
+
+    def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
+        on_gpu = any(getattr(a, "is_cuda", False) for a in args)
+        reference = backend == "reference" or (backend is None and not on_gpu)
+        fn = getattr(load(self.spec, reference_only=reference), self.name)
+        return fn(*args, backend=backend, **kwargs)
+
+
+@functools.cache
+def op(spec: str, name: str | None = None) -> Operator:
+    """The operator `name` (default: the spec's stem) of `zoo/specs/<spec>.attn`."""
+    return Operator(spec, name or spec)

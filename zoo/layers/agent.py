@@ -19,6 +19,7 @@ class AgentAttention(ZooAttention):
     omitted. Needs `grid=(rows, width)` per call; `agents` must be a square number. No GQA."""
 
     spec = "agent"
+    needs_grid = True
 
     def __init__(self, dim: int, heads: int, *, agents: int = 16, **kw: object) -> None:
         super().__init__(dim, heads, **kw)  # type: ignore[arg-type]

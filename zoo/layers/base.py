@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from .. import ops
 
-Rope = Callable[[Tensor, int], Tensor]
-"""A rotary embedding: `rope(x, offset)` rotates `x: [B, H, T, D]` as positions offset, offset + 1, ..."""
+Rope = Callable[[Tensor, Tensor], Tensor]
+"""A rotary embedding: `rope(x, positions)` rotates `x: [B, H, T, D]` by the positions `[T]` or `[B, T]`."""
 
 
 class KVCache:
@@ -43,6 +43,7 @@ class ZooAttention(nn.Module):
 
     spec: ClassVar[str]
     causal: ClassVar[bool] = False
+    needs_grid: ClassVar[bool] = False  # takes `grid=(rows, width)`: tokens are an image in raster order
 
     def __init__(
         self,
@@ -76,19 +77,23 @@ class ZooAttention(nn.Module):
         x: Tensor,
         *,
         rope: Rope | None = None,
+        positions: Tensor | None = None,
         cache: KVCache | None = None,
         backend: str | None = None,
         **ctx: Any,
     ) -> Tensor:
         """`x: [B, T, dim]`; with `cache`, x holds the T newest positions and the keys/values are appended
-        (the causal specs are bottom-right aligned, so the same operator serves prefill and decoding)."""
+        (the causal specs are bottom-right aligned, so the same operator serves prefill and decoding).
+        `rope` rotates q and k at `positions` (default: the cache length onwards)."""
         B, T, _ = x.shape
         q = self._split(self.q_proj(x), self.heads)
         k = self._split(self.k_proj(x), self.kv_heads)
         v = self._split(self.v_proj(x), self.kv_heads)
         if rope is not None:
-            offset = 0 if cache is None else cache.length
-            q, k = rope(q, offset), rope(k, offset)
+            if positions is None:
+                offset = 0 if cache is None else cache.length
+                positions = torch.arange(offset, offset + T, device=x.device)
+            q, k = rope(q, positions), rope(k, positions)
         if cache is not None:
             k, v = cache.update(k, v)
         o = self.attend(q, k, v, x=x, backend=backend, **ctx)

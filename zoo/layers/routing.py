@@ -55,6 +55,7 @@ class BiFormerAttention(ZooAttention):
     per region. Needs `grid=(rows, width)` per call, both divisible by `regions`."""
 
     spec = "biformer"
+    needs_grid = True
 
     def __init__(self, dim: int, heads: int, *, regions: int = 4, top_k: int = 4, **kw: object) -> None:
         super().__init__(dim, heads, **kw)  # type: ignore[arg-type]
@@ -74,7 +75,15 @@ class BiFormerAttention(ZooAttention):
             raise ValueError(f"grid {grid} must cover the {N} tokens and be divisible by regions={s}")
         xr = region_major(x, grid, s)
         q, k, v = self.q_proj(xr), self.k_proj(xr), self.v_proj(xr)
-        route = biformer_route(q.detach(), k.detach(), s, min(self.top_k, s * s))
+        k_wide = k.detach()
+        if self.kv_heads != self.heads:  # region affinity over all query heads' channels: repeat k like GQA
+            group = self.heads // self.kv_heads
+            k_wide = (
+                k_wide.view(B, N, self.kv_heads, 1, self.head_dim)
+                .expand(-1, -1, -1, group, -1)
+                .reshape(B, N, -1)
+            )
+        route = biformer_route(q.detach(), k_wide, s, min(self.top_k, s * s))
         o = self.op()(
             self._split(q, self.heads),
             self._split(k, self.kv_heads),
@@ -97,7 +106,8 @@ class BiFormerAttention(ZooAttention):
 def retrieval_selection(q: Tensor, k: Tensor, block: int, top_k: int) -> Tensor:
     """Top-k key blocks per query (Landmark Attention, Mohtashami & Jaggi 2023, sec. 3.1, with each block
     represented by the mean of its keys, as in InfLLM / Quest): `q: [B, H, M, D]`, `k: [B, G, N, D]`, the
-    queries being the last M positions. Only blocks that start at or before the query are candidates.
+    queries being the last M positions. Only blocks that end at or before the query are candidates (a block
+    still being filled would leak later keys into its mean during training; the local window covers it).
     Returns `sel: [B, H, M, ceil(N / block)] bool`."""
     B, H, M, D = q.shape
     G, N = k.shape[1], k.shape[2]
@@ -108,11 +118,12 @@ def retrieval_selection(q: Tensor, k: Tensor, block: int, top_k: int) -> Tensor:
     reps = reps.repeat_interleave(H // G, dim=1)
     scores = q @ reps.transpose(-1, -2)  # [B, H, M, nb]
     pos = torch.arange(N - M, N, device=q.device)
-    starts = torch.arange(nb, device=q.device) * block
-    scores = scores.masked_fill(starts[None, :] > pos[:, None], float("-inf"))
+    ends = (torch.arange(nb, device=q.device) + 1) * block - 1
+    complete = ends[None, :] <= pos[:, None]  # [M, nb]
+    scores = scores.masked_fill(~complete, float("-inf"))
     idx = scores.topk(min(top_k, nb), dim=-1).indices
     sel = torch.zeros(B, H, M, nb, dtype=torch.bool, device=q.device).scatter(-1, idx, True)
-    return sel & (starts[None, :] <= pos[:, None])
+    return sel & complete
 
 
 class TopKRetrievalAttention(ZooAttention):

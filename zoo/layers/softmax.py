@@ -271,11 +271,38 @@ class Neighborhood1DAttention(ZooAttention):
 
 class Neighborhood2DAttention(ZooAttention):
     """2-D neighbourhood attention (Hassani et al. 2023, "Neighborhood Attention Transformer", sec. 3.1;
-    DiNAT dilation; Faster Neighborhood Attention 2024) on an image of tokens in raster order: a
-    kernel x kernel window around each query, clamped at the image borders, per-axis dilation. Needs the
-    token grid per call: `grid=(rows, width)`."""
+    kernels in the style of Hassani et al. 2024, "Faster Neighborhood Attention") on an image of tokens in
+    raster order: each query attends to the kernel x kernel window around it, shifted inwards at the image
+    borders so every query sees the same number of keys. Needs the token grid per call: `grid=(rows, width)`."""
 
     spec = "neighborhood_2d"
+    needs_grid = True
+
+    def __init__(self, dim: int, heads: int, *, kernel_size: int | tuple[int, int] = 7, **kw: object) -> None:
+        super().__init__(dim, heads, **kw)  # type: ignore[arg-type]
+        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+
+    def _check(self, q: Tensor, grid: tuple[int, int]) -> tuple[int, int]:
+        rows, width = grid
+        if rows * width != q.shape[2]:
+            raise ValueError(f"grid {grid} does not cover the {q.shape[2]} tokens")
+        return rows, width
+
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, *, x: Tensor, backend: str | None, grid: tuple[int, int]
+    ) -> Tensor:
+        _, width = self._check(q, grid)
+        kh, kw = self.kernel_size
+        return self.op()(q, k, v, width, KH=kh, KW=kw, backend=backend)
+
+
+class DilatedNeighborhood2DAttention(Neighborhood2DAttention):
+    """Dilated 2-D neighbourhood attention (Hassani & Shi 2022, "Dilated Neighborhood Attention
+    Transformer", sec. 3.2; Faster Neighborhood Attention 2024): the kernel x kernel window is taken among
+    the tokens `dilation` rows / columns apart (the query's dilation group), centred on the query and shifted
+    inwards at the group's borders, which widens the receptive field at the same cost."""
+
+    spec = "neighborhood_2d_dilated"
 
     def __init__(
         self,
@@ -283,19 +310,16 @@ class Neighborhood2DAttention(ZooAttention):
         heads: int,
         *,
         kernel_size: int | tuple[int, int] = 7,
-        dilation: int | tuple[int, int] = 1,
+        dilation: int | tuple[int, int] = 2,
         **kw: object,
     ) -> None:
-        super().__init__(dim, heads, **kw)  # type: ignore[arg-type]
-        self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
+        super().__init__(dim, heads, kernel_size=kernel_size, **kw)
         self.dilation = (dilation, dilation) if isinstance(dilation, int) else dilation
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, x: Tensor, backend: str | None, grid: tuple[int, int]
     ) -> Tensor:
-        rows, width = grid
-        if rows * width != q.shape[2]:
-            raise ValueError(f"grid {grid} does not cover the {q.shape[2]} tokens")
+        _, width = self._check(q, grid)
         (kh, kw), (dh, dw) = self.kernel_size, self.dilation
         return self.op()(q, k, v, width, KH=kh, KW=kw, DH=dh, DW=dw, backend=backend)
 
@@ -315,8 +339,8 @@ class MixFormerAttention(ZooAttention):
 
 
 class SegmentIsolationAttention(ZooAttention):
-    """Segment-isolation masking for multi-subject generation (in the style of Isolation-and-Reposition /
-    subject-isolated attention in personalised diffusion): `seg: [B, N]` int labels, 0 for the shared
+    """Segment-isolation masking for multi-subject generation (Isolation-and-Reposition style; the same
+    mask idea as Bounded Attention, Dahary et al. 2024, "Be Yourself", sec. 4): `seg: [B, N]` int labels, 0 for the shared
     background and s > 0 for subject s. A subject's tokens attend to their own segment and the background;
     background tokens attend to the background only, so no subject's features leak into another's."""
 
