@@ -8,10 +8,16 @@ per key tile and key/value head, looping over the query heads of its group, so G
 Row reductions are `tl.reduce` with `tl.standard`'s own combine functions (what `tl.max`/`tl.sum` use):
 the interpreter recognises them and reduces with numpy instead of calling the combine per element.
 The norms: softmax (optionally with a sink logit), sigmoid(s + bias), none (Σ s·v) and sum (Σ s·v / Σ s).
+
+Decoding shapes use a split-KV forward (FlashDecoding): a third grid axis splits the key range, each program
+writes a float32 partial, and a combine kernel merges them and runs the forward's own epilogue. Every tile
+loop also has a form (the `_LAYOUT` constexpr) that walks an explicit runtime block layout; in all forms the
+loops visit only the tiles of the compile-time tile plan (`_expand_loops`) inside their range.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import sympy as sp
@@ -30,7 +36,20 @@ LOG2E = 1.4426950408889634
 # spec's own size symbols, scalars and hoisted uniforms are appended per attention.
 _QKV_STRIDES = [f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d")]
 _EXTENTS = ["_NH", "_NG", "_M", "_N", "_D", "_E"]
-_CONSTEXPRS = ["_COUNT_VISITS", "_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION"]
+_CONSTEXPRS = ["_COUNT_VISITS", "_LAYOUT", "_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION"]
+# An explicit runtime block layout (routing-style variants): per (b, h, query block) a list of key blocks, and
+# its transpose per (b, h, key block) for dK/dV; pointers, their strides and the block sizes. Read only when
+# the `_LAYOUT` constexpr is set, so kernels launched without a layout compile exactly as before.
+LAYOUT_POINTERS = ["_LKV_IDX", "_LKV_CNT", "_LQ_IDX", "_LQ_CNT"]
+LAYOUT_INTS = [
+    *(f"_slk_{a}" for a in "bhmk"),
+    *(f"_slkc_{a}" for a in "bhm"),
+    *(f"_slq_{a}" for a in "bhnk"),
+    *(f"_slqc_{a}" for a in "bhn"),
+    "_QBLK",
+    "_KVBLK",
+]
+_LAYOUT_ARGS = [*LAYOUT_POINTERS, *LAYOUT_INTS]
 
 
 @dataclass(frozen=True)
@@ -187,10 +206,11 @@ class KernelWriter:
             " + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)",
         ]
 
-    def forward(self) -> list[str]:
-        att, nm = self.att, self.att.name
+    def _forward_loop(self, L: list[str], key_range: tuple[str, str]) -> None:
+        """The forward up to the end of its key loop over `key_range` (all keys, or one split's): q tile,
+        running statistics (m_i, l_i, acc) and the online softmax / sigmoid / sum accumulation."""
+        att = self.att
         kind = att.norm.kind
-        L: list[str] = []
         ind = "    "
         L += self._query_tile_prologue()
         self._feature(
@@ -209,7 +229,7 @@ class KernelWriter:
         L.append("    m0 = pid_m * _BLOCK_M")
         L += self._own_summaries("q", "pid_bh", "pid_m")
         L.append("    visits = pid_m * 0")
-        L.append("    for start_n in range(0, _N, _BLOCK_N):")
+        L.append(f"    for start_n in range({key_range[0]}, {key_range[1]}, _BLOCK_N):")
         ind = "        "
         L.append(f"{ind}n0 = start_n")
         L.append(f"{ind}visits += 1")
@@ -258,6 +278,13 @@ class KernelWriter:
                 L.append(f"{ind}l_i += tl.reduce(p, 1, tl.standard._sum_combine, keep_dims=True)")
             # Unnormalised weights can be large: keep them in float32 for the second product.
             L.append(f"{ind}acc += tl.dot(p, v.to(tl.float32), input_precision=_DOT_PRECISION)")
+
+    def _forward_epilogue(self, L: list[str]) -> None:
+        """From the running statistics (m_i, l_i, acc) of a whole key range to o and the row statistic: the
+        sink logit, the normalisation, the output epilogue and the stores. Shared by the one-pass forward and
+        the split-KV combine, so both paths end in the very same code."""
+        att = self.att
+        kind = att.norm.kind
         ind = "    "
         row = {"b": "b", "h": "h", "hk": "hk", "i": "i"}
         if kind is NormKind.SOFTMAX:
@@ -297,9 +324,98 @@ class KernelWriter:
             L.append(f"    o = {out}")
         L.append("    tl.store(_O + o_off, o.to(_O.dtype.element_ty), mask=o_mask)")
         L.append("    tl.store(_STAT + pid_bh.to(tl.int64) * _M + i, stat, mask=i < _M)")
+
+    def forward(self) -> KernelText:
+        nm = self.att.name
+        L: list[str] = []
+        self._forward_loop(L, ("0", "_N"))
+        self._forward_epilogue(L)
         L.append("    if _COUNT_VISITS:")
         L.append("        tl.store(_VISITS + pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m, visits)")
         return KernelText(f"_{nm}_fwd_kernel", ["_Q", "_K", "_V", "_O", "_ORAW", "_STAT"], L)
+
+    # ---- split-KV forward for decoding shapes (FlashDecoding: Dao, Haziza, Massa, Sizov, 2023) ---------------
+
+    def forward_split(self) -> KernelText:
+        """Program (query tile, batch·head, split) runs the forward over the keys [split_lo, split_hi) only, the
+        split's range intersected with the tile plan, and writes a float32 partial: for softmax the normalised
+        o_s = acc_s / l_s and lse2_s = m_s + log2(l_s) (-inf for a split without a visible key), otherwise the
+        plain sums acc_s and l_s. Partials are [B·H, S, M, E] and [B·H, S, M], contiguous. The sink, the
+        normalisation and the epilogue wait for the combine, so the sink counts once."""
+        att, nm = self.att, self.att.name
+        L: list[str] = []
+        self._forward_loop(L, ("split_lo", "split_hi"))
+        # The split's bounds come before the loop: _SPLIT_N (keys per split) is a multiple of _BLOCK_N.
+        at = L.index("    visits = pid_m * 0")
+        L[at:at] = [
+            "    pid_s = tl.program_id(2)",
+            "    split_lo = pid_s * _SPLIT_N",
+            "    split_hi = tl.minimum(split_lo + _SPLIT_N, _N)",
+        ]
+        L.append("    part = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * _M + i")
+        if att.norm.kind is NormKind.SOFTMAX:
+            L.append("    alive = l_i > 0")
+            L.append("    m_safe = tl.where(m_i == float('-inf'), 0.0, m_i)")
+            L.append("    o_s = tl.where(alive, acc / tl.where(alive, l_i, 1.0), 0.0)")
+            L.append("    l_s = tl.where(alive, m_safe + tl.log2(tl.where(alive, l_i, 1.0)), float('-inf'))")
+        else:
+            L.append("    o_s = acc")
+            L.append("    l_s = l_i")
+        L.append(
+            "    tl.store(_OPART + part * _E + offs_e[None, :], o_s, mask=(i < _M) & (offs_e[None, :] < _E))"
+        )
+        L.append("    tl.store(_LPART + part, l_s, mask=i < _M)")
+        L.append("    if _COUNT_VISITS:")
+        L.append(
+            "        tl.store(_VISITS + (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * tl.num_programs(0)"
+            " + pid_m, visits)"
+        )
+        return KernelText(f"_{nm}_fwd_split_kernel", ["_Q", "_K", "_V", "_OPART", "_LPART", "_SPLIT_N"], L)
+
+    def combine(self) -> KernelText:
+        """Merge the _NSPLIT partials of each row into the running statistics of one pass over all keys, then
+        run the forward's own epilogue. Softmax partials merge by log-sum-exp weighting (FlashDecoding; the
+        rescaling of FlashAttention-2, Alg. 1): m = max_s lse2_s, l = Σ_s 2^(lse2_s - m), acc = Σ_s 2^(lse2_s - m)
+        o_s, which is exactly (m, l, acc) of the unsplit loop; a split with no visible key has lse2_s = -inf
+        and weight 0. Sigmoid, none and sum partials are plain sums."""
+        nm = self.att.name
+        L = [
+            "    pid_m = tl.program_id(0)",
+            "    pid_bh = tl.program_id(1)",
+            "    b = pid_bh // _NH",
+            "    h = pid_bh % _NH",
+            "    hk = h // (_NH // _NG)",
+            "    offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)",
+            "    offs_e = tl.arange(0, _BLOCK_E)",
+            "    i = offs_m[:, None]",
+            "    m_i = tl.full([_BLOCK_M, 1], float('-inf'), tl.float32)",
+            "    l_i = tl.full([_BLOCK_M, 1], 0.0, tl.float32)",
+            "    acc = tl.full([_BLOCK_M, _BLOCK_E], 0.0, tl.float32)",
+            "    for split in range(0, _NSPLIT):",
+            "        part = (pid_bh.to(tl.int64) * _NSPLIT + split) * _M + i",
+            "        o_s = tl.load(_OPART + part * _E + offs_e[None, :], mask=(i < _M) & (offs_e[None, :] < _E),"
+            " other=0.0)",
+        ]
+        if self.att.norm.kind is NormKind.SOFTMAX:
+            L += [
+                "        l_s = tl.load(_LPART + part, mask=i < _M, other=float('-inf'))",
+                "        m_new = tl.maximum(m_i, l_s)",
+                "        m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)",
+                "        alpha = tl.exp2(m_i - m_safe)",
+                "        w = tl.exp2(l_s - m_safe)",
+                "        l_i = l_i * alpha + w",
+                "        acc = acc * alpha + w * o_s",
+                "        m_i = m_new",
+            ]
+        else:
+            L += [
+                "        l_i += tl.load(_LPART + part, mask=i < _M, other=0.0)",
+                "        acc += o_s",
+            ]
+        self._forward_epilogue(L)
+        return KernelText(
+            f"_{nm}_fwd_combine_kernel", ["_OPART", "_LPART", "_NSPLIT", "_O", "_ORAW", "_STAT"], L
+        )
 
     # ---- backward -----------------------------------------------------------------------------------------
 
@@ -355,7 +471,7 @@ class KernelWriter:
         e = self.expr(gradients(root, [elem])[elem], names, L, ind)
         L.append(f"{ind}d{t} = d{t} * ({e})")
 
-    def dkdv(self) -> list[str]:
+    def dkdv(self) -> KernelText:
         att, nm = self.att, self.att.name
         L: list[str] = []
         ind = "    "
@@ -440,7 +556,7 @@ class KernelWriter:
             f"_{nm}_bwd_dkdv_kernel", ["_Q", "_K", "_V", "_DO", "_STAT", "_DELTA", "_DK", "_DV"], L
         )
 
-    def dq(self) -> list[str]:
+    def dq(self) -> KernelText:
         att, nm = self.att, self.att.name
         L: list[str] = []
         ind = "    "
@@ -498,13 +614,16 @@ class KernelWriter:
         return KernelText(f"_{nm}_bwd_dq_kernel", ["_Q", "_K", "_V", "_DO", "_STAT", "_DELTA", "_DQ"], L)
 
     def kernels(self) -> tuple[list[str], list[KernelText]]:
-        """All three kernels; the shared tail of their signatures is known only once all are emitted."""
-        ks = [self.forward(), self.dkdv(), self.dq()]
+        """All kernels (forward, dK/dV, dQ, split-KV forward and its combine); the shared tail of their
+        signatures is known only once all are emitted."""
+        ks = [self.forward(), self.dkdv(), self.dq(), self.forward_split(), self.combine()]
         ks = [
             KernelText(
                 k.name,
                 k.params,
-                _expand_loops(k.body, self.kv_intervals, self.q_intervals, *self._summary_conditions()),
+                _expand_loops(
+                    _with_layout(k.body), self.kv_intervals, self.q_intervals, *self._summary_conditions()
+                ),
             )
             for k in ks
         ]
@@ -514,6 +633,7 @@ class KernelWriter:
             *_QKV_STRIDES,
             *_EXTENTS,
             *self.summary_params(),
+            *_LAYOUT_ARGS,
             "_VISITS",
         ]
         lines: list[str] = []
@@ -554,49 +674,97 @@ def _tile_code(att: Attention) -> tuple[Intervals, Intervals, str | None]:
     return kv or [("0", "0")], qv or [("0", "0")], full
 
 
-def _bound(e: str, clip: str, fn: str) -> str:
-    return e if e.lstrip("-").isdigit() else f"{fn}({e}, {clip})"
+_TILE_LOOP = re.compile(r"^(\s*)for (start_n|start_m) in range\((\w+), (\w+), (_BLOCK_N|_BLOCK_M)\):$")
+
+
+def _bound(e: str, clip: str, fn: str, default: str) -> str:
+    """`fn(e, clip)`; a literal bound against the default clip (0 or the extent) stays as it is."""
+    return e if e.lstrip("-").isdigit() and clip == default else f"{fn}({e}, {clip})"
+
+
+def _loop_block(body: list[str], k: int) -> tuple[re.Match[str] | None, list[str], int]:
+    """The tile loop header at body[k] (or None), the lines of its body and the index after it."""
+    m = _TILE_LOOP.match(body[k])
+    if m is None:
+        return None, [], k + 1
+    ind = m.group(1)
+    end = k + 1
+    while end < len(body) and (body[end].startswith(ind + " ") or not body[end].strip()):
+        end += 1
+    return m, body[k + 1 : end], end
+
+
+def _with_layout(body: list[str]) -> list[str]:
+    """Give each tile loop a second form, taken when the `_LAYOUT` constexpr is set: an outer loop over the
+    blocks the runtime layout lists for this program's block (key blocks for a query tile in the forward and
+    dQ, query blocks for a key tile in dK/dV), each clipped to the loop's own range (all keys, or a split's).
+    `_expand_loops` then intersects each listed block with the tile plan, so the spec's mask still skips."""
+    out: list[str] = []
+    k = 0
+    while k < len(body):
+        m, inner, end = _loop_block(body, k)
+        if m is None:
+            out.append(body[k])
+            k = end
+            continue
+        ind, var, lo, hi, block = m.groups()
+        if var == "start_n":  # key blocks listed for this query tile's block (BLOCK_M divides _QBLK)
+            own, cnt, idx, size = "(pid_m * _BLOCK_M) // _QBLK", "_LKV_CNT", "_LKV_IDX", "_KVBLK"
+            cs, xs = ("_slkc_b", "_slkc_h", "_slkc_m"), ("_slk_b", "_slk_h", "_slk_m", "_slk_k")
+        else:  # query blocks listed for this key tile's block (BLOCK_N divides _KVBLK), per query head h
+            own, cnt, idx, size = "(pid_n * _BLOCK_N) // _KVBLK", "_LQ_CNT", "_LQ_IDX", "_QBLK"
+            cs, xs = ("_slqc_b", "_slqc_h", "_slqc_n"), ("_slq_b", "_slq_h", "_slq_n", "_slq_k")
+        row = f"b.to(tl.int64) * {cs[0]} + h.to(tl.int64) * {cs[1]} + lay_blk * {cs[2]}"
+        out += [
+            f"{ind}if _LAYOUT:",
+            f"{ind}    lay_blk = {own}",
+            f"{ind}    lay_cnt = tl.load({cnt} + {row})",
+            f"{ind}    for lay_t in range(0, lay_cnt):",
+            f"{ind}        lay_b = tl.load({idx} + b.to(tl.int64) * {xs[0]} + h.to(tl.int64) * {xs[1]}"
+            f" + lay_blk * {xs[2]} + lay_t * {xs[3]})",
+            f"{ind}        lay_lo = tl.maximum(lay_b * {size}, {lo})",
+            f"{ind}        lay_hi = tl.minimum(lay_b * {size} + {size}, {hi})",
+            f"{ind}        for {var} in range(lay_lo, lay_hi, {block}):",
+            *["        " + x if x.strip() else x for x in inner],
+            f"{ind}else:",
+            f"{ind}    {body[k].lstrip()}",
+            *["    " + x if x.strip() else x for x in inner],
+        ]
+        k = end
+    return out
 
 
 def _expand_loops(
     body: list[str], kv: Intervals, qv: Intervals, key_cond: str | None = None, query_cond: str | None = None
 ) -> list[str]:
-    """Replace each full-range tile loop by one loop per interval of the plan. A tile that several intervals
-    cover is visited once: by the first interval containing it (the intervals need not be sorted). Tiles
-    failing the data-dependent condition (`key_cond` for key loops, `query_cond` for query loops) are skipped."""
+    """Replace each tile loop over a range [LO, HI) (all keys or queries, a split's keys, a listed block) by
+    one loop per interval of the plan, intersected with [LO, HI). A tile that several intervals cover is
+    visited once: by the first interval containing it (the intervals need not be sorted). Tiles failing the
+    data-dependent condition (`key_cond` for key loops, `query_cond` for query loops) are skipped."""
     out: list[str] = []
     k = 0
     while k < len(body):
-        line = body[k]
-        stripped = line.lstrip()
-        if stripped in ("for start_n in range(0, _N, _BLOCK_N):", "for start_m in range(0, _M, _BLOCK_M):"):
-            ind = line[: len(line) - len(stripped)]
-            var, block, extent, intervals = (
-                ("start_n", "_BLOCK_N", "_N", kv)
-                if "start_n" in stripped
-                else ("start_m", "_BLOCK_M", "_M", qv)
-            )
-            k += 1
-            inner: list[str] = []
-            while k < len(body) and (body[k].startswith(ind + " ") or not body[k].strip()):
-                inner.append(body[k])
-                k += 1
-            extra = key_cond if var == "start_n" else query_cond
-            for n, (lo, hi) in enumerate(intervals):
-                out.append(f"{ind}lo{n} = {_bound(lo, '0', 'tl.maximum')}")
-                out.append(f"{ind}hi{n} = {_bound(hi, extent, 'tl.minimum')}")
-                out.append(f"{ind}for {var} in range((lo{n} // {block}) * {block}, hi{n}, {block}):")
-                conds = [f"(({var} < (lo{p} // {block}) * {block}) | ({var} >= hi{p}))" for p in range(n)]
-                if extra:
-                    conds.append(f"({extra})")
-                if not conds:
-                    out += inner
-                    continue
-                out.append(f"{ind}    if {' & '.join(conds)}:")
-                out += ["    " + x if x.strip() else x for x in inner]
+        m, inner, end = _loop_block(body, k)
+        if m is None:
+            out.append(body[k])
+            k = end
             continue
-        out.append(line)
-        k += 1
+        ind, var, range_lo, range_hi, block = m.groups()
+        extent, intervals = ("_N", kv) if var == "start_n" else ("_M", qv)
+        extra = key_cond if var == "start_n" else query_cond
+        for n, (lo, hi) in enumerate(intervals):
+            out.append(f"{ind}lo{n} = {_bound(lo, range_lo, 'tl.maximum', '0')}")
+            out.append(f"{ind}hi{n} = {_bound(hi, range_hi, 'tl.minimum', extent)}")
+            out.append(f"{ind}for {var} in range((lo{n} // {block}) * {block}, hi{n}, {block}):")
+            conds = [f"(({var} < (lo{p} // {block}) * {block}) | ({var} >= hi{p}))" for p in range(n)]
+            if extra:
+                conds.append(f"({extra})")
+            if not conds:
+                out += inner
+                continue
+            out.append(f"{ind}    if {' & '.join(conds)}:")
+            out += ["    " + x if x.strip() else x for x in inner]
+        k = end
     return out
 
 
