@@ -35,13 +35,14 @@ class _LinConfig(NamedTuple):
 
 
 def _lin_default_config(D, E):
-    """Chunks of 64 (Lightning Attention-2's choice), narrowed for heads wider than 128, and 8 warps above 64,
+    """Chunks of 64 (Lightning Attention-2's choice), 16 for heads wider than 128, and 8 warps above 64,
     so that the per-chunk dq and dk/dv kernels, which hold C×D and C×E fp32 tiles, do not spill on sm_90
     (CI compiles every variant ahead of time and checks)."""
     width = max(D, E)
-    chunk = 64 if width <= 128 else 32
     warps = 4 if width <= 64 else 8
-    return _LinConfig(chunk, 64 if D > 32 else _next_pow2(D), 64 if E > 32 else _next_pow2(E), warps, 2)
+    if width > 128:  # chunks of 16 and E-blocks of 32 keep the dk/dv kernel's C×D tiles in registers
+        return _LinConfig(16, 64, 32, warps, 2)
+    return _LinConfig(64, 64 if D > 32 else _next_pow2(D), 64 if E > 32 else _next_pow2(E), warps, 2)
 
 
 class _LinOpts(NamedTuple):
