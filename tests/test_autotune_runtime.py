@@ -1,0 +1,325 @@
+"""The runtime side: a generated module picks up a tuned config (once per key, then a dictionary hit) from
+the exported table without tuning and without optuna, `attnc codegen --tuned-from` bakes configs in, the
+runtime's key and settings agree with autotune's, and the accuracy gate runs the real kernels.
+
+Real kernels run under the Triton interpreter: tiny shapes (B = H = 1, N = 64, D = 16)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from autotune.key import DeviceInfo, TuningKey, current_device, kernel_hash
+from autotune.measure import FailReason, KernelObjective, SyntheticObjective, TrialFailure, make_inputs
+from autotune.search import SamplerKind, tune
+from autotune.space import Candidate, DType, KernelKind, Problem, space_for
+from autotune.store import export_table, open_storage
+from codegen.settings import settings
+from dsl.lower import compile_to_ir
+
+from .conftest import SPECS
+
+pytest.importorskip("triton")
+
+SPEC = SPECS / "causal.attn"
+PROBLEM = Problem(16, 16, DType.FP32, 64, 64)
+# Not the default (64, 64, 4, 2): a table hit is visible in the launch.
+TUNED = {"block_m": 32, "block_n": 16, "num_warps": 2, "num_stages": 1}
+
+
+def _kernels_file(mod) -> Path:
+    return Path(mod.__file__).with_name(Path(mod.__file__).stem + "_triton.py")
+
+
+def _inputs(dtype=torch.float32):
+    att = compile_to_ir(SPEC.read_text(), str(SPEC)).attentions[0]
+    return att, make_inputs(
+        att, batch=1, heads=1, q_len=64, kv_len=64, head_dim=16, dtype=dtype, device="cpu", seed=1
+    )
+
+
+def _cpu_key(mod, kind=KernelKind.FWD) -> TuningKey:
+    return TuningKey.make("causal", kind, kernel_hash(_kernels_file(mod)), current_device(False), PROBLEM)
+
+
+@pytest.fixture
+def tuned_table(compiled, tmp_path):
+    """Tune the causal forward for this CPU key with a synthetic objective whose optimum is TUNED, and
+    export the table: what `attnc tune` leaves behind."""
+    mod = compiled("causal")
+    store = tmp_path / "journal.log"
+    optimum = Candidate.of(KernelKind.FWD, TUNED)
+    obj = SyntheticObjective(lambda c: 1.0 if c == optimum else 2.0 + c["block_m"] / 64)
+    space = space_for(KernelKind.FWD, PROBLEM)
+    assert optimum in space.candidates()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = tune(_cpu_key(mod), space, obj, storage=str(store), n_trials=len(space.candidates()), seed=0)
+    assert res.best == optimum
+    return export_table(open_storage(str(store)), tmp_path / "best.json"), store
+
+
+def _probe_run(mod, inputs):
+    probe: dict = {}
+    mod._VISIT_PROBE = probe
+    try:
+        out = mod.causal(**inputs, backend="triton")
+    finally:
+        mod._VISIT_PROBE = None
+    return probe["fwd_config"], out
+
+
+def test_runtime_key_is_the_tuning_key(compiled):
+    mod = compiled("causal")
+    kern = mod._triton_kernels(mod.__file__, interpret=True)
+    name, kh = mod._kernel_identity(kern._causal_fwd_kernel)
+    assert (name, kh) == ("causal", kernel_hash(_kernels_file(mod)))
+    text = mod._tune_key_text(
+        name, "fwd", kh, mod._device_identity(torch.device("cpu")), torch.float32, 16, 16, 50, 64
+    )
+    assert text == _cpu_key(mod).text()
+    dev = DeviceInfo("NVIDIA H100 80GB HBM3", 90, "3.6.0", "2.11.0")
+    p = Problem(128, 64, DType.BF16, 3000, 8192)
+    runtime_dev = (dev.name, dev.cc, dev.triton, dev.torch)
+    assert (
+        mod._tune_key_text("causal", "dq", kh, runtime_dev, torch.bfloat16, 128, 64, 3000, 8192)
+        == TuningKey.make("causal", KernelKind.DQ, kh, dev, p).text()
+    )
+
+
+@pytest.mark.parametrize("table_env", [None, "elsewhere/best.json"])
+def test_runtime_settings_mirror_codegen_settings(compiled, monkeypatch, tmp_path, table_env):
+    mod = compiled("causal")
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+    if table_env:
+        monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(tmp_path / table_env))
+    else:
+        monkeypatch.delenv("ATTNC_TUNED_CONFIGS", raising=False)
+    for flag in ("", "0", "1"):
+        monkeypatch.setenv("ATTNC_AUTOTUNE", flag)
+        s = settings()
+        assert mod._tune_settings() == (str(s.tuned_table), s.autotune)
+
+
+def test_module_picks_up_the_tuned_config_once(compiled, tuned_table, monkeypatch):
+    table, _ = tuned_table
+    mod = compiled("causal")
+    _, inputs = _inputs()
+    monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(table))
+    mod._reset_tuned()
+    try:
+        cfg, out = _probe_run(mod, inputs)
+        assert cfg._asdict() | TUNED == cfg._asdict(), cfg
+        ref = mod.causal_reference(**inputs)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        # Once per key: the table is not read again (a dictionary hit), even if it vanished.
+        monkeypatch.setattr(mod, "_tuned_table", lambda: pytest.fail("table read twice"))
+        cfg2, _ = _probe_run(mod, inputs)
+        assert cfg2 == cfg
+        # Another sequence bucket is another key: untuned, so the heuristic default.
+        monkeypatch.undo()
+        monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(table))
+        _, small = _inputs()
+        small = {**small, "q": small["q"][:, :, :32], "k": small["k"][:, :, :32], "v": small["v"][:, :, :32]}
+        cfg3, _ = _probe_run(mod, small)
+        assert cfg3 == mod._default_config(16, 16, "fwd", False)
+    finally:
+        mod._reset_tuned()
+
+
+_RUN_MODULE = textwrap.dedent(
+    """
+    import importlib.util, json, sys, torch
+    path, = sys.argv[1:]
+    if path.endswith(".attn"):
+        import codegen
+        mod = codegen.compile_file(path)
+    else:
+        spec = importlib.util.spec_from_file_location("baked", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, 64, 16, generator=g) for _ in range(3))
+    mod._VISIT_PROBE = probe = {}
+    o = mod.causal(q, k, v, backend="triton")
+    err = float((o - mod.causal_reference(q, k, v)).abs().max())
+    print(json.dumps({"config": probe["fwd_config"]._asdict(), "err": err,
+                      "optuna": "optuna" in sys.modules, "attnc": "autotune" in sys.modules}))
+    """
+)
+
+
+def _run(path: Path | str, env: dict[str, str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-c", _RUN_MODULE, str(path)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tuned_config_reaches_a_new_process_without_tuning(tuned_table):
+    table, _ = tuned_table
+    got = _run(SPEC, {"ATTNC_TUNED_CONFIGS": str(table)})
+    assert {k: got["config"][k] for k in TUNED} == TUNED
+    assert got["err"] < 1e-4
+    assert not got["optuna"] and not got["attnc"], "the runtime must not import optuna or the autotuner"
+
+
+@pytest.mark.parametrize("source", ["table", "journal"])
+def test_codegen_tuned_from_bakes_the_config_in(tuned_table, tmp_path, source):
+    from codegen.cli import main
+
+    table, journal = tuned_table
+    out = tmp_path / "out"
+    tuned_from = table if source == "table" else journal
+    assert main(["codegen", str(SPEC), "-o", str(out), "--tuned-from", str(tuned_from)]) == 0
+    text = (out / "causal.py").read_text()
+    assert "_BAKED_CONFIGS = {" in text and "kernel=fwd" in text
+    # No database and no table on the machine that runs it: the baked config still applies.
+    empty = tmp_path / "empty-cache"
+    got = _run(
+        out / "causal.py",
+        {"ATTNC_CACHE_DIR": str(empty), "ATTNC_TUNED_CONFIGS": str(tmp_path / "missing.json")},
+    )
+    assert {k: got["config"][k] for k in TUNED} == TUNED
+    assert got["err"] < 1e-4
+    assert not empty.exists() or not any(empty.rglob("*.json"))
+
+
+def test_codegen_with_an_empty_table_writes_the_plain_module(tmp_path):
+    from codegen.cli import main
+
+    empty = tmp_path / "none.json"
+    empty.write_text(json.dumps({"format": "attnc-tuned-configs", "version": 1, "configs": {}}))
+    assert main(["codegen", str(SPEC), "-o", str(tmp_path / "a"), "--tuned-from", str(empty)]) == 0
+    assert main(["codegen", str(SPEC), "-o", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "causal.py").read_text() == (tmp_path / "b" / "causal.py").read_text()
+    assert (
+        main(["codegen", str(SPEC), "-o", str(tmp_path / "c"), "--tuned-from", str(tmp_path / "x.json")]) == 2
+    )
+
+
+def test_autotune_hook_runs_only_when_asked(compiled, monkeypatch, tmp_path):
+    """Never tunes implicitly: the hook attnc installs is called on an untuned key only with
+    ATTNC_AUTOTUNE=1, once per key."""
+    mod = compiled("causal")
+    _, inputs = _inputs()
+    calls = []
+
+    def hook(key, kernel, q, k, v):
+        calls.append((key, kernel))
+        return TUNED if kernel == "fwd" else None
+
+    monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(tmp_path / "none.json"))
+    monkeypatch.setattr(mod, "_AUTOTUNE_HOOK", hook)
+    try:
+        monkeypatch.delenv("ATTNC_AUTOTUNE", raising=False)
+        mod._reset_tuned()
+        cfg, _ = _probe_run(mod, inputs)
+        assert not calls and cfg == mod._default_config(16, 16, "fwd", False)
+        monkeypatch.setenv("ATTNC_AUTOTUNE", "1")
+        mod._reset_tuned()
+        cfg, _ = _probe_run(mod, inputs)
+        _probe_run(mod, inputs)
+        assert [k for _, k in calls] == ["fwd", "dkdv", "dq"]
+        assert calls[0][0] == _cpu_key(mod).text()
+        assert {f: getattr(cfg, f) for f in TUNED} == TUNED
+    finally:
+        mod._reset_tuned()
+
+
+def test_unreadable_table_warns_and_runs_the_default(compiled, monkeypatch, tmp_path):
+    mod = compiled("causal")
+    bad = tmp_path / "best.json"
+    bad.write_text("{ not json")
+    monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(bad))
+    _, inputs = _inputs()
+    mod._reset_tuned()
+    try:
+        with pytest.warns(RuntimeWarning, match="ignoring tuned-config table"):
+            cfg, _ = _probe_run(mod, inputs)
+        assert cfg == mod._default_config(16, 16, "fwd", False)
+    finally:
+        mod._reset_tuned()
+
+
+def _miscompiled(mod, monkeypatch, wrong_block_m: int) -> None:
+    """Launch with half the head dim for one tile size: a config that 'compiles' to wrong code."""
+    launch = mod._launch
+
+    def bad_launch(cfg, q, D, E):
+        kw = launch(cfg, q, D, E)
+        if cfg.block_m == wrong_block_m:
+            kw = {**kw, "_BLOCK_D": 8, "_BLOCK_E": 8}
+        return kw
+
+    monkeypatch.setattr(mod, "_launch", bad_launch)
+
+
+def test_accuracy_gate_rejects_a_wrong_candidate_on_real_kernels(compiled, monkeypatch):
+    mod = compiled("causal")
+    _, inputs = _inputs()
+    _miscompiled(mod, monkeypatch, wrong_block_m=32)
+    obj = KernelObjective(mod, "causal", KernelKind.FWD, inputs, DType.FP32)
+    good = space_for(KernelKind.FWD, PROBLEM).default
+    m = obj.measure(good)
+    assert m.error is not None and m.error < 1e-5 and m.time_ms > 0 and len(m.timings_ms) >= 2
+    wrong = Candidate.of(KernelKind.FWD, TUNED)
+    with pytest.raises(TrialFailure) as info:
+        obj.measure(wrong)
+    assert info.value.reason is FailReason.ACCURACY
+    assert mod._FORCED_CONFIGS is None, "the probe is cleared after each measurement"
+
+
+def test_backward_kernels_measure_through_the_gate(compiled):
+    mod = compiled("causal")
+    _, inputs = _inputs()
+    for kind in (KernelKind.DKDV, KernelKind.DQ):
+        space = space_for(kind, PROBLEM)
+        obj = KernelObjective(mod, "causal", kind, inputs, DType.FP32)
+        m = obj.measure(space.default)
+        assert m.error is not None and m.error < 1e-4
+
+
+def test_launch_errors_become_failed_trials(compiled, monkeypatch, tmp_path):
+    """A config the kernel cannot run is a failed trial with its reason; the study goes on."""
+    mod = compiled("causal")
+    _, inputs = _inputs()
+    launch = mod._launch
+
+    def broken(cfg, q, D, E):
+        if cfg.num_warps == 2:
+            raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
+        return launch(cfg, q, D, E)
+
+    monkeypatch.setattr(mod, "_launch", broken)
+    obj = KernelObjective(mod, "causal", KernelKind.FWD, inputs, DType.FP32, gate=False)
+    space = space_for(KernelKind.FWD, PROBLEM)
+    cands = space.candidates()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = tune(
+            _cpu_key(mod),
+            space,
+            obj,
+            storage=str(tmp_path / "j.log"),
+            n_trials=len(cands),
+            sampler=SamplerKind.GRID,
+            seed=0,
+        )
+    failed = res.failed
+    assert failed and all(r.config["num_warps"] == 2 for r in failed)
+    assert all(r.reason.startswith("launch: RuntimeError") for r in failed)
+    assert res.best is not None and res.best["num_warps"] != 2
