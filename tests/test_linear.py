@@ -215,6 +215,23 @@ def test_linear_forms_match_naive_and_recurrence(compiled, spec, N, algorithm, s
     del mod
 
 
+def test_head_dim_256_chunk_with_state(compiled) -> None:
+    """The widest heads take 16-row chunks and E-blocks of 32 (the default schedule for D > 128)."""
+    case = CASES["gated_linear"]
+    q, k, v, aux, s0 = inputs(case, N=40, D=256, E=256, state=True)
+    wo = torch.randn(1, 2, 40, 256, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    o_ref, st_ref, g_ref = _oracle_grads(naive, case, q, k, v, aux, s0, wo, 0.0)
+    (o, st), xs = _call(
+        compiled("gated_linear"), case, q, k, v, aux, torch.float32, initial_state=s0, backend="triton",
+        algorithm="chunk", return_state=True,
+    )  # fmt: skip
+    _close(o, o_ref, 2e-4, "o")
+    _close(st, st_ref, 2e-4, "state")
+    grads = torch.autograd.grad((o.double() * wo).sum(), xs)
+    for name, got, want in zip(["q", "k", "v", "g", "state"], grads, g_ref, strict=True):
+        _close(got, want, 5e-4, f"d{name}")
+
+
 @pytest.mark.parametrize("spec", ["lightning", "linear_elu", "gated_linear"])
 def test_reference_backend_with_state_matches_naive(compiled, spec) -> None:
     case = CASES[spec]
