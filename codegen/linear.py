@@ -190,15 +190,14 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     causal = form.causal
     if has_triton:
         L.append('    if backend == "triton":')
-        L.append("        kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
         L.append(
             f'        opts = _LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _lin_default_config(Dq, Ev))'
         )
         L.append("        s0 = None if s0 is None else s0.float()")
         L.append("        z0 = None if z0 is None else z0.float()")
-        L.append("        o, den, so, zo = _LinearCore.apply(")
+        L.append("        o, den, so, zo = _lin_core(")
         L.append(
-            "            kern, opts, qt.to(q.dtype).contiguous(), kt.to(q.dtype).contiguous(), v.contiguous(), gfull, s0, z0"
+            "            qt.to(q.dtype).contiguous(), kt.to(q.dtype).contiguous(), v.contiguous(), gfull, s0, z0, opts"
         )
         L.append("        )")
         L.append("    else:")

@@ -8,11 +8,11 @@ exactly in PyTorch (`_lin_core_torch`, the reference).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
-from .reference_runtime import _next_pow2, triton_cdiv
+from .reference_runtime import _custom_op, _next_pow2, _triton_kernels, triton_cdiv
 
 MARKER = "# ---- linear-family runtime ----"
 
@@ -70,121 +70,110 @@ def _lin_dummy(x):
     return x.new_empty(1, dtype=torch.float32)
 
 
-class _LinearCore(torch.autograd.Function):
+def _lin_forward(kern, opts, qt, kt, v, gfull, s0, z0):
     """The chunked (or recurrent) core on q~ [B, H, N, D], k~ [B, Gk, N, D], v [B, G, N, E], G [B, H, N + 1];
     returns o_num [B, H, N, E] and den [B, H, N] (fp32) and the final state S [B, H, D, E], z [B, H, D]."""
-
-    @staticmethod
-    def forward(ctx, kern, opts, qt, kt, v, gfull, s0, z0):
-        B, H, N, D = qt.shape
-        Gk, G, E = kt.shape[1], v.shape[1], v.shape[3]
-        cfg = opts.cfg
-        dot = "ieee" if qt.dtype is torch.float32 else "tf32"
-        o = torch.empty((B, H, N, E), device=qt.device, dtype=torch.float32)
-        den = (
-            torch.empty((B, H, N), device=qt.device, dtype=torch.float32) if opts.norm_sum else _lin_dummy(qt)
+    B, H, N, D = qt.shape
+    Gk, G, E = kt.shape[1], v.shape[1], v.shape[3]
+    cfg = opts.cfg
+    dot = "ieee" if qt.dtype is torch.float32 else "tf32"
+    o = torch.empty((B, H, N, E), device=qt.device, dtype=torch.float32)
+    den = torch.empty((B, H, N), device=qt.device, dtype=torch.float32) if opts.norm_sum else _lin_dummy(qt)
+    has_s0 = s0 is not None
+    s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
+    z0_ = z0.contiguous() if has_s0 and z0 is not None else _lin_dummy(qt)
+    if opts.recurrent:
+        gstep = (
+            (gfull[..., 1:] - gfull[..., :-1]).float().contiguous() if gfull is not None else _lin_dummy(qt)
         )
-        has_s0 = s0 is not None
-        s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
-        z0_ = z0.contiguous() if has_s0 and z0 is not None else _lin_dummy(qt)
-        if opts.recurrent:
-            gstep = (
-                (gfull[..., 1:] - gfull[..., :-1]).float().contiguous()
-                if gfull is not None
-                else _lin_dummy(qt)
-            )
-            so = torch.empty((B, H, D, E), device=qt.device, dtype=torch.float32)
-            zo = torch.zeros((B, H, D), device=qt.device, dtype=torch.float32)
-            bv = min(cfg.block_v, _next_pow2(E))
-            kern._lin_recurrent_kernel[(triton_cdiv(E, bv), B * H)](
-                qt, kt, v, gstep, s0_, z0_, o, den, so, zo, N, H, H // Gk, H // G,
-                D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
-                NORM_SUM=opts.norm_sum, num_warps=cfg.num_warps,
-            )  # fmt: skip
-        else:
-            hs, zs, _ = _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot)
-            gl = _lin_chunk_g(gfull, N, cfg.chunk)[0] if gfull is not None else _lin_dummy(qt)
-            nc = triton_cdiv(N, cfg.chunk)
-            bv = min(cfg.block_v, _next_pow2(E))
-            kern._lin_fwd_out_kernel[(triton_cdiv(E, bv), nc, B * H)](
-                qt, kt, v, gl, hs, zs, o, den, N, H, H // Gk, H // G, nc,
-                D=D, E=E, CHUNK=cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=bv, CAUSAL=opts.causal,
-                HAS_DECAY=gfull is not None, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-            so = hs[:, nc].view(B, H, D, E)
-            zo = zs[:, nc].view(B, H, D)
-        ctx.opts, ctx.kern = opts, kern
-        ctx.has_s0, ctx.has_z0 = has_s0, z0 is not None
-        ctx.save_for_backward(qt, kt, v, gfull, s0, z0, so, zo)
-        return o, den, so, zo
-
-    @staticmethod
-    def backward(ctx, do, dden, dso, dzo):
-        qt, kt, v, gfull, s0, z0, so, zo = ctx.saved_tensors
-        opts, kern = ctx.opts, ctx.kern
-        cfg = opts.cfg
-        B, H, N, D = qt.shape
-        Gk, G, E = kt.shape[1], v.shape[1], v.shape[3]
-        dot = "ieee" if qt.dtype is torch.float32 else "tf32"
-        has_s0 = ctx.has_s0
-        s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
-        z0_ = z0.contiguous() if ctx.has_z0 else _lin_dummy(qt)
-        hs, zs, _ = _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot)
-        nc = triton_cdiv(N, cfg.chunk)
-        gl, gs = _lin_chunk_g(gfull, N, cfg.chunk) if gfull is not None else (_lin_dummy(qt),) * 2
-        do = (do if do is not None else qt.new_zeros((B, H, N, E))).float().contiguous()
-        dden_ = dden.float().contiguous() if (opts.norm_sum and dden is not None) else None
-        if opts.norm_sum and dden_ is None:
-            dden_ = torch.zeros((B, H, N), device=qt.device, dtype=torch.float32)
-        has_dso = dso is not None or dzo is not None
-        dso_ = (dso if dso is not None else torch.zeros_like(so)).float().contiguous()
-        dzo_ = (dzo if dzo is not None else torch.zeros_like(zo)).float().contiguous()
-        dhs = torch.empty((B * H, nc + 1, D, E), device=qt.device, dtype=torch.float32)
-        dzs = torch.zeros((B * H, nc + 1, D), device=qt.device, dtype=torch.float32)
-        bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
-        dd = dden_ if dden_ is not None else _lin_dummy(qt)
-        kern._lin_bwd_dstate_kernel[(triton_cdiv(D, bk), triton_cdiv(E, bv), B * H)](
-            qt, do, dd, gl, gs, dso_, dzo_, dhs, dzs, N, H, nc,
-            D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_DSO=has_dso,
-            NORM_SUM=opts.norm_sum, DOT_PRECISION=dot, num_warps=cfg.num_warps,
+        so = torch.empty((B, H, D, E), device=qt.device, dtype=torch.float32)
+        zo = torch.zeros((B, H, D), device=qt.device, dtype=torch.float32)
+        bv = min(cfg.block_v, _next_pow2(E))
+        kern._lin_recurrent_kernel[(triton_cdiv(E, bv), B * H)](
+            qt, kt, v, gstep, s0_, z0_, o, den, so, zo, N, H, H // Gk, H // G,
+            D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
+            NORM_SUM=opts.norm_sum, num_warps=cfg.num_warps,
         )  # fmt: skip
-        dqt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
-        dkt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
-        dv = torch.empty((B, H, N, E), device=qt.device, dtype=torch.float32)
-        common = dict(
+    else:
+        hs, zs, _ = _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot)
+        gl = _lin_chunk_g(gfull, N, cfg.chunk)[0] if gfull is not None else _lin_dummy(qt)
+        nc = triton_cdiv(N, cfg.chunk)
+        bv = min(cfg.block_v, _next_pow2(E))
+        kern._lin_fwd_out_kernel[(triton_cdiv(E, bv), nc, B * H)](
+            qt, kt, v, gl, hs, zs, o, den, N, H, H // Gk, H // G, nc,
             D=D, E=E, CHUNK=cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=bv, CAUSAL=opts.causal,
             HAS_DECAY=gfull is not None, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
-        kern._lin_bwd_dq_kernel[(nc, B * H)](
-            qt, kt, v, do, dd, gl, hs, zs, dqt, N, H, H // Gk, H // G, nc, **common
-        )
-        kern._lin_bwd_dkv_kernel[(nc, B * H)](
-            qt, kt, v, do, dd, gl, gs, dhs, dzs, dkt, dv, N, H, H // Gk, H // G, nc, **common
-        )
-        dgfull = None
-        if gfull is not None:
-            # dL/dG_t = q~_t·dq~_t − k~_t·dk~_t: every term carrying e^{+G_t} sits in row t, every e^{−G_t} in
-            # column t; the final state carries e^{+G_{N−1}}, the initial one e^{−G_{−1}}.
-            ktq = kt.float().repeat_interleave(H // Gk, dim=1)
-            dg = (qt.float() * dqt).sum(-1) - (ktq * dkt).sum(-1)
-            dgfull = torch.zeros_like(gfull)
-            dgfull[..., 1:] = dg.to(gfull.dtype)
-            dgfull[..., N] += ((dso_ * so).sum((-1, -2)) + (dzo_ * zo).sum(-1)).to(gfull.dtype)
-        ds0 = dz0 = None
-        if has_s0:
-            ds0 = dhs[:, nc].view(B, H, D, E).to(s0.dtype)
-            if ctx.has_z0:
-                dz0 = dzs[:, nc].view(B, H, D).to(z0.dtype)
-            if dgfull is not None:
-                edge = (s0.float() * dhs[:, nc].view(B, H, D, E)).sum((-1, -2))
-                if ctx.has_z0:
-                    edge = edge + (z0.float() * dzs[:, nc].view(B, H, D)).sum(-1)
-                dgfull[..., 0] -= edge.to(gfull.dtype)
-        dk = dkt.view(B, Gk, H // Gk, N, D).sum(2).to(kt.dtype)
-        dv_ = dv.view(B, G, H // G, N, E).sum(2).to(v.dtype)
-        return None, None, dqt.to(qt.dtype), dk, dv_, dgfull, ds0, dz0
+        so = hs[:, nc].view(B, H, D, E)
+        zo = zs[:, nc].view(B, H, D)
+    return o, den, so, zo
+
+
+def _lin_backward(kern, opts, qt, kt, v, gfull, s0, z0, so, zo, do, dden, dso, dzo):
+    """Gradients of the core's inputs (the recurrent form's too: it computes the same function)."""
+    cfg = opts.cfg
+    B, H, N, D = qt.shape
+    Gk, G, E = kt.shape[1], v.shape[1], v.shape[3]
+    dot = "ieee" if qt.dtype is torch.float32 else "tf32"
+    has_s0 = s0 is not None
+    s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
+    z0_ = z0.contiguous() if (z0 is not None) else _lin_dummy(qt)
+    hs, zs, _ = _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot)
+    nc = triton_cdiv(N, cfg.chunk)
+    gl, gs = _lin_chunk_g(gfull, N, cfg.chunk) if gfull is not None else (_lin_dummy(qt),) * 2
+    do = (do if do is not None else qt.new_zeros((B, H, N, E))).float().contiguous()
+    dden_ = dden.float().contiguous() if (opts.norm_sum and dden is not None) else None
+    if opts.norm_sum and dden_ is None:
+        dden_ = torch.zeros((B, H, N), device=qt.device, dtype=torch.float32)
+    has_dso = dso is not None or dzo is not None
+    dso_ = (dso if dso is not None else torch.zeros_like(so)).float().contiguous()
+    dzo_ = (dzo if dzo is not None else torch.zeros_like(zo)).float().contiguous()
+    dhs = torch.empty((B * H, nc + 1, D, E), device=qt.device, dtype=torch.float32)
+    dzs = torch.zeros((B * H, nc + 1, D), device=qt.device, dtype=torch.float32)
+    bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
+    dd = dden_ if dden_ is not None else _lin_dummy(qt)
+    kern._lin_bwd_dstate_kernel[(triton_cdiv(D, bk), triton_cdiv(E, bv), B * H)](
+        qt, do, dd, gl, gs, dso_, dzo_, dhs, dzs, N, H, nc,
+        D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_DSO=has_dso,
+        NORM_SUM=opts.norm_sum, DOT_PRECISION=dot, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    dqt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
+    dkt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
+    dv = torch.empty((B, H, N, E), device=qt.device, dtype=torch.float32)
+    common = dict(
+        D=D, E=E, CHUNK=cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=bv, CAUSAL=opts.causal,
+        HAS_DECAY=gfull is not None, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    kern._lin_bwd_dq_kernel[(nc, B * H)](
+        qt, kt, v, do, dd, gl, hs, zs, dqt, N, H, H // Gk, H // G, nc, **common
+    )
+    kern._lin_bwd_dkv_kernel[(nc, B * H)](
+        qt, kt, v, do, dd, gl, gs, dhs, dzs, dkt, dv, N, H, H // Gk, H // G, nc, **common
+    )
+    dgfull = None
+    if gfull is not None:
+        # dL/dG_t = q~_t·dq~_t − k~_t·dk~_t: every term carrying e^{+G_t} sits in row t, every e^{−G_t} in
+        # column t; the final state carries e^{+G_{N−1}}, the initial one e^{−G_{−1}}.
+        ktq = kt.float().repeat_interleave(H // Gk, dim=1)
+        dg = (qt.float() * dqt).sum(-1) - (ktq * dkt).sum(-1)
+        dgfull = torch.zeros_like(gfull)
+        dgfull[..., 1:] = dg.to(gfull.dtype)
+        dgfull[..., N] += ((dso_ * so).sum((-1, -2)) + (dzo_ * zo).sum(-1)).to(gfull.dtype)
+    ds0 = dz0 = None
+    if has_s0:
+        ds0 = dhs[:, nc].view(B, H, D, E).to(s0.dtype)
+        if z0 is not None:
+            dz0 = dzs[:, nc].view(B, H, D).to(z0.dtype)
+        if dgfull is not None:
+            edge = (s0.float() * dhs[:, nc].view(B, H, D, E)).sum((-1, -2))
+            if z0 is not None:
+                edge = edge + (z0.float() * dzs[:, nc].view(B, H, D)).sum(-1)
+            dgfull[..., 0] -= edge.to(gfull.dtype)
+    dk = dkt.view(B, Gk, H // Gk, N, D).sum(2).to(kt.dtype)
+    dv_ = dv.view(B, G, H // G, N, E).sum(2).to(v.dtype)
+    return dqt.to(qt.dtype), dk, dv_, dgfull, ds0, dz0
 
 
 def _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot):
@@ -271,3 +260,126 @@ def _lin_load0(t, idx):
 
 def _lin_state_join(so, zo, norm_sum):
     return torch.cat([so, zo[..., None]], dim=-1) if norm_sum else so
+
+
+# ---- the core as a torch.library custom op: torch.compile(fullgraph=True) traces models calling it ----
+
+
+def _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages):
+    return _LinOpts(causal, norm_sum, recurrent, _LinConfig(chunk, block_k, block_v, num_warps, num_stages))
+
+
+def _lin_core_impl(
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    v: torch.Tensor,
+    gfull: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    s0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    z0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    causal: bool,
+    norm_sum: bool,
+    recurrent: bool,
+    chunk: int,
+    block_k: int,
+    block_v: int,
+    num_warps: int,
+    num_stages: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kern = _triton_kernels(__file__, interpret=not qt.is_cuda)
+    opts = _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages)
+    o, den, so, zo = _lin_forward(kern, opts, qt, kt, v, gfull, s0, z0)
+    return o, den, so.clone(), zo.clone()  # views of a scratch buffer must not alias an op's outputs
+
+
+def _lin_core_fake(
+    qt, kt, v, gfull, s0, z0, causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages
+):
+    B, H, N, D = qt.shape
+    E = v.shape[3]
+    f32 = torch.float32
+    den = qt.new_empty((B, H, N) if norm_sum else (1,), dtype=f32)
+    return (
+        qt.new_empty((B, H, N, E), dtype=f32),
+        den,
+        qt.new_empty((B, H, D, E), dtype=f32),
+        qt.new_empty((B, H, D), dtype=f32),
+    )
+
+
+def _lin_core_bwd_impl(
+    do: torch.Tensor,
+    dden: torch.Tensor,
+    dso: torch.Tensor,
+    dzo: torch.Tensor,
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    v: torch.Tensor,
+    gfull: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    s0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    z0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    so: torch.Tensor,
+    zo: torch.Tensor,
+    causal: bool,
+    norm_sum: bool,
+    recurrent: bool,
+    chunk: int,
+    block_k: int,
+    block_v: int,
+    num_warps: int,
+    num_stages: int,
+) -> list[torch.Tensor]:
+    kern = _triton_kernels(__file__, interpret=not qt.is_cuda)
+    opts = _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages)
+    grads = _lin_backward(kern, opts, qt, kt, v, gfull, s0, z0, so, zo, do, dden, dso, dzo)
+    return [g if g is not None else qt.new_empty(0) for g in grads]
+
+
+def _lin_core_bwd_fake(do, dden, dso, dzo, qt, kt, v, gfull, s0, z0, so, zo, *flags):
+    return [torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(v)] + [
+        torch.empty_like(x) if x is not None else qt.new_empty(0) for x in (gfull, s0, z0)
+    ]
+
+
+def _lin_core_setup(ctx, inputs, output):
+    qt, kt, v, gfull, s0, z0, *flags = inputs
+    _, _, so, zo = output
+    ctx.flags = flags
+    ctx.present = (gfull is not None, s0 is not None, z0 is not None)
+    ctx.save_for_backward(qt, kt, v, gfull, s0, z0, so, zo)
+
+
+def _lin_core_backward(ctx, do, dden, dso, dzo):
+    qt, kt, v, gfull, s0, z0, so, zo = ctx.saved_tensors
+    B, H, N, _ = qt.shape
+    do = do if do is not None else qt.new_zeros((B, H, N, v.shape[3]), dtype=torch.float32)
+    dden = (
+        dden if dden is not None else qt.new_zeros((B, H, N) if ctx.flags[1] else (1,), dtype=torch.float32)
+    )
+    dso = dso if dso is not None else torch.zeros_like(so)
+    dzo = dzo if dzo is not None else torch.zeros_like(zo)
+    grads = _LIN_OPS[1](do, dden, dso, dzo, qt, kt, v, gfull, s0, z0, so, zo, *ctx.flags)
+    out = [*grads[:3], *(g if p else None for g, p in zip(grads[3:], ctx.present, strict=True))]
+    return (*out, *([None] * len(ctx.flags)))
+
+
+def _lin_register():
+    op, fresh = _custom_op("lin_core", _lin_core_impl, _lin_core_fake)
+    bwd, _ = _custom_op("lin_core_backward", _lin_core_bwd_impl, _lin_core_bwd_fake)
+    if fresh:
+        op.register_autograd(_lin_core_backward, setup_context=_lin_core_setup)
+    return op, bwd
+
+
+def _lin_core(qt, kt, v, gfull, s0, z0, opts):
+    """Run the Triton core through the module's custom op (autograd: the chunked backward kernels)."""
+    global _LIN_OPS
+    if _LIN_OPS is None:
+        _LIN_OPS = _lin_register()
+    c = opts.cfg
+    return _LIN_OPS[0](
+        qt, kt, v, gfull, s0, z0, opts.causal, opts.norm_sum, opts.recurrent,
+        c.chunk, c.block_k, c.block_v, c.num_warps, c.num_stages,
+    )  # fmt: skip
+
+
+_LIN_OPS = None

@@ -367,8 +367,8 @@ def test_parallel_and_automatic_choice(compiled, monkeypatch) -> None:
     # Above the threshold the entry point takes the chunked form on its own.
     monkeypatch.setattr(mod, "_LINEAR_PARALLEL_MAX_N", 16)
     calls = []
-    real = mod._LinearCore.apply
-    monkeypatch.setattr(mod._LinearCore, "apply", lambda *a: calls.append(1) or real(*a))
+    real = mod._lin_forward
+    monkeypatch.setattr(mod, "_lin_forward", lambda *a: calls.append(1) or real(*a))
     _close(mod.lightning(*args, backend="triton"), want, 2e-4, "auto")
     assert calls, "N above the threshold should run the chunked kernels"
 
@@ -472,3 +472,41 @@ def test_gpu_linear_forms(compiled, spec, N, dtype) -> None:
         grads = torch.autograd.grad((o.double() * wo.cuda()).sum(), xs)
         for name, got, want in zip(["q", "k", "v", "aux", "state"], grads, g_ref, strict=False):
             _close(got.cpu(), want, 2 * tol, f"{algorithm} d{name}")
+
+
+class TinyRetention(torch.nn.Module):
+    """A projection + generated linear operator (chunked, with its final state) + projection."""
+
+    def __init__(self, mod: object, heads: int = 2, dim: int = 16) -> None:
+        super().__init__()
+        self.mod, self.h, self.d = mod, heads, dim
+        self.qkv = torch.nn.Linear(heads * dim, 3 * heads * dim)
+        self.decay = torch.nn.Parameter(torch.linspace(0.05, 0.3, heads))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.h, self.d).permute(2, 0, 3, 1, 4)
+        o, state = self.mod.lightning(
+            q, k, v, self.decay, backend="triton", algorithm="chunk", return_state=True
+        )  # type: ignore[attr-defined]
+        return o.transpose(1, 2).reshape(B, N, -1), state
+
+
+def test_linear_forms_trace_under_torch_compile(compiled) -> None:
+    """The Triton core is a custom op with a fake implementation: fullgraph compile traces it, fwd and bwd."""
+    torch.manual_seed(0)
+    model = TinyRetention(compiled("lightning"))
+    x = torch.randn(1, 70, 32)
+    o, st = model(x)
+    (o.square().sum() + st.sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    torch._dynamo.reset()
+    fast = torch.compile(model, fullgraph=True, backend="aot_eager")
+    o2, st2 = fast(x)
+    (o2.square().sum() + st2.sum()).backward()
+    torch.testing.assert_close(o2, o, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(st2, st, atol=1e-4, rtol=1e-4)
+    for p, g in zip(model.parameters(), grads, strict=True):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
+    assert model.decay.grad is not None and model.decay.grad.abs().sum() > 0
