@@ -129,6 +129,30 @@ class TuningKey:
             ]
         )
 
+    @staticmethod
+    def from_text(text: str, heavy: bool = False) -> TuningKey:
+        """The inverse of `text()` (what the runtime hands an autotune hook)."""
+        f = dict(part.split("=", 1) for part in text.split("|"))
+        try:
+            return TuningKey(
+                attention=f["attn"],
+                kernel=KernelKind(f["kernel"]),
+                kernel_hash=f["kh"],
+                attnc=f["attnc"],
+                gpu=f["gpu"],
+                cc=int(f["cc"]),
+                triton=f["triton"],
+                torch=f["torch"],
+                dtype=DType(f["dtype"]),
+                head_dim=int(f["D"]),
+                v_dim=int(f["E"]),
+                q_bucket=int(f["M"]),
+                kv_bucket=int(f["N"]),
+                heavy=heavy,
+            )
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"not a tuning key: {text!r} ({err})") from None
+
     def study_name(self) -> str:
         """A short, storage-safe study name: readable prefix plus a digest of the full text."""
         digest = hashlib.sha256(self.text().encode()).hexdigest()[:16]

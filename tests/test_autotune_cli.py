@@ -93,3 +93,18 @@ def test_prescreen_compiles_the_pruned_space_without_a_gpu(cache, capsys):
     assert (cache / "tune" / "aot.json").exists(), "compiles are cached"
     entries = json.loads((cache / "tune" / "aot.json").read_text())
     assert entries and all(e["compiled"] for e in entries.values())
+
+
+def test_docs_python_example_runs(cache):
+    """docs/autotune.md's Python example, as written (its CPU branch here)."""
+    import re
+    import warnings
+
+    from .conftest import REPO
+
+    text = (REPO / "docs" / "autotune.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", text, re.S)[:1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exec(compile(code, "docs/autotune.md", "exec"), {"__name__": "docs_example"})
+    assert (cache / "tune" / "best.json").exists()

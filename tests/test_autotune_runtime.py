@@ -218,8 +218,9 @@ def test_autotune_hook_runs_only_when_asked(compiled, monkeypatch, tmp_path):
     _, inputs = _inputs()
     calls = []
 
-    def hook(key, kernel, q, k, v):
+    def hook(key, kernel, q, k, v, heavy):
         calls.append((key, kernel))
+        assert heavy is False
         return TUNED if kernel == "fwd" else None
 
     monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(tmp_path / "none.json"))
@@ -323,3 +324,19 @@ def test_launch_errors_become_failed_trials(compiled, monkeypatch, tmp_path):
     assert failed and all(r.config["num_warps"] == 2 for r in failed)
     assert all(r.reason.startswith("launch: RuntimeError") for r in failed)
     assert res.best is not None and res.best["num_warps"] != 2
+
+
+def test_attnc_autotune_tunes_an_untuned_key_once_per_machine(tmp_path):
+    """ATTNC_AUTOTUNE=1 through codegen.compile_file: the first call tunes its keys (fwd, dkdv, dq) into the
+    default storage and table; a second process finds them tuned and measures nothing."""
+    env = {"ATTNC_CACHE_DIR": str(tmp_path / "cache"), "ATTNC_AUTOTUNE": "1"}
+    env.pop("ATTNC_TUNED_CONFIGS", None)
+    first = _run(SPEC, env)
+    assert first["err"] < 1e-4 and first["attnc"], "the hook is attnc's: it imports the autotuner"
+    table = json.loads((tmp_path / "cache" / "tune" / "best.json").read_text())["configs"]
+    assert sorted(k.split("|")[1] for k in table) == ["kernel=dkdv", "kernel=dq", "kernel=fwd"]
+    journal = tmp_path / "cache" / "tune" / "journal.log"
+    size = journal.stat().st_size
+    second = _run(SPEC, env)
+    assert second["config"] == first["config"]
+    assert journal.stat().st_size == size, "tuned keys are not tuned again"
