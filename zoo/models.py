@@ -145,7 +145,8 @@ class DecoderLM(nn.Module):
         positions: Tensor | None = None,
         backend: str | None = None,
     ) -> Tensor:
-        """Next-token cross-entropy; in a packed batch no position predicts across a document boundary."""
+        """Next-token cross-entropy; in a packed batch no position predicts across a document boundary or
+        into padding (doc id -1)."""
         logits = self(
             tokens[:, :-1],
             doc=None if doc is None else doc[:, :-1],
@@ -154,7 +155,7 @@ class DecoderLM(nn.Module):
         )
         target = tokens[:, 1:].clone()
         if doc is not None:
-            target[doc[:, 1:] != doc[:, :-1]] = -100
+            target[(doc[:, 1:] != doc[:, :-1]) | (doc[:, 1:] < 0)] = -100
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
     def new_caches(self) -> list[KVCache]:
@@ -189,8 +190,8 @@ class DecoderLM(nn.Module):
 
 def pack_documents(docs: Sequence[Tensor], length: int, pad: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """Pack 1-D token sequences into rows of `length` (first fit in order; a document longer than a row is
-    cut). Returns `(tokens, doc, positions)`, each `[rows, length]`: document ids (padding gets its own id)
-    and positions restarting at 0 in each document, for `DecoderLM.loss(tokens, doc=doc, positions=positions)`."""
+    cut). Returns `(tokens, doc, positions)`, each `[rows, length]`: document ids (-1 for the padding at
+    the end of a row, which `DecoderLM.loss` does not train on) and positions restarting at 0 in each document, for `DecoderLM.loss(tokens, doc=doc, positions=positions)`."""
     rows: list[list[Tensor]] = [[]]
     used = 0
     for d in docs:
@@ -210,7 +211,7 @@ def pack_documents(docs: Sequence[Tensor], length: int, pad: int = 0) -> tuple[T
             doc[r, at : at + len(d)] = n
             positions[r, at : at + len(d)] = torch.arange(len(d))
             at += len(d)
-        doc[r, at:] = len(row)  # padding: a document of its own
+        doc[r, at:] = -1  # padding: a document of its own, whose targets the loss ignores
         positions[r, at:] = torch.arange(length - at)
     return tokens, doc, positions
 

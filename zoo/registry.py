@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from . import layers as L
+from .layers import linear as LL
 from .ops import spec_path
 
 
@@ -48,7 +49,7 @@ class Variant:
         return spec_path(self.spec)
 
 
-S, R, T = Family.SOFTMAX, Family.ROUTING, Family.TWO_STAGE
+S, R, T, LI = Family.SOFTMAX, Family.ROUTING, Family.TWO_STAGE, Family.LINEAR
 CA, IM, BI, OT = Use.CAUSAL, Use.IMAGE, Use.BIDIRECTIONAL, Use.OTHER
 
 # fmt: off
@@ -79,6 +80,10 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("topk_retrieval", R, "Mohtashami & Jaggi 2023, Landmark Attention; Liu et al. 2024, RetrievalAttention", "topk_retrieval", L.TopKRetrievalAttention, CA),
     Variant("target_attention", R, "Feng et al. 2024, DARE: Decoupled Attention and Representation Embeddings", "target_attention", L.TargetAttention, OT),
     Variant("agent", T, "Han et al. 2024, Agent Attention", "agent", L.AgentAttention, IM),
+    Variant("lightning", LI, "Qin et al. 2023, TransNormerLLM; Qin et al. 2024, Lightning Attention-2", "lightning", LL.LightningAttention, CA),
+    Variant("retention", LI, "Sun et al. 2023, Retentive Network: A Successor to Transformer for LLMs", "retention", LL.RetentionAttention, CA),
+    Variant("linear_elu", LI, "Katharopoulos et al. 2020, Transformers are RNNs (linear attention, elu + 1)", "linear_elu", LL.LinearEluAttention, CA),
+    Variant("hedgehog", LI, "Zhang et al. 2024, The Hedgehog & the Porcupine (learned feature maps)", "hedgehog", LL.HedgehogAttention, CA),
 )
 # fmt: on
 
