@@ -104,6 +104,15 @@ def test_layers_reject_unknown_arguments() -> None:
         L.AgentAttention(16, 2, agents=4)(torch.randn(1, 16, 16), grid=(4, 4), rope=None)
 
 
+def test_neighbourhood_layers_refuse_windows_larger_than_the_input() -> None:
+    with pytest.raises(ValueError, match="kernel_size"):
+        L.Neighborhood1DAttention(16, 2, kernel_size=5, dilation=2)(torch.randn(1, 9, 16))
+    with pytest.raises(ValueError, match="dilated window"):
+        L.DilatedNeighborhood2DAttention(16, 2, kernel_size=3, dilation=2)(
+            torch.randn(1, 20, 16), grid=(4, 5)
+        )
+
+
 def test_alibi_slopes_are_the_papers() -> None:
     """Press et al. sec. 3: for 8 heads the slopes are 1/2, 1/4, ..., 1/256."""
     assert torch.allclose(alibi_slopes(8), torch.tensor([2.0**-k for k in range(1, 9)]))

@@ -71,7 +71,8 @@ def test_packed_batch_equals_separate_documents() -> None:
     g = torch.Generator().manual_seed(4)
     docs = [torch.randint(0, 40, (n,), generator=g) for n in (5, 7, 3, 6)]
     tokens, doc, positions = pack_documents(docs, 16)
-    assert tokens.shape == (2, 16) and doc[0, :15].tolist() == [0] * 5 + [1] * 7 + [2] * 3
+    assert tokens.shape == (2, 16) and doc[0].tolist() == [0] * 5 + [1] * 7 + [2] * 3 + [-1]
+    assert positions[0, :12].tolist() == list(range(5)) + list(range(7)) and doc[1, 6:].eq(-1).all()
     packed = model(tokens, doc=doc, positions=positions)
     at = {0: 0, 1: 5, 2: 12, 3: 0}
     rows = {0: 0, 1: 0, 2: 0, 3: 1}
@@ -84,12 +85,12 @@ def test_packed_batch_equals_separate_documents() -> None:
 def test_packed_loss_ignores_cross_document_targets() -> None:
     model = _lm("document").double()
     g = torch.Generator().manual_seed(5)
-    docs = [torch.randint(0, 40, (n,), generator=g) for n in (6, 10)]
-    tokens, doc, positions = pack_documents(docs, 16)
+    docs = [torch.randint(0, 40, (n,), generator=g) for n in (6, 8)]
+    tokens, doc, positions = pack_documents(docs, 16)  # two padding slots at the end (doc id -1)
     packed = model.loss(tokens, doc=doc, positions=positions)
-    # Per-token losses of each document alone, averaged over all next-token targets (5 + 9).
+    # Per-token losses of each document alone, averaged over all next-token targets (5 + 7), none on padding.
     total = sum(model.loss(d[None]) * (len(d) - 1) for d in docs)
-    torch.testing.assert_close(packed, total / 14, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(packed, total / 12, atol=1e-10, rtol=1e-10)
 
 
 def test_rope_rotation_is_relative() -> None:

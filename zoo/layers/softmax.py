@@ -266,6 +266,10 @@ class Neighborhood1DAttention(ZooAttention):
         self.kernel_size, self.dilation = kernel_size, dilation
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, *, x: Tensor, backend: str | None) -> Tensor:
+        if q.shape[2] < self.kernel_size * self.dilation:
+            raise ValueError(
+                f"{q.shape[2]} tokens < kernel_size * dilation = {self.kernel_size * self.dilation}"
+            )
         return self.op()(q, k, v, K=self.kernel_size, dil=self.dilation, backend=backend)
 
 
@@ -282,10 +286,13 @@ class Neighborhood2DAttention(ZooAttention):
         super().__init__(dim, heads, **kw)  # type: ignore[arg-type]
         self.kernel_size = (kernel_size, kernel_size) if isinstance(kernel_size, int) else kernel_size
 
-    def _check(self, q: Tensor, grid: tuple[int, int]) -> tuple[int, int]:
+    def _check(self, q: Tensor, grid: tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> tuple[int, int]:
         rows, width = grid
         if rows * width != q.shape[2]:
             raise ValueError(f"grid {grid} does not cover the {q.shape[2]} tokens")
+        (kh, kw), (dh, dw) = self.kernel_size, dilation
+        if rows < kh * dh or width < kw * dw:
+            raise ValueError(f"grid {grid} is smaller than the dilated window {(kh * dh, kw * dw)}")
         return rows, width
 
     def attend(
@@ -319,7 +326,7 @@ class DilatedNeighborhood2DAttention(Neighborhood2DAttention):
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, x: Tensor, backend: str | None, grid: tuple[int, int]
     ) -> Tensor:
-        _, width = self._check(q, grid)
+        _, width = self._check(q, grid, self.dilation)
         (kh, kw), (dh, dw) = self.kernel_size, self.dilation
         return self.op()(q, k, v, width, KH=kh, KW=kw, DH=dh, DW=dw, backend=backend)
 
