@@ -224,7 +224,7 @@ def _tune(args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     kinds = _kinds(args.kernels)
     sizes = _sizes(args.size)
-    gpu = torch.cuda.is_available()
+    gpu = torch.cuda.is_available() and not args.cpu
     if not gpu and not args.prescreen and not args.cpu:
         print(
             "attnc tune: timing needs a CUDA GPU, and this machine has none.\n"
@@ -303,6 +303,8 @@ def _tune(args: argparse.Namespace) -> int:
                         arch=arch,
                         progress=bar,
                     )
+                except ValueError as err:  # the spec's own checks rejected the generated inputs
+                    raise UsageError(f"cannot build inputs for {att.name}: {err}; see --size") from None
                 finally:
                     bar.close()
                 results.append((att.name, kind, shape, res))

@@ -211,6 +211,10 @@ def make_inputs(
                 )
             bound.setdefault(name, value)
     bound.update(sizes or {})
+    for p in att.params:  # scalars: a given value, else the default (an expression of sizes)
+        if not isinstance(p, TensorParam) and p.name not in bound and p.default is not None:
+            with contextlib.suppress(Exception):
+                bound[p.name] = _evaluate(p.default, bound)
     gen = torch.Generator().manual_seed(seed)
     kwargs: dict[str, Any] = {}
     for p in att.params:
@@ -227,16 +231,32 @@ def make_inputs(
             elif d.op is Op.SIZE and str(d.attr) in bound:
                 shape.append(bound[str(d.attr)])
             else:
-                raise ValueError(f"{att.name}: cannot size {p.name!r} (dimension {d}); give it with --size")
-        if p.name in ("q", "k", "v") or p.type.kind is IrDType.FLOAT:
-            scale = 1.0 if p.name in ("q", "k", "v") else 0.1
-            t = (torch.randn(shape, generator=gen) * scale).to(dtype if p.name in ("q", "k", "v") else None)
+                try:
+                    shape.append(int(_evaluate(d, bound)))
+                except Exception:
+                    raise ValueError(
+                        f"{att.name}: cannot size {p.name!r} (dimension {d}); give its symbols with --size"
+                    ) from None
+        # The declared width where there is one (`int32`, `float16`, ...), else int64 / float32.
+        exact = {"float": torch.float32, "int": torch.int64}.get(p.type.value) or getattr(torch, p.type.value)
+        if p.name in ("q", "k", "v"):
+            t = torch.randn(shape, generator=gen).to(dtype)
+        elif p.type.kind is IrDType.FLOAT:
+            t = (torch.randn(shape, generator=gen) * 0.1).to(exact)
         elif p.type.kind is IrDType.BOOL:
             t = torch.ones(shape, dtype=torch.bool)
         else:
-            t = torch.zeros(shape, dtype=torch.int64)
+            t = torch.zeros(shape, dtype=exact)
         kwargs[p.name] = t.to(device)
     return kwargs
+
+
+def _evaluate(node: Any, bound: Mapping[str, int]) -> Any:
+    """A shape or default expression of size symbols and int scalars, with the symbols bound: the code the
+    generated module itself evaluates (codegen's emitter), not spec text."""
+    from codegen.reference import dim_code
+
+    return eval(dim_code(node), {"math": math, "__builtins__": {}}, dict(bound))
 
 
 @dataclass
@@ -315,6 +335,11 @@ class KernelObjective:
         return err
 
     def measure(self, c: Candidate) -> Measurement:
+        """Gate, then time. Raises TrialFailure for the candidate's own failures; a ValueError when the
+        reference itself rejects the inputs (a problem with the inputs, not with the config)."""
+        if self.gate and self._reference is None:
+            ref_fn = getattr(self.module, f"{self.attention}_reference")
+            self._reference = self._outputs(ref_fn, upcast=not self.on_gpu)
         error = None
         try:
             if self.gate:

@@ -340,3 +340,55 @@ def test_attnc_autotune_tunes_an_untuned_key_once_per_machine(tmp_path):
     second = _run(SPEC, env)
     assert second["config"] == first["config"]
     assert journal.stat().st_size == size, "tuned keys are not tuned again"
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "want"),
+    [
+        ("t5_bias", "bias", ((2, 129), torch.float32)),  # [H, 2 * R + 1] with R's default 64
+        ("sliding_window", "k", ((1, 2, 32, 16), torch.float64)),  # G (kv heads) defaults to H
+    ],
+)
+def test_make_inputs_sizes_expressions_and_defaults(spec, name, want):
+    path = SPECS / f"{spec}.attn"
+    att = compile_to_ir(path.read_text(), str(path)).attentions[0]
+    kw = make_inputs(
+        att, batch=1, heads=2, q_len=32, kv_len=32, head_dim=16, dtype=torch.float64, device="cpu"
+    )
+    assert (tuple(kw[name].shape), kw[name].dtype) == want
+
+
+def test_make_inputs_keeps_declared_int_widths_and_asks_for_free_symbols():
+    for spec in SPECS.glob("*.attn"):
+        for att in compile_to_ir(spec.read_text(), str(spec)).attentions:
+            try:
+                kw = make_inputs(
+                    att, batch=1, heads=2, q_len=32, kv_len=32, head_dim=16, dtype=torch.float32, device="cpu"
+                )
+            except ValueError as err:
+                assert "--size" in str(err), err  # a symbol only a user can give (a table length)
+                continue
+            for p in att.aux_tensors:
+                if p.type.value in ("int32", "int64", "float16", "bfloat16", "float32", "float64"):
+                    assert kw[p.name].dtype == getattr(torch, p.type.value), (spec.name, p.name)
+
+
+@pytest.mark.parametrize("spec", ["causal", "lightning", "alibi"])
+def test_baked_keys_use_the_written_kernels_hash(spec):
+    """The hash a baked key names is the content hash of the kernels file written beside the module (the
+    runtime's `kh`), whatever else goes into that file (the linear family's kernels, for one)."""
+    from codegen.module import Target, render_all
+
+    path = SPECS / f"{spec}.attn"
+    source = path.read_text()
+    program = compile_to_ir(source, str(path))
+    _, kernels = render_all(program, source, Target.ALL)
+    kh = next(ln for ln in kernels.splitlines() if ln.startswith("# content-sha256: ")).split(": ")[1][:16]
+    name = program.attentions[0].name
+    table = {
+        f"attn={name}|kernel=fwd|kh={kh}|attnc=x|gpu=g|cc=90": {"config": TUNED},
+        f"attn={name}|kernel=fwd|kh={'0' * 16}|attnc=x|gpu=g|cc=90": {"config": TUNED},  # other kernels
+    }
+    main, kernels2 = render_all(program, source, Target.ALL, table)
+    assert kernels2 == kernels
+    assert "(1 keys)" in main and f"kh={kh}" in main and "kh=0000" not in main
