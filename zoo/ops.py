@@ -13,6 +13,7 @@ never wait for Triton tile planning; calls that run the kernels load the full mo
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,6 +44,7 @@ class Operator:
 
     def __init__(self, spec: str, name: str) -> None:
         self.spec, self.name = spec, name
+        self._fns: dict[bool, Callable[..., Any]] = {}  # reference_only -> the generated function
 
     def __repr__(self) -> str:
         return f"<zoo operator {self.name} from {spec_path(self.spec).name}>"
@@ -50,11 +52,27 @@ class Operator:
     def __call__(self, *args: Any, backend: str | None = None, **kwargs: Any) -> Any:
         on_gpu = any(getattr(a, "is_cuda", False) for a in args)
         reference = backend == "reference" or (backend is None and not on_gpu)
-        fn = getattr(load(self.spec, reference_only=reference), self.name)
+        fn = self._fns.get(reference)
+        if fn is None:
+            import torch
+
+            if torch.compiler.is_compiling():  # generating code is not traceable: do it eagerly first
+                raise RuntimeError(
+                    f"zoo operator {self.name} is not loaded yet: run the model once eagerly (or call "
+                    f"zoo.ops.load({self.spec!r})) before torch.compile"
+                )
+            fn = self._fns[reference] = getattr(load(self.spec, reference_only=reference), self.name)
         return fn(*args, backend=backend, **kwargs)
 
 
-@functools.cache
+_OPERATORS: dict[tuple[str, str], Operator] = {}
+
+
 def op(spec: str, name: str | None = None) -> Operator:
-    """The operator `name` (default: the spec's stem) of `zoo/specs/<spec>.attn`."""
-    return Operator(spec, name or spec)
+    """The operator `name` (default: the spec's stem) of `zoo/specs/<spec>.attn`, one object per process
+    (a plain dict rather than functools.cache, so torch.compile traces the lookup instead of re-creating it)."""
+    key = (spec, name or spec)
+    found = _OPERATORS.get(key)
+    if found is None:
+        found = _OPERATORS[key] = Operator(*key)
+    return found
