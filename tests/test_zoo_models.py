@@ -43,6 +43,20 @@ def test_kv_cache_decoding_equals_full_recomputation(variant: str) -> None:
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize(
+    "variant", [v.name for v in zoo.VARIANTS if v.family is zoo.Family.LINEAR and v.use is zoo.Use.CAUSAL]
+)
+def test_lm_decodes_linear_variants_from_their_state_cache(variant: str) -> None:
+    """The same LM runs the linear family: `new_caches` asks each layer for its cache (a recurrent state)."""
+    model = _lm(variant).double().eval()
+    tokens = torch.randint(0, 40, (1, 11), generator=torch.Generator().manual_seed(1))
+    caches = model.new_caches()
+    steps = [model(tokens[:, :4], caches=caches)] + [
+        model(tokens[:, t : t + 1], caches=caches) for t in range(4, 11)
+    ]
+    torch.testing.assert_close(torch.cat(steps, dim=1), model(tokens), atol=1e-10, rtol=1e-10)
+
+
 def test_generate_matches_greedy_full_recomputation() -> None:
     model = _lm("alibi").double().eval()
     prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(2))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from . import registry
 from . import variant as registry_variant
-from .layers.base import KVCache, ZooAttention
+from .layers.base import ZooAttention
 
 
 class RotaryEmbedding(nn.Module):
@@ -121,7 +121,7 @@ class DecoderLM(nn.Module):
         *,
         doc: Tensor | None = None,
         positions: Tensor | None = None,
-        caches: Sequence[KVCache] | None = None,
+        caches: Sequence[Any] | None = None,
         backend: str | None = None,
     ) -> Tensor:
         """`doc: [B, T]` document ids of a packed batch (the `document` variant; with `positions` restarting
@@ -158,8 +158,9 @@ class DecoderLM(nn.Module):
             target[(doc[:, 1:] != doc[:, :-1]) | (doc[:, 1:] < 0)] = -100
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
 
-    def new_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in self.blocks]
+    def new_caches(self) -> list[Any]:
+        """One empty decoding cache per block: a `KVCache`, or the layer's own (a state for the linear family)."""
+        return [block.attn.new_cache() for block in self.blocks]
 
     @torch.no_grad()
     def generate(

@@ -65,6 +65,11 @@ class ZooAttention(nn.Module):
         self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
         self.out_proj = nn.Linear(heads * head_dim, dim, bias=False)
 
+    @staticmethod
+    def new_cache() -> Any:
+        """An empty decoding cache for this layer (the linear family overrides it with a state cache)."""
+        return KVCache()
+
     def op(self, name: str | None = None) -> Callable[..., Any]:
         return ops.op(self.spec, name)
 
