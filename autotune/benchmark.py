@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DType(meta.get("dtype", "float16")),
         int(meta.get("M", 4096)),
         int(meta.get("N", 4096)),
-        bool(meta.get("heavy", False)),
+        int(meta.get("heavy", 0)),
     )
     kind = next(iter(truth)).kind
     reports = replay(space_for(kind, problem), truth, [SamplerKind(s) for s in args.samplers], args.seeds)

@@ -79,7 +79,7 @@ class TuningKey:
     v_dim: int
     q_bucket: int
     kv_bucket: int
-    heavy: bool = False  # not part of the text: it follows from the kernel hash
+    heavy: int = 0  # KernelWriter.heavy; not part of the text: it follows from the kernel hash
 
     @staticmethod
     def make(
@@ -130,7 +130,7 @@ class TuningKey:
         )
 
     @staticmethod
-    def from_text(text: str, heavy: bool = False) -> TuningKey:
+    def from_text(text: str, heavy: int = 0) -> TuningKey:
         """The inverse of `text()` (what the runtime hands an autotune hook)."""
         f = dict(part.split("=", 1) for part in text.split("|"))
         try:

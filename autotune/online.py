@@ -29,7 +29,7 @@ class _Hook:
     n_trials: int = ONLINE_TRIALS
     _warned: set[str] = field(default_factory=set)
 
-    def __call__(self, key_text: str, kernel: str, q: Any, k: Any, v: Any, heavy: bool = False) -> Any:
+    def __call__(self, key_text: str, kernel: str, q: Any, k: Any, v: Any, heavy: int = 0) -> Any:
         """Tune on a helper thread: the runtime calls this from inside a custom op's implementation, below
         the autograd dispatch key (thread-local), where the backward kernels could not be measured."""
         import concurrent.futures
@@ -37,7 +37,7 @@ class _Hook:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             return pool.submit(self._tune, key_text, q, k, v, heavy).result()
 
-    def _tune(self, key_text: str, q: Any, k: Any, v: Any, heavy: bool) -> Any:
+    def _tune(self, key_text: str, q: Any, k: Any, v: Any, heavy: int) -> Any:
         from .key import TuningKey
         from .measure import KernelObjective
         from .resource import arch_for

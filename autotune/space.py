@@ -75,15 +75,16 @@ def bucket(n: int) -> int:
 
 @dataclass(frozen=True)
 class Problem:
-    """What a schedule depends on: head dims, dtype, sequence buckets, and whether the spec is `heavy` (a
-    tensor gathered per (i, j) pair: such kernels keep more live values and want narrower tiles)."""
+    """What a schedule depends on: head dims, dtype, sequence buckets, and how `heavy` the spec is (a tensor
+    gathered per (i, j) pair, or float32 weights: such kernels keep more live values and want narrower
+    tiles; the runtime's defaults narrow by level)."""
 
     head_dim: int  # D
     v_dim: int  # E
     dtype: DType
     q_len: int  # M (bucketed by the key, not here)
     kv_len: int  # N
-    heavy: bool = False
+    heavy: int = 0  # KernelWriter.heavy: 0 none, 1 float32 weights, 2 a gather per (i, j) or tile summaries
 
     @property
     def width(self) -> int:

@@ -51,20 +51,24 @@ def test_prune_keeps_the_default_and_drops_with_reasons():
         assert len(kept) + len(dropped) == len(space.candidates())
 
 
-# Configs on both sides of the register limit, from the calibration set; (bm, bn, warps, stages).
+# Configs on both sides of the register limit, from the calibration sets: (kind, bm, bn, warps, stages).
 AGAINST_COMPILER = [
-    (64, 64, 4, 2),
-    (64, 32, 8, 1),
-    (32, 64, 4, 1),
-    (128, 64, 4, 2),
-    (32, 128, 4, 1),
-    (16, 128, 2, 1),
+    (KernelKind.FWD, 64, 64, 4, 2),
+    (KernelKind.FWD, 64, 32, 8, 1),
+    (KernelKind.FWD, 32, 64, 4, 1),
+    (KernelKind.FWD, 128, 64, 4, 2),
+    (KernelKind.FWD, 32, 128, 4, 1),
+    (KernelKind.FWD, 16, 128, 2, 1),
+    (KernelKind.DKDV, 16, 64, 4, 1),
+    (KernelKind.DKDV, 64, 32, 4, 1),
+    (KernelKind.DKDV, 32, 32, 2, 1),
+    (KernelKind.DKDV, 64, 64, 4, 1),
 ]
 
 
 def test_model_verdicts_agree_with_compile_report(compiled):
-    """Compile a handful of configs of the causal forward for sm_90 (no GPU needed) and compare: the model
-    says "fits" exactly where the compiler produces a binary that does not spill."""
+    """Compile a handful of configs of the causal forward and dK/dV kernels for sm_90 (no GPU needed) and
+    compare: the model says "fits" exactly where the compiler produces a binary that does not spill."""
     pytest.importorskip("triton")
     from autotune.prescreen import compile_job
     from codegen.reference_runtime import _triton_kernels
@@ -75,7 +79,7 @@ def test_model_verdicts_agree_with_compile_report(compiled):
     att = compile_to_ir(spec.read_text(), str(spec)).attentions[0]
     kernels = _triton_kernels(compiled("causal").__file__, interpret=False)
     p = Problem(64, 64, DType.FP16, 4096, 4096)
-    cands = [_c(KernelKind.FWD, *cfg) for cfg in AGAINST_COMPILER]
+    cands = [_c(*cfg) for cfg in AGAINST_COMPILER]
     jobs = [compile_job(att, kernels, c, 90, DType.FP16, 64) for c in cands]
     reports = compile_reports(jobs, max_workers=2, raise_on_error=False)
     verdicts = [verdict(c, p, ARCHS[90]) for c in cands]
@@ -84,7 +88,7 @@ def test_model_verdicts_agree_with_compile_report(compiled):
         truth = not isinstance(rep, AOTCompileError) and rep.spill_bytes == 0
         detail = rep if isinstance(rep, AOTCompileError) else f"regs={rep.registers} spill={rep.spill_bytes}"
         assert v.ok == truth, f"{c}: model says {v.ok} ({v.estimate}), compiler: {detail}"
-        if not isinstance(rep, AOTCompileError):
+        if not isinstance(rep, AOTCompileError) and c.kind is KernelKind.FWD:
             est = v.estimate.shared_bytes
             assert abs(est - rep.shared_bytes) <= 0.25 * rep.shared_bytes, (
                 f"{c}: smem {est} vs {rep.shared_bytes}"
