@@ -1,5 +1,5 @@
-"""Schedule autotuning for generated kernels (search space, tuning key, store, search).
+"""Schedule autotuning for generated kernels: search space, resource model, tuning key, storage, search.
 
-Not implemented yet: it arrives with the Triton backend (see the autotuner issue). The reference backend
-has no schedule to tune.
+`attnc tune` (cli.py) is the entry point; docs/autotune.md describes the whole package. Nothing here is
+imported by generated modules: they read the exported best-config table (store.export_table) on their own.
 """
