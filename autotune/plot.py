@@ -17,6 +17,7 @@ def plot_studies(results: Sequence[TuneResult], png: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     n = max(1, len(results))
     fig, axes = plt.subplots(n, 1, figsize=(8, 2.6 * n), squeeze=False)
@@ -43,6 +44,7 @@ def plot_studies(results: Sequence[TuneResult], png: Path) -> Path:
             f"on {k.gpu}",
             fontsize=9,
         )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("measured trial")
         ax.set_ylabel("ms")
         ax.legend(fontsize=7, loc="upper right")
