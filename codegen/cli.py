@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from dsl.analysis.linear import linear_form
 from dsl.analysis.ranges import index_status
 from dsl.errors import SpecError
 from dsl.ir import Attention, Op, TensorParam, format_expr, linearize, walk
@@ -60,6 +61,7 @@ def cmd_codegen(args: argparse.Namespace) -> int:
     # The Triton kernels go in a file beside the main module, which imports them only when used.
     target = Target.REFERENCE if args.target == "reference" else Target.ALL
     status = EXIT_OK
+    tuned = _tuned_table(args.tuned_from) if args.tuned_from else None
     for path in args.specs:
         try:
             source = _read(path)
@@ -68,7 +70,15 @@ def cmd_codegen(args: argparse.Namespace) -> int:
             print(err.format(), file=sys.stderr)
             status = EXIT_SPEC
             continue
-        main, kernels = render_all(program, source, target)
+        for att in program.attentions:
+            lin = linear_form(att)
+            if lin is not None and lin.form is None:
+                print(
+                    f"{path}: warning: {att.name}: no linear-time form ({lin.reason}); "
+                    "using the quadratic kernels",
+                    file=sys.stderr,
+                )
+        main, kernels = render_all(program, source, target, tuned)
         out.mkdir(parents=True, exist_ok=True)
         dest = out / f"{module_name_for(path)}.py"
         files = [(dest, main)]
@@ -81,6 +91,16 @@ def cmd_codegen(args: argparse.Namespace) -> int:
         names = ", ".join(a.name for a in program.attentions)
         print(f"{path} -> {', '.join(str(f) for f, _ in reversed(files))} ({names})")
     return status
+
+
+def _tuned_table(source: str) -> dict:
+    """`--tuned-from`: a best-config table (JSON) or a tuning storage (journal file, database URL)."""
+    from autotune.store import load_any
+
+    try:
+        return load_any(source)
+    except (OSError, RuntimeError) as err:
+        raise UsageError(f"--tuned-from {source}: {err}") from None
 
 
 def show_attention(att: Attention) -> str:
@@ -102,6 +122,9 @@ def show_attention(att: Attention) -> str:
         )
     )
     lines.append(f"  norm: {att.norm.kind.value}")
+    lin = linear_form(att)
+    if lin is not None:
+        lines.append(f"  algorithm: {lin.summary}")
     for root_name, root in att.roots().items():
         lines.append(f"  {root_name}:")
         ids: dict[object, str] = {}
@@ -223,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("specs", nargs="+", metavar="SPEC")
     g.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     g.add_argument("--target", choices=["reference", "triton", "all"], default="all")
+    g.add_argument(
+        "--tuned-from", metavar="DB", help="bake tuned configs in (a best.json table, journal file or URL)"
+    )
     g.set_defaults(func=cmd_codegen)
 
     s = sub.add_parser("show-ir", help="print the typed IR of a spec")
@@ -254,6 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--head-dim", type=int, default=64, help="D (= E) to compile for")
     ins.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile processes")
     ins.set_defaults(func=cmd_inspect)
+    from autotune.cli import add_parser as add_tune_parser  # attnc tune: the autotuner (autotune/cli.py)
+
+    add_tune_parser(sub)
+    from zoo.cli import add_parser as add_zoo_parser  # attnc zoo list|show: the model zoo (zoo/cli.py)
+
+    add_zoo_parser(sub)
     return p
 
 

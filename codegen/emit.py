@@ -136,19 +136,27 @@ class Emitter:
         default_factory=lambda: _apply_tensor
     )
     uniform_prefix: str = "_u"
+    # How a runtime scalar is named where the code runs (a kernel names its parameters apart from the spec's
+    # names, so that no spec name can meet a kernel local); hoisted uniforms run on the host, under the
+    # spec's own names.
+    scalar_name: Callable[[str], str] | None = None
     hoisted: list[tuple[str, str]] = field(default_factory=list)
     _uniform_names: dict[Node, str] = field(default_factory=dict)
 
     def _uniform(self, node: Node) -> ast.expr:
         if node.op is Op.CONST:
             return constant(node.attr)  # type: ignore[arg-type]
+        if node.op is Op.SCALAR and self.scalar_name is not None:
+            return name(self.scalar_name(str(node.attr)))
         if node.op in (Op.SIZE, Op.SCALAR):
             return name(str(node.attr))
         if node not in self._uniform_names:
             vals: dict[Node, ast.expr] = {}
             for n in linearize([node]):
-                if n.op in (Op.CONST, Op.SIZE, Op.SCALAR):
-                    vals[n] = self._uniform(n)
+                if n.op is Op.CONST:
+                    vals[n] = constant(n.attr)  # type: ignore[arg-type]
+                elif n.op in (Op.SIZE, Op.SCALAR):
+                    vals[n] = name(str(n.attr))  # hoisted code runs on the host: the spec's names
                 elif n in self._uniform_names:
                     vals[n] = name(self._uniform_names[n])
                 else:

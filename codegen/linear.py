@@ -147,31 +147,31 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     L += _hoisted(att, [*em.hoisted, *gem.hoisted])
     L.append("")
     L += closures
-    L.append("    Bq, Hq, Nq, Dq = q.shape")
-    L.append("    Gv, Ev = v.shape[1], v.shape[3]")
-    L.append("    rep = Hq // Gv")
-    L.append("    dev = q.device")
-    L.append("    b = torch.arange(Bq, device=dev).view(Bq, 1, 1)")
-    L.append("    h = torch.arange(Hq, device=dev).view(1, Hq, 1)")
-    L.append("    i = torch.arange(Nq, device=dev).view(1, 1, Nq)")
-    L.append("    d = torch.arange(Dq, device=dev).view(1, 1, 1, Dq)")
-    L.append("    qt = q.to(_cdt)")
+    L.append("    _Bq, _Hq, _Nq, _Dq = q.shape")
+    L.append("    _Gv, _Ev = v.shape[1], v.shape[3]")
+    L.append("    _rep = _Hq // _Gv")
+    L.append("    _dev = q.device")
+    L.append("    b = torch.arange(_Bq, device=_dev).view(_Bq, 1, 1)")
+    L.append("    h = torch.arange(_Hq, device=_dev).view(1, _Hq, 1)")
+    L.append("    i = torch.arange(_Nq, device=_dev).view(1, 1, _Nq)")
+    L.append("    d = torch.arange(_Dq, device=_dev).view(1, 1, 1, _Dq)")
+    L.append("    _qt = q.to(_cdt)")
     if att.feature_q is not None:
         L.append(
-            "    qt = _full(_feature_q(qt, b[..., None], h[..., None], (h // rep)[..., None], i[..., None], d), qt.shape, qt)"
+            "    _qt = _full(_feature_q(_qt, b[..., None], h[..., None], (h // _rep)[..., None], i[..., None], d), _qt.shape, _qt)"
         )
     if form.q_scale is not None:
-        L.append("    qt = qt * _full(_lin_qs(b, h, h // rep, i), (Bq, Hq, Nq), qt)[..., None]")
-    kt_heads = "Hq" if form.k_per_query_head else "Gv"
-    L.append(f"    kt = k.to(_cdt){'.repeat_interleave(rep, dim=1)' if form.k_per_query_head else ''}")
-    L.append(f"    hk = torch.arange({kt_heads}, device=dev).view(1, {kt_heads}, 1)")
-    hk_k = "hk // rep" if form.k_per_query_head else "hk"
+        L.append("    _qt = _qt * _full(_lin_qs(b, h, h // _rep, i), (_Bq, _Hq, _Nq), _qt)[..., None]")
+    kt_heads = "_Hq" if form.k_per_query_head else "_Gv"
+    L.append(f"    _kt = k.to(_cdt){'.repeat_interleave(_rep, dim=1)' if form.k_per_query_head else ''}")
+    L.append(f"    hk = torch.arange({kt_heads}, device=_dev).view(1, {kt_heads}, 1)")
+    hk_k = "hk // _rep" if form.k_per_query_head else "hk"
     if att.feature_k is not None:
         L.append(
-            f"    kt = _full(_feature_k(kt, b[..., None], ({hk_k})[..., None], i[..., None], d), kt.shape, kt)"
+            f"    _kt = _full(_feature_k(_kt, b[..., None], ({hk_k})[..., None], i[..., None], d), _kt.shape, _kt)"
         )
     if form.k_scale is not None:
-        L.append(f"    kt = kt * _full(_lin_ks(b, hk, {hk_k}, i), (Bq, {kt_heads}, Nq), kt)[..., None]")
+        L.append(f"    _kt = _kt * _full(_lin_ks(b, hk, {hk_k}, i), (_Bq, {kt_heads}, _Nq), _kt)[..., None]")
     if form.log_decay is not None:
         aux_args = "".join(
             f", {p.name}.double()" if p.type.kind is DType.FLOAT else f", {p.name}" for p in att.aux_tensors
@@ -179,46 +179,46 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
         L.append(
             "    # G at positions -1..N-1 in float64: chunks take differences of it (reads at -1 give 0)."
         )
-        L.append("    jj = torch.arange(-1, Nq, device=dev).view(1, 1, Nq + 1)")
+        L.append("    _jj = torch.arange(-1, _Nq, device=_dev).view(1, 1, _Nq + 1)")
         L.append(
-            f"    gfull = _full(_lin_g(b, h, h // rep, jj{aux_args}), (Bq, Hq, Nq + 1), "
-            "torch.empty((), dtype=torch.float64, device=dev))"
+            f"    _gfull = _full(_lin_g(b, h, h // _rep, _jj{aux_args}), (_Bq, _Hq, _Nq + 1), "
+            "torch.empty((), dtype=torch.float64, device=_dev))"
         )
     else:
-        L.append("    gfull = None")
-    L.append(f"    s0, z0 = _lin_state_split(initial_state, Bq, Hq, Dq, Ev, {norm_sum})")
+        L.append("    _gfull = None")
+    L.append(f"    _s0, _z0 = _lin_state_split(initial_state, _Bq, _Hq, _Dq, _Ev, {norm_sum})")
     causal = form.causal
     if has_triton:
         L.append('    if backend == "triton":')
         L.append(
-            f'        opts = _LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _lin_default_config(Dq, Ev))'
+            f'        _opts = _LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _lin_default_config(_Dq, _Ev))'
         )
-        L.append("        s0 = None if s0 is None else s0.float()")
-        L.append("        z0 = None if z0 is None else z0.float()")
-        L.append("        o, den, so, zo = _lin_core(")
+        L.append("        _s0 = None if _s0 is None else _s0.float()")
+        L.append("        _z0 = None if _z0 is None else _z0.float()")
+        L.append("        o, _den, _so, _zo = _lin_core(")
         L.append(
-            "            qt.to(q.dtype).contiguous(), kt.to(q.dtype).contiguous(), v.contiguous(), gfull, s0, z0, opts"
+            "            _qt.to(q.dtype).contiguous(), _kt.to(q.dtype).contiguous(), v.contiguous(), _gfull, _s0, _z0, _opts"
         )
         L.append("        )")
         L.append("    else:")
         ind = "        "
     else:
         ind = "    "
-    L.append(f"{ind}s0 = None if s0 is None else s0.to(_cdt)")
-    L.append(f"{ind}z0 = None if z0 is None else z0.to(_cdt)")
+    L.append(f"{ind}_s0 = None if _s0 is None else _s0.to(_cdt)")
+    L.append(f"{ind}_z0 = None if _z0 is None else _z0.to(_cdt)")
     L.append(
-        f"{ind}o, den, so, zo = _lin_core_torch(qt, kt, v.to(_cdt), gfull, s0, z0, {causal}, {norm_sum})"
+        f"{ind}o, _den, _so, _zo = _lin_core_torch(_qt, _kt, v.to(_cdt), _gfull, _s0, _z0, {causal}, {norm_sum})"
     )
     if norm_sum:
         if att.norm.eps is not None:
-            L.append("    den = den + _full(_eps(b, h, h // rep, i), den.shape, den)")
-        L.append("    alive = den != 0")
-        L.append("    o = torch.where(alive[..., None], o / torch.where(alive, den, 1.0)[..., None], 0.0)")
+            L.append("    _den = _den + _full(_eps(b, h, h // _rep, i), _den.shape, _den)")
+        L.append("    _alive = _den != 0")
+        L.append("    o = torch.where(_alive[..., None], o / torch.where(_alive, _den, 1.0)[..., None], 0.0)")
     if att.output is not None:
-        L.append("    o = _dense_output(_output, o, rep)")
+        L.append("    o = _dense_output(_output, o, _rep)")
     L.append("    o = o.to(q.dtype)")
     L.append("    if return_state:")
-    L.append(f"        return o, _lin_state_join(so, zo, {norm_sum})")
+    L.append(f"        return o, _lin_state_join(_so, _zo, {norm_sum})")
     L.append("    return o")
     return L
 

@@ -20,11 +20,12 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
+from dsl.analysis.linear import linear_form
 from dsl.errors import SpecError
 from dsl.ir import Program
 from dsl.lower import compile_to_ir
 
-from . import reference
+from . import linear, reference
 from .settings import settings
 from .triton import module as triton_module
 from .triton.kernels import KernelWriter
@@ -54,8 +55,11 @@ def _with_header(program: Program, target: Target, text: str) -> str:
     return header + _CONTENT_LINE + digest + "\n" + text
 
 
-def render_all(program: Program, source: str, target: Target = Target.ALL) -> tuple[str, str | None]:
-    """The main module and, for Target.ALL, the Triton kernels file that goes beside it."""
+def render_all(
+    program: Program, source: str, target: Target = Target.ALL, tuned: dict | None = None
+) -> tuple[str, str | None]:
+    """The main module and, for Target.ALL, the Triton kernels file that goes beside it. `tuned` (a best-config
+    table, `attnc codegen --tuned-from`) bakes this spec's tuned configs into the module."""
     kernel_files: list[list[str]] = []
     hoisted: list[KernelWriter | None] = []
     if target is Target.ALL:
@@ -97,6 +101,11 @@ def render_all(program: Program, source: str, target: Target = Target.ALL) -> tu
     body.append("")
     body.append(reference.runtime_source().rstrip("\n"))
     body.append("")
+    has_linear = any((d := linear_form(a)) is not None and d.form is not None for a in program.attentions)
+    if has_linear:
+        body.append("")
+        body.append(linear.runtime_source().rstrip("\n"))
+        body.append("")
     for att, kernels in zip(program.attentions, hoisted, strict=True):
         body.append("")
         body.append(reference.emit_attention(att, kernels).rstrip("\n"))
@@ -105,7 +114,15 @@ def render_all(program: Program, source: str, target: Target = Target.ALL) -> tu
     main = _with_header(program, target, text)
     if target is not Target.ALL:
         return main, None
-    return main, _with_header(program, target, triton_module.render_kernels(program, kernel_files))
+    if has_linear:
+        kernel_files.append(["", "", *linear.kernels_source().rstrip("\n").splitlines()])
+    kernels_text = triton_module.render_kernels(program, kernel_files)
+    if tuned:  # `attnc codegen --tuned-from`: this spec's tuned configs, keyed by these very kernels' hash
+        from autotune.bake import baked_assignment
+
+        kernels_hash = hashlib.sha256(kernels_text.encode()).hexdigest()[:16]
+        main = _with_header(program, target, f"{text}\n\n{baked_assignment(program, kernels_hash, tuned)}\n")
+    return main, _with_header(program, target, kernels_text)
 
 
 def verify_text(text: str) -> bool:
@@ -218,8 +235,17 @@ def compile_source(
             _atomic_write(path, main)
         except OSError as err:
             warnings.warn(f"attnc: cannot write the module cache ({err}); compiling in memory", stacklevel=2)
-            return _load_text(main, f"attnc_generated.{stem}_{key[:20]}")
-    return load_module_file(path, f"attnc_generated.{stem}_{key[:20]}")
+            return _autotune_hook(_load_text(main, f"attnc_generated.{stem}_{key[:20]}"))
+    return _autotune_hook(load_module_file(path, f"attnc_generated.{stem}_{key[:20]}"))
+
+
+def _autotune_hook(mod: ModuleType) -> ModuleType:
+    """ATTNC_AUTOTUNE=1: let the module tune an untuned key on its first call (autotune/online.py)."""
+    if settings().autotune and hasattr(mod, "_AUTOTUNE_HOOK"):
+        from autotune.online import install
+
+        install(mod)
+    return mod
 
 
 def _load_text(text: str, module_name: str) -> ModuleType:

@@ -12,6 +12,7 @@ import ast
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dsl.analysis.linear import linear_form
 from dsl.analysis.ranges import index_status
 from dsl.ir import (
     Attention,
@@ -168,6 +169,7 @@ def _def(att: Attention, fn: str, doc: list[str], backend: bool = False) -> list
     L += _signature(att)
     L.append("    *,")
     L.append("    return_lse: bool = False,")
+    L.append("    block_layout: BlockLayout | None = None,")
     if backend:
         L.append("    backend: str | None = None,")
     L.append("):")
@@ -286,6 +288,9 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
     L.append("")
     L += closures
     L.append(f"    spec = _Spec({att.norm.kind.value!r}, {', '.join(spec_args)})")
+    L.append(
+        "    spec = _with_block_layout(spec, block_layout, q, k)  # a runtime block layout: a dense mask here"
+    )
     L.append("    try:")
     L.append("        o, lse = _attend(q.to(_cdt), k.to(_cdt), v.to(_cdt), spec, return_lse)")
     L.append("    except RuntimeError as err:  # torch reports an integer division by zero this way")
@@ -313,6 +318,12 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
         ],
         backend=True,
     )
+    from . import linear  # the linear emitter builds on this module's helpers
+
+    lin = linear_form(att)
+    if lin is not None and lin.form is not None:  # keyword arguments of the linear forms
+        at = len(L) - 1 - L[::-1].index("):")
+        L[at:at] = linear.linear_kwargs()
     L.append("    if backend is None:")
     if kernels is not None:
         L.append('        backend = "triton" if q.is_cuda and _has_triton() else "reference"')
@@ -335,10 +346,15 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
             optional = p.default is not None and p.default.op is not Op.CONST
             check = f"_check_scalar({p.name!r}, {p.name}, {kind!r})"
             L.append(f"    {p.name} = {check}" + (f" if {p.name} is not None else None" if optional else ""))
-    L.append(f"    o, lse = _{nm}_op({call_args}, backend)")
+    if lin is not None and lin.form is not None:
+        L += linear.dispatch_lines(att, kernels is not None)
+    L.append(f"    o, lse = _{nm}_op({call_args}, *_layout_op_args(block_layout), backend)")
     L.append("    return (o, lse) if return_lse else o")
     L += ["", ""]
     L += _emit_op(att, kernels is not None)
+    if lin is not None and lin.form is not None:
+        L += ["", ""]
+        L += linear.emit_linear(att, lin.form, kernels is not None)
     return "\n".join(L) + "\n"
 
 
@@ -357,25 +373,39 @@ def _op_types(att: Attention) -> list[str]:
     return out
 
 
+_LAYOUT_OP_PARAMS = [
+    "_bl_kv_indices: Optional[torch.Tensor]",
+    "_bl_kv_counts: Optional[torch.Tensor]",
+    "_bl_q_indices: Optional[torch.Tensor]",
+    "_bl_q_counts: Optional[torch.Tensor]",
+    "_bl_q_block: int",
+    "_bl_kv_block: int",
+]
+
+
 def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     """A torch.library custom op (with a fake implementation and an autograd formula) around the block, so
     that torch.compile(fullgraph=True) traces models that call it without looking inside."""
     nm = att.name
     softmax = att.norm.kind is NormKind.SOFTMAX
-    params = _op_types(att)
+    # An explicit block layout (BlockLayout) travels as six extra arguments: the schema takes no tuples.
+    params = [*_op_types(att), *_LAYOUT_OP_PARAMS]
     names = [p.name for p in att.params]
     tensors = [p.name for p in att.tensors]
     floats = [p.name for p in att.tensors if p.type.kind is DType.FLOAT]
+    layout_names = [p.split(":")[0] for p in _LAYOUT_OP_PARAMS]
     args = ", ".join(names)
+    layout_args = ", ".join(layout_names)
+    get_layout = f"block_layout=_layout_from_op_args({layout_args})"
     impls = "_impl = " + (
         f"{nm}_triton if backend == 'triton' else {nm}_reference" if has_triton else f"{nm}_reference"
     )
     L = [f"def _{nm}_impl({', '.join(params)}, backend: str) -> tuple[torch.Tensor, torch.Tensor]:"]
     L.append(f"    {impls}")
     if softmax:
-        L.append(f"    o, lse = _impl({args}, return_lse=True)")
+        L.append(f"    o, lse = _impl({args}, return_lse=True, {get_layout})")
     else:
-        L.append(f"    o = _impl({args})")
+        L.append(f"    o = _impl({args}, {get_layout})")
         L.append("    lse = torch.zeros(q.shape[:3], dtype=_lse_dtype(q), device=q.device)")
     L.append("    return o, lse.to(_lse_dtype(q))")
     L += ["", ""]
@@ -390,19 +420,19 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     L.append(
         "    # Gradients by recomputing the forward under autograd (reference: exact; Triton: fused kernels)."
     )
-    L.append("    def grads():")
+    L.append("    def _grads():")
     for t in floats:
-        L.append(f"        {t}_ = {t}.detach().requires_grad_()")
-    rec = ", ".join(f"{n}_" if n in floats else n for n in names)
-    L.append(f"        o, lse = _{nm}_impl({rec}, backend)")
+        L.append(f"        _l_{t} = {t}.detach().requires_grad_()")
+    rec = ", ".join(f"_l_{n}" if n in floats else n for n in names)
+    L.append(f"        o, lse = _{nm}_impl({rec}, {layout_args}, backend)")
     outs = "(o, lse)" if softmax else "(o,)"
     grads_in = "(do, dlse)" if softmax else "(do,)"
-    leaves = ", ".join(f"{t}_" for t in floats)
+    leaves = ", ".join(f"_l_{t}" for t in floats)
     L.append(f"        return torch.autograd.grad({outs}, ({leaves},), {grads_in}, allow_unused=True)")
     L.append("")
-    L.append("    out = _with_autograd(grads)")
+    L.append("    _out = _with_autograd(_grads)")
     L.append(
-        f"    return [torch.zeros_like(x) if g is None else g for x, g in zip(({', '.join(floats)},), out)]"
+        f"    return [torch.zeros_like(x) if g is None else g for x, g in zip(({', '.join(floats)},), _out)]"
     )
     L += ["", ""]
     L.append(f"def _{nm}_backward_fake(")
@@ -412,23 +442,25 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     L += ["", ""]
     non_tensors = [p.name for p in att.params if not isinstance(p, TensorParam)]
     L.append(f"def _{nm}_setup_context(ctx, inputs, output):")
-    L.append(f"    {', '.join(names)}, backend = inputs")
+    L.append(f"    {', '.join([*names, *layout_names])}, backend = inputs")
     L.append(f"    ctx.save_for_backward({', '.join(tensors)})")
-    L.append(f"    ctx.rest = ({', '.join([*non_tensors, 'backend'])},)")
+    L.append(f"    ctx.rest = ({', '.join([*non_tensors, *layout_names, 'backend'])},)")
     L += ["", ""]
     L.append(f"def _{nm}_backward(ctx, do, dlse):")
     L.append(f"    {', '.join(tensors)}, = ctx.saved_tensors")
-    L.append(f"    {', '.join([*non_tensors, 'backend'])}, = ctx.rest")
+    L.append(f"    {', '.join([*non_tensors, *layout_names, 'backend'])}, = ctx.rest")
     L.append("    if do is None:")
     L.append("        do = q.new_zeros((*q.shape[:3], v.shape[3]))")
     L.append("    if dlse is None:")
     L.append("        dlse = q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))")
-    L.append(f"    {', '.join('d' + f for f in floats)}, = _{nm}_backward_op(do, dlse, {args}, backend)")
+    L.append(
+        f"    {', '.join('_d_' + f for f in floats)}, = _{nm}_backward_op(do, dlse, {args}, {layout_args}, backend)"
+    )
     grads = [
-        f"d{p.name}" if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT else "None"
+        f"_d_{p.name}" if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT else "None"
         for p in att.params
     ]
-    L.append(f"    return {', '.join([*grads, 'None'])}")
+    L.append(f"    return {', '.join([*grads, *(['None'] * len(layout_names)), 'None'])}")
     L += ["", ""]
     L.append(f"_{nm}_op, _fresh = _custom_op('{nm}_{{}}'.format(_OP_KEY), _{nm}_impl, _{nm}_fake)")
     L.append(
@@ -482,12 +514,18 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     extra = [f"*_aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
     extra += [s.name for s in att.scalars] + _sizes(att) + [v for v, _ in kernels]
     output = ", output=_output" if att.output is not None else ""
-    output += ", heavy=True" if writer.heavy else ""
+    output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""
-    L.append("    kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
+    # The autotuner's best configs for this call's key (autotune/; None: the heuristic defaults).
+    output += f", configs=_tuned_configs(_kern._{nm}_fwd_kernel, q, k, v, {writer.heavy!r})"
+    L.append("    _kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
     L.append("    spec = _TritonSpec(")
-    L.append(f"        kern._{nm}_fwd_kernel, kern._{nm}_bwd_dkdv_kernel, kern._{nm}_bwd_dq_kernel,")
+    L.append(f"        _kern._{nm}_fwd_kernel, _kern._{nm}_bwd_dkdv_kernel, _kern._{nm}_bwd_dq_kernel,")
     L.append(f"        {att.norm.kind.value!r}, ({', '.join(extra)}{',' if len(extra) == 1 else ''}){output}")
+    L.append("    )")
+    L.append("    spec = spec._replace(")
+    L.append(f"        fwd_split=_kern._{nm}_fwd_split_kernel, combine=_kern._{nm}_fwd_combine_kernel,")
+    L.append("        layout=_kernel_layout(block_layout, q, k),")
     L.append("    )")
     L.append("    o, lse = _TritonAttention.apply(spec, q.contiguous(), k.contiguous(), v.contiguous())")
     float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
@@ -501,11 +539,11 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
         L.append("        # that the forward value stays the kernels' own.")
         args = ", ".join(f"{p.name}.detach()" if p.name in ("q", "k", "v") else p.name for p in att.params)
         ret = "return_lse=True" if softmax else "return_lse=False"
-        L.append(f"        ref = {nm}_reference({args}, {ret})")
+        L.append(f"        _ref = {nm}_reference({args}, {ret}, block_layout=block_layout)")
         if softmax:
-            L.append("        o = o + (ref[0] - ref[0].detach())")
-            L.append("        lse = lse + (ref[1] - ref[1].detach())")
+            L.append("        o = o + (_ref[0] - _ref[0].detach())")
+            L.append("        lse = lse + (_ref[1] - _ref[1].detach())")
         else:
-            L.append("        o = o + (ref - ref.detach())")
+            L.append("        o = o + (_ref - _ref.detach())")
     L.append("    return (o, lse) if return_lse else o")
     return L

@@ -277,6 +277,7 @@ class _KernelConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    num_splits: int = 1  # split-KV forward only (decoding shapes): key-range splits per query tile
 
 
 def _default_config(D, E, kernel="fwd", heavy=False):
@@ -290,10 +291,12 @@ def _default_config(D, E, kernel="fwd", heavy=False):
     stages = 2 if width <= 128 else 1
     if kernel == "fwd":
         return _KernelConfig(64, 64 if width <= 64 and not heavy else 32, warps, stages)
-    if kernel == "dkdv":
-        return _KernelConfig(16 if heavy and width > 64 else 32, 32, warps, stages)
-    if heavy:
-        return _KernelConfig(16, 32 if width <= 64 else 16, warps, stages)
+    if kernel == "dkdv":  # one stage above 64: feature maps recomputed per tile spilled with two (sm_90)
+        return _KernelConfig(16 if heavy and width > 64 else 32, 32, warps, stages if width <= 64 else 1)
+    if heavy:  # above 64: 16×16 tiles for gathers; 32×16 for float32 weights (16×16 spilled there on sm_90)
+        return _KernelConfig(
+            32 if heavy == 1 and width > 64 else 16, 32 if width <= 64 else 16, warps, stages
+        )
     return _KernelConfig(64 if width <= 128 else 32, 32, warps, stages)
 
 
@@ -307,8 +310,11 @@ class _TritonSpec(NamedTuple):
     extra: tuple  # aux tensors with strides and extents, scalars, sizes, uniforms: the kernels' shared tail
     output: object = None  # (o, b, h, hk, i, e) -> epilogue, for the backward through it
     configs: object = None  # {"fwd" | "dkdv" | "dq": _KernelConfig}; None: _default_config per kernel
-    heavy: bool = False  # the score or mask gathers a tensor per (i, j): narrower default tiles
+    heavy: int = 0  # KernelWriter.heavy: 2 gathers per (i, j) or tile summaries, 1 float32 weights
     summaries: tuple = ()  # ((q_fn(b, h, hk, i), k_fn(b, hk, j)), ...): `A(i) == B(j)` terms of the mask
+    fwd_split: object = None  # split-KV forward for decoding shapes, and the kernel merging its partials
+    combine: object = None
+    layout: object = None  # _KernelLayout: an explicit runtime block layout of this call, or None
 
 
 def _next_pow2(n):
@@ -335,7 +341,13 @@ class _TritonAttention(torch.autograd.Function):
         o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
         oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
         stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
-        cfg = _config(spec, "fwd", D, E)
+        split = _split_config(spec, B, H, M, N, D, E, q.device)
+        if split is not None:
+            _split_forward(spec, split, q, k, v, o, oraw, stat)
+            ctx.spec = spec
+            ctx.save_for_backward(q, k, v, o, oraw, stat)
+            return o, stat
+        cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
         grid = (triton_cdiv(M, cfg.block_m), B * H)
         spec.fwd[grid](
             q,
@@ -353,8 +365,10 @@ class _TritonAttention(torch.autograd.Function):
             D,
             E,
             *_summaries(spec, q, k, cfg),
+            *_layout_args(spec.layout, stat),
             *_visits("fwd", (B * H, grid[0]), stat, cfg),
             **_launch(cfg, q, D, E),
+            _LAYOUT=spec.layout is not None,
         )
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, o, oraw, stat)
@@ -382,7 +396,7 @@ class _TritonAttention(torch.autograd.Function):
         dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
         dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
         strides = _strides(q, k, v, do_raw)
-        cfg = _config(spec, "dkdv", D, E)
+        cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
         spec.dkdv[(triton_cdiv(N, cfg.block_n), B * G)](
             q,
             k,
@@ -401,10 +415,12 @@ class _TritonAttention(torch.autograd.Function):
             D,
             E,
             *_summaries(spec, q, k, cfg),
+            *_layout_args(spec.layout, stat),
             *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat, cfg),
             **_launch(cfg, q, D, E),
+            _LAYOUT=spec.layout is not None,
         )
-        cfg = _config(spec, "dq", D, E)
+        cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
         spec.dq[(triton_cdiv(M, cfg.block_m), B * H)](
             q,
             k,
@@ -422,10 +438,268 @@ class _TritonAttention(torch.autograd.Function):
             D,
             E,
             *_summaries(spec, q, k, cfg),
+            *_layout_args(spec.layout, stat),
             *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat, cfg),
             **_launch(cfg, q, D, E),
+            _LAYOUT=spec.layout is not None,
         )
         return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---- split-KV decoding (FlashDecoding: Dao, Haziza, Massa, Sizov, 2023) ------------------------------------
+# With few query rows (decoding against a KV cache) the one-pass forward runs B·H programs that each walk all
+# of N: most of the GPU idles. The split path gives each (query tile, b·h) program S key ranges on a third
+# grid axis; each writes a float32 partial, and a small kernel merges them and runs the forward's epilogue.
+# S comes from host-known shapes only (no device read, so CUDA-graph capturable); the autotuner may own it
+# through the "fwd_split" entry of `_TritonSpec.configs` (its `num_splits`).
+
+_SPLIT_MAX_M = 16  # query rows up to which a forward counts as decoding (one 16-row tile)
+_SPLIT_MIN_TILES = 4  # key tiles per split at least: enough work per program to pay for the partials
+_SPLIT_MAX = 64  # splits per query tile at most (the combine reads them all per row)
+_SPLIT_WAVES = 2  # on CUDA, stop splitting once the grid fills the SMs this many times over
+
+
+def _default_split_config(D, E, heavy):
+    """The split forward's schedule: the forward's key tile, one 16-row query tile (tl.dot's minimum), four
+    warps (FlashDecoding's choice for so small a tile); heavy specs do not pipeline their loads (a second
+    stage spills on sm_90 with a per-pair gather)."""
+    base = _default_config(D, E, "fwd", heavy)
+    return _KernelConfig(16, base.block_n, 4, 1 if heavy else base.num_stages)
+
+
+def _split_config(spec, B, H, M, N, D, E, device):
+    """The split-KV schedule for a decoding shape, or None for the one-pass forward: num_splits is
+    ceil(N / (_SPLIT_MIN_TILES · BLOCK_N)), capped by _SPLIT_MAX and, on CUDA, by the SMs the grid would
+    otherwise leave idle; never more splits than key tiles, and no empty trailing split."""
+    if spec.fwd_split is None or M > _SPLIT_MAX_M or N == 0:
+        return None
+    tuned = (spec.configs or {}).get("fwd_split")
+    cfg = _fit_layout(tuned or _default_split_config(D, E, spec.heavy), spec.layout)
+    tiles = triton_cdiv(N, cfg.block_n)
+    if tuned is not None:
+        splits = tuned.num_splits
+    else:
+        splits = min(_SPLIT_MAX, triton_cdiv(tiles, _SPLIT_MIN_TILES))
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count  # host-side, cached
+            programs = B * H * triton_cdiv(M, cfg.block_m)
+            splits = min(splits, max(1, triton_cdiv(_SPLIT_WAVES * sms, programs)))
+    per = triton_cdiv(tiles, max(1, min(splits, tiles)))  # key tiles per split
+    splits = triton_cdiv(tiles, per)
+    return cfg._replace(num_splits=splits) if splits > 1 else None
+
+
+def _split_forward(spec, cfg, q, k, v, o, oraw, stat):
+    """Split forward (grid: query tiles, B·H, splits) into float32 partials [B·H, S, M, E] and [B·H, S, M],
+    then the combine (grid: query tiles, B·H) into o, oraw and stat, exactly as the one-pass forward writes
+    them. Each split covers `per_split` keys, a multiple of BLOCK_N, so tiles never straddle two splits."""
+    B, H, M, D = q.shape
+    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    S = cfg.num_splits
+    per_split = triton_cdiv(triton_cdiv(N, cfg.block_n), S) * cfg.block_n
+    opart = torch.empty((B * H, S, M, E), dtype=torch.float32, device=q.device)
+    lpart = torch.empty((B * H, S, M), dtype=torch.float32, device=q.device)
+    tiles_m = triton_cdiv(M, cfg.block_m)
+    shared = (*spec.extra, *_strides(q, k, v, o), H, G, M, N, D, E)
+    summaries = _summaries(spec, q, k, cfg)
+    layout = _layout_args(spec.layout, stat)
+    spec.fwd_split[(tiles_m, B * H, S)](
+        q,
+        k,
+        v,
+        opart,
+        lpart,
+        per_split,
+        *shared,
+        *summaries,
+        *layout,
+        *_visits("fwd_split", (B * H, S, tiles_m), stat, cfg),
+        **_launch(cfg, q, D, E),
+        _LAYOUT=spec.layout is not None,
+    )
+    merge = _KernelConfig(cfg.block_m, cfg.block_n, 4, 1)
+    spec.combine[(tiles_m, B * H)](
+        opart,
+        lpart,
+        S,
+        o,
+        oraw,
+        stat,
+        *shared,
+        *summaries,
+        *layout,
+        stat,
+        False,
+        **_launch(merge, q, D, E),
+        _LAYOUT=False,
+    )
+
+
+# ---- explicit runtime block layouts (routing-style variants: BiFormer, landmark / top-k retrieval) ----------
+
+
+class BlockLayout(NamedTuple):
+    """Which key blocks each query block attends, decided at run time (e.g. by a router), for
+    `NAME(..., block_layout=BlockLayout(...))`. Positions are grouped in blocks of `q_block` queries and
+    `kv_block` keys (multiples of 16): query block a holds rows [a·q_block, (a+1)·q_block), and so on.
+
+    kv_indices: [B, H, ceil(M / q_block), K] int: for each (batch, query head, query block), the key blocks
+        it attends, in its first kv_counts entries (distinct; the rest is ignored).
+    kv_counts: [B, H, ceil(M / q_block)] int.
+    q_indices, q_counts: [B, H, ceil(N / kv_block), Kq] and [B, H, ceil(N / kv_block)]: the transpose (for
+        each key block, the query blocks that attend it), which the backward walks; built on the device from
+        kv_indices when omitted. Given, it must list exactly the same pairs.
+    B and H may be 1 (the layout is then shared). The spec's own mask still applies inside listed blocks.
+    """
+
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    q_block: int
+    kv_block: int
+    q_indices: torch.Tensor | None = None
+    q_counts: torch.Tensor | None = None
+
+
+class _KernelLayout(NamedTuple):
+    """A checked BlockLayout as the kernels read it: int32 lists expanded to [B, H, ...] (stride 0 where
+    shared), with the transpose."""
+
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    q_indices: torch.Tensor
+    q_counts: torch.Tensor
+    q_block: int
+    kv_block: int
+
+
+def _layout_op_args(layout):
+    """The layout as custom-op arguments (the op's schema takes tensors and numbers only)."""
+    if layout is None:
+        return None, None, None, None, 0, 0
+    if not isinstance(layout, BlockLayout):
+        raise ValueError(f"block_layout: expected a BlockLayout, got {type(layout).__name__}")
+    return (*layout[:2], layout.q_indices, layout.q_counts, layout.q_block, layout.kv_block)
+
+
+def _layout_from_op_args(kv_indices, kv_counts, q_indices, q_counts, q_block, kv_block):
+    if kv_indices is None:
+        return None
+    return BlockLayout(kv_indices, kv_counts, q_block, kv_block, q_indices, q_counts)
+
+
+def _check_layout_list(name, t, counts_name, counts, B, H, blocks, device):
+    for n, x, rank in ((name, t, 4), (counts_name, counts, 3)):
+        if not isinstance(x, torch.Tensor) or x.dim() != rank:
+            raise ValueError(f"block_layout.{n}: expected a {rank}-d integer tensor")
+        if x.is_floating_point() or x.is_complex() or x.dtype is torch.bool:
+            raise ValueError(f"block_layout.{n}: expected an integer dtype, got {x.dtype}")
+        if x.device != device:
+            raise ValueError(f"block_layout.{n}: expected a tensor on {device} (where q is), got {x.device}")
+        for axis, (got, want) in enumerate(zip(x.shape[:3], (B, H, blocks), strict=True)):
+            if got != want and not (axis < 2 and got == 1):
+                raise ValueError(
+                    f"block_layout.{n}: dimension {axis} should be {want}"
+                    f"{' (or 1)' if axis < 2 else ''}, got shape {list(x.shape)}"
+                )
+
+
+def _check_layout(layout, q, k):
+    """Shapes, dtypes and block sizes of a BlockLayout (host-known facts only: no device read)."""
+    B, H, M = q.shape[:3]
+    N = k.shape[2]
+    for n in ("q_block", "kv_block"):
+        size = getattr(layout, n)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % 16:
+            raise ValueError(
+                f"block_layout.{n}: expected a positive multiple of 16 (kernel tiles are 16 to 128 wide and "
+                f"must divide it), got {size!r}"
+            )
+    Mb, Nb = triton_cdiv(M, layout.q_block), triton_cdiv(N, layout.kv_block)
+    _check_layout_list("kv_indices", layout.kv_indices, "kv_counts", layout.kv_counts, B, H, Mb, q.device)
+    if (layout.q_indices is None) != (layout.q_counts is None):
+        raise ValueError("block_layout: give both q_indices and q_counts (the transpose), or neither")
+    if layout.q_indices is not None:
+        _check_layout_list("q_indices", layout.q_indices, "q_counts", layout.q_counts, B, H, Nb, q.device)
+    return Mb, Nb
+
+
+def _layout_dense(indices, counts, blocks):
+    """[b, h, rows, K] lists + [b, h, rows] counts -> [b, h, rows, blocks] bool, on the device (entries past
+    the count and out-of-range indices list nothing)."""
+    K = indices.shape[-1]
+    listed = torch.arange(K, device=indices.device) < counts[..., None]
+    ok = listed & (indices >= 0) & (indices < blocks)
+    cols = torch.where(ok, indices.long(), blocks)  # a spill column, dropped below
+    dense = torch.zeros((*indices.shape[:-1], blocks + 1), dtype=torch.bool, device=indices.device)
+    return dense.scatter_(-1, cols, True)[..., :blocks]
+
+
+def _layout_transpose(indices, counts, blocks):
+    """The transpose of a block list, on the device without host synchronisation: per key block, the query
+    blocks listing it in ascending order (sorting puts them first), and their count."""
+    dense = _layout_dense(indices, counts, blocks).transpose(-1, -2)  # [b, h, key blocks, query blocks]
+    rows = dense.shape[-1]
+    order = torch.where(dense, torch.arange(rows, device=dense.device), rows)
+    return order.sort(-1).values.to(torch.int32), dense.sum(-1).to(torch.int32)
+
+
+def _kernel_layout(layout, q, k):
+    """A BlockLayout, checked, as the kernels read it (the transpose built when not given)."""
+    if layout is None:
+        return None
+    B, H = q.shape[:2]
+    Mb, Nb = _check_layout(layout, q, k)
+    q_indices, q_counts = layout.q_indices, layout.q_counts
+    if q_indices is None:
+        q_indices, q_counts = _layout_transpose(layout.kv_indices, layout.kv_counts, Nb)
+
+    def expand(t, rows):
+        return t.to(torch.int32).expand(B, H, rows, *t.shape[3:])
+
+    return _KernelLayout(
+        expand(layout.kv_indices, Mb),
+        expand(layout.kv_counts, Mb),
+        expand(q_indices, Nb),
+        expand(q_counts, Nb),
+        layout.q_block,
+        layout.kv_block,
+    )
+
+
+def _layout_args(layout, dummy):
+    """The kernels' layout arguments: the four lists, their strides and the block sizes (placeholders when
+    there is no layout: the kernels then do not read them)."""
+    if layout is None:
+        return (dummy,) * 4 + (0,) * 14 + (16, 16)
+    lists = layout[:4]
+    return (*lists, *(s for t in lists for s in t.stride()), layout.q_block, layout.kv_block)
+
+
+def _fit_layout(cfg, layout):
+    """Kernel tiles inside the layout's blocks: BLOCK_M divides q_block and BLOCK_N divides kv_block (both
+    powers of two, the blocks multiples of 16), so a tile belongs to exactly one listed block."""
+    if layout is None:
+        return cfg
+    return cfg._replace(
+        block_m=math.gcd(cfg.block_m, layout.q_block), block_n=math.gcd(cfg.block_n, layout.kv_block)
+    )
+
+
+def _with_block_layout(spec, layout, q, k):
+    """The reference's view of a layout: the spec's mask AND "key block listed for the query block", dense.
+    Both backends then compute the same function."""
+    if layout is None:
+        return spec
+    B, H = q.shape[:2]
+    Mb, Nb = _check_layout(layout, q, k)
+    dense = _layout_dense(layout.kv_indices, layout.kv_counts, Nb).expand(B, H, Mb, Nb)
+    qb, kb, inner = layout.q_block, layout.kv_block, spec.mask
+
+    def mask(b, h, hk, i, j):
+        listed = dense[b, h, i // qb, j // kb]
+        return listed if inner is None else listed & _full_bool(inner(b, h, hk, i, j), listed.shape, q.device)
+
+    return spec._replace(mask=mask)
 
 
 def _tile_minmax(values, block):
@@ -517,6 +791,142 @@ def _has_triton():
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
+
+
+# ---- tuned schedules: the autotuner's best configs (autotune/), looked up once per key, then a dict hit ----
+
+_BAKED_CONFIGS = {}  # key text -> config; `attnc codegen --tuned-from` assigns it in the generated module
+_TUNED_TABLE = None  # the exported best-config table (key text -> config), read once per process
+_TUNED_MEMO = {}  # (kernel, dtype, device, D, E, M bucket, N bucket) -> {kernel name: _KernelConfig} | None
+_KERNEL_IDS = {}  # id(fwd kernel) -> (attention name, kernels-file content hash)
+_FORCED_CONFIGS = None  # the tuner's probe: {kernel name: _KernelConfig} wins over every lookup while set
+_AUTOTUNE_HOOK = None  # installed by attnc's autotuner; called on an untuned key only if ATTNC_AUTOTUNE=1
+_TUNED_KERNELS = ("fwd", "dkdv", "dq")
+
+
+def _tune_settings():
+    """(best-config table path, ATTNC_AUTOTUNE): this module's mirror of codegen.settings, which a generated
+    module cannot import. Read on each table load, so a test can point it elsewhere."""
+    import os
+    from pathlib import Path
+
+    env = os.environ
+    home = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    cache = env.get("ATTNC_CACHE_DIR") or str(home / "attnc")
+    table = env.get("ATTNC_TUNED_CONFIGS") or str(Path(cache) / "tune" / "best.json")
+    return table, env.get("ATTNC_AUTOTUNE", "") not in ("", "0")
+
+
+def _reset_tuned():
+    """Forget the loaded table and every memoised lookup (after the tuner exported a new table)."""
+    global _TUNED_TABLE
+    _TUNED_TABLE = None
+    _TUNED_MEMO.clear()
+
+
+def _tuned_table():
+    """The user's exported table over the configs baked into this module (a local tuning is newer)."""
+    global _TUNED_TABLE
+    if _TUNED_TABLE is None:
+        import json
+        import warnings
+
+        path, _ = _tune_settings()
+        table = {}
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if data.get("format") != "attnc-tuned-configs":
+                raise ValueError("not an attnc-tuned-configs table")
+            table = {key: entry["config"] for key, entry in data["configs"].items()}
+        except FileNotFoundError:
+            pass  # nothing tuned: the heuristic defaults
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            warnings.warn(f"attnc: ignoring tuned-config table {path}: {err}", RuntimeWarning, stacklevel=3)
+        _TUNED_TABLE = {**_BAKED_CONFIGS, **table}
+    return _TUNED_TABLE
+
+
+def _kernel_identity(kernel):
+    """(attention name, content hash of the generated kernels file) of a fwd kernel object."""
+    ident = _KERNEL_IDS.get(id(kernel))
+    if ident is None:
+        fn = kernel
+        while hasattr(fn, "fn"):  # JITFunction / InterpretedFunction -> the Python function
+            fn = fn.fn
+        name = fn.__name__.removeprefix("_").removesuffix("_fwd_kernel")
+        digest = ""
+        try:
+            with open(fn.__code__.co_filename, encoding="utf-8") as f:
+                for line in (f.readline() for _ in range(4)):
+                    if line.startswith("# content-sha256: "):
+                        digest = line.split(":", 1)[1].strip()[:16]
+        except OSError:
+            pass
+        ident = _KERNEL_IDS[id(kernel)] = (name, digest)
+    return ident
+
+
+def _device_identity(device):
+    """(GPU name, compute capability, triton version, torch version) as autotune.key.DeviceInfo has them."""
+    import importlib.metadata
+
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "none"
+    torch_version = torch.__version__.split("+")[0]
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return torch.cuda.get_device_name(device), major * 10 + minor, triton_version, torch_version
+    return "cpu", 0, triton_version, torch_version
+
+
+def _tune_key_text(attention, kernel, kernels_hash, device, dtype, D, E, M, N):
+    """The tuning key, exactly as autotune.key.TuningKey.text() writes it (a test checks they agree)."""
+    gpu, cc, triton_version, torch_version = device
+    return "|".join(
+        [
+            f"attn={attention}",
+            f"kernel={kernel}",
+            f"kh={kernels_hash}",
+            f"attnc={globals().get('ATTNC_VERSION', '')}",
+            f"gpu={gpu}",
+            f"cc={cc}",
+            f"triton={triton_version}",
+            f"torch={torch_version}",
+            f"dtype={str(dtype).removeprefix('torch.')}",
+            f"D={D}",
+            f"E={E}",
+            f"M={_next_pow2(M)}",
+            f"N={_next_pow2(N)}",
+        ]
+    )
+
+
+def _tuned_configs(fwd_kernel, q, k, v, heavy=0):
+    """{kernel name: _KernelConfig} of the tuned kernels for this call's key, or None (heuristic defaults).
+    Computed once per (kernel, dtype, device, head dims, sequence buckets); a dictionary hit after that.
+    Never tunes unless ATTNC_AUTOTUNE=1 and attnc's autotuner installed its hook."""
+    if _FORCED_CONFIGS is not None:
+        return _FORCED_CONFIGS
+    D, E, M, N = q.shape[-1], v.shape[-1], q.shape[-2], k.shape[-2]
+    memo = (id(fwd_kernel), q.dtype, q.device, D, E, _next_pow2(M), _next_pow2(N))
+    if memo in _TUNED_MEMO:
+        return _TUNED_MEMO[memo]
+    table = _tuned_table()
+    attention, kernels_hash = _kernel_identity(fwd_kernel)
+    device = _device_identity(q.device)
+    found = {}
+    for kernel in _TUNED_KERNELS:
+        key = _tune_key_text(attention, kernel, kernels_hash, device, q.dtype, D, E, M, N)
+        entry = table.get(key)
+        if entry is None and _AUTOTUNE_HOOK is not None and _tune_settings()[1]:
+            entry = _AUTOTUNE_HOOK(key, kernel, q, k, v, heavy)
+        if entry is not None:
+            found[kernel] = _KernelConfig(**{f: int(entry[f]) for f in _KernelConfig._fields if f in entry})
+    result = _TUNED_MEMO[memo] = found or None
+    return result
 
 
 # ---- torch.library: every block is a custom op, so torch.compile(fullgraph=True) traces models calling it ----

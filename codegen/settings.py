@@ -11,14 +11,23 @@ from pathlib import Path
 class Settings:
     cache_dir: Path  # ATTNC_CACHE_DIR: generated-module cache (default: the user cache dir)
     debug: bool  # ATTNC_DEBUG=1: show Python tracebacks for internal errors in the CLI
+    # The autotuner (autotune/). Generated modules mirror the last two in `_tune_settings` (they import
+    # nothing from attnc); tests/test_autotune_runtime.py checks that both read the same values.
+    tune_dir: Path  # studies' default journal storage: <cache_dir>/tune
+    tuned_table: Path  # ATTNC_TUNED_CONFIGS: the best-config table the runtime reads (<tune_dir>/best.json)
+    autotune: bool  # ATTNC_AUTOTUNE=1: a generated module may tune an untuned key on first call
 
     @staticmethod
     def from_env() -> Settings:
         env = os.environ
         default_cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "attnc"
+        cache_dir = Path(env.get("ATTNC_CACHE_DIR") or default_cache)
         return Settings(
-            cache_dir=Path(env.get("ATTNC_CACHE_DIR") or default_cache),
+            cache_dir=cache_dir,
             debug=env.get("ATTNC_DEBUG", "") not in ("", "0"),
+            tune_dir=cache_dir / "tune",
+            tuned_table=Path(env.get("ATTNC_TUNED_CONFIGS") or cache_dir / "tune" / "best.json"),
+            autotune=env.get("ATTNC_AUTOTUNE", "") not in ("", "0"),
         )
 
 

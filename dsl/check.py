@@ -66,6 +66,15 @@ GENERATED_NAMES = {
     "spec",
     "backend",
     "return_lse",
+    # keyword arguments and locals of the generated entry points and their custom-op callbacks
+    "algorithm",
+    "initial_state",
+    "return_state",
+    "block_layout",
+    "ctx",
+    "inputs",
+    "do",
+    "dlse",
 }
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 

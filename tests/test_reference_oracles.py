@@ -496,6 +496,47 @@ def lightning_recurrent(a: Args) -> torch.Tensor:
     return torch.stack(outs, dim=2)
 
 
+# retention (RetNet eq. 5: (QK^T ⊙ D) V, D_nm = gamma^(n-m) on n >= m) ------------------------------------------
+def retention_aux(case: Case, g: torch.Generator) -> Args:
+    return {"gamma": 1 - 0.2 * torch.rand(case.H, generator=g, dtype=F64)}
+
+
+def retention_naive(a: Args) -> tuple[torch.Tensor, None]:
+    i, j = pos(a)
+    causal = j <= i
+    decay = torch.where(causal, a["gamma"].view(-1, 1, 1) ** torch.where(causal, i - j, 0), 0.0)
+    return (qk(a) * dscale(a) * decay) @ a["v"], None
+
+
+# gated_linear (cumulative log-decay g: weight exp(g_i - g_j) on j <= i) ---------------------------------------------
+def gated_linear_aux(case: Case, g: torch.Generator) -> Args:
+    gates = F.logsigmoid(_randn(g, case.B, case.H, case.N) + 2.0)
+    return {"g": gates.cumsum(-1)}
+
+
+def gated_linear_naive(a: Args) -> tuple[torch.Tensor, None]:
+    i, j = pos(a)
+    gc = a["g"]
+    expo = torch.where(j <= i, gc[..., :, None] - gc[..., None, :], float("-inf"))
+    return (qk(a) * dscale(a) * torch.exp(expo)) @ a["v"], None
+
+
+# linear_bidir (Katharopoulos et al. eq. 6, every key) ---------------------------------------------------------------
+def linear_bidir_naive(a: Args) -> tuple[torch.Tensor, None]:
+    scores = qk(a, phi(a["q"]), phi(a["k"]))
+    return (scores @ a["v"]) / (scores.sum(-1, keepdim=True) + LINEAR_EPS), None
+
+
+# decay_abs (symmetric decay, no mask: kept quadratic) ---------------------------------------------------------------
+def decay_abs_aux(case: Case, g: torch.Generator) -> Args:
+    return {"decay": 0.05 + 0.3 * torch.rand(case.H, generator=g, dtype=F64)}
+
+
+def decay_abs_naive(a: Args) -> tuple[torch.Tensor, None]:
+    i, j = pos(a)
+    return (qk(a) * dscale(a) * torch.exp(-a["decay"].view(-1, 1, 1) * (i - j).abs())) @ a["v"], None
+
+
 # causal ---------------------------------------------------------------------------------------------------------
 def causal_aux(case: Case, g: torch.Generator) -> Args:
     return {} if case.N == 37 else {"scale": 0.21}  # the default (D ** -0.5) once
@@ -724,6 +765,10 @@ SPECS: dict[str, SpecInfo] = {
         "none", lightning_aux, lightning_naive, N_SHAPES, recurrent=lightning_recurrent, value_width=True
     ),
     "causal": SpecInfo("softmax", causal_aux, causal_naive, N_SHAPES, causal_sdpa, causal_flex),
+    "retention": SpecInfo("none", retention_aux, retention_naive, N_SHAPES[:2], value_width=True),
+    "gated_linear": SpecInfo("none", gated_linear_aux, gated_linear_naive, N_SHAPES[:2], value_width=True),
+    "linear_bidir": SpecInfo("sum", _no_aux, linear_bidir_naive, N_SHAPES[:2], value_width=True),
+    "decay_abs": SpecInfo("none", decay_abs_aux, decay_abs_naive, N_SHAPES[:2]),
     "cross": SpecInfo(
         "softmax", _no_aux, cross_naive, MN_SHAPES, cross_sdpa, cross_flex, cross=True, value_width=True
     ),

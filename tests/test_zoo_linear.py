@@ -135,3 +135,19 @@ def test_transnormer_trains_and_generates_recurrently(variant: str) -> None:
 def test_transnormer_rejects_softmax_variants() -> None:
     with pytest.raises(ValueError, match="needs a linear variant"):
         TransNormerLM(8, variant="causal")
+
+
+def test_generate_linear_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/generate_linear.py: the loss falls and generation reports a fixed-size state."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "generate_linear.py"
+    spec = importlib.util.spec_from_file_location("zoo_example_generate_linear", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    argv = ["--steps", "20", "--batch", "4", "--seq", "32", "--sample", "8", "--dim", "32", "--heads", "2"]
+    assert mod.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "loss" in out and "recurrent state 1024 numbers per sequence" in out

@@ -54,6 +54,16 @@ _TEMPLATES = {
 }
 
 
+def aux_name(spec_name: str) -> str:
+    """A kernel's parameter for the spec's auxiliary tensor: apart from every kernel local (`s`, `p`, `acc`...)."""
+    return f"_a_{spec_name}"
+
+
+def scalar_name(spec_name: str) -> str:
+    """A kernel's parameter for the spec's runtime scalar."""
+    return f"_c_{spec_name}"
+
+
 def _holes(args: list[ast.expr]) -> dict[str, ast.expr]:
     return dict(zip("abc", args, strict=False))
 
@@ -106,7 +116,11 @@ class TritonExprs:
         self, load_code: Callable[[Node, list[ast.expr]], ast.expr], leaf_code: Callable[[Node], ast.expr]
     ) -> Emitter:
         return Emitter(
-            load_code=load_code, leaf_code=leaf_code, tensor_apply=self.apply, uniform_prefix="_ku"
+            load_code=load_code,
+            leaf_code=leaf_code,
+            tensor_apply=self.apply,
+            uniform_prefix="_ku",
+            scalar_name=scalar_name,
         )
 
     def load(self, n: Node, args: list[ast.expr]) -> ast.expr:
@@ -125,7 +139,7 @@ class TritonExprs:
             in_bounds = ok if in_bounds is None else expr_from_string("{a} * {b}", a=in_bounds, b=ok)
         assert offset is not None and in_bounds is not None
         load = expr_from_string(
-            "tl.load({t} + {o}, mask={m} != 0, other=0)", t=name(p.name), o=offset, m=in_bounds
+            "tl.load({t} + {o}, mask={m} != 0, other=0)", t=name(aux_name(p.name)), o=offset, m=in_bounds
         )
         if n.dtype is DType.FLOAT:
             return expr_from_string("({a}).to(tl.float32)", a=load)

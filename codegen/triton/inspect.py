@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 from dsl.ir import Attention, DType, TensorType
 
-from ..reference_runtime import _default_config, _next_pow2
+from ..reference_runtime import _default_config, _default_split_config, _KernelConfig, _next_pow2
 from .aot import CompileJob
-from .kernels import _EXTENTS, _QKV_STRIDES, KernelWriter
+from .expr import aux_name, scalar_name
+from .kernels import _EXTENTS, _QKV_STRIDES, LAYOUT_INTS, LAYOUT_POINTERS, KernelWriter
 
 _PTR = {
     TensorType.FLOAT: "*fp32",
@@ -47,6 +48,16 @@ _LEADING = {
         "_DELTA": "*fp32",
         "_DQ": "*fp32",
     },
+    # Split-KV decoding: partials in float32, then the combine writes o and the row statistic.
+    "fwd_split": {"_Q": "q", "_K": "q", "_V": "q", "_OPART": "*fp32", "_LPART": "*fp32", "_SPLIT_N": "i32"},
+    "fwd_combine": {
+        "_OPART": "*fp32",
+        "_LPART": "*fp32",
+        "_NSPLIT": "i32",
+        "_O": "q",
+        "_ORAW": "*fp32",
+        "_STAT": "*fp32",
+    },
 }
 
 
@@ -55,7 +66,8 @@ class Target:
     cc: int
     dtype: str  # "fp16" | "bf16" | "fp32"
     head_dim: int
-    kernels: tuple[str, ...] = ("fwd", "bwd_dkdv", "bwd_dq")
+    kernels: tuple[str, ...] = ("fwd", "bwd_dkdv", "bwd_dq", "fwd_split", "fwd_combine")
+    layout: bool = False  # compile the explicit-block-layout form (`_LAYOUT`) instead of the plain one
 
 
 # What the issue asks CI to compile: forward and backward for sm_90 at D = 64 in fp16 and D = 128 in bf16,
@@ -68,13 +80,13 @@ def jobs(att: Attention, kernels_module: object, target: Target) -> list[Compile
     writer.kernels()  # fixes the hoisted uniforms, hence the signature tail
     tail: dict[str, str] = {}
     for p in att.aux_tensors:
-        tail[p.name] = _PTR[p.type]
+        tail[aux_name(p.name)] = _PTR[p.type]
         for k in range(len(p.shape)):
             tail[f"_s_{p.name}_{k}"] = "i32"
         for k in range(len(p.shape)):
             tail[f"_n_{p.name}_{k}"] = "i32"
     for sc in att.scalars:
-        tail[sc.name] = "i32" if sc.dtype is DType.INT else "fp32"
+        tail[scalar_name(sc.name)] = "i32" if sc.dtype is DType.INT else "fp32"
     for sym in writer.size_symbols():
         tail[sym] = "i32"
     for node, var in writer.em._uniform_names.items():
@@ -85,13 +97,18 @@ def jobs(att: Attention, kernels_module: object, target: Target) -> list[Compile
         tail[name] = "i32"
     for name in writer.summary_params():
         tail[name] = "*i64"
+    for name in LAYOUT_POINTERS:
+        tail[name] = "*i32"
+    for name in LAYOUT_INTS:
+        tail[name] = "i32"
     tail["_VISITS"] = "*i32"
     D = E = target.head_dim
     out = []
     for kind in target.kernels:
-        cfg = _default_config(D, E, {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}[kind], writer.heavy)
+        cfg = _schedule(kind, D, E, writer.heavy)
         constexprs = {
             "_COUNT_VISITS": False,
+            "_LAYOUT": target.layout and kind != "fwd_combine",
             "_BLOCK_M": cfg.block_m,
             "_BLOCK_N": cfg.block_n,
             "_BLOCK_D": _next_pow2(D),
@@ -111,6 +128,14 @@ def jobs(att: Attention, kernels_module: object, target: Target) -> list[Compile
             )
         )
     return out
+
+
+def _schedule(kind: str, D: int, E: int, heavy: bool) -> _KernelConfig:
+    """The runtime's default schedule of each kernel (the combine: the split's rows, four warps)."""
+    if kind in ("fwd_split", "fwd_combine"):
+        cfg = _default_split_config(D, E, heavy)
+        return cfg if kind == "fwd_split" else _KernelConfig(cfg.block_m, cfg.block_n, 4, 1)
+    return _default_config(D, E, {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}[kind], heavy)
 
 
 def all_jobs(

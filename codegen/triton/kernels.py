@@ -28,7 +28,7 @@ from dsl.ir import Attention, DType, Node, NormKind, Op, Var, uses_var, walk
 
 from ..emit import Emitter
 from . import tile_code
-from .expr import TritonExprs, leaf
+from .expr import TritonExprs, aux_name, leaf, scalar_name
 
 LOG2E = 1.4426950408889634
 
@@ -84,18 +84,20 @@ class KernelWriter:
         return [v for v, _ in self.em.hoisted]
 
     @property
-    def heavy(self) -> bool:
-        """Whether the score or mask gathers a tensor per (i, j) pair, or the weights stay in float32
-        (norm = none): both take more registers per tile."""
-        if self.att.norm.kind is NormKind.NONE or summary_atoms(self.att):
-            return True  # also data-dependent masks: the per-tile summary checks take registers too
+    def heavy(self) -> int:
+        """How many more registers per tile the spec takes (0: none): 2 when the score or mask gathers a
+        tensor per (i, j) pair or the mask has data-dependent per-tile summaries, 1 when only the weights stay
+        in float32 (norm = none). Truthy for both; the default schedules narrow tiles by level."""
         roots = [r for r in (self.att.score, self.att.mask) if r is not None]
-        return any(
+        gathers = summary_atoms(self.att) or any(
             n.op is Op.LOAD
             and any(uses_var(a, Var.I) for a in n.args)
             and any(uses_var(a, Var.J) for a in n.args)
             for n in walk(roots)
         )
+        if gathers:
+            return 2
+        return 1 if self.att.norm.kind is NormKind.NONE else 0
 
     # ---- data-dependent masks: per-tile summaries (computed by a pre-pass on the device) -----------------------
 
@@ -139,10 +141,10 @@ class KernelWriter:
         """Aux tensors (+ strides and extents), scalars, size symbols and uniforms, in a fixed order."""
         args: list[str] = []
         for p in self.att.aux_tensors:
-            args.append(p.name)
+            args.append(aux_name(p.name))
             args += [f"_s_{p.name}_{k}" for k in range(len(p.shape))]
             args += [f"_n_{p.name}_{k}" for k in range(len(p.shape))]
-        args += [s.name for s in self.att.scalars]
+        args += [scalar_name(s.name) for s in self.att.scalars]
         args += self.size_symbols()
         return args
 

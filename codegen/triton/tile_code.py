@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import sympy as sp
 
+from dsl.analysis.symbolic import symbol_for_scalar
 from dsl.analysis.tiles import TILE_BM, TILE_BN, TILE_M0, TILE_N0
+
+from .expr import scalar_name
 
 
 class Unprintable(Exception):
@@ -34,7 +37,11 @@ def code(e: sp.Basic) -> str:
     if e is sp.false:
         return "False"
     if isinstance(e, sp.Symbol):
-        return _TILE_NAMES.get(e, e.name)
+        if e in _TILE_NAMES:
+            return _TILE_NAMES[e]
+        if e in (symbol_for_scalar(e.name, True), symbol_for_scalar(e.name, False)):
+            return scalar_name(e.name)  # a runtime scalar: the kernel's parameter for it
+        return e.name
     if isinstance(e, sp.Integer):
         return str(int(e))
     if isinstance(e, sp.Add):
