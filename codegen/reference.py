@@ -407,7 +407,7 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     else:
         L.append(f"    o = _impl({args}, {get_layout})")
         L.append("    lse = torch.zeros(q.shape[:3], dtype=_lse_dtype(q), device=q.device)")
-    L.append("    return o, lse.to(_lse_dtype(q))")
+    L.append("    return o.contiguous(), lse.to(_lse_dtype(q)).contiguous()")
     L += ["", ""]
     L.append(f"def _{nm}_fake({', '.join(params)}, backend: str) -> tuple[torch.Tensor, torch.Tensor]:")
     L.append(
@@ -432,13 +432,16 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     L.append("")
     L.append("    _out = _with_autograd(_grads)")
     L.append(
-        f"    return [torch.zeros_like(x) if g is None else g for x, g in zip(({', '.join(floats)},), _out)]"
+        # Contiguous, as the fake promises: a compiled backward then knows the strides it gets.
+        f"    return [torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous() for x, g in zip(({', '.join(floats)},), _out)]"
     )
     L += ["", ""]
     L.append(f"def _{nm}_backward_fake(")
     L.append("    do: torch.Tensor, dlse: torch.Tensor, " + ", ".join(params) + ", backend: str")
     L.append(") -> list[torch.Tensor]:")
-    L.append(f"    return [torch.empty_like(x) for x in ({', '.join(floats)},)]")
+    L.append(
+        f"    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in ({', '.join(floats)},)]"
+    )
     L += ["", ""]
     non_tensors = [p.name for p in att.params if not isinstance(p, TensorParam)]
     L.append(f"def _{nm}_setup_context(ctx, inputs, output):")
