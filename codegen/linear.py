@@ -62,12 +62,20 @@ def dispatch_lines(att: Attention, has_triton: bool) -> list[str]:
     nm = att.name
     args = ", ".join(p.name for p in att.params)
     L = ["    if algorithm is not None or initial_state is not None or return_state:"]
+    L.append("        if block_layout is not None:")
+    L.append(
+        '            raise ValueError("block_layout= selects key blocks of the quadratic kernels; the linear '
+        'forms (algorithm=, initial_state=, return_state=) visit every key")'
+    )
     L.append(
         f"        return {nm}_linear({args}, algorithm=algorithm or 'chunk', backend=backend, "
         "initial_state=initial_state, return_state=return_state)"
     )
     if has_triton:
-        L.append("    if backend == 'triton' and q.dim() == 4 and q.shape[2] > _LINEAR_PARALLEL_MAX_N:")
+        L.append(
+            "    if backend == 'triton' and block_layout is None and q.dim() == 4 "
+            "and q.shape[2] > _LINEAR_PARALLEL_MAX_N:"
+        )
         L.append(f"        return {nm}_linear({args}, algorithm='chunk', backend=backend)")
     return L
 
@@ -186,7 +194,7 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
         )
     else:
         L.append("    _gfull = None")
-    L.append(f"    _s0, _z0 = _lin_state_split(initial_state, _Bq, _Hq, _Dq, _Ev, {norm_sum})")
+    L.append(f"    _s0, _z0 = _lin_state_split(initial_state, _Bq, _Hq, _Dq, _Ev, {norm_sum}, q.device)")
     causal = form.causal
     if has_triton:
         L.append('    if backend == "triton":')

@@ -231,7 +231,7 @@ def _lin_core_torch(qt, kt, v, gfull, s0, z0, causal, norm_sum):
     return o, den, so, zo
 
 
-def _lin_state_split(state, B, H, D, E, norm_sum, name="initial_state"):
+def _lin_state_split(state, B, H, D, E, norm_sum, device, name="initial_state"):
     """The user's state [B, H, D, E] (norm = none) or [B, H, D, E + 1] (norm = sum: last column is z)."""
     if state is None:
         return None, None
@@ -243,6 +243,10 @@ def _lin_state_split(state, B, H, D, E, norm_sum, name="initial_state"):
             f"{name}: expected a tensor of shape [B, H, D, {'E + 1' if norm_sum else 'E'}] = {list(want)}, "
             f"got {got}"
         )
+    if not state.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {state.dtype}")
+    if state.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where q is), got {state.device}")
     if norm_sum:
         return state[..., :E], state[..., E]
     return state, None

@@ -510,3 +510,19 @@ def test_linear_forms_trace_under_torch_compile(compiled) -> None:
     for p, g in zip(model.parameters(), grads, strict=True):
         torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-4)
     assert model.decay.grad is not None and model.decay.grad.abs().sum() > 0
+
+
+def test_state_and_layout_errors(compiled) -> None:
+    mod = compiled("lightning")
+    q = torch.randn(1, 2, 10, 8)
+    decay = torch.rand(2)
+    with pytest.raises(ValueError, match="initial_state: expected a floating-point tensor"):
+        mod.lightning(q, q, q, decay, initial_state=torch.zeros(1, 2, 8, 8, dtype=torch.int32))
+    layout = mod.BlockLayout(
+        torch.zeros(1, 1, 1, 1, dtype=torch.int32),
+        torch.ones(1, 1, 1, dtype=torch.int32),
+        q_block=16,
+        kv_block=16,
+    )
+    with pytest.raises(ValueError, match="block_layout= selects key blocks of the quadratic kernels"):
+        mod.lightning(q, q, q, decay, algorithm="chunk", block_layout=layout)
