@@ -576,9 +576,17 @@ def _layout_op_args(layout):
     """The layout as custom-op arguments (the op's schema takes tensors and numbers only)."""
     if layout is None:
         return None, None, None, None, 0, 0
-    if not isinstance(layout, BlockLayout):
+    # Any generated module's BlockLayout will do (each module defines its own class): checked by its fields.
+    if not all(hasattr(layout, f) for f in BlockLayout._fields):
         raise ValueError(f"block_layout: expected a BlockLayout, got {type(layout).__name__}")
-    return (*layout[:2], layout.q_indices, layout.q_counts, layout.q_block, layout.kv_block)
+    return (
+        layout.kv_indices,
+        layout.kv_counts,
+        layout.q_indices,
+        layout.q_counts,
+        layout.q_block,
+        layout.kv_block,
+    )
 
 
 def _layout_from_op_args(kv_indices, kv_counts, q_indices, q_counts, q_block, kv_block):

@@ -268,3 +268,25 @@ def test_layer_forward_compiles_fullgraph() -> None:
         torch._dynamo.reset()
         compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager, atol=1e-6, rtol=1e-6)
+
+
+def test_biformer_routes_through_the_block_layout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With regions of whole kernel blocks (R = 64 tokens) the layer hands the routed regions to the kernels
+    as a runtime block layout; the Triton result (visiting routed regions only) equals the reference."""
+    from zoo import ops
+    from zoo.layers.routing import BiFormerAttention
+
+    torch.manual_seed(0)
+    layer = BiFormerAttention(32, 2, regions=2, top_k=2)
+    x = torch.randn(1, 256, 32)
+    seen = []
+    real = ops.Operator.__call__
+    monkeypatch.setattr(
+        ops.Operator, "__call__", lambda self, *a, **kw: seen.append(kw) or real(self, *a, **kw)
+    )
+    want = layer(x, grid=(16, 16), backend="reference")
+    got = layer(x, grid=(16, 16), backend="triton")
+    layout = seen[-1]["block_layout"]
+    assert layout is not None and layout.q_block == layout.kv_block == 64
+    assert layout.kv_indices.shape == (1, 1, 4, 2) and bool((layout.kv_counts == 2).all())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -83,14 +83,24 @@ class BiFormerAttention(ZooAttention):
                 .expand(-1, -1, -1, group, -1)
                 .reshape(B, N, -1)
             )
-        route = biformer_route(q.detach(), k_wide, s, min(self.top_k, s * s))
+        top_k = min(self.top_k, s * s)
+        route = biformer_route(q.detach(), k_wide, s, top_k)
+        R = N // (s * s)
+        layout = None
+        if R % 16 == 0:  # regions are whole kernel blocks: the kernels visit only the routed regions (eq. 4)
+            regions = route.float().topk(top_k, dim=-1).indices.to(torch.int32)  # [B, NR, k]: the True ones
+            counts = torch.full(regions.shape[:2], top_k, dtype=torch.int32, device=x.device)
+            layout = ops.load("biformer", reference_only=True).BlockLayout(
+                regions[:, None], counts[:, None], q_block=R, kv_block=R
+            )
         o = self.op()(
             self._split(q, self.heads),
             self._split(k, self.kv_heads),
             self._split(v, self.kv_heads),
             route,
-            N // (s * s),
+            R,
             backend=backend,
+            block_layout=layout,
         )
         o = raster_order(o.transpose(1, 2).reshape(B, N, -1), grid, s)
         v_img = raster_order(v, grid, s).transpose(1, 2).reshape(B, -1, rows, width)
