@@ -282,6 +282,11 @@ class KernelObjective:
         return bool(self.inputs["q"].is_cuda)
 
     def _fn(self) -> Callable[..., Any]:
+        if self.kind is KernelKind.LIN_CHUNK:
+            import functools
+
+            linear = getattr(self.module, f"{self.attention}_linear")
+            return functools.partial(linear, algorithm="chunk", backend="triton")
         return getattr(self.module, f"{self.attention}_triton")
 
     def _grad_inputs(self) -> dict[str, Any]:
@@ -294,7 +299,7 @@ class KernelObjective:
         """What the gate compares: o for the forward; (dq,) or (dk, dv) for the backward kernels."""
         import torch
 
-        if self.kind is KernelKind.FWD:
+        if self.kind in (KernelKind.FWD, KernelKind.LIN_CHUNK):
             kw = {k: (v.double() if upcast and k in ("q", "k", "v") else v) for k, v in self.inputs.items()}
             with torch.no_grad():
                 return (fn(**kw).float(),)
@@ -312,7 +317,7 @@ class KernelObjective:
 
     @contextlib.contextmanager
     def _forced(self, c: Candidate) -> Iterator[None]:
-        cfg_type = self.module._KernelConfig
+        cfg_type = self.module._LinConfig if self.kind is KernelKind.LIN_CHUNK else self.module._KernelConfig
         cfg = cfg_type(**{k: v for k, v in c.as_dict().items() if k in cfg_type._fields})
         saved = self.module._FORCED_CONFIGS
         self.module._FORCED_CONFIGS = {self.kind.value: cfg}
@@ -359,7 +364,7 @@ class KernelObjective:
         import torch
 
         fn = self._fn()
-        if self.kind is KernelKind.FWD:
+        if self.kind in (KernelKind.FWD, KernelKind.LIN_CHUNK):
 
             def run() -> Any:
                 with torch.no_grad():

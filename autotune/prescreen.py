@@ -53,6 +53,16 @@ def compile_job(att: Any, kernels_module: Any, c: Candidate, cc: int, dtype: DTy
     """The `CompileJob` of `attnc inspect` for this kernel and target, with candidate `c`'s schedule."""
     from codegen.triton.inspect import Target, jobs
 
+    if c.kind is KernelKind.LIN_CHUNK:  # the chunked linear forward's output kernel (the larger of the two)
+        from codegen.linear_runtime import _LinConfig
+        from codegen.triton import linear_aot
+
+        cfg = _LinConfig(**{f: c[f] for f in _LinConfig._fields})
+        return next(
+            j
+            for j in linear_aot.jobs(cc, dtype.short, head_dim, (linear_aot.variant_of(att),), cfg)
+            if j.fn.__name__ == "_lin_fwd_out_kernel"
+        )
     (base,) = jobs(att, kernels_module, Target(cc, dtype.short, head_dim, (_AOT_KIND[c.kind],)))
     return dataclasses.replace(
         base,

@@ -103,6 +103,8 @@ def estimate(c: Candidate, p: Problem, arch: GpuArch) -> Estimate:
     nothing in these kernels (their masked loops are not software-pipelined), so it is not in the model;
     should codegen start pipelining them, the comparison with the compiler in the tests fails first.
     """
+    if c.kind is KernelKind.LIN_CHUNK:
+        return _lin_estimate(c, p)
     bm, bn, warps = c["block_m"], c["block_n"], c["num_warps"]
     D, E, nbytes = p.head_dim, p.v_dim, p.dtype.bytes
     threads = 32 * warps
@@ -125,6 +127,18 @@ def estimate(c: Candidate, p: Problem, arch: GpuArch) -> Estimate:
         m.base
         + (m.acc * acc + m.score * scores + wide * (m.streamed * streamed + m.resident * resident)) / threads
     )
+    return Estimate(shared, round(regs), threads)
+
+
+def _lin_estimate(c: Candidate, p: Problem) -> Estimate:
+    """The chunked linear forward's output kernel, the larger of its two: q~ and k~ tiles (C x D), the state
+    block (D x block_v) and v (C x block_v) through shared memory; the C x C intra-chunk product, the C x block_v
+    accumulator and the q~ tile in registers. Uncalibrated (a coarse screen): `attnc tune --prescreen` gives
+    the compiler's word."""
+    C, bv, threads = c["chunk"], min(c["block_v"], p.v_dim), 32 * c["num_warps"]
+    D, nbytes = max(16, 1 << (p.head_dim - 1).bit_length()), p.dtype.bytes
+    shared = nbytes * (2 * C * D + D * bv + C * bv)
+    regs = 32 + (C * C + C * bv + C * D * nbytes / 2) / threads
     return Estimate(shared, round(regs), threads)
 
 

@@ -39,6 +39,7 @@ class KernelKind(enum.Enum):
     FWD = "fwd"
     DKDV = "dkdv"
     DQ = "dq"
+    LIN_CHUNK = "lin_chunk"  # the linear family's chunked forward (state pass + per-chunk output)
 
 
 class DType(enum.Enum):
@@ -260,3 +261,37 @@ def _dkdv_space(p: Problem) -> KernelSpace:
 @register(KernelKind.DQ)
 def _dq_space(p: Problem) -> KernelSpace:
     return _flash_space(KernelKind.DQ, p)
+
+
+# ---------------------------------------------------------------------------------- linear-family chunk kernels
+
+
+@register(KernelKind.LIN_CHUNK)
+def _lin_chunk_space(p: Problem) -> KernelSpace:
+    """The chunked linear forward (codegen/triton/linear_kernels.py): chunk length C, the D- and E-blocks of
+    the sequential state pass (block_k, block_v; block_v also splits the output kernel's E), warps, stages.
+    The default is the runtime's `_lin_default_config`."""
+    from codegen.linear_runtime import _lin_default_config
+
+    dpow, epow = max(16, 1 << (p.head_dim - 1).bit_length()), max(16, 1 << (p.v_dim - 1).bit_length())
+    params = (
+        Param("chunk", (16, 32, 64, 128)),
+        Param("block_k", tuple(b for b in (16, 32, 64, 128) if b <= dpow)),
+        Param("block_v", tuple(b for b in (16, 32, 64, 128) if b <= epow)),
+        Param("num_warps", (2, 4, 8)),
+        Param("num_stages", (1, 2, 3)),
+    )
+    cfg = _lin_default_config(p.head_dim, p.v_dim)._asdict()
+    default = Candidate.of(KernelKind.LIN_CHUNK, {q.name: cfg[q.name] for q in params})
+    rows = bucket(p.kv_len)
+
+    def chunk_fits(c: Candidate) -> str | None:
+        return f"chunk={c['chunk']} exceeds the sequence bucket {rows}" if c["chunk"] > rows else None
+
+    def wide_heads(c: Candidate) -> str | None:
+        # A chunk's C x D and C x E fp32 tiles in the dq/dk/dv kernels: 128-row chunks only for narrow heads.
+        return "128-row chunks need D, E <= 64" if c["chunk"] == 128 and p.width > 64 else None
+
+    return KernelSpace(
+        KernelKind.LIN_CHUNK, p, params, default, (("chunk fits", chunk_fits), ("wide heads", wide_heads))
+    )

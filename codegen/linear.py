@@ -199,7 +199,7 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     if has_triton:
         L.append('    if backend == "triton":')
         L.append(
-            f'        _opts = _LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _lin_default_config(_Dq, _Ev))'
+            f'        _opts = _LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _lin_config({nm!r}, q, _Dq, _Ev, _Nq))'
         )
         L.append("        _s0 = None if _s0 is None else _s0.float()")
         L.append("        _z0 = None if _z0 is None else _z0.float()")

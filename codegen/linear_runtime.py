@@ -12,7 +12,18 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .reference_runtime import _custom_op, _next_pow2, _triton_kernels, triton_cdiv
+from .reference_runtime import (
+    _FORCED_CONFIGS,
+    _TUNED_MEMO,
+    _custom_op,
+    _device_identity,
+    _kernel_identity,
+    _next_pow2,
+    _triton_kernels,
+    _tune_key_text,
+    _tuned_table,
+    triton_cdiv,
+)
 
 MARKER = "# ---- linear-family runtime ----"
 
@@ -43,6 +54,26 @@ def _lin_default_config(D, E):
     if width > 128:  # chunks of 16 and E-blocks of 32 keep the dk/dv kernel's C×D tiles in registers
         return _LinConfig(16, 64, 32, warps, 2)
     return _LinConfig(64, 64 if D > 32 else _next_pow2(D), 64 if E > 32 else _next_pow2(E), warps, 2)
+
+
+def _lin_config(attention, q, D, E, N):
+    """The chunked form's schedule for this call: the tuner's probe, else a tuned (or baked) config for the
+    call's key (kernel kind "lin_chunk", the same key text as the softmax kernels'), else the default.
+    Looked up once per key, then a dictionary hit."""
+    forced = (_FORCED_CONFIGS or {}).get("lin_chunk")
+    if forced is not None:
+        return forced
+    memo = ("lin_chunk", attention, q.dtype, q.device, D, E, _next_pow2(N))
+    if memo not in _TUNED_MEMO:
+        cfg = _lin_default_config(D, E)
+        kern = _triton_kernels(globals().get("__file__", ""), interpret=not q.is_cuda)
+        digest = _kernel_identity(kern._lin_fwd_out_kernel)[1]
+        key = _tune_key_text(attention, "lin_chunk", digest, _device_identity(q.device), q.dtype, D, E, N, N)
+        entry = _tuned_table().get(key)
+        if entry is not None and all(f in entry for f in _LinConfig._fields):
+            cfg = _LinConfig(**{f: int(entry[f]) for f in _LinConfig._fields})
+        _TUNED_MEMO[memo] = cfg
+    return _TUNED_MEMO[memo]
 
 
 class _LinOpts(NamedTuple):

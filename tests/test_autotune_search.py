@@ -142,7 +142,10 @@ def test_space_registry_one_entry_per_kind():
             assert cands[0] == space.default
             assert len(set(cands)) == len(cands)
             for c in cands[1:]:
-                assert c["block_m"] <= bucket(p.q_len) and c["block_n"] <= bucket(p.kv_len)
+                if kind is KernelKind.LIN_CHUNK:  # one sequence: the chunk stays within its bucket
+                    assert c["chunk"] <= bucket(p.kv_len)
+                else:
+                    assert c["block_m"] <= bucket(p.q_len) and c["block_n"] <= bucket(p.kv_len)
                 assert set(c.as_dict()) == set(space.names())
 
 

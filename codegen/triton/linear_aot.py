@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..linear_runtime import _lin_default_config, _next_pow2
+from ..linear_runtime import _lin_default_config, _LinConfig, _next_pow2
 from . import linear_kernels as lk
 from .aot import CompileJob
 
@@ -35,9 +35,28 @@ VARIANTS = (
 )
 
 
-def jobs(cc: int, dtype: str, head_dim: int, variants: tuple[Variant, ...] = VARIANTS) -> list[CompileJob]:
+def variant_of(att: object) -> Variant:
+    """The core variant a linear-form attention selects (causal, decay, norm)."""
+    from dsl.analysis.linear import linear_form
+    from dsl.ir import NormKind
+
+    decision = linear_form(att)  # type: ignore[arg-type]
+    if decision is None or decision.form is None:
+        raise ValueError("not a linear-form attention")
+    f = decision.form
+    return Variant(f.causal, f.log_decay is not None, att.norm.kind is NormKind.SUM)  # type: ignore[attr-defined]
+
+
+def jobs(
+    cc: int,
+    dtype: str,
+    head_dim: int,
+    variants: tuple[Variant, ...] = VARIANTS,
+    cfg: _LinConfig | None = None,
+) -> list[CompileJob]:
+    """Compile jobs of every core kernel for each variant, with `cfg` (default: the runtime's schedule)."""
     D = E = head_dim
-    cfg = _lin_default_config(D, E)
+    cfg = cfg or _lin_default_config(D, E)
     dot = "ieee" if dtype == "fp32" else "tf32"
     x, f32, i32 = f"*{dtype}", "*fp32", "i32"
     bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
