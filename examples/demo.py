@@ -99,6 +99,25 @@ def case(name: str) -> tuple[tuple, dict, Callable[[], torch.Tensor], str]:
         return (q, k, v, decay), {}, lambda: linear(F.elu(q) + 1, F.elu(k) + 1, v, mul), "formula"
     if name == "linear_elu":
         return (q, k, v), {}, lambda: linear(F.elu(q) + 1, F.elu(k) + 1, v, causal, 1e-6), "formula"
+    if name == "retention":  # RetNet eq. 5, run here through the chunked linear form
+        gamma = 1 - rand(H).abs() * 0.05
+        mul = s * gamma[:, None, None] ** (I - J).clamp(min=0) * causal
+        return (
+            (q, k, v, gamma),
+            {"algorithm": "chunk"},
+            lambda: linear(q, k, v, mul),
+            "formula (chunked form)",
+        )
+    if name == "gated_linear":
+        g = F.logsigmoid(rand(B, H, N) + 2).cumsum(-1)
+        mul = s * torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~causal, -math.inf))
+        return (q, k, v, g), {"algorithm": "chunk"}, lambda: linear(q, k, v, mul), "formula (chunked form)"
+    if name == "linear_bidir":
+        return (q, k, v), {}, lambda: linear(F.elu(q) + 1, F.elu(k) + 1, v, 1.0, 1e-6), "formula"
+    if name == "decay_abs":
+        decay = rand(H).abs()
+        mul = s * torch.exp(-decay[:, None, None] * (I - J).abs())
+        return (q, k, v, decay), {}, lambda: linear(q, k, v, mul), "formula (kept quadratic)"
     if name == "cross":
         qm, ve = rand(B, H, M, D), rand(B, H, N, 24)
         return (qm, k, ve), {}, lambda: sdpa(qm, k, ve), "sdpa"
