@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from . import registry
 from . import variant as registry_variant
 from .layers.linear import LinearZooAttention, StateCache
-from .models import Block
+from .models import Block, decode
 
 
 class TransNormerLM(nn.Module):
@@ -68,18 +68,7 @@ class TransNormerLM(nn.Module):
     ) -> Tensor:
         """Prefill the states with `prompt: [B, T]` (chunked), then decode `steps` tokens one at a time from
         the states (recurrent). Greedy when temperature == 0."""
-        caches = self.new_caches()
-        logits = self(prompt, caches=caches, backend=backend)[:, -1]
-        out = [prompt]
-        for step in range(steps):
-            if temperature > 0:
-                token = torch.multinomial((logits.float() / temperature).softmax(-1), 1, generator=generator)
-            else:
-                token = logits.argmax(-1, keepdim=True)
-            out.append(token)
-            if step + 1 < steps:
-                logits = self(token, caches=caches, backend=backend)[:, -1]
-        return torch.cat(out, dim=1)
+        return decode(self, prompt, steps, temperature=temperature, generator=generator, backend=backend)
 
 
 __all__ = ["TransNormerLM"]

@@ -174,19 +174,34 @@ class DecoderLM(nn.Module):
     ) -> Tensor:
         """Prefill the KV cache with `prompt: [B, T]`, then decode `steps` tokens one at a time (each step
         calls the generated operator with M = 1 over the cached keys). Greedy when temperature == 0."""
-        caches = self.new_caches()
-        logits = self(prompt, caches=caches, backend=backend)[:, -1]
-        out = [prompt]
-        for step in range(steps):
-            if temperature > 0:
-                probs = (logits.float() / temperature).softmax(-1)
-                token = torch.multinomial(probs, 1, generator=generator)
-            else:
-                token = logits.argmax(-1, keepdim=True)
-            out.append(token)
-            if step + 1 < steps:
-                logits = self(token, caches=caches, backend=backend)[:, -1]
-        return torch.cat(out, dim=1)
+        return decode(self, prompt, steps, temperature=temperature, generator=generator, backend=backend)
+
+
+@torch.no_grad()
+def decode(
+    model: nn.Module,
+    prompt: Tensor,
+    steps: int,
+    *,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Token-by-token generation for any model with `new_caches()` and `model(tokens, caches=...)`: one
+    prefill call over `prompt: [B, T]`, then one call per new token. Greedy when temperature == 0."""
+    caches = model.new_caches()
+    logits = model(prompt, caches=caches, backend=backend)[:, -1]
+    out = [prompt]
+    for step in range(steps):
+        if temperature > 0:
+            probs = (logits.float() / temperature).softmax(-1)
+            token = torch.multinomial(probs, 1, generator=generator)
+        else:
+            token = logits.argmax(-1, keepdim=True)
+        out.append(token)
+        if step + 1 < steps:
+            logits = model(token, caches=caches, backend=backend)[:, -1]
+    return torch.cat(out, dim=1)
 
 
 def pack_documents(docs: Sequence[Tensor], length: int, pad: int = 0) -> tuple[Tensor, Tensor, Tensor]:

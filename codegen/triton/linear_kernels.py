@@ -29,6 +29,34 @@ MARKER = "# ---- linear-family core kernels ----"
 
 
 @triton.jit
+def _lin_rows(base, rows, cols, rmask, cmask, width):
+    """The [rows, cols] tile of a row-major matrix `width` wide at `base` (masked lanes read 0)."""
+    return tl.load(
+        base + rows[:, None] * width + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _lin_cols(base, rows, cols, rmask, cmask, width):
+    """The same tile transposed, [cols, rows]: what a product with the matrix's transpose reads."""
+    return tl.load(
+        base + rows[None, :] * width + cols[:, None], mask=rmask[None, :] & cmask[:, None], other=0.0
+    )
+
+
+@triton.jit
+def _lin_percol(base, t, tmask):
+    """A per-position value as a column [C, 1] (one per row of a chunk tile)."""
+    return tl.load(base + t[:, None], mask=tmask[:, None], other=0.0)
+
+
+@triton.jit
+def _lin_perrow(base, t, tmask):
+    """A per-position value as a row [1, C] (one per column of a chunk tile)."""
+    return tl.load(base + t[None, :], mask=tmask[None, :], other=0.0)
+
+
+@triton.jit
 def _lin_rowsum(x):
     return tl.reduce(x, 1, tl.standard._sum_combine, keep_dims=True)
 
@@ -92,19 +120,11 @@ def _lin_fwd_state_kernel(
             )
         t = c * CHUNK + offs_c
         tmask = t < N
-        kt = tl.load(
-            KT + bk.to(tl.int64) * N * D + t[:, None] * D + offs_k[None, :],
-            mask=tmask[:, None] & kmask[None, :],
-            other=0.0,
-        )
-        v = tl.load(
-            V + bv.to(tl.int64) * N * E + t[:, None] * E + offs_v[None, :],
-            mask=tmask[:, None] & vmask[None, :],
-            other=0.0,
-        )
+        kt = _lin_rows(KT + bk.to(tl.int64) * N * D, t, offs_k, tmask, kmask, D)
+        v = _lin_rows(V + bv.to(tl.int64) * N * E, t, offs_v, tmask, vmask, E)
         kw = kt.to(tl.float32)
         if HAS_DECAY:
-            gl = tl.load(GL + bh.to(tl.int64) * N + t[:, None], mask=tmask[:, None], other=0.0)
+            gl = _lin_percol(GL + bh.to(tl.int64) * N, t, tmask)
             gs = tl.load(GS + bh.to(tl.int64) * NC + c)
             kw = kw * tl.exp(gs - gl)
             S = S * tl.exp(gs)
@@ -156,20 +176,12 @@ def _lin_fwd_out_kernel(
     tmask = t < N
     dmask = offs_d < D
     vmask = offs_v < E
-    q = tl.load(
-        QT + bh.to(tl.int64) * N * D + t[:, None] * D + offs_d[None, :],
-        mask=tmask[:, None] & dmask[None, :],
-        other=0.0,
-    )
+    q = _lin_rows(QT + bh.to(tl.int64) * N * D, t, offs_d, tmask, dmask, D)
     slot = c if CAUSAL else NC
-    h = tl.load(
-        HS + (bh.to(tl.int64) * (NC + 1) + slot) * D * E + offs_d[:, None] * E + offs_v[None, :],
-        mask=dmask[:, None] & vmask[None, :],
-        other=0.0,
-    )
+    h = _lin_rows(HS + (bh.to(tl.int64) * (NC + 1) + slot) * D * E, offs_d, offs_v, dmask, vmask, E)
     qd = q.to(tl.float32)
     if HAS_DECAY:
-        gi = tl.load(GL + bh.to(tl.int64) * N + t[:, None], mask=tmask[:, None], other=0.0)
+        gi = _lin_percol(GL + bh.to(tl.int64) * N, t, tmask)
         qd = qd * tl.exp(gi)
     o = tl.dot(qd.to(q.dtype), h.to(q.dtype), input_precision=DOT_PRECISION)
     if NORM_SUM:
@@ -178,23 +190,15 @@ def _lin_fwd_out_kernel(
         )
         den = _lin_rowsum(qd * zc)
     if CAUSAL:
-        kt = tl.load(
-            KT + bk.to(tl.int64) * N * D + t[None, :] * D + offs_d[:, None],
-            mask=tmask[None, :] & dmask[:, None],
-            other=0.0,
-        )
+        kt = _lin_cols(KT + bk.to(tl.int64) * N * D, t, offs_d, tmask, dmask, D)
         a = tl.dot(q, kt, input_precision=DOT_PRECISION)
         keep = (t[None, :] <= t[:, None]) & tmask[:, None]  # padded rows: no e^{+G} overflow
         if HAS_DECAY:
-            gj = tl.load(GL + bh.to(tl.int64) * N + t[None, :], mask=tmask[None, :], other=0.0)
+            gj = _lin_perrow(GL + bh.to(tl.int64) * N, t, tmask)
             a = a * tl.exp(tl.where(keep, gi - gj, float("-inf")))
         else:
             a = tl.where(keep, a, 0.0)
-        v = tl.load(
-            V + bv.to(tl.int64) * N * E + t[:, None] * E + offs_v[None, :],
-            mask=tmask[:, None] & vmask[None, :],
-            other=0.0,
-        )
+        v = _lin_rows(V + bv.to(tl.int64) * N * E, t, offs_v, tmask, vmask, E)
         o += tl.dot(a.to(v.dtype), v, input_precision=DOT_PRECISION)
         if NORM_SUM:
             den += _lin_rowsum(a)
@@ -263,26 +267,18 @@ def _lin_bwd_dstate_kernel(
             )
         t = c * CHUNK + offs_c
         tmask = t < N
-        q = tl.load(
-            QT + bh.to(tl.int64) * N * D + t[:, None] * D + offs_k[None, :],
-            mask=tmask[:, None] & kmask[None, :],
-            other=0.0,
-        )
-        do = tl.load(
-            DO + bh.to(tl.int64) * N * E + t[:, None] * E + offs_v[None, :],
-            mask=tmask[:, None] & vmask[None, :],
-            other=0.0,
-        )
+        q = _lin_rows(QT + bh.to(tl.int64) * N * D, t, offs_k, tmask, kmask, D)
+        do = _lin_rows(DO + bh.to(tl.int64) * N * E, t, offs_v, tmask, vmask, E)
         qw = q.to(tl.float32)
         if HAS_DECAY:
-            gl = tl.load(GL + bh.to(tl.int64) * N + t[:, None], mask=tmask[:, None], other=0.0)
+            gl = _lin_percol(GL + bh.to(tl.int64) * N, t, tmask)
             gs = tl.load(GS + bh.to(tl.int64) * NC + c)
             qw = qw * tl.exp(gl)
             dS = dS * tl.exp(gs)
             dz = dz * tl.exp(gs)
         dS += tl.dot(tl.trans(qw.to(q.dtype)), do.to(q.dtype), input_precision=DOT_PRECISION)
         if NORM_SUM:
-            dden = tl.load(DDEN + bh.to(tl.int64) * N + t[:, None], mask=tmask[:, None], other=0.0)
+            dden = _lin_percol(DDEN + bh.to(tl.int64) * N, t, tmask)
             dz += _lin_colsum(qw * dden)
     tl.store(base + NC * D * E + s_off, dS, mask=s_msk)
     if NORM_SUM:
@@ -333,47 +329,31 @@ def _lin_bwd_dq_kernel(
     for e0 in range(0, E, BLOCK_V):
         offs_e = e0 + tl.arange(0, BLOCK_V)
         emask = offs_e < E
-        do = tl.load(
-            DO + bh.to(tl.int64) * N * E + t[:, None] * E + offs_e[None, :],
-            mask=tmask[:, None] & emask[None, :],
-            other=0.0,
-        ).to(ty)
-        ht = tl.load(
-            HS + (bh.to(tl.int64) * (NC + 1) + slot) * D * E + offs_d[None, :] * E + offs_e[:, None],
-            mask=dmask[None, :] & emask[:, None],
-            other=0.0,
-        )
+        do = _lin_rows(DO + bh.to(tl.int64) * N * E, t, offs_e, tmask, emask, E).to(ty)
+        ht = _lin_cols(HS + (bh.to(tl.int64) * (NC + 1) + slot) * D * E, offs_d, offs_e, dmask, emask, E)
         dq += tl.dot(do, ht.to(ty), input_precision=DOT_PRECISION)
         if CAUSAL:
-            vt = tl.load(
-                V + bv.to(tl.int64) * N * E + t[None, :] * E + offs_e[:, None],
-                mask=tmask[None, :] & emask[:, None],
-                other=0.0,
-            )
+            vt = _lin_cols(V + bv.to(tl.int64) * N * E, t, offs_e, tmask, emask, E)
             dw += tl.dot(do, vt.to(ty), input_precision=DOT_PRECISION)
     if NORM_SUM:
-        dden = tl.load(DDEN + bh.to(tl.int64) * N + t[:, None], mask=tmask[:, None], other=0.0)
+        dden = _lin_percol(DDEN + bh.to(tl.int64) * N, t, tmask)
         zc = tl.load(
             ZS + (bh.to(tl.int64) * (NC + 1) + slot) * D + offs_d[None, :], mask=dmask[None, :], other=0.0
         )
         dq += dden * zc
     if HAS_DECAY:
-        gi = tl.load(GL + bh.to(tl.int64) * N + t[:, None], mask=tmask[:, None], other=0.0)
+        gi = _lin_percol(GL + bh.to(tl.int64) * N, t, tmask)
         dq = dq * tl.exp(gi)
     if CAUSAL:
         if NORM_SUM:
             dw += dden
         keep = (t[None, :] <= t[:, None]) & tmask[:, None]
         if HAS_DECAY:
-            gj = tl.load(GL + bh.to(tl.int64) * N + t[None, :], mask=tmask[None, :], other=0.0)
+            gj = _lin_perrow(GL + bh.to(tl.int64) * N, t, tmask)
             dw = dw * tl.exp(tl.where(keep, gi - gj, float("-inf")))
         else:
             dw = tl.where(keep, dw, 0.0)
-        k = tl.load(
-            KT + bk.to(tl.int64) * N * D + t[:, None] * D + offs_d[None, :],
-            mask=tmask[:, None] & dmask[None, :],
-            other=0.0,
-        )
+        k = _lin_rows(KT + bk.to(tl.int64) * N * D, t, offs_d, tmask, dmask, D)
         dq += tl.dot(dw.to(k.dtype), k, input_precision=DOT_PRECISION)
     tl.store(
         DQ + bh.to(tl.int64) * N * D + t[:, None] * D + offs_d[None, :],
@@ -421,25 +401,17 @@ def _lin_bwd_dkv_kernel(
     tmask = t < N
     dmask = offs_d < D
     slot = c if CAUSAL else NC
-    k = tl.load(
-        KT + bk.to(tl.int64) * N * D + t[:, None] * D + offs_d[None, :],
-        mask=tmask[:, None] & dmask[None, :],
-        other=0.0,
-    )
+    k = _lin_rows(KT + bk.to(tl.int64) * N * D, t, offs_d, tmask, dmask, D)
     if HAS_DECAY:
-        gj = tl.load(GL + bh.to(tl.int64) * N + t[:, None], mask=tmask[:, None], other=0.0)
+        gj = _lin_percol(GL + bh.to(tl.int64) * N, t, tmask)
         gs = tl.load(GS + bh.to(tl.int64) * NC + c)
         wk = tl.exp(gs - gj)  # e^{G_last − G_j}: from key j to the state after the chunk
     if CAUSAL:
-        qt = tl.load(
-            QT + bh.to(tl.int64) * N * D + t[None, :] * D + offs_d[:, None],
-            mask=tmask[None, :] & dmask[:, None],
-            other=0.0,
-        )
+        qt = _lin_cols(QT + bh.to(tl.int64) * N * D, t, offs_d, tmask, dmask, D)
         keep = (t[:, None] <= t[None, :]) & tmask[None, :]
         at = tl.dot(k, qt, input_precision=DOT_PRECISION)  # [j, i] = q~_i·k~_j
         if HAS_DECAY:
-            gi = tl.load(GL + bh.to(tl.int64) * N + t[None, :], mask=tmask[None, :], other=0.0)
+            gi = _lin_perrow(GL + bh.to(tl.int64) * N, t, tmask)
             decay = tl.exp(tl.where(keep, gi - gj, float("-inf")))
             at = at * decay
         else:
@@ -449,26 +421,16 @@ def _lin_bwd_dkv_kernel(
     for e0 in range(0, E, BLOCK_V):
         offs_e = e0 + tl.arange(0, BLOCK_V)
         emask = offs_e < E
-        v = tl.load(
-            V + bv.to(tl.int64) * N * E + t[:, None] * E + offs_e[None, :],
-            mask=tmask[:, None] & emask[None, :],
-            other=0.0,
-        ).to(k.dtype)
-        dh = tl.load(
-            DHS + (bh.to(tl.int64) * (NC + 1) + slot) * D * E + offs_d[:, None] * E + offs_e[None, :],
-            mask=dmask[:, None] & emask[None, :],
-            other=0.0,
-        ).to(k.dtype)
+        v = _lin_rows(V + bv.to(tl.int64) * N * E, t, offs_e, tmask, emask, E).to(k.dtype)
+        dh = _lin_rows(DHS + (bh.to(tl.int64) * (NC + 1) + slot) * D * E, offs_d, offs_e, dmask, emask, E).to(
+            k.dtype
+        )
         dk += tl.dot(v, tl.trans(dh), input_precision=DOT_PRECISION)
         dv = tl.dot(k, dh, input_precision=DOT_PRECISION)
         if HAS_DECAY:
             dv = dv * wk
         if CAUSAL:
-            dot_ = tl.load(
-                DO + bh.to(tl.int64) * N * E + t[None, :] * E + offs_e[:, None],
-                mask=tmask[None, :] & emask[:, None],
-                other=0.0,
-            ).to(k.dtype)
+            dot_ = _lin_cols(DO + bh.to(tl.int64) * N * E, t, offs_e, tmask, emask, E).to(k.dtype)
             dwt += tl.dot(v, dot_, input_precision=DOT_PRECISION)  # [j, i] = do_i·v_j
             dv += tl.dot(at.to(k.dtype), tl.trans(dot_), input_precision=DOT_PRECISION)
         tl.store(
@@ -485,7 +447,7 @@ def _lin_bwd_dkv_kernel(
         dk = dk * wk
     if CAUSAL:
         if NORM_SUM:
-            dwt += tl.load(DDEN + bh.to(tl.int64) * N + t[None, :], mask=tmask[None, :], other=0.0)
+            dwt += _lin_perrow(DDEN + bh.to(tl.int64) * N, t, tmask)
         if HAS_DECAY:
             dwt = dwt * decay
         else:

@@ -91,18 +91,26 @@ class ZooAttention(nn.Module):
         (the causal specs are bottom-right aligned, so the same operator serves prefill and decoding).
         `rope` rotates q and k at `positions` (default: the cache length onwards)."""
         B, T, _ = x.shape
+        q, k, v = self.project(x, rope, positions, 0 if cache is None else cache.length)
+        if cache is not None:
+            k, v = cache.update(k, v)
+        o = self.attend(q, k, v, x=x, backend=backend, **ctx)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+
+    def project(
+        self, x: Tensor, rope: Rope | None, positions: Tensor | None, offset: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """q `[B, H, T, D]`, k and v `[B, G, T, D]` of `x: [B, T, dim]`, q and k rotated at `positions`
+        (default: `offset` onwards, the positions already cached)."""
+        T = x.shape[1]
         q = self._split(self.q_proj(x), self.heads)
         k = self._split(self.k_proj(x), self.kv_heads)
         v = self._split(self.v_proj(x), self.kv_heads)
         if rope is not None:
             if positions is None:
-                offset = 0 if cache is None else cache.length
                 positions = torch.arange(offset, offset + T, device=x.device)
             q, k = rope(q, positions), rope(k, positions)
-        if cache is not None:
-            k, v = cache.update(k, v)
-        o = self.attend(q, k, v, x=x, backend=backend, **ctx)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
+        return q, k, v
 
     def attend(
         self, q: Tensor, k: Tensor, v: Tensor, *, x: Tensor, backend: str | None, **ctx: Any

@@ -71,14 +71,7 @@ class LinearZooAttention(ZooAttention):
                 f"{type(self).__name__} decodes from a StateCache (layer.new_cache()), not a KV cache"
             )
         B, T, _ = x.shape
-        q = self._split(self.q_proj(x), self.heads)
-        k = self._split(self.k_proj(x), self.kv_heads)
-        v = self._split(self.v_proj(x), self.kv_heads)
-        if rope is not None:
-            if positions is None:
-                offset = 0 if cache is None else cache.length
-                positions = torch.arange(offset, offset + T, device=x.device)
-            q, k = rope(q, positions), rope(k, positions)
+        q, k, v = self.project(x, rope, positions, 0 if cache is None else cache.length)
         rep = self.heads // self.kv_heads
         if rep > 1:  # the linear specs take one head count; the state is per query head anyway
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
