@@ -95,3 +95,21 @@ def test_prescreen_compiles_a_linear_candidate() -> None:
     job = compile_job(_att(), None, Candidate.of(KernelKind.LIN_CHUNK, TUNED), 90, DType.BF16, 64)
     report = compile_report(job.fn, job.signature, job.constexprs, **job.kwargs())
     assert report.spill_bytes == 0 and dict(report.constexprs)["CHUNK"] == 32
+
+
+def test_attnc_tune_lin_chunk_on_the_cpu(tmp_path, monkeypatch, capsys) -> None:
+    """`attnc tune SPEC --kernels lin_chunk --cpu`: a plumbing run over the real kernels, exported under the
+    key that the generated NAME_linear looks up."""
+    import json
+
+    from codegen.cli import main
+
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("ATTNC_TUNED_CONFIGS", raising=False)
+    argv = ["tune", str(SPEC), "--shapes", "1,2,64,64", "--head-dim", "16", "--dtype", "fp32"]
+    assert main([*argv, "--kernels", "lin_chunk", "--cpu", "--trials", "2", "--seed", "0"]) == 0
+    assert "lin_chunk" in capsys.readouterr().out
+    table = json.loads((tmp_path / "cache" / "tune" / "best.json").read_text())
+    (key,) = table["configs"]
+    assert key.startswith("attn=lightning|kernel=lin_chunk|") and "|M=64|N=64" in key
+    assert set(table["configs"][key]["config"]) >= {"chunk", "block_k", "block_v", "num_warps", "num_stages"}
