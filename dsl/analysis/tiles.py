@@ -422,6 +422,32 @@ def _relax(e: sp.Expr, xs: tuple[sp.Symbol, ...], mixed_only: bool) -> sp.Expr |
 # ---- key (or query) sets of formulas ------------------------------------------------------------------------
 
 
+def _max(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    """max(a, b) for an interval intersection: folded when sympy decides it cheaply, otherwise left
+    unevaluated (the kernel computes it exactly at run time). sympy's own Max simplification of nested
+    floor/mod/clamp terms (2-D dilated neighbourhoods) took minutes; the bound is the same either way."""
+    if a == b:
+        return a
+    c = sp.Ge(a, b)
+    if c is sp.true:
+        return a
+    if c is sp.false:
+        return b
+    return sp.Max(a, b, evaluate=False)
+
+
+def _min(a: sp.Expr, b: sp.Expr) -> sp.Expr:
+    """min(a, b): see `_max`."""
+    if a == b:
+        return a
+    c = sp.Le(a, b)
+    if c is sp.true:
+        return a
+    if c is sp.false:
+        return b
+    return sp.Min(a, b, evaluate=False)
+
+
 @dataclass
 class _Solver:
     """Solves for variable x (j: the keys of a query tile; or i, transposed), the other variable y ranging
@@ -455,7 +481,7 @@ class _Solver:
             acc = [self.universe]
             for p in f.parts:
                 other = self.reach(p)
-                acc = self.merge([(sp.Max(a[0], b[0]), sp.Min(a[1], b[1])) for a in acc for b in other])
+                acc = self.merge([(_max(a[0], b[0]), _min(a[1], b[1])) for a in acc for b in other])
             return acc
         return self.reach_atom(f)
 
@@ -468,10 +494,10 @@ class _Solver:
                 continue
             for k, (lo2, hi2) in enumerate(out):
                 if lo == lo2:
-                    out[k] = (lo, sp.Max(hi, hi2))
+                    out[k] = (lo, _max(hi, hi2))
                     break
                 if hi == hi2:
-                    out[k] = (sp.Min(lo, lo2), hi)
+                    out[k] = (_min(lo, lo2), hi)
                     break
             else:
                 out.append((lo, hi))
@@ -479,7 +505,7 @@ class _Solver:
             return [self.universe]
         while len(out) > MAX_INTERVALS:
             (a_lo, a_hi), (b_lo, b_hi) = out[-2], out[-1]
-            out[-2:] = [(sp.Min(a_lo, b_lo), sp.Max(a_hi, b_hi))]
+            out[-2:] = [(_min(a_lo, b_lo), _max(a_hi, b_hi))]
             self.note(f"more than {MAX_INTERVALS} intervals: hull taken")
         return out
 
@@ -615,8 +641,8 @@ def plan_tiles(att: Attention) -> TilePlan:
             ivs = [(universe[0], universe[0])]  # empty under the assumptions, but the guard must stay
         out = []
         for lo, hi in ivs:
-            lo = sp.Max(lo.xreplace(untwin), universe[0])
-            hi = sp.Min(hi.xreplace(untwin), universe[1])
+            lo = _max(lo.xreplace(untwin), universe[0])
+            hi = _min(hi.xreplace(untwin), universe[1])
             if valid is not sp.true:
                 lo = sp.Piecewise((lo, valid), (universe[0], True))
                 hi = sp.Piecewise((hi, valid), (universe[1], True))
