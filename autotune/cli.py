@@ -69,7 +69,8 @@ def add_parser(sub: Any) -> None:
     t.add_argument(
         "--kernels",
         default="fwd",
-        help="comma-separated kernel kinds to tune: fwd, dkdv, dq, lin_chunk (linear-form specs) (default: fwd)",
+        help="comma-separated kernel kinds to tune: fwd, dkdv, dq, fwd_split (decoding, M <= 16), "
+        "lin_chunk (linear-form specs) (default: fwd)",
     )
     t.add_argument("--size", action="append", default=[], metavar="NAME=V", help="other size symbols/scalars")
     t.add_argument("--trials", type=int, default=25, help="measurements per study, all workers together")
@@ -178,7 +179,7 @@ def _kinds(text: str) -> list[KernelKind]:
         return [KernelKind(k.strip()) for k in text.split(",") if k.strip()]
     except ValueError:
         raise UsageError(
-            f"--kernels takes fwd, dkdv, dq, lin_chunk (comma-separated), got {text!r}"
+            f"--kernels takes fwd, dkdv, dq, fwd_split, lin_chunk (comma-separated), got {text!r}"
         ) from None
 
 

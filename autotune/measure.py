@@ -277,6 +277,12 @@ class KernelObjective:
     gate: bool = True
     _reference: tuple[Any, ...] | None = field(default=None, init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if self.kind is KernelKind.FWD_SPLIT and self.inputs["q"].shape[2] > 16:
+            raise ValueError(
+                f"fwd_split tunes decoding shapes (at most 16 query rows), got M = {self.inputs['q'].shape[2]}"
+            )
+
     @property
     def on_gpu(self) -> bool:
         return bool(self.inputs["q"].is_cuda)
@@ -299,7 +305,7 @@ class KernelObjective:
         """What the gate compares: o for the forward; (dq,) or (dk, dv) for the backward kernels."""
         import torch
 
-        if self.kind in (KernelKind.FWD, KernelKind.LIN_CHUNK):
+        if self.kind in (KernelKind.FWD, KernelKind.LIN_CHUNK, KernelKind.FWD_SPLIT):
             kw = {k: (v.double() if upcast and k in ("q", "k", "v") else v) for k, v in self.inputs.items()}
             with torch.no_grad():
                 return (fn(**kw).float(),)
@@ -364,7 +370,7 @@ class KernelObjective:
         import torch
 
         fn = self._fn()
-        if self.kind in (KernelKind.FWD, KernelKind.LIN_CHUNK):
+        if self.kind in (KernelKind.FWD, KernelKind.LIN_CHUNK, KernelKind.FWD_SPLIT):
 
             def run() -> Any:
                 with torch.no_grad():

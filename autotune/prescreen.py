@@ -28,7 +28,12 @@ from .space import Candidate, DType, KernelKind, KernelSpace
 
 __all__ = ["AotResult", "compile_job", "prescreen"]
 
-_AOT_KIND = {KernelKind.FWD: "fwd", KernelKind.DKDV: "bwd_dkdv", KernelKind.DQ: "bwd_dq"}
+_AOT_KIND = {
+    KernelKind.FWD: "fwd",
+    KernelKind.DKDV: "bwd_dkdv",
+    KernelKind.DQ: "bwd_dq",
+    KernelKind.FWD_SPLIT: "fwd_split",
+}
 
 
 @dataclass(frozen=True)

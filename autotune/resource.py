@@ -44,7 +44,12 @@ _BWD_REGS = RegModel(base=120.0, acc=0.6, score=1.6, streamed=1.45, resident=0.3
 
 
 def _reg_models() -> dict[KernelKind, RegModel]:
-    return {KernelKind.FWD: _FWD_REGS, KernelKind.DKDV: _BWD_REGS, KernelKind.DQ: _BWD_REGS}
+    return {
+        KernelKind.FWD: _FWD_REGS,
+        KernelKind.FWD_SPLIT: _FWD_REGS,
+        KernelKind.DKDV: _BWD_REGS,
+        KernelKind.DQ: _BWD_REGS,
+    }
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def estimate(c: Candidate, p: Problem, arch: GpuArch) -> Estimate:
     bm, bn, warps = c["block_m"], c["block_n"], c["num_warps"]
     D, E, nbytes = p.head_dim, p.v_dim, p.dtype.bytes
     threads = 32 * warps
-    if c.kind is KernelKind.FWD:
+    if c.kind in (KernelKind.FWD, KernelKind.FWD_SPLIT):  # the split kernel is the forward's key loop
         resident, streamed, acc, scores, rows = bm * D, bn * max(D, E), bm * E, bm * bn, bm
     elif c.kind is KernelKind.DKDV:
         resident, streamed, acc, scores, rows = bn * (D + E), bm * max(D, E), bn * (D + E), 2 * bm * bn, bn

@@ -40,6 +40,7 @@ class KernelKind(enum.Enum):
     DKDV = "dkdv"
     DQ = "dq"
     LIN_CHUNK = "lin_chunk"  # the linear family's chunked forward (state pass + per-chunk output)
+    FWD_SPLIT = "fwd_split"  # the split-KV decoding forward (M <= 16): key tile, warps, stages, splits
 
 
 class DType(enum.Enum):
@@ -294,4 +295,47 @@ def _lin_chunk_space(p: Problem) -> KernelSpace:
 
     return KernelSpace(
         KernelKind.LIN_CHUNK, p, params, default, (("chunk fits", chunk_fits), ("wide heads", wide_heads))
+    )
+
+
+# ------------------------------------------------------------------------------ split-KV decoding forward
+
+
+@register(KernelKind.FWD_SPLIT)
+def _split_space(p: Problem) -> KernelSpace:
+    """The split-KV forward for decoding shapes (FlashDecoding): one 16-row query tile, the key tile, warps,
+    stages and the number of key splits. The default is the runtime's: its schedule, and the splits its
+    heuristic picks without a GPU to size against (ceil(key tiles / 4), at most 64)."""
+    from codegen.reference_runtime import _SPLIT_MAX, _SPLIT_MIN_TILES, _default_split_config
+
+    cfg = _default_split_config(p.head_dim, p.v_dim, p.heavy)
+    tiles = -(-max(1, p.kv_len) // cfg.block_n)
+    splits = min(_SPLIT_MAX, -(-tiles // _SPLIT_MIN_TILES))
+    split_choices = tuple(sorted({1, 2, 4, 8, 16, 32, 64, splits}))
+    params = (
+        Param("block_m", (16,)),
+        Param("block_n", (16, 32, 64, 128)),
+        Param("num_warps", (2, 4, 8)),
+        Param("num_stages", (1, 2, 3)),
+        Param("num_splits", split_choices),
+    )
+    default = Candidate.of(
+        KernelKind.FWD_SPLIT,
+        {"block_m": 16, "block_n": cfg.block_n, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        | {"num_splits": splits},
+    )
+    cols = bucket(p.kv_len)
+
+    def splits_have_keys(c: Candidate) -> str | None:
+        keys = -(-max(1, p.kv_len) // c["block_n"])
+        if c["block_n"] > cols:
+            return f"block_n={c['block_n']} exceeds the key bucket {cols}"
+        return f"{c['num_splits']} splits for {keys} key tiles" if c["num_splits"] > keys else None
+
+    return KernelSpace(
+        KernelKind.FWD_SPLIT,
+        p,
+        params,
+        default,
+        (("splits have keys", splits_have_keys), ("warps have work", _warps_have_work)),
     )

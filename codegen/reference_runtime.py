@@ -809,7 +809,7 @@ _TUNED_MEMO = {}  # (kernel, dtype, device, D, E, M bucket, N bucket) -> {kernel
 _KERNEL_IDS = {}  # id(fwd kernel) -> (attention name, kernels-file content hash)
 _FORCED_CONFIGS = None  # the tuner's probe: {kernel name: _KernelConfig} wins over every lookup while set
 _AUTOTUNE_HOOK = None  # installed by attnc's autotuner; called on an untuned key only if ATTNC_AUTOTUNE=1
-_TUNED_KERNELS = ("fwd", "dkdv", "dq")
+_TUNED_KERNELS = ("fwd", "dkdv", "dq")  # tuned online (ATTNC_AUTOTUNE=1); the split-KV kernel: from a table
 
 
 def _tune_settings():
@@ -926,10 +926,12 @@ def _tuned_configs(fwd_kernel, q, k, v, heavy=0):
     attention, kernels_hash = _kernel_identity(fwd_kernel)
     device = _device_identity(q.device)
     found = {}
-    for kernel in _TUNED_KERNELS:
+    for kernel in (*_TUNED_KERNELS, "fwd_split"):
+        if kernel == "fwd_split" and M > _SPLIT_MAX_M:
+            continue  # not a decoding shape: the one-pass forward runs
         key = _tune_key_text(attention, kernel, kernels_hash, device, q.dtype, D, E, M, N)
         entry = table.get(key)
-        if entry is None and _AUTOTUNE_HOOK is not None and _tune_settings()[1]:
+        if entry is None and kernel in _TUNED_KERNELS and _AUTOTUNE_HOOK is not None and _tune_settings()[1]:
             entry = _AUTOTUNE_HOOK(key, kernel, q, k, v, heavy)
         if entry is not None:
             found[kernel] = _KernelConfig(**{f: int(entry[f]) for f in _KernelConfig._fields if f in entry})
