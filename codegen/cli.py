@@ -209,7 +209,8 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma."""
+    """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma
+    (the linear family's core kernels too, for blocks with a linear form)."""
     from .module import compile_source
     from .reference_runtime import _triton_kernels
     from .triton.aot import AOTCompileError, compile_reports, format_table
@@ -218,7 +219,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     atts = _select(args.spec, args.name)
     kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
     target = Target(args.cc, args.dtype, args.head_dim)
-    reports = compile_reports(all_jobs(atts, kernels, [target]), max_workers=args.jobs, raise_on_error=False)
+    jobs = all_jobs(atts, kernels, [target])
+    for att in atts:  # linear-form blocks also launch the linear core's kernels (their own variant)
+        lin = linear_form(att)
+        if lin is not None and lin.form is not None:
+            from .triton import linear_aot
+
+            jobs += linear_aot.jobs(args.cc, args.dtype, args.head_dim, (linear_aot.variant_of(att),))
+    reports = compile_reports(jobs, max_workers=args.jobs, raise_on_error=False)
     print(format_table([r for r in reports if not isinstance(r, AOTCompileError)]))
     failed = [r for r in reports if isinstance(r, AOTCompileError)]
     for err in failed:

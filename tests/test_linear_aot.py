@@ -46,3 +46,20 @@ def test_chunk_kernels_use_wgmma(reports: list[KernelReport | AOTCompileError]) 
         and not r.uses_wgmma
     ]
     assert not no_wgmma, no_wgmma
+
+
+def test_attnc_inspect_includes_the_linear_core(capsys: pytest.CaptureFixture[str]) -> None:
+    from codegen.cli import main
+
+    from .conftest import SPECS
+
+    argv = ["inspect", str(SPECS / "linear_elu.attn"), "--cc", "90", "--dtype", "fp16", "--head-dim", "64"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    for kernel in (
+        "_linear_elu_fwd_kernel",
+        "_lin_fwd_state_kernel",
+        "_lin_fwd_out_kernel",
+        "_lin_recurrent_kernel",
+    ):
+        assert kernel in out
