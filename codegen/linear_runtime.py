@@ -15,13 +15,12 @@ import torch
 from .reference_runtime import (
     _FORCED_CONFIGS,
     _TUNED_MEMO,
+    _config_from,
     _custom_op,
-    _device_identity,
     _kernel_identity,
     _next_pow2,
     _triton_kernels,
-    _tune_key_text,
-    _tuned_table,
+    _tuned_entry,
     triton_cdiv,
 )
 
@@ -58,21 +57,24 @@ def _lin_default_config(D, E):
 
 def _lin_config(attention, q, D, E, N):
     """The chunked form's schedule for this call: the tuner's probe, else a tuned (or baked) config for the
-    call's key (kernel kind "lin_chunk", the same key text as the softmax kernels'), else the default.
-    Looked up once per key, then a dictionary hit."""
+    call's key (kernel kind "lin_chunk", the same key text as the softmax kernels'), else the default."""
     forced = (_FORCED_CONFIGS or {}).get("lin_chunk")
     if forced is not None:
         return forced
-    memo = ("lin_chunk", attention, q.dtype, q.device, D, E, _next_pow2(N))
+    return _lin_lookup(attention, q.dtype, q.device, D, E, _next_pow2(N))
+
+
+@torch._dynamo.assume_constant_result  # traced models take the schedule as a constant, not its dict lookups
+def _lin_lookup(attention, dtype, device, D, E, N):
+    """Looked up once per key, then a dictionary hit."""
+    memo = ("lin_chunk", attention, dtype, device, D, E, N)
     if memo not in _TUNED_MEMO:
-        cfg = _lin_default_config(D, E)
-        kern = _triton_kernels(globals().get("__file__", ""), interpret=not q.is_cuda)
+        kern = _triton_kernels(globals().get("__file__", ""), interpret=device.type != "cuda")
         digest = _kernel_identity(kern._lin_fwd_out_kernel)[1]
-        key = _tune_key_text(attention, "lin_chunk", digest, _device_identity(q.device), q.dtype, D, E, N, N)
-        entry = _tuned_table().get(key)
-        if entry is not None and all(f in entry for f in _LinConfig._fields):
-            cfg = _LinConfig(**{f: int(entry[f]) for f in _LinConfig._fields})
-        _TUNED_MEMO[memo] = cfg
+        probe = torch.empty(0, dtype=dtype, device=device)  # what the key reads of the call: dtype, device
+        _, entry = _tuned_entry(attention, "lin_chunk", digest, probe, D, E, N, N)
+        tuned = None if entry is None else _config_from(_LinConfig, entry)
+        _TUNED_MEMO[memo] = tuned or _lin_default_config(D, E)
     return _TUNED_MEMO[memo]
 
 

@@ -912,6 +912,20 @@ def _tune_key_text(attention, kernel, kernels_hash, device, dtype, D, E, M, N):
     )
 
 
+def _tuned_entry(attention, kernel, kernels_hash, q, D, E, M, N):
+    """(key, the exported or baked table entry for it or None) of one kernel for this call."""
+    key = _tune_key_text(attention, kernel, kernels_hash, _device_identity(q.device), q.dtype, D, E, M, N)
+    return key, _tuned_table().get(key)
+
+
+def _config_from(cls, entry):
+    """A schedule NamedTuple (_KernelConfig, _LinConfig) from a table entry; None when the entry lacks a field
+    that has no default."""
+    values = {f: int(entry[f]) for f in cls._fields if f in entry}
+    missing = [f for f in cls._fields if f not in values and f not in cls._field_defaults]
+    return None if missing else cls(**values)
+
+
 def _tuned_configs(fwd_kernel, q, k, v, heavy=0):
     """{kernel name: _KernelConfig} of the tuned kernels for this call's key, or None (heuristic defaults).
     Computed once per (kernel, dtype, device, head dims, sequence buckets); a dictionary hit after that.
@@ -922,19 +936,17 @@ def _tuned_configs(fwd_kernel, q, k, v, heavy=0):
     memo = (id(fwd_kernel), q.dtype, q.device, D, E, _next_pow2(M), _next_pow2(N))
     if memo in _TUNED_MEMO:
         return _TUNED_MEMO[memo]
-    table = _tuned_table()
     attention, kernels_hash = _kernel_identity(fwd_kernel)
-    device = _device_identity(q.device)
     found = {}
     for kernel in (*_TUNED_KERNELS, "fwd_split"):
         if kernel == "fwd_split" and M > _SPLIT_MAX_M:
             continue  # not a decoding shape: the one-pass forward runs
-        key = _tune_key_text(attention, kernel, kernels_hash, device, q.dtype, D, E, M, N)
-        entry = table.get(key)
+        key, entry = _tuned_entry(attention, kernel, kernels_hash, q, D, E, M, N)
         if entry is None and kernel in _TUNED_KERNELS and _AUTOTUNE_HOOK is not None and _tune_settings()[1]:
             entry = _AUTOTUNE_HOOK(key, kernel, q, k, v, heavy)
-        if entry is not None:
-            found[kernel] = _KernelConfig(**{f: int(entry[f]) for f in _KernelConfig._fields if f in entry})
+        cfg = None if entry is None else _config_from(_KernelConfig, entry)
+        if cfg is not None:
+            found[kernel] = cfg
     result = _TUNED_MEMO[memo] = found or None
     return result
 

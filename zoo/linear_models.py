@@ -9,17 +9,16 @@ length, where a softmax model's KV cache grows with it. Any linear zoo variant c
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import registry
 from . import variant as registry_variant
-from .layers.linear import LinearZooAttention, StateCache
-from .models import Block, decode
+from .layers.linear import StateCache
+from .models import Block, TokenGenerator
 
 
-class TransNormerLM(nn.Module):
+class TransNormerLM(TokenGenerator, nn.Module):
     """`tokens: [B, T]` int64 -> logits `[B, T, vocab]`; `variant` is a linear zoo variant (default
     "lightning", TransNormerLLM's attention)."""
 
@@ -48,27 +47,6 @@ class TransNormerLM(nn.Module):
     def loss(self, tokens: Tensor, *, backend: str | None = None) -> Tensor:
         logits = self(tokens[:, :-1], backend=backend)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-
-    def new_caches(self) -> list[StateCache]:
-        caches = []
-        for block in self.blocks:
-            assert isinstance(block.attn, LinearZooAttention)
-            caches.append(block.attn.new_cache())
-        return caches
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: Tensor,
-        steps: int,
-        *,
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
-        backend: str | None = None,
-    ) -> Tensor:
-        """Prefill the states with `prompt: [B, T]` (chunked), then decode `steps` tokens one at a time from
-        the states (recurrent). Greedy when temperature == 0."""
-        return decode(self, prompt, steps, temperature=temperature, generator=generator, backend=backend)
 
 
 __all__ = ["TransNormerLM"]

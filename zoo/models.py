@@ -84,7 +84,46 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class DecoderLM(nn.Module):
+class TokenGenerator:
+    """Token-by-token generation for a language model made of `blocks` (each with an `attn` layer) that takes
+    `model(tokens, caches=..., backend=...)`: one prefill call over the prompt, then one call per new token
+    with M = 1. The caches are each layer's own: a `KVCache` for softmax variants (the bottom-right aligned
+    operator over the cached keys), a recurrent state for the linear family."""
+
+    blocks: nn.ModuleList
+
+    def new_caches(self) -> list[Any]:
+        """One empty decoding cache per block (the layer's `new_cache()`)."""
+        return [block.attn.new_cache() for block in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: Tensor,
+        steps: int,
+        *,
+        temperature: float = 0.0,
+        generator: torch.Generator | None = None,
+        backend: str | None = None,
+    ) -> Tensor:
+        """Prefill the caches with `prompt: [B, T]`, then decode `steps` tokens one at a time. Greedy when
+        temperature == 0."""
+        caches = self.new_caches()
+        logits = self(prompt, caches=caches, backend=backend)[:, -1]  # type: ignore[operator]
+        out = [prompt]
+        for step in range(steps):
+            if temperature > 0:
+                probs = (logits.float() / temperature).softmax(-1)
+                token = torch.multinomial(probs, 1, generator=generator)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+            out.append(token)
+            if step + 1 < steps:
+                logits = self(token, caches=caches, backend=backend)[:, -1]  # type: ignore[operator]
+        return torch.cat(out, dim=1)
+
+
+class DecoderLM(TokenGenerator, nn.Module):
     """A decoder-only language model whose attention is any causal zoo variant (`zoo.list()` entries with
     `use == Use.CAUSAL`). `tokens: [B, T]` int64 -> logits `[B, T, vocab]`."""
 
@@ -157,51 +196,6 @@ class DecoderLM(nn.Module):
         if doc is not None:
             target[(doc[:, 1:] != doc[:, :-1]) | (doc[:, 1:] < 0)] = -100
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
-
-    def new_caches(self) -> list[Any]:
-        """One empty decoding cache per block: a `KVCache`, or the layer's own (a state for the linear family)."""
-        return [block.attn.new_cache() for block in self.blocks]
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompt: Tensor,
-        steps: int,
-        *,
-        temperature: float = 0.0,
-        generator: torch.Generator | None = None,
-        backend: str | None = None,
-    ) -> Tensor:
-        """Prefill the KV cache with `prompt: [B, T]`, then decode `steps` tokens one at a time (each step
-        calls the generated operator with M = 1 over the cached keys). Greedy when temperature == 0."""
-        return decode(self, prompt, steps, temperature=temperature, generator=generator, backend=backend)
-
-
-@torch.no_grad()
-def decode(
-    model: nn.Module,
-    prompt: Tensor,
-    steps: int,
-    *,
-    temperature: float = 0.0,
-    generator: torch.Generator | None = None,
-    backend: str | None = None,
-) -> Tensor:
-    """Token-by-token generation for any model with `new_caches()` and `model(tokens, caches=...)`: one
-    prefill call over `prompt: [B, T]`, then one call per new token. Greedy when temperature == 0."""
-    caches = model.new_caches()
-    logits = model(prompt, caches=caches, backend=backend)[:, -1]
-    out = [prompt]
-    for step in range(steps):
-        if temperature > 0:
-            probs = (logits.float() / temperature).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator)
-        else:
-            token = logits.argmax(-1, keepdim=True)
-        out.append(token)
-        if step + 1 < steps:
-            logits = model(token, caches=caches, backend=backend)[:, -1]
-    return torch.cat(out, dim=1)
 
 
 def pack_documents(docs: Sequence[Tensor], length: int, pad: int = 0) -> tuple[Tensor, Tensor, Tensor]:
