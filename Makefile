@@ -21,6 +21,7 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	PY=$(PY) .ci/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 format: $(VENV)/.installed

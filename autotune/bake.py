@@ -12,7 +12,7 @@ import pprint
 from collections.abc import Mapping
 from typing import Any
 
-from dsl.ir import Program
+from attnc.dsl.ir import Program
 
 __all__ = ["baked_assignment", "entries_for", "key_fields"]
 

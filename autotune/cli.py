@@ -210,10 +210,10 @@ class ProgressBar:
 
 def _tune(args: argparse.Namespace) -> int:
     import torch
+    from attnc.dsl.errors import SpecError
+    from attnc.dsl.lower import compile_to_ir
 
-    import codegen
-    from dsl.errors import SpecError
-    from dsl.lower import compile_to_ir
+    from attnc import codegen
 
     from .key import TuningKey, current_device, kernel_hash
 
@@ -264,7 +264,7 @@ def _tune(args: argparse.Namespace) -> int:
     storage = open_storage(args.storage)
     tdtype = getattr(torch, dtype.value)
     results = []
-    from codegen.triton.kernels import KernelWriter
+    from attnc.codegen.triton.kernels import KernelWriter
 
     for att in atts:
         heavy = KernelWriter(att).heavy
@@ -361,8 +361,8 @@ def _prescreen(
     E: int,
     kinds: Sequence[KernelKind],
 ) -> int:
-    from codegen.reference_runtime import _triton_kernels
-    from codegen.triton.kernels import KernelWriter
+    from attnc.codegen.reference_runtime import _triton_kernels
+    from attnc.codegen.triton.kernels import KernelWriter
 
     from .prescreen import prescreen
     from .resource import arch_for, prune

@@ -89,7 +89,7 @@ class TuningKey:
         device: DeviceInfo,
         problem: Problem,
     ) -> TuningKey:
-        from codegen.version import ATTNC_VERSION
+        from attnc.codegen.version import ATTNC_VERSION
 
         return TuningKey(
             attention=attention,

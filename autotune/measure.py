@@ -187,9 +187,8 @@ def make_inputs(
     bind from the layout (B, H, M, N, D, E; key/value heads default to H) and `sizes`; scalars keep their
     defaults unless `sizes` names them."""
     import torch
-
-    from dsl.ir import DType as IrDType
-    from dsl.ir import Op, TensorParam
+    from attnc.dsl.ir import DType as IrDType
+    from attnc.dsl.ir import Op, TensorParam
 
     lay = att.layout
     bound: dict[str, int] = {}
@@ -254,7 +253,7 @@ def make_inputs(
 def _evaluate(node: Any, bound: Mapping[str, int]) -> Any:
     """A shape or default expression of size symbols and int scalars, with the symbols bound: the code the
     generated module itself evaluates (codegen's emitter), not spec text."""
-    from codegen.reference import dim_code
+    from attnc.codegen.reference import dim_code
 
     return eval(dim_code(node), {"math": math, "__builtins__": {}}, dict(bound))
 

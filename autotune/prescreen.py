@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codegen.settings import settings
+from attnc.settings import settings
 
 from .resource import arch_for, verdict
 from .space import Candidate, DType, KernelKind, KernelSpace
@@ -56,11 +56,11 @@ class AotResult:
 
 def compile_job(att: Any, kernels_module: Any, c: Candidate, cc: int, dtype: DType, head_dim: int) -> Any:
     """The `CompileJob` of `attnc inspect` for this kernel and target, with candidate `c`'s schedule."""
-    from codegen.triton.inspect import Target, jobs
+    from attnc.codegen.triton.inspect import Target, jobs
 
     if c.kind is KernelKind.LIN_CHUNK:  # the chunked linear forward's output kernel (the larger of the two)
-        from codegen.linear_runtime import _LinConfig
-        from codegen.triton import linear_aot
+        from attnc.codegen.linear_runtime import _LinConfig
+        from attnc.codegen.triton import linear_aot
 
         cfg = _LinConfig(**{f: c[f] for f in _LinConfig._fields})
         return next(
@@ -113,8 +113,7 @@ def prescreen(
     """Compile the candidates the resource model keeps (all admissible ones with `include_rejected`, or the
     given `candidates`) for sm_`cc`; cached results are reused."""
     import triton
-
-    from codegen.triton.aot import AOTCompileError, compile_reports
+    from attnc.codegen.triton.aot import AOTCompileError, compile_reports
 
     arch = arch_for(cc)
     p = space.problem

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from codegen.triton.aot import MAX_SHARED_BYTES, MAX_THREADS_PER_BLOCK
+from attnc.codegen.triton.aot import MAX_SHARED_BYTES, MAX_THREADS_PER_BLOCK
 
 from .space import Candidate, KernelKind, KernelSpace, Problem
 

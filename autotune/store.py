@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from codegen.settings import settings
+from attnc.settings import settings
 
 from .key import TuningKey
 

@@ -256,7 +256,7 @@ def _import_codegen() -> ModuleType:
     """The checkout's compiler (not another installed copy)."""
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    import codegen
+    from attnc import codegen
 
     return codegen
 

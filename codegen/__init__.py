@@ -1,6 +1,6 @@
 """attnc code generation: IR -> importable Python modules (PyTorch reference; Triton kernels later).
 
-import codegen
+from attnc import codegen
 mod = codegen.compile_file("examples/specs/alibi.attn")
 o = mod.alibi(q, k, v, slopes)
 """

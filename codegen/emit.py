@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from dsl.ir import DType, Node, Op, is_uniform, linearize, walk
+from attnc.dsl.ir import DType, Node, Op, is_uniform, linearize, walk
 
 _HOLE = "__hole_"
 MAX_INLINE_DEPTH = 24  # deeper expressions are split into temporaries

@@ -12,8 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from dsl.analysis.linear import LinearForm
-from dsl.ir import Attention, DType, Node, NormKind
+from attnc.dsl.analysis.linear import LinearForm
+from attnc.dsl.ir import Attention, DType, Node, NormKind
 
 from .emit import Emitter, expr_from_string, name
 from .reference import _checks, _closures, _hoisted, _leaf, _Loads, _signature

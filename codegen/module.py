@@ -20,13 +20,14 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-from dsl.analysis.linear import linear_form
-from dsl.errors import SpecError
-from dsl.ir import Program
-from dsl.lower import compile_to_ir
+from attnc.dsl.analysis.linear import linear_form
+from attnc.dsl.errors import SpecError
+from attnc.dsl.ir import Program
+from attnc.dsl.lower import compile_to_ir
+
+from attnc.settings import settings
 
 from . import linear, reference
-from .settings import settings
 from .triton import module as triton_module
 from .triton.kernels import KernelWriter
 from .version import ATTNC_VERSION, CODEGEN_VERSION, LANGUAGE_VERSION
@@ -118,7 +119,7 @@ def render_all(
         kernel_files.append(["", "", *linear.kernels_source().rstrip("\n").splitlines()])
     kernels_text = triton_module.render_kernels(program, kernel_files)
     if tuned:  # `attnc codegen --tuned-from`: this spec's tuned configs, keyed by these very kernels' hash
-        from autotune.bake import baked_assignment
+        from attnc.autotune.bake import baked_assignment
 
         kernels_hash = hashlib.sha256(kernels_text.encode()).hexdigest()[:16]
         main = _with_header(program, target, f"{text}\n\n{baked_assignment(program, kernels_hash, tuned)}\n")
@@ -242,7 +243,7 @@ def compile_source(
 def _autotune_hook(mod: ModuleType) -> ModuleType:
     """ATTNC_AUTOTUNE=1: let the module tune an untuned key on its first call (autotune/online.py)."""
     if settings().autotune and hasattr(mod, "_AUTOTUNE_HOOK"):
-        from autotune.online import install
+        from attnc.autotune.online import install
 
         install(mod)
     return mod

@@ -12,9 +12,9 @@ import ast
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dsl.analysis.linear import linear_form
-from dsl.analysis.ranges import index_status
-from dsl.ir import (
+from attnc.dsl.analysis.linear import linear_form
+from attnc.dsl.analysis.ranges import index_status
+from attnc.dsl.ir import (
     Attention,
     DType,
     Node,

@@ -13,8 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-
-from dsl.analysis.tiles import (
+from attnc.dsl.analysis.tiles import (
     FULL,
     PARTIAL,
     SKIP,
@@ -25,7 +24,7 @@ from dsl.analysis.tiles import (
     plan_tiles,
     visited_fraction,
 )
-from dsl.ir import Attention, Op, walk
+from attnc.dsl.ir import Attention, Op, walk
 
 DEFAULT_BLOCK = (64, 64)  # the Triton backend's default tile (BLOCK_M x BLOCK_N)
 MAX_PAIRS = 1 << 28  # larger masks take too long to evaluate densely

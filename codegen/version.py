@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dsl.ir import LANGUAGE_VERSION
+from attnc.dsl.ir import LANGUAGE_VERSION
 
 ATTNC_VERSION = "0.1.0"
 # Bump when generated code changes for the same spec (invalidates cached modules).

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import codegen
+from attnc import codegen
 
 SPECS = Path(__file__).resolve().parent / "specs"
 B, H, G, M, N, D = 2, 4, 2, 23, 41, 16

@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 sys.path.insert(0, str(ROOT / "examples"))
 
+from attnc.zoo.linear_models import TransNormerLM  # noqa: E402
 from train_lm import CharTokenizer, progress, random_windows  # noqa: E402
 
-import zoo  # noqa: E402
-from zoo.linear_models import TransNormerLM  # noqa: E402
+from attnc import zoo  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 
-import zoo  # noqa: E402
-from zoo.models import DecoderLM, pack_documents  # noqa: E402
+from attnc.zoo.models import DecoderLM, pack_documents  # noqa: E402
+
+from attnc import zoo  # noqa: E402
 
 DEFAULT_VARIANTS = "causal,alibi,sink,sliding_window,document"
 VARIANT_KWARGS = {

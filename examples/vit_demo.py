@@ -22,7 +22,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a fresh clone without installing
 
-from zoo.models import ViT  # noqa: E402
+from attnc.zoo.models import ViT  # noqa: E402
 
 VARIANT_KWARGS = {
     "agent": {"agents": 16},

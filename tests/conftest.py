@@ -39,7 +39,7 @@ def compiled(tmp_path_factory: pytest.TempPathFactory):
     """`compiled("alibi")`: the module generated from examples/specs/alibi.attn, once per session."""
     import functools
 
-    import codegen
+    from attnc import codegen
 
     cache = tmp_path_factory.mktemp("attnc-compiled")
 

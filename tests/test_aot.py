@@ -15,8 +15,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-
-from codegen.triton.aot import (  # noqa: E402
+from attnc.codegen.triton.aot import (  # noqa: E402
     MAX_SHARED_BYTES,
     AOTCompileError,
     CompileJob,

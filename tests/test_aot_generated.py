@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from attnc.codegen.reference_runtime import _triton_kernels
+from attnc.codegen.triton.aot import AOTCompileError, KernelReport, compile_reports, format_table
+from attnc.codegen.triton.inspect import CI_TARGETS, all_jobs
+from attnc.dsl.lower import compile_to_ir
 
-import codegen
-from codegen.reference_runtime import _triton_kernels
-from codegen.triton.aot import AOTCompileError, KernelReport, compile_reports, format_table
-from codegen.triton.inspect import CI_TARGETS, all_jobs
-from dsl.lower import compile_to_ir
+from attnc import codegen
 
 from .conftest import SPECS
 
@@ -62,7 +62,7 @@ def test_sm90_forward_kernels_use_wgmma(reports: list[KernelReport | AOTCompileE
 
 
 def test_attnc_inspect_prints_the_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from codegen.cli import main
+    from attnc.cli import main
 
     assert (
         main(["inspect", str(SPECS / "causal.attn"), "--cc", "90", "--dtype", "fp16", "--head-dim", "64"])

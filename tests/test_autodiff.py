@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dsl.autodiff import gradients
-from dsl.ir import Node, Op, linearize, walk
-from dsl.lower import compile_to_ir
+from attnc.dsl.autodiff import gradients
+from attnc.dsl.ir import Node, Op, linearize, walk
+from attnc.dsl.lower import compile_to_ir
 
 from .conftest import SPECS
 

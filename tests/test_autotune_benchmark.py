@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from autotune.benchmark import (
+from attnc.autotune.benchmark import (
     TableObjective,
     format_reports,
     ground_truth,
@@ -15,10 +14,10 @@ from autotune.benchmark import (
     replay,
     save_truth,
 )
-from autotune.measure import SyntheticObjective, TrialFailure, bowl
-from autotune.resource import ARCHS
-from autotune.search import SamplerKind
-from autotune.space import DType, KernelKind, Problem, space_for
+from attnc.autotune.measure import SyntheticObjective, TrialFailure, bowl
+from attnc.autotune.resource import ARCHS
+from attnc.autotune.search import SamplerKind
+from attnc.autotune.space import DType, KernelKind, Problem, space_for
 
 PROBLEM = Problem(64, 64, DType.FP16, 1024, 1024)
 OPTIMUM = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from codegen.cli import main
+from attnc.cli import main
 
 from .conftest import SPECS
 

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from autotune.key import TuningKey, current_device, kernel_hash
-from autotune.measure import KernelObjective, SyntheticObjective, make_inputs
-from autotune.prescreen import compile_job
-from autotune.search import tune
-from autotune.space import Candidate, DType, KernelKind, Problem, space_for
-from autotune.store import export_table, open_storage
-from codegen.linear_runtime import _lin_default_config
-from dsl.lower import compile_to_ir
+from attnc.autotune.key import TuningKey, current_device, kernel_hash
+from attnc.autotune.measure import KernelObjective, SyntheticObjective, make_inputs
+from attnc.autotune.prescreen import compile_job
+from attnc.autotune.search import tune
+from attnc.autotune.space import Candidate, DType, KernelKind, Problem, space_for
+from attnc.autotune.store import export_table, open_storage
+from attnc.codegen.linear_runtime import _lin_default_config
+from attnc.dsl.lower import compile_to_ir
 
 from .conftest import SPECS
 
@@ -90,7 +89,7 @@ def test_module_picks_up_a_tuned_linear_config(compiled, tmp_path, monkeypatch) 
 
 
 def test_prescreen_compiles_a_linear_candidate() -> None:
-    from codegen.triton.aot import compile_report
+    from attnc.codegen.triton.aot import compile_report
 
     job = compile_job(_att(), None, Candidate.of(KernelKind.LIN_CHUNK, TUNED), 90, DType.BF16, 64)
     report = compile_report(job.fn, job.signature, job.constexprs, **job.kwargs())
@@ -102,7 +101,7 @@ def test_attnc_tune_lin_chunk_on_the_cpu(tmp_path, monkeypatch, capsys) -> None:
     key that the generated NAME_linear looks up."""
     import json
 
-    from codegen.cli import main
+    from attnc.cli import main
 
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("ATTNC_TUNED_CONFIGS", raising=False)

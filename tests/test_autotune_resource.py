@@ -4,9 +4,8 @@
 from __future__ import annotations
 
 import pytest
-
-from autotune.resource import ARCHS, arch_for, estimate, prune, verdict
-from autotune.space import Candidate, DType, KernelKind, Problem, space_for
+from attnc.autotune.resource import ARCHS, arch_for, estimate, prune, verdict
+from attnc.autotune.space import Candidate, DType, KernelKind, Problem, space_for
 
 from .conftest import SPECS
 
@@ -70,10 +69,10 @@ def test_model_verdicts_agree_with_compile_report(compiled):
     """Compile a handful of configs of the causal forward and dK/dV kernels for sm_90 (no GPU needed) and
     compare: the model says "fits" exactly where the compiler produces a binary that does not spill."""
     pytest.importorskip("triton")
-    from autotune.prescreen import compile_job
-    from codegen.reference_runtime import _triton_kernels
-    from codegen.triton.aot import AOTCompileError, compile_reports
-    from dsl.lower import compile_to_ir
+    from attnc.autotune.prescreen import compile_job
+    from attnc.codegen.reference_runtime import _triton_kernels
+    from attnc.codegen.triton.aot import AOTCompileError, compile_reports
+    from attnc.dsl.lower import compile_to_ir
 
     spec = SPECS / "causal.attn"
     att = compile_to_ir(spec.read_text(), str(spec)).attentions[0]

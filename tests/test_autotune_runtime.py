@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from attnc.autotune.key import DeviceInfo, TuningKey, current_device, kernel_hash
+from attnc.autotune.measure import FailReason, KernelObjective, SyntheticObjective, TrialFailure, make_inputs
+from attnc.autotune.search import SamplerKind, tune
+from attnc.autotune.space import Candidate, DType, KernelKind, Problem, space_for
+from attnc.autotune.store import export_table, open_storage
+from attnc.dsl.lower import compile_to_ir
 
-from autotune.key import DeviceInfo, TuningKey, current_device, kernel_hash
-from autotune.measure import FailReason, KernelObjective, SyntheticObjective, TrialFailure, make_inputs
-from autotune.search import SamplerKind, tune
-from autotune.space import Candidate, DType, KernelKind, Problem, space_for
-from autotune.store import export_table, open_storage
-from codegen.settings import settings
-from dsl.lower import compile_to_ir
+from attnc.settings import settings
 
 from .conftest import SPECS
 
@@ -140,7 +140,7 @@ _RUN_MODULE = textwrap.dedent(
     import importlib.util, json, sys, torch
     path, = sys.argv[1:]
     if path.endswith(".attn"):
-        import codegen
+        from attnc import codegen
         mod = codegen.compile_file(path)
     else:
         spec = importlib.util.spec_from_file_location("baked", path)
@@ -179,7 +179,7 @@ def test_tuned_config_reaches_a_new_process_without_tuning(tuned_table):
 
 @pytest.mark.parametrize("source", ["table", "journal"])
 def test_codegen_tuned_from_bakes_the_config_in(tuned_table, tmp_path, source):
-    from codegen.cli import main
+    from attnc.cli import main
 
     table, journal = tuned_table
     out = tmp_path / "out"
@@ -199,7 +199,7 @@ def test_codegen_tuned_from_bakes_the_config_in(tuned_table, tmp_path, source):
 
 
 def test_codegen_with_an_empty_table_writes_the_plain_module(tmp_path):
-    from codegen.cli import main
+    from attnc.cli import main
 
     empty = tmp_path / "none.json"
     empty.write_text(json.dumps({"format": "attnc-tuned-configs", "version": 1, "configs": {}}))
@@ -377,7 +377,7 @@ def test_make_inputs_keeps_declared_int_widths_and_asks_for_free_symbols():
 def test_baked_keys_use_the_written_kernels_hash(spec):
     """The hash a baked key names is the content hash of the kernels file written beside the module (the
     runtime's `kh`), whatever else goes into that file (the linear family's kernels, for one)."""
-    from codegen.module import Target, render_all
+    from attnc.codegen.module import Target, render_all
 
     path = SPECS / f"{spec}.attn"
     source = path.read_text()

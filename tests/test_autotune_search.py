@@ -6,12 +6,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
-
-from autotune.key import DeviceInfo, TuningKey
-from autotune.measure import FailReason, SyntheticObjective, TrialFailure, bowl
-from autotune.resource import ARCHS, prune
-from autotune.search import SamplerKind, tune
-from autotune.space import (
+from attnc.autotune.key import DeviceInfo, TuningKey
+from attnc.autotune.measure import FailReason, SyntheticObjective, TrialFailure, bowl
+from attnc.autotune.resource import ARCHS, prune
+from attnc.autotune.search import SamplerKind, tune
+from attnc.autotune.space import (
     SPACES,
     Candidate,
     DType,

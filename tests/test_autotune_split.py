@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from autotune.key import TuningKey, current_device, kernel_hash
-from autotune.measure import KernelObjective, SyntheticObjective, make_inputs
-from autotune.search import tune
-from autotune.space import Candidate, DType, KernelKind, Problem, space_for
-from autotune.store import export_table, open_storage
-from dsl.lower import compile_to_ir
+from attnc.autotune.key import TuningKey, current_device, kernel_hash
+from attnc.autotune.measure import KernelObjective, SyntheticObjective, make_inputs
+from attnc.autotune.search import tune
+from attnc.autotune.space import Candidate, DType, KernelKind, Problem, space_for
+from attnc.autotune.store import export_table, open_storage
+from attnc.dsl.lower import compile_to_ir
 
 from .conftest import SPECS
 
@@ -41,7 +40,7 @@ def _spy(mod, monkeypatch) -> list:
 
 
 def test_space_starts_from_the_runtime_choice() -> None:
-    from codegen.reference_runtime import _default_split_config
+    from attnc.codegen.reference_runtime import _default_split_config
 
     space = space_for(KernelKind.FWD_SPLIT, Problem(128, 128, DType.BF16, 1, 16384))
     cfg = _default_split_config(128, 128, 0)

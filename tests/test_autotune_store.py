@@ -17,13 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from autotune.key import DeviceInfo, TuningKey
-from autotune.measure import SyntheticObjective, bowl
-from autotune.resource import ARCHS
-from autotune.search import SamplerKind, tune
-from autotune.space import DType, KernelKind, Problem, space_for
-from autotune.store import best_entries, export_table, load_table, open_storage
+from attnc.autotune.key import DeviceInfo, TuningKey
+from attnc.autotune.measure import SyntheticObjective, bowl
+from attnc.autotune.resource import ARCHS
+from attnc.autotune.search import SamplerKind, tune
+from attnc.autotune.space import DType, KernelKind, Problem, space_for
+from attnc.autotune.store import best_entries, export_table, load_table, open_storage
 
 # The PostgreSQL test's server: .ci/run starts one and sets this; under CI=true its absence is a failure.
 POSTGRES_URL = os.environ.get("ATTNC_TEST_POSTGRES_URL", "")

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import codegen
+from attnc import codegen
 
 pytest.importorskip("triton")
 
@@ -302,10 +302,10 @@ def test_layout_through_torch_compile(mods: dict[str, ModuleType]) -> None:
 def test_layout_kernels_compile_for_sm90_without_spills(mods: dict[str, ModuleType]) -> None:
     """The `_LAYOUT` form of the forward, dK/dV, dQ and split-KV kernels (the plain form is what
     tests/test_aot_generated.py compiles for every spec), for sm_90 at head dim 64 in fp16 and 128 in bf16."""
-    from codegen.reference_runtime import _triton_kernels
-    from codegen.triton.aot import KernelReport, compile_reports, format_table
-    from codegen.triton.inspect import Target, jobs
-    from dsl.lower import compile_to_ir
+    from attnc.codegen.reference_runtime import _triton_kernels
+    from attnc.codegen.triton.aot import KernelReport, compile_reports, format_table
+    from attnc.codegen.triton.inspect import Target, jobs
+    from attnc.dsl.lower import compile_to_ir
 
     path = SPEC_DIR / "causal.attn"
     kernels = _triton_kernels(mods["causal"].__file__, interpret=False)

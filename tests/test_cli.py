@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from codegen.cli import main
+from attnc.cli import main
 
 from .conftest import SPECS
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "codegen.cli", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "attnc", *args], capture_output=True, text=True)
 
 
 def test_check_ok(capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from attnc.codegen.module import generate, verify_text
+from attnc.codegen.version import ATTNC_VERSION
+from attnc.dsl.errors import SpecError
 
-import codegen
-from codegen.module import generate, verify_text
-from codegen.version import ATTNC_VERSION
-from dsl.errors import SpecError
+from attnc import codegen
 
 from .conftest import REGEN_GOLDEN, REPO, SPECS
 

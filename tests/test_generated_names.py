@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from attnc.codegen.module import generate_all
+from attnc.dsl.check import GENERATED_NAMES, INDEX_VARS
+from attnc.dsl.errors import SpecError
+from attnc.dsl.lower import compile_to_ir
 
-import codegen
-from codegen.module import generate_all
-from dsl.check import GENERATED_NAMES, INDEX_VARS
-from dsl.errors import SpecError
-from dsl.lower import compile_to_ir
+from attnc import codegen
 
 from .conftest import SPECS
 

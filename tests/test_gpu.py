@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 import torch
 
-import codegen
+from attnc import codegen
 
 from .test_reference_oracles import (
     F64,

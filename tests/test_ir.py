@@ -6,13 +6,12 @@ import dataclasses
 
 import pytest
 import sympy as sp
-
-from dsl import builder as bld
-from dsl.analysis.ranges import index_status, nonneg
-from dsl.analysis.symbolic import to_sympy
-from dsl.ir import DType, Node, Op, Var, const, linearize, size, var, walk
-from dsl.lower import compile_to_ir
-from dsl.passes import IRVerifyError, simplify_identities, verify
+from attnc.dsl import builder as bld
+from attnc.dsl.analysis.ranges import index_status, nonneg
+from attnc.dsl.analysis.symbolic import to_sympy
+from attnc.dsl.ir import DType, Node, Op, Var, const, linearize, size, var, walk
+from attnc.dsl.lower import compile_to_ir
+from attnc.dsl.passes import IRVerifyError, simplify_identities, verify
 
 QKV = "q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, E]"
 
@@ -138,7 +137,7 @@ def test_nonneg_sees_through_min_max() -> None:
 
 
 def test_every_op_has_a_sympy_form() -> None:
-    from dsl.analysis.symbolic import _OPS
+    from attnc.dsl.analysis.symbolic import _OPS
 
     handled_directly = {Op.CONST, Op.VAR, Op.SIZE, Op.SCALAR, Op.LOAD, Op.DOT, Op.ELEM, Op.TO_FLOAT}
     assert set(Op) - handled_directly == set(_OPS)

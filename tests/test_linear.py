@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from attnc.dsl.analysis.linear import linear_form
+from attnc.dsl.lower import compile_to_ir
 
-import codegen
-from codegen.cli import main as cli_main
-from codegen.cli import show_attention
-from dsl.analysis.linear import linear_form
-from dsl.lower import compile_to_ir
+from attnc import codegen
+from attnc.cli import main as cli_main
+from attnc.cli import show_attention
 
 from .conftest import SPECS
 

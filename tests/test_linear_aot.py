@@ -4,9 +4,8 @@ the runtime's default schedule and does not spill: what the interpreter cannot c
 from __future__ import annotations
 
 import pytest
-
-from codegen.triton.aot import AOTCompileError, KernelReport, compile_reports
-from codegen.triton.linear_aot import VARIANTS, jobs
+from attnc.codegen.triton.aot import AOTCompileError, KernelReport, compile_reports
+from attnc.codegen.triton.linear_aot import VARIANTS, jobs
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +48,7 @@ def test_chunk_kernels_use_wgmma(reports: list[KernelReport | AOTCompileError]) 
 
 
 def test_attnc_inspect_includes_the_linear_core(capsys: pytest.CaptureFixture[str]) -> None:
-    from codegen.cli import main
+    from attnc.cli import main
 
     from .conftest import SPECS
 

@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import codegen
+from attnc import codegen
 
 SPEC_DIR = Path(__file__).resolve().parents[1] / "examples" / "specs"
 NEG_INF = float("-inf")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from attnc.dsl.analysis.tiles import SKIP, classify, plan_tiles, visited_fraction
+from attnc.dsl.lower import compile_to_ir
 
-from codegen.cli import main
-from dsl.analysis.tiles import SKIP, classify, plan_tiles, visited_fraction
-from dsl.lower import compile_to_ir
+from attnc.cli import main
 
 from .conftest import SPECS
 

@@ -13,9 +13,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
-
-from dsl.errors import SpecError
-from dsl.lower import compile_to_ir
+from attnc.dsl.errors import SpecError
+from attnc.dsl.lower import compile_to_ir
 
 MARK = "‸"
 FILENAME = "bad.attn"

@@ -19,12 +19,11 @@ import traceback
 from datetime import timedelta
 
 import pytest
+from attnc.dsl.check import KEYWORDS as LANGUAGE_KEYWORDS
+from attnc.dsl.errors import SpecError
+from attnc.dsl.lower import compile_to_ir
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
-from dsl.check import KEYWORDS as LANGUAGE_KEYWORDS
-from dsl.errors import SpecError
-from dsl.lower import compile_to_ir
 
 FUZZ_EXAMPLES = int(os.environ.get("ATTNC_FUZZ_EXAMPLES", "300"))
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import codegen
+from attnc import codegen
 
 pytest.importorskip("triton")
 

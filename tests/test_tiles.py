@@ -18,8 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-
-from dsl.analysis.tiles import (
+from attnc.dsl.analysis.tiles import (
     FULL,
     SKIP,
     BindingError,
@@ -29,8 +28,8 @@ from dsl.analysis.tiles import (
     plan_tiles,
     visited_fraction,
 )
-from dsl.ir import Attention, Op, walk
-from dsl.lower import compile_to_ir
+from attnc.dsl.ir import Attention, Op, walk
+from attnc.dsl.lower import compile_to_ir
 
 from .conftest import SPECS
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import codegen
+from attnc import codegen
 
 from .conftest import SPECS
 
@@ -72,7 +72,7 @@ def test_fake_implementation_gives_shapes_without_running(tmp_path: Path) -> Non
 def test_compiled_backward_through_head_split_views() -> None:
     """A zoo LM splits heads with view + transpose: the compiled backward must agree with the custom op's
     real gradient strides (the fake promises contiguous gradients, the op returns them)."""
-    from zoo.models import DecoderLM
+    from attnc.zoo.models import DecoderLM
 
     torch.manual_seed(0)
     model = DecoderLM(40, variant="causal", dim=32, depth=1, heads=2)

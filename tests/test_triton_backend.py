@@ -164,8 +164,8 @@ def test_kernels_visit_exactly_the_planned_tiles(
     """The forward and dQ kernels visit, per query tile, exactly the key tiles that hold a visible pair (for
     these masks the plan is exact); dK/dV visits, per key tile, the query tiles that hold one (per head of the
     group). Fully masked tiles are never visited: they are not even loaded."""
-    from dsl.analysis.tiles import dense_mask
-    from dsl.lower import compile_to_ir
+    from attnc.dsl.analysis.tiles import dense_mask
+    from attnc.dsl.lower import compile_to_ir
 
     mod = compiled(spec)
     ir = compile_to_ir((SPEC_DIR / f"{spec}.attn").read_text(), f"{spec}.attn").attentions[0]
@@ -204,6 +204,6 @@ def test_kernels_visit_exactly_the_planned_tiles(
 
 
 def _symbols(att: object) -> set[str]:
-    from dsl.ir import Op, walk
+    from attnc.dsl.ir import Op, walk
 
     return {str(n.attr) for p in att.tensors for d in p.shape for n in walk([d]) if n.op is Op.SIZE}  # type: ignore[attr-defined]

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from attnc.zoo.cli import add_parser, run
 
-import zoo
-from codegen.cli import main
-from zoo.cli import add_parser, run
+from attnc import zoo
+from attnc.cli import main
 
 
 def test_zoo_list_prints_every_variant_with_family_and_paper(capsys: pytest.CaptureFixture[str]) -> None:

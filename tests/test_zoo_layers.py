@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from attnc.zoo import layers as L
+from attnc.zoo.layers.routing import retrieval_selection
+from attnc.zoo.layers.softmax import alibi_slopes, moh_gates
+from attnc.zoo.ops import SPEC_DIR
 from torch import Tensor
 
-import zoo
-from zoo import layers as L
-from zoo.layers.routing import retrieval_selection
-from zoo.layers.softmax import alibi_slopes, moh_gates
-from zoo.ops import SPEC_DIR
+from attnc import zoo
 
 F64 = torch.float64
 
@@ -273,8 +273,8 @@ def test_layer_forward_compiles_fullgraph() -> None:
 def test_biformer_routes_through_the_block_layout(monkeypatch: pytest.MonkeyPatch) -> None:
     """With regions of whole kernel blocks (R = 64 tokens) the layer hands the routed regions to the kernels
     as a runtime block layout; the Triton result (visiting routed regions only) equals the reference."""
-    from zoo import ops
-    from zoo.layers.routing import BiFormerAttention
+    from attnc.zoo import ops
+    from attnc.zoo.layers.routing import BiFormerAttention
 
     torch.manual_seed(0)
     layer = BiFormerAttention(32, 2, regions=2, top_k=2)

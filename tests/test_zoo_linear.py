@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from attnc.zoo import ops
+from attnc.zoo.layers.linear import HedgehogAttention, LightningAttention, RetentionAttention
+from attnc.zoo.linear_models import TransNormerLM
 
-import zoo
-from zoo import ops
-from zoo.layers.linear import HedgehogAttention, LightningAttention, RetentionAttention
-from zoo.linear_models import TransNormerLM
+from attnc import zoo
 
 
 def _causal_decay(log_gamma: torch.Tensor, N: int) -> torch.Tensor:

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 import torch
+from attnc.zoo.models import DecoderLM, RotaryEmbedding, ViT, pack_documents
 
-import zoo
-from zoo.models import DecoderLM, RotaryEmbedding, ViT, pack_documents
+from attnc import zoo
 
 F64 = torch.float64
 # The softmax/routing causal variants (the linear family's decoding is tested in test_zoo_linear.py).

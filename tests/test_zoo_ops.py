@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import pytest
 import torch
 import torch.nn.functional as F
+from attnc.zoo import ops
 from torch import Tensor
 
-import zoo
-from zoo import ops
+from attnc import zoo
 
 F64 = torch.float64
 Args = dict[str, object]

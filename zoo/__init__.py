@@ -1,7 +1,7 @@
 """The model zoo: attention variants of the literature as attnc specs, layers and small models.
 
 ```python
-import zoo
+from attnc import zoo
 
 zoo.list()                       # ['agent', 'alibi', ...]
 layer = zoo.get("alibi")(dim=256, heads=8, kv_heads=2)   # an nn.Module backed by generated kernels

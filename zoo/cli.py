@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    import zoo
+    from attnc import zoo
 
     if args.zoo_command == "list":
         names = zoo.list(args.family)

@@ -32,8 +32,9 @@ def spec_path(spec: str) -> Path:
 @functools.cache
 def load(spec: str, *, reference_only: bool = False) -> ModuleType:
     """The generated module of `zoo/specs/<spec>.attn`, compiled once per process (and cached on disk)."""
-    import codegen
-    from codegen.module import Target
+    from attnc.codegen.module import Target
+
+    from attnc import codegen
 
     return codegen.compile_file(spec_path(spec), target=Target.REFERENCE if reference_only else Target.ALL)
 

@@ -5,7 +5,7 @@ LLVM IR, PTX, and `ptxas` to a cubin) without touching a driver. The interpreter
 accepts kernels that this pipeline rejects (`tl.dot` with K < 16, for one), so CI compiles every kernel this way
 and reads what the GPU would get: shared memory, registers and spills, and whether sm_90 code uses wgmma.
 
-    from codegen.triton.aot import compile_report, format_table
+    from attnc.codegen.triton.aot import compile_report, format_table
     rep = compile_report(kernel, {"Q": "*fp16", "n": "i32", "scale": "fp32"}, {"BLOCK_M": 128}, cc=90)
     print(format_table([rep]))
 

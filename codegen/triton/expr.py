@@ -14,8 +14,8 @@ from __future__ import annotations
 import ast
 from collections.abc import Callable
 
-from dsl.analysis.ranges import bounds, nonneg
-from dsl.ir import Attention, DType, Node, Op, TensorParam
+from attnc.dsl.analysis.ranges import bounds, nonneg
+from attnc.dsl.ir import Attention, DType, Node, Op, TensorParam
 
 from ..emit import Emitter, expr_from_string, name
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dsl.ir import Attention, DType, TensorType
+from attnc.dsl.ir import Attention, DType, TensorType
 
 from ..reference_runtime import _default_config, _default_split_config, _KernelConfig, _next_pow2
 from .aot import CompileJob

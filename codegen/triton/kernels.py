@@ -21,10 +21,9 @@ import re
 from dataclasses import dataclass
 
 import sympy as sp
-
-from dsl.analysis.tiles import plan_tiles
-from dsl.autodiff import gradients
-from dsl.ir import Attention, DType, Node, NormKind, Op, Var, uses_var, walk
+from attnc.dsl.analysis.tiles import plan_tiles
+from attnc.dsl.autodiff import gradients
+from attnc.dsl.ir import Attention, DType, Node, NormKind, Op, Var, uses_var, walk
 
 from ..emit import Emitter
 from . import tile_code

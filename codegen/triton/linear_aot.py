@@ -37,8 +37,8 @@ VARIANTS = (
 
 def variant_of(att: object) -> Variant:
     """The core variant a linear-form attention selects (causal, decay, norm)."""
-    from dsl.analysis.linear import linear_form
-    from dsl.ir import NormKind
+    from attnc.dsl.analysis.linear import linear_form
+    from attnc.dsl.ir import NormKind
 
     decision = linear_form(att)  # type: ignore[arg-type]
     if decision is None or decision.form is None:

@@ -6,7 +6,7 @@ The main module stays importable with torch alone; it imports this file only whe
 
 from __future__ import annotations
 
-from dsl.ir import Program
+from attnc.dsl.ir import Program
 
 from .kernels import KernelWriter
 

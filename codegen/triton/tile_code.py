@@ -8,9 +8,8 @@ every key tile with the mask applied: never to skipping.
 from __future__ import annotations
 
 import sympy as sp
-
-from dsl.analysis.symbolic import symbol_for_scalar
-from dsl.analysis.tiles import TILE_BM, TILE_BN, TILE_M0, TILE_N0
+from attnc.dsl.analysis.symbolic import symbol_for_scalar
+from attnc.dsl.analysis.tiles import TILE_BM, TILE_BN, TILE_M0, TILE_N0
 
 from .expr import scalar_name
 

@@ -12,15 +12,14 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from dsl.analysis.linear import linear_form
-from dsl.analysis.ranges import index_status
-from dsl.errors import SpecError
-from dsl.ir import Attention, Op, TensorParam, format_expr, linearize, walk
-from dsl.lower import compile_to_ir
-
-from .module import Target, module_name_for, render_all
-from .settings import settings
-from .version import ATTNC_VERSION, LANGUAGE_VERSION
+from attnc.codegen.module import Target, module_name_for, render_all
+from attnc.codegen.version import ATTNC_VERSION, LANGUAGE_VERSION
+from attnc.dsl.analysis.linear import linear_form
+from attnc.dsl.analysis.ranges import index_status
+from attnc.dsl.errors import SpecError
+from attnc.dsl.ir import Attention, Op, TensorParam, format_expr, linearize, walk
+from attnc.dsl.lower import compile_to_ir
+from attnc.settings import settings
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -95,7 +94,7 @@ def cmd_codegen(args: argparse.Namespace) -> int:
 
 def _tuned_table(source: str) -> dict:
     """`--tuned-from`: a best-config table (JSON) or a tuning storage (journal file, database URL)."""
-    from autotune.store import load_any
+    from attnc.autotune.store import load_any
 
     try:
         return load_any(source)
@@ -165,9 +164,8 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
     """Draw the mask and the compiler's tile classification (skipped / full / partial) to a PNG."""
     import math
 
-    from dsl.analysis.tiles import BindingError
-
-    from .show_mask import render_mask_png
+    from attnc.codegen.show_mask import render_mask_png
+    from attnc.dsl.analysis.tiles import BindingError
 
     def int_pair(text: str, flag: str) -> tuple[int, int]:
         try:
@@ -211,10 +209,10 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma
     (the linear family's core kernels too, for blocks with a linear form)."""
-    from .module import compile_source
-    from .reference_runtime import _triton_kernels
-    from .triton.aot import AOTCompileError, compile_reports, format_table
-    from .triton.inspect import Target, all_jobs
+    from attnc.codegen.module import compile_source
+    from attnc.codegen.reference_runtime import _triton_kernels
+    from attnc.codegen.triton.aot import AOTCompileError, compile_reports, format_table
+    from attnc.codegen.triton.inspect import Target, all_jobs
 
     atts = _select(args.spec, args.name)
     kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
@@ -223,7 +221,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for att in atts:  # linear-form blocks also launch the linear core's kernels (their own variant)
         lin = linear_form(att)
         if lin is not None and lin.form is not None:
-            from .triton import linear_aot
+            from attnc.codegen.triton import linear_aot
 
             jobs += linear_aot.jobs(args.cc, args.dtype, args.head_dim, (linear_aot.variant_of(att),))
     reports = compile_reports(jobs, max_workers=args.jobs, raise_on_error=False)
@@ -288,10 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--head-dim", type=int, default=64, help="D (= E) to compile for")
     ins.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile processes")
     ins.set_defaults(func=cmd_inspect)
-    from autotune.cli import add_parser as add_tune_parser  # attnc tune: the autotuner (autotune/cli.py)
+    from attnc.autotune.cli import (
+        add_parser as add_tune_parser,  # attnc tune: the autotuner (autotune/cli.py)
+    )
 
     add_tune_parser(sub)
-    from zoo.cli import add_parser as add_zoo_parser  # attnc zoo list|show: the model zoo (zoo/cli.py)
+    from attnc.zoo.cli import add_parser as add_zoo_parser  # attnc zoo list|show: the model zoo (zoo/cli.py)
 
     add_zoo_parser(sub)
     return p

@@ -1,0 +1,1 @@
+"""Integrations of generated operators with other libraries (transformers, ...)."""

@@ -1,0 +1,1 @@
+"""The runtime library that generated modules import (versioned; see RUNTIME_VERSION)."""
