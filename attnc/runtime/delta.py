@@ -1,0 +1,623 @@
+"""The delta-rule family of linear attentions: state recurrences whose transition depends on the token.
+
+Per (batch, head) a state S of shape [E, D] maps a key-space vector to a value-space vector. Over tokens
+t = 0..T-1, starting from S_{-1} = initial_state (zeros by default):
+
+    S_t = S_{t-1} · T_t + v'_t k'_tᵀ,    T_t = Diag(w_t) + a_t b_tᵀ,    w_t = exp(g_t),    o_t = S_t q_t
+
+The transition multiplies the state from the right (S·T: T acts on the key side), the orientation of
+DeltaNet and Gated DeltaNet (state [d_v, d_k], o = S q). Papers that keep the state as [d_k, d_v]
+(GLA, KDA) write S_t = T_tᵀ-style products on the left (S_t = (I − β k kᵀ) Diag(α) S_{t-1} + β k vᵀ,
+o = Sᵀ q): transposing their state gives exactly this form. The variants:
+
+    variant          w_t = exp(g_t)          a_t        b_t          v'_t    k'_t   source
+    DeltaNet         1 (g absent)            k_t        −β_t k_t     β_t v_t  k_t    Yang et al. 2024, eq. (1)
+    Gated DeltaNet   α_t (scalar per token)  α_t k_t    −β_t k_t     β_t v_t  k_t    Yang, Kautz, Hatamizadeh 2024
+    KDA              α_t ∈ R^D (per channel) α_t ⊙ k_t  −β_t k_t     β_t v_t  k_t    Kimi Linear 2025, eq. (1)
+    GLA              α_t ∈ R^D               (none)     (none)       v_t      k_t    Yang et al. 2023
+    DPLR / RWKV-7    w_t ∈ R^D               a_t        b_t          v_t      k_t    RWKV-7 2025, eq. (16)
+
+Gated DeltaNet: T_t = α_t (I − β_t k_t k_tᵀ) = α_t I − (α_t k_t)(β_t k_t)ᵀ. KDA follows the paper's order,
+decay first and then the delta correction on the decayed state: in the paper's [d_k, d_v] orientation
+S_t = (I − β_t k_t k_tᵀ) Diag(α_t) S_{t-1} + β_t k_t v_tᵀ, i.e. here T_t = Diag(α_t)(I − β_t k_t k_tᵀ)
+= Diag(α_t) − (α_t ⊙ k_t)(β_t k_t)ᵀ. RWKV-7 passes its own a = −κ̂, b = κ̂ ⊙ a (in-context learning rate)
+and w = exp(−exp(·)) as g = −exp(·).
+
+Entry points (all take [B, H, T, D]-layout tensors; see docs/delta.md):
+- `delta_rule(q, k, v, beta, g=None)`: DeltaNet (g None), Gated DeltaNet (g [B, H, T]), KDA (g [B, H, T, D]);
+- `gla(q, k, v, g)`: per-channel (or scalar) decay, no rank-1 part;
+- `dplr(q, k, v, a, b, g=None)`: the general diagonal-plus-rank-1 transition;
+- `dplr_reference(...)`: the exact token-by-token PyTorch recurrence (float32, or float64 for float64 input).
+
+Algorithms (`algorithm=`): "recurrent" (token by token, any variant; Triton forward and backward),
+"chunk" (the WY / UT-transform chunked forward for scalar gates — DeltaNet, Gated DeltaNet — whose backward
+is the recurrent backward, re-started from the chunk-boundary states the forward stored), "reference"
+(PyTorch), "auto" (chunk for scalar gates when T ≥ 64, else recurrent). CPU tensors run the Triton kernels
+under the Triton interpreter.
+
+Heads: every tensor's head count must divide the largest one, H; the state has H heads and an input with
+H/r heads is shared by r consecutive state heads (GQA-style shared q/k, or shared k/v). Each state head
+computes its own state (the kernels do not deduplicate shared work).
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = [
+    "Algorithm",
+    "DeltaConfig",
+    "default_config",
+    "delta_rule",
+    "dplr",
+    "dplr_reference",
+    "gla",
+]
+
+
+class Algorithm(str, enum.Enum):
+    AUTO = "auto"
+    CHUNK = "chunk"
+    RECURRENT = "recurrent"
+    REFERENCE = "reference"
+
+
+@dataclass(frozen=True)
+class DeltaConfig:
+    """The schedule of the kernels (never part of the math).
+
+    chunk: tokens per chunk of the chunked forward (and the checkpoint interval of its backward), a power of
+        two ≥ 16 (tl.dot needs K ≥ 16);
+    ckpt: checkpoint interval of the recurrent backward (the state entering every ckpt-th token is stored);
+    block_e: rows of the state (value channels) per program; E is split over programs;
+    num_warps: warps per program."""
+
+    chunk: int = 32
+    ckpt: int = 32
+    block_e: int = 32
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("chunk", "ckpt", "block_e"):
+            n = getattr(self, name)
+            if n < 1 or n & (n - 1):
+                raise ValueError(f"DeltaConfig.{name} must be a power of two, got {n}")
+        if self.chunk < 16:
+            raise ValueError(f"DeltaConfig.chunk must be at least 16 (tl.dot), got {self.chunk}")
+
+
+def default_config(D: int, E: int) -> DeltaConfig:
+    """Chunks of 32 and 32 state rows per program keep the chunk kernel's [C, D] tiles and the [E-block, D]
+    state in registers on sm_90 up to D = 128 (tests/test_delta_rule.py compiles every kernel and checks for
+    spills); narrower heads take wider E-blocks."""
+    width = _next_pow2(max(D, 16))
+    block_e = min(_next_pow2(E), 64 if width <= 64 else 32)
+    return DeltaConfig(chunk=32, ckpt=32, block_e=max(block_e, 16), num_warps=4 if width <= 64 else 8)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+_KERNELS: dict[bool, ModuleType] = {}
+
+
+def _kernels(interpret: bool) -> ModuleType:
+    """delta_kernels.py, loaded once per mode: `interpret` runs the kernels under the Triton interpreter (CPU
+    tensors), which Triton decides when kernels are defined — as codegen/reference_runtime's `_triton_kernels`
+    does for generated kernel files."""
+    if interpret not in _KERNELS:
+        path = Path(__file__).with_name("delta_kernels.py")
+        if interpret:
+            # Read by Triton when kernels are defined and when its helpers import; switching back within a
+            # process is not supported, so CPU tensors leave the process in interpreter mode.
+            os.environ["TRITON_INTERPRET"] = "1"
+        spec = importlib.util.spec_from_file_location(f"_attnc_delta_kernels_{int(interpret)}", path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _KERNELS[interpret] = mod
+    return _KERNELS[interpret]
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+
+@dataclass(frozen=True)
+class _Shape:
+    B: int
+    H: int  # state heads: the largest head count of the inputs
+    T: int
+    D: int
+    E: int
+
+
+def _fail(fn: str, msg: str) -> ValueError:
+    return ValueError(f"{fn}: {msg}")
+
+
+def _check(
+    fn: str,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    beta: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> _Shape:
+    """Shapes, dtypes and devices of a call, with errors that name the parameter and the expected shape."""
+    named = {"q": q, "k": k, "v": v, "beta": beta, "g": g, "a": a, "b": b, "initial_state": initial_state}
+    for name, x in named.items():
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor):
+            raise _fail(fn, f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise _fail(fn, f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.device != q.device:
+            raise _fail(fn, f"{name} is on {x.device} but q is on {q.device}")
+    if q.dim() != 4:
+        raise _fail(fn, f"q must have shape [B, H, T, D], got {tuple(q.shape)}")
+    B, _, T, D = q.shape
+    if T < 1:
+        raise _fail(
+            fn, f"q must hold at least one token (shape [B, H, T, D] with T ≥ 1), got {tuple(q.shape)}"
+        )
+    if D < 1 or D > 256:
+        raise _fail(fn, f"the key head dim D must be in 1..256, got q of shape {tuple(q.shape)}")
+
+    def expect(name: str, x: torch.Tensor, dims: str, want: tuple[int | None, ...]) -> None:
+        got = tuple(x.shape)
+        ok = len(got) == len(want) and all(w is None or w == s for w, s in zip(want, got, strict=False))
+        if not ok:
+            shown = ", ".join("*" if w is None else str(w) for w in want)
+            raise _fail(fn, f"{name} must have shape {dims} = [{shown}], got {got}")
+
+    expect("k", k, "[B, Hk, T, D]", (B, None, T, D))
+    if v.dim() != 4:
+        raise _fail(fn, f"v must have shape [B, Hv, T, E] = [{B}, *, {T}, *], got {tuple(v.shape)}")
+    expect("v", v, "[B, Hv, T, E]", (B, None, T, None))
+    E = v.shape[3]
+    if E < 1 or E > 256:
+        raise _fail(fn, f"the value head dim E must be in 1..256, got v of shape {tuple(v.shape)}")
+    if beta is not None:
+        expect("beta", beta, "[B, Hb, T]", (B, None, T))
+    if g is not None:
+        if g.dim() == 3:
+            expect("g", g, "[B, Hg, T] (scalar gate) or [B, Hg, T, D] (per channel)", (B, None, T))
+        else:
+            expect("g", g, "[B, Hg, T] (scalar gate) or [B, Hg, T, D] (per channel)", (B, None, T, D))
+    if (a is None) != (b is None):
+        raise _fail(
+            fn, "a and b come together (the rank-1 part a bᵀ of the transition): pass both or neither"
+        )
+    if a is not None and b is not None:
+        expect("a", a, "[B, Ha, T, D]", (B, None, T, D))
+        expect("b", b, "[B, Hb, T, D]", (B, None, T, D))
+    heads = {n: x.shape[1] for n, x in named.items() if x is not None and n != "initial_state"}
+    H = max(heads.values())
+    for name, h in heads.items():
+        if h < 1 or H % h:
+            raise _fail(
+                fn,
+                f"{name} has {h} heads, which does not divide the largest head count {H} "
+                f"(heads: {', '.join(f'{n}={c}' for n, c in heads.items())}); shared heads need H % heads == 0",
+            )
+    if initial_state is not None:
+        expect("initial_state", initial_state, "[B, H, E, D]", (B, H, E, D))
+    return _Shape(B, H, T, D, E)
+
+
+def _expand_heads(x: torch.Tensor, H: int) -> torch.Tensor:
+    """[B, h, ...] → [B, H, ...]: state head i reads input head i // (H / h)."""
+    rep = H // x.shape[1]
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def _algorithm(algorithm: Algorithm | str, fn: str) -> Algorithm:
+    try:
+        return Algorithm(algorithm)
+    except ValueError:
+        choices = ", ".join(repr(a.value) for a in Algorithm)
+        raise _fail(fn, f"algorithm must be one of {choices}, got {algorithm!r}") from None
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+def dplr_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The recurrence token by token in PyTorch (float64 when any input is float64, else float32); autograd
+    gives every gradient. Returns o [B, H, T, E] in q's dtype and the final state [B, H, E, D]."""
+    shape = _check("dplr_reference", q, k, v, g=g, a=a, b=b, initial_state=initial_state)
+    B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
+    inputs = [x for x in (q, k, v, g, a, b, initial_state) if x is not None]
+    ct = torch.float64 if any(x.dtype == torch.float64 for x in inputs) else torch.float32
+    qe, ke, ve = (_expand_heads(x, H).to(ct) for x in (q, k, v))
+    S = (
+        initial_state.to(ct)
+        if initial_state is not None
+        else torch.zeros(B, H, E, D, dtype=ct, device=q.device)
+    )
+    ge = None if g is None else _expand_heads(g, H).to(ct)
+    ae = None if a is None else _expand_heads(a, H).to(ct)
+    be = None if b is None else _expand_heads(b, H).to(ct)
+    outs = []
+    for t in range(T):
+        nxt = S
+        if ge is not None:
+            w = ge[:, :, t].exp()
+            nxt = nxt * (w[..., None, None] if ge.dim() == 3 else w[:, :, None, :])
+        if ae is not None and be is not None:
+            u = torch.einsum("bhed,bhd->bhe", S, ae[:, :, t])
+            nxt = nxt + u[..., None] * be[:, :, t, None, :]
+        S = nxt + ve[:, :, t, :, None] * ke[:, :, t, None, :]
+        outs.append(torch.einsum("bhed,bhd->bhe", S, qe[:, :, t]))
+    return torch.stack(outs, dim=2).to(q.dtype), S
+
+
+# ---------------------------------------------------------------------------------------------- recurrent
+
+
+def _dummy(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(1, dtype=torch.float32)
+
+
+def _rep(shape: _Shape, x: torch.Tensor | None) -> int:
+    return 1 if x is None else shape.H // x.shape[1]
+
+
+def _g_mode(g: torch.Tensor | None) -> int:
+    return 0 if g is None else (1 if g.dim() == 3 else 2)
+
+
+def _recurrent_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    s0: torch.Tensor | None,
+    shape: _Shape,
+    cfg: DeltaConfig,
+    store_ckpt: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """o [B, H, T, E] fp32, the final state [B, H, E, D] fp32 and the checkpoints [B, H, NCK, E, D]."""
+    B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
+    kern = _kernels(interpret=q.device.type != "cuda")
+    dev = q.device
+    o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
+    sn = torch.empty(B, H, E, D, device=dev, dtype=torch.float32)
+    nck = _cdiv(T, cfg.ckpt)
+    hs = torch.empty(B, H, nck, E, D, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    be = min(cfg.block_e, _next_pow2(E))
+    d = _dummy(q)
+    kern._delta_recurrent_fwd_kernel[(_cdiv(E, be), B * H)](
+        q, k, v, d if g is None else g, d if a is None else a, d if b is None else b,
+        d if s0 is None else s0, o, sn, hs,
+        T, H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, g), _rep(shape, a), nck,
+        D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_E=be, G_MODE=_g_mode(g), HAS_RANK1=a is not None,
+        HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, CKPT=cfg.ckpt, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return o, sn, hs
+
+
+def _fold_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H, ...] per state head → [B, heads, ...]: the gradient of a shared input sums over its state heads."""
+    B, H = x.shape[:2]
+    if heads == H:
+        return x
+    return x.reshape(B, heads, H // heads, *x.shape[2:]).sum(2)
+
+
+def _recurrent_bwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None,
+    a: torch.Tensor | None,
+    b: torch.Tensor | None,
+    hs: torch.Tensor,
+    do: torch.Tensor,
+    dsn: torch.Tensor | None,
+    shape: _Shape,
+    cfg: DeltaConfig,
+    ckpt: int,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of (q, k, v, g, a, b, initial_state), each shaped like its input (fp32)."""
+    B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
+    kern = _kernels(interpret=q.device.type != "cuda")
+    dev, f32 = q.device, torch.float32
+    be = min(cfg.block_e, _next_pow2(E))
+    ne, bd = _cdiv(E, be), _next_pow2(D)
+    nck = hs.shape[2]
+    dq = torch.empty(ne, B, H, T, D, device=dev, dtype=f32)
+    dk = torch.empty_like(dq)
+    dv = torch.empty(B, H, T, E, device=dev, dtype=f32)
+    gm = _g_mode(g)
+    dg = torch.empty(ne, B, H, T, *((D,) if gm == 2 else ()), device=dev, dtype=f32) if gm else _dummy(q)
+    da = torch.empty_like(dq) if a is not None else _dummy(q)
+    db = torch.empty_like(dq) if a is not None else _dummy(q)
+    ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
+    scr = torch.empty(ne * B * H, ckpt, be, bd, device=dev, dtype=f32)
+    d = _dummy(q)
+    kern._delta_recurrent_bwd_kernel[(ne, B * H)](
+        q, k, v, d if g is None else g, d if a is None else a, d if b is None else b, hs,
+        do.contiguous(), d if dsn is None else dsn.contiguous(), scr, dq, dk, dv, dg, da, db, ds0,
+        T, H, B * H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, g), _rep(shape, a), nck,
+        D=D, E=E, BLOCK_D=bd, BLOCK_E=be, G_MODE=gm, HAS_RANK1=a is not None, HAS_DSN=dsn is not None,
+        CKPT=ckpt, num_warps=cfg.num_warps,
+    )  # fmt: skip
+    grads: list[torch.Tensor | None] = [
+        _fold_heads(dq.sum(0), q.shape[1]),
+        _fold_heads(dk.sum(0), k.shape[1]),
+        _fold_heads(dv, v.shape[1]),
+        None if g is None else _fold_heads(dg.sum(0), g.shape[1]),
+        None if a is None else _fold_heads(da.sum(0), a.shape[1]),
+        None if b is None else _fold_heads(db.sum(0), b.shape[1]),
+        ds0,
+    ]
+    return tuple(grads)
+
+
+class _RecurrentFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, a, b, s0, shape, cfg):  # type: ignore[override]
+        store = any(ctx.needs_input_grad[:7])
+        o, sn, hs = _recurrent_fwd(q, k, v, g, a, b, s0, shape, cfg, store)
+        ctx.save_for_backward(q, k, v, g, a, b, hs)
+        ctx.meta = (shape, cfg, s0 is not None)
+        ctx.set_materialize_grads(False)
+        return o, sn
+
+    @staticmethod
+    def backward(ctx, do, dsn):  # type: ignore[override]
+        q, k, v, g, a, b, hs = ctx.saved_tensors
+        shape, cfg, has_s0 = ctx.meta
+        if do is None:
+            do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
+        grads = _recurrent_bwd(q, k, v, g, a, b, hs, do, dsn, shape, cfg, cfg.ckpt)
+        inputs = (q, k, v, g, a, b)
+        out = [None if gr is None else gr.to(x.dtype) for gr, x in zip(grads[:6], inputs, strict=True)]
+        return (*out, grads[6] if has_s0 else None, None, None)
+
+
+def _prep(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.contiguous()
+
+
+# ---------------------------------------------------------------------------------------------- chunked
+
+
+def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool):
+    B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
+    kern = _kernels(interpret=q.device.type != "cuda")
+    dev = q.device
+    o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
+    sn = torch.empty(B, H, E, D, device=dev, dtype=torch.float32)
+    nc = _cdiv(T, cfg.chunk)
+    hs = torch.empty(B, H, nc, E, D, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    be = min(cfg.block_e, _next_pow2(E))
+    fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
+    d = _dummy(q)
+    kern._delta_chunk_fwd_kernel[(_cdiv(E, be), B * H)](
+        q, k, v, beta, d if g is None else g, d if s0 is None else s0, o, sn, hs,
+        T, H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, beta), _rep(shape, g), nc,
+        D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=cfg.chunk, HAS_G=g is not None,
+        HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32",
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return o, sn, hs
+
+
+def _delta_as_dplr(k, v, beta, g, H):
+    """The delta rule's transition in DPLR form at H heads: a = α k, b = −β k, v' = β v (w = α)."""
+    ke, ve, be = _expand_heads(k, H), _expand_heads(v, H), _expand_heads(beta, H)
+    if g is None:
+        a = ke
+    else:
+        ge = _expand_heads(g, H)
+        alpha = ge.exp()[..., None] if ge.dim() == 3 else ge.exp()
+        a = alpha * ke
+    return ke, be[..., None] * ve, a, -be[..., None] * ke
+
+
+class _ChunkFn(torch.autograd.Function):
+    """Chunked forward; the backward is the recurrent one in DPLR form, started from the chunk-boundary
+    states, with the chain rule back to (k, v, β, g) done by autograd on the (cheap, elementwise) mapping."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, s0, shape, cfg):  # type: ignore[override]
+        store = any(ctx.needs_input_grad[:6])
+        o, sn, hs = _chunk_fwd(q, k, v, beta, g, s0, shape, cfg, store)
+        ctx.save_for_backward(q, k, v, beta, g, hs)
+        ctx.meta = (shape, cfg, s0 is not None)
+        ctx.set_materialize_grads(False)
+        return o, sn
+
+    @staticmethod
+    def backward(ctx, do, dsn):  # type: ignore[override]
+        q, k, v, beta, g, hs = ctx.saved_tensors
+        shape, cfg, has_s0 = ctx.meta
+        H = shape.H
+        if do is None:
+            do = torch.zeros(shape.B, H, shape.T, shape.E, device=q.device, dtype=torch.float32)
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in (k, v, beta)]
+            gl = None if g is None else g.detach().requires_grad_(True)
+            kp, vp, a, b = _delta_as_dplr(*leaves, gl, H)
+            gp = None if gl is None else _expand_heads(gl, H)
+            dshape = _Shape(shape.B, H, shape.T, shape.D, shape.E)
+            grads = _recurrent_bwd(
+                q, kp.contiguous(), vp.contiguous(), _prep(gp), a.contiguous(), b.contiguous(),
+                hs, do, dsn, dshape, cfg, cfg.chunk,
+            )  # fmt: skip
+            dq, dkp, dvp, dgp, da, db, ds0 = grads
+            outs = [kp, vp, a, b] + ([gp] if gp is not None else [])
+            gouts = [dkp, dvp, da, db] + ([dgp] if gp is not None else [])
+            wrt = leaves + ([gl] if gl is not None else [])
+            dk, dv, dbeta, *rest = torch.autograd.grad(
+                outs, wrt, [x.to(o.dtype) for x, o in zip(gouts, outs, strict=True)], allow_unused=True
+            )
+        dg = rest[0] if rest else None
+        return (
+            dq.to(q.dtype),
+            dk,
+            dv,
+            dbeta,
+            dg,
+            ds0 if has_s0 else None,
+            None,
+            None,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- API
+
+
+def _finish(o: torch.Tensor, sn: torch.Tensor, q: torch.Tensor, return_state: bool):
+    o = o.to(q.dtype)
+    return (o, sn) if return_state else o
+
+
+def _state_in(initial_state: torch.Tensor | None) -> torch.Tensor | None:
+    return None if initial_state is None else initial_state.float().contiguous()
+
+
+def dplr(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    g: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """S_t = S_{t-1}(Diag(exp g_t) + a_t b_tᵀ) + v_t k_tᵀ, o_t = S_t q_t (RWKV-7 / DPLR; GLA without a, b).
+
+    q [B, Hq, T, D], k [B, Hk, T, D], v [B, Hv, T, E], a, b [B, Ha, T, D] (both or neither),
+    g [B, Hg, T] or [B, Hg, T, D] (log of w; absent: w = 1), initial_state [B, H, E, D].
+    Returns o [B, H, T, E] (q's dtype), and the final state [B, H, E, D] (float32) with return_state=True.
+    The general form runs the recurrent algorithm ("auto" and "recurrent") or the PyTorch reference."""
+    fn = "dplr"
+    alg = _algorithm(algorithm, fn)
+    shape = _check(fn, q, k, v, g=g, a=a, b=b, initial_state=initial_state)
+    if alg is Algorithm.CHUNK:
+        raise _fail(
+            fn, "algorithm='chunk' covers the delta rule with scalar gates (delta_rule); use 'recurrent'"
+        )
+    if alg is Algorithm.REFERENCE:
+        o, sn = dplr_reference(q, k, v, g=g, a=a, b=b, initial_state=initial_state)
+        return (o, sn) if return_state else o
+    cfg = config or default_config(shape.D, shape.E)
+    o, sn = _RecurrentFn.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), _prep(g), _prep(a), _prep(b),
+        _state_in(initial_state), shape, cfg,
+    )  # fmt: skip
+    return _finish(o, sn, q, return_state)
+
+
+def gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """Gated linear attention: S_t = S_{t-1} Diag(exp g_t) + v_t k_tᵀ, o_t = S_t q_t, with a per-channel
+    log-decay g [B, Hg, T, D] (or a scalar one, [B, Hg, T]). No exp(±cumsum) feature maps: every step
+    multiplies by exp(g_t) ≤ 1 in float32, so nothing overflows at any T. Shapes as `dplr`."""
+    if g is None:
+        raise _fail("gla", "g (the log-decay, [B, Hg, T, D] or [B, Hg, T]) is required")
+    return dplr(
+        q,
+        k,
+        v,
+        g=g,
+        initial_state=initial_state,
+        return_state=return_state,
+        algorithm=algorithm,
+        config=config,
+    )
+
+
+def delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """S_t = S_{t-1} Diag(α_t)(I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t, α_t = exp(g_t).
+
+    g absent: DeltaNet; g [B, Hg, T] (one log-gate per token): Gated DeltaNet; g [B, Hg, T, D]: KDA.
+    q [B, Hq, T, D], k [B, Hk, T, D] (L2-normalise it for the models' behaviour; not required),
+    v [B, Hv, T, E], beta [B, Hb, T], initial_state [B, H, E, D] (float32). Returns o [B, H, T, E] in q's
+    dtype, and the final state [B, H, E, D] (float32) with return_state=True.
+    algorithm: "chunk" (scalar gates only), "recurrent", "reference" or "auto" (chunk for scalar gates
+    when T ≥ 64, else recurrent)."""
+    fn = "delta_rule"
+    alg = _algorithm(algorithm, fn)
+    if beta is None:
+        raise _fail(fn, "beta (the writing strength, [B, Hb, T]) is required")
+    shape = _check(fn, q, k, v, beta=beta, g=g, initial_state=initial_state)
+    scalar_gate = g is None or g.dim() == 3
+    if alg is Algorithm.CHUNK and not scalar_gate:
+        raise _fail(
+            fn,
+            "algorithm='chunk' needs a scalar gate per token (g [B, Hg, T]) or none; per-channel gates "
+            "(KDA, g [B, Hg, T, D]) run with algorithm='recurrent'",
+        )
+    if alg is Algorithm.AUTO:
+        alg = Algorithm.CHUNK if scalar_gate and shape.T >= 64 else Algorithm.RECURRENT
+    H = shape.H
+    if alg is not Algorithm.CHUNK:
+        kp, vp, a, b = _delta_as_dplr(k, v, beta, g, H)
+        return dplr(
+            q, kp, vp, a, b, g=None if g is None else _expand_heads(g, H), initial_state=initial_state,
+            return_state=return_state, algorithm=alg, config=config,
+        )  # fmt: skip
+    cfg = config or default_config(shape.D, shape.E)
+    o, sn = _ChunkFn.apply(
+        q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), _prep(g), _state_in(initial_state),
+        shape, cfg,
+    )  # fmt: skip
+    return _finish(o, sn, q, return_state)

@@ -1,0 +1,384 @@
+"""Triton kernels of the delta-rule family (host side, math and conventions: attnc/runtime/delta.py, docs/delta.md).
+
+Per (batch, head) a state S of shape [E, D] (rows: value channels, columns: key channels) evolves over tokens
+
+    S_t = S_{t-1} · T_t + v_t k_tᵀ,    T_t = Diag(w_t) + a_t b_tᵀ,    w_t = exp(g_t),    o_t = S_t q_t
+
+Every row of S evolves on its own (row e: s_t = T_tᵀ s_{t-1} + v_t[e] k_t), so every kernel splits E into
+blocks (grid axis 0) and runs the rows of one block in one program; reductions over E (gradients of q, k, w,
+a, b) are per-block partial sums that the host adds.
+
+Kernels:
+- `_delta_recurrent_fwd_kernel`: token by token, general form (w scalar, per-channel or absent; rank-1 part
+  optional); optionally stores the state entering every CKPT-th token (checkpoints for the backward).
+- `_delta_recurrent_bwd_kernel`: reverse-time recurrence of dS. Per checkpoint interval (last first) it
+  recomputes the interval's states from the checkpoint into a per-program scratch buffer, then walks the
+  interval backwards. Serves the chunked forward too (its chunk-boundary states are the checkpoints).
+- `_delta_chunk_fwd_kernel`: the delta rule with a scalar gate, T_t = α_t (I − β_t k_t k_tᵀ), by chunks in the
+  WY / UT-transform form (Yang et al. 2024, section 3; Gated DeltaNet, Yang, Kautz, Hatamizadeh 2024,
+  section 3.3): one small unit-lower-triangular solve per chunk, the state passed across chunks.
+  Log-gates are cumulated in float32 inside each chunk relative to the chunk's start, so every exponent
+  taken is ≤ 0 and nothing overflows at any T.
+
+Builtins only (tl.reduce / tl.associative_scan with the standard combiners, tl.full): the kernels work in
+whichever mode Triton was imported in, which the interpreter-based CPU tests rely on. State and every
+accumulation are float32; inputs of any float dtype are converted on load.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dsum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _dcumsum(x):
+    return tl.associative_scan(x, 0, tl.standard._sum_combine)
+
+
+@triton.jit
+def _head_row(bh, H, REP, T):
+    """First row (token 0) of the input head that state head `bh % H` of batch `bh // H` reads, in a
+    [B, H // REP, T, ...] tensor: REP state heads share one input head (GQA-style)."""
+    b = bh // H
+    h = bh % H
+    return (b.to(tl.int64) * (H // REP) + h // REP) * T
+
+
+@triton.jit
+def _load_vec(base, offs, mask):
+    return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _load_scalar(ptr, offs, mask):
+    """*ptr as a float32 scalar (0 where mask[0] is false), read through lane 0 of a vector: under the
+    interpreter a scalar load cannot take the Python-bool mask that a loop index gives."""
+    return _dsum(tl.load(ptr + offs * 0, mask=(offs == 0) & mask, other=0.0).to(tl.float32), 0)
+
+
+@triton.jit
+def _delta_step(S, k, v, g, a, b, G_MODE: tl.constexpr, HAS_RANK1: tl.constexpr):
+    """One token: S·(Diag(w) + a bᵀ) + v kᵀ for S [BE, BD], k/a/b [BD], v [BE], g a scalar or [BD]."""
+    if HAS_RANK1:
+        u = _dsum(S * a[None, :], 1)  # S_{t-1} a, [BE]
+    if G_MODE == 1:
+        S = S * tl.exp(g)
+    elif G_MODE == 2:
+        S = S * tl.exp(g)[None, :]
+    if HAS_RANK1:
+        S += u[:, None] * b[None, :]
+    S += v[:, None] * k[None, :]
+    return S
+
+
+@triton.jit
+def _delta_recurrent_fwd_kernel(
+    Q,
+    K,
+    V,
+    G,
+    RA,
+    RB,
+    S0,
+    O,
+    SN,
+    HS,
+    T,
+    H,
+    REP_Q,
+    REP_K,
+    REP_V,
+    REP_G,
+    REP_R,
+    NCK,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    G_MODE: tl.constexpr,  # 0: no w (w = 1), 1: one log-gate per token, 2: one per (token, key channel)
+    HAS_RANK1: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    CKPT: tl.constexpr,
+):
+    """o_t = S_t q_t token by token. Q/K/RA/RB [B, H/REP, T, D], V [B, H/REP_V, T, E], G [B, H/REP_G, T(, D)]
+    (log w), S0/SN [B, H, E, D] fp32, O [B, H, T, E] fp32, HS [B, H, NCK, E, D] fp32 (state before token
+    c·CKPT)."""
+    pid_e = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    dmask = offs_d < D
+    emask = offs_e < E
+    s_off = offs_e[:, None] * D + offs_d[None, :]
+    s_msk = emask[:, None] & dmask[None, :]
+    if HAS_S0:
+        S = tl.load(S0 + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
+    rq = _head_row(bh, H, REP_Q, T)
+    rk = _head_row(bh, H, REP_K, T)
+    rv = _head_row(bh, H, REP_V, T)
+    rg = _head_row(bh, H, REP_G, T)
+    rr = _head_row(bh, H, REP_R, T)
+    for t in range(0, T):
+        if STORE_CKPT:
+            if t % CKPT == 0:
+                tl.store(HS + (bh.to(tl.int64) * NCK + t // CKPT) * E * D + s_off, S, mask=s_msk)
+        k = _load_vec(K + (rk + t) * D, offs_d, dmask)
+        g, a, b = 0.0, k, k  # placeholders for the parts this variant lacks
+        v = _load_vec(V + (rv + t) * E, offs_e, emask)
+        q = _load_vec(Q + (rq + t) * D, offs_d, dmask)
+        if G_MODE == 1:
+            g = tl.load(G + rg + t).to(tl.float32)
+        elif G_MODE == 2:
+            g = _load_vec(G + (rg + t) * D, offs_d, dmask)
+        if HAS_RANK1:
+            a = _load_vec(RA + (rr + t) * D, offs_d, dmask)
+            b = _load_vec(RB + (rr + t) * D, offs_d, dmask)
+        S = _delta_step(S, k, v, g, a, b, G_MODE, HAS_RANK1)
+        o = _dsum(S * q[None, :], 1)
+        tl.store(O + (bh.to(tl.int64) * T + t) * E + offs_e, o, mask=emask)
+    tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
+
+
+@triton.jit
+def _delta_recurrent_bwd_kernel(
+    Q,
+    K,
+    V,
+    G,
+    RA,
+    RB,
+    HS,
+    DO,
+    DSN,
+    SCR,
+    DQ,
+    DK,
+    DV,
+    DG,
+    DA,
+    DB,
+    DS0,
+    T,
+    H,
+    NBH,
+    REP_Q,
+    REP_K,
+    REP_V,
+    REP_G,
+    REP_R,
+    NCK,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    G_MODE: tl.constexpr,
+    HAS_RANK1: tl.constexpr,
+    HAS_DSN: tl.constexpr,
+    CKPT: tl.constexpr,
+):
+    """Gradients by the reverse-time recurrence (per token t, last first, with dS = ∂L/∂S_t):
+
+        dS  += do_t q_tᵀ;   dq_t = S_tᵀ do_t;   dv_t = dS k_t;   dk_t = dSᵀ v_t
+        dw_t = Σ_e S_{t-1} ⊙ dS (dg_t = w_t ⊙ dw_t, summed over D for a scalar gate)
+        u = S_{t-1} a_t:  db_t = dSᵀ u;   du = dS b_t;   da_t = S_{t-1}ᵀ du
+        dS  ← dS·Diag(w_t) + du a_tᵀ   (= ∂L/∂S_{t-1})
+
+    DO [B, H, T, E] fp32; DSN [B, H, E, D] (∂L/∂S_T); SCR [NE·B·H, CKPT, BLOCK_E, BLOCK_D] fp32 scratch.
+    Outputs per state head: DV [B, H, T, E], DS0 [B, H, E, D]; partial over E-blocks (leading NE axis):
+    DQ/DK/DA/DB [NE, B, H, T, D], DG [NE, B, H, T(, D)]."""
+    pid_e = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    dmask = offs_d < D
+    emask = offs_e < E
+    s_off = offs_e[:, None] * D + offs_d[None, :]
+    s_msk = emask[:, None] & dmask[None, :]
+    scr_off = tl.arange(0, BLOCK_E)[:, None] * BLOCK_D + offs_d[None, :]
+    scr = SCR + (pid_e.to(tl.int64) * NBH + bh) * CKPT * BLOCK_E * BLOCK_D
+    part = pid_e.to(tl.int64) * NBH + bh  # this program's slice of the partial outputs
+    if HAS_DSN:
+        dS = tl.load(DSN + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        dS = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
+    rq = _head_row(bh, H, REP_Q, T)
+    rk = _head_row(bh, H, REP_K, T)
+    rv = _head_row(bh, H, REP_V, T)
+    rg = _head_row(bh, H, REP_G, T)
+    rr = _head_row(bh, H, REP_R, T)
+    for ci in range(0, NCK):
+        c = NCK - 1 - ci
+        S = tl.load(HS + (bh.to(tl.int64) * NCK + c) * E * D + s_off, mask=s_msk, other=0.0)
+        # Recompute the interval's states; tokens past T read zeros (w = 1, no write): the identity.
+        for j in range(0, CKPT):
+            t = c * CKPT + j
+            vd = dmask & (offs_d * 0 + t < T)  # lanes of a token past T read zeros
+            ve = emask & (offs_e * 0 + t < T)
+            tl.store(scr + j * BLOCK_E * BLOCK_D + scr_off, S)
+            k = _load_vec(K + (rk + t) * D, offs_d, vd)
+            g, a, b = 0.0, k, k  # placeholders for the parts this variant lacks
+            v = _load_vec(V + (rv + t) * E, offs_e, ve)
+            if G_MODE == 1:
+                g = _load_scalar(G + rg + t, offs_d, vd)
+            elif G_MODE == 2:
+                g = _load_vec(G + (rg + t) * D, offs_d, vd)
+            if HAS_RANK1:
+                a = _load_vec(RA + (rr + t) * D, offs_d, vd)
+                b = _load_vec(RB + (rr + t) * D, offs_d, vd)
+            S = _delta_step(S, k, v, g, a, b, G_MODE, HAS_RANK1)
+        tl.debug_barrier()
+        for jj in range(0, CKPT):
+            j = CKPT - 1 - jj
+            t = c * CKPT + j
+            vd = dmask & (offs_d * 0 + t < T)  # lanes of a token past T read zeros
+            ve = emask & (offs_e * 0 + t < T)
+            Sp = tl.load(scr + j * BLOCK_E * BLOCK_D + scr_off)  # S_{t-1}
+            k = _load_vec(K + (rk + t) * D, offs_d, vd)
+            g, a, b = 0.0, k, k  # placeholders for the parts this variant lacks
+            v = _load_vec(V + (rv + t) * E, offs_e, ve)
+            q = _load_vec(Q + (rq + t) * D, offs_d, vd)
+            do = _load_vec(DO + (bh.to(tl.int64) * T + t) * E, offs_e, ve)
+            if G_MODE == 1:
+                g = _load_scalar(G + rg + t, offs_d, vd)
+            elif G_MODE == 2:
+                g = _load_vec(G + (rg + t) * D, offs_d, vd)
+            if HAS_RANK1:
+                a = _load_vec(RA + (rr + t) * D, offs_d, vd)
+                b = _load_vec(RB + (rr + t) * D, offs_d, vd)
+            St = _delta_step(Sp, k, v, g, a, b, G_MODE, HAS_RANK1)
+            dS += do[:, None] * q[None, :]
+            row = (part * T + t) * D
+            tl.store(DQ + row + offs_d, _dsum(St * do[:, None], 0), mask=vd)
+            tl.store(DK + row + offs_d, _dsum(dS * v[:, None], 0), mask=vd)
+            tl.store(DV + (bh.to(tl.int64) * T + t) * E + offs_e, _dsum(dS * k[None, :], 1), mask=ve)
+            if G_MODE == 1:
+                dg = _dsum(_dsum(Sp * dS, 0), 0) * tl.exp(g)
+                tl.store(DG + part * T + t + offs_d * 0, dg + offs_d * 0.0, mask=(offs_d == 0) & vd)
+            elif G_MODE == 2:
+                dg = _dsum(Sp * dS, 0) * tl.exp(g)
+                tl.store(DG + row + offs_d, dg, mask=vd)
+            if HAS_RANK1:
+                u = _dsum(Sp * a[None, :], 1)
+                du = _dsum(dS * b[None, :], 1)
+                tl.store(DB + row + offs_d, _dsum(dS * u[:, None], 0), mask=vd)
+                tl.store(DA + row + offs_d, _dsum(Sp * du[:, None], 0), mask=vd)
+            if G_MODE == 1:
+                dS = dS * tl.exp(g)
+            elif G_MODE == 2:
+                dS = dS * tl.exp(g)[None, :]
+            if HAS_RANK1:
+                dS += du[:, None] * a[None, :]
+        tl.debug_barrier()  # the next interval overwrites the scratch
+    tl.store(DS0 + bh.to(tl.int64) * E * D + s_off, dS, mask=s_msk)
+
+
+@triton.jit
+def _delta_chunk_fwd_kernel(
+    Q,
+    K,
+    V,
+    BETA,
+    G,
+    S0,
+    O,
+    SN,
+    HS,
+    T,
+    H,
+    REP_Q,
+    REP_K,
+    REP_V,
+    REP_B,
+    REP_G,
+    NC,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_S0: tl.constexpr,
+    STORE_CKPT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """(Gated) delta rule by chunks: S_t = α_t S_{t-1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, α_t = exp(g_t).
+
+    Within a chunk entered with state S, with Γ_i = Σ_{j≤i} g_j (relative to the chunk's start), the state
+    after token i is S_i = e^{Γ_i} S + Σ_{j≤i} e^{Γ_i − Γ_j} u_j k_jᵀ, where the pseudo-values
+    u_i = β_i (v_i − α_i S_{i-1} k_i) solve the unit-lower-triangular system (I + A) U = diag(β) V −
+    diag(β e^Γ) K Sᵀ with A_ij = β_i e^{Γ_i − Γ_j} k_i·k_j (j < i). With Tinv = (I + A)⁻¹ (forward
+    substitution), W = Tinv diag(β e^Γ) K and Ũ = Tinv diag(β) V:
+
+        U = Ũ − W Sᵀ,   O = diag(e^Γ) Q Sᵀ + (M ⊙ e^{Γ_i − Γ_j} Q Kᵀ) U,   S ← e^{Γ_last} S + Uᵀ diag(e^{Γ_last − Γ}) K
+
+    (M: j ≤ i). Shapes as the recurrent kernel; BETA [B, H/REP_B, T], G [B, H/REP_G, T]; HS [B, H, NC, E, D]
+    holds the state entering every chunk."""
+    pid_e = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, CHUNK)
+    dmask = offs_d < D
+    emask = offs_e < E
+    s_off = offs_e[:, None] * D + offs_d[None, :]
+    s_msk = emask[:, None] & dmask[None, :]
+    if HAS_S0:
+        S = tl.load(S0 + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
+    rq = _head_row(bh, H, REP_Q, T)
+    rk = _head_row(bh, H, REP_K, T)
+    rv = _head_row(bh, H, REP_V, T)
+    rb = _head_row(bh, H, REP_B, T)
+    rg = _head_row(bh, H, REP_G, T)
+    lower = offs_c[:, None] > offs_c[None, :]
+    causal = offs_c[:, None] >= offs_c[None, :]
+    eye = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+    for c in range(0, NC):
+        if STORE_CKPT:
+            tl.store(HS + (bh.to(tl.int64) * NC + c) * E * D + s_off, S, mask=s_msk)
+        t = c * CHUNK + offs_c
+        tm = t < T  # tokens past T read zeros: β = 0, g = 0, no write (the identity)
+        kd = tm[:, None] & dmask[None, :]
+        Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
+        Qc = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
+        Vc = tl.load(
+            V + (rv + t[:, None]) * E + offs_e[None, :], mask=tm[:, None] & emask[None, :], other=0.0
+        ).to(tl.float32)
+        beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
+        if HAS_G:
+            gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
+        else:
+            gam = offs_c * 0.0
+        gl = _dsum(tl.where(offs_c == CHUNK - 1, gam, 0.0), 0)  # Γ at the chunk's end
+        # e^{Γ_i − Γ_j} only where j ≤ i, so every exponent is ≤ 0.
+        decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+        kk = tl.dot(Kc, tl.trans(Kc), input_precision=DOT_PRECISION)
+        A = tl.where(lower, beta[:, None] * decay * kk, 0.0)
+        # Tinv = (I + A)⁻¹ by forward substitution, row i = e_i − Σ_{j<i} A_ij Tinv_j (rows j < i are final).
+        Tinv = eye
+        for i in range(1, CHUNK):
+            a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)  # row i of A, indexed by j
+            row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * Tinv, 0)
+            Tinv = tl.where(offs_c[:, None] == i, row[None, :], Tinv)
+        W = tl.dot(Tinv, (beta * tl.exp(gam))[:, None] * Kc, input_precision=DOT_PRECISION)
+        U = tl.dot(Tinv, beta[:, None] * Vc, input_precision=DOT_PRECISION)
+        U -= tl.dot(W, tl.trans(S), input_precision=DOT_PRECISION)
+        P = decay * tl.dot(Qc, tl.trans(Kc), input_precision=DOT_PRECISION)
+        out = tl.exp(gam)[:, None] * tl.dot(Qc, tl.trans(S), input_precision=DOT_PRECISION)
+        out += tl.dot(P, U, input_precision=DOT_PRECISION)
+        tl.store(
+            O + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :],
+            out,
+            mask=tm[:, None] & emask[None, :],
+        )
+        Uw = U * tl.exp(gl - gam)[:, None]
+        S = tl.exp(gl) * S + tl.dot(tl.trans(Uw), Kc, input_precision=DOT_PRECISION)
+    tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
