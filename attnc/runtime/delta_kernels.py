@@ -84,7 +84,7 @@ def _delta_recurrent_fwd_kernel(
     RA,
     RB,
     S0,
-    O,
+    OUT,
     SN,
     HS,
     T,
@@ -106,7 +106,7 @@ def _delta_recurrent_fwd_kernel(
     CKPT: tl.constexpr,
 ):
     """o_t = S_t q_t token by token. Q/K/RA/RB [B, H/REP, T, D], V [B, H/REP_V, T, E], G [B, H/REP_G, T(, D)]
-    (log w), S0/SN [B, H, E, D] fp32, O [B, H, T, E] fp32, HS [B, H, NCK, E, D] fp32 (state before token
+    (log w), S0/SN [B, H, E, D] fp32, OUT [B, H, T, E] fp32, HS [B, H, NCK, E, D] fp32 (state before token
     c·CKPT)."""
     pid_e = tl.program_id(0)
     bh = tl.program_id(1)
@@ -142,7 +142,7 @@ def _delta_recurrent_fwd_kernel(
             b = _load_vec(RB + (rr + t) * D, offs_d, dmask)
         S = _delta_step(S, k, v, g, a, b, G_MODE, HAS_RANK1)
         o = _dsum(S * q[None, :], 1)
-        tl.store(O + (bh.to(tl.int64) * T + t) * E + offs_e, o, mask=emask)
+        tl.store(OUT + (bh.to(tl.int64) * T + t) * E + offs_e, o, mask=emask)
     tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
 
 
@@ -287,7 +287,7 @@ def _delta_chunk_fwd_kernel(
     BETA,
     G,
     S0,
-    O,
+    OUT,
     SN,
     HS,
     T,
@@ -375,7 +375,7 @@ def _delta_chunk_fwd_kernel(
         out = tl.exp(gam)[:, None] * tl.dot(Qc, tl.trans(S), input_precision=DOT_PRECISION)
         out += tl.dot(P, U, input_precision=DOT_PRECISION)
         tl.store(
-            O + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :],
+            OUT + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :],
             out,
             mask=tm[:, None] & emask[None, :],
         )
