@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from attnc.runtime import delta as dl
 
 # One tolerance table per dtype (absolute, relative), for outputs/states and for gradients. fp32: the
@@ -62,7 +63,10 @@ def oracle_kda(q, k, v, beta, g, s0):
     for t in range(q.shape[2]):
         kt, bt = k[:, :, t], beta[:, :, t]
         left = eye - bt[..., None, None] * kt[..., :, None] * kt[..., None, :]
-        S = left @ (g[:, :, t].exp()[..., :, None] * S) + bt[..., None, None] * kt[..., :, None] * v[:, :, t, None, :]
+        S = (
+            left @ (g[:, :, t].exp()[..., :, None] * S)
+            + bt[..., None, None] * kt[..., :, None] * v[:, :, t, None, :]
+        )
         outs.append(torch.einsum("bhde,bhd->bhe", S, q[:, :, t]))
     return torch.stack(outs, 2), S.transpose(-1, -2)
 
@@ -111,7 +115,9 @@ class Case:
     def id(self) -> str:
         share = f"-Hqk{self.hk}" if self.hk else ""
         dt = {torch.float32: "fp32", torch.float16: "fp16"}[self.dtype]
-        return f"{self.variant}-{self.algorithm}-B{self.B}-H{self.H}{share}-T{self.T}-D{self.D}-E{self.E}-{dt}"
+        return (
+            f"{self.variant}-{self.algorithm}-B{self.B}-H{self.H}{share}-T{self.T}-D{self.D}-E{self.E}-{dt}"
+        )
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -291,7 +297,9 @@ def _stress(T: int) -> None:
     g = -5 * torch.rand(B, H, T, generator=gen, dtype=torch.float64)
     o64, _ = oracle_delta(q, k, v, beta, g, s0)
     cfg = dl.DeltaConfig(chunk=64)
-    o32 = dl.delta_rule(q.float(), k.float(), v.float(), beta.float(), g=g.float(), algorithm="chunk", config=cfg)
+    o32 = dl.delta_rule(
+        q.float(), k.float(), v.float(), beta.float(), g=g.float(), algorithm="chunk", config=cfg
+    )
     assert torch.isfinite(o32).all()
     assert (o32.double() - o64).abs().max().item() < 1e-4
 
