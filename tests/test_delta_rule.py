@@ -353,3 +353,108 @@ def test_config_rejects_bad_schedules() -> None:
         dl.DeltaConfig(chunk=8)
     with pytest.raises(ValueError, match="block_e must be a power of two"):
         dl.DeltaConfig(block_e=24)
+
+
+# ---------------------------------------------------------------------------------------------- AOT
+
+
+def aot_jobs(head_dim: int, dtype: str, every_variant: bool = False) -> list:
+    """Compile jobs for sm_90 of each kernel with the runtime's default schedule at D = E = head_dim.
+    By default the widest variant of each kernel (per-channel gate and rank-1 part; the scalar-gate backward
+    that the chunked path uses); every_variant adds each (gate mode, rank-1) combination the API selects."""
+    from attnc.codegen.triton.aot import CompileJob
+
+    kern = dl._kernels(interpret=False)
+    D = E = head_dim
+    cfg = dl.default_config(D, E)
+    x, f32, i32 = f"*{dtype}", "*fp32", "i32"
+    shape = {"D": D, "E": E, "BLOCK_D": dl._next_pow2(D), "BLOCK_E": min(cfg.block_e, dl._next_pow2(E))}
+    reps = {n: i32 for n in ("T", "H", "REP_Q", "REP_K", "REP_V", "REP_G", "REP_R")}
+    ins = {"Q": x, "K": x, "V": x, "G": f32, "RA": x, "RB": x}
+    run = {"cc": 90, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    fwd_modes = [(2, True)] + ([(0, True), (1, True), (2, False)] if every_variant else [])
+    # (gate mode, rank-1, checkpoint interval): the recurrent path's, and the chunked path's (its chunk)
+    bwd_modes = [(2, True, cfg.ckpt), (1, True, cfg.chunk)]
+    if every_variant:
+        bwd_modes += [(0, True, cfg.ckpt), (1, True, cfg.ckpt), (2, False, cfg.ckpt), (0, True, cfg.chunk)]
+    jobs = []
+    for gm, r1 in fwd_modes:
+        jobs.append(
+            CompileJob(
+                kern._delta_recurrent_fwd_kernel,
+                {**ins, "S0": f32, "OUT": f32, "SN": f32, "HS": f32, **reps, "NCK": i32},
+                {
+                    **shape,
+                    "G_MODE": gm,
+                    "HAS_RANK1": r1,
+                    "HAS_S0": True,
+                    "STORE_CKPT": True,
+                    "CKPT": cfg.ckpt,
+                },
+                **run,
+            )
+        )
+    for gm, r1, ckpt in bwd_modes:
+        outs = {n: f32 for n in ("HS", "DO", "DSN", "SCR", "DQ", "DK", "DV", "DG", "DA", "DB", "DS0")}
+        jobs.append(
+            CompileJob(
+                kern._delta_recurrent_bwd_kernel,
+                {**ins, **outs, **reps, "NBH": i32, "NCK": i32},
+                {**shape, "G_MODE": gm, "HAS_RANK1": r1, "HAS_DSN": True, "CKPT": ckpt},
+                **run,
+            )
+        )
+    for has_g in (True, False) if every_variant else (True,):
+        chunk_ins = {"Q": x, "K": x, "V": x, "BETA": x, "G": f32, "S0": f32, "OUT": f32, "SN": f32, "HS": f32}
+        ints = {n: i32 for n in ("T", "H", "REP_Q", "REP_K", "REP_V", "REP_B", "REP_G", "NC")}
+        jobs.append(
+            CompileJob(
+                kern._delta_chunk_fwd_kernel,
+                {**chunk_ins, **ints},
+                {
+                    **shape,
+                    "CHUNK": cfg.chunk,
+                    "HAS_G": has_g,
+                    "HAS_S0": True,
+                    "STORE_CKPT": True,
+                    "DOT_PRECISION": "tf32",
+                },
+                **run,
+            )
+        )
+        jobs.append(
+            CompileJob(
+                kern._delta_chunk_bwd_kernel,
+                {
+                    **{n: x for n in ("Q", "K", "V", "BETA")},
+                    **{n: f32 for n in ("G", "HS", "DO", "DSN", "DQ", "DK", "DV", "DBETA", "DG", "DS0")},
+                    **ints,
+                    "NBH": i32,
+                },
+                {**shape, "CHUNK": cfg.chunk, "HAS_G": has_g, "HAS_DSN": True, "DOT_PRECISION": "tf32"},
+                **run,
+            )
+        )
+    return jobs
+
+
+def _compile_and_check(jobs: list) -> None:
+    from attnc.codegen.triton.aot import KernelReport, compile_reports, format_table
+
+    reports = compile_reports(jobs, max_workers=2, raise_on_error=False)
+    failed = [str(r) for r in reports if not isinstance(r, KernelReport)]
+    assert not failed, "\n".join(failed)
+    print(format_table(reports))  # registers and spills, shown with -s
+    spills = [f"{r.name} {r.config}: {r.spill_bytes} B" for r in reports if r.spill_bytes]
+    assert not spills, "\n".join(spills)
+
+
+def test_kernels_compile_for_sm90_without_spills() -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    _compile_and_check(aot_jobs(64, "fp16") + aot_jobs(128, "bf16"))
+
+
+@pytest.mark.slow
+def test_every_kernel_variant_compiles_for_sm90_without_spills() -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    _compile_and_check(aot_jobs(64, "fp16", every_variant=True) + aot_jobs(128, "bf16", every_variant=True))

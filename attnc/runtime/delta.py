@@ -77,12 +77,14 @@ class DeltaConfig:
         two ≥ 16 (tl.dot needs K ≥ 16);
     ckpt: checkpoint interval of the recurrent backward (the state entering every ckpt-th token is stored);
     block_e: rows of the state (value channels) per program; E is split over programs;
-    num_warps: warps per program."""
+    num_warps: warps per program; wy_backward: see the field."""
 
     chunk: int = 32
     ckpt: int = 32
     block_e: int = 32
     num_warps: int = 4
+    num_stages: int = 1  # the kernels are sequential over tokens/chunks: nothing to pipeline across loads
+    wy_backward: bool = True  # chunked path: the chunkwise backward kernel (False: the recurrent backward)
 
     def __post_init__(self) -> None:
         for name in ("chunk", "ckpt", "block_e"):
@@ -94,12 +96,15 @@ class DeltaConfig:
 
 
 def default_config(D: int, E: int) -> DeltaConfig:
-    """Chunks of 32 and 32 state rows per program keep the chunk kernel's [C, D] tiles and the [E-block, D]
-    state in registers on sm_90 up to D = 128 (tests/test_delta_rule.py compiles every kernel and checks for
-    spills); narrower heads take wider E-blocks."""
+    """Schedules that compile for sm_90 without spills (tests/test_delta_rule.py compiles every kernel ahead
+    of time and checks): up to D = 64, chunks of 32 and 32 state rows per program on 4 warps; wider heads
+    (up to 128) chunks of 16 on 8 warps — chunks of 32 there spill 48 B in the chunk kernel, whose [C, D]
+    input tiles and fp32 operands of the tf32 products crowd the register file."""
     width = _next_pow2(max(D, 16))
-    block_e = min(_next_pow2(E), 64 if width <= 64 else 32)
-    return DeltaConfig(chunk=32, ckpt=32, block_e=max(block_e, 16), num_warps=4 if width <= 64 else 8)
+    block_e = max(16, min(_next_pow2(E), 32))
+    if width <= 64:
+        return DeltaConfig(chunk=32, ckpt=32, block_e=block_e, num_warps=4)
+    return DeltaConfig(chunk=16, ckpt=32, block_e=block_e, num_warps=8)
 
 
 def _next_pow2(n: int) -> int:
@@ -323,6 +328,7 @@ def _recurrent_fwd(
         T, H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, g), _rep(shape, a), nck,
         D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_E=be, G_MODE=_g_mode(g), HAS_RANK1=a is not None,
         HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, CKPT=cfg.ckpt, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     return o, sn, hs
 
@@ -371,7 +377,7 @@ def _recurrent_bwd(
         do.contiguous(), d if dsn is None else dsn.contiguous(), scr, dq, dk, dv, dg, da, db, ds0,
         T, H, B * H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, g), _rep(shape, a), nck,
         D=D, E=E, BLOCK_D=bd, BLOCK_E=be, G_MODE=gm, HAS_RANK1=a is not None, HAS_DSN=dsn is not None,
-        CKPT=ckpt, num_warps=cfg.num_warps,
+        CKPT=ckpt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     grads: list[torch.Tensor | None] = [
         _fold_heads(dq.sum(0), q.shape[1]),
@@ -430,7 +436,7 @@ def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt
         T, H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, beta), _rep(shape, g), nc,
         D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=cfg.chunk, HAS_G=g is not None,
         HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32",
-        num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o, sn, hs
 
@@ -447,9 +453,41 @@ def _delta_as_dplr(k, v, beta, g, H):
     return ke, be[..., None] * ve, a, -be[..., None] * ke
 
 
+def _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
+    """Gradients of (q, k, v, beta, g, initial_state) by the chunkwise (WY) backward kernel."""
+    B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
+    kern = _kernels(interpret=q.device.type != "cuda")
+    dev, f32 = q.device, torch.float32
+    be = max(16, min(cfg.block_e, _next_pow2(E)))
+    ne, nc = _cdiv(E, be), hs.shape[2]
+    dq = torch.empty(ne, B, H, T, D, device=dev, dtype=f32)
+    dk = torch.empty_like(dq)
+    dv = torch.empty(B, H, T, E, device=dev, dtype=f32)
+    dbeta = torch.empty(ne, B, H, T, device=dev, dtype=f32)
+    dg = torch.empty_like(dbeta) if g is not None else _dummy(q)
+    ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
+    fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
+    d = _dummy(q)
+    kern._delta_chunk_bwd_kernel[(ne, B * H)](
+        q, k, v, beta, d if g is None else g, hs, do.contiguous(), d if dsn is None else dsn.contiguous(),
+        dq, dk, dv, dbeta, dg, ds0,
+        T, H, B * H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, beta), _rep(shape, g), nc,
+        D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=be, CHUNK=cfg.chunk, HAS_G=g is not None,
+        HAS_DSN=dsn is not None, DOT_PRECISION="ieee" if fp32_in else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return (
+        _fold_heads(dq.sum(0), q.shape[1]),
+        _fold_heads(dk.sum(0), k.shape[1]),
+        _fold_heads(dv, v.shape[1]),
+        _fold_heads(dbeta.sum(0), beta.shape[1]),
+        None if g is None else _fold_heads(dg.sum(0), g.shape[1]),
+        ds0,
+    )
+
+
 class _ChunkFn(torch.autograd.Function):
-    """Chunked forward; the backward is the recurrent one in DPLR form, started from the chunk-boundary
-    states, with the chain rule back to (k, v, β, g) done by autograd on the (cheap, elementwise) mapping."""
+    """Chunked forward (WY), chunked backward (`_delta_chunk_bwd_kernel`) from the chunk-boundary states."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, shape, cfg):  # type: ignore[override]
@@ -467,34 +505,40 @@ class _ChunkFn(torch.autograd.Function):
         H = shape.H
         if do is None:
             do = torch.zeros(shape.B, H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        with torch.enable_grad():
-            leaves = [x.detach().requires_grad_(True) for x in (k, v, beta)]
-            gl = None if g is None else g.detach().requires_grad_(True)
-            kp, vp, a, b = _delta_as_dplr(*leaves, gl, H)
-            gp = None if gl is None else _expand_heads(gl, H)
-            dshape = _Shape(shape.B, H, shape.T, shape.D, shape.E)
-            grads = _recurrent_bwd(
-                q, kp.contiguous(), vp.contiguous(), _prep(gp), a.contiguous(), b.contiguous(),
-                hs, do, dsn, dshape, cfg, cfg.chunk,
-            )  # fmt: skip
-            dq, dkp, dvp, dgp, da, db, ds0 = grads
-            outs = [kp, vp, a, b] + ([gp] if gp is not None else [])
-            gouts = [dkp, dvp, da, db] + ([dgp] if gp is not None else [])
-            wrt = leaves + ([gl] if gl is not None else [])
-            dk, dv, dbeta, *rest = torch.autograd.grad(
-                outs, wrt, [x.to(o.dtype) for x, o in zip(gouts, outs, strict=True)], allow_unused=True
-            )
-        dg = rest[0] if rest else None
-        return (
-            dq.to(q.dtype),
-            dk,
-            dv,
-            dbeta,
-            dg,
-            ds0 if has_s0 else None,
-            None,
-            None,
+        if cfg.wy_backward:
+            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape, cfg)
+        else:
+            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape, cfg)
+        inputs = (q, k, v, beta, g)
+        out = [
+            None if gr is None else gr.to(x.dtype)
+            for gr, x in zip((dq, dk, dv, dbeta, dg), inputs, strict=True)
+        ]
+        return (*out, ds0 if has_s0 else None, None, None)
+
+
+def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
+    """The same gradients by the recurrent backward in DPLR form, restarted from the chunk-boundary states,
+    with the chain rule back to (k, v, β, g) done by autograd on the elementwise mapping (a second,
+    independent route: DeltaConfig(wy_backward=False))."""
+    H = shape.H
+    with torch.enable_grad():
+        leaves = [x.detach().requires_grad_(True) for x in (k, v, beta)]
+        gl = None if g is None else g.detach().requires_grad_(True)
+        kp, vp, a, b = _delta_as_dplr(*leaves, gl, H)
+        gp = None if gl is None else _expand_heads(gl, H)
+        grads = _recurrent_bwd(
+            q, kp.contiguous(), vp.contiguous(), _prep(gp), a.contiguous(), b.contiguous(),
+            hs, do, dsn, shape, cfg, cfg.chunk,
+        )  # fmt: skip
+        dq, dkp, dvp, dgp, da, db, ds0 = grads
+        outs = [kp, vp, a, b] + ([gp] if gp is not None else [])
+        gouts = [dkp, dvp, da, db] + ([dgp] if gp is not None else [])
+        wrt = leaves + ([gl] if gl is not None else [])
+        dk, dv, dbeta, *rest = torch.autograd.grad(
+            outs, wrt, [x.to(o.dtype) for x, o in zip(gouts, outs, strict=True)], allow_unused=True
         )
+    return dq, dk, dv, dbeta, (rest[0] if rest else None), ds0
 
 
 # ---------------------------------------------------------------------------------------------- API

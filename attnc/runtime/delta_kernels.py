@@ -347,11 +347,15 @@ def _delta_chunk_fwd_kernel(
         t = c * CHUNK + offs_c
         tm = t < T  # tokens past T read zeros: β = 0, g = 0, no write (the identity)
         kd = tm[:, None] & dmask[None, :]
-        Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
-        Qc = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
-        Vc = tl.load(
-            V + (rv + t[:, None]) * E + offs_e[None, :], mask=tm[:, None] & emask[None, :], other=0.0
-        ).to(tl.float32)
+        k_ptr = K + (rk + t[:, None]) * D + offs_d[None, :]
+        # Products of two input tiles run in the input dtype (exact for fp16/bf16 inputs, fp32 accumulation);
+        # products with fp32 intermediates at DOT_PRECISION. K is re-read for the state update so that no
+        # [C, D] tile stays live across the chunk (it would spill at D = 128).
+        Kn = tl.load(k_ptr, mask=kd, other=0.0)
+        Qn = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
+        kk = tl.dot(Kn, tl.trans(Kn), input_precision=DOT_PRECISION)
+        qk = tl.dot(Qn, tl.trans(Kn), input_precision=DOT_PRECISION)
+        qs = tl.dot(Qn.to(tl.float32), tl.trans(S), input_precision=DOT_PRECISION)  # Q Sᵀ, [C, BE]
         beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
         if HAS_G:
             gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
@@ -360,7 +364,6 @@ def _delta_chunk_fwd_kernel(
         gl = _dsum(tl.where(offs_c == CHUNK - 1, gam, 0.0), 0)  # Γ at the chunk's end
         # e^{Γ_i − Γ_j} only where j ≤ i, so every exponent is ≤ 0.
         decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
-        kk = tl.dot(Kc, tl.trans(Kc), input_precision=DOT_PRECISION)
         A = tl.where(lower, beta[:, None] * decay * kk, 0.0)
         # Tinv = (I + A)⁻¹ by forward substitution, row i = e_i − Σ_{j<i} A_ij Tinv_j (rows j < i are final).
         Tinv = eye
@@ -368,17 +371,178 @@ def _delta_chunk_fwd_kernel(
             a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)  # row i of A, indexed by j
             row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * Tinv, 0)
             Tinv = tl.where(offs_c[:, None] == i, row[None, :], Tinv)
-        W = tl.dot(Tinv, (beta * tl.exp(gam))[:, None] * Kc, input_precision=DOT_PRECISION)
-        U = tl.dot(Tinv, beta[:, None] * Vc, input_precision=DOT_PRECISION)
-        U -= tl.dot(W, tl.trans(S), input_precision=DOT_PRECISION)
-        P = decay * tl.dot(Qc, tl.trans(Kc), input_precision=DOT_PRECISION)
-        out = tl.exp(gam)[:, None] * tl.dot(Qc, tl.trans(S), input_precision=DOT_PRECISION)
-        out += tl.dot(P, U, input_precision=DOT_PRECISION)
+        W = tl.dot(Tinv, (beta * tl.exp(gam))[:, None] * Kn.to(tl.float32), input_precision=DOT_PRECISION)
+        U = -tl.dot(W, tl.trans(S), input_precision=DOT_PRECISION)
+        Vc = tl.load(
+            V + (rv + t[:, None]) * E + offs_e[None, :], mask=tm[:, None] & emask[None, :], other=0.0
+        ).to(tl.float32)
+        U += tl.dot(Tinv, beta[:, None] * Vc, input_precision=DOT_PRECISION)
+        out = tl.exp(gam)[:, None] * qs + tl.dot(decay * qk, U, input_precision=DOT_PRECISION)
         tl.store(
             OUT + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :],
             out,
             mask=tm[:, None] & emask[None, :],
         )
         Uw = U * tl.exp(gl - gam)[:, None]
+        Kc = tl.load(k_ptr, mask=kd, other=0.0).to(tl.float32)
         S = tl.exp(gl) * S + tl.dot(tl.trans(Uw), Kc, input_precision=DOT_PRECISION)
     tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
+
+
+@triton.jit
+def _delta_chunk_bwd_kernel(
+    Q,
+    K,
+    V,
+    BETA,
+    G,
+    HS,
+    DO,
+    DSN,
+    DQ,
+    DK,
+    DV,
+    DBETA,
+    DG,
+    DS0,
+    T,
+    H,
+    NBH,
+    REP_Q,
+    REP_K,
+    REP_V,
+    REP_B,
+    REP_G,
+    NC,
+    D: tl.constexpr,
+    E: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    CHUNK: tl.constexpr,
+    HAS_G: tl.constexpr,
+    HAS_DSN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Backward of `_delta_chunk_fwd_kernel`, chunk by chunk from the last, carrying dS = ∂L/∂(state leaving
+    the chunk). Per chunk it recomputes the forward's Γ, A, Tinv, W, U from the stored entering state S and
+    applies the chain rule to each line of the forward (notation as there; r = e^{Γ_last − Γ}, X = Tinv):
+
+        S' = e^{Γ_last} S + Uᵀ diag(r) K:  dU = diag(r) K dS'ᵀ, dK += diag(r) U dS', dS = e^{Γ_last} dS'
+        O = diag(e^Γ) Q Sᵀ + P U:          dU += Pᵀ dO, dP = dO Uᵀ, dQ = diag(e^Γ) dO S, dS += dOᵀ diag(e^Γ) Q
+        U = X diag(β) V − X diag(β e^Γ) K Sᵀ:  dW = −dU S, dS −= dUᵀ W, dX = dU (diag(β)V)ᵀ + dW (diag(βe^Γ)K)ᵀ
+        X = (I + A)⁻¹:                     dA = −Xᵀ dX Xᵀ on the strictly lower triangle
+        Γ = cumsum(g):                     dg_j = Σ_{i ≥ j} dΓ_i
+
+    Outputs as the recurrent backward: DV [B, H, T, E], DS0 [B, H, E, D]; partial over E-blocks
+    DQ/DK [NE, B, H, T, D], DBETA/DG [NE, B, H, T]."""
+    pid_e = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    offs_c = tl.arange(0, CHUNK)
+    dmask = offs_d < D
+    emask = offs_e < E
+    s_off = offs_e[:, None] * D + offs_d[None, :]
+    s_msk = emask[:, None] & dmask[None, :]
+    part = pid_e.to(tl.int64) * NBH + bh
+    if HAS_DSN:
+        dS = tl.load(DSN + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        dS = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
+    rq = _head_row(bh, H, REP_Q, T)
+    rk = _head_row(bh, H, REP_K, T)
+    rv = _head_row(bh, H, REP_V, T)
+    rb = _head_row(bh, H, REP_B, T)
+    rg = _head_row(bh, H, REP_G, T)
+    lower = offs_c[:, None] > offs_c[None, :]
+    causal = offs_c[:, None] >= offs_c[None, :]
+    eye = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+    last = offs_c == CHUNK - 1
+    for ci in range(0, NC):
+        c = NC - 1 - ci
+        S = tl.load(HS + (bh.to(tl.int64) * NC + c) * E * D + s_off, mask=s_msk, other=0.0)
+        t = c * CHUNK + offs_c
+        tm = t < T
+        kd = tm[:, None] & dmask[None, :]
+        ve = tm[:, None] & emask[None, :]
+        Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
+        Qc = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
+        Vc = tl.load(V + (rv + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0).to(tl.float32)
+        dO = tl.load(DO + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0)
+        beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
+        if HAS_G:
+            gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
+        else:
+            gam = offs_c * 0.0
+        gl = _dsum(tl.where(last, gam, 0.0), 0)
+        eg = tl.exp(gam)
+        r = tl.exp(gl - gam)
+        decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
+        kk = tl.dot(Kc, tl.trans(Kc), input_precision=DOT_PRECISION)
+        A = tl.where(lower, beta[:, None] * decay * kk, 0.0)
+        X = eye
+        for i in range(1, CHUNK):
+            a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)
+            row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * X, 0)
+            X = tl.where(offs_c[:, None] == i, row[None, :], X)
+        Kb = (beta * eg)[:, None] * Kc
+        Vb = beta[:, None] * Vc
+        W = tl.dot(X, Kb, input_precision=DOT_PRECISION)
+        U = tl.dot(X, Vb, input_precision=DOT_PRECISION) - tl.dot(
+            W, tl.trans(S), input_precision=DOT_PRECISION
+        )
+        # the state leaving the chunk
+        kds = tl.dot(Kc, tl.trans(dS), input_precision=DOT_PRECISION)  # K dS'ᵀ, [C, BE]
+        dU = r[:, None] * kds
+        dK = r[:, None] * tl.dot(U, dS, input_precision=DOT_PRECISION)
+        dr = _dsum(U * kds, 1)
+        dgl = _dsum(_dsum(S * dS, 1), 0) * tl.exp(gl) + _dsum(dr * r, 0)
+        dgam = -dr * r
+        dSn = tl.exp(gl) * dS
+        # the outputs
+        qk = tl.dot(Qc, tl.trans(Kc), input_precision=DOT_PRECISION)
+        P = decay * qk
+        dU += tl.dot(tl.trans(P), dO, input_precision=DOT_PRECISION)
+        dP = tl.dot(dO, tl.trans(U), input_precision=DOT_PRECISION)
+        qs = tl.dot(Qc, tl.trans(S), input_precision=DOT_PRECISION)
+        dgam += _dsum(qs * dO, 1) * eg
+        dQ = eg[:, None] * tl.dot(dO, S, input_precision=DOT_PRECISION)
+        dSn += tl.dot(tl.trans(eg[:, None] * dO), Qc, input_precision=DOT_PRECISION)
+        dqk = dP * decay
+        dDm = dP * qk
+        dQ += tl.dot(dqk, Kc, input_precision=DOT_PRECISION)
+        dK += tl.dot(tl.trans(dqk), Qc, input_precision=DOT_PRECISION)
+        # U = Ũ − W Sᵀ with Ũ = X diag(β) V, W = X diag(β e^Γ) K
+        dW = -tl.dot(dU, S, input_precision=DOT_PRECISION)
+        dSn -= tl.dot(tl.trans(dU), W, input_precision=DOT_PRECISION)
+        dX = tl.dot(dU, tl.trans(Vb), input_precision=DOT_PRECISION)
+        dX += tl.dot(dW, tl.trans(Kb), input_precision=DOT_PRECISION)
+        dVb = tl.dot(tl.trans(X), dU, input_precision=DOT_PRECISION)
+        dKb = tl.dot(tl.trans(X), dW, input_precision=DOT_PRECISION)
+        tl.store(DV + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :], beta[:, None] * dVb, mask=ve)
+        dbeta = _dsum(Vc * dVb, 1)
+        kdkb = _dsum(Kc * dKb, 1)
+        dK += (beta * eg)[:, None] * dKb
+        dbeta += eg * kdkb
+        dgam += beta * kdkb * eg
+        # X = (I + A)⁻¹, A = strict-lower(β_i D_ij k_i·k_j)
+        dA = -tl.dot(
+            tl.trans(X), tl.dot(dX, tl.trans(X), input_precision=DOT_PRECISION), input_precision=DOT_PRECISION
+        )
+        dA = tl.where(lower, dA, 0.0)
+        dbeta += _dsum(dA * decay * kk, 1)
+        dDm += dA * beta[:, None] * kk
+        dkk = dA * beta[:, None] * decay
+        dK += tl.dot(dkk + tl.trans(dkk), Kc, input_precision=DOT_PRECISION)
+        M = dDm * decay
+        dgam += _dsum(M, 1) - _dsum(M, 0)
+        dgam += tl.where(last, dgl, 0.0)
+        dg = _dsum(dgam, 0) - _dcumsum(dgam) + dgam  # Σ_{i ≥ j} dΓ_i
+        row = (part * T + t[:, None]) * D + offs_d[None, :]
+        tl.store(DQ + row, dQ, mask=kd)
+        tl.store(DK + row, dK, mask=kd)
+        tl.store(DBETA + part * T + t, dbeta, mask=tm)
+        if HAS_G:
+            tl.store(DG + part * T + t, dg, mask=tm)
+        dS = dSn
+    tl.store(DS0 + bh.to(tl.int64) * E * D + s_off, dS, mask=s_msk)
