@@ -12,7 +12,7 @@ PYTEST_ARGS ?= -q -n 2
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,hf]'
 	touch $@
 
 demo: $(VENV)/.installed
