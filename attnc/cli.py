@@ -16,6 +16,7 @@ from attnc.codegen.module import Target, module_name_for, render_all
 from attnc.codegen.version import ATTNC_VERSION, LANGUAGE_VERSION
 from attnc.dsl.analysis.linear import linear_form
 from attnc.dsl.analysis.ranges import index_status
+from attnc.dsl.analysis.tiles import plan_tiles
 from attnc.dsl.errors import SpecError
 from attnc.dsl.ir import Attention, Op, TensorParam, format_expr, linearize, walk
 from attnc.dsl.lower import compile_to_ir
@@ -40,11 +41,76 @@ def _read(path: str) -> str:
         raise UsageError(f"{path}: cannot read ({err.strerror})") from None
 
 
+PHASES = ("parse", "check", "lower", "plan", "emit", "import")
+
+
+def phase_timings(source: str, filename: str) -> dict[str, float]:
+    """Seconds per compile phase of one spec, each phase run on the previous one's result: parse (text ->
+    AST), check (scopes and types of every block), lower (AST -> IR and the IR passes; lowering re-runs the
+    cheap checks), plan (the tile plan of every masked block), emit (the module and kernels text, reusing the
+    memoised plans) and import (executing the generated module). Raises SpecError."""
+    import tempfile
+    import time
+
+    from attnc.codegen.module import load_module_file
+    from attnc.dsl.analysis.tiles import plan_tiles
+    from attnc.dsl.check import build_scope, check_body
+    from attnc.dsl.lower import lower_file
+    from attnc.dsl.parser import parse
+    from attnc.dsl.passes import run_pipeline
+
+    out: dict[str, float] = {}
+    t = time.perf_counter()
+
+    def lap(phase: str) -> None:
+        nonlocal t
+        now = time.perf_counter()
+        out[phase] = now - t
+        t = now
+
+    spec = parse(source, filename)
+    lap("parse")
+    try:
+        for block in spec.attentions:
+            build_scope(block)
+            check_body(block)
+    except SpecError as err:
+        raise err.with_source(spec.filename, spec.source) from None
+    lap("check")
+    program = run_pipeline(lower_file(spec))
+    lap("lower")
+    for att in program.attentions:
+        if att.mask is not None:
+            plan_tiles(att)
+    lap("plan")
+    main_text, kernels_text = render_all(program, source, Target.ALL)
+    lap("emit")
+    with tempfile.TemporaryDirectory(prefix="attnc-timings-") as tmp:
+        stem = module_name_for(filename)
+        dest = Path(tmp) / f"{stem}.py"
+        dest.write_text(main_text, encoding="utf-8")
+        if kernels_text is not None:
+            dest.with_name(f"{stem}_triton.py").write_text(kernels_text, encoding="utf-8")
+        t = time.perf_counter()  # writing the files is not a compile phase
+        mod_name = f"attnc_timings.{stem}"
+        load_module_file(dest, mod_name)
+        lap("import")
+        sys.modules.pop(mod_name, None)
+    return out
+
+
+def _format_timings(t: dict[str, float]) -> str:
+    parts = ", ".join(f"{p} {t[p] * 1000:.1f} ms" for p in PHASES)
+    return f"  timings: {parts}; total {sum(t.values()) * 1000:.1f} ms"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in args.specs:
         try:
-            program = compile_to_ir(_read(path), path)
+            source = _read(path)
+            program = compile_to_ir(source, path)
+            timings = phase_timings(source, path) if args.timings else None
         except SpecError as err:
             print(err.format(), file=sys.stderr)
             status = EXIT_SPEC
@@ -52,6 +118,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         names = ", ".join(a.name for a in program.attentions)
         if not args.quiet:
             print(f"{path}: ok ({names})")
+        if timings is not None:
+            print(_format_timings(timings))
     return status
 
 
@@ -121,6 +189,15 @@ def show_attention(att: Attention) -> str:
         )
     )
     lines.append(f"  norm: {att.norm.kind.value}")
+    if att.mask is not None:
+        plan = plan_tiles(att)
+        if plan.fallback is not None:
+            lines.append(f"  tile plan: fallback ({plan.fallback})")
+        else:
+            n_kv, n_q = len(plan.kv_intervals), len(plan.q_intervals)
+            lines.append(
+                f"  tile plan: {n_kv} key interval(s) per query tile, {n_q} query interval(s) per key tile"
+            )
     lin = linear_form(att)
     if lin is not None:
         lines.append(f"  algorithm: {lin.summary}")
@@ -246,6 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check", help="parse and type-check specs; print diagnostics")
     c.add_argument("specs", nargs="+", metavar="SPEC")
     c.add_argument("-q", "--quiet", action="store_true", help="print only errors")
+    c.add_argument(
+        "--timings",
+        action="store_true",
+        help="also compile each spec and print the time per phase (parse, check, lower, plan, emit, import)",
+    )
     c.set_defaults(func=cmd_check)
 
     g = sub.add_parser("codegen", help="write an importable Python module per spec")

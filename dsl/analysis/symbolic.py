@@ -4,6 +4,7 @@ loads become applications of an undefined function named after the tensor."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 
 import sympy as sp
 
@@ -63,8 +64,15 @@ _OPS = {
 }
 
 
-def to_sympy(root: Node) -> sp.Basic:
-    """Convert without recursion (node by node in topological order)."""
+def to_sympy(
+    root: Node,
+    ops: Mapping[Op, Callable[..., sp.Basic]] | None = None,
+    rename: Mapping[sp.Symbol, sp.Symbol] | None = None,
+) -> sp.Basic:
+    """Convert without recursion (node by node in topological order). `ops` overrides the constructor of some
+    ops (the tile planner builds min/max without sympy's costly evaluation); `rename` replaces leaf symbols
+    as they are made."""
+    table = {**_OPS, **ops} if ops else _OPS
     val: dict[Node, sp.Basic] = {}
     for n in linearize([root]):
         a = [val[x] for x in n.args]
@@ -77,6 +85,8 @@ def to_sympy(root: Node) -> sp.Basic:
             r = symbol_for_size(str(n.attr))
         elif op is Op.SCALAR:
             r = symbol_for_scalar(str(n.attr), n.dtype is DType.INT)
+            if rename:
+                r = rename.get(r, r)
         elif op is Op.LOAD:
             r = sp.Function(str(n.attr))(*a)
         elif op is Op.DOT:
@@ -85,8 +95,8 @@ def to_sympy(root: Node) -> sp.Basic:
             r = sp.Symbol(str(n.attr), real=True)
         elif op is Op.TO_FLOAT:
             r = a[0]
-        elif op in _OPS:
-            r = _OPS[op](*a)
+        elif op in table:
+            r = table[op](*a)
         else:  # pragma: no cover - every Op is handled above
             raise NotImplementedError(op)
         val[n] = r

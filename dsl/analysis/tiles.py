@@ -40,12 +40,15 @@ from __future__ import annotations
 
 import functools
 import math
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import sympy as sp
+from sympy.functions.elementary.piecewise import ExprCondPair
 
 from ..ir import COMPARE_OPS, Attention, DType, Node, Op, ScalarParam, Var, linearize, walk
 from .symbolic import symbol_for_scalar, symbol_for_size, symbol_for_var, to_sympy
@@ -84,6 +87,9 @@ class TilePlan:
     full: sp.Basic  # sympy bool in m0, BM, n0, BN, ...: true => every in-range pair of the tile is visible
     data_dependent: bool  # the mask reads tensors; a runtime pre-pass could skip more tiles
     notes: tuple[str, ...] = ()  # where the analysis was conservative, and what it assumed
+    # Set when the planner gave up on the mask (too many comparisons, or over its work or time budget): every
+    # tile is then visited with the mask applied. Says why; `attnc show-ir` prints it.
+    fallback: str | None = None
 
     def free_symbols(self) -> set[sp.Symbol]:
         exprs: list[sp.Basic] = [self.full, self.q_len, self.kv_len]
@@ -109,6 +115,8 @@ class TilePlan:
             f"{self.name}: queries visited by key tile [n0, n0 + BN): {ivs(self.q_intervals)}",
             f"{self.name}: tile fully visible when: {show(self.full)}",
         ]
+        if self.fallback is not None:
+            lines.append(f"{self.name}: fallback: {self.fallback}")
         if self.data_dependent:
             lines.append(f"{self.name}: data-dependent mask (bounds use only the conjuncts without loads)")
         lines += [f"{self.name}: note: {n}" for n in self.notes]
@@ -153,12 +161,39 @@ class _TooBig(Exception):
     pass
 
 
+class _OverBudget(Exception):
+    pass
+
+
+# Planning is bounded twice: by a count of analysis steps (atoms made, formulas reached, inequalities solved),
+# which keeps the generated code the same on a loaded and an idle machine, and, as a last resort against one
+# slow sympy call, by wall-clock time. Past either, the mask falls back to visiting every tile, masked.
+PLAN_STEP_BUDGET = 20_000
+PLAN_TIME_BUDGET_S = 10.0
+
+
+class _Budget:
+    def __init__(self, steps: int, seconds: float) -> None:
+        self.left = steps
+        self.deadline = time.monotonic() + seconds
+        self.steps = steps
+        self.seconds = seconds
+
+    def tick(self) -> None:
+        self.left -= 1
+        if self.left < 0:
+            raise _OverBudget(f"over the planner's budget of {self.steps} analysis steps")
+        if time.monotonic() > self.deadline:
+            raise _OverBudget(f"over the planner's time budget of {self.seconds:g} s")
+
+
 class _FormulaBuilder:
     """IR mask -> formula over atoms. Negations are pushed down to the comparisons."""
 
-    def __init__(self, att: Attention) -> None:
+    def __init__(self, att: Attention, budget: _Budget) -> None:
         self.notes: list[str] = []
         self.atoms = 0
+        self.budget = budget
         # Int/float scalars used directly as divisors get a positive twin while solving (see module doc).
         self.twins: dict[sp.Symbol, sp.Symbol] = {}
         assert att.mask is not None
@@ -211,7 +246,7 @@ class _FormulaBuilder:
             if loads:
                 self.note(f"conditions reading {', '.join(loads)} are data-dependent: not used for skipping")
                 return _Unknown("reads " + ", ".join(loads))
-            a, b = (to_sympy(x).xreplace(self.twins) for x in n.args)
+            a, b = (to_sympy(x, _CHEAP_OPS, self.twins) for x in n.args)
             return self.compare(op if pos else _NEGATED[op], a, b)
         if op is Op.LOAD:
             self.note(f"bool tensor {n.attr} is data-dependent: not used for skipping")
@@ -250,12 +285,13 @@ class _FormulaBuilder:
         return _Unknown(str(c))
 
     def atom(self, d: sp.Expr, strict: bool) -> Formula:
+        self.budget.tick()
         self.atoms += 1
         if self.atoms > _MAX_ATOMS:
             raise _TooBig
-        d = sp.expand(d)
+        d = _expand(d)
         if not d.has(_I, _J):  # a condition on sizes, scalars, b, h: the same for every pair
-            return _Const(sp.Lt(d, 0) if strict else sp.Le(d, 0))
+            return _Const(_rel(d, sp.Integer(0), strict))
         for p in d.atoms(sp.Pow):
             if p.exp.is_negative and not p.base.is_positive:
                 self.note(f"division by {p.base}, whose sign is unknown: not used for skipping")
@@ -311,7 +347,136 @@ class _FormulaBuilder:
         return _Or(tuple(cases))
 
 
+# Cheap constructors for the IR -> sympy conversion of masks (see `_decide`).
+_CHEAP_OPS = {
+    Op.MIN: lambda x, y: _min(x, y),
+    Op.MAX: lambda x, y: _max(x, y),
+    Op.FLOORDIV: lambda x, y: _round(sp.floor, x / y),
+}
+
+
 # ---- interval arithmetic over a tile ------------------------------------------------------------------------
+
+
+# Sympy's automatic evaluation of Min, Max, Piecewise and relations over nested floor/mod/clamp terms is what
+# made planning slow (minutes for 2-D dilated neighbourhoods: `Max.__new__` compares every pair of arguments
+# with the assumption system). The plan only needs *values*, so these constructors decide a comparison when
+# that is cheap (a numeric difference, or a difference of plain polynomial terms) and otherwise leave the
+# expression unevaluated: the kernel computes it exactly at run time. The bound is the same either way.
+
+_HEAVY = (sp.Min, sp.Max, sp.Piecewise, sp.floor, sp.ceiling, sp.Mod, sp.Abs)
+
+
+def _decide(diff: sp.Expr, strict: bool) -> bool | None:
+    """diff < 0 (strict) or diff <= 0 when cheaply decided, else None."""
+    if diff.is_Number:
+        return bool(diff < 0) if strict else bool(diff <= 0)
+    if diff.has(*_HEAVY) or sp.count_ops(diff) > 24:
+        return None
+    rel = sp.Lt(diff, 0) if strict else sp.Le(diff, 0)
+    if rel is sp.true:
+        return True
+    if rel is sp.false:
+        return False
+    return None
+
+
+def _rel(a: sp.Expr, b: sp.Expr, strict: bool) -> sp.Basic:
+    """a < b (strict) or a <= b, folded to true/false when cheaply decided."""
+    a, b = sp.sympify(a), sp.sympify(b)
+    got = _decide(_expand(a - b) if not (a.has(*_HEAVY) or b.has(*_HEAVY)) else a - b, strict)
+    if got is not None:
+        return sp.true if got else sp.false
+    return sp.Lt(a, b, evaluate=False) if strict else sp.Le(a, b, evaluate=False)
+
+
+def _pw(*cases: tuple[sp.Basic, sp.Basic]) -> sp.Basic:
+    """Piecewise without sympy's case collapsing: branches with a false condition are dropped, a true one ends
+    the list."""
+    out: list[tuple[sp.Basic, sp.Basic]] = []
+    for value, cond in cases:
+        if cond is sp.false:
+            continue
+        if cond is sp.true:
+            if not out:
+                return value
+            out.append((value, sp.true))
+            break
+        out.append((value, cond))
+    else:
+        raise ValueError("Piecewise without a default")  # pragma: no cover - every caller ends with True
+    if all(v == out[0][0] for v, _ in out):
+        return out[0][0]
+    # Built directly: Piecewise(..., evaluate=False) still folds every condition holding a Piecewise.
+    pairs = (sp.Tuple.__new__(ExprCondPair, sp.sympify(v), c) for v, c in out)
+    return sp.Basic.__new__(sp.Piecewise, *pairs)
+
+
+def _round(func: type, e: sp.Expr) -> sp.Expr:
+    """floor(e) or ceiling(e); unevaluated when e holds nested min/max/floor terms (see `_decide`)."""
+    if not e.has(*_HEAVY):
+        return func(e)
+    return e if _int_valued(e) else func(e, evaluate=False)
+
+
+def _int_valued(e: sp.Basic) -> bool:
+    """A structural test that e takes integer values (sympy's `is_integer` asks the assumption system, which
+    is slow on nested min/max/floor terms)."""
+    if isinstance(e, sp.Integer):
+        return True
+    if isinstance(e, sp.Symbol):
+        return bool(e.is_integer)
+    if isinstance(e, sp.floor | sp.ceiling):
+        return True
+    if isinstance(e, sp.Add | sp.Mul | sp.Min | sp.Max | sp.Mod):
+        return all(_int_valued(a) for a in e.args)
+    if isinstance(e, sp.Piecewise):
+        return all(_int_valued(v) for v, _ in e.args)
+    if isinstance(e, sp.Pow):
+        return _int_valued(e.base) and bool(e.exp.is_Integer) and e.exp >= 0
+    return False
+
+
+def _substitute_raw(e: sp.Basic, mapping: Mapping[sp.Basic, sp.Basic]) -> sp.Basic:
+    """e with the keys of `mapping` replaced, rebuilding without evaluation (xreplace would re-run sympy's
+    simplification of every Min/Max/Piecewise on the way up: the slow part)."""
+    keys = set(mapping)
+    memo: dict[sp.Basic, sp.Basic] = {}
+
+    def go(x: sp.Basic) -> sp.Basic:
+        if x in mapping:
+            return mapping[x]
+        if not x.args or not (x.free_symbols & keys):
+            return x
+        if x in memo:
+            return memo[x]
+        new = [go(a) for a in x.args]
+        if isinstance(x, ExprCondPair):
+            out: sp.Basic = sp.Tuple.__new__(ExprCondPair, *new)
+        elif isinstance(x, sp.Piecewise):
+            out = sp.Basic.__new__(sp.Piecewise, *new)
+        elif isinstance(x, sp.And | sp.Or | sp.Not):
+            out = x.func(*new)
+        else:
+            out = x.func(*new, evaluate=False)
+        memo[x] = out
+        return out
+
+    return go(e)
+
+
+def _expand(e: sp.Expr) -> sp.Expr:
+    """sympy.expand, except inside min/max/abs/Piecewise, which stay as they are: expanding re-evaluates
+    them (slow), and the planner only needs the top-level sum of terms and the insides of floor and mod."""
+    heavy = [a for a in sp.preorder_traversal(e) if isinstance(a, sp.Min | sp.Max | sp.Abs | sp.Piecewise)]
+    if not heavy:
+        return sp.expand(e)
+    stand_in = {}
+    for k, a in enumerate(heavy):
+        if a not in stand_in:
+            stand_in[a] = sp.Dummy(f"h{k}", **({"integer": True} if _int_valued(a) else {"real": True}))
+    with_names = e.xreplace(stand_in)
+    return _substitute_raw(sp.expand(with_names), {v: k for k, v in stand_in.items()})
 
 
 def _by_sign(c: sp.Expr, pos: sp.Expr, neg: sp.Expr, zero: sp.Expr | None = None) -> sp.Expr:
@@ -325,10 +490,10 @@ def _by_sign(c: sp.Expr, pos: sp.Expr, neg: sp.Expr, zero: sp.Expr | None = None
             return pos
         if c.is_nonpositive:
             return neg
-        return sp.Piecewise((pos, c >= 0), (neg, True))
+        return _pw((pos, _rel(0, c, False)), (neg, sp.true))
     if c.is_zero:
         return zero
-    return sp.Piecewise((pos, c > 0), (neg, c < 0), (zero, True))
+    return _pw((pos, _rel(0, c, True)), (neg, _rel(c, 0, True)), (zero, sp.true))
 
 
 def _bounds(e: sp.Expr, box: Mapping[sp.Symbol, Interval]) -> Interval | None:
@@ -354,31 +519,36 @@ def _bounds(e: sp.Expr, box: Mapping[sp.Symbol, Interval]) -> Interval | None:
         return (_by_sign(coef, coef * b[0], coef * b[1]), _by_sign(coef, coef * b[1], coef * b[0]))
     if isinstance(e, sp.floor | sp.ceiling):  # monotone
         b = _bounds(e.args[0], box)
-        return None if b is None else (e.func(b[0]), e.func(b[1]))
+        return None if b is None else (_round(e.func, b[0]), _round(e.func, b[1]))
     if isinstance(e, sp.Mod):
         a, c = e.args
         b = _bounds(a, box)
         if b is None or not c.is_positive or any(c.has(s) for s in box):
             return None
         # Exact when the whole range lies in one period [c*k, c*(k + 1)), else [0, c) in general.
-        k = sp.floor(b[0] / c)
-        same = sp.Eq(sp.floor(b[1] / c), k)
+        k = _round(sp.floor, b[0] / c)
+        k1 = _round(sp.floor, b[1] / c)
+        same = sp.true if k1 == k else sp.Eq(k1, k, evaluate=False)
         top = c - 1 if (a.is_integer and c.is_integer) else c
         return (
-            sp.Piecewise((b[0] - c * k, same), (0, True)),
-            sp.Piecewise((b[1] - c * k, same), (top, True)),
+            _pw((b[0] - c * k, same), (sp.Integer(0), sp.true)),
+            _pw((b[1] - c * k, same), (top, sp.true)),
         )
     if isinstance(e, sp.Min | sp.Max):
         parts = [_bounds(t, box) for t in e.args]
         if any(p is None for p in parts):
             return None
-        return (e.func(*(p[0] for p in parts)), e.func(*(p[1] for p in parts)))  # type: ignore[index]
+        fold = _max if isinstance(e, sp.Max) else _min
+        return (fold(*(p[0] for p in parts)), fold(*(p[1] for p in parts)))  # type: ignore[index]
     if isinstance(e, sp.Abs):
         b = _bounds(e.args[0], box)
         if b is None:
             return None
         lo, hi = b
-        return (sp.Piecewise((lo, lo >= 0), (-hi, hi <= 0), (0, True)), sp.Max(-lo, hi))
+        return (
+            _pw((lo, _rel(0, lo, False)), (-hi, _rel(hi, 0, False)), (sp.Integer(0), sp.true)),
+            _max(-lo, hi),
+        )
     return None
 
 
@@ -405,7 +575,7 @@ def _relax(e: sp.Expr, xs: tuple[sp.Symbol, ...], mixed_only: bool) -> sp.Expr |
     for _ in range(8):
         changed = False
         terms = []
-        for t in sp.Add.make_args(sp.expand(e)):
+        for t in sp.Add.make_args(_expand(e)):
             needs = all(t.has(x) for x in xs) if mixed_only else any(t.has(x) for x in xs)
             if needs and t.has(sp.floor, sp.ceiling, sp.Mod):
                 t2 = _lower_term(t, xs)
@@ -413,7 +583,7 @@ def _relax(e: sp.Expr, xs: tuple[sp.Symbol, ...], mixed_only: bool) -> sp.Expr |
                     return None
                 t, changed = t2, True
             terms.append(t)
-        e = sp.expand(sp.Add(*terms))
+        e = _expand(sp.Add(*terms))
         if not changed:
             return e
     return None
@@ -422,30 +592,45 @@ def _relax(e: sp.Expr, xs: tuple[sp.Symbol, ...], mixed_only: bool) -> sp.Expr |
 # ---- key (or query) sets of formulas ------------------------------------------------------------------------
 
 
-def _max(a: sp.Expr, b: sp.Expr) -> sp.Expr:
-    """max(a, b) for an interval intersection: folded when sympy decides it cheaply, otherwise left
-    unevaluated (the kernel computes it exactly at run time). sympy's own Max simplification of nested
-    floor/mod/clamp terms (2-D dilated neighbourhoods) took minutes; the bound is the same either way."""
-    if a == b:
-        return a
-    c = sp.Ge(a, b)
-    if c is sp.true:
-        return a
-    if c is sp.false:
-        return b
-    return sp.Max(a, b, evaluate=False)
+def _fold(func: type, args: tuple[sp.Expr, ...]) -> sp.Expr:
+    """min or max of args: arguments that are cheaply decided to lose are dropped, duplicates removed, nested
+    calls of the same kind flattened; what is left stays unevaluated (see `_decide`)."""
+    flat: list[sp.Expr] = []
+    for a in args:
+        for x in a.args if isinstance(a, func) else (a,):
+            if x not in flat:
+                flat.append(x)
+    keep: list[sp.Expr] = []
+    for x in flat:
+        beaten = False
+        for k, y in enumerate(keep):
+            # for max: x <= y means x loses; y <= x means y loses (for min the other way round)
+            d = _expand(x - y) if not (x.has(*_HEAVY) or y.has(*_HEAVY)) else x - y
+            diff = d if func is sp.Max else -d
+            if _decide(diff, False):
+                beaten = True
+                break
+            if _decide(-diff, False):
+                keep[k] = x
+                beaten = True
+                break
+        if not beaten:
+            keep.append(x)
+    keep = list(dict.fromkeys(keep))
+    if len(keep) == 1:
+        return keep[0]
+    return func(*keep, evaluate=False)
 
 
-def _min(a: sp.Expr, b: sp.Expr) -> sp.Expr:
-    """min(a, b): see `_max`."""
-    if a == b:
-        return a
-    c = sp.Le(a, b)
-    if c is sp.true:
-        return a
-    if c is sp.false:
-        return b
-    return sp.Min(a, b, evaluate=False)
+def _max(*args: sp.Expr) -> sp.Expr:
+    """max for an interval intersection or bound: folded when cheaply decided, otherwise left unevaluated (the
+    kernel computes it exactly at run time)."""
+    return _fold(sp.Max, args)
+
+
+def _min(*args: sp.Expr) -> sp.Expr:
+    """min: see `_max`."""
+    return _fold(sp.Min, args)
 
 
 @dataclass
@@ -458,6 +643,11 @@ class _Solver:
     ybox: Interval
     universe: Interval
     notes: list[str]
+    # Bounds over the tile that are not plain polynomials (nested min/max/floor/mod) are solved against as
+    # opaque symbols, substituted back (without evaluation) once the intervals are known: sympy then never
+    # simplifies floor(Max(...)/c) and the like, which is where the time went.
+    opaque: dict[sp.Basic, sp.Symbol]
+    budget: _Budget
 
     def when(self, cond: sp.Basic, ivs: list[Interval]) -> list[Interval]:
         if cond is sp.true:
@@ -465,9 +655,10 @@ class _Solver:
         if cond is sp.false:
             return []
         lo0 = self.universe[0]
-        return [(lo, sp.Piecewise((hi, cond), (lo0, True))) for lo, hi in ivs]
+        return [(lo, _pw((hi, cond), (lo0, sp.true))) for lo, hi in ivs]
 
     def reach(self, f: Formula) -> list[Interval]:
+        self.budget.tick()
         if isinstance(f, _Const):
             return self.when(f.value, [self.universe])
         if isinstance(f, _Unknown):
@@ -490,7 +681,7 @@ class _Solver:
         most MAX_INTERVALS remain (a hull is a superset: still sound)."""
         out: list[Interval] = []
         for lo, hi in ivs:
-            if sp.Le(hi, lo) is sp.true:
+            if _rel(hi, lo, False) is sp.true:
                 continue
             for k, (lo2, hi2) in enumerate(out):
                 if lo == lo2:
@@ -520,7 +711,7 @@ class _Solver:
         if d is None:
             self.note(f"cannot separate {f.d}: not used for skipping")
             return [self.universe]
-        if d != sp.expand(f.d):
+        if d != _expand(f.d):
             self.note(f"relaxed a term mixing i and j in {f.d} <= 0")
         a_terms, b_terms = [], []
         for t in sp.Add.make_args(d):
@@ -533,21 +724,31 @@ class _Solver:
             self.note(f"cannot bound {sp.Add(*a_terms)} over a tile: not used for skipping")
             return [self.universe]
         # some y has A(y) + B(x) <= 0  <=>  B(x) <= -min A  (and -lower bound of A is weaker: still sound)
-        return self.solve(sp.Add(*b_terms), -a_bounds[0], f.strict)
+        return self.solve(sp.Add(*b_terms), self.name(-a_bounds[0]), f.strict)
+
+    def name(self, r: sp.Expr) -> sp.Expr:
+        """r itself when it is a plain polynomial, else the opaque symbol standing for it."""
+        if not r.has(*_HEAVY):
+            return r
+        if r not in self.opaque:
+            kind = {"integer": True} if _int_valued(r) else {"real": True}
+            self.opaque[r] = sp.Dummy(f"t{len(self.opaque)}", **kind)
+        return self.opaque[r]
 
     def solve(self, b: sp.Expr, r: sp.Expr, strict: bool) -> list[Interval]:
         """{x : b(x) <= r} (b(x) < r if strict), b without other varying symbols; a superset."""
+        self.budget.tick()
         x = self.x
         if b == 0:
-            return self.when(sp.Lt(0, r) if strict else sp.Le(0, r), [self.universe])
+            return self.when(_rel(0, r, strict), [self.universe])
         c = b.coeff(x)
-        if not c.has(x) and not sp.expand(b - c * x).has(x):
-            return self.solve_linear(c, r - sp.expand(b - c * x), strict)
+        if not c.has(x) and not _expand(b - c * x).has(x):
+            return self.solve_linear(c, r - _expand(b - c * x), strict)
         coef, f = b.as_independent(x, as_Add=False)
         if isinstance(f, sp.floor) and (coef.is_positive or coef.is_negative):
-            u = sp.expand(f.args[0])
+            u = _expand(f.args[0])
             uc = u.coeff(x)
-            if not uc.has(x) and not sp.expand(u - uc * x).has(x):
+            if not uc.has(x) and not _expand(u - uc * x).has(x):
                 # floor inverted exactly: for an integer n, floor(u) <= n <=> u < n + 1; floor(u) >= n <=> u >= n
                 if coef.is_positive:  # coef * floor(u) <= r  <=>  floor(u) <= floor(r / coef)
                     n = sp.ceiling(r / coef) - 1 if strict else sp.floor(r / coef)
@@ -566,43 +767,76 @@ class _Solver:
         lo_u, hi_u = self.universe
         if strict:  # c > 0: x < r / c <=> x <= ceil(r / c) - 1;  c < 0: x > r / c <=> x >= floor(r / c) + 1
             pos, neg = (lo_u, sp.ceiling(r / c)), (sp.floor(r / c) + 1, hi_u)
-            zero_ok = sp.Lt(0, r)
+            zero_ok = _rel(0, r, True)
         else:  # c > 0: x <= floor(r / c);  c < 0: x >= ceil(r / c)
             pos, neg = (lo_u, sp.floor(r / c) + 1), (sp.ceiling(r / c), hi_u)
-            zero_ok = sp.Le(0, r)
+            zero_ok = _rel(0, r, False)
         if c.is_zero:
             return self.when(zero_ok, [self.universe])
         if c.is_positive:
             return [pos]
         if c.is_negative:
             return [neg]
-        zero = (lo_u, sp.Piecewise((hi_u, zero_ok), (lo_u, True)))
+        zero = (lo_u, _pw((hi_u, zero_ok), (lo_u, sp.true)))
         return [(_by_sign(c, pos[0], neg[0], zero[0]), _by_sign(c, pos[1], neg[1], zero[1]))]
 
 
-def _full(f: Formula, box: Mapping[sp.Symbol, Interval]) -> sp.Basic:
+def _full(f: Formula, box: Mapping[sp.Symbol, Interval], budget: _Budget) -> sp.Basic:
     """A sufficient condition for f to hold at every point of the box."""
+    budget.tick()
     if isinstance(f, _Const):
         return f.value
     if isinstance(f, _Unknown):
         return sp.false
     if isinstance(f, _And):
-        return sp.And(*(_full(p, box) for p in f.parts))
+        return sp.And(*(_full(p, box, budget) for p in f.parts))
     if isinstance(
         f, _Or
     ):  # sufficient, not necessary: a tile covered by two disjuncts together stays partial
-        return sp.Or(*(_full(p, box) for p in f.parts))
+        return sp.Or(*(_full(p, box, budget) for p in f.parts))
     b = _bounds(f.d, box)
     if b is None:
         return sp.false
-    return sp.Lt(b[1], 0) if f.strict else sp.Le(b[1], 0)
+    return _rel(b[1], sp.Integer(0), f.strict)
+
+
+def _rename(e: sp.Basic, names: Mapping[sp.Symbol, sp.Symbol]) -> sp.Basic:
+    """e with symbols renamed, without re-evaluating (xreplace would rebuild every Min/Max/Piecewise)."""
+    if not names:
+        return e
+    return _substitute_raw(e, names)
 
 
 # ---- entry point --------------------------------------------------------------------------------------------
 
 
-def plan_tiles(att: Attention) -> TilePlan:
-    """The block-sparsity plan of `att.mask` (see the module docstring)."""
+_PLAN_CACHE: OrderedDict[tuple, TilePlan] = OrderedDict()
+_PLAN_CACHE_SIZE = 256
+
+
+def clear_plan_cache() -> None:
+    """Forget memoised plans (benchmarks time planning cold)."""
+    _PLAN_CACHE.clear()
+
+
+def plan_tiles(att: Attention, *, budget_steps: int | None = None, budget_s: float | None = None) -> TilePlan:
+    """The block-sparsity plan of `att.mask` (see the module docstring). Memoised on what the plan depends on
+    (name, mask, lengths): the kernel writer, `attnc show-ir` and the blocks of one file sharing a mask plan
+    once. The budgets default to PLAN_STEP_BUDGET and PLAN_TIME_BUDGET_S."""
+    steps = PLAN_STEP_BUDGET if budget_steps is None else budget_steps
+    seconds = PLAN_TIME_BUDGET_S if budget_s is None else budget_s
+    key = (att.name, att.mask, att.layout.q_len, att.layout.kv_len, steps, seconds)
+    if key in _PLAN_CACHE:
+        _PLAN_CACHE.move_to_end(key)
+        return _PLAN_CACHE[key]
+    plan = _plan_tiles(att, _Budget(steps, seconds))
+    _PLAN_CACHE[key] = plan
+    if len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
+        _PLAN_CACHE.popitem(last=False)
+    return plan
+
+
+def _plan_tiles(att: Attention, budget: _Budget) -> TilePlan:
     m_len = to_sympy(att.layout.q_len)
     n_len = to_sympy(att.layout.kv_len)
     kv_universe: Interval = (sp.Integer(0), n_len)
@@ -611,22 +845,36 @@ def plan_tiles(att: Attention) -> TilePlan:
         return TilePlan(att.name, m_len, n_len, (kv_universe,), (q_universe,), sp.true, False)
 
     data_dependent = any(n.op is Op.LOAD for n in walk([att.mask]))
-    builder = _FormulaBuilder(att)
     try:
-        formula = builder.from_ir(att.mask)
+        return _analyse(att, budget, m_len, n_len, data_dependent)
     except _TooBig:
-        note = f"mask too large to analyse (more than {_MAX_ATOMS} comparisons): every tile is visited"
-        return TilePlan(
-            att.name, m_len, n_len, (kv_universe,), (q_universe,), sp.false, data_dependent, (note,)
-        )
+        reason = f"mask too large to analyse (more than {_MAX_ATOMS} comparisons)"
+    except _OverBudget as err:
+        reason = f"mask {err}"
+    why = f"{reason}: every tile is visited with the mask applied"
+    return TilePlan(
+        att.name, m_len, n_len, (kv_universe,), (q_universe,), sp.false, data_dependent, (why,), why
+    )
+
+
+def _analyse(
+    att: Attention, budget: _Budget, m_len: sp.Expr, n_len: sp.Expr, data_dependent: bool
+) -> TilePlan:
+    assert att.mask is not None
+    kv_universe: Interval = (sp.Integer(0), n_len)
+    q_universe: Interval = (sp.Integer(0), m_len)
+    builder = _FormulaBuilder(att, budget)
+    formula = builder.from_ir(att.mask)
 
     # Rows of a query tile and keys of a key tile, clipped to the matrix (inclusive ends).
     ibox: Interval = (TILE_M0, sp.Min(TILE_M0 + TILE_BM, m_len) - 1)
     jbox: Interval = (TILE_N0, sp.Min(TILE_N0 + TILE_BN, n_len) - 1)
     notes = list(builder.notes)
-    kv = _Solver(_J, _I, ibox, kv_universe, notes).reach(formula)
-    q = _Solver(_I, _J, jbox, q_universe, notes).reach(formula)
-    full = _full(formula, {_I: ibox, _J: jbox})
+    opaque: dict[sp.Basic, sp.Symbol] = {}
+    kv = _Solver(_J, _I, ibox, kv_universe, notes, opaque, budget).reach(formula)
+    q = _Solver(_I, _J, jbox, q_universe, notes, opaque, budget).reach(formula)
+    definitions = {t: e for e, t in opaque.items()}
+    full = _full(formula, {_I: ibox, _J: jbox}, budget)
 
     # Back from the positive twins to the scalars, guarded by their positivity.
     untwin = {t: s for s, t in builder.twins.items()}
@@ -641,15 +889,15 @@ def plan_tiles(att: Attention) -> TilePlan:
             ivs = [(universe[0], universe[0])]  # empty under the assumptions, but the guard must stay
         out = []
         for lo, hi in ivs:
-            lo = _max(lo.xreplace(untwin), universe[0])
-            hi = _min(hi.xreplace(untwin), universe[1])
+            lo = _max(_rename(_substitute_raw(lo, definitions), untwin), universe[0])
+            hi = _min(_rename(_substitute_raw(hi, definitions), untwin), universe[1])
             if valid is not sp.true:
-                lo = sp.Piecewise((lo, valid), (universe[0], True))
-                hi = sp.Piecewise((hi, valid), (universe[1], True))
+                lo = _pw((lo, valid), (universe[0], sp.true))
+                hi = _pw((hi, valid), (universe[1], sp.true))
             out.append((lo, hi))
         return tuple(out)
 
-    full = sp.And(valid, full.xreplace(untwin))
+    full = sp.And(valid, _rename(full, untwin))
     for twin, scalar in untwin.items():  # notes were written with the twins' names (_C): use the scalars'
         notes = [n.replace(str(twin), str(scalar)) for n in notes]
     return TilePlan(
