@@ -459,3 +459,20 @@ def test_unwritable_cache_still_runs_triton(tmp_path: Path) -> None:
     q, k, v = qkv()
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(mod.causal(q, k, v, backend="triton"), want, rtol=1e-4, atol=1e-4)
+
+
+# ---- found while fixing the front end's part ------------------------------------------------------------------
+
+
+@pinned(
+    "Triton lowers a general power as exp2(b * log2(a)): NaN for a negative base with an integer exponent"
+)
+def test_negative_base_integer_power_triton(build) -> None:
+    mod = build(spec("score = dot(q, k) + (0 - 2.0) ** (i - j)", "mask = j <= i"))
+    q, k, v = qkv(N=6)
+    idx = torch.arange(6, dtype=torch.float64)
+    d = (idx[:, None] - idx[None, :]).clamp(min=0)
+    bias = torch.where(idx[:, None] >= idx[None, :], (-2.0) ** d, float("-inf"))
+    s = q.double() @ k.double().transpose(-1, -2) + bias
+    want = torch.softmax(s, -1) @ v.double()
+    torch.testing.assert_close(mod.a(q, k, v, backend="triton").double(), want, rtol=1e-4, atol=1e-4)
