@@ -11,6 +11,9 @@ Storage (optuna's own, so every trial's params, timings and failure reasons are 
 
 A corrupt journal or SQLite file is reported with a warning, moved aside (`<name>.corrupt-<time>`) and
 rebuilt, from the valid prefix of the journal where there is one: tuning never crashes on a bad cache file.
+A journal whose last record was cut off (a writer killed mid-write) has that partial line discarded, under
+the journal's lock, before anything is appended: otherwise the next record would be glued onto it and
+corrupt the journal in the middle.
 
 The runtime never imports optuna: `export_table` writes the best config of every study to a JSON file
 (`<cache dir>/tune/best.json` by default) that generated modules read once.
@@ -19,6 +22,7 @@ The runtime never imports optuna: `export_table` writes the best config of every
 from __future__ import annotations
 
 import enum
+import functools
 import json
 import os
 import tempfile
@@ -121,7 +125,7 @@ def _open_journal(path: Path) -> Any:
             stacklevel=3,
         )
     try:
-        storage = JournalStorage(JournalFileBackend(str(path)))
+        storage = JournalStorage(JournalFileBackend(str(path), lock_obj=_tail_healing_lock(path)))
         if bad is not None:
             fail_running(storage, "interrupted: its end was lost with the corrupt part of the journal")
         return storage
@@ -133,7 +137,88 @@ def _open_journal(path: Path) -> Any:
             RuntimeWarning,
             stacklevel=3,
         )
-        return JournalStorage(JournalFileBackend(str(path)))
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=_tail_healing_lock(path)))
+
+
+@functools.cache
+def _tail_healing_lock_class() -> type:
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    class TailHealingLock(JournalFileSymlinkLock):
+        """optuna's default journal lock (the same lock file, so plain optuna writers exclude us too), which
+        after acquiring repairs a torn last record. Holding the lock means no write is in progress, so a last
+        line without its newline can only be the remains of a writer that died: appending after it would glue
+        the next record onto it."""
+
+        def __init__(self, path: Path) -> None:
+            super().__init__(str(path))
+            self._journal = path
+
+        def acquire(self) -> bool:
+            ok = super().acquire()
+            try:
+                _discard_torn_tail(self._journal)
+            except BaseException:
+                self.release()
+                raise
+            return ok
+
+    return TailHealingLock
+
+
+def _tail_healing_lock(path: Path) -> Any:
+    """The journal's lock (the class is built on first use: optuna is imported lazily)."""
+    return _tail_healing_lock_class()(path)
+
+
+def _discard_torn_tail(path: Path) -> None:
+    """Make `path` end with a newline: a last line that is a whole record missing only its newline gets it
+    (nothing of it is lost); anything else after the last newline is dropped."""
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # Scan back for the last newline in blocks (a torn record is at most one record long).
+        end, keep = size, 0
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            nl = f.read(end - start).rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            end = start
+        f.seek(keep)
+        tail = f.read()
+        if _is_record(tail):
+            f.write(b"\n")
+            what = "completed it (only its newline was missing)"
+        else:
+            f.truncate(keep)
+            what = f"discarded its {size - keep} bytes"
+        f.flush()
+        os.fsync(f.fileno())
+    warnings.warn(
+        f"attnc: tuning journal {path} ended with a torn record (an interrupted write); {what} before "
+        "appending",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        rec = json.loads(line)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(rec, dict) and "op_code" in rec
 
 
 def fail_running(

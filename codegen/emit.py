@@ -111,6 +111,7 @@ SCALAR_TEMPLATES = {
     Op.TANH: "math.tanh({a})",
     Op.SIGMOID: "_sigmoid_scalar({a})",
     Op.ELU: "{a} if {a} > 0 else math.expm1({a})",
+    Op.RELU: "max({a}, 0.0) if isinstance({a}, float) else max({a}, 0)",  # keeps the int/float type
     Op.FLOOR: "math.floor({a})",
     Op.CEIL: "math.ceil({a})",
     Op.TO_FLOAT: "float({a})",

@@ -8,6 +8,10 @@ Every IR node is made here, so the typing rules of the language live in one plac
 
 Folding follows Python's semantics (floor `//` and `%`) and is bounded: results outside int64 or the finite
 floats are errors, never big-int computations, so `9 ** 9 ** 9` is rejected at once.
+
+`ieee_unary` / `ieee_binary` build the same nodes for expressions the compiler derives itself (derivatives):
+there a float fold that leaves the finite numbers gives the IEEE-754 value the backends would compute at run
+time (inf, -inf, NaN) instead of an error, because no spec text is at fault.
 """
 
 from __future__ import annotations
@@ -218,3 +222,62 @@ def where(c: Node, a: Node, b: Node) -> Node:
     if a == b:
         return a
     return Node(Op.WHERE, a.dtype, (c, a, b))
+
+
+def _ieee_float(op: Op, args: tuple[float, ...]) -> float:
+    """The IEEE-754 double result of a float operation Python refuses (x / 0, log(0), overflow, ...)."""
+    nan, inf = math.nan, math.inf
+    if op in (Op.LOG, Op.LOG2):
+        (x,) = args
+        return -inf if x == 0 else nan
+    if op is Op.SQRT:
+        return nan
+    if op is Op.RSQRT:
+        (x,) = args
+        return inf if x == 0 else nan
+    if op in (Op.EXP, Op.EXP2):
+        return inf
+    if op is Op.DIV:
+        a, b = args
+        if a == 0 or math.isnan(a):
+            return nan
+        return math.copysign(inf, a) * math.copysign(1.0, b)
+    if op is Op.POW:
+        a, b = args
+        if a == 0:  # 0 ** negative
+            odd = b.is_integer() and int(b) % 2 == 1
+            return math.copysign(inf, a) if odd else inf
+        if a < 0 and not b.is_integer():
+            return nan
+        odd = b.is_integer() and int(b) % 2 == 1
+        return -inf if a < 0 and odd else inf
+    return nan
+
+
+def ieee_unary(op: Op, x: Node) -> Node:
+    """`unary`, except that a float constant folding to inf or NaN gives that constant (see the module doc)."""
+    try:
+        return unary(op, x)
+    except BuildError:
+        if x.op is not Op.CONST or x.dtype is not DType.FLOAT or op in (Op.FLOOR, Op.CEIL):
+            raise
+        return const(_ieee_float(op, (float(x.attr),)))  # type: ignore[arg-type]
+
+
+def ieee_binary(op: Op, a: Node, b: Node) -> Node:
+    """`binary`, except that a float constant folding to inf or NaN gives that constant (see the module doc)."""
+    try:
+        return binary(op, a, b)
+    except BuildError:
+        if op is Op.DIV and b.op is Op.CONST and a.op is not Op.CONST:  # x / 0: inf or NaN at run time
+            return Node(Op.DIV, DType.FLOAT, (to_float(a), to_float(b)))
+        if not (a.op is Op.CONST and b.op is Op.CONST and DType.FLOAT in (a.dtype, b.dtype)):
+            raise
+        if op in (Op.FLOORDIV, Op.MOD) or op not in (Op.ADD, Op.SUB, Op.MUL, Op.DIV, Op.POW, Op.MIN, Op.MAX):
+            raise
+        x, y = float(a.attr), float(b.attr)  # type: ignore[arg-type]
+        if op in (Op.ADD, Op.SUB, Op.MUL):  # Python floats already overflow to inf (and inf - inf to NaN)
+            value = x + y if op is Op.ADD else x - y if op is Op.SUB else x * y
+        else:
+            value = _ieee_float(op, (x, y))
+        return const(value)

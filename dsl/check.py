@@ -9,6 +9,7 @@ from __future__ import annotations
 import builtins
 import keyword
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import ast as A
@@ -78,6 +79,70 @@ GENERATED_NAMES = {
 }
 _IDENT = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 
+# Parameters per attention block. Every parameter is an argument of the block's torch.library custom op, whose
+# schema takes at most 64 arguments in this PyTorch (c10's dispatcher keeps one bit per argument in a 64-bit
+# set); the op adds its own (the block layout, the backend, and in backward the output gradients). 48 leaves
+# room for those, with a clear error at check time instead of a RuntimeError when the module is imported.
+MAX_PARAMS = 48
+
+
+@dataclass(frozen=True)
+class GeneratedNames:
+    """Names one generated namespace (a module file) defines at module level: `fixed` ones, whatever the spec,
+    and `per_block` templates (`"{name}_reference"`, `"_{name}_op"`) instantiated for every attention block.
+    A block whose names meet another block's or a fixed one would silently replace it."""
+
+    fixed: frozenset[str] = frozenset()
+    per_block: frozenset[str] = frozenset()
+
+    def block_names(self, block: str) -> set[str]:
+        return {t.format(name=block) for t in self.per_block}
+
+
+# What the language itself promises (docs/language.md §3): NAME and NAME_reference per block.
+LANGUAGE_NAMES = GeneratedNames(per_block=frozenset({"{name}", "{name}_reference"}))
+
+# The hook through which a code generator declares what it emits, so that the front end reserves exactly
+# that: each provider returns one GeneratedNames per namespace (file) it writes. A generator registers its
+# provider when imported; `compile_to_ir(..., generated=...)` can also pass them explicitly.
+RESERVED_PROVIDERS: list[Callable[[], Iterable[GeneratedNames]]] = []
+
+
+def generated_namespaces() -> list[GeneratedNames]:
+    """The language's own names plus every registered provider's namespaces."""
+    return [LANGUAGE_NAMES, *(ns for provider in RESERVED_PROVIDERS for ns in provider())]
+
+
+class BlockNames:
+    """Checks, block by block, that each block's generated names meet neither the fixed names nor an earlier
+    block's names, in every namespace; an error points at the later block's name."""
+
+    def __init__(self, namespaces: Sequence[GeneratedNames]) -> None:
+        self.namespaces = list(namespaces)
+        self.owner: list[dict[str, str]] = [{} for _ in self.namespaces]  # generated name -> defining block
+
+    def add(self, att: A.Attention) -> None:
+        for ns, owner in zip(self.namespaces, self.owner, strict=True):
+            mine = sorted(ns.block_names(att.name))
+            for gen in mine:
+                if gen in ns.fixed:
+                    what = "is" if gen == att.name else f"would define '{gen}', which is"
+                    raise SpecError(
+                        f"attention '{att.name}' {what} a name the generated module defines for itself",
+                        att.name_span,
+                        hint="rename the attention",
+                    )
+                other = owner.get(gen)
+                if other is not None:
+                    both = "has the same name" if other == att.name else f"both would define '{gen}'"
+                    raise SpecError(
+                        f"attention '{att.name}' clashes with an earlier attention '{other}' ({both})",
+                        att.name_span,
+                        hint="rename one of them",
+                    )
+            for gen in mine:
+                owner[gen] = att.name
+
 
 @dataclass
 class Scope:
@@ -103,6 +168,9 @@ def check_identifier(name: str, span: Span, what: str) -> None:
         raise SpecError(f"'{name}' is a reserved word and cannot be {a_what} name", span)
     if name in INDEX_VARS or name in FUNCTIONS or name in GENERATED_NAMES:
         raise SpecError(f"'{name}' is a built-in name and cannot be {a_what} name", span)
+    if what != "attention" and any(name in ns.fixed for ns in generated_namespaces()):
+        # Generated functions read these module globals: a parameter or local of that name would shadow one.
+        raise SpecError(f"'{name}' is a name of the generated module and cannot be {a_what} name", span)
     if hasattr(builtins, name) or name.startswith("__"):
         raise SpecError(f"'{name}' would shadow a Python built-in and cannot be {a_what} name", span)
 
@@ -115,6 +183,12 @@ def build_scope(att: A.Attention) -> Scope:
     check_identifier(att.name, att.name_span, "attention")
     scope = Scope()
     seen: dict[str, Span] = {}
+    if len(att.params) > MAX_PARAMS:
+        raise SpecError(
+            f"attention '{att.name}' has {len(att.params)} parameters; at most {MAX_PARAMS} are supported",
+            att.params[MAX_PARAMS].span,
+            hint="gather related inputs into one tensor with an extra dimension (e.g. t: [P, H] read as t[p, h])",
+        )
     for p in att.params:
         check_identifier(p.name, p.span, "parameter")
         if p.name in seen:

@@ -11,10 +11,19 @@ A `SpecError` renders like a compiler diagnostic::
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 _WINDOW = 100  # characters of a long source line shown around the error
+# Characters that would garble or break a rendered diagnostic: control characters other than tab (a CR moves
+# the cursor back) and lone surrogates (not encodable: printing the message would raise). Each is shown as
+# U+FFFD, one character for one, so that the caret stays under the right column.
+_UNSHOWABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
+
+
+def _showable(text: str) -> str:
+    return _UNSHOWABLE.sub("\ufffd", text)
 
 
 @dataclass(frozen=True)
@@ -74,7 +83,10 @@ class SpecError(Exception):
         return self
 
     def format(self) -> str:
+        # A file name may hold anything a file system allows (newlines, surrogate-escaped bytes): escape it.
         name = self.filename or "<spec>"
+        if _UNSHOWABLE.search(name):
+            name = name.encode("unicode_escape").decode("ascii")
         if self.span is None:
             head = f"{name}: error: {self.message}"
             lines = [head]
@@ -84,7 +96,7 @@ class SpecError(Exception):
             if self.source is not None:
                 src_lines = self.source.split("\n")  # lark counts lines by "\\n" only
                 if 1 <= self.span.line <= len(src_lines):
-                    src = src_lines[self.span.line - 1]
+                    src = _showable(src_lines[self.span.line - 1])
                     caret = self.span.caret(src)
                     # Very long lines are shown as a window around the caret.
                     start = max(0, self.span.col - 1 - _WINDOW // 2)

@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import enum
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import ast as A
 from . import builder as bld
 from .analysis.ranges import index_status
-from .check import FUNCTIONS, INDEX_VARS, NORMS, Scope, build_scope, check_body, check_identifier, dim_text
+from .check import (
+    FUNCTIONS,
+    INDEX_VARS,
+    LANGUAGE_NAMES,
+    NORMS,
+    BlockNames,
+    GeneratedNames,
+    Scope,
+    build_scope,
+    check_body,
+    check_identifier,
+    dim_text,
+    generated_namespaces,
+)
 from .errors import Span, SpecError, did_you_mean
 from .ir import (
     Attention,
@@ -30,6 +44,7 @@ from .ir import (
     TensorParam,
     const,
     size,
+    uses,
     var,
 )
 from .parser import parse
@@ -111,6 +126,8 @@ class _Lowerer:
         self.lets: dict[str, _Let] = {}
         self.let_cache: dict[tuple[str, Ctx], Node | SpecError] = {}
         self.used_lets: set[str] = set()
+        self.let_order: list[str] = []  # let names in statement order
+        self.lowered_upto: dict[Ctx, int] = {}  # per context: how many of let_order are in let_cache
         self.layout: Layout | None = None
 
     # ---- names ------------------------------------------------------------------------------------------
@@ -188,16 +205,20 @@ class _Lowerer:
 
     def let_value(self, target: str, ctx: Ctx) -> Node:
         """Lower lets in statement order, each once per context, so a chain of lets never recurses deeply.
-        A let that is invalid in this context is an error only if it is actually used here."""
-        for name, let in self.lets.items():
-            key = (name, ctx)
-            if key not in self.let_cache:
-                try:
-                    self.let_cache[key] = self.expr(let.stmt.value, ctx, let.index)
-                except SpecError as err:
-                    self.let_cache[key] = err
-            if name == target:
-                break
+        A let that is invalid in this context is an error only if it is actually used here. Each context
+        remembers how far it has lowered, so n lets cost O(n) per context, not O(n) per use."""
+        order = self.let_order
+        done = self.lowered_upto.get(ctx, 0)
+        while (target, ctx) not in self.let_cache:
+            name = order[done]
+            try:
+                self.let_cache[(name, ctx)] = self.expr(
+                    self.lets[name].stmt.value, ctx, self.lets[name].index
+                )
+            except SpecError as err:
+                self.let_cache[(name, ctx)] = err
+            done += 1
+            self.lowered_upto[ctx] = done
         value = self.let_cache[(target, ctx)]
         if isinstance(value, SpecError):
             raise value
@@ -374,6 +395,7 @@ class _Lowerer:
                     raise SpecError(f"'let {st.name}' shadows a built-in name", st.span)
                 check_identifier(st.name, st.span, "let")
                 self.lets[st.name] = _Let(pos, st)
+                self.let_order.append(st.name)
 
         score = mask = output = fq = fk = None
         norm = Norm(NormKind.SOFTMAX)
@@ -395,6 +417,15 @@ class _Lowerer:
             elif isinstance(st, A.FeatureStmt):
                 ctx = Ctx.FEATURE_Q if st.target == "q" else Ctx.FEATURE_K
                 node = self.number(st.value, ctx, pos, f"feature {st.target}")
+                if not uses(node, lambda n: n.op is Op.ELEM):
+                    # An element-wise map that ignores its element makes every query (key) the same; it is
+                    # nearly always a slip, and the backends' derivative φ'(q) would have nothing to act on.
+                    raise SpecError(
+                        f"feature {st.target} does not depend on {st.target}",
+                        st.value.span,
+                        hint=f"a feature map transforms each element of {st.target}, "
+                        f"e.g. 'feature {st.target} = elu({st.target}) + 1'",
+                    )
                 if st.target == "q":
                     fq = node
                 else:
@@ -445,19 +476,16 @@ def lower_attention(att: A.Attention) -> Attention:
     return _Lowerer(att, scope).lower()
 
 
-def lower_file(spec: A.SpecFile) -> Program:
-    """Lower every attention block of a parsed file; names must be unique within the file."""
-    seen: dict[str, Span] = {}
+def lower_file(spec: A.SpecFile, generated: Sequence[GeneratedNames] | None = None) -> Program:
+    """Lower every attention block of a parsed file. Block names must be unique within the file, and the names
+    generated for them (`generated`, default: the registered generators', `dsl.check.RESERVED_PROVIDERS`)
+    must meet neither each other nor the generated module's own."""
+    names = BlockNames(generated_namespaces() if generated is None else [LANGUAGE_NAMES, *generated])
     out: list[Attention] = []
     try:
         for att in spec.attentions:
-            for name in (att.name, f"{att.name}_reference"):
-                if name in seen:
-                    raise SpecError(
-                        f"attention '{att.name}' clashes with an earlier attention", att.name_span
-                    )
-            seen[att.name] = att.name_span
-            seen[f"{att.name}_reference"] = att.name_span
+            check_identifier(att.name, att.name_span, "attention")
+            names.add(att)
             out.append(lower_attention(att))
     except SpecError as err:
         raise err.with_source(spec.filename, spec.source) from None
@@ -469,8 +497,11 @@ def lower_file(spec: A.SpecFile) -> Program:
     return Program(spec.filename, sha, tuple(out))
 
 
-def compile_to_ir(source: str, filename: str = "<spec>") -> Program:
-    """Parse, check and lower, then run the IR pass pipeline (see `dsl.passes`)."""
+def compile_to_ir(
+    source: str, filename: str = "<spec>", *, generated: Sequence[GeneratedNames] | None = None
+) -> Program:
+    """Parse, check and lower, then run the IR pass pipeline (see `dsl.passes`). `generated`: the names the
+    code generator will define (see `lower_file`)."""
     from .passes import run_pipeline
 
-    return run_pipeline(lower_file(parse(source, filename)))
+    return run_pipeline(lower_file(parse(source, filename), generated))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 
 from lark import Lark, Token, Tree
@@ -19,6 +20,15 @@ GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
 MAX_SOURCE_BYTES = 1 << 20
 MAX_EXPR_DEPTH = 200
 MAX_INT = 2**63 - 1
+# The LALR parser's stack grows with the nesting of the text being parsed (a right-associative `2 ** 2 ** ...`
+# chain, `not not ...`, `((((...`). Each source nesting level the builder counts (MAX_EXPR_DEPTH) holds at most a
+# few stack entries (five at most, measured), so stopping the parse here never rejects a spec the builder would accept, and a deep
+# megabyte-long chain fails after a few thousand tokens instead of being parsed whole first.
+MAX_PARSE_STACK = 10 * MAX_EXPR_DEPTH + 64
+
+# Characters no spec may hold, even in a comment: NUL (Python source, which the spec is quoted into, cannot
+# contain it) and lone surrogates (a str that is not UTF-8 text: it cannot be written to a file or hashed).
+_FORBIDDEN = re.compile("[\x00\ud800-\udfff]")
 
 _TOKEN_NAMES = {
     "NAME": "a name",
@@ -270,13 +280,47 @@ def _check_tree_depth(tree: Tree) -> None:
                 stack.append((c, depth + 1))
 
 
+def _check_characters(source: str) -> None:
+    bad = _FORBIDDEN.search(source)
+    if bad is None:
+        return
+    pos = bad.start()
+    line = source.count("\n", 0, pos) + 1
+    col = pos - (source.rfind("\n", 0, pos) + 1) + 1
+    ch = bad.group()
+    why = "NUL is not allowed anywhere in a spec" if ch == "\x00" else "a lone surrogate is not UTF-8 text"
+    raise SpecError(f"unexpected character {ch!r} ({why}, comments included)", Span(line, col))
+
+
+def _parse_tree(source: str) -> Tree:
+    """lark's LALR loop, with the parser stack bounded (see MAX_PARSE_STACK)."""
+    interactive = _lark().parse_interactive(source)
+    state = interactive.parser_state
+    token = None
+    try:
+        for token in state.lexer.lex(state):
+            state.feed_token(token)
+            if len(state.state_stack) > MAX_PARSE_STACK:
+                raise SpecError(
+                    f"expression nested too deeply (more than {MAX_EXPR_DEPTH} levels)",
+                    _span_of(token),
+                    hint="split it with 'let' bindings",
+                )
+        end = Token.new_borrow_pos("$END", "", token) if token is not None else Token("$END", "", 0, 1, 1)
+        return state.feed_token(end, True)
+    except UnexpectedInput as err:
+        err.interactive_parser = interactive  # as lark's own loop does: the error messages ask it what fits
+        raise
+
+
 def parse(source: str, filename: str = "<spec>") -> A.SpecFile:
     """Parse `.attn` text into an AST. Raises `SpecError` (with file and source attached)."""
     try:
         if len(source.encode("utf-8", "surrogatepass")) > MAX_SOURCE_BYTES:
             raise SpecError(f"spec is larger than {MAX_SOURCE_BYTES} bytes", None)
+        _check_characters(source)
         try:
-            tree = _lark().parse(source)
+            tree = _parse_tree(source)
         except UnexpectedInput as err:
             raise _syntax_error(err, source) from None
         _check_tree_depth(tree)

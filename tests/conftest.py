@@ -11,6 +11,22 @@ REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "examples" / "specs"
 # ATTNC_REGEN_GOLDEN=1 rewrites tests/golden/*.expected from the current compiler.
 REGEN_GOLDEN = os.environ.get("ATTNC_REGEN_GOLDEN", "") not in ("", "0")
+# The fuzz suite's long (nightly) mode: `--fuzz-long` or ATTNC_FUZZ_LONG=1 (tests/test_fuzz_hypothesis.py).
+FUZZ_LONG = os.environ.get("ATTNC_FUZZ_LONG", "") not in ("", "0")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--fuzz-long",
+        action="store_true",
+        help="run tests/test_fuzz_hypothesis.py in its long mode (ATTNC_FUZZ_EXAMPLES examples, default 20000)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global FUZZ_LONG
+    if config.getoption("--fuzz-long"):
+        FUZZ_LONG = True  # read by the fuzz module when it is imported, after this
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -1,0 +1,478 @@
+"""Issue 16, the back end's part: reproductions pinned as strict xfails until the code generator and runtime
+rewrite fixes them. Each test states what a user must get; `raises=` pins today's symptom, so a test that starts
+to fail differently shows up instead of hiding under its xfail, and a fixed one XPASSes (strict: a failure)
+so that its mark is removed with the fix. Run with `--runxfail` to see today's failures.
+
+Oracles are independent of the generated code: formulas written here, SDPA with an explicit bias.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from attnc.codegen.module import compile_file, compile_source
+from attnc.dsl.errors import SpecError
+
+from .conftest import REPO, SPECS
+
+
+def pinned(cause: str, raises: type[BaseException] | tuple[type[BaseException], ...] = AssertionError):
+    return pytest.mark.xfail(
+        strict=True,
+        raises=raises,
+        reason=f"issue 16: {cause}; root in codegen, fixed after the back-end rewrite",
+    )
+
+
+HEAD = "attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]{params}) {{\n{body}\n}}\n"
+
+
+def spec(*body: str, params: str = "") -> str:
+    return HEAD.format(params=params, body="\n".join("    " + b for b in body))
+
+
+def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def qkv(B=1, H=2, N=16, D=16, E=None, dtype=torch.float32, grad=False):
+    q, k = rand(B, H, N, D, dtype=dtype, seed=1), rand(B, H, N, D, dtype=dtype, seed=2)
+    v = rand(B, H, N, E or D, dtype=dtype, seed=3)
+    return [x.requires_grad_(grad) for x in (q, k, v)]
+
+
+@pytest.fixture
+def build(tmp_path: Path):
+    """`build(source)`: the compiled module, in a cache private to the test."""
+
+    def get(source: str, name: str = "r.attn"):
+        return compile_source(source, name, cache_dir=tmp_path / "cache")
+
+    return get
+
+
+# ---- silent wrong results -----------------------------------------------------------------------------------
+
+
+def _linear_elu_oracle(q, k, v, eps=1e-6):
+    """Katharopoulos et al. eq. 4-7, causal, written out: phi = elu + 1, o_i = sum_j<=i phi(q_i).phi(k_j) v_j / Z_i."""
+    fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    s = (fq @ fk.transpose(-1, -2)).tril()
+    return (s @ v) / (s.sum(-1, keepdim=True) + eps)
+
+
+@pinned(
+    "feature maps are applied to the zero-padded channels (elu(0) + 1 = 1 leaks in) when D is not a power of 2"
+)
+@pytest.mark.parametrize("D", [72, 80, 96])
+def test_feature_maps_ignore_padded_channels(compiled, D: int) -> None:
+    mod = compiled("linear_elu")
+    q, k, v = qkv(N=24, D=D)
+    want = _linear_elu_oracle(q.double(), k.double(), v.double())
+    got = mod.linear_elu(q, k, v, backend="triton")
+    torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
+
+
+LINEAR = "attention {n}(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {{\n    feature q = elu(q) + 1\n" \
+         "    feature k = elu(k) + 1\n    score = dot(q, k)\n    mask = j <= i\n    norm = sum(eps = 1e-6)\n}}\n"  # fmt: skip
+SOFTMAX = (
+    "attention {n}(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {{\n    score = dot(q, k) * {c}\n}}\n"
+)
+
+
+def _softmax_oracle(q, k, v, c):
+    return torch.softmax(q.double() @ k.double().transpose(-1, -2) * c, -1) @ v.double()
+
+
+@pinned(
+    "a block name can shadow another block's entry point or the module's own names (not yet reserved)",
+    raises=Exception,  # a wrong result, or whichever error the replaced function gives
+)
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("a", "a_triton"), ("a", "a_backward"), ("lin", "x"), ("triton_cdiv", "x")],
+)
+def test_block_names_never_replace_generated_names(build, first: str, second: str) -> None:
+    # The second block attends anti-causally: running it in place of the first gives a different result.
+    source = LINEAR.format(n=first) + LINEAR.format(n=second).replace("j <= i", "j >= i")
+    try:
+        mod = build(source)
+    except SpecError as err:  # refusing the name at the block is right too
+        assert err.line is not None and "attention" in err.message
+        return
+    q, k, v = qkv(N=12, D=16, grad=True)
+    got = getattr(mod, first)(q, k, v, backend="triton")
+    torch.testing.assert_close(
+        got.double(), _linear_elu_oracle(q.double(), k.double(), v.double()), rtol=1e-4, atol=1e-4
+    )
+    got.sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pinned(
+    "an attention named like a module-level name replaces it or breaks the import",
+    raises=(AssertionError, Exception),
+)
+@pytest.mark.parametrize("name", ["BlockLayout", "ATTNC_VERSION", "LANGUAGE_VERSION", "Optional", "custom"])
+def test_attention_named_like_a_module_constant(build, name: str) -> None:
+    try:
+        mod = build(SOFTMAX.format(n=name, c="0.25") + SOFTMAX.format(n="other", c="0.5"))
+    except SpecError as err:
+        assert (err.line, err.col) == (1, 11)
+        return
+    assert isinstance(mod.ATTNC_VERSION, str) and isinstance(mod.LANGUAGE_VERSION, str)
+    assert isinstance(mod.BlockLayout, type)
+    q, k, v = qkv()
+    torch.testing.assert_close(
+        mod.other(q, k, v).double(), _softmax_oracle(q, k, v, 0.5), rtol=1e-5, atol=1e-5
+    )
+
+
+@pinned("NaN and Inf inputs give o = 0 and LSE = -inf on Triton, where the reference gives NaN")
+@pytest.mark.parametrize("where", ["q-nan", "k-inf", "q-neg-inf", "scale-nan"])
+def test_nan_and_inf_inputs_propagate_alike(build, where: str) -> None:
+    mod = build(spec("score = dot(q, k) * scale", params=", scale: float = 0.25"))
+    q, k, v = qkv()
+    scale = 0.25
+    if where == "q-nan":
+        q[0, 0, 3, 2] = float("nan")
+    elif where == "k-inf":
+        k[0, 1, 5, 0] = float("inf")
+    elif where == "q-neg-inf":
+        q[0, 0, 0, 0] = float("-inf")
+    else:
+        scale = float("nan")
+    outs = []
+    for backend in ("reference", "triton"):
+        try:
+            outs.append(mod.a(q, k, v, scale, backend=backend, return_lse=True))
+        except ValueError:
+            outs.append(None)
+    ref, tri = outs
+    assert (ref is None) == (tri is None), "one backend raises, the other does not"
+    if ref is not None:
+        for r, t in zip(ref, tri, strict=True):
+            assert torch.equal(torch.isnan(r), torch.isnan(t)), "NaN in different places"
+            assert bool(torch.isnan(r).any() or torch.isinf(r).any()), (
+                "invalid input became a plausible output"
+            )
+
+
+@pinned("retention with gamma <= 0 gives NaN on Triton only (the decay's range is not validated)")
+@pytest.mark.parametrize("gamma", [0.0, -0.5], ids=["zero", "negative"])
+def test_invalid_decay_is_refused_or_agrees(compiled, gamma: float) -> None:
+    mod = compiled("retention")
+    q, k, v = qkv(N=12)
+    g = torch.full((2,), gamma)
+    try:
+        ref = mod.retention(q, k, v, g, backend="reference")
+    except ValueError:
+        with pytest.raises(ValueError):
+            mod.retention(q, k, v, g, backend="triton")
+        return
+    tri = mod.retention(q, k, v, g, backend="triton")
+    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+
+
+@pinned("bfloat16 under the Triton interpreter returns garbage (triton issue 11584): refuse or upcast")
+def test_bf16_on_the_cpu_triton_path_is_refused_or_right(compiled) -> None:
+    mod = compiled("causal")
+    q, k, v = qkv(N=32, D=32, dtype=torch.bfloat16)
+    try:
+        got = mod.causal(q, k, v, backend="triton")
+    except (ValueError, TypeError) as err:
+        assert "bfloat16" in str(err)
+        return
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), is_causal=True
+    )
+    torch.testing.assert_close(got.double(), want, rtol=3e-2, atol=3e-2)
+
+
+@pinned(
+    "softcap loses precision for small tanh arguments as Triton lowers tanh (cap = 1e6 is off by about 0.06)"
+)
+@pytest.mark.parametrize("backend", ["triton"])
+def test_softcap_is_accurate_for_a_large_cap(compiled, backend: str) -> None:
+    mod = compiled("softcap")
+    q, k, v = qkv(N=16, D=16)
+    cap = 1e6
+    s = q.double() @ k.double().transpose(-1, -2) * 16**-0.5
+    want = torch.softmax(cap * torch.tanh(s / cap), -1) @ v.double()  # = softmax(s) to 1e-12
+    got = mod.softcap(q, k, v, cap, backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---- call-time crashes: a result or a clean ValueError ------------------------------------------------------
+
+
+def _result_or_value_error(fn) -> None:
+    try:
+        out = fn()
+    except ValueError:
+        return
+    o = out[0] if isinstance(out, tuple) else out
+    assert isinstance(o, torch.Tensor)
+
+
+@pinned("a score without dot(q, k) breaks backward (q, k get no graph)", raises=RuntimeError)
+def test_score_without_dot_backward(build) -> None:
+    mod = build(spec("score = 1.0"))
+    q, k, v = qkv(grad=True)
+    o = mod.a(q, k, v, backend="reference")
+    o.sum().backward()
+    torch.testing.assert_close(q.grad, torch.zeros_like(q))
+    torch.testing.assert_close(v.grad.sum(), torch.tensor(float(q.shape[2] * q.shape[3]) * q.shape[1]))
+
+
+@pinned("a score without dot(q, k) fails on empty N or M on the reference backend", raises=RuntimeError)
+@pytest.mark.parametrize("empty", ["N", "M"])
+def test_score_without_dot_on_empty_dimensions(build, empty: str) -> None:
+    mod = build("attention a(q: [B, H, M, D], k: [B, H, N, D], v: [B, H, N, D]) {\n    score = 1.0\n}\n")
+    q = rand(1, 2, 0 if empty == "M" else 4, 8).requires_grad_()
+    k = rand(1, 2, 0 if empty == "N" else 4, 8).requires_grad_()
+    v = rand(1, 2, k.shape[2], 8).requires_grad_()
+    _result_or_value_error(lambda: mod.a(q, k, v, backend="reference").sum().backward())
+
+
+@pinned(
+    "floor division of the score has no derivative in torch (reject it, or define its gradient as 0)",
+    raises=RuntimeError,
+)
+def test_floor_divided_score_backward(build) -> None:
+    try:
+        mod = build(spec("score = dot(q, k) // 2.0"))
+    except SpecError:
+        return
+    q, k, v = qkv(grad=True)
+    mod.a(q, k, v, backend="reference").sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pinned("a float constant outside float32 in clamp overflows at call time", raises=RuntimeError)
+def test_clamp_with_a_huge_bound(build) -> None:
+    mod = build(spec("score = dot(q, k) + clamp(b, -1e39, 1.0)"))
+    q, k, v = qkv()
+    _result_or_value_error(lambda: mod.a(q, k, v, backend="reference"))
+
+
+@pinned("elu of a where with uniform and tensor branches is a TypeError inside torch", raises=TypeError)
+def test_elu_of_mixed_where(build) -> None:
+    mod = build(spec("score = dot(q, k) + elu(where(N > 0, 1.0, t[j]))", params=", t: [N]"))
+    q, k, v = qkv()
+    _result_or_value_error(lambda: mod.a(q, k, v, rand(16), backend="reference"))
+
+
+@pinned("the Triton backward of 'output = o + hk' uses an undefined name _cdt", raises=NameError)
+def test_output_with_an_index_variable_triton_backward(build) -> None:
+    mod = build(spec("score = dot(q, k)", "output = o + hk"))
+    q, k, v = qkv(grad=True)
+    mod.a(q, k, v, backend="triton").sum().backward()
+    assert torch.isfinite(q.grad).all()
+
+
+@pinned(
+    "the Triton backward of an output that ignores o fails ('not used in the graph')", raises=RuntimeError
+)
+def test_output_without_o_triton_backward(build) -> None:
+    mod = build(spec("score = dot(q, k)", "output = offset[h, e]", params=", offset: [H, D]"))
+    q, k, v = qkv(grad=True)
+    offset = rand(2, 16).requires_grad_()
+    mod.a(q, k, v, offset, backend="triton").sum().backward()
+    assert offset.grad is not None
+
+
+@pinned("H = 0 is a ZeroDivisionError on the reference backend", raises=ZeroDivisionError)
+@pytest.mark.parametrize("backend", ["reference"])
+def test_zero_heads(compiled, backend: str) -> None:
+    mod = compiled("causal")
+    q, k, v = (rand(1, 0, 8, 16) for _ in range(3))
+    _result_or_value_error(lambda: mod.causal(q, k, v, backend=backend))
+
+
+@pinned("an int scalar of 2**63 is a schema RuntimeError, not a ValueError naming it", raises=RuntimeError)
+def test_int_scalar_out_of_int64(compiled) -> None:
+    mod = compiled("sliding_window")
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="W"):
+        mod.sliding_window(q, k, v, W=2**63)
+
+
+@pinned(
+    "a mask mixing a bool compare of a load with an int compare fails in the interpreter", raises=Exception
+)
+def test_mask_with_a_float_load_compare_triton(build) -> None:
+    mod = build(spec("score = dot(q, k)", "mask = j <= i and 0.5 < w[hk]", params=", w: [H]"))
+    q, k, v = qkv()
+    w = torch.tensor([0.0, 1.0])
+    got = mod.a(q, k, v, w, backend="triton")
+    torch.testing.assert_close(got, mod.a(q, k, v, w, backend="reference"), rtol=1e-5, atol=1e-5)
+
+
+@pinned("a tiny constant score with norm = none mixes fp64 and fp32 in the interpreter", raises=Exception)
+def test_tiny_constant_score_triton(build) -> None:
+    mod = build(spec("score = 1e-40", "norm = none"))
+    q, k, v = qkv()
+    got = mod.a(q, k, v, backend="triton")
+    torch.testing.assert_close(got, mod.a(q, k, v, backend="reference"), rtol=1e-5, atol=1e-30)
+
+
+# ---- outside text reaches generated code --------------------------------------------------------------------
+
+_IMPORT_ALL = """
+import importlib.util, pathlib, sys, traceback
+failed = 0
+for n, path in enumerate(sorted(pathlib.Path(sys.argv[1]).rglob("*.py"))):  # each file on its own
+    try:
+        spec = importlib.util.spec_from_file_location(f"generated{n}", path)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    except BaseException:
+        failed += 1
+        traceback.print_exc()
+sys.exit(1 if failed else 0)
+"""
+
+
+def _hostile_names() -> list[str]:
+    payload = "open('MARKER', 'w').write('pwned')"  # relative: a file name cannot hold '/'; run in tmp_path
+    return [
+        f"y\n{payload}\n#.attn",
+        f'y"""\n{payload}\n""".attn',
+        f"y\r{payload}\r#.attn",
+        f"y\\\n{payload}\n#.attn",
+    ]
+
+
+@pinned("a spec file name reaches the generated kernels file's header unescaped: importing it runs code")
+def test_file_names_never_reach_generated_code_as_code(tmp_path: Path) -> None:
+    marker = tmp_path / "MARKER"
+    failures = []
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for n, name in enumerate(_hostile_names()):
+        src_dir, out = tmp_path / f"src{n}", tmp_path / f"out{n}"
+        src_dir.mkdir()
+        path = src_dir / name
+        path.write_text((SPECS / "causal.attn").read_text())
+        run = subprocess.run(
+            [sys.executable, "-m", "attnc", "codegen", str(path), "-o", str(out)],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        )  # fmt: skip
+        if run.returncode != 0:
+            failures.append(f"{name!r}: codegen failed: {run.stderr[-300:]}")
+            continue
+        imp = subprocess.run(
+            [sys.executable, "-c", _IMPORT_ALL, str(out)],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+        )  # fmt: skip
+        if imp.returncode != 0:
+            failures.append(f"{name!r}: the generated files do not import: {imp.stderr[-300:]}")
+    assert not marker.exists(), "importing generated code ran code from a file name"
+    assert not failures, "\n".join(failures)
+
+
+@pinned(
+    "file names with quotes, newlines, CR or backslashes make the generated module fail to import",
+    raises=Exception,
+)
+@pytest.mark.parametrize("name", ['a"""b.attn', "a\nb.attn", "a\rb.attn", "a\x00b.attn"])
+def test_odd_file_names_compile_and_import(tmp_path: Path, name: str) -> None:
+    mod = compile_source((SPECS / "causal.attn").read_text(), name, cache_dir=tmp_path)
+    q, k, v = qkv()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(mod.causal(q, k, v), want, rtol=1e-5, atol=1e-5)
+
+
+# ---- caches that heal ---------------------------------------------------------------------------------------
+
+
+def _cached(tmp_path: Path) -> tuple[Path, Path]:
+    """Compile causal.attn into the test's cache; its main and kernels files."""
+    cache = tmp_path / "cache"
+    compile_file(SPECS / "causal.attn", cache_dir=cache)
+    (main,) = [p for p in cache.glob("causal_*.py") if not p.name.endswith("_triton.py")]
+    return main, main.with_name(main.stem + "_triton.py")
+
+
+def _runs_in_a_new_process(tmp_path: Path, backend: str, damage: str = "") -> None:
+    """In a new process: compile through the cache, run `damage` (Python; `kernels` is the kernels file's path)
+    after the module is loaded and before its first call, then call it and check the result."""
+    head = textwrap.dedent(f"""
+        import pathlib, torch, warnings
+        from attnc.codegen.module import compile_file
+        warnings.simplefilter("ignore")
+        cache = pathlib.Path({str(tmp_path / "cache")!r})
+        mod = compile_file({str(SPECS / "causal.attn")!r}, cache_dir=cache)
+        (kernels,) = cache.glob("causal_*_triton.py")
+    """)
+    tail = textwrap.dedent(f"""
+        q, k, v = (torch.randn(1, 2, 16, 16) for _ in range(3))
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        got = mod.causal(q, k, v, backend={backend!r})
+        assert torch.allclose(got, want, atol=1e-4), "wrong result"
+        print("OK")
+    """)
+    code = head + damage + "\n" + tail
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-800:]
+
+
+@pinned("a cached module holding invalid UTF-8 raises UnicodeDecodeError and is never regenerated")
+def test_cache_heals_invalid_utf8(tmp_path: Path) -> None:
+    main, _ = _cached(tmp_path)
+    main.write_bytes(main.read_bytes()[:200] + b"\xff\xfe\xfa" + main.read_bytes()[200:])
+    _runs_in_a_new_process(tmp_path, "reference")
+
+
+@pinned("the kernels file is imported lazily, at the first Triton call, without a hash check")
+@pytest.mark.parametrize("damage", ["truncated", "swapped", "deleted"])
+def test_cache_heals_a_damaged_kernels_file(tmp_path: Path, damage: str) -> None:
+    _cached(tmp_path)
+    other_spec = (
+        "attention other(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {\n    score = dot(q, k)\n}\n"
+    )
+    compile_source(other_spec, "other.attn", cache_dir=tmp_path / "cache")
+    (other,) = (tmp_path / "cache").glob("other_*_triton.py")
+    # The main module is loaded and holds; the kernels file is damaged before the first Triton call.
+    act = {
+        "truncated": "kernels.write_bytes(kernels.read_bytes()[: len(kernels.read_bytes()) // 2])",
+        "swapped": f"kernels.write_bytes(pathlib.Path({str(other)!r}).read_bytes())",
+        "deleted": "kernels.unlink()",
+    }[damage]
+    _runs_in_a_new_process(tmp_path, "triton", act)
+
+
+@pinned(
+    "an unwritable cache refuses the Triton backend with a garbled '<attnc:..._triton.py' message",
+    raises=Exception,
+)
+def test_unwritable_cache_still_runs_triton(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")  # a cache directory below a plain file cannot be created, even by root
+    with pytest.warns(UserWarning, match="cache"):
+        mod = compile_file(SPECS / "causal.attn", cache_dir=blocker / "cache")
+    q, k, v = qkv()
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(mod.causal(q, k, v, backend="triton"), want, rtol=1e-4, atol=1e-4)
+
+
+# ---- found while fixing the front end's part ------------------------------------------------------------------
+
+
+@pinned(
+    "Triton lowers a general power as exp2(b * log2(a)): NaN for a negative base with an integer exponent"
+)
+def test_negative_base_integer_power_triton(build) -> None:
+    mod = build(spec("score = dot(q, k) + (0 - 2.0) ** (i - j)", "mask = j <= i"))
+    q, k, v = qkv(N=6)
+    idx = torch.arange(6, dtype=torch.float64)
+    d = (idx[:, None] - idx[None, :]).clamp(min=0)
+    bias = torch.where(idx[:, None] >= idx[None, :], (-2.0) ** d, float("-inf"))
+    s = q.double() @ k.double().transpose(-1, -2) + bias
+    want = torch.softmax(s, -1) @ v.double()
+    torch.testing.assert_close(mod.a(q, k, v, backend="triton").double(), want, rtol=1e-4, atol=1e-4)
