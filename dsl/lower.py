@@ -33,6 +33,7 @@ from .ir import (
     var,
 )
 from .parser import parse
+from .scope import ROOT_ELEMENT, ROOT_VARS
 
 MAX_IR_DEPTH = 300
 
@@ -83,19 +84,13 @@ class Ctx(enum.Enum):
     SHAPE = "a shape"
 
 
+# The roots' scopes come from the one table in dsl.scope (Ctx values are its Root values).
 _VARS: dict[Ctx, frozenset[str]] = {
-    Ctx.SCORE: frozenset("b h hk i j".split()),
-    Ctx.MASK: frozenset("b h hk i j".split()),
-    Ctx.SINK: frozenset("b h hk i".split()),
-    Ctx.BIAS: frozenset("b h hk i j".split()),
-    Ctx.EPS: frozenset("b h hk i".split()),
-    Ctx.OUTPUT: frozenset("b h hk i e".split()),
-    Ctx.FEATURE_Q: frozenset("b h hk i d".split()),
-    Ctx.FEATURE_K: frozenset("b hk j d".split()),
+    **{Ctx(r.value): frozenset(v.value for v in vs) for r, vs in ROOT_VARS.items()},
     Ctx.DEFAULT: frozenset(),
     Ctx.SHAPE: frozenset(),
 }
-_ELEM = {Ctx.OUTPUT: "o", Ctx.FEATURE_Q: "q", Ctx.FEATURE_K: "k"}
+_ELEM = {Ctx(r.value): e for r, e in ROOT_ELEMENT.items()}
 
 
 @dataclass
