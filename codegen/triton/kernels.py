@@ -352,11 +352,11 @@ class KernelWriter:
     # ---- tile loops: one helper per kind, called per interval and per form --------------------------------
 
     def _loop_call(self, helper: LoopHelper, lo: str, hi: str, prior: int) -> Stmts:
-        """`state = helper(state, start, hi, PRIOR, earlier intervals' bounds, context, shared)`."""
+        """`state = helper(state, lo, hi, PRIOR, earlier intervals' bounds, context, shared)`."""
         pairs = [a for p in range(helper.priors) for a in ((f"lo{p}", f"hi{p}") if p < prior else ("0", "0"))]
         args = [
             *helper.state,
-            f"({lo} // {helper.block}) * {helper.block}",
+            lo,
             hi,
             str(prior),
             *pairs,
@@ -439,7 +439,9 @@ class KernelWriter:
                     rest=chain,
                 )
             inner = [*chain, *S("if take:\n    {body}", body=body)]
-        loop = S(f"for {var} in range(lo, hi, {block}):\n    {{body}}", body=inner)
+        # The first tile starts at lo rounded down to a tile (computed here, not by the caller: on sm_90 that
+        # keeps the register count of the loop written in the kernel).
+        loop = S(f"for {var} in range((lo // {block}) * {block}, hi, {block}):\n    {{body}}", body=inner)
         return LoopHelper(name_, var, block, state, context, priors, loop)
 
     def _render_helper(self, h: LoopHelper) -> list[str]:
@@ -512,7 +514,7 @@ class KernelWriter:
             *self._own_summary_names("q"),
         )
         helper = self._helper(
-            f"_{att.name}_fwd_inner", "start_n", ("acc", "l_i", "m_i", "visits"), context, B
+            f"_{att.name}_fwd_inner", "start_n", ("m_i", "l_i", "acc", "visits"), context, B
         )
         self._loops["fwd"] = helper
         return helper
