@@ -33,7 +33,7 @@ from .ir import (
     var,
 )
 from .parser import parse
-from .scope import ROOT_ELEMENT, ROOT_VARS
+from .scope import ROOT_ELEMENT, ROOT_VARS, Root
 
 MAX_IR_DEPTH = 300
 
@@ -71,17 +71,10 @@ _BINARY = {
 }
 
 
-class Ctx(enum.Enum):
-    SCORE = "score"
-    MASK = "mask"
-    SINK = "softmax sink"
-    BIAS = "sigmoid bias"
-    EPS = "sum eps"
-    OUTPUT = "output"
-    FEATURE_Q = "feature q"
-    FEATURE_K = "feature k"
-    DEFAULT = "a parameter default"
-    SHAPE = "a shape"
+# The contexts of lowering: the roots of dsl.scope (same names and values), a parameter default and a shape.
+Ctx = enum.Enum(
+    "Ctx", [*((r.name, r.value) for r in Root), ("DEFAULT", "a parameter default"), ("SHAPE", "a shape")]
+)
 
 
 # The roots' scopes come from the one table in dsl.scope (Ctx values are its Root values).

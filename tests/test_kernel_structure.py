@@ -14,6 +14,7 @@ import pytest
 from attnc.codegen.triton.kernels import KERNEL_KINDS, KernelWriter
 from attnc.codegen.triton.module import render_kernels
 from attnc.dsl.lower import compile_to_ir
+
 from attnc.runtime.signature import BindError, Group, Kind
 
 SPECS = Path(__file__).resolve().parents[1] / "examples" / "specs"

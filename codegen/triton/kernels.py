@@ -461,8 +461,8 @@ class KernelWriter:
 
     # ---- forward ------------------------------------------------------------------------------------------
 
-    def _query_tile_prologue(self) -> Stmts:
-        """Program ids of a (query tile, batch, head) program, its offsets, and its q tile."""
+    def _query_program(self) -> Stmts:
+        """Program ids of a (query tile, batch·head) program and its rows."""
         return S(
             """
             pid_m = tl.program_id(0)
@@ -471,6 +471,13 @@ class KernelWriter:
             h = pid_bh % _NH
             hk = h // (_NH // _NG)
             offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)
+            """
+        )
+
+    def _query_tile_prologue(self) -> Stmts:
+        """Program ids of a (query tile, batch, head) program, its offsets, and its q tile."""
+        return self._query_program() + S(
+            """
             offs_d = tl.arange(0, _BLOCK_D)
             offs_e = tl.arange(0, _BLOCK_E)
             i = offs_m[:, None]
@@ -608,14 +615,8 @@ class KernelWriter:
     def combine(self) -> Kernel:
         """Merge the _NSPLIT partials of each row into the running statistics of one pass over all keys (the
         norm's `merge`: exactly (m, l, acc) of the unsplit loop), then run the forward's own epilogue."""
-        L: Stmts = S(
+        L: Stmts = self._query_program() + S(
             """
-            pid_m = tl.program_id(0)
-            pid_bh = tl.program_id(1)
-            b = pid_bh // _NH
-            h = pid_bh % _NH
-            hk = h // (_NH // _NG)
-            offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)
             offs_e = tl.arange(0, _BLOCK_E)
             i = offs_m[:, None]
             m_i = tl.full([_BLOCK_M, 1], float('-inf'), tl.float32)
