@@ -40,6 +40,53 @@ def expr_from_string(template: str, **holes: ast.expr) -> ast.expr:
     return _Fill(holes).visit(copy.deepcopy(_parse_template(template)))
 
 
+Hole = ast.expr | str | list[ast.stmt]
+
+
+@functools.cache
+def _parse_statements(template: str) -> list[ast.stmt]:
+    import textwrap
+
+    text = textwrap.dedent(template).replace("{", _HOLE).replace("}", "")
+    return ast.parse(text).body
+
+
+class _FillStatements(_Fill):
+    """Fills expression holes, and splices statement lists where a hole stands alone as a statement."""
+
+    def __init__(self, holes: dict[str, Hole]) -> None:
+        exprs = {k: v for k, v in holes.items() if not isinstance(v, list)}
+        super().__init__({k: (parse_expr(v) if isinstance(v, str) else v) for k, v in exprs.items()})
+        self.blocks = {k: v for k, v in holes.items() if isinstance(v, list)}
+
+    def visit_Expr(self, node: ast.Expr) -> ast.AST | list[ast.stmt]:
+        v = node.value
+        if isinstance(v, ast.Name) and v.id.startswith(_HOLE) and v.id[len(_HOLE) :] in self.blocks:
+            return self.blocks[v.id[len(_HOLE) :]] or [ast.Pass()]
+        return self.generic_visit(node)
+
+
+def statement_from_string(template: str, **holes: Hole) -> list[ast.stmt]:
+    """Statements from a template (Helion's `statement_from_string`): `{x}` holes take expressions (an ast
+    node, or code text of one expression, parsed), and a hole standing alone as a statement takes a list of
+    statements, spliced in (an empty list becomes `pass`).
+
+        statement_from_string("for t in range({n}):\n    {body}", n=name("N"), body=[...])
+    """
+    import copy
+
+    out: list[ast.stmt] = []
+    for st in copy.deepcopy(_parse_statements(template)):
+        filled = _FillStatements(holes).visit(st)
+        out += filled if isinstance(filled, list) else [filled]
+    return out
+
+
+def parse_expr(text: str) -> ast.expr:
+    """One expression of generated code (text that an emitter built) as an ast node."""
+    return ast.parse(text, mode="eval").body
+
+
 def name(id_: str) -> ast.expr:
     return ast.Name(id_, ast.Load())
 
@@ -56,6 +103,10 @@ def constant(value: bool | int | float) -> ast.expr:
 
 def code(e: ast.expr) -> str:
     return ast.unparse(ast.fix_missing_locations(e))
+
+
+def code_statement(st: ast.stmt) -> str:
+    return ast.unparse(ast.fix_missing_locations(st))
 
 
 # Templates by op: tensor code (torch) and scalar code (Python numbers, for uniform sub-expressions).
@@ -174,8 +225,13 @@ class Emitter:
 
     def body(self, root: Node, prefix: str = "_t") -> tuple[list[str], str]:
         """Statements (temporaries named `prefix<k>`) and the expression computing `root`."""
+        stmts, e = self.body_nodes(root, prefix)
+        return [code_statement(st) for st in stmts], code(e)
+
+    def body_nodes(self, root: Node, prefix: str = "_t") -> tuple[list[ast.stmt], ast.expr]:
+        """`body` as ast: assignments of the temporaries, and the expression computing `root`."""
         if is_uniform(root):
-            return [], code(self._uniform(root))
+            return [], self._uniform(root)
         order = linearize([root])
         uses: dict[Node, int] = {}
         for n in order:
@@ -183,7 +239,7 @@ class Emitter:
                 uses[a] = uses.get(a, 0) + 1
         vals: dict[Node, ast.expr] = {}
         depth: dict[Node, int] = {}  # nesting of each inline expression: bounded so unparse stays shallow
-        stmts: list[str] = []
+        stmts: list[ast.stmt] = []
         for n in order:
             if is_uniform(n):
                 continue  # hoisted on demand, as a whole, by its first non-uniform user
@@ -198,11 +254,11 @@ class Emitter:
             shared = uses.get(n, 0) > 1 and n.args
             if n is not root and (shared or depth[n] >= MAX_INLINE_DEPTH):
                 tmp = f"{prefix}{len(stmts)}"
-                stmts.append(f"{tmp} = {code(e)}")
+                stmts.append(ast.Assign([ast.Name(tmp, ast.Store())], e))
                 e = name(tmp)
                 depth[n] = 0
             vals[n] = e
-        return stmts, code(vals[root])
+        return stmts, vals[root]
 
 
 def _apply(table: dict[Op, str], n: Node, args: list[ast.expr]) -> ast.expr:

@@ -48,6 +48,7 @@ from .ir import (
     var,
 )
 from .parser import parse
+from .scope import ROOT_ELEMENT, ROOT_VARS, Root
 
 MAX_IR_DEPTH = 300
 
@@ -85,32 +86,19 @@ _BINARY = {
 }
 
 
-class Ctx(enum.Enum):
-    SCORE = "score"
-    MASK = "mask"
-    SINK = "softmax sink"
-    BIAS = "sigmoid bias"
-    EPS = "sum eps"
-    OUTPUT = "output"
-    FEATURE_Q = "feature q"
-    FEATURE_K = "feature k"
-    DEFAULT = "a parameter default"
-    SHAPE = "a shape"
+# The contexts of lowering: the roots of dsl.scope (same names and values), a parameter default and a shape.
+Ctx = enum.Enum(
+    "Ctx", [*((r.name, r.value) for r in Root), ("DEFAULT", "a parameter default"), ("SHAPE", "a shape")]
+)
 
 
+# The roots' scopes come from the one table in dsl.scope (Ctx values are its Root values).
 _VARS: dict[Ctx, frozenset[str]] = {
-    Ctx.SCORE: frozenset("b h hk i j".split()),
-    Ctx.MASK: frozenset("b h hk i j".split()),
-    Ctx.SINK: frozenset("b h hk i".split()),
-    Ctx.BIAS: frozenset("b h hk i j".split()),
-    Ctx.EPS: frozenset("b h hk i".split()),
-    Ctx.OUTPUT: frozenset("b h hk i e".split()),
-    Ctx.FEATURE_Q: frozenset("b h hk i d".split()),
-    Ctx.FEATURE_K: frozenset("b hk j d".split()),
+    **{Ctx(r.value): frozenset(v.value for v in vs) for r, vs in ROOT_VARS.items()},
     Ctx.DEFAULT: frozenset(),
     Ctx.SHAPE: frozenset(),
 }
-_ELEM = {Ctx.OUTPUT: "o", Ctx.FEATURE_Q: "q", Ctx.FEATURE_K: "k"}
+_ELEM = {Ctx(r.value): e for r, e in ROOT_ELEMENT.items()}
 
 
 @dataclass

@@ -128,8 +128,9 @@ class KernelReport:
 
     @property
     def config(self) -> str:
-        """The constexprs as `NAME=value` words, e.g. `BLOCK_M=128 BLOCK_N=64 D=64`."""
-        return " ".join(f"{k}={_show(v)}" for k, v in self.constexprs)
+        """The constexprs as `NAME=value` words, e.g. `BLOCK_M=128 BLOCK_N=64 D=64`; parameters bound to None
+        (argument groups the kernel was compiled without) are left out."""
+        return " ".join(f"{k}={_show(v)}" for k, v in self.constexprs if v is not None)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,218 @@
+"""The ordered, typed parameter list of one generated Triton kernel, as plain data.
+
+One `KernelSignature` per kernel is the single statement of its ABI: the emitter renders the kernel's `def`
+from it, the ahead-of-time compile builds Triton's signature from it (`triton_types`), the autotuner's
+resource checks compile through it, and the launcher binds arguments to it by name (`bind`). Parameters come
+in groups, always in this order:
+
+    io          the tensors the kernel reads and writes (q, k, v, o, ...), and its own ints (split sizes)
+    spec        the spec's auxiliary tensors (each with its strides and extents), runtime scalars and size
+                symbols
+    uniforms    scalar sub-expressions hoisted to the host (`_ku<k>`)
+    strides     q, k, v, o strides (b, h, n, d each)
+    extents     H, G, M, N, D, E
+    summaries   per-tile min/max of data-dependent mask terms (only for specs that have such terms)
+    layout      an explicit runtime block layout, read only under the `_LAYOUT` constexpr
+    probe       the visit counter of tests, written only under the `_COUNT_VISITS` constexpr
+    constexprs  tile sizes, switches and the dot precision
+
+A group that a kernel does not use is absent from its signature; a gated group that a launch does not use is
+bound to None (Triton specialises a None argument as a constexpr, so the compiled kernel does not carry it)
+with its gate False. This module imports nothing from the compiler: the runtime launcher imports it as well.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+class Kind(enum.Enum):
+    POINTER = "pointer"
+    INT32 = "i32"
+    INT64 = "i64"
+    FLOAT = "fp32"
+    CONSTEXPR = "constexpr"
+
+
+# A pointer's element type, as Triton spells it without the star; INPUT stands for the dtype of q, k and v.
+INPUT = "input"
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: Kind
+    dtype: str | None = None  # pointers only: "input", "fp32", "fp16", "bf16", "fp64", "i64", "i32", "i1"
+
+    def triton_type(self, input_dtype: str) -> str:
+        """Triton's signature type ("*fp16", "i32", "constexpr") with INPUT read as `input_dtype`."""
+        if self.kind is Kind.POINTER:
+            return "*" + (input_dtype if self.dtype == INPUT else str(self.dtype))
+        return self.kind.value
+
+
+class Group(enum.Enum):
+    IO = "io"
+    SPEC = "spec"
+    UNIFORMS = "uniforms"
+    STRIDES = "strides"
+    EXTENTS = "extents"
+    SUMMARIES = "summaries"
+    LAYOUT = "layout"
+    PROBE = "probe"
+    CONSTEXPRS = "constexprs"
+
+
+@dataclass(frozen=True)
+class ParamGroup:
+    group: Group
+    params: tuple[Param, ...]
+    gate: str | None = None  # the constexpr under which the kernel reads the group (None: always)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+
+def pointer(name: str, dtype: str = INPUT) -> Param:
+    return Param(name, Kind.POINTER, dtype)
+
+
+def i32(name: str) -> Param:
+    return Param(name, Kind.INT32)
+
+
+def f32(name: str) -> Param:
+    return Param(name, Kind.FLOAT)
+
+
+def constexpr(name: str) -> Param:
+    return Param(name, Kind.CONSTEXPR)
+
+
+# ---- the fixed groups ---------------------------------------------------------------------------------------
+
+QKV_STRIDES = tuple(f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d"))
+EXTENTS = ("_NH", "_NG", "_M", "_N", "_D", "_E")
+CONSTEXPRS = ("_COUNT_VISITS", "_LAYOUT", "_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION")
+# Per (b, h, query block) a list of key blocks, and its transpose per (b, h, key block) for dK/dV; pointers,
+# their strides and the block sizes (see the runtime's BlockLayout).
+LAYOUT_POINTERS = ("_LKV_IDX", "_LKV_CNT", "_LQ_IDX", "_LQ_CNT")
+LAYOUT_INTS = (
+    *(f"_slk_{a}" for a in "bhmk"),
+    *(f"_slkc_{a}" for a in "bhm"),
+    *(f"_slq_{a}" for a in "bhnk"),
+    *(f"_slqc_{a}" for a in "bhn"),
+    "_QBLK",
+    "_KVBLK",
+)
+
+STRIDES_GROUP = ParamGroup(Group.STRIDES, tuple(i32(n) for n in QKV_STRIDES))
+EXTENTS_GROUP = ParamGroup(Group.EXTENTS, tuple(i32(n) for n in EXTENTS))
+LAYOUT_GROUP = ParamGroup(
+    Group.LAYOUT,
+    (*(pointer(n, "i32") for n in LAYOUT_POINTERS), *(i32(n) for n in LAYOUT_INTS)),
+    gate="_LAYOUT",
+)
+PROBE_GROUP = ParamGroup(Group.PROBE, (pointer("_VISITS", "i32"),), gate="_COUNT_VISITS")
+
+
+def summary_group(count: int) -> ParamGroup:
+    """Per summarised term n: query-tile min and max, key-tile min and max (int64, one per tile)."""
+    names = [f"_S{side}{bound}{n}" for n in range(count) for side in "QK" for bound in ("MIN", "MAX")]
+    return ParamGroup(Group.SUMMARIES, tuple(pointer(x, "i64") for x in names))
+
+
+def constexpr_group(names: Sequence[str] = CONSTEXPRS) -> ParamGroup:
+    return ParamGroup(Group.CONSTEXPRS, tuple(constexpr(n) for n in names))
+
+
+# ---- a kernel's signature ---------------------------------------------------------------------------------------
+
+
+class BindError(TypeError):
+    """Arguments that do not fit a kernel's signature (a missing or unknown group, a wrong count)."""
+
+
+@dataclass(frozen=True)
+class KernelSignature:
+    name: str  # the kernel function's name
+    groups: tuple[ParamGroup, ...]
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return tuple(p for g in self.groups for p in g.params)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def runtime(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.kind is not Kind.CONSTEXPR)
+
+    @property
+    def constexprs(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params if p.kind is Kind.CONSTEXPR)
+
+    def has(self, group: Group) -> bool:
+        return any(g.group is group for g in self.groups)
+
+    def group(self, group: Group) -> ParamGroup:
+        for g in self.groups:
+            if g.group is group:
+                return g
+        raise KeyError(f"{self.name} has no {group.value} parameters")
+
+    def without(self, *groups: Group) -> tuple[ParamGroup, ...]:
+        return tuple(g for g in self.groups if g.group not in groups)
+
+    def triton_types(self, input_dtype: str, absent: Sequence[Group] = ()) -> dict[str, str]:
+        """{parameter: Triton type} of the runtime parameters (for `ASTSource`); the parameters of the
+        gated groups in `absent` are left out (they are bound to None: constexprs)."""
+        skip = {n for g in self.groups if g.group in absent for n in g.names}
+        return {p.name: p.triton_type(input_dtype) for p in self.runtime if p.name not in skip}
+
+    def bind(self, **values: Sequence[object] | Mapping[str, object] | None) -> dict[str, object]:
+        """Arguments by name, from values per group (keyword: the group's name, e.g. `io=(q, k, v, ...)`):
+        a sequence in the group's order or a mapping by parameter name. A gated group given None (or not
+        given) binds None to each of its parameters and False to its gate."""
+        known = {g.group.value for g in self.groups}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise BindError(
+                f"{self.name}: no parameter group {', '.join(unknown)} (groups: {', '.join(known)})"
+            )
+        # A gate follows from whether its group was given, unless the caller sets it.
+        gates = {g.gate: values.get(g.group.value) is not None for g in self.groups if g.gate is not None}
+        out: dict[str, object] = {}
+        for g in self.groups:
+            given = values.get(g.group.value)
+            if given is None:
+                if g.gate is None and g.params:
+                    raise BindError(
+                        f"{self.name}: missing the {g.group.value} parameters {', '.join(g.names)}"
+                    )
+                out.update(dict.fromkeys(g.names))
+                continue
+            if isinstance(given, Mapping):
+                given = {**{n: v for n, v in gates.items() if n in g.names}, **given}
+                missing = [n for n in g.names if n not in given]
+                extra = sorted(set(given) - set(g.names))
+                if missing or extra:
+                    raise BindError(
+                        f"{self.name}: {g.group.value} parameters: missing {missing or 'none'}, "
+                        f"unknown {extra or 'none'}"
+                    )
+                out.update({n: given[n] for n in g.names})
+            else:
+                seq = tuple(given)
+                if len(seq) != len(g.params):
+                    raise BindError(
+                        f"{self.name}: {len(seq)} values for the {len(g.params)} {g.group.value} parameters "
+                        f"({', '.join(g.names)})"
+                    )
+                out.update(zip(g.names, seq, strict=True))
+        return out

@@ -1,0 +1,88 @@
+"""Compare two sets of `attnc inspect` tables (sm_90 registers and spill bytes per kernel), before and after a
+change, and write the comparison as JSON (static data, made on a CPU by the ahead-of-time compile).
+
+    for s in examples/specs/*.attn; do for d in 64 128; do
+        python -m attnc inspect $s --head-dim $d > DIR/$(basename $s .attn)_d$d.txt; done; done
+    python benchmarks/aot_table.py BEFORE_DIR AFTER_DIR --json benchmarks/results/aot_sm90.json
+
+Prints a Markdown table and exits 1 when any kernel got more registers or spills than before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def read_table(path: Path) -> dict[str, tuple[int, int]]:
+    """{kernel: (registers, spill bytes)} of the sm_90 rows of an `attnc inspect` table."""
+    rows: dict[str, tuple[int, int]] = {}
+    lines = path.read_text().splitlines()
+    for line in lines[2:]:
+        cells = line.split()
+        if len(cells) >= 7 and cells[1] == "sm_90":
+            rows[cells[0]] = (int(cells[5]), int(cells[6]))
+    return rows
+
+
+def compare(before: Path, after: Path) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = []
+    for b in sorted(before.glob("*.txt")):
+        a = after / b.name
+        old, new = read_table(b), read_table(a) if a.exists() else {}
+        for kernel, (regs, spill) in old.items():
+            got = new.get(kernel)
+            out.append(
+                {
+                    "table": b.stem,
+                    "kernel": kernel,
+                    "regs_before": regs,
+                    "regs_after": None if got is None else got[0],
+                    "spill_before": spill,
+                    "spill_after": None if got is None else got[1],
+                }
+            )
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("before", type=Path)
+    ap.add_argument("after", type=Path)
+    ap.add_argument("--json", type=Path, help="write the comparison here")
+    ap.add_argument("--note", default="", help="what the two sides are (stored in the JSON)")
+    args = ap.parse_args(argv)
+    rows = compare(args.before, args.after)
+    worse = [
+        r
+        for r in rows
+        if r["regs_after"] is None
+        or r["regs_after"] > r["regs_before"]  # type: ignore[operator]
+        or r["spill_after"] > r["spill_before"]  # type: ignore[operator]
+    ]
+    print("| table | kernel | regs before | regs after | spill B before | spill B after |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['table']} | {r['kernel']} | {r['regs_before']} | {r['regs_after']} | "
+            f"{r['spill_before']} | {r['spill_after']} |"
+        )
+    print(
+        f"\n{len(rows)} kernels, {len(worse)} worse, {sum(r['regs_after'] != r['regs_before'] for r in rows)} changed"
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        doc = {
+            "format": "attnc-aot-comparison",
+            "made_on": "CPU (ahead-of-time compile for sm_90 with the triton wheel's ptxas; no GPU)",
+            "note": args.note,
+            "rows": rows,
+        }
+        args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    return 1 if worse else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

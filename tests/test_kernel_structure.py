@@ -1,0 +1,158 @@
+"""The generated kernels as structure: one loop-body helper per kind, called by the kernels (no repeated loop
+body), and one typed signature per kernel whose optional groups are absent or gated.
+
+These inspect the generated kernels file with Python's `ast` (the generated code itself, not its text) and the
+signatures the writer built, for every example spec.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+from attnc.codegen.triton.kernels import KERNEL_KINDS, KernelWriter
+from attnc.codegen.triton.module import render_kernels
+from attnc.dsl.lower import compile_to_ir
+
+from attnc.runtime.signature import BindError, Group, Kind
+
+SPECS = Path(__file__).resolve().parents[1] / "examples" / "specs"
+# The quadratic-form specs (the linear family's own kernels are codegen/triton/linear_kernels.py).
+EXAMPLES = sorted(p.stem for p in SPECS.glob("*.attn"))
+HELPERS = ("fwd_inner", "dkdv_inner", "dq_inner")
+# Which helper each kernel's tile loop calls (the combine has no tile loop).
+CALLS = {"fwd": "fwd_inner", "fwd_split": "fwd_inner", "bwd_dkdv": "dkdv_inner", "bwd_dq": "dq_inner"}
+
+
+def _module(stem: str) -> tuple[ast.Module, list[KernelWriter]]:
+    program = compile_to_ir((SPECS / f"{stem}.attn").read_text(), f"{stem}.attn")
+    writers = [KernelWriter(att) for att in program.attentions]
+    text = render_kernels(program, [w.kernels()[0] for w in writers])
+    return ast.parse(text), writers
+
+
+def _loops(fn: ast.FunctionDef) -> list[ast.For]:
+    return [n for n in ast.walk(fn) if isinstance(n, ast.For)]
+
+
+def _tile_loops(fn: ast.FunctionDef) -> list[ast.For]:
+    return [n for n in _loops(fn) if isinstance(n.target, ast.Name) and n.target.id in ("start_n", "start_m")]
+
+
+def _calls(fn: ast.FunctionDef) -> list[str]:
+    return [n.func.id for n in ast.walk(fn) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+
+
+@pytest.mark.parametrize("stem", EXAMPLES)
+def test_one_loop_body_helper_per_kind_and_kernels_call_it(stem: str) -> None:
+    tree, writers = _module(stem)
+    fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for w in writers:
+        nm = w.att.name
+        for h in HELPERS:
+            helper = fns[f"_{nm}_{h}"]
+            # The helper is the only place the loop body is written: exactly one tile loop, at its top level.
+            assert len(_tile_loops(helper)) == 1, (nm, h)
+            assert _tile_loops(helper)[0] in helper.body
+        for kind in KERNEL_KINDS:
+            kernel = fns[f"_{nm}_{kind}_kernel"]
+            assert not _tile_loops(kernel), f"{nm} {kind}: a tile loop body written in the kernel"
+            called = [c for c in _calls(kernel) if c.startswith(f"_{nm}_") and c.endswith("_inner")]
+            if kind in CALLS:
+                # Once per plan interval, in each of the two forms (plain range, runtime block layout).
+                n = len(w.kv_intervals if CALLS[kind] != "dkdv_inner" else w.q_intervals)
+                assert called == [f"_{nm}_{CALLS[kind]}"] * (2 * n), (nm, kind, called)
+            else:
+                assert not called, (nm, kind, called)
+        # The helper's parameters and each call's arguments agree in number.
+        for name, fn in fns.items():
+            for call in (c for c in ast.walk(fn) if isinstance(c, ast.Call) and isinstance(c.func, ast.Name)):
+                if call.func.id in fns and call.func.id.endswith("_inner"):
+                    assert len(call.args) == len(fns[call.func.id].args.args), (name, call.func.id)
+
+
+@pytest.mark.parametrize("stem", EXAMPLES)
+def test_kernel_defs_come_from_their_signatures(stem: str) -> None:
+    tree, writers = _module(stem)
+    fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for w in writers:
+        for k in w.kernels()[1]:
+            fn = fns[k.name]
+            assert tuple(a.arg for a in fn.args.args) == k.signature.names
+            annotated = {a.arg for a in fn.args.args if a.annotation is not None}
+            assert annotated == set(k.signature.constexprs)
+
+
+def _writer(text: str) -> KernelWriter:
+    (att,) = compile_to_ir(text, "t.attn").attentions
+    w = KernelWriter(att)
+    w.kernels()
+    return w
+
+
+CAUSAL = """
+attention causal(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D]) {
+    score = dot(q, k) * D ** -0.5
+    mask  = j <= i
+}
+"""
+DOCUMENT = """
+attention doc(q: [B, H, M, D], k: [B, H, N, D], v: [B, H, N, D], ids: [B, N] int32) {
+    score = dot(q, k) * D ** -0.5
+    mask  = ids[b, i] == ids[b, j] and j <= i
+}
+"""
+
+
+def test_a_kernel_without_summaries_does_not_carry_them() -> None:
+    plain, doc = _writer(CAUSAL), _writer(DOCUMENT)
+    for k in plain.kernels()[1]:
+        assert not k.signature.has(Group.SUMMARIES), k.name
+        assert not any(
+            n.startswith("_S") and n[2:5] in ("QMI", "QMA", "KMI", "KMA") for n in k.signature.names
+        )
+    for k in doc.kernels()[1]:
+        if k.name.endswith("_fwd_combine_kernel"):
+            continue
+        assert k.signature.group(Group.SUMMARIES).names == ("_SQMIN0", "_SQMAX0", "_SKMIN0", "_SKMAX0")
+
+
+def test_unused_layout_and_probe_groups_are_gated_and_bind_to_none() -> None:
+    """The layout and the visit probe are read only under their constexprs; a launch (or an AOT compile)
+    without them binds None to every parameter of the group (Triton specialises None as a constexpr, so the
+    compiled kernel does not carry them) and False to the gate."""
+    w = _writer(CAUSAL)
+    sig = next(k.signature for k in w.kernels()[1] if k.name.endswith("_fwd_kernel"))
+    assert sig.group(Group.LAYOUT).gate == "_LAYOUT"
+    assert sig.group(Group.PROBE).gate == "_COUNT_VISITS"
+    io = dict.fromkeys(sig.group(Group.IO).names, object())
+    bound = sig.bind(
+        io=io,
+        spec=[1] * len(sig.group(Group.SPEC).params),
+        uniforms=[1.0] * len(sig.group(Group.UNIFORMS).params),
+        strides=range(16),
+        extents=range(6),
+        constexprs={"_BLOCK_M": 64, "_BLOCK_N": 64, "_BLOCK_D": 64, "_BLOCK_E": 64, "_DOT_PRECISION": "tf32"},
+    )
+    assert list(bound) == list(sig.names)
+    assert all(bound[n] is None for n in (*sig.group(Group.LAYOUT).names, *sig.group(Group.PROBE).names))
+    assert bound["_LAYOUT"] is False and bound["_COUNT_VISITS"] is False
+    types = sig.triton_types("fp16", absent=(Group.LAYOUT, Group.PROBE))
+    assert "_LKV_IDX" not in types and "_VISITS" not in types
+    assert types["_Q"] == "*fp16" and types["_STAT"] == "*fp32" and types["_M"] == "i32"
+    bound_spec = [1] * len(sig.group(Group.SPEC).params)
+    bound_uniforms = [1.0] * len(sig.group(Group.UNIFORMS).params)
+    with pytest.raises(BindError, match="strides"):
+        sig.bind(
+            io=io, spec=bound_spec, uniforms=bound_uniforms, strides=range(3), extents=range(6), constexprs={}
+        )
+
+
+def test_signature_kinds() -> None:
+    w = _writer(DOCUMENT)
+    sig = next(k.signature for k in w.kernels()[1] if k.name.endswith("_fwd_kernel"))
+    spec = {p.name: p for p in sig.group(Group.SPEC).params}
+    assert spec["_a_ids"].kind is Kind.POINTER and spec["_a_ids"].dtype == "i32"
+    assert spec["_s_ids_0"].kind is Kind.INT32
+    assert all(p.kind is Kind.CONSTEXPR for p in sig.group(Group.CONSTEXPRS).params)
