@@ -194,17 +194,22 @@ def test_alibi_trains_loss_goes_down() -> None:
 
 
 def test_triton_interpreter_backend_forward_and_backward() -> None:
-    """The Triton kernels (interpreter on CPU) inside the model: logits and gradients match sdpa."""
+    """The Triton kernels (interpreter on CPU) inside the model: loss and gradients match sdpa, and greedy
+    decoding (one query row per step: the split-KV forward) gives sdpa's tokens."""
     attnc_hf.register_spec(attnc_hf.spec_path("causal"), name="attnc_test_causal_triton", backend="triton")
     model = llama(num_hidden_layers=1)
-    ids, mask = batch([16, 10], 16, False)
+    ids, mask = batch([16, 10], 16, left=True)
     want_loss, want = grads(model, "sdpa", ids, mask)
     got_loss, got = grads(model, "attnc_test_causal_triton", ids, mask)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_loss, want_loss, atol=LOGITS_ATOL, rtol=0)
     for name, g in want.items():
         torch.testing.assert_close(
-            got[name], g, atol=1e-3 * g.abs().max().item(), rtol=0, msg=lambda m, n=name: f"{n}: {m}"
+            got[name], g, atol=GRAD_RTOL * g.abs().max().item(), rtol=0, msg=lambda m, n=name: f"{n}: {m}"
         )
+    model.eval()
+    ids, mask = batch([6, 3], 6, left=True)
+    want = generate(model, "sdpa", ids, mask, 4)
+    assert torch.equal(generate(model, "attnc_test_causal_triton", ids, mask, 4), want)
 
 
 # ---- what the operator cannot honour raises, never a silent wrong result -------------------------------------
