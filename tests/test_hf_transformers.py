@@ -321,3 +321,31 @@ def test_non_causal_spec_is_refused() -> None:
     q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 4, 5, 16), torch.randn(1, 4, 5, 16)
     with pytest.raises(ValueError, match="attends keys that transformers' causal mask excludes"):
         fn(module, q, k, v, None, scaling=16**-0.5)
+
+
+def _python_blocks(text: str) -> list[str]:
+    blocks, inside = [], None
+    for line in text.splitlines():
+        if inside is None and line.strip() == "```python":
+            inside = []
+        elif inside is not None and line.strip() == "```":
+            blocks.append("\n".join(inside))
+            inside = None
+        elif inside is not None:
+            inside.append(line)
+    return blocks
+
+
+def test_docs_snippets_run() -> None:
+    """docs/transformers.md's snippets (run in order, as one session) and README's transformers section."""
+    repo = SPECS.parent.parent
+    docs = _python_blocks((repo / "docs" / "transformers.md").read_text())
+    assert len(docs) >= 3
+    env: dict = {"__name__": "docs_example"}
+    exec(compile("\n".join(docs), "docs/transformers.md", "exec"), env)
+    assert env["out"].shape == (2, 32) and env["logits"].shape == (2, 12, VOCAB)
+    readme = (repo / "README.md").read_text().split("## Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = _python_blocks(readme)
+    env = {"__name__": "readme_example"}
+    exec(compile(snippet, "README.md", "exec"), env)
+    assert env["out"].shape == (1, 28)
