@@ -194,17 +194,22 @@ def test_alibi_trains_loss_goes_down() -> None:
 
 
 def test_triton_interpreter_backend_forward_and_backward() -> None:
-    """The Triton kernels (interpreter on CPU) inside the model: logits and gradients match sdpa."""
+    """The Triton kernels (interpreter on CPU) inside the model: loss and gradients match sdpa, and greedy
+    decoding (one query row per step: the split-KV forward) gives sdpa's tokens."""
     attnc_hf.register_spec(attnc_hf.spec_path("causal"), name="attnc_test_causal_triton", backend="triton")
     model = llama(num_hidden_layers=1)
-    ids, mask = batch([16, 10], 16, False)
+    ids, mask = batch([16, 10], 16, left=True)
     want_loss, want = grads(model, "sdpa", ids, mask)
     got_loss, got = grads(model, "attnc_test_causal_triton", ids, mask)
-    torch.testing.assert_close(got_loss, want_loss, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got_loss, want_loss, atol=LOGITS_ATOL, rtol=0)
     for name, g in want.items():
         torch.testing.assert_close(
-            got[name], g, atol=1e-3 * g.abs().max().item(), rtol=0, msg=lambda m, n=name: f"{n}: {m}"
+            got[name], g, atol=GRAD_RTOL * g.abs().max().item(), rtol=0, msg=lambda m, n=name: f"{n}: {m}"
         )
+    model.eval()
+    ids, mask = batch([6, 3], 6, left=True)
+    want = generate(model, "sdpa", ids, mask, 4)
+    assert torch.equal(generate(model, "attnc_test_causal_triton", ids, mask, 4), want)
 
 
 # ---- what the operator cannot honour raises, never a silent wrong result -------------------------------------
@@ -254,6 +259,11 @@ def test_masks_it_cannot_honour_raise(causal: str) -> None:
         fn(module, q, k, v, torch.ones(2, 1, 5, 5, dtype=torch.bool))  # bidirectional
     with pytest.raises(ValueError, match="not the causal"):
         fn(module, q, k, v, causal_mask & ~torch.eye(5, dtype=torch.bool))  # a hole that is not padding
+    per_head = causal_mask.expand(2, 4, 5, 5).clone()
+    torch.testing.assert_close(fn(module, q, k, v, per_head)[0], out)  # the same mask for every head
+    per_head[:, 1, 4, 0] = False
+    with pytest.raises(ValueError, match="not the causal"):
+        fn(module, q, k, v, per_head)  # heads that differ
     module.is_causal = False
     with pytest.raises(ValueError, match="bidirectional"):
         fn(module, q, k, v, None)
@@ -274,3 +284,68 @@ def test_bare_generated_function_without_padding(compiled) -> None:
     with pytest.raises(ValueError, match="register_spec"):
         logits(model, "attnc_test_bare", ids, mask)
     assert fn.operator.att is None
+
+
+SOFTCAP_SPEC = """
+attention capped(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, E], scale: float = D ** -0.5, cap: float = 50.0) {
+    let s = dot(q, k) * scale
+    score = cap * tanh(s / cap)
+    mask  = j <= i + N - M
+}
+"""
+
+
+def test_softcap_and_scaling_reach_the_spec(causal: str) -> None:
+    """Gemma-style arguments: scaling goes to `scale`, softcap to `cap` (the oracle: eager attention with
+    tanh capping after scaling, as transformers' eager Gemma 2 computes it)."""
+    fn = attnc_hf.register_spec(SOFTCAP_SPEC, name="attnc_test_softcap")
+    module = llama().model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 6, 16, generator=g) * 3 for h in (4, 2, 2))
+    out, _ = fn(module, q, k, v, None, scaling=0.3, softcap=2.0)
+    kk, vv = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    s = 2.0 * torch.tanh(q @ kk.transpose(-1, -2) * 0.3 / 2.0)
+    s = s.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    want = (s.softmax(-1) @ vv).transpose(1, 2)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="soft-capping"):
+        attnc_hf.AttentionFunction(attnc_hf.Operator.from_spec(attnc_hf.spec_path("causal")))(
+            module, q, k, v, None, scaling=0.3, softcap=2.0
+        )
+
+
+def test_non_causal_spec_is_refused() -> None:
+    """examples/specs/softcap.attn attends every key (no mask): not a decoder's attention."""
+    fn = attnc_hf.register_spec(SPECS / "softcap.attn", name="attnc_test_full")
+    module = llama().model.layers[0].self_attn
+    q, k, v = torch.randn(1, 4, 5, 16), torch.randn(1, 4, 5, 16), torch.randn(1, 4, 5, 16)
+    with pytest.raises(ValueError, match="attends keys that transformers' causal mask excludes"):
+        fn(module, q, k, v, None, scaling=16**-0.5)
+
+
+def _python_blocks(text: str) -> list[str]:
+    blocks, inside = [], None
+    for line in text.splitlines():
+        if inside is None and line.strip() == "```python":
+            inside = []
+        elif inside is not None and line.strip() == "```":
+            blocks.append("\n".join(inside))
+            inside = None
+        elif inside is not None:
+            inside.append(line)
+    return blocks
+
+
+def test_docs_snippets_run() -> None:
+    """docs/transformers.md's snippets (run in order, as one session) and README's transformers section."""
+    repo = SPECS.parent.parent
+    docs = _python_blocks((repo / "docs" / "transformers.md").read_text())
+    assert len(docs) >= 3
+    env: dict = {"__name__": "docs_example"}
+    exec(compile("\n".join(docs), "docs/transformers.md", "exec"), env)
+    assert env["out"].shape == (2, 32) and env["logits"].shape == (2, 12, VOCAB)
+    readme = (repo / "README.md").read_text().split("## Hugging Face transformers", 1)[1].split("\n## ", 1)[0]
+    (snippet,) = _python_blocks(readme)
+    env = {"__name__": "readme_example"}
+    exec(compile(snippet, "README.md", "exec"), env)
+    assert env["out"].shape == (1, 28)

@@ -458,7 +458,7 @@ class AttentionFunction:
             if window is not None:
                 pattern = pattern & (i - j < window)
             expected = pattern[None, None] & kv_valid[:, None, None, :]
-            if not torch.equal(allowed.expand_as(expected), expected):
+            if not torch.equal(*torch.broadcast_tensors(allowed, expected)):  # per-head masks too
                 raise ValueError(
                     f"attnc operator {name}: the model's attention mask is not the causal"
                     f"{' sliding-window' if window is not None else ''} pattern (bottom-right aligned: query "
