@@ -24,7 +24,9 @@ TOL = {
     torch.float32: {"out": (2e-5, 1e-4), "grad": (5e-5, 1e-4)},
     torch.float16: {"out": (4e-3, 4e-3), "grad": (1e-3, 1e-3)},
 }
-SMALL = dl.DeltaConfig(chunk=16, ckpt=8, block_e=16)  # two E-blocks at E = 32, several chunks at T ≤ 40
+# Two E-blocks at E = 32, several chunks at T ≤ 40; the chunked cases take the chunkwise (WY) backward here,
+# the default route (the recurrent backward from chunk-boundary states) in test_chunked_and_recurrent_agree.
+SMALL = dl.DeltaConfig(chunk=16, ckpt=8, block_e=16, wy_backward=True)
 
 
 # ---------------------------------------------------------------------------------------------- oracles
@@ -233,19 +235,31 @@ def test_reference_backend_float64_and_float32() -> None:
 
 
 def test_chunked_and_recurrent_agree() -> None:
-    case = Case("gated", "chunk", T=19)
-    x = make_inputs(case, seed=3)
-    do = torch.randn(case.B, case.H, case.T, case.E, dtype=torch.float64)
-    ds = torch.randn(case.B, case.H, case.E, case.D, dtype=torch.float64)
-    out = {}
-    for alg in ("chunk", "recurrent"):
-        c = Case("gated", alg, T=19)
-        out[alg] = grads(lambda z, c=c: run_library(c, z, torch.float32), x, do, ds)
-    (oc, sc, gc), (orr, sr, gr) = out["chunk"], out["recurrent"]
-    torch.testing.assert_close(oc, orr, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(sc, sr, atol=1e-5, rtol=1e-5)
-    for n in gc:
-        torch.testing.assert_close(gc[n], gr[n], atol=2e-5, rtol=1e-5, msg=lambda m, n=n: f"d{n}: {m}")
+    """The chunked forward with each of its two backward routes (the chunkwise WY kernel; the recurrent
+    kernel restarted from the chunk-boundary states) against the recurrent algorithm."""
+    x = make_inputs(Case("gated", "chunk", T=19), seed=3)
+    do = torch.randn(1, 1, 19, 16, dtype=torch.float64)
+    ds = torch.randn(1, 1, 16, 16, dtype=torch.float64)
+    runs = {
+        "recurrent": (Case("gated", "recurrent", T=19), SMALL),
+        "chunk-wy": (Case("gated", "chunk", T=19), SMALL),
+        "chunk-by-recurrence": (Case("gated", "chunk", T=19), dl.DeltaConfig(chunk=16, ckpt=8, block_e=16)),
+    }  # fmt: skip
+    out = {
+        k: grads(lambda z, c=c, cfg=cfg: run_library(c, z, torch.float32, cfg), x, do, ds)
+        for k, (c, cfg) in runs.items()
+    }
+    o_r, s_r, g_r = out["recurrent"]
+    for label in ("chunk-wy", "chunk-by-recurrence"):
+        o, s, g = out[label]
+        torch.testing.assert_close(o, o_r, atol=1e-5, rtol=1e-5, msg=lambda m, label=label: f"{label} o: {m}")
+        torch.testing.assert_close(
+            s, s_r, atol=1e-5, rtol=1e-5, msg=lambda m, label=label: f"{label} state: {m}"
+        )
+        for n in g:
+            torch.testing.assert_close(
+                g[n], g_r[n], atol=2e-5, rtol=1e-5, msg=lambda m, n=n, label=label: f"{label} d{n}: {m}"
+            )
 
 
 def test_chunked_prefill_then_recurrent_decoding_continues_exactly() -> None:
@@ -430,6 +444,7 @@ def aot_jobs(head_dim: int, dtype: str, every_variant: bool = False) -> list:
                     **{n: f32 for n in ("G", "HS", "DO", "DSN", "DQ", "DK", "DV", "DBETA", "DG", "DS0")},
                     **ints,
                     "NBH": i32,
+                    "NE_PART": i32,
                 },
                 {**shape, "CHUNK": cfg.chunk, "HAS_G": has_g, "HAS_DSN": True, "DOT_PRECISION": "tf32"},
                 **run,
@@ -439,13 +454,20 @@ def aot_jobs(head_dim: int, dtype: str, every_variant: bool = False) -> list:
 
 
 def _compile_and_check(jobs: list) -> None:
+    """Every job compiles; every kernel the default configuration runs is free of spills."""
     from attnc.codegen.triton.aot import KernelReport, compile_reports, format_table
 
     reports = compile_reports(jobs, max_workers=2, raise_on_error=False)
     failed = [str(r) for r in reports if not isinstance(r, KernelReport)]
     assert not failed, "\n".join(failed)
     print(format_table(reports))  # registers and spills, shown with -s
-    spills = [f"{r.name} {r.config}: {r.spill_bytes} B" for r in reports if r.spill_bytes]
+    # The chunkwise (WY) backward is opt-in (DeltaConfig.wy_backward) because it still spills: checked to
+    # compile, its spills printed, not asserted.
+    spills = [
+        f"{r.name} {r.config}: {r.spill_bytes} B"
+        for r in reports
+        if r.spill_bytes and r.name != "_delta_chunk_bwd_kernel"
+    ]
     assert not spills, "\n".join(spills)
 
 

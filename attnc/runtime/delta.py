@@ -30,8 +30,9 @@ Entry points (all take [B, H, T, D]-layout tensors; see docs/delta.md):
 - `dplr_reference(...)`: the exact token-by-token PyTorch recurrence (float32, or float64 for float64 input).
 
 Algorithms (`algorithm=`): "recurrent" (token by token, any variant; Triton forward and backward),
-"chunk" (the WY / UT-transform chunked forward for scalar gates — DeltaNet, Gated DeltaNet — whose backward
-is the recurrent backward, re-started from the chunk-boundary states the forward stored), "reference"
+"chunk" (the WY / UT-transform chunked forward for scalar gates — DeltaNet, Gated DeltaNet; its backward
+starts from the chunk-boundary states the forward stored and runs either the recurrent backward kernel
+(default) or the chunkwise WY backward kernel, DeltaConfig(wy_backward=True)), "reference"
 (PyTorch), "auto" (chunk for scalar gates when T ≥ 64, else recurrent). CPU tensors run the Triton kernels
 under the Triton interpreter.
 
@@ -84,7 +85,10 @@ class DeltaConfig:
     block_e: int = 32
     num_warps: int = 4
     num_stages: int = 1  # the kernels are sequential over tokens/chunks: nothing to pipeline across loads
-    wy_backward: bool = True  # chunked path: the chunkwise backward kernel (False: the recurrent backward)
+    # Chunked path's backward: the chunkwise (WY) kernel, or (default) the recurrent backward kernel restarted
+    # from the chunk-boundary states. Both are exact and tested; the WY kernel still spills on sm_90
+    # (1-2 KB at D = 64 and 128), so it is opt-in until its register use is cut.
+    wy_backward: bool = False
 
     def __post_init__(self) -> None:
         for name in ("chunk", "ckpt", "block_e"):
@@ -461,7 +465,7 @@ def _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
     be = max(16, min(cfg.block_e, _next_pow2(E)))
     ne, nc = _cdiv(E, be), hs.shape[2]
     dq = torch.empty(ne, B, H, T, D, device=dev, dtype=f32)
-    dk = torch.empty_like(dq)
+    dk = torch.empty(2 * ne, B, H, T, D, device=dev, dtype=f32)  # two parts per E-block, added below
     dv = torch.empty(B, H, T, E, device=dev, dtype=f32)
     dbeta = torch.empty(ne, B, H, T, device=dev, dtype=f32)
     dg = torch.empty_like(dbeta) if g is not None else _dummy(q)
@@ -471,7 +475,8 @@ def _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
     kern._delta_chunk_bwd_kernel[(ne, B * H)](
         q, k, v, beta, d if g is None else g, hs, do.contiguous(), d if dsn is None else dsn.contiguous(),
         dq, dk, dv, dbeta, dg, ds0,
-        T, H, B * H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, beta), _rep(shape, g), nc,
+        T, H, B * H, ne * B * H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, beta),
+        _rep(shape, g), nc,
         D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=be, CHUNK=cfg.chunk, HAS_G=g is not None,
         HAS_DSN=dsn is not None, DOT_PRECISION="ieee" if fp32_in else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -487,7 +492,8 @@ def _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
 
 
 class _ChunkFn(torch.autograd.Function):
-    """Chunked forward (WY), chunked backward (`_delta_chunk_bwd_kernel`) from the chunk-boundary states."""
+    """Chunked forward (WY); backward from the chunk-boundary states by the chunkwise kernel
+    (`DeltaConfig.wy_backward`) or by the recurrent backward kernel (default)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, shape, cfg):  # type: ignore[override]
@@ -518,9 +524,9 @@ class _ChunkFn(torch.autograd.Function):
 
 
 def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
-    """The same gradients by the recurrent backward in DPLR form, restarted from the chunk-boundary states,
-    with the chain rule back to (k, v, β, g) done by autograd on the elementwise mapping (a second,
-    independent route: DeltaConfig(wy_backward=False))."""
+    """The chunked path's gradients by the recurrent backward in DPLR form, restarted from the chunk-boundary
+    states, with the chain rule back to (k, v, β, g) done by autograd on the elementwise mapping (the
+    default; DeltaConfig(wy_backward=True) selects the chunkwise kernel)."""
     H = shape.H
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(True) for x in (k, v, beta)]

@@ -19,6 +19,9 @@ Kernels:
   section 3.3): one small unit-lower-triangular solve per chunk, the state passed across chunks.
   Log-gates are cumulated in float32 inside each chunk relative to the chunk's start, so every exponent
   taken is ≤ 0 and nothing overflows at any T.
+- `_delta_chunk_bwd_kernel`: its chunkwise backward, chunk by chunk from the last, carrying dS and
+  recomputing each chunk's WY factors from the stored chunk-boundary state (opt-in: it still spills on sm_90;
+  by default the chunked path's backward is `_delta_recurrent_bwd_kernel` restarted from those states).
 
 Builtins only (tl.reduce / tl.associative_scan with the standard combiners, tl.full): the kernels work in
 whichever mode Triton was imported in, which the interpreter-based CPU tests rely on. State and every
@@ -408,6 +411,7 @@ def _delta_chunk_bwd_kernel(
     T,
     H,
     NBH,
+    NE_PART,
     REP_Q,
     REP_K,
     REP_V,
@@ -434,7 +438,7 @@ def _delta_chunk_bwd_kernel(
         Γ = cumsum(g):                     dg_j = Σ_{i ≥ j} dΓ_i
 
     Outputs as the recurrent backward: DV [B, H, T, E], DS0 [B, H, E, D]; partial over E-blocks
-    DQ/DK [NE, B, H, T, D], DBETA/DG [NE, B, H, T]."""
+    DQ [NE, B, H, T, D], DK [2, NE, B, H, T, D] (two parts), DBETA/DG [NE, B, H, T]; NE_PART = NE·B·H."""
     pid_e = tl.program_id(0)
     bh = tl.program_id(1)
     offs_d = tl.arange(0, BLOCK_D)
@@ -466,7 +470,6 @@ def _delta_chunk_bwd_kernel(
         kd = tm[:, None] & dmask[None, :]
         ve = tm[:, None] & emask[None, :]
         Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
-        Qc = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
         Vc = tl.load(V + (rv + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0).to(tl.float32)
         dO = tl.load(DO + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0)
         beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
@@ -500,6 +503,7 @@ def _delta_chunk_bwd_kernel(
         dgam = -dr * r
         dSn = tl.exp(gl) * dS
         # the outputs
+        Qc = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
         qk = tl.dot(Qc, tl.trans(Kc), input_precision=DOT_PRECISION)
         P = decay * qk
         dU += tl.dot(tl.trans(P), dO, input_precision=DOT_PRECISION)
@@ -512,6 +516,12 @@ def _delta_chunk_bwd_kernel(
         dDm = dP * qk
         dQ += tl.dot(dqk, Kc, input_precision=DOT_PRECISION)
         dK += tl.dot(tl.trans(dqk), Qc, input_precision=DOT_PRECISION)
+        # Stored as soon as they are final (dK in two parts the host adds), and K, V re-read below, so that
+        # fewer [C, D] tiles stay live at once (register pressure on sm_90).
+        row = (part * T + t[:, None]) * D + offs_d[None, :]
+        tl.store(DQ + row, dQ, mask=kd)
+        tl.store(DK + row, dK, mask=kd)
+        Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
         # U = Ũ − W Sᵀ with Ũ = X diag(β) V, W = X diag(β e^Γ) K
         dW = -tl.dot(dU, S, input_precision=DOT_PRECISION)
         dSn -= tl.dot(tl.trans(dU), W, input_precision=DOT_PRECISION)
@@ -520,9 +530,10 @@ def _delta_chunk_bwd_kernel(
         dVb = tl.dot(tl.trans(X), dU, input_precision=DOT_PRECISION)
         dKb = tl.dot(tl.trans(X), dW, input_precision=DOT_PRECISION)
         tl.store(DV + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :], beta[:, None] * dVb, mask=ve)
+        Vc = tl.load(V + (rv + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0).to(tl.float32)
         dbeta = _dsum(Vc * dVb, 1)
         kdkb = _dsum(Kc * dKb, 1)
-        dK += (beta * eg)[:, None] * dKb
+        dK = (beta * eg)[:, None] * dKb
         dbeta += eg * kdkb
         dgam += beta * kdkb * eg
         # X = (I + A)⁻¹, A = strict-lower(β_i D_ij k_i·k_j)
@@ -538,9 +549,7 @@ def _delta_chunk_bwd_kernel(
         dgam += _dsum(M, 1) - _dsum(M, 0)
         dgam += tl.where(last, dgl, 0.0)
         dg = _dsum(dgam, 0) - _dcumsum(dgam) + dgam  # Σ_{i ≥ j} dΓ_i
-        row = (part * T + t[:, None]) * D + offs_d[None, :]
-        tl.store(DQ + row, dQ, mask=kd)
-        tl.store(DK + row, dK, mask=kd)
+        tl.store(DK + NE_PART * T * D + row, dK, mask=kd)
         tl.store(DBETA + part * T + t, dbeta, mask=tm)
         if HAS_G:
             tl.store(DG + part * T + t, dg, mask=tm)
