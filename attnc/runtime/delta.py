@@ -87,7 +87,7 @@ class DeltaConfig:
     num_stages: int = 1  # the kernels are sequential over tokens/chunks: nothing to pipeline across loads
     # Chunked path's backward: the chunkwise (WY) kernel, or (default) the recurrent backward kernel restarted
     # from the chunk-boundary states. Both are exact and tested; the WY kernel still spills on sm_90
-    # (1-2 KB at D = 64 and 128), so it is opt-in until its register use is cut.
+    # (0.8-2.3 KB at D = 64 and 128), so it is opt-in until its register use is cut.
     wy_backward: bool = False
 
     def __post_init__(self) -> None:
