@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 from attnc.dsl.ir import Attention, DType, TensorType
 
-from ..reference_runtime import _default_config, _default_split_config, _KernelConfig, _next_pow2
+from attnc.runtime.layout import _next_pow2
+from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig
+
 from .aot import CompileJob
 from .expr import aux_name, scalar_name
 from .kernels import _EXTENTS, _QKV_STRIDES, LAYOUT_INTS, LAYOUT_POINTERS, KernelWriter
