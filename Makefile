@@ -1,13 +1,14 @@
 # Two entry points for a fresh machine (see README):
 #   make demo   create .venv, install attnc, compile examples/specs/*.attn, run and check them against oracles
 #   make test   the same install plus dev extras, then the test suite (this is what CI runs)
+#   make golden rewrite tests/golden/ (generated modules and kernels files) after an intended codegen change
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch lies on this project's machines; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?= -q -n 2
 
-.PHONY: demo test lint format clean
+.PHONY: demo test golden lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,6 +24,10 @@ test: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	PY=$(PY) .ci/lint-imports
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+golden: $(VENV)/.installed
+	ATTNC_REGEN_GOLDEN=1 $(PY) -m pytest -q tests/test_codegen_module.py -k golden
+	git status --short tests/golden
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff format .

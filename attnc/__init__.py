@@ -37,13 +37,27 @@ __all__ = ["SpecError", "__version__", "compile", "compile_file", "compile_sourc
 
 def compile(spec: str | _os.PathLike[str], **kwargs: Any) -> ModuleType:
     """Compile a spec to an imported module: `spec` is a path to a `.attn` file or the spec text itself.
-    Keyword arguments go to `attnc.codegen.compile_source` (`target=`, `cache_dir=`). Raises SpecError."""
+    Keyword arguments go to `attnc.codegen.compile_source` (`target=`, `cache_dir=`). Raises SpecError.
+    With ATTNC_AUTOTUNE=1 the module tunes a key it has no config for on its first call
+    (attnc.autotune.online; the code generator itself installs no tuner)."""
     from attnc.codegen.module import compile_file, compile_source
 
     text = _os.fspath(spec)
     if "\n" not in text and "{" not in text and (text.endswith(".attn") or _os.path.exists(text)):
-        return compile_file(text, **kwargs)
-    return compile_source(text, **kwargs)
+        return _autotuned(compile_file(text, **kwargs))
+    return _autotuned(compile_source(text, **kwargs))
+
+
+def _autotuned(module: ModuleType) -> ModuleType:
+    """ATTNC_AUTOTUNE=1: install the online autotuner's hook (through the runtime's API). Without the
+    variable the autotuner (and optuna) are not even imported."""
+    from attnc.settings import settings
+
+    if settings().autotune:
+        from attnc.autotune.online import install
+
+        install(module)
+    return module
 
 
 def __getattr__(name: str) -> Any:

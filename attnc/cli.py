@@ -145,7 +145,7 @@ def cmd_codegen(args: argparse.Namespace) -> int:
                     "using the quadratic kernels",
                     file=sys.stderr,
                 )
-        main, kernels = render_all(program, source, target, tuned)
+        main, kernels = render_all(program, source, target, tuned, standalone=args.standalone)
         out.mkdir(parents=True, exist_ok=True)
         dest = out / f"{module_name_for(path)}.py"
         files = [(dest, main)]
@@ -287,9 +287,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma
     (the linear family's core kernels too, for blocks with a linear form)."""
     from attnc.codegen.module import compile_source
-    from attnc.codegen.reference_runtime import _triton_kernels
     from attnc.codegen.triton.aot import AOTCompileError, compile_reports, format_table
     from attnc.codegen.triton.inspect import Target, all_jobs
+    from attnc.runtime.triton import _triton_kernels
 
     atts = _select(args.spec, args.name)
     kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
@@ -336,6 +336,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target", choices=["reference", "triton", "all"], default="all")
     g.add_argument(
         "--tuned-from", metavar="DB", help="bake tuned configs in (a best.json table, journal file or URL)"
+    )
+    g.add_argument(
+        "--standalone",
+        action="store_true",
+        help="vendor the runtime library into the module: it then needs only torch (and triton for the kernels)",
     )
     g.set_defaults(func=cmd_codegen)
 

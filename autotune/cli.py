@@ -254,6 +254,8 @@ def _tune(args: argparse.Namespace) -> int:
     if args.prescreen:
         return _prescreen(args, atts, module, kh, shapes, dtype, D, E, kinds)
 
+    from attnc.runtime import reset_tuned
+
     from .measure import KernelObjective, make_inputs
     from .resource import arch_for
     from .search import SamplerKind, tune
@@ -312,7 +314,7 @@ def _tune(args: argparse.Namespace) -> int:
                     bar.close()
                 results.append((att.name, kind, shape, res))
     table = export_table(storage, args.export)
-    module._reset_tuned()
+    reset_tuned()  # the new table reaches modules already loaded in this process
     print(_summary(results))
     print(f"best configs exported to {table}")
     if args.plot:
@@ -361,8 +363,9 @@ def _prescreen(
     E: int,
     kinds: Sequence[KernelKind],
 ) -> int:
-    from attnc.codegen.reference_runtime import _triton_kernels
     from attnc.codegen.triton.kernels import KernelWriter
+
+    from attnc.runtime.triton import _triton_kernels
 
     from .prescreen import prescreen
     from .resource import arch_for, prune

@@ -7,7 +7,7 @@ versions, the dtype, the head dims and a power-of-two bucket of each sequence le
 the same way). A changed field is a new key, hence a new study: nothing is reused across them.
 
 The runtime builds the same text from the call's tensors (`_tune_key_text` in
-codegen/reference_runtime.py, which cannot import this module); tests check that the two agree.
+attnc/runtime/tuning.py, which cannot import this module); tests check that the two agree.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ class KernelObjective:
     """Time one kernel of a generated module for one problem, behind the accuracy gate.
 
     `module` is a generated module (`codegen.compile_file`); the candidate reaches the kernel through the
-    runtime's `_FORCED_CONFIGS` probe, the same path a tuned config takes.
+    runtime's forced-config probe (`attnc.runtime.forced_configs`), the same path a tuned config takes.
     """
 
     module: ModuleType
@@ -320,16 +320,14 @@ class KernelObjective:
         grads = torch.autograd.grad(o, [kw[n] for n in names], do)
         return tuple(g.float() for g in grads)
 
-    @contextlib.contextmanager
-    def _forced(self, c: Candidate) -> Iterator[None]:
-        cfg_type = self.module._LinConfig if self.kind is KernelKind.LIN_CHUNK else self.module._KernelConfig
+    def _forced(self, c: Candidate) -> contextlib.AbstractContextManager[None]:
+        from attnc.runtime import forced_configs
+        from attnc.runtime.linear import _LinConfig
+        from attnc.runtime.triton import _KernelConfig
+
+        cfg_type = _LinConfig if self.kind is KernelKind.LIN_CHUNK else _KernelConfig
         cfg = cfg_type(**{k: v for k, v in c.as_dict().items() if k in cfg_type._fields})
-        saved = self.module._FORCED_CONFIGS
-        self.module._FORCED_CONFIGS = {self.kind.value: cfg}
-        try:
-            yield
-        finally:
-            self.module._FORCED_CONFIGS = saved
+        return forced_configs(self.module, {self.kind.value: cfg})
 
     def accuracy(self, c: Candidate) -> float:
         """The candidate's relative error against the spec's reference (float64 on the CPU)."""

@@ -1,6 +1,7 @@
 """`ATTNC_AUTOTUNE=1`: a generated module tunes a key it has no config for, on its first call.
 
-`codegen.compile_source` installs this hook in the modules it loads when the variable is set; the runtime
+`attnc.compile` (and the zoo) install this hook in the modules they load when the variable is set
+(codegen sits below the autotuner and installs nothing; without the variable they import nothing of it); the runtime
 calls it once per untuned (kernel, key) and memoises the answer, so each key is tuned at most once per
 process, and the result lands in the default storage and the exported table, so at most once per machine.
 Without the variable nothing is installed and the runtime never tunes.
@@ -81,6 +82,10 @@ class _Hook:
         return result.best.as_dict() if result.best is not None else None
 
 
-def install(module: ModuleType, *, storage: Any = None, n_trials: int = ONLINE_TRIALS) -> None:
-    """Let `module` tune untuned keys on first call (effective only while ATTNC_AUTOTUNE=1)."""
-    module._AUTOTUNE_HOOK = _Hook(module, storage, n_trials)
+def install(module: ModuleType, *, storage: Any = None, n_trials: int = ONLINE_TRIALS) -> ModuleType:
+    """Let `module` tune untuned keys on first call (effective only while ATTNC_AUTOTUNE=1), through the
+    runtime's hook API. Returns the module."""
+    from attnc.runtime import set_autotune_hook
+
+    set_autotune_hook(module, _Hook(module, storage, n_trials))
+    return module

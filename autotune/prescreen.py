@@ -59,8 +59,9 @@ def compile_job(att: Any, kernels_module: Any, c: Candidate, cc: int, dtype: DTy
     from attnc.codegen.triton.inspect import Target, jobs
 
     if c.kind is KernelKind.LIN_CHUNK:  # the chunked linear forward's output kernel (the larger of the two)
-        from attnc.codegen.linear_runtime import _LinConfig
         from attnc.codegen.triton import linear_aot
+
+        from attnc.runtime.linear import _LinConfig
 
         cfg = _LinConfig(**{f: c[f] for f in _LinConfig._fields})
         return next(

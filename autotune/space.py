@@ -202,7 +202,7 @@ def space_for(kind: KernelKind, problem: Problem) -> KernelSpace:
 def _default(kind: KernelKind, p: Problem, params: tuple[Param, ...]) -> Candidate:
     """The runtime's heuristic schedule, on this space's parameters: every study starts from it, and it
     stays the fallback."""
-    from attnc.codegen.reference_runtime import _default_config
+    from attnc.runtime.triton import _default_config
 
     cfg = _default_config(p.head_dim, p.v_dim, kind.value, p.heavy)._asdict()
     return Candidate.of(kind, {q.name: cfg[q.name] for q in params})
@@ -269,10 +269,10 @@ def _dq_space(p: Problem) -> KernelSpace:
 
 @register(KernelKind.LIN_CHUNK)
 def _lin_chunk_space(p: Problem) -> KernelSpace:
-    """The chunked linear forward (codegen/triton/linear_kernels.py): chunk length C, the D- and E-blocks of
+    """The chunked linear forward (attnc/runtime/linear_kernels.py): chunk length C, the D- and E-blocks of
     the sequential state pass (block_k, block_v; block_v also splits the output kernel's E), warps, stages.
     The default is the runtime's `_lin_default_config`."""
-    from attnc.codegen.linear_runtime import _lin_default_config
+    from attnc.runtime.linear import _lin_default_config
 
     dpow, epow = max(16, 1 << (p.head_dim - 1).bit_length()), max(16, 1 << (p.v_dim - 1).bit_length())
     params = (
@@ -306,7 +306,7 @@ def _split_space(p: Problem) -> KernelSpace:
     """The split-KV forward for decoding shapes (FlashDecoding): one 16-row query tile, the key tile, warps,
     stages and the number of key splits. The default is the runtime's: its schedule, and the splits its
     heuristic picks without a GPU to size against (ceil(key tiles / 4), at most 64)."""
-    from attnc.codegen.reference_runtime import _SPLIT_MAX, _SPLIT_MIN_TILES, _default_split_config
+    from attnc.runtime.triton import _SPLIT_MAX, _SPLIT_MIN_TILES, _default_split_config
 
     cfg = _default_split_config(p.head_dim, p.v_dim, p.heavy)
     tiles = -(-max(1, p.kv_len) // cfg.block_n)

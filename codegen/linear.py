@@ -10,7 +10,6 @@ decays, the causal mask, the carried state and both normalisers.
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 
 from attnc.dsl.analysis.linear import LinearForm
 from attnc.dsl.ir import Attention, DType, Node, NormKind
@@ -18,29 +17,11 @@ from attnc.dsl.ir import Attention, DType, Node, NormKind
 from .emit import Emitter, expr_from_string, name
 from .reference import _checks, _closures, _hoisted, _leaf, _Loads, _signature
 
-_RUNTIME_PATH = Path(__file__).with_name("linear_runtime.py")
-_KERNELS_PATH = Path(__file__).parent / "triton" / "linear_kernels.py"
-
-
-def _after_marker(path: Path, marker: str) -> str:
-    text = path.read_text()
-    return text[text.index(marker) :]
-
-
-def runtime_source() -> str:
-    from .linear_runtime import MARKER
-
-    return _after_marker(_RUNTIME_PATH, MARKER)
-
-
-def kernels_source() -> str:
-    from .triton.linear_kernels import MARKER
-
-    return _after_marker(_KERNELS_PATH, MARKER)
-
 
 def _zero_load(n: Node, args: list[ast.expr]) -> ast.expr:
-    return expr_from_string("_lin_load0({t}, {idx})", t=name(f"_a_{n.attr}"), idx=ast.Tuple(args, ast.Load()))
+    return expr_from_string(
+        "_rt_lin._lin_load0({t}, {idx})", t=name(f"_a_{n.attr}"), idx=ast.Tuple(args, ast.Load())
+    )
 
 
 def _closure(em: Emitter, fn: str, params: str, root: Node, prelude: tuple[str, ...] = ()) -> list[str]:
@@ -74,7 +55,7 @@ def dispatch_lines(att: Attention, has_triton: bool) -> list[str]:
     if has_triton:
         L.append(
             "    if backend == 'triton' and block_layout is None and q.dim() == 4 "
-            "and q.shape[2] > _LINEAR_PARALLEL_MAX_N:"
+            "and q.shape[2] > _rt_lin._LINEAR_PARALLEL_MAX_N:"
         )
         L.append(f"        return {nm}_linear({args}, algorithm='chunk', backend=backend)")
     return L
@@ -104,9 +85,9 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     )
     L.append('    """')
     L += _checks(att)
-    L.append("    if algorithm not in _LINEAR_ALGORITHMS:")
+    L.append("    if algorithm not in _rt_lin._LINEAR_ALGORITHMS:")
     L.append(
-        f'        raise ValueError(f"algorithm={{algorithm!r}}: {nm} has the algorithms {{_LINEAR_ALGORITHMS}}")'
+        f'        raise ValueError(f"algorithm={{algorithm!r}}: {nm} has the algorithms {{_rt_lin._LINEAR_ALGORITHMS}}")'
     )
     backends = "('reference', 'triton')" if has_triton else "('reference',)"
     L.append(f"    if backend not in {backends}:")
@@ -166,20 +147,22 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     L.append("    _qt = q.to(_cdt)")
     if att.feature_q is not None:
         L.append(
-            "    _qt = _full(_feature_q(_qt, b[..., None], h[..., None], (h // _rep)[..., None], i[..., None], d), _qt.shape, _qt)"
+            "    _qt = _rt._full(_feature_q(_qt, b[..., None], h[..., None], (h // _rep)[..., None], i[..., None], d), _qt.shape, _qt)"
         )
     if form.q_scale is not None:
-        L.append("    _qt = _qt * _full(_lin_qs(b, h, h // _rep, i), (_Bq, _Hq, _Nq), _qt)[..., None]")
+        L.append("    _qt = _qt * _rt._full(_lin_qs(b, h, h // _rep, i), (_Bq, _Hq, _Nq), _qt)[..., None]")
     kt_heads = "_Hq" if form.k_per_query_head else "_Gv"
     L.append(f"    _kt = k.to(_cdt){'.repeat_interleave(_rep, dim=1)' if form.k_per_query_head else ''}")
     L.append(f"    hk = torch.arange({kt_heads}, device=_dev).view(1, {kt_heads}, 1)")
     hk_k = "hk // _rep" if form.k_per_query_head else "hk"
     if att.feature_k is not None:
         L.append(
-            f"    _kt = _full(_feature_k(_kt, b[..., None], ({hk_k})[..., None], i[..., None], d), _kt.shape, _kt)"
+            f"    _kt = _rt._full(_feature_k(_kt, b[..., None], ({hk_k})[..., None], i[..., None], d), _kt.shape, _kt)"
         )
     if form.k_scale is not None:
-        L.append(f"    _kt = _kt * _full(_lin_ks(b, hk, {hk_k}, i), (_Bq, {kt_heads}, _Nq), _kt)[..., None]")
+        L.append(
+            f"    _kt = _kt * _rt._full(_lin_ks(b, hk, {hk_k}, i), (_Bq, {kt_heads}, _Nq), _kt)[..., None]"
+        )
     if form.log_decay is not None:
         aux_args = "".join(
             f", {p.name}.double()" if p.type.kind is DType.FLOAT else f", {p.name}" for p in att.aux_tensors
@@ -189,21 +172,23 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
         )
         L.append("    _jj = torch.arange(-1, _Nq, device=_dev).view(1, 1, _Nq + 1)")
         L.append(
-            f"    _gfull = _full(_lin_g(b, h, h // _rep, _jj{aux_args}), (_Bq, _Hq, _Nq + 1), "
+            f"    _gfull = _rt._full(_lin_g(b, h, h // _rep, _jj{aux_args}), (_Bq, _Hq, _Nq + 1), "
             "torch.empty((), dtype=torch.float64, device=_dev))"
         )
     else:
         L.append("    _gfull = None")
-    L.append(f"    _s0, _z0 = _lin_state_split(initial_state, _Bq, _Hq, _Dq, _Ev, {norm_sum}, q.device)")
+    L.append(
+        f"    _s0, _z0 = _rt_lin._lin_state_split(initial_state, _Bq, _Hq, _Dq, _Ev, {norm_sum}, q.device)"
+    )
     causal = form.causal
     if has_triton:
         L.append('    if backend == "triton":')
         L.append(
-            f'        _opts = _LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _lin_config({nm!r}, q, _Dq, _Ev, _Nq))'
+            f'        _opts = _rt_lin._LinOpts({causal}, {norm_sum}, algorithm == "recurrent", _rt_lin._lin_config(_STATE, {nm!r}, q, _Dq, _Ev, _Nq))'
         )
         L.append("        _s0 = None if _s0 is None else _s0.float()")
         L.append("        _z0 = None if _z0 is None else _z0.float()")
-        L.append("        o, _den, _so, _zo = _lin_core(")
+        L.append("        o, _den, _so, _zo = _rt_lin._lin_core(")
         L.append(
             "            _qt.to(q.dtype).contiguous(), _kt.to(q.dtype).contiguous(), v.contiguous(), _gfull, _s0, _z0, _opts"
         )
@@ -215,20 +200,20 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     L.append(f"{ind}_s0 = None if _s0 is None else _s0.to(_cdt)")
     L.append(f"{ind}_z0 = None if _z0 is None else _z0.to(_cdt)")
     L.append(
-        f"{ind}o, _den, _so, _zo = _lin_core_torch(_qt, _kt, v.to(_cdt), _gfull, _s0, _z0, {causal}, {norm_sum})"
+        f"{ind}o, _den, _so, _zo = _rt_lin._lin_core_torch(_qt, _kt, v.to(_cdt), _gfull, _s0, _z0, {causal}, {norm_sum})"
     )
     if norm_sum:
         if att.norm.eps is not None:
-            L.append("    _den = _den + _full(_eps(b, h, h // _rep, i), _den.shape, _den)")
+            L.append("    _den = _den + _rt._full(_eps(b, h, h // _rep, i), _den.shape, _den)")
         L.append("    _alive = _den != 0")
         L.append("    o = torch.where(_alive[..., None], o / torch.where(_alive, _den, 1.0)[..., None], 0.0)")
     if att.output is not None:
-        L.append("    o = _dense_output(_output, o, _rep)")
+        L.append("    o = _rt._dense_output(_output, o, _rep)")
     L.append("    o = o.to(q.dtype)")
     L.append("    if return_state:")
-    L.append(f"        return o, _lin_state_join(_so, _zo, {norm_sum})")
+    L.append(f"        return o, _rt_lin._lin_state_join(_so, _zo, {norm_sum})")
     L.append("    return o")
     return L
 
 
-__all__ = ["dispatch_lines", "emit_linear", "kernels_source", "linear_kwargs", "runtime_source"]
+__all__ = ["dispatch_lines", "emit_linear", "linear_kwargs"]

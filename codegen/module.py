@@ -13,7 +13,6 @@ import functools
 import hashlib
 import importlib.util
 import os
-import re
 import sys
 import tempfile
 import warnings
@@ -25,9 +24,10 @@ from attnc.dsl.errors import SpecError
 from attnc.dsl.ir import Program
 from attnc.dsl.lower import compile_to_ir
 
+from attnc.runtime import RUNTIME_VERSION
 from attnc.settings import settings
 
-from . import linear, reference
+from . import bake, reference, vendor
 from .triton import module as triton_module
 from .triton.kernels import KernelWriter
 from .version import ATTNC_VERSION, CODEGEN_VERSION, LANGUAGE_VERSION
@@ -52,24 +52,40 @@ def _with_header(program: Program, target: Target, text: str) -> str:
         f"target {target.value}). Do not edit.\n"
         f"# spec: {Path(program.filename).name} sha256:{program.source_sha256}\n"
     )
-    digest = hashlib.sha256(text.encode()).hexdigest()
-    return header + _CONTENT_LINE + digest + "\n" + text
+    return header + _CONTENT_LINE + _digest(text) + "\n" + text
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _has_linear(program: Program) -> bool:
+    return any((d := linear_form(a)) is not None and d.form is not None for a in program.attentions)
 
 
 def render_all(
-    program: Program, source: str, target: Target = Target.ALL, tuned: dict | None = None
+    program: Program,
+    source: str,
+    target: Target = Target.ALL,
+    tuned: dict | None = None,
+    *,
+    standalone: bool = False,
 ) -> tuple[str, str | None]:
     """The main module and, for Target.ALL, the Triton kernels file that goes beside it. `tuned` (a best-config
-    table, `attnc codegen --tuned-from`) bakes this spec's tuned configs into the module."""
-    kernel_files: list[list[str]] = []
-    hoisted: list[KernelWriter | None] = []
+    table, `attnc codegen --tuned-from`) bakes this spec's tuned configs into the module. `standalone`
+    (`attnc codegen --standalone`) vendors the runtime library into the module, and the linear core's
+    kernels into the kernels file, so that they need only torch and triton."""
+    writers: list[KernelWriter | None] = [None] * len(program.attentions)
+    kernels_text = None
     if target is Target.ALL:
-        for w in triton_module.writers(program):
-            lines, _ = w.kernels()
-            kernel_files.append(lines)
-            hoisted.append(w)
-    else:
-        hoisted = [None] * len(program.attentions)
+        writers = list(triton_module.writers(program))
+        kernel_files = [w.kernels()[0] for w in writers]  # type: ignore[union-attr]
+        if standalone and _has_linear(program):
+            kernel_files.append(["", "", *vendor.linear_kernels_source().rstrip("\n").splitlines()])
+        kernels_text = triton_module.render_kernels(program, kernel_files)
+    # Names this module's custom ops (with its file path, at import). Not the compiler fingerprint, so the
+    # generated text (and its golden files) changes only when the generated code does.
+    op_key = _digest(f"{program.source_sha256}{CODEGEN_VERSION}{RUNTIME_VERSION}{target.value}")[:16]
     names = [a.name for a in program.attentions]
     exports = [n for a in names for n in (a, f"{a}_reference")]
     body: list[str] = []
@@ -84,45 +100,57 @@ def render_all(
     body.append("")
     body.append("from __future__ import annotations")
     body.append("")
-    body.append("import math")
-    body.append("from typing import NamedTuple, Optional")
+    if standalone:
+        # The runtime library, vendored: its modules' statements in dependency order, without their attnc
+        # imports (codegen/vendor.py); `_rt` then names the vendored definitions, as it names the library.
+        body.append(vendor.runtime_source().rstrip("\n"))
+        body.append("")
+        body.append(f"require_runtime({RUNTIME_VERSION!r})")
+        body.append(
+            "_rt = types.SimpleNamespace(**{n: v for n, v in dict(globals()).items() if not n.startswith('__')})"
+        )
+        body.append("_rt_lin = _rt  # the linear family's runtime: part of the same vendored namespace")
+    else:
+        body.append("import math")
+        body.append("from typing import Optional")
+        body.append("")
+        body.append("import torch")
+        body.append("")
+        body.append("from attnc.runtime import require_runtime as _require_runtime")
+        body.append("")
+        body.append(
+            f"_require_runtime({RUNTIME_VERSION!r})  # a module for another runtime fails here, naming both"
+        )
+        body.append("")
+        body.append("from attnc.runtime import api as _rt  # noqa: E402")
+        if _has_linear(program):  # the linear family's runtime (it imports torch._dynamo: only when needed)
+            body.append("from attnc.runtime import linear as _rt_lin  # noqa: E402")
     body.append("")
-    body.append("import torch")
-    body.append("from torch.utils.checkpoint import checkpoint")
-    body.append("")
+    body.append("BlockLayout = _rt.BlockLayout  # NAME(..., block_layout=BlockLayout(...))")
+    body.append("_sigmoid_scalar = _rt._sigmoid_scalar  # what the spec's scalar expressions call")
     body.append(f"ATTNC_VERSION = {ATTNC_VERSION!r}")
     body.append(f"LANGUAGE_VERSION = {LANGUAGE_VERSION!r}")
     body.append(f"SPEC_SHA256 = {program.source_sha256!r}")
-    # Names this module's custom ops (with its file path, at import). Not the compiler fingerprint, so the
-    # generated text (and its golden files) changes only when the generated code does.
-    op_key = hashlib.sha256(f"{program.source_sha256}{CODEGEN_VERSION}{target.value}".encode()).hexdigest()
-    body.append(f"_OP_KEY = {op_key[:16]!r}")
+    body.append(f"_OP_KEY = {op_key!r}")
     body.append(f"__all__ = {exports!r}")
+    kernels_sha = None if kernels_text is None else _digest(kernels_text)
+    baked = bake.baked_assignment(program, kernels_sha[:16], tuned) if tuned and kernels_sha else []
+    body += baked
+    # Everything the runtime keeps for this module, handed over explicitly (tools reach it through the
+    # runtime's API: attnc.runtime.forced_configs, set_autotune_hook, reset_tuned).
+    baked_arg = ", baked_configs=_BAKED_CONFIGS" if baked else ""
+    body.append(
+        f"_STATE = _rt.ModuleState(__file__, _OP_KEY, ATTNC_VERSION, kernels_sha256={kernels_sha!r}{baked_arg})"
+    )
     body.append("")
-    body.append("")
-    body.append(reference.runtime_source().rstrip("\n"))
-    body.append("")
-    has_linear = any((d := linear_form(a)) is not None and d.form is not None for a in program.attentions)
-    if has_linear:
-        body.append("")
-        body.append(linear.runtime_source().rstrip("\n"))
-        body.append("")
-    for att, kernels in zip(program.attentions, hoisted, strict=True):
+    for att, kernels in zip(program.attentions, writers, strict=True):
         body.append("")
         body.append(reference.emit_attention(att, kernels).rstrip("\n"))
         body.append("")
     text = "\n".join(body) + "\n"
     main = _with_header(program, target, text)
-    if target is not Target.ALL:
+    if kernels_text is None:
         return main, None
-    if has_linear:
-        kernel_files.append(["", "", *linear.kernels_source().rstrip("\n").splitlines()])
-    kernels_text = triton_module.render_kernels(program, kernel_files)
-    if tuned:  # `attnc codegen --tuned-from`: this spec's tuned configs, keyed by these very kernels' hash
-        from attnc.autotune.bake import baked_assignment
-
-        kernels_hash = hashlib.sha256(kernels_text.encode()).hexdigest()[:16]
-        main = _with_header(program, target, f"{text}\n\n{baked_assignment(program, kernels_hash, tuned)}\n")
     return main, _with_header(program, target, kernels_text)
 
 
@@ -148,22 +176,41 @@ def generate_all(
 
 
 def module_name_for(filename: str) -> str:
-    stem = re.sub(r"[^0-9A-Za-z_]", "_", Path(filename).stem) or "spec"
+    """A Python module name from a spec's file name: every character that cannot appear in one becomes '_'."""
+    stem = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in Path(filename).stem)
+    stem = stem or "spec"
     if stem[0].isdigit():
         stem = "_" + stem
     return stem
 
 
-@functools.cache
-def compiler_fingerprint() -> str:
-    """A hash of the compiler's own sources, so that an edited compiler never reuses stale cached modules
-    (the version strings alone would miss a development change)."""
-    h = hashlib.sha256()
-    for pkg in (Path(__file__).parent, Path(__file__).parent.parent / "dsl"):
+def fingerprinted_sources() -> list[tuple[str, Path]]:
+    """(name, path) of every source file the generated code depends on: the compiler (codegen, dsl) and the
+    runtime library that generated modules import (with attnc/settings.py, which it reads)."""
+    import attnc.runtime
+    import attnc.settings
+
+    out = []
+    for pkg in (
+        Path(__file__).parent,
+        Path(__file__).parent.parent / "dsl",
+        Path(attnc.runtime.__file__).parent,
+    ):
         for f in sorted(pkg.rglob("*")):
             if f.suffix in (".py", ".lark"):
-                h.update(f.relative_to(pkg.parent).as_posix().encode())
-                h.update(f.read_bytes())
+                out.append((f.relative_to(pkg.parent).as_posix(), f))
+    out.append(("settings.py", Path(attnc.settings.__file__)))
+    return out
+
+
+@functools.cache
+def compiler_fingerprint() -> str:
+    """A hash of the compiler's own sources and of the runtime library's, so that an edited compiler or
+    runtime never reuses stale cached modules (the version strings alone would miss a development change)."""
+    h = hashlib.sha256()
+    for name, path in fingerprinted_sources():
+        h.update(name.encode())
+        h.update(path.read_bytes())
     return h.hexdigest()
 
 
@@ -236,17 +283,8 @@ def compile_source(
             _atomic_write(path, main)
         except OSError as err:
             warnings.warn(f"attnc: cannot write the module cache ({err}); compiling in memory", stacklevel=2)
-            return _autotune_hook(_load_text(main, f"attnc_generated.{stem}_{key[:20]}"))
-    return _autotune_hook(load_module_file(path, f"attnc_generated.{stem}_{key[:20]}"))
-
-
-def _autotune_hook(mod: ModuleType) -> ModuleType:
-    """ATTNC_AUTOTUNE=1: let the module tune an untuned key on its first call (autotune/online.py)."""
-    if settings().autotune and hasattr(mod, "_AUTOTUNE_HOOK"):
-        from attnc.autotune.online import install
-
-        install(mod)
-    return mod
+            return _load_text(main, f"attnc_generated.{stem}_{key[:20]}")
+    return load_module_file(path, f"attnc_generated.{stem}_{key[:20]}")
 
 
 def _load_text(text: str, module_name: str) -> ModuleType:

@@ -2,14 +2,14 @@
 
 For every `attention NAME(...)` the module gets `NAME_reference(...)` (exact math, accumulation in the wider
 of the input dtype and float32, memory bounded by query-row chunks under `torch.utils.checkpoint`) and the
-dispatching entry point `NAME(..., backend=None)`. The chunked driver `_attend` and the argument checks are
-the runtime of `codegen/reference_runtime.py`, copied into the module.
+dispatching entry point `NAME(..., backend=None)`. The chunked driver `_attend`, the argument checks and
+everything else that is not specific to the spec live in the runtime library, `attnc.runtime` (imported
+by the module as `_rt`).
 """
 
 from __future__ import annotations
 
 import ast
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attnc.dsl.analysis.linear import linear_form
@@ -30,7 +30,6 @@ from .emit import Emitter, code, constant, expr_from_string, name
 if TYPE_CHECKING:
     from .triton.kernels import KernelWriter
 
-_RUNTIME_PATH = Path(__file__).with_name("reference_runtime.py")
 _EXACT = {
     TensorType.FLOAT16: "torch.float16",
     TensorType.BFLOAT16: "torch.bfloat16",
@@ -50,13 +49,6 @@ _CLOSURES = [
     ("feature q", "_feature_q", "q, b, h, hk, i, d", "feature_q"),
     ("feature k", "_feature_k", "k, b, hk, j, d", "feature_k"),
 ]
-
-
-def runtime_source() -> str:
-    from .reference_runtime import MARKER
-
-    text = _RUNTIME_PATH.read_text()
-    return text[text.index(MARKER) :]
 
 
 def dim_code(d: Node) -> str:
@@ -136,7 +128,7 @@ class _Loads:
         if not check:
             return ast.Subscript(name(p.name), idx, ast.Load())
         return expr_from_string(
-            "_load({t}, {n}, {idx}, {chk})",
+            "_rt._load({t}, {n}, {idx}, {chk})",
             t=name(p.name),
             n=ast.Constant(p.name),
             idx=ast.Tuple(args, ast.Load()),
@@ -164,7 +156,10 @@ def _doc_params(att: Attention) -> str:
     )
 
 
-def _def(att: Attention, fn: str, doc: list[str], backend: bool = False) -> list[str]:
+def _def(
+    att: Attention, fn: str, doc: list[str], backend: bool = False, kwargs: tuple[str, ...] = ()
+) -> list[str]:
+    """A generated entry point's header: the spec's parameters, the common keywords, then `kwargs` (lines)."""
     L = [f"def {fn}("]
     L += _signature(att)
     L.append("    *,")
@@ -172,6 +167,7 @@ def _def(att: Attention, fn: str, doc: list[str], backend: bool = False) -> list
     L.append("    block_layout: BlockLayout | None = None,")
     if backend:
         L.append("    backend: str | None = None,")
+    L += kwargs
     L.append("):")
     L.append(f'    """{doc[0]}')
     L += [f"    {d}" if d else "" for d in doc[1:]]
@@ -185,26 +181,26 @@ def _checks(att: Attention) -> list[str]:
     shapes = {p.name: _shape_text(p) for p in att.tensors}
     L = ["    sizes: dict[str, int] = {}"]
     for p in att.tensors:
-        L.append(f"    _bind(sizes, {p.name!r}, {p.name}, {_dims_tuple(p)}, {shapes[p.name]!r})")
+        L.append(f"    _rt._bind(sizes, {p.name!r}, {p.name}, {_dims_tuple(p)}, {shapes[p.name]!r})")
     syms = _sizes(att)
     L.append(
         f"    {', '.join(syms)}{',' if len(syms) == 1 else ''} = {', '.join(f'sizes[{s!r}]' for s in syms)}"
     )
     for p in att.tensors:
         exact = "q.dtype" if p.role in (Role.K, Role.V) else _EXACT.get(p.type, "None")
-        L.append(f"    _check_type({p.name!r}, {p.name}, {p.type.kind.value!r}, {exact}, q.device)")
+        L.append(f"    _rt._check_type({p.name!r}, {p.name}, {p.type.kind.value!r}, {exact}, q.device)")
     for sc in att.scalars:
         kind = "int" if sc.dtype is DType.INT else "float"
         if sc.default is not None and sc.default.op is not Op.CONST:
             L.append(f"    if {sc.name} is None:")
             L.append(f"        {sc.name} = {dim_code(sc.default)}")
-        L.append(f"    {sc.name} = _check_scalar({sc.name!r}, {sc.name}, {kind!r})")
+        L.append(f"    {sc.name} = _rt._check_scalar({sc.name!r}, {sc.name}, {kind!r})")
     for p in att.tensors:
         for axis, d in enumerate(p.shape):
             if d.op not in (Op.SIZE, Op.CONST):
                 text = dim_code(d)
                 L.append(
-                    f"    _check_dim({p.name!r}, {p.name}, {axis}, {text}, {text!r}, {shapes[p.name]!r})"
+                    f"    _rt._check_dim({p.name!r}, {p.name}, {axis}, {text}, {text!r}, {shapes[p.name]!r})"
                 )
     heads, kv_heads = att.layout.heads, att.layout.kv_heads
     if heads != kv_heads:
@@ -235,7 +231,7 @@ def _hoisted(att: Attention, hoisted: list[tuple[str, str]]) -> list[str]:
     L = ["    try:"]
     L += [f"        {var} = {expr}" for var, expr in hoisted]
     L.append("    except (ArithmeticError, ValueError) as err:")
-    L.append(f"        raise _eval_error({att.name!r}, err, {_context(att)}) from None")
+    L.append(f"        raise _rt._eval_error({att.name!r}, err, {_context(att)}) from None")
     return L
 
 
@@ -287,16 +283,16 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
     L += _hoisted(att, em.hoisted)
     L.append("")
     L += closures
-    L.append(f"    spec = _Spec({att.norm.kind.value!r}, {', '.join(spec_args)})")
+    L.append(f"    spec = _rt._Spec({att.norm.kind.value!r}, {', '.join(spec_args)})")
     L.append(
-        "    spec = _with_block_layout(spec, block_layout, q, k)  # a runtime block layout: a dense mask here"
+        "    spec = _rt._with_block_layout(spec, block_layout, q, k)  # a runtime block layout: a dense mask here"
     )
     L.append("    try:")
-    L.append("        o, lse = _attend(q.to(_cdt), k.to(_cdt), v.to(_cdt), spec, return_lse)")
+    L.append("        o, lse = _rt._attend(q.to(_cdt), k.to(_cdt), v.to(_cdt), spec, return_lse)")
     L.append("    except RuntimeError as err:  # torch reports an integer division by zero this way")
     L.append('        if "ZeroDivisionError" not in str(err):')
     L.append("            raise")
-    L.append(f"        raise _eval_error({nm!r}, err, {context}) from None")
+    L.append(f"        raise _rt._eval_error({nm!r}, err, {context}) from None")
     L.append("    o = o.to(q.dtype)")
     L.append("    return (o, lse) if return_lse else o")
     L += ["", ""]
@@ -305,7 +301,11 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
         L += _emit_triton(att, kernels, doc_params, returns)
         L += ["", ""]
 
-    # The dispatching entry point.
+    # The dispatching entry point (with the linear forms' keyword arguments when the block has them).
+    from . import linear  # the linear emitter builds on this module's helpers
+
+    lin = linear_form(att)
+    has_linear = lin is not None and lin.form is not None
     backends = "'reference' or 'triton'" if kernels is not None else "'reference'"
     L += _def(
         att,
@@ -317,16 +317,11 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
             returns,
         ],
         backend=True,
+        kwargs=tuple(linear.linear_kwargs()) if has_linear else (),
     )
-    from . import linear  # the linear emitter builds on this module's helpers
-
-    lin = linear_form(att)
-    if lin is not None and lin.form is not None:  # keyword arguments of the linear forms
-        at = len(L) - 1 - L[::-1].index("):")
-        L[at:at] = linear.linear_kwargs()
     L.append("    if backend is None:")
     if kernels is not None:
-        L.append('        backend = "triton" if q.is_cuda and _has_triton() else "reference"')
+        L.append('        backend = "triton" if q.is_cuda and _rt._has_triton() else "reference"')
     else:
         L.append('        backend = "reference"')
     allowed = '("reference", "triton")' if kernels is not None else '("reference",)'
@@ -340,19 +335,19 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
     # The op's schema admits only tensors and numbers: check the kinds here, for messages naming parameters.
     for p in att.params:
         if isinstance(p, TensorParam):
-            L.append(f"    _require_tensor({p.name!r}, {p.name}, {_shape_text(p)!r}, q)")
+            L.append(f"    _rt._require_tensor({p.name!r}, {p.name}, {_shape_text(p)!r}, q)")
         else:
             kind = "int" if p.dtype is DType.INT else "float"
             optional = p.default is not None and p.default.op is not Op.CONST
-            check = f"_check_scalar({p.name!r}, {p.name}, {kind!r})"
+            check = f"_rt._check_scalar({p.name!r}, {p.name}, {kind!r})"
             L.append(f"    {p.name} = {check}" + (f" if {p.name} is not None else None" if optional else ""))
-    if lin is not None and lin.form is not None:
+    if has_linear:
         L += linear.dispatch_lines(att, kernels is not None)
-    L.append(f"    o, lse = _{nm}_op({call_args}, *_layout_op_args(block_layout), backend)")
+    L.append(f"    o, lse = _{nm}_op({call_args}, *_rt._layout_op_args(block_layout), backend)")
     L.append("    return (o, lse) if return_lse else o")
     L += ["", ""]
     L += _emit_op(att, kernels is not None)
-    if lin is not None and lin.form is not None:
+    if has_linear:
         L += ["", ""]
         L += linear.emit_linear(att, lin.form, kernels is not None)
     return "\n".join(L) + "\n"
@@ -396,7 +391,7 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     layout_names = [p.split(":")[0] for p in _LAYOUT_OP_PARAMS]
     args = ", ".join(names)
     layout_args = ", ".join(layout_names)
-    get_layout = f"block_layout=_layout_from_op_args({layout_args})"
+    get_layout = f"block_layout=_rt._layout_from_op_args({layout_args})"
     impls = "_impl = " + (
         f"{nm}_triton if backend == 'triton' else {nm}_reference" if has_triton else f"{nm}_reference"
     )
@@ -406,12 +401,12 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
         L.append(f"    o, lse = _impl({args}, return_lse=True, {get_layout})")
     else:
         L.append(f"    o = _impl({args}, {get_layout})")
-        L.append("    lse = torch.zeros(q.shape[:3], dtype=_lse_dtype(q), device=q.device)")
-    L.append("    return o.contiguous(), lse.to(_lse_dtype(q)).contiguous()")
+        L.append("    lse = torch.zeros(q.shape[:3], dtype=_rt._lse_dtype(q), device=q.device)")
+    L.append("    return o.contiguous(), lse.to(_rt._lse_dtype(q)).contiguous()")
     L += ["", ""]
     L.append(f"def _{nm}_fake({', '.join(params)}, backend: str) -> tuple[torch.Tensor, torch.Tensor]:")
     L.append(
-        "    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))"
+        "    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_rt._lse_dtype(q))"
     )
     L += ["", ""]
     L.append(f"def _{nm}_backward_impl(")
@@ -430,7 +425,7 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     leaves = ", ".join(f"_l_{t}" for t in floats)
     L.append(f"        return torch.autograd.grad({outs}, ({leaves},), {grads_in}, allow_unused=True)")
     L.append("")
-    L.append("    _out = _with_autograd(_grads)")
+    L.append("    _out = _rt._with_autograd(_grads)")
     L.append(
         # Contiguous, as the fake promises: a compiled backward then knows the strides it gets.
         f"    return [torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous() for x, g in zip(({', '.join(floats)},), _out)]"
@@ -455,7 +450,7 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     L.append("    if do is None:")
     L.append("        do = q.new_zeros((*q.shape[:3], v.shape[3]))")
     L.append("    if dlse is None:")
-    L.append("        dlse = q.new_zeros(q.shape[:3], dtype=_lse_dtype(q))")
+    L.append("        dlse = q.new_zeros(q.shape[:3], dtype=_rt._lse_dtype(q))")
     L.append(
         f"    {', '.join('_d_' + f for f in floats)}, = _{nm}_backward_op(do, dlse, {args}, {layout_args}, backend)"
     )
@@ -465,9 +460,9 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     ]
     L.append(f"    return {', '.join([*grads, *(['None'] * len(layout_names)), 'None'])}")
     L += ["", ""]
-    L.append(f"_{nm}_op, _fresh = _custom_op('{nm}_{{}}'.format(_OP_KEY), _{nm}_impl, _{nm}_fake)")
+    L.append(f"_{nm}_op, _fresh = _rt._custom_op({nm!r}, _{nm}_impl, _{nm}_fake, _OP_KEY, __file__)")
     L.append(
-        f"_{nm}_backward_op, _ = _custom_op('{nm}_{{}}_backward'.format(_OP_KEY), _{nm}_backward_impl, _{nm}_backward_fake)"
+        f"_{nm}_backward_op, _ = _rt._custom_op('{nm}_backward', _{nm}_backward_impl, _{nm}_backward_fake, _OP_KEY, __file__)"
     )
     L.append("if _fresh:")
     L.append(f"    _{nm}_op.register_autograd(_{nm}_backward, setup_context=_{nm}_setup_context)")
@@ -514,23 +509,23 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     L += _hoisted(att, [*kernels, *em.hoisted])
     L += closures
     aux = [p.name for p in att.aux_tensors]
-    extra = [f"*_aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
+    extra = [f"*_rt._aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
     extra += [s.name for s in att.scalars] + _sizes(att) + [v for v, _ in kernels]
     output = ", output=_output" if att.output is not None else ""
     output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""
     # The autotuner's best configs for this call's key (autotune/; None: the heuristic defaults).
-    output += f", configs=_tuned_configs(_kern._{nm}_fwd_kernel, q, k, v, {writer.heavy!r})"
-    L.append("    _kern = _triton_kernels(__file__, interpret=not q.is_cuda)")
-    L.append("    spec = _TritonSpec(")
+    output += f", configs=_rt._tuned_configs(_STATE, _kern._{nm}_fwd_kernel, q, k, v, {writer.heavy!r})"
+    L.append("    _kern = _STATE.kernels(interpret=not q.is_cuda)")
+    L.append("    spec = _rt._TritonSpec(")
     L.append(f"        _kern._{nm}_fwd_kernel, _kern._{nm}_bwd_dkdv_kernel, _kern._{nm}_bwd_dq_kernel,")
     L.append(f"        {att.norm.kind.value!r}, ({', '.join(extra)}{',' if len(extra) == 1 else ''}){output}")
     L.append("    )")
     L.append("    spec = spec._replace(")
     L.append(f"        fwd_split=_kern._{nm}_fwd_split_kernel, combine=_kern._{nm}_fwd_combine_kernel,")
-    L.append("        layout=_kernel_layout(block_layout, q, k),")
+    L.append("        layout=_rt._kernel_layout(block_layout, q, k),")
     L.append("    )")
-    L.append("    o, lse = _TritonAttention.apply(spec, q.contiguous(), k.contiguous(), v.contiguous())")
+    L.append("    o, lse = _rt._TritonAttention.apply(spec, q.contiguous(), k.contiguous(), v.contiguous())")
     float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
     if float_aux:
         L.append(

@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from attnc.codegen.reference_runtime import _triton_kernels
 from attnc.codegen.triton.aot import AOTCompileError, KernelReport, compile_reports, format_table
 from attnc.codegen.triton.inspect import CI_TARGETS, all_jobs
 from attnc.dsl.lower import compile_to_ir
 
 from attnc import codegen
+from attnc.runtime.triton import _triton_kernels
 
 from .conftest import SPECS
 

@@ -15,8 +15,11 @@ from attnc.autotune.prescreen import compile_job
 from attnc.autotune.search import tune
 from attnc.autotune.space import Candidate, DType, KernelKind, Problem, space_for
 from attnc.autotune.store import export_table, open_storage
-from attnc.codegen.linear_runtime import _lin_default_config
 from attnc.dsl.lower import compile_to_ir
+
+from attnc.runtime import linear as rt_linear
+from attnc.runtime import reset_tuned
+from attnc.runtime.linear import _lin_default_config
 
 from .conftest import SPECS
 
@@ -74,18 +77,18 @@ def test_module_picks_up_a_tuned_linear_config(compiled, tmp_path, monkeypatch) 
     assert res.best == optimum
     table = export_table(open_storage(str(store)), tmp_path / "best.json")
     monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(table))
-    mod._reset_tuned()
+    reset_tuned()
     seen = []
-    real = mod._lin_forward
+    real = rt_linear._lin_forward
     monkeypatch.setattr(
-        mod, "_lin_forward", lambda kern, opts, *a: seen.append(opts.cfg) or real(kern, opts, *a)
+        rt_linear, "_lin_forward", lambda kern, opts, *a: seen.append(opts.cfg) or real(kern, opts, *a)
     )
     inputs = _inputs()
     out = mod.lightning(**inputs, backend="triton", algorithm="chunk")
     assert seen and seen[-1]._asdict() == TUNED
     want = mod.lightning_reference(**inputs)
     torch.testing.assert_close(out, want, atol=2e-4, rtol=2e-4)
-    mod._reset_tuned()
+    reset_tuned()
 
 
 def test_prescreen_compiles_a_linear_candidate() -> None:

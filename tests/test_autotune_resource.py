@@ -70,9 +70,10 @@ def test_model_verdicts_agree_with_compile_report(compiled):
     compare: the model says "fits" exactly where the compiler produces a binary that does not spill."""
     pytest.importorskip("triton")
     from attnc.autotune.prescreen import compile_job
-    from attnc.codegen.reference_runtime import _triton_kernels
     from attnc.codegen.triton.aot import AOTCompileError, compile_reports
     from attnc.dsl.lower import compile_to_ir
+
+    from attnc.runtime.triton import _triton_kernels
 
     spec = SPECS / "causal.attn"
     att = compile_to_ir(spec.read_text(), str(spec)).attentions[0]

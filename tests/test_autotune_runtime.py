@@ -23,6 +23,8 @@ from attnc.autotune.space import Candidate, DType, KernelKind, Problem, space_fo
 from attnc.autotune.store import export_table, open_storage
 from attnc.dsl.lower import compile_to_ir
 
+from attnc.runtime import module_state, reset_tuned, set_autotune_hook, tuning, visit_probe
+from attnc.runtime import triton as rt_triton
 from attnc.settings import settings
 
 from .conftest import SPECS
@@ -68,36 +70,33 @@ def tuned_table(compiled, tmp_path):
 
 
 def _probe_run(mod, inputs):
-    probe: dict = {}
-    mod._VISIT_PROBE = probe
-    try:
+    with visit_probe() as probe:
         out = mod.causal(**inputs, backend="triton")
-    finally:
-        mod._VISIT_PROBE = None
     return probe["fwd_config"], out
 
 
 def test_runtime_key_is_the_tuning_key(compiled):
     mod = compiled("causal")
-    kern = mod._triton_kernels(mod.__file__, interpret=True)
-    name, kh = mod._kernel_identity(kern._causal_fwd_kernel)
+    kern = module_state(mod).kernels(interpret=True)
+    name, kh = tuning._kernel_identity(kern._causal_fwd_kernel)
     assert (name, kh) == ("causal", kernel_hash(_kernels_file(mod)))
-    text = mod._tune_key_text(
-        name, "fwd", kh, mod._device_identity(torch.device("cpu")), torch.float32, 16, 16, 50, 64
+    version = module_state(mod).attnc_version
+    assert version == mod.ATTNC_VERSION
+    text = tuning._tune_key_text(
+        version, name, "fwd", kh, tuning._device_identity(torch.device("cpu")), torch.float32, 16, 16, 50, 64
     )
     assert text == _cpu_key(mod).text()
     dev = DeviceInfo("NVIDIA H100 80GB HBM3", 90, "3.6.0", "2.11.0")
     p = Problem(128, 64, DType.BF16, 3000, 8192)
     runtime_dev = (dev.name, dev.cc, dev.triton, dev.torch)
     assert (
-        mod._tune_key_text("causal", "dq", kh, runtime_dev, torch.bfloat16, 128, 64, 3000, 8192)
+        tuning._tune_key_text(version, "causal", "dq", kh, runtime_dev, torch.bfloat16, 128, 64, 3000, 8192)
         == TuningKey.make("causal", KernelKind.DQ, kh, dev, p).text()
     )
 
 
 @pytest.mark.parametrize("table_env", [None, "elsewhere/best.json"])
-def test_runtime_settings_mirror_codegen_settings(compiled, monkeypatch, tmp_path, table_env):
-    mod = compiled("causal")
+def test_runtime_settings_mirror_codegen_settings(monkeypatch, tmp_path, table_env):
     monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path / "cache"))
     if table_env:
         monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(tmp_path / table_env))
@@ -106,7 +105,7 @@ def test_runtime_settings_mirror_codegen_settings(compiled, monkeypatch, tmp_pat
     for flag in ("", "0", "1"):
         monkeypatch.setenv("ATTNC_AUTOTUNE", flag)
         s = settings()
-        assert mod._tune_settings() == (str(s.tuned_table), s.autotune)
+        assert tuning._tune_settings() == (str(s.tuned_table), s.autotune)
 
 
 def test_module_picks_up_the_tuned_config_once(compiled, tuned_table, monkeypatch):
@@ -114,14 +113,14 @@ def test_module_picks_up_the_tuned_config_once(compiled, tuned_table, monkeypatc
     mod = compiled("causal")
     _, inputs = _inputs()
     monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(table))
-    mod._reset_tuned()
+    reset_tuned()
     try:
         cfg, out = _probe_run(mod, inputs)
         assert cfg._asdict() | TUNED == cfg._asdict(), cfg
         ref = mod.causal_reference(**inputs)
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
         # Once per key: the table is not read again (a dictionary hit), even if it vanished.
-        monkeypatch.setattr(mod, "_tuned_table", lambda: pytest.fail("table read twice"))
+        monkeypatch.setattr(tuning, "_tuned_table", lambda state: pytest.fail("table read twice"))
         cfg2, _ = _probe_run(mod, inputs)
         assert cfg2 == cfg
         # Another sequence bucket is another key: untuned, so the heuristic default.
@@ -130,9 +129,9 @@ def test_module_picks_up_the_tuned_config_once(compiled, tuned_table, monkeypatc
         _, small = _inputs()
         small = {**small, "q": small["q"][:, :, :32], "k": small["k"][:, :, :32], "v": small["v"][:, :, :32]}
         cfg3, _ = _probe_run(mod, small)
-        assert cfg3 == mod._default_config(16, 16, "fwd", False)
+        assert cfg3 == rt_triton._default_config(16, 16, "fwd", False)
     finally:
-        mod._reset_tuned()
+        reset_tuned()
 
 
 _RUN_MODULE = textwrap.dedent(
@@ -140,19 +139,20 @@ _RUN_MODULE = textwrap.dedent(
     import importlib.util, json, sys, torch
     path, = sys.argv[1:]
     if path.endswith(".attn"):
-        from attnc import codegen
-        mod = codegen.compile_file(path)
+        import attnc
+        mod = attnc.compile(path)
     else:
         spec = importlib.util.spec_from_file_location("baked", path)
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 1, 64, 16, generator=g) for _ in range(3))
-    mod._VISIT_PROBE = probe = {}
-    o = mod.causal(q, k, v, backend="triton")
+    from attnc.runtime import visit_probe
+    with visit_probe() as probe:
+        o = mod.causal(q, k, v, backend="triton")
     err = float((o - mod.causal_reference(q, k, v)).abs().max())
     print(json.dumps({"config": probe["fwd_config"]._asdict(), "err": err,
-                      "optuna": "optuna" in sys.modules, "attnc": "autotune" in sys.modules}))
+                      "optuna": "optuna" in sys.modules, "attnc": "attnc.autotune" in sys.modules}))
     """
 )
 
@@ -224,21 +224,22 @@ def test_autotune_hook_runs_only_when_asked(compiled, monkeypatch, tmp_path):
         return TUNED if kernel == "fwd" else None
 
     monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(tmp_path / "none.json"))
-    monkeypatch.setattr(mod, "_AUTOTUNE_HOOK", hook)
+    set_autotune_hook(mod, hook)
     try:
         monkeypatch.delenv("ATTNC_AUTOTUNE", raising=False)
-        mod._reset_tuned()
+        reset_tuned()
         cfg, _ = _probe_run(mod, inputs)
-        assert not calls and cfg == mod._default_config(16, 16, "fwd", False)
+        assert not calls and cfg == rt_triton._default_config(16, 16, "fwd", False)
         monkeypatch.setenv("ATTNC_AUTOTUNE", "1")
-        mod._reset_tuned()
+        reset_tuned()
         cfg, _ = _probe_run(mod, inputs)
         _probe_run(mod, inputs)
         assert [k for _, k in calls] == ["fwd", "dkdv", "dq"]
         assert calls[0][0] == _cpu_key(mod).text()
         assert {f: getattr(cfg, f) for f in TUNED} == TUNED
     finally:
-        mod._reset_tuned()
+        set_autotune_hook(mod, None)
+        reset_tuned()
 
 
 def test_unreadable_table_warns_and_runs_the_default(compiled, monkeypatch, tmp_path):
@@ -247,18 +248,18 @@ def test_unreadable_table_warns_and_runs_the_default(compiled, monkeypatch, tmp_
     bad.write_text("{ not json")
     monkeypatch.setenv("ATTNC_TUNED_CONFIGS", str(bad))
     _, inputs = _inputs()
-    mod._reset_tuned()
+    reset_tuned()
     try:
         with pytest.warns(RuntimeWarning, match="ignoring tuned-config table"):
             cfg, _ = _probe_run(mod, inputs)
-        assert cfg == mod._default_config(16, 16, "fwd", False)
+        assert cfg == rt_triton._default_config(16, 16, "fwd", False)
     finally:
-        mod._reset_tuned()
+        reset_tuned()
 
 
 def _miscompiled(mod, monkeypatch, wrong_block_m: int) -> None:
     """Launch with half the head dim for one tile size: a config that 'compiles' to wrong code."""
-    launch = mod._launch
+    launch = rt_triton._launch
 
     def bad_launch(cfg, q, D, E):
         kw = launch(cfg, q, D, E)
@@ -266,7 +267,7 @@ def _miscompiled(mod, monkeypatch, wrong_block_m: int) -> None:
             kw = {**kw, "_BLOCK_D": 8, "_BLOCK_E": 8}
         return kw
 
-    monkeypatch.setattr(mod, "_launch", bad_launch)
+    monkeypatch.setattr(rt_triton, "_launch", bad_launch)
 
 
 def test_accuracy_gate_rejects_a_wrong_candidate_on_real_kernels(compiled, monkeypatch):
@@ -281,7 +282,7 @@ def test_accuracy_gate_rejects_a_wrong_candidate_on_real_kernels(compiled, monke
     with pytest.raises(TrialFailure) as info:
         obj.measure(wrong)
     assert info.value.reason is FailReason.ACCURACY
-    assert mod._FORCED_CONFIGS is None, "the probe is cleared after each measurement"
+    assert module_state(mod).forced is None, "the probe is cleared after each measurement"
 
 
 def test_backward_kernels_measure_through_the_gate(compiled):
@@ -298,14 +299,14 @@ def test_launch_errors_become_failed_trials(compiled, monkeypatch, tmp_path):
     """A config the kernel cannot run is a failed trial with its reason; the study goes on."""
     mod = compiled("causal")
     _, inputs = _inputs()
-    launch = mod._launch
+    launch = rt_triton._launch
 
     def broken(cfg, q, D, E):
         if cfg.num_warps == 2:
             raise RuntimeError("triton.runtime.errors.OutOfResources: out of resource: shared memory")
         return launch(cfg, q, D, E)
 
-    monkeypatch.setattr(mod, "_launch", broken)
+    monkeypatch.setattr(rt_triton, "_launch", broken)
     obj = KernelObjective(mod, "causal", KernelKind.FWD, inputs, DType.FP32, gate=False)
     space = space_for(KernelKind.FWD, PROBLEM)
     cands = space.candidates()
@@ -327,7 +328,7 @@ def test_launch_errors_become_failed_trials(compiled, monkeypatch, tmp_path):
 
 
 def test_attnc_autotune_tunes_an_untuned_key_once_per_machine(tmp_path):
-    """ATTNC_AUTOTUNE=1 through codegen.compile_file: the first call tunes its keys (fwd, dkdv, dq) into the
+    """ATTNC_AUTOTUNE=1 through attnc.compile: the first call tunes its keys (fwd, dkdv, dq) into the
     default storage and table; a second process finds them tuned and measures nothing."""
     env = {"ATTNC_CACHE_DIR": str(tmp_path / "cache"), "ATTNC_AUTOTUNE": "1"}
     env.pop("ATTNC_TUNED_CONFIGS", None)

@@ -16,6 +16,9 @@ from attnc.autotune.space import Candidate, DType, KernelKind, Problem, space_fo
 from attnc.autotune.store import export_table, open_storage
 from attnc.dsl.lower import compile_to_ir
 
+from attnc.runtime import reset_tuned
+from attnc.runtime import triton as rt_triton
+
 from .conftest import SPECS
 
 pytest.importorskip("triton")
@@ -34,13 +37,15 @@ def _inputs(q_len: int = 4):
 
 def _spy(mod, monkeypatch) -> list:
     seen: list = []
-    real = mod._split_forward
-    monkeypatch.setattr(mod, "_split_forward", lambda spec, cfg, *a: seen.append(cfg) or real(spec, cfg, *a))
+    real = rt_triton._split_forward
+    monkeypatch.setattr(
+        rt_triton, "_split_forward", lambda spec, cfg, *a: seen.append(cfg) or real(spec, cfg, *a)
+    )
     return seen
 
 
 def test_space_starts_from_the_runtime_choice() -> None:
-    from attnc.codegen.reference_runtime import _default_split_config
+    from attnc.runtime.triton import _default_split_config
 
     space = space_for(KernelKind.FWD_SPLIT, Problem(128, 128, DType.BF16, 1, 16384))
     cfg = _default_split_config(128, 128, 0)
@@ -78,10 +83,10 @@ def test_module_launches_the_tuned_number_of_splits(compiled, tmp_path, monkeypa
     monkeypatch.setenv(
         "ATTNC_TUNED_CONFIGS", str(export_table(open_storage(str(store)), tmp_path / "t.json"))
     )
-    mod._reset_tuned()
+    reset_tuned()
     seen = _spy(mod, monkeypatch)
     inputs = _inputs()
     out = mod.decode(**inputs, backend="triton")
     assert seen and seen[-1].num_splits == 2 and seen[-1].block_n == 32
     torch.testing.assert_close(out, mod.decode_reference(**inputs), atol=1e-5, rtol=1e-5)
-    mod._reset_tuned()
+    reset_tuned()

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from attnc import codegen
+from attnc.runtime import visit_probe
+from attnc.runtime.layout import _layout_transpose
 
 pytest.importorskip("triton")
 
@@ -111,15 +113,11 @@ def _check_against_oracle(
     **scalars: int,
 ) -> dict[str, object]:
     """Forward, log-sum-exp and q/k/v gradients of one backend against the SDPA oracle; returns the probe."""
-    probe: dict[str, object] = {}
-    mod._VISIT_PROBE = probe
-    try:
+    with visit_probe() as probe:
         x = [t.to(dtype).requires_grad_() for t in base]
         o, lse = getattr(mod, name)(*x, **scalars, backend=backend, return_lse=True, block_layout=layout)
         weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=F64)
         got = torch.autograd.grad((o.to(F64) * weights).sum(), x)
-    finally:
-        mod._VISIT_PROBE = None
     ref = [t.clone().requires_grad_() for t in base]
     o_ref, lse_ref = sdpa_oracle(*ref, visible)
     want = torch.autograd.grad((o_ref * weights).sum(), ref)
@@ -241,7 +239,7 @@ def test_kernels_visit_only_listed_tiles(mods: dict[str, ModuleType]) -> None:
 def test_transpose_built_on_device_matches_given(mods: dict[str, ModuleType]) -> None:
     mod = mods["causal"]
     idx, cnt = random_lists(2, 3, 5, 4, seed=9)
-    q_idx, q_cnt = mod._layout_transpose(idx, cnt, 4)
+    q_idx, q_cnt = _layout_transpose(idx, cnt, 4)
     for b in range(2):
         for h in range(3):
             for c in range(4):
@@ -251,7 +249,7 @@ def test_transpose_built_on_device_matches_given(mods: dict[str, ModuleType]) ->
     # Given explicitly, the transpose is used as is: same results as building it.
     B, H, M, N, qb, kb = 1, 2, 64, 64, 32, 32
     idx, cnt = random_lists(B, H, M // qb, N // kb, seed=10)
-    q_idx, q_cnt = mod._layout_transpose(idx, cnt, N // kb)
+    q_idx, q_cnt = _layout_transpose(idx, cnt, N // kb)
     x = [t.float().requires_grad_() for t in _qkv(B, H, H, M, N, torch.float32, seed=6)]
     outs = []
     for layout in (mod.BlockLayout(idx, cnt, qb, kb), mod.BlockLayout(idx, cnt, qb, kb, q_idx, q_cnt)):
@@ -302,10 +300,11 @@ def test_layout_through_torch_compile(mods: dict[str, ModuleType]) -> None:
 def test_layout_kernels_compile_for_sm90_without_spills(mods: dict[str, ModuleType]) -> None:
     """The `_LAYOUT` form of the forward, dK/dV, dQ and split-KV kernels (the plain form is what
     tests/test_aot_generated.py compiles for every spec), for sm_90 at head dim 64 in fp16 and 128 in bf16."""
-    from attnc.codegen.reference_runtime import _triton_kernels
     from attnc.codegen.triton.aot import KernelReport, compile_reports, format_table
     from attnc.codegen.triton.inspect import Target, jobs
     from attnc.dsl.lower import compile_to_ir
+
+    from attnc.runtime.triton import _triton_kernels
 
     path = SPEC_DIR / "causal.attn"
     kernels = _triton_kernels(mods["causal"].__file__, interpret=False)

@@ -22,6 +22,7 @@ from attnc.dsl.lower import compile_to_ir
 from attnc import codegen
 from attnc.cli import main as cli_main
 from attnc.cli import show_attention
+from attnc.runtime import linear as rt_linear
 
 from .conftest import SPECS
 
@@ -365,10 +366,10 @@ def test_parallel_and_automatic_choice(compiled, monkeypatch) -> None:
     want = naive(case, q, k, v, decay)[0]
     _close(mod.lightning(*args, backend="triton", algorithm="parallel"), want, 2e-4, "parallel")
     # Above the threshold the entry point takes the chunked form on its own.
-    monkeypatch.setattr(mod, "_LINEAR_PARALLEL_MAX_N", 16)
+    monkeypatch.setattr(rt_linear, "_LINEAR_PARALLEL_MAX_N", 16)  # what generated entry points read
     calls = []
-    real = mod._lin_forward
-    monkeypatch.setattr(mod, "_lin_forward", lambda *a: calls.append(1) or real(*a))
+    real = rt_linear._lin_forward
+    monkeypatch.setattr(rt_linear, "_lin_forward", lambda *a: calls.append(1) or real(*a))
     _close(mod.lightning(*args, backend="triton"), want, 2e-4, "auto")
     assert calls, "N above the threshold should run the chunked kernels"
 

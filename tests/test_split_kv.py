@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from attnc import codegen
+from attnc.runtime import triton as rt_triton
+from attnc.runtime import visit_probe
 
 pytest.importorskip("triton")
 
@@ -120,13 +122,11 @@ def _call(
     mod: ModuleType, name: str, args: dict[str, object], split: bool, mp: pytest.MonkeyPatch
 ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, object]]:
     """Run the Triton backend with the split path forced (one key tile per split) or turned off."""
-    probe: dict[str, object] = {}
-    with mp.context() as m:
-        m.setattr(mod, "_VISIT_PROBE", probe)
+    with mp.context() as m, visit_probe() as probe:
         if split:
-            m.setattr(mod, "_SPLIT_MIN_TILES", 1)
+            m.setattr(rt_triton, "_SPLIT_MIN_TILES", 1)
         else:
-            m.setattr(mod, "_SPLIT_MAX_M", 0)
+            m.setattr(rt_triton, "_SPLIT_MAX_M", 0)
         fn = getattr(mod, name)
         if name in ("decode", "window_decode", "sink_decode"):
             o, lse = fn(*args.values(), backend="triton", return_lse=True)
@@ -278,19 +278,18 @@ def triton_cdiv(a: int, b: int) -> int:
 # ---- the schedule: host-known shapes only ----------------------------------------------------------------------
 
 
-def test_num_splits_heuristic_and_tuned_override(mods: dict[str, ModuleType]) -> None:
-    mod = mods["decode"]
-    spec = mod._TritonSpec(None, None, None, "softmax", (), fwd_split=object(), combine=object())
+def test_num_splits_heuristic_and_tuned_override() -> None:
+    spec = rt_triton._TritonSpec(None, None, None, "softmax", (), fwd_split=object(), combine=object())
     cpu = torch.device("cpu")
-    bn = mod._default_split_config(64, 64, False).block_n
+    bn = rt_triton._default_split_config(64, 64, False).block_n
     # Decoding shapes only; N / (_SPLIT_MIN_TILES · BLOCK_N) splits, capped, at least one tile each.
-    assert mod._split_config(spec, 1, 8, 17, 1 << 14, 64, 64, cpu) is None
-    assert mod._split_config(spec, 1, 8, 1, 2 * bn, 64, 64, cpu) is None  # one split: the plain forward
-    cfg = mod._split_config(spec, 1, 8, 1, 10 * mod._SPLIT_MIN_TILES * bn, 64, 64, cpu)
+    assert rt_triton._split_config(spec, 1, 8, 17, 1 << 14, 64, 64, cpu) is None
+    assert rt_triton._split_config(spec, 1, 8, 1, 2 * bn, 64, 64, cpu) is None  # one split: the plain forward
+    cfg = rt_triton._split_config(spec, 1, 8, 1, 10 * rt_triton._SPLIT_MIN_TILES * bn, 64, 64, cpu)
     assert cfg.num_splits == 10 and cfg.block_m == 16
-    assert mod._split_config(spec, 1, 8, 16, 1 << 20, 64, 64, cpu).num_splits == mod._SPLIT_MAX
-    assert mod._split_config(spec._replace(fwd_split=None), 1, 8, 1, 1 << 14, 64, 64, cpu) is None
+    assert rt_triton._split_config(spec, 1, 8, 16, 1 << 20, 64, 64, cpu).num_splits == rt_triton._SPLIT_MAX
+    assert rt_triton._split_config(spec._replace(fwd_split=None), 1, 8, 1, 1 << 14, 64, 64, cpu) is None
     # The autotuner's entry wins, and no split is left empty: 5 tiles in 4 splits -> 2 tiles each, 3 splits.
-    tuned = mod._KernelConfig(16, 32, 4, 1, num_splits=4)
-    got = mod._split_config(spec._replace(configs={"fwd_split": tuned}), 1, 2, 4, 5 * 32, 64, 64, cpu)
+    tuned = rt_triton._KernelConfig(16, 32, 4, 1, num_splits=4)
+    got = rt_triton._split_config(spec._replace(configs={"fwd_split": tuned}), 1, 2, 4, 5 * 32, 64, 64, cpu)
     assert got == tuned._replace(num_splits=3)

@@ -14,6 +14,8 @@ from types import ModuleType
 import pytest
 import torch
 
+from attnc.runtime import visit_probe
+
 from .test_reference_oracles import (
     F64,
     NEG_INF,
@@ -180,10 +182,9 @@ def test_kernels_visit_exactly_the_planned_tiles(
         doc = (torch.arange(N) // 50).to(torch.int32)[None]  # three documents of 50 tokens
         extra.append(doc)
         aux = {"doc": doc.numpy()}
-    probe: dict[str, torch.Tensor] = {}
-    monkeypatch.setattr(mod, "_VISIT_PROBE", probe)
-    o = getattr(mod, spec)(q, k, v, *extra, backend="triton", **scalars)
-    o.sum().backward()
+    with visit_probe() as probe:
+        o = getattr(mod, spec)(q, k, v, *extra, backend="triton", **scalars)
+        o.sum().backward()
     sizes = {"M": M, "N": N, "B": 1, "H": H, "G": G, "D": 16}
     visible = dense_mask(ir, {s: sizes[s] for s in ("M", "N") if s in _symbols(ir)} | {"N": N}, scalars, aux)
     rep = H // G

@@ -13,7 +13,9 @@ from attnc.dsl.ir import Attention
 
 from attnc.runtime.signature import Group
 
-from ..reference_runtime import _default_config, _default_split_config, _KernelConfig, _next_pow2
+from attnc.runtime.layout import _next_pow2
+from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig
+
 from .aot import CompileJob
 from .kernels import KERNEL_KINDS, KernelWriter
 

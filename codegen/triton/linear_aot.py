@@ -1,4 +1,4 @@
-"""Ahead-of-time compile jobs for the linear family's core kernels (codegen/triton/linear_kernels.py).
+"""Ahead-of-time compile jobs for the linear family's core kernels (attnc/runtime/linear_kernels.py).
 
 Every variant a spec can select (causal or not, with or without a decay, norm none or sum, with or without an
 initial state) is compiled with the runtime's default schedule for a real NVIDIA target, so CI catches what the
@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..linear_runtime import _lin_default_config, _LinConfig, _next_pow2
-from . import linear_kernels as lk
+from attnc.runtime import linear_kernels as lk
+from attnc.runtime.layout import _next_pow2
+from attnc.runtime.linear import _lin_default_config, _LinConfig
+
 from .aot import CompileJob
 
 

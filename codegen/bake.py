@@ -1,8 +1,8 @@
 """Bake tuned configs into a generated module (`attnc codegen --tuned-from DB`), so that it ships tuned.
 
-The module then holds `_BAKED_CONFIGS = {key text: config}` after its runtime; the runtime's lookup
-(`_tuned_configs`) reads it like the exported table, with a local table taking precedence (a tuning on the
-user's own machine is newer). Keys still name the GPU and library versions: a module baked for an H100 runs
+The module then holds `_BAKED_CONFIGS = {key text: config}` and hands it to the runtime with its state
+(`_STATE = _rt.ModuleState(..., baked_configs=_BAKED_CONFIGS)`); the runtime's lookup reads it like the
+exported table, with a local table taking precedence (a tuning on the user's own machine is newer). Keys still name the GPU and library versions: a module baked for an H100 runs
 the heuristic defaults elsewhere rather than a config that was never measured there.
 """
 
@@ -36,8 +36,16 @@ def entries_for(
     return dict(sorted(out.items()))
 
 
-def baked_assignment(program: Program, kernels_hash: str, table: Mapping[str, Mapping[str, Any]]) -> str:
-    """The `_BAKED_CONFIGS = {...}` statement for the generated module (deterministic text)."""
+def baked_assignment(
+    program: Program, kernels_hash: str, table: Mapping[str, Mapping[str, Any]]
+) -> list[str]:
+    """The `_BAKED_CONFIGS = {...}` statement for the generated module (deterministic text); no lines when
+    the table has nothing for these kernels."""
     rows = entries_for(program, kernels_hash, table)
-    text = pprint.pformat(rows, width=110, sort_dicts=True)
-    return f"# Tuned schedules baked in by `attnc codegen --tuned-from` ({len(rows)} keys).\n_BAKED_CONFIGS = {text}"
+    if not rows:
+        return []
+    text = pprint.pformat(rows, width=110, sort_dicts=True)  # ints and key strings, as literals
+    return [
+        f"# Tuned schedules baked in by `attnc codegen --tuned-from` ({len(rows)} keys).",
+        f"_BAKED_CONFIGS = {text}",
+    ]

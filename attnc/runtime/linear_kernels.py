@@ -1,4 +1,5 @@
-"""Triton kernels of the linear family's core (copied verbatim into a spec's kernels file after MARKER).
+"""Triton kernels of the linear family's core, generic over specs (attnc.runtime.linear loads this file once per
+interpreter mode; `attnc codegen --standalone` appends it to the module's own kernels file).
 
 The generated prologue reduces every separable spec (dsl/analysis/linear.py) to one core computation per
 (batch, head), over q~ = φ(q)·a(i), k~ = ψ(k)·c(j) and the log-decay G (fp32, re-based per chunk):
@@ -22,10 +23,6 @@ imported in, which the interpreter-based CPU tests rely on.
 
 import triton
 import triton.language as tl
-
-MARKER = "# ---- linear-family core kernels ----"
-
-# ---- linear-family core kernels ----
 
 
 @triton.jit

@@ -1,32 +1,33 @@
-"""Runtime of the linear family, copied (after MARKER) into generated modules that have a linear-form block.
+"""Runtime of the linear family: what a generated `NAME_linear` calls.
 
-The generated `NAME_linear` evaluates the spec's prologue in PyTorch — feature maps, per-position scales and
-the log-decay G — so that autograd carries gradients to every auxiliary tensor (decay rates, gates), then runs
-the core (see codegen/triton/linear_kernels.py for the formulas) with the Triton kernels (`_LinearCore`) or
-exactly in PyTorch (`_lin_core_torch`, the reference).
+The generated function evaluates the spec's prologue in PyTorch (feature maps, per-position scales and the
+log-decay G), so that autograd carries gradients to every auxiliary tensor (decay rates, gates), then runs
+the core (see linear_kernels.py beside this file for the formulas) with the Triton kernels (`_lin_core`, a
+custom op registered once per process) or exactly in PyTorch (`_lin_core_torch`, the reference). The core's
+kernels are generic: they live in this package and load once per interpreter mode, as a module's own
+kernels file does.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 import torch
 
-from .reference_runtime import (
-    _FORCED_CONFIGS,
-    _TUNED_MEMO,
-    _config_from,
-    _custom_op,
-    _kernel_identity,
-    _next_pow2,
-    _triton_kernels,
-    _tuned_entry,
-    triton_cdiv,
-)
+from .layout import _next_pow2, triton_cdiv
+from .ops import _custom_op
+from .triton import _load_kernels
+from .tuning import _STATES, _config_from, _tuned_entry
 
-MARKER = "# ---- linear-family runtime ----"
+# The generic core kernels (a standalone module, which vendors this runtime, points it at its own kernels
+# file instead: `attnc codegen --standalone` appends the core there).
+_LINEAR_KERNELS = Path(__file__).with_name("linear_kernels.py")
 
-# ---- linear-family runtime ----
+
+def _linear_kernels(interpret):
+    return _load_kernels(_LINEAR_KERNELS, interpret)
+
 
 _LINEAR_PARALLEL_MAX_N = (
     256  # up to this length the quadratic (parallel) kernels win; the autotuner may own it
@@ -55,27 +56,28 @@ def _lin_default_config(D, E):
     return _LinConfig(64, 64 if D > 32 else _next_pow2(D), 64 if E > 32 else _next_pow2(E), warps, 2)
 
 
-def _lin_config(attention, q, D, E, N):
+def _lin_config(state, attention, q, D, E, N):
     """The chunked form's schedule for this call: the tuner's probe, else a tuned (or baked) config for the
     call's key (kernel kind "lin_chunk", the same key text as the softmax kernels'), else the default."""
-    forced = (_FORCED_CONFIGS or {}).get("lin_chunk")
+    forced = (state.forced or {}).get("lin_chunk")
     if forced is not None:
         return forced
-    return _lin_lookup(attention, q.dtype, q.device, D, E, _next_pow2(N))
+    return _lin_lookup(state.ident, attention, q.dtype, q.device, D, E, _next_pow2(N))
 
 
 @torch._dynamo.assume_constant_result  # traced models take the schedule as a constant, not its dict lookups
-def _lin_lookup(attention, dtype, device, D, E, N):
-    """Looked up once per key, then a dictionary hit."""
+def _lin_lookup(ident, attention, dtype, device, D, E, N):
+    """Looked up once per key, then a dictionary hit. `ident` names the module's state (a string, so that
+    the traced call's arguments stay constants)."""
+    state = _STATES[ident]
     memo = ("lin_chunk", attention, dtype, device, D, E, N)
-    if memo not in _TUNED_MEMO:
-        kern = _triton_kernels(globals().get("__file__", ""), interpret=device.type != "cuda")
-        digest = _kernel_identity(kern._lin_fwd_out_kernel)[1]
+    if memo not in state.memo:
+        digest = (state.kernels_sha256 or "")[:16]  # the key names the module's kernels file, as autotune's
         probe = torch.empty(0, dtype=dtype, device=device)  # what the key reads of the call: dtype, device
-        _, entry = _tuned_entry(attention, "lin_chunk", digest, probe, D, E, N, N)
+        _, entry = _tuned_entry(state, attention, "lin_chunk", digest, probe, D, E, N, N)
         tuned = None if entry is None else _config_from(_LinConfig, entry)
-        _TUNED_MEMO[memo] = tuned or _lin_default_config(D, E)
-    return _TUNED_MEMO[memo]
+        state.memo[memo] = tuned or _lin_default_config(D, E)
+    return state.memo[memo]
 
 
 class _LinOpts(NamedTuple):
@@ -322,7 +324,7 @@ def _lin_core_impl(
     num_warps: int,
     num_stages: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    kern = _triton_kernels(__file__, interpret=not qt.is_cuda)
+    kern = _linear_kernels(interpret=not qt.is_cuda)
     opts = _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages)
     o, den, so, zo = _lin_forward(kern, opts, qt, kt, v, gfull, s0, z0)
     return o, den, so.clone(), zo.clone()  # views of a scratch buffer must not alias an op's outputs
@@ -365,7 +367,7 @@ def _lin_core_bwd_impl(
     num_warps: int,
     num_stages: int,
 ) -> list[torch.Tensor]:
-    kern = _triton_kernels(__file__, interpret=not qt.is_cuda)
+    kern = _linear_kernels(interpret=not qt.is_cuda)
     opts = _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages)
     grads = _lin_backward(kern, opts, qt, kt, v, gfull, s0, z0, so, zo, do, dden, dso, dzo)
     return [g if g is not None else qt.new_empty(0) for g in grads]
@@ -400,8 +402,9 @@ def _lin_core_backward(ctx, do, dden, dso, dzo):
 
 
 def _lin_register():
-    op, fresh = _custom_op("lin_core", _lin_core_impl, _lin_core_fake)
-    bwd, _ = _custom_op("lin_core_backward", _lin_core_bwd_impl, _lin_core_bwd_fake)
+    # One pair of ops per process (per copy of this file: a standalone module registers its own).
+    op, fresh = _custom_op("lin_core", _lin_core_impl, _lin_core_fake, "runtime", __file__)
+    bwd, _ = _custom_op("lin_core_backward", _lin_core_bwd_impl, _lin_core_bwd_fake, "runtime", __file__)
     if fresh:
         op.register_autograd(_lin_core_backward, setup_context=_lin_core_setup)
     return op, bwd

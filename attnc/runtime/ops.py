@@ -1,0 +1,54 @@
+"""torch.library: every attention block is a custom op (with a fake implementation and an autograd
+formula), so that torch.compile(fullgraph=True) traces models calling it without looking inside."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+
+import torch
+
+
+def _lse_dtype(q):
+    return torch.float64 if q.dtype is torch.float64 else torch.float32
+
+
+def _custom_op(name, impl, fake, key, file):
+    """Register `attnc::<name>_<key>_<file hash>` once per process. `key` hashes the spec and the compiler
+    (the module's `_OP_KEY`) and `file` is the module's path, so two generated files, or two specs written to
+    one path in turn, never share an op, while the same file loaded twice reuses the first registration.
+    Returns the op and whether it is new."""
+    where = hashlib.sha256(str(file).encode()).hexdigest()[:8]
+    name = f"{name}_{key}_{where}"
+    existing = getattr(torch.ops.attnc, name, None) if _attnc_ns_exists() else None
+    if existing is not None:
+        return existing, False
+    op = torch.library.custom_op(f"attnc::{name}", mutates_args=())(impl)
+    op.register_fake(fake)
+    return op, True
+
+
+def _attnc_ns_exists():
+    try:
+        torch.ops.attnc  # noqa: B018 - the namespace object is created on first registration
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _with_autograd(fn):
+    """Run `fn` with autograd available. A custom op's implementation runs below the autograd dispatch key
+    (thread-local), so the backward op recomputes the forward on a helper thread, on the caller's stream."""
+    stream = (
+        torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    )
+
+    def run():
+        with torch.enable_grad():
+            if stream is None:
+                return fn()
+            with torch.cuda.stream(stream):
+                return fn()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(run).result()

@@ -1,0 +1,430 @@
+"""The Triton path: loading a module's generated kernels file (once per interpreter mode), the default
+schedules, the fused autograd function that launches the forward and backward kernels, and the split-KV
+forward for decoding shapes. Triton itself is imported only by the kernels files, so a generated module
+imports with torch alone."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from .layout import _fit_layout, _layout_args, _next_pow2, triton_cdiv
+from .reference import _full
+
+# ---- kernels files: the generated `*_triton.py` beside a module, and the runtime's own linear core ----
+
+_KERNEL_MODULES = {}  # (path, interpret, content hash) -> the loaded kernels module
+_CONTENT_LINE = "# content-sha256: "
+
+
+def _content_hash(path):
+    """The `content-sha256` a generated file carries in its header ("" for a file without one)."""
+    with open(path, encoding="utf-8") as f:
+        for line in (f.readline() for _ in range(4)):
+            if line.startswith(_CONTENT_LINE):
+                return line[len(_CONTENT_LINE) :].strip()
+    return ""
+
+
+def _load_kernels(path, interpret, sha256=None):
+    """Import a kernels file once per (file, content, mode); `interpret` runs its kernels under the Triton
+    interpreter (CPU tensors), which Triton decides when the kernels are defined. `sha256`: the content hash
+    the calling module was generated with; a kernels file that does not match it (a stale file, or another
+    spec written to the same path) is refused rather than run."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(
+            f"backend='triton': the kernels file {path.name} was not generated beside this module"
+        )
+    found = _content_hash(path)
+    if sha256 is not None and found != sha256:
+        raise ValueError(
+            f"backend='triton': the kernels file {path} does not belong to this module (content hash "
+            f"{found[:16] or 'missing'}, expected {sha256[:16]}); regenerate the module"
+        )
+    key = (str(path), interpret, found)
+    if key not in _KERNEL_MODULES:
+        if interpret:
+            # Triton reads this when kernels are defined and when its own helpers import: switching it back
+            # and forth within a process is not supported, so CPU tensors leave the process in interpreter mode.
+            os.environ["TRITON_INTERPRET"] = "1"
+        spec = importlib.util.spec_from_file_location(f"{path.stem}_{found[:8]}_{int(interpret)}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        _KERNEL_MODULES[key] = mod
+    return _KERNEL_MODULES[key]
+
+
+def _kernels_path(module_file):
+    return Path(module_file).with_name(Path(module_file).stem + "_triton.py")
+
+
+def _triton_kernels(module_file, interpret, sha256=None):
+    """The Triton kernels beside a generated module (see `_load_kernels`)."""
+    return _load_kernels(_kernels_path(module_file), interpret, sha256)
+
+
+class _KernelConfig(NamedTuple):
+    """The schedule of one launch (tiles, warps, stages): never part of the spec (Halide's split)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    num_splits: int = 1  # split-KV forward only (decoding shapes): key-range splits per query tile
+
+
+def _default_config(D, E, kernel="fwd", heavy=False):
+    """Fixed, sensible schedules per head dim and kernel until the autotuner owns them. The backward kernels
+    iterate over narrower tiles than the forward: they keep more fp32 tiles alive (FlashAttention-2,
+    section 3.1.2); `heavy` specs (a tensor gathered per (i, j) pair, or unnormalised float32 weights) get narrower
+    tiles too. CI compiles
+    every default for sm_90 and checks that it does not spill."""
+    width = max(D, E)
+    warps = 4 if width <= 64 else 8
+    stages = 2 if width <= 128 else 1
+    if kernel == "fwd":
+        return _KernelConfig(64, 64 if width <= 64 and not heavy else 32, warps, stages)
+    if kernel == "dkdv":  # one stage above 64: feature maps recomputed per tile spilled with two (sm_90)
+        return _KernelConfig(16 if heavy and width > 64 else 32, 32, warps, stages if width <= 64 else 1)
+    if heavy:  # above 64: 16×16 tiles for gathers; 32×16 for float32 weights (16×16 spilled there on sm_90)
+        return _KernelConfig(
+            32 if heavy == 1 and width > 64 else 16, 32 if width <= 64 else 16, warps, stages
+        )
+    return _KernelConfig(64 if width <= 128 else 32, 32, warps, stages)
+
+
+class _TritonSpec(NamedTuple):
+    """What the generic autograd function needs to launch one attention block's kernels."""
+
+    fwd: object
+    dkdv: object
+    dq: object
+    norm: str
+    extra: tuple  # aux tensors with strides and extents, scalars, sizes, uniforms: the kernels' shared tail
+    output: object = None  # (o, b, h, hk, i, e) -> epilogue, for the backward through it
+    configs: object = None  # {"fwd" | "dkdv" | "dq": _KernelConfig}; None: _default_config per kernel
+    heavy: int = 0  # KernelWriter.heavy: 2 gathers per (i, j) or tile summaries, 1 float32 weights
+    summaries: tuple = ()  # ((q_fn(b, h, hk, i), k_fn(b, hk, j)), ...): `A(i) == B(j)` terms of the mask
+    fwd_split: object = None  # split-KV forward for decoding shapes, and the kernel merging its partials
+    combine: object = None
+    layout: object = None  # _KernelLayout: an explicit runtime block layout of this call, or None
+
+
+def _dense_output(fn, o, rep):
+    B, H, M, E = o.shape
+    dev = o.device
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = torch.arange(H, device=dev).view(1, H, 1, 1)
+    i = torch.arange(M, device=dev).view(1, 1, M, 1)
+    e = torch.arange(E, device=dev).view(1, 1, 1, E)
+    return _full(fn(o, b, h, h // rep, i, e), o.shape, o)
+
+
+class _TritonAttention(torch.autograd.Function):
+    """Fused forward and backward kernels; gradients for q, k and v (auxiliary tensors: see the caller)."""
+
+    @staticmethod
+    def forward(ctx, spec, q, k, v):
+        B, H, M, D = q.shape
+        G, N, E = k.shape[1], k.shape[2], v.shape[3]
+        o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
+        oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
+        stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
+        split = _split_config(spec, B, H, M, N, D, E, q.device)
+        if split is not None:
+            _split_forward(spec, split, q, k, v, o, oraw, stat)
+            ctx.spec = spec
+            ctx.save_for_backward(q, k, v, o, oraw, stat)
+            return o, stat
+        cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
+        grid = (triton_cdiv(M, cfg.block_m), B * H)
+        spec.fwd[grid](
+            q,
+            k,
+            v,
+            o,
+            oraw,
+            stat,
+            *spec.extra,
+            *_strides(q, k, v, o),
+            H,
+            G,
+            M,
+            N,
+            D,
+            E,
+            *_summaries(spec, q, k, cfg),
+            *_layout_args(spec.layout, stat),
+            *_visits("fwd", (B * H, grid[0]), stat, cfg),
+            **_launch(cfg, q, D, E),
+            _LAYOUT=spec.layout is not None,
+        )
+        ctx.spec = spec
+        ctx.save_for_backward(q, k, v, o, oraw, stat)
+        return o, stat
+
+    @staticmethod
+    def backward(ctx, do, dstat):
+        spec = ctx.spec
+        q, k, v, o, oraw, stat = ctx.saved_tensors
+        B, H, M, D = q.shape
+        G, N, E = k.shape[1], k.shape[2], v.shape[3]
+        do = do.contiguous()
+        if spec.output is not None:
+            with torch.enable_grad():
+                x = oraw.detach().requires_grad_()
+                (do_raw,) = torch.autograd.grad(_dense_output(spec.output, x, H // G), x, do.to(x.dtype))
+            o_raw = oraw
+        else:
+            do_raw, o_raw = do, o
+        do_raw = do_raw.to(torch.float32).contiguous()
+        delta = (do_raw * o_raw.to(torch.float32)).sum(-1)
+        if dstat is not None and spec.norm == "softmax":
+            delta = delta - dstat  # d lse / d s = p: folds into ds = p (dp - delta + dlse)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+        dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+        strides = _strides(q, k, v, do_raw)
+        cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
+        spec.dkdv[(triton_cdiv(N, cfg.block_n), B * G)](
+            q,
+            k,
+            v,
+            do_raw,
+            stat,
+            delta,
+            dk,
+            dv,
+            *spec.extra,
+            *strides,
+            H,
+            G,
+            M,
+            N,
+            D,
+            E,
+            *_summaries(spec, q, k, cfg),
+            *_layout_args(spec.layout, stat),
+            *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat, cfg),
+            **_launch(cfg, q, D, E),
+            _LAYOUT=spec.layout is not None,
+        )
+        cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
+        spec.dq[(triton_cdiv(M, cfg.block_m), B * H)](
+            q,
+            k,
+            v,
+            do_raw,
+            stat,
+            delta,
+            dq,
+            *spec.extra,
+            *strides,
+            H,
+            G,
+            M,
+            N,
+            D,
+            E,
+            *_summaries(spec, q, k, cfg),
+            *_layout_args(spec.layout, stat),
+            *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat, cfg),
+            **_launch(cfg, q, D, E),
+            _LAYOUT=spec.layout is not None,
+        )
+        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ---- split-KV decoding (FlashDecoding: Dao, Haziza, Massa, Sizov, 2023) ------------------------------------
+# With few query rows (decoding against a KV cache) the one-pass forward runs B·H programs that each walk all
+# of N: most of the GPU idles. The split path gives each (query tile, b·h) program S key ranges on a third
+# grid axis; each writes a float32 partial, and a small kernel merges them and runs the forward's epilogue.
+# S comes from host-known shapes only (no device read, so CUDA-graph capturable); the autotuner may own it
+# through the "fwd_split" entry of `_TritonSpec.configs` (its `num_splits`).
+
+_SPLIT_MAX_M = 16  # query rows up to which a forward counts as decoding (one 16-row tile)
+_SPLIT_MIN_TILES = 4  # key tiles per split at least: enough work per program to pay for the partials
+_SPLIT_MAX = 64  # splits per query tile at most (the combine reads them all per row)
+_SPLIT_WAVES = 2  # on CUDA, stop splitting once the grid fills the SMs this many times over
+
+
+def _default_split_config(D, E, heavy):
+    """The split forward's schedule: the forward's key tile, one 16-row query tile (tl.dot's minimum), four
+    warps (FlashDecoding's choice for so small a tile); heavy specs do not pipeline their loads (a second
+    stage spills on sm_90 with a per-pair gather)."""
+    base = _default_config(D, E, "fwd", heavy)
+    return _KernelConfig(16, base.block_n, 4, 1 if heavy else base.num_stages)
+
+
+def _split_config(spec, B, H, M, N, D, E, device):
+    """The split-KV schedule for a decoding shape, or None for the one-pass forward: num_splits is
+    ceil(N / (_SPLIT_MIN_TILES · BLOCK_N)), capped by _SPLIT_MAX and, on CUDA, by the SMs the grid would
+    otherwise leave idle; never more splits than key tiles, and no empty trailing split."""
+    if spec.fwd_split is None or M > _SPLIT_MAX_M or N == 0:
+        return None
+    tuned = (spec.configs or {}).get("fwd_split")
+    cfg = _fit_layout(tuned or _default_split_config(D, E, spec.heavy), spec.layout)
+    tiles = triton_cdiv(N, cfg.block_n)
+    if tuned is not None:
+        splits = tuned.num_splits
+    else:
+        splits = min(_SPLIT_MAX, triton_cdiv(tiles, _SPLIT_MIN_TILES))
+        if device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count  # host-side, cached
+            programs = B * H * triton_cdiv(M, cfg.block_m)
+            splits = min(splits, max(1, triton_cdiv(_SPLIT_WAVES * sms, programs)))
+    per = triton_cdiv(tiles, max(1, min(splits, tiles)))  # key tiles per split
+    splits = triton_cdiv(tiles, per)
+    return cfg._replace(num_splits=splits) if splits > 1 else None
+
+
+def _split_forward(spec, cfg, q, k, v, o, oraw, stat):
+    """Split forward (grid: query tiles, B·H, splits) into float32 partials [B·H, S, M, E] and [B·H, S, M],
+    then the combine (grid: query tiles, B·H) into o, oraw and stat, exactly as the one-pass forward writes
+    them. Each split covers `per_split` keys, a multiple of BLOCK_N, so tiles never straddle two splits."""
+    B, H, M, D = q.shape
+    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    S = cfg.num_splits
+    per_split = triton_cdiv(triton_cdiv(N, cfg.block_n), S) * cfg.block_n
+    opart = torch.empty((B * H, S, M, E), dtype=torch.float32, device=q.device)
+    lpart = torch.empty((B * H, S, M), dtype=torch.float32, device=q.device)
+    tiles_m = triton_cdiv(M, cfg.block_m)
+    shared = (*spec.extra, *_strides(q, k, v, o), H, G, M, N, D, E)
+    summaries = _summaries(spec, q, k, cfg)
+    layout = _layout_args(spec.layout, stat)
+    spec.fwd_split[(tiles_m, B * H, S)](
+        q,
+        k,
+        v,
+        opart,
+        lpart,
+        per_split,
+        *shared,
+        *summaries,
+        *layout,
+        *_visits("fwd_split", (B * H, S, tiles_m), stat, cfg),
+        **_launch(cfg, q, D, E),
+        _LAYOUT=spec.layout is not None,
+    )
+    merge = _KernelConfig(cfg.block_m, cfg.block_n, 4, 1)
+    spec.combine[(tiles_m, B * H)](
+        opart,
+        lpart,
+        S,
+        o,
+        oraw,
+        stat,
+        *shared,
+        *summaries,
+        *layout,
+        stat,
+        False,
+        **_launch(merge, q, D, E),
+        _LAYOUT=False,
+    )
+
+
+def _tile_minmax(values, block):
+    """[R, L] int values -> ([R, tiles] min, [R, tiles] max) over consecutive blocks of `block` positions."""
+    R, L = values.shape
+    if L == 0:
+        empty = values.new_zeros((R, 0))
+        return empty, empty
+    tiles = triton_cdiv(L, block)
+    pad = tiles * block - L
+    # Padding lanes must not move min or max: repeat each row's last value (F.pad's fill goes through float).
+    filler = values[:, -1:].expand(R, pad)
+    lo = hi = torch.cat([values, filler], dim=1)
+    return lo.view(R, tiles, block).amin(-1).contiguous(), hi.view(R, tiles, block).amax(-1).contiguous()
+
+
+def _summaries(spec, q, k, cfg):
+    """The cheap device pre-pass for data-dependent masks: per tile, min and max of each summarised value
+    (no host synchronisation). Order: for each term, query min, query max, key min, key max."""
+    out = []
+    if not spec.summaries:
+        return out
+    B, H, M = q.shape[:3]
+    G, N = k.shape[1], k.shape[2]
+    dev = q.device
+    b = torch.arange(B, device=dev).view(B, 1, 1)
+    h = torch.arange(H, device=dev).view(1, H, 1)
+    hk = torch.arange(G, device=dev).view(1, G, 1)
+    i = torch.arange(M, device=dev).view(1, 1, M)
+    j = torch.arange(N, device=dev).view(1, 1, N)
+    for qfn, kfn in spec.summaries:
+        qv = torch.as_tensor(qfn(b, h, h // (H // G), i), device=dev).to(torch.int64).broadcast_to(B, H, M)
+        kv = torch.as_tensor(kfn(b, hk, j), device=dev).to(torch.int64).broadcast_to(B, G, N)
+        out += [
+            *_tile_minmax(qv.reshape(B * H, M), cfg.block_m),
+            *_tile_minmax(kv.reshape(B * G, N), cfg.block_n),
+        ]
+    return out
+
+
+# A test probe (`visit_probe()`): while set to a dict, every launch records, per program, how many tiles it
+# visited (the kernels count only then: `_COUNT_VISITS` is a compile-time switch), and its schedule.
+_VISIT_PROBE = None
+
+
+@contextlib.contextmanager
+def visit_probe():
+    """`with visit_probe() as probe:` every Triton launch in the block (any module) records its per-program
+    tile visits under the kernel's name ("fwd", "dkdv", "dq", "fwd_split") and its config under
+    "<name>_config"."""
+    global _VISIT_PROBE
+    saved, _VISIT_PROBE = _VISIT_PROBE, {}
+    try:
+        yield _VISIT_PROBE
+    finally:
+        _VISIT_PROBE = saved
+
+
+def _visits(kernel, shape, dummy, cfg):
+    """The kernel's `_VISITS` argument and its `_COUNT_VISITS` switch (the probe also records the schedule)."""
+    if _VISIT_PROBE is None:
+        return dummy, False
+    counts = torch.zeros(shape, dtype=torch.int32, device=dummy.device)
+    _VISIT_PROBE[kernel] = counts
+    _VISIT_PROBE[f"{kernel}_config"] = cfg
+    return counts, True
+
+
+def _strides(q, k, v, o):
+    return (*q.stride(), *k.stride(), *v.stride(), *o.stride())
+
+
+def _config(spec, kernel, D, E):
+    return (spec.configs or {}).get(kernel) or _default_config(D, E, kernel, spec.heavy)
+
+
+def _launch(cfg, q, D, E):
+    return {
+        "_BLOCK_M": cfg.block_m,
+        "_BLOCK_N": cfg.block_n,
+        "_BLOCK_D": _next_pow2(D),
+        "_BLOCK_E": _next_pow2(E),
+        "_DOT_PRECISION": "ieee" if q.dtype is torch.float32 else "tf32",
+        "num_warps": cfg.num_warps,
+        "num_stages": cfg.num_stages,
+    }
+
+
+def _aux_args(*tensors):
+    """Each auxiliary tensor followed by its strides and extents (the kernels' `_s_*` and `_n_*`)."""
+    out = []
+    for t in tensors:
+        out += [t, *t.stride(), *t.shape]
+    return tuple(out)
+
+
+def _has_triton():
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
