@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+from attnc import __version__ as ATTNC_VERSION  # one version, in attnc/__init__.py (pyproject says the same)
 from attnc.dsl.ir import LANGUAGE_VERSION
 
-ATTNC_VERSION = "0.1.0"
 # Bump when generated code changes for the same spec (invalidates cached modules).
-CODEGEN_VERSION = "1"
+CODEGEN_VERSION = "2"  # 2: modules import attnc.runtime; kernels built as structure
 
 __all__ = ["ATTNC_VERSION", "CODEGEN_VERSION", "LANGUAGE_VERSION"]
