@@ -25,7 +25,7 @@ if _os.path.isfile(_os.path.join(_ROOT, "pyproject.toml")) and _os.path.isfile(
 ):
     __path__.append(_ROOT)  # type: ignore[name-defined]
 
-__version__ = "0.2.0"
+from attnc.version import __version__  # noqa: E402 - after the path set-up above
 
 if TYPE_CHECKING:
     from types import ModuleType

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import ast
 
-from attnc.dsl.analysis.linear import LinearForm
+from attnc.dsl.analysis.linear import LinearForm, linear_form
 from attnc.dsl.ir import Attention, DType, Node, NormKind
 
 from .emit import Emitter, expr_from_string, name
-from .reference import _checks, _closures, _hoisted, _leaf, _Loads, _signature
+from .reference import Extension, _checks, _closures, _hoisted, _leaf, _Loads, _signature
 
 
 def _zero_load(n: Node, args: list[ast.expr]) -> ast.expr:
@@ -217,3 +217,15 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
 
 
 __all__ = ["dispatch_lines", "emit_linear", "linear_kwargs"]
+
+
+def extension(att: Attention, has_triton: bool) -> Extension | None:
+    """The linear forms' additions to the block's entry point, or None for a block without a linear form."""
+    lin = linear_form(att)
+    if lin is None or lin.form is None:
+        return None
+    return Extension(
+        tuple(linear_kwargs()),
+        tuple(dispatch_lines(att, has_triton)),
+        tuple(emit_linear(att, lin.form, has_triton)),
+    )

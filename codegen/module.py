@@ -27,7 +27,7 @@ from attnc.dsl.lower import compile_to_ir
 from attnc.runtime import RUNTIME_VERSION
 from attnc.settings import settings
 
-from . import bake, reference, vendor
+from . import bake, linear, reference, vendor
 from .triton import module as triton_module
 from .triton.kernels import KernelWriter
 from .version import ATTNC_VERSION, CODEGEN_VERSION, LANGUAGE_VERSION
@@ -145,7 +145,9 @@ def render_all(
     body.append("")
     for att, kernels in zip(program.attentions, writers, strict=True):
         body.append("")
-        body.append(reference.emit_attention(att, kernels).rstrip("\n"))
+        body.append(
+            reference.emit_attention(att, kernels, linear.extension(att, kernels is not None)).rstrip("\n")
+        )
         body.append("")
     text = "\n".join(body) + "\n"
     main = _with_header(program, target, text)

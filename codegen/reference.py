@@ -10,9 +10,9 @@ by the module as `_rt`).
 from __future__ import annotations
 
 import ast
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from attnc.dsl.analysis.linear import linear_form
 from attnc.dsl.analysis.ranges import index_status
 from attnc.dsl.ir import (
     Attention,
@@ -253,7 +253,20 @@ def _closures(att: Attention, em: Emitter, only: set[str] | None = None) -> tupl
     return closures, spec_args
 
 
-def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
+@dataclass(frozen=True)
+class Extension:
+    """What another emitter adds to a block's dispatching entry point (the linear family's forms: keyword
+    arguments, dispatch statements before the op call, and definitions after it). Handed in by the module
+    assembler, so this emitter imports none of its extensions."""
+
+    kwargs: tuple[str, ...] = ()
+    dispatch: tuple[str, ...] = ()
+    tail: tuple[str, ...] = ()
+
+
+def emit_attention(
+    att: Attention, kernels: KernelWriter | None = None, extension: Extension | None = None
+) -> str:
     """`<name>_reference`, `<name>_triton` (when the block's Triton `kernels` are given) and the dispatching
     `<name>` for one attention block."""
     nm = att.name
@@ -302,10 +315,7 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
         L += ["", ""]
 
     # The dispatching entry point (with the linear forms' keyword arguments when the block has them).
-    from . import linear  # the linear emitter builds on this module's helpers
-
-    lin = linear_form(att)
-    has_linear = lin is not None and lin.form is not None
+    ext = extension or Extension()
     backends = "'reference' or 'triton'" if kernels is not None else "'reference'"
     L += _def(
         att,
@@ -317,7 +327,7 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
             returns,
         ],
         backend=True,
-        kwargs=tuple(linear.linear_kwargs()) if has_linear else (),
+        kwargs=ext.kwargs,
     )
     L.append("    if backend is None:")
     if kernels is not None:
@@ -341,15 +351,14 @@ def emit_attention(att: Attention, kernels: KernelWriter | None = None) -> str:
             optional = p.default is not None and p.default.op is not Op.CONST
             check = f"_rt._check_scalar({p.name!r}, {p.name}, {kind!r})"
             L.append(f"    {p.name} = {check}" + (f" if {p.name} is not None else None" if optional else ""))
-    if has_linear:
-        L += linear.dispatch_lines(att, kernels is not None)
+    L += ext.dispatch
     L.append(f"    o, lse = _{nm}_op({call_args}, *_rt._layout_op_args(block_layout), backend)")
     L.append("    return (o, lse) if return_lse else o")
     L += ["", ""]
     L += _emit_op(att, kernels is not None)
-    if has_linear:
+    if ext.tail:
         L += ["", ""]
-        L += linear.emit_linear(att, lin.form, kernels is not None)
+        L += ext.tail
     return "\n".join(L) + "\n"
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from attnc import __version__ as ATTNC_VERSION  # one version, in attnc/__init__.py (pyproject says the same)
 from attnc.dsl.ir import LANGUAGE_VERSION
+
+from attnc.version import __version__ as ATTNC_VERSION  # one version (pyproject says the same)
 
 # Bump when generated code changes for the same spec (invalidates cached modules).
 CODEGEN_VERSION = "2"  # 2: modules import attnc.runtime; kernels built as structure

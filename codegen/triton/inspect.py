@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from attnc.dsl.ir import Attention
 
-from attnc.runtime.signature import Group
-
 from attnc.runtime.layout import _next_pow2
+from attnc.runtime.signature import Group
 from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig
 
 from .aot import CompileJob

@@ -1,0 +1,3 @@
+"""The one attnc version (pyproject.toml states the same)."""
+
+__version__ = "0.2.0"
