@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build of torch lies on this project's machines; a plain `torch` would pull a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
-PYTEST_ARGS ?= -q -n 2
+PYTEST_ARGS ?= -q -n 2 -m "not slow"  # slow: the long and not-yet-CI-sized cases (pytest -m slow)
 
 .PHONY: demo test golden lint format clean
 
