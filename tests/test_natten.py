@@ -244,15 +244,13 @@ PINNED_PROBE = [
 
 def visited_tiles(mod, call) -> dict[str, int]:
     """Total tiles visited per kernel (fwd, dq, dkdv) by `call()`, with 16x16 tiles forced. The one place that
-    touches the module's probe globals (they may become a runtime API)."""
-    cfg = mod._KernelConfig(16, 16, 4, 1)
-    mod._FORCED_CONFIGS = {"fwd": cfg, "dkdv": cfg, "dq": cfg}
-    mod._VISIT_PROBE = probe = {}
-    try:
+    touches the runtime's probe API."""
+    from attnc.runtime import forced_configs, visit_probe
+    from attnc.runtime.triton import _KernelConfig
+
+    cfg = _KernelConfig(16, 16, 4, 1)
+    with forced_configs(mod, {"fwd": cfg, "dkdv": cfg, "dq": cfg}), visit_probe() as probe:
         call()
-    finally:
-        mod._VISIT_PROBE = None
-        mod._FORCED_CONFIGS = None
     return {k: int(probe[k].sum()) for k in ("fwd", "dq", "dkdv")}
 
 
