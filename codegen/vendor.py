@@ -28,6 +28,7 @@ _MODULES = (
     _RUNTIME / "triton.py",
     _RUNTIME / "tuning.py",
     _RUNTIME / "ops.py",
+    _RUNTIME / "compat.py",
     _RUNTIME / "linear.py",
 )
 # The library loads the linear core from its own linear_kernels.py; a standalone module appends the core to

@@ -254,3 +254,42 @@ def test_standalone_module_runs_where_attnc_cannot_be_imported(tmp_path, compile
     for backend in ("reference", "triton"):
         want = getattr(mod, call)(q, k, v, aux, backend=backend)
         torch.testing.assert_close(torch.tensor(got["out"][backend]), want, atol=1e-6, rtol=1e-6)
+
+
+def test_assume_constant_result_matches_dynamo() -> None:
+    """The runtime marks constant-result functions without importing torch._dynamo (seconds of import time);
+    the mark must be the one dynamo's own decorator sets, or a torch.compile trace would stop honouring it."""
+    import torch._dynamo
+
+    from attnc.runtime import compat
+
+    def ours() -> int:
+        return 1
+
+    def theirs() -> int:
+        return 1
+
+    torch._dynamo.assume_constant_result(theirs)
+    saved = sys.modules.pop("torch._dynamo")
+    try:
+        compat.assume_constant_result(ours)
+    finally:
+        sys.modules["torch._dynamo"] = saved
+    marks = dict(vars(theirs))
+    assert marks and dict(vars(ours)) == marks
+
+
+def test_a_linear_module_imports_without_dynamo(tmp_path) -> None:
+    """Importing a generated linear-form module must not pull in torch's compiler stack (issue 15)."""
+    path = _write(tmp_path, "lightning_mod", "lightning")
+    code = textwrap.dedent(
+        f"""
+        import json, sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import torch
+        import lightning_mod
+        print(json.dumps({{"dynamo": "torch._dynamo" in sys.modules}}))
+        """
+    )
+    got = _subprocess(code, REPO)
+    assert path.exists() and got == {"dynamo": False}

@@ -2,7 +2,7 @@
 calls `_rt._bind(...)`, `_rt._attend(...)`, ... (a spec's block names can then never shadow a runtime name).
 These underscore names are an interface between attnc's code generator and this runtime, versioned by
 RUNTIME_VERSION (attnc/runtime/__init__.py), not a user API. Modules with a linear-form block also import
-attnc.runtime.linear, as `_rt_lin` (kept apart: it imports torch._dynamo, and with it sympy)."""
+attnc.runtime.linear, as `_rt_lin` (kept apart: only those modules need it)."""
 
 from __future__ import annotations
 

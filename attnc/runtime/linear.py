@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .compat import assume_constant_result
 from .layout import _next_pow2, triton_cdiv
 from .ops import _custom_op
 from .triton import _load_kernels
@@ -65,7 +66,7 @@ def _lin_config(state, attention, q, D, E, N):
     return _lin_lookup(state.ident, attention, q.dtype, q.device, D, E, _next_pow2(N))
 
 
-@torch._dynamo.assume_constant_result  # traced models take the schedule as a constant, not its dict lookups
+@assume_constant_result  # traced models take the schedule as a constant, not its dict lookups
 def _lin_lookup(ident, attention, dtype, device, D, E, N):
     """Looked up once per key, then a dictionary hit. `ident` names the module's state (a string, so that
     the traced call's arguments stay constants)."""
