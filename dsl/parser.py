@@ -4,17 +4,27 @@ our AST and `SpecError`s with positions and hints."""
 from __future__ import annotations
 
 import functools
+import hashlib
+import logging
 import math
 import re
+import sys
 from pathlib import Path
 
+import lark
 from lark import Lark, Token, Tree
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from attnc.settings import settings
 
 from . import ast as A
 from .errors import Span, SpecError
 
 GRAMMAR_PATH = Path(__file__).with_name("grammar.lark")
+# Names the parse-table cache file (lark checks its own hash inside the file as well).
+_GRAMMAR_DIGEST = hashlib.sha256(
+    GRAMMAR_PATH.read_bytes() + f"{lark.__version__} {sys.version_info[:2]}".encode()
+).hexdigest()[:16]
 
 # Limits that keep the compiler fast and recursion-free on hostile input.
 MAX_SOURCE_BYTES = 1 << 20
@@ -48,7 +58,27 @@ _STATEMENT_KEYWORDS = ("let", "score", "mask", "norm", "output", "feature")
 
 @functools.cache
 def _lark() -> Lark:
-    return Lark.open(str(GRAMMAR_PATH), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+    """The LALR parser, its tables cached on disk: building them (lark parses its own meta-grammar, then
+    analyses ours) is about 1 s, most of a cold compile (issue 15); loading the cache is about 50 ms. lark keys
+    the file by a hash of the grammar and the options and rebuilds on a mismatch. The file is a pickle, so it
+    lives in attnc's own cache directory (user-owned, beside the generated modules that are imported from it),
+    not in lark's default of the shared temporary directory. An unwritable directory only costs the rebuild."""
+    opts = {"parser": "lalr", "propagate_positions": True, "maybe_placeholders": True}
+    cache_dir = settings().cache_dir
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache: str | bool = str(cache_dir / f"grammar-{_GRAMMAR_DIGEST}.lark-cache")
+    except OSError:
+        cache = False
+    # lark catches a damaged or half-written file (concurrent first compiles) itself and rebuilds, but logs
+    # the exception with a traceback; quiet its logger meanwhile, as the rebuild is the whole remedy.
+    quiet = logging.getLogger("lark")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return Lark.open(str(GRAMMAR_PATH), cache=cache, **opts)
+    finally:
+        quiet.setLevel(level)
 
 
 @functools.cache
