@@ -93,8 +93,6 @@ def _grid(shape: tuple[int, ...]) -> list[list[tuple[int, int, int, int]]]:
 CASES = [(1, (13,)), (2, (5, 6)), (3, (3, 4, 3))]
 
 
-# Marked slow until it has run to completion on the CI machine (it did not finish in time under the shared load).
-@pytest.mark.slow
 @pytest.mark.parametrize(("dim", "shape"), CASES, ids=["1d-N13", "2d-5x6", "3d-3x4x3"])
 def test_mask_is_natten_and_tile_plan_is_sound(dim: int, shape: tuple[int, ...]) -> None:
     """The spec's mask equals NATTEN's over a grid of options; the tile plan never skips a visible pair and
@@ -139,7 +137,7 @@ _FWD_CASES = [
 
 @pytest.mark.parametrize(
     "backend",
-    ["reference", pytest.param("triton", marks=pytest.mark.slow)],  # triton: not yet run to the end
+    ["reference", "triton"],
 )
 @pytest.mark.parametrize(("dim", "shape", "opts"), _FWD_CASES, ids=["1d-dil2-s2", "1d-causal-s3", "2d", "3d"])
 def test_forward_and_gradients_match_sdpa_with_the_oracle_mask(
@@ -236,9 +234,9 @@ PINNED_PROBE = [
     ("examples/specs/chunked_local.attn", "chunked_local", 150, {"C": 48}, (19, 19, 19)),
     ("examples/specs/prefix_lm.attn", "prefix_lm", 150, {"P": 70}, (65, 65, 65)),
     ("zoo/specs/streaming_llm.attn", "streaming_llm", 200, {"S": 4, "W": 40}, (55, 55, 55)),
-    pytest.param("zoo/specs/neighborhood_1d.attn", "neighborhood_1d", 96, {"K": 5, "dil": 3}, (36, 36, 36), marks=pytest.mark.slow),
-    pytest.param("zoo/specs/neighborhood_2d.attn", "neighborhood_2d", 80, {"width": 8, "KH": 5, "KW": 3}, (25, 25, 25), marks=pytest.mark.slow),
-    pytest.param("zoo/specs/neighborhood_2d_dilated.attn", "neighborhood_2d_dilated", 80, {"width": 8, "KH": 3, "KW": 3, "DH": 2, "DW": 2}, (25, 25, 25), marks=pytest.mark.slow),
+    pytest.param("zoo/specs/neighborhood_1d.attn", "neighborhood_1d", 96, {"K": 5, "dil": 3}, (36, 36, 36)),
+    pytest.param("zoo/specs/neighborhood_2d.attn", "neighborhood_2d", 80, {"width": 8, "KH": 5, "KW": 3}, (25, 25, 25)),
+    pytest.param("zoo/specs/neighborhood_2d_dilated.attn", "neighborhood_2d_dilated", 80, {"width": 8, "KH": 3, "KW": 3, "DH": 2, "DW": 2}, (25, 25, 25)),
 ]  # fmt: skip
 
 

@@ -44,6 +44,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 import numpy as np
@@ -1010,12 +1011,143 @@ class _Compiled:
     full: Callable[..., bool]  # (m0, BM, n0, BN, *symbols) -> bool
 
 
+# The plan's expressions evaluated by a tree of closures, one per node kind (no exec of generated text).
+# sympy.lambdify was used before: its code printer queries assumptions over the nested Min/Max/floor
+# expressions of a generic neighbourhood and took over a minute for one NATTEN plan (issue 15). Evaluation is
+# exact: sympy Rationals become fractions.Fraction, so floor/ceiling of a tile bound never rounds.
+_NARY: dict[type, Callable[[list], object]] = {
+    sp.Add: sum,
+    sp.Mul: math.prod,
+    sp.Min: min,
+    sp.Max: max,
+    sp.And: all,
+    sp.Or: any,
+}
+_BINARY: dict[type, Callable[[object, object], object]] = {
+    sp.StrictLessThan: lambda a, b: a < b,
+    sp.LessThan: lambda a, b: a <= b,
+    sp.StrictGreaterThan: lambda a, b: a > b,
+    sp.GreaterThan: lambda a, b: a >= b,
+    sp.Equality: lambda a, b: a == b,
+    sp.Unequality: lambda a, b: a != b,
+    sp.Mod: lambda a, b: a % b,
+}
+_UNARY: dict[type, Callable[[object], object]] = {
+    sp.floor: math.floor,
+    sp.ceiling: math.ceil,
+    sp.Abs: abs,
+    sp.Not: lambda a: not a,
+}
+
+
+def _power(base: object, exp: object) -> object:
+    if isinstance(exp, int) and exp < 0 and isinstance(base, int | Fraction):
+        return Fraction(1, 1) / Fraction(base) ** -exp  # exact, as sympy's Pow of a Rational
+    return base**exp
+
+
+def _closure(e: sp.Basic, index: Mapping[sp.Symbol, int], memo: dict) -> Callable[[tuple], object]:
+    """A function of the argument tuple that evaluates `e`; `index` maps each symbol to its position."""
+    got = memo.get(e)
+    if got is not None:
+        return got
+    if isinstance(e, sp.Symbol):
+        pos = index[e]
+
+        def fn(a: tuple, pos: int = pos) -> object:
+            return a[pos]
+    elif e.is_Integer:
+        value: object = int(e)
+
+        def fn(a: tuple, value: object = value) -> object:
+            return value
+    elif e.is_Rational:
+        value = Fraction(int(e.p), int(e.q))
+
+        def fn(a: tuple, value: object = value) -> object:
+            return value
+    elif e is sp.true or e is sp.false:
+        value = bool(e)
+
+        def fn(a: tuple, value: object = value) -> object:
+            return value
+    elif e.is_Float:
+        value = float(e)
+
+        def fn(a: tuple, value: object = value) -> object:
+            return value
+    elif isinstance(e, sp.Piecewise):
+        pairs = [(_closure(x, index, memo), _closure(c, index, memo)) for x, c in e.args]
+
+        def fn(a: tuple, pairs: list = pairs) -> object:
+            for x, c in pairs:
+                if c(a):
+                    return x(a)
+            raise ArithmeticError("no piece of a Piecewise holds")  # sympy's nan: treated as unknown
+    elif isinstance(e, sp.Pow):
+        base, exp = (_closure(x, index, memo) for x in e.args)
+
+        def fn(a: tuple, base: Callable = base, exp: Callable = exp) -> object:
+            return _power(base(a), exp(a))
+    else:
+        for table, arity in ((_NARY, None), (_BINARY, 2), (_UNARY, 1)):
+            op = next((f for t, f in table.items() if isinstance(e, t)), None)
+            if op is not None and (arity is None or len(e.args) == arity):
+                break
+        else:
+            raise TypeError(f"tile plan expression of unsupported kind {type(e).__name__}: {e}")
+        subs = [_closure(x, index, memo) for x in e.args]
+        if arity is None:
+
+            def fn(a: tuple, op: Callable = op, subs: list = subs) -> object:
+                return op([f(a) for f in subs])
+        elif arity == 2:
+            x, y = subs
+
+            def fn(a: tuple, op: Callable = op, x: Callable = x, y: Callable = y) -> object:
+                return op(x(a), y(a))
+        else:
+            (x,) = subs
+
+            def fn(a: tuple, op: Callable = op, x: Callable = x) -> object:
+                return op(x(a))
+
+    if e.args:  # a compound node: computed once per evaluation, however often the trees share it
+        inner, slot = fn, len(memo)
+
+        def fn(a: tuple, inner: Callable = inner, slot: int = slot) -> object:
+            done = a[-1]  # the evaluation's cache (see _evaluator)
+            if slot not in done:
+                done[slot] = inner(a)
+            return done[slot]
+
+    memo[e] = fn
+    return fn
+
+
+def _evaluator(args: tuple[sp.Symbol, ...], exprs: list[sp.Basic] | sp.Basic) -> Callable:
+    """`f(*values)`: `exprs` (a list, or one expression) at `args = values`, as lambdify's would be."""
+    index = {s: i for i, s in enumerate(args)}
+    memo: dict = {}
+    # Each call evaluates over (*values, cache): the last slot holds the shared subexpressions' values.
+    if isinstance(exprs, list):
+        fns = [_closure(e, index, memo) for e in exprs]
+
+        def many(*values: object) -> list:
+            a = (*values, {})
+            return [f(a) for f in fns]
+
+        return many
+    one = _closure(exprs, index, memo)
+    return lambda *values: one((*values, {}))
+
+
 @functools.lru_cache(maxsize=256)
 def _compile(plan: TilePlan) -> _Compiled:
     syms = tuple(sorted(plan.free_symbols(), key=str))
 
     def fn(tile: tuple[sp.Symbol, ...], exprs: list[sp.Basic]) -> Callable:
-        return sp.lambdify([*tile, *syms], exprs, modules="math")
+        return _evaluator((*tile, *syms), exprs)
 
     return _Compiled(
         syms,
