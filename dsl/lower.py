@@ -480,6 +480,7 @@ def lower_file(spec: A.SpecFile, generated: Sequence[GeneratedNames] | None = No
     """Lower every attention block of a parsed file. Block names must be unique within the file, and the names
     generated for them (`generated`, default: the registered generators', `dsl.check.RESERVED_PROVIDERS`)
     must meet neither each other nor the generated module's own."""
+    from .analysis.recurrence import analyse as analyse_recurrence
     from .state import is_state_block, lower_recurrence
 
     names = BlockNames(generated_namespaces() if generated is None else [LANGUAGE_NAMES, *generated])
@@ -492,7 +493,9 @@ def lower_file(spec: A.SpecFile, generated: Sequence[GeneratedNames] | None = No
             if is_state_block(att):  # a matrix-state recurrence (dsl.state): its own IR
                 scope = build_scope(att)
                 check_body(att)
-                recurrences.append(lower_recurrence(att, scope))
+                rec = lower_recurrence(att, scope)
+                analyse_recurrence(rec)  # outside the supported structure: a SpecError now, at check time
+                recurrences.append(rec)
                 continue
             out.append(lower_attention(att))
     except SpecError as err:

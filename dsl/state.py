@@ -113,6 +113,12 @@ class _StateLowerer(_Lowerer):
         return False
 
     def vector(self, e: A.Expr, before: int, allowed: tuple[Side, ...], what: str) -> Node:
+        if self._mentions_state(e, before):
+            raise SpecError(
+                f"the state is used inside {what}: a state-dependent gate is not supported",
+                e.span,
+                hint="gates must not depend on the state (the update must be linear in it); " + SUPPORTED,
+            )
         if self.is_matrix(e, before):
             raise SpecError(f"{what} must be a per-token vector or scalar, not a matrix", e.span, hint=SUPPORTED)
         n = self.number(e, Ctx.STATE, before, what)

@@ -18,6 +18,7 @@ Anything else is a `SpecError` at the update (file:line:col, caret) whose hint s
 from __future__ import annotations
 
 import enum
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -122,10 +123,11 @@ class _Sym:
             assert out is not None
             return out
         if s.is_Mul:
-            num, den = [], []
+            num, den, negate = [], [], False
             for f in s.as_ordered_factors():
-                if f == 1:
-                    continue  # a unit factor left by a read without a scale
+                if f.is_Number and abs(float(f)) == 1.0:  # unit factors (a read without a scale, a -1)
+                    negate ^= float(f) < 0
+                    continue
                 if f.is_Pow and f.exp.is_Number and f.exp < 0:
                     den.append(f.base ** (-f.exp))
                 else:
@@ -135,7 +137,7 @@ class _Sym:
                 top = bld.binary(Op.MUL, top, self.to_ir(f))
             for f in den:
                 top = bld.binary(Op.DIV, top, self.to_ir(f))
-            return top
+            return bld.unary(Op.NEG, top) if negate else top
         if s.is_Pow:
             base = self.to_ir(s.base)
             if s.exp == -1:
@@ -296,6 +298,7 @@ def _reads_q(sym: _Sym, *exprs: sympy.Expr) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=64)  # checked at lowering, used again by the code generator
 def analyse(rec: Recurrence) -> DeltaPlan:
     """The runtime plan of a state block, or a SpecError saying why its update is outside the structure."""
     sym = _Sym()

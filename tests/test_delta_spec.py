@@ -1,0 +1,307 @@
+"""State blocks (`state S = ...`, docs/linear.md "State recurrences"): the zoo's delta-rule specs compiled
+and run against each paper's token-by-token recurrence in float64, written here; the structure analysis
+(dsl/analysis/recurrence.py) and its errors; call-time errors.
+
+Sizes are small (T <= 40, D, E <= 16): the Triton kernels run under the interpreter on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnc
+from attnc.dsl.analysis.recurrence import GateShape, PlanKind, analyse
+from attnc.dsl.errors import SpecError
+from attnc.dsl.lower import compile_to_ir
+from attnc.zoo.ops import spec_path
+
+F64 = torch.float64
+# (atol, rtol) by dtype of the inputs: fp64 exact up to rounding; fp32 accumulates over <= 40 tokens.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (3e-5, 1e-4), torch.float16: (4e-3, 4e-3)}
+GRAD_TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4), torch.float16: (4e-3, 4e-3)}
+
+
+# ---------------------------------------------------------------------------------------------- oracles
+# Each paper's recurrence in float64, in the paper's own state orientation.
+
+
+def oracle_gated_delta(q, k, v, beta, g, s0):
+    """Gated DeltaNet (Yang, Kautz, Hatamizadeh 2024, eq. 10; g = 0 is DeltaNet, Yang et al. 2024 eq. 1),
+    state [d_v, d_k]: S_t = α_t S_{t-1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, o_t = S_t q_t / sqrt(D)."""
+    D = q.shape[-1]
+    S, outs = s0, []
+    for t in range(q.shape[2]):
+        a = g[:, :, t, None, None].exp()
+        kt, bt = k[:, :, t], beta[:, :, t, None, None]
+        S = a * (S - bt * (S @ kt[..., :, None]) @ kt[..., None, :]) + bt * v[:, :, t, :, None] * kt[..., None, :]
+        outs.append((S @ q[:, :, t, :, None])[..., 0] * D**-0.5)
+    return torch.stack(outs, 2), S
+
+
+def oracle_kda(q, k, v, beta, g, s0):
+    """KDA (Kimi Linear 2025, eq. 1), state [d_k, d_v]: S_t = (I − β k kᵀ) Diag(α_t) S_{t-1} + β k vᵀ,
+    o_t = S_tᵀ q_t / sqrt(D); returns the state transposed ([d_v, d_k])."""
+    D = q.shape[-1]
+    S, outs = s0.transpose(-1, -2), []
+    eye = torch.eye(D, dtype=q.dtype)
+    for t in range(q.shape[2]):
+        kt, bt = k[:, :, t], beta[:, :, t, None, None]
+        S = (eye - bt * kt[..., :, None] * kt[..., None, :]) @ (g[:, :, t, :, None].exp() * S)
+        S = S + bt * kt[..., :, None] * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhde,bhd->bhe", S, q[:, :, t]) * D**-0.5)
+    return torch.stack(outs, 2), S.transpose(-1, -2)
+
+
+def oracle_gla(q, k, v, g, s0):
+    """GLA (Yang et al. 2023, eq. 3), state [d_k, d_v]: S_t = (α_tᵀ 1) ⊙ S_{t-1} + k_tᵀ v_t, o_t = q_t S_t / sqrt(D)."""
+    D = q.shape[-1]
+    S, outs = s0.transpose(-1, -2), []
+    for t in range(q.shape[2]):
+        S = g[:, :, t, :, None].exp() * S + k[:, :, t, :, None] * v[:, :, t, None, :]
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, :, t], S) * D**-0.5)
+    return torch.stack(outs, 2), S.transpose(-1, -2)
+
+
+def oracle_rwkv7(r, k, v, wl, kappa, iclr, s0):
+    """RWKV-7 (Peng et al. 2025, eq. 16), state [d_v, d_k]:
+    S_t = S_{t-1} (diag(w_t) − κ̂_tᵀ (a_t ⊙ κ̂_t)) + v_tᵀ k_t, o_t = S_t r_t, w_t = exp(−exp(wl_t))."""
+    S, outs = s0, []
+    for t in range(r.shape[2]):
+        w = torch.exp(-torch.exp(wl[:, :, t]))
+        kap = kappa[:, :, t]
+        trans = torch.diag_embed(w) - kap[..., :, None] * (iclr[:, :, t] * kap)[..., None, :]
+        S = S @ trans + v[:, :, t, :, None] * k[:, :, t, None, :]
+        outs.append((S @ r[:, :, t, :, None])[..., 0])
+    return torch.stack(outs, 2), S
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+B, H, D, E = 1, 2, 16, 8
+
+
+def inputs(variant: str, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=F64)
+
+    x = {"q": rnd(B, H, T, D), "k": F.normalize(rnd(B, H, T, D), dim=-1), "v": rnd(B, H, T, E)}
+    if variant in ("deltanet", "gated_deltanet", "kda"):
+        x["beta"] = torch.sigmoid(rnd(B, H, T))
+    if variant == "gated_deltanet":
+        x["g"] = F.logsigmoid(rnd(B, H, T) + 2)
+    if variant in ("kda", "gla"):
+        x["g"] = F.logsigmoid(rnd(B, H, T, D) + 2)
+    if variant == "rwkv7":
+        x["wl"] = rnd(B, H, T, D) * 0.5 - 0.6
+        x["kappa"] = F.normalize(rnd(B, H, T, D), dim=-1)
+        x["iclr"] = torch.sigmoid(rnd(B, H, T, D))
+    return x
+
+
+def oracle(variant: str, x: dict[str, torch.Tensor], s0: torch.Tensor):
+    if variant == "deltanet":
+        return oracle_gated_delta(x["q"], x["k"], x["v"], x["beta"], torch.zeros_like(x["beta"]), s0)
+    if variant == "gated_deltanet":
+        return oracle_gated_delta(x["q"], x["k"], x["v"], x["beta"], x["g"], s0)
+    if variant == "kda":
+        return oracle_kda(x["q"], x["k"], x["v"], x["beta"], x["g"], s0)
+    if variant == "gla":
+        return oracle_gla(x["q"], x["k"], x["v"], x["g"], s0)
+    return oracle_rwkv7(x["q"], x["k"], x["v"], x["wl"], x["kappa"], x["iclr"], s0)
+
+
+VARIANTS = ["deltanet", "gated_deltanet", "kda", "gla", "rwkv7"]
+
+
+@pytest.fixture(scope="module")
+def mods():
+    return {name: attnc.compile(str(spec_path(name))) for name in VARIANTS}
+
+
+def _run(mods, variant, x, s0, dtype, **kw):
+    """The module under test on inputs rounded to `dtype` (float32 gates declared float32 stay float32),
+    against the oracle in float64 on the same rounded values; returns both and the leaves."""
+    fn = getattr(mods[variant], variant)
+    leaves = {}
+    for name, t in x.items():
+        keep32 = variant in ("kda", "gla") and name == "g" and dtype is not F64
+        t = t.to(torch.float32 if keep32 else dtype)
+        leaves[name] = t.clone().requires_grad_(True)
+    s = s0.float().clone().requires_grad_(True)
+    o, sn = fn(*leaves.values(), initial_state=s, return_state=True, **kw)
+    xr = {n: t.detach().to(F64).requires_grad_(True) for n, t in leaves.items()}
+    sr = s.detach().to(F64).requires_grad_(True)
+    o_ref, sn_ref = oracle(variant, xr, sr)
+    return (o, sn, leaves, s), (o_ref, sn_ref, xr, sr)
+
+
+def _check(got, want, dtype, grads=True):
+    (o, sn, leaves, s), (o_ref, sn_ref, xr, sr) = got, want
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(o.to(F64), o_ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(sn.to(F64), sn_ref, atol=max(atol, 3e-5), rtol=rtol)
+    if not grads:
+        return
+    gen = torch.Generator().manual_seed(1)
+    do = torch.randn(o_ref.shape, generator=gen, dtype=F64)
+    dsn = torch.randn(sn_ref.shape, generator=gen, dtype=F64)
+    names = list(leaves)
+    got_g = torch.autograd.grad((o.to(F64) * do).sum() + (sn.to(F64) * dsn).sum(), [*leaves.values(), s])
+    want_g = torch.autograd.grad((o_ref * do).sum() + (sn_ref * dsn).sum(), [*xr.values(), sr])
+    atol, rtol = GRAD_TOL[dtype]
+    for name, a, b in zip([*names, "initial_state"], got_g, want_g, strict=True):
+        torch.testing.assert_close(a.to(F64), b, atol=atol, rtol=rtol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- the plans
+
+
+def test_plans_map_each_paper_onto_the_runtime():
+    want = {
+        "deltanet": (PlanKind.DELTA, GateShape.NONE),
+        "gated_deltanet": (PlanKind.DELTA, GateShape.SCALAR),
+        "kda": (PlanKind.DELTA, GateShape.CHANNEL),
+        "gla": (PlanKind.DPLR, GateShape.CHANNEL),
+        "rwkv7": (PlanKind.DPLR, GateShape.CHANNEL),
+    }
+    for name, (kind, gate) in want.items():
+        (rec,) = compile_to_ir(spec_path(name).read_text(), f"{name}.attn").recurrences
+        plan = analyse(rec)
+        assert (plan.kind, plan.gate) == (kind, gate), name
+        assert (plan.a is not None) == (name == "rwkv7"), name
+
+
+def test_equivalent_spellings_give_the_same_plan():
+    """The analysis is algebraic: the delta rule written with the write folded differently, the gate
+    distributed over the sum, or the rank-1 term split in two, all map to the same delta_rule call."""
+    head = "attention x(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, E], beta: [B, H, N], g: [B, H, N]) {"
+    forms = [
+        "state S = S @ (exp(g[b, h, i]) * (I - beta[b, h, i] * outer(k, k))) + outer(beta[b, h, i] * v, k)",
+        "state S = exp(g[b, h, i]) * S @ I - S @ outer(exp(g[b, h, i]) * beta[b, h, i] * k, k) + outer(v, beta[b, h, i] * k)",
+        "let a = exp(g[b, h, i]) state S = S @ (a * I - a * beta[b, h, i] / 2 * outer(k, k) - outer(k, a * beta[b, h, i] * k) / 2) + beta[b, h, i] * outer(v, k)",
+    ]
+    for body in forms:
+        (rec,) = compile_to_ir(f"{head} {body} read = S @ q }}", "x.attn").recurrences
+        plan = analyse(rec)
+        assert (plan.kind, plan.gate) == (PlanKind.DELTA, GateShape.SCALAR), body
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_reference_backend_matches_the_paper(mods, variant, dtype):
+    x = inputs(variant, T=23)
+    s0 = torch.randn(B, H, E, D, generator=torch.Generator().manual_seed(3), dtype=F64) * 0.5
+    s0 = s0 if dtype is F64 else s0.float().double()
+    got, want = _run(mods, variant, x, s0, dtype, backend="reference")
+    _check(got, want, dtype)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_triton_interpreter_matches_the_paper(mods, variant):
+    x = inputs(variant, T=19)
+    s0 = (torch.randn(B, H, E, D, generator=torch.Generator().manual_seed(4)) * 0.5).double()
+    got, want = _run(mods, variant, x, s0, torch.float32, backend="triton", algorithm="recurrent")
+    _check(got, want, torch.float32)
+
+
+def test_triton_float16(mods):
+    x = inputs("gated_deltanet", T=19)
+    s0 = torch.zeros(B, H, E, D, dtype=F64)
+    got, want = _run(mods, "gated_deltanet", x, s0, torch.float16, backend="triton", algorithm="recurrent")
+    _check(got, want, torch.float16, grads=False)
+
+
+@pytest.mark.parametrize("variant", ["deltanet", "gated_deltanet"])
+def test_chunked_and_recurrent_agree_and_match_the_paper(mods, variant):
+    x = inputs(variant, T=40)
+    s0 = (torch.randn(B, H, E, D, generator=torch.Generator().manual_seed(5)) * 0.5).double()
+    got, want = _run(mods, variant, x, s0, torch.float32, backend="triton", algorithm="chunk")
+    _check(got, want, torch.float32)
+
+
+def test_prefill_then_decode_continues_one_pass(mods):
+    """Chunked prefill of 32 tokens, then token-by-token recurrent decoding from the carried state, lands
+    where one chunked pass over all 40 tokens lands (outputs and state)."""
+    fn = mods["gated_deltanet"].gated_deltanet
+    x = {n: t.float() for n, t in inputs("gated_deltanet", T=40).items()}
+    o_all, s_all = fn(*x.values(), backend="triton", algorithm="chunk", return_state=True)
+    part = {n: t[:, :, :32] for n, t in x.items()}
+    o_pre, state = fn(*part.values(), backend="triton", algorithm="chunk", return_state=True)
+    outs = [o_pre]
+    for t in range(32, 40):
+        step = {n: u[:, :, t : t + 1] for n, u in x.items()}
+        o_t, state = fn(*step.values(), backend="triton", algorithm="recurrent", initial_state=state, return_state=True)
+        outs.append(o_t)
+    torch.testing.assert_close(torch.cat(outs, 2), o_all, atol=3e-5, rtol=1e-4)
+    torch.testing.assert_close(state, s_all, atol=3e-5, rtol=1e-4)
+
+
+def test_float32_gate_is_not_rounded_to_q_dtype(mods):
+    """GLA's gate is declared float32: with float16 q/k/v the module passes it on in float32, so the result
+    equals the float64 oracle on the fp16-rounded q/k/v and the unrounded gate (a rounded gate would be off)."""
+    x = inputs("gla", T=40)
+    x["g"] = x["g"] - 1e-3 * torch.arange(D, dtype=F64)  # values that float16 cannot hold exactly
+    s0 = torch.zeros(B, H, E, D, dtype=F64)
+    got, want = _run(mods, "gla", x, s0, torch.float16, backend="reference")
+    assert got[2]["g"].dtype is torch.float32
+    _check(got, want, torch.float16, grads=False)
+
+
+# ---------------------------------------------------------------------------------------------- errors
+
+HEAD = "attention x(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, E], beta: [B, H, N], w: [B, H, N, D]) {\n"
+
+
+def _error(body: str) -> str:
+    with pytest.raises(SpecError) as info:
+        compile_to_ir(HEAD + body + "\n    read = S @ q\n}\n", "x.attn")
+    return str(info.value)
+
+
+def test_non_dplr_transition_is_an_error():
+    msg = _error("    state S = S @ (I - outer(k, k) - outer(w[b, h, i, d], w[b, h, i, d] * w[b, h, i, d])) + outer(v, k)")
+    assert "x.attn:2:15: error: the transition is not diagonal plus rank 1" in msg
+    assert "^^^" in msg and "state S = S @ (I" in msg
+    assert "hint: supported: state S = S @ T + outer(v', k')" in msg
+
+
+def test_state_dependent_gate_is_an_error():
+    msg = _error("    state S = S @ diag(sigmoid(S @ k)) + outer(v, k)")
+    assert "x.attn:2:24: error: the state is used inside the argument of diag()" in msg
+    assert "state-dependent gate is not supported" in msg and "hint: gates must not depend on the state" in msg
+    msg = _error("    let gate = exp(-S)\n    state S = S @ (gate * I) + outer(v, k)")
+    assert "state-dependent gate" in msg
+
+
+def test_transition_reading_q_is_an_error():
+    msg = _error("    state S = S @ (I - beta[b, h, i] * outer(q, k)) + outer(v, k)")
+    assert "x.attn:2:15: error: the transition reads q" in msg
+    assert "hint: q enters only through the read" in msg
+
+
+def test_other_structure_errors():
+    assert "a product of two rank-1 factors" in _error("    state S = S @ outer(k, k) @ outer(k, k) + outer(v, k)")
+    assert "the write is not rank 1" in _error("    state S = S + outer(v, k) + outer(v * v, w[b, h, i, d])")
+    assert "multiplies two matrices" in _error("    state S = S @ k + outer(v, k)")
+    assert "cannot add a matrix and a scalar" in _error("    state S = S @ (1 + outer(k, k)) + outer(v, k)")
+    assert "a state block cannot have a 'score'" in _error("    score = dot(q, k)\n    state S = S + outer(v, k)")
+    with pytest.raises(SpecError, match="only valid in 'state' and 'read'"):
+        compile_to_ir("attention y(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) { score = q @ k }", "y.attn")
+
+
+def test_call_time_errors_name_the_parameter(mods):
+    fn = mods["gated_deltanet"].gated_deltanet
+    x = {n: t.float() for n, t in inputs("gated_deltanet", T=8).items()}
+    with pytest.raises(ValueError, match=r"beta: expected shape \[B, H, N\] = \[1, 2, 8\], got \[1, 2, 7\]"):
+        fn(x["q"], x["k"], x["v"], x["beta"][:, :, :7], x["g"])
+    with pytest.raises(ValueError, match="initial_state must have shape"):
+        fn(*x.values(), initial_state=torch.zeros(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="algorithm='fast'"):
+        fn(*x.values(), algorithm="fast")
