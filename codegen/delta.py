@@ -14,7 +14,7 @@ from attnc.dsl.ir import DType, Node, Op, Role, TensorParam
 from attnc.dsl.state_ir import Recurrence, Side, side_of
 
 from .emit import Emitter
-from .reference import _dims_tuple, _EXACT, _hoisted, _leaf, _Loads, _shape_text, _signature, _sizes, dim_code
+from .reference import _EXACT, _dims_tuple, _hoisted, _leaf, _Loads, _shape_text, _signature, _sizes, dim_code
 
 _GRID = "q, k, v, b, h, hk, i, d, e"
 
@@ -31,7 +31,9 @@ def _checks(rec: Recurrence) -> list[str]:
     for p in rec.tensors:
         L.append(f"    _rt._bind(sizes, {p.name!r}, {p.name}, {_dims_tuple(p)}, {shapes[p.name]!r})")
     syms = _sizes(rec)  # type: ignore[arg-type]
-    L.append(f"    {', '.join(syms)}{',' if len(syms) == 1 else ''} = {', '.join(f'sizes[{s!r}]' for s in syms)}")
+    L.append(
+        f"    {', '.join(syms)}{',' if len(syms) == 1 else ''} = {', '.join(f'sizes[{s!r}]' for s in syms)}"
+    )
     for p in rec.tensors:
         exact = "q.dtype" if p.role in (Role.K, Role.V) else _EXACT.get(p.type, "None")
         L.append(f"    _rt._check_type({p.name!r}, {p.name}, {p.type.kind.value!r}, {exact}, q.device)")
@@ -45,7 +47,9 @@ def _checks(rec: Recurrence) -> list[str]:
         for axis, dd in enumerate(p.shape):
             if dd.op not in (Op.SIZE, Op.CONST):
                 text = dim_code(dd)
-                L.append(f"    _rt._check_dim({p.name!r}, {p.name}, {axis}, {text}, {text!r}, {shapes[p.name]!r})")
+                L.append(
+                    f"    _rt._check_dim({p.name!r}, {p.name}, {axis}, {text}, {text!r}, {shapes[p.name]!r})"
+                )
     heads, kv_heads = rec.layout.heads, rec.layout.kv_heads
     if heads != kv_heads:
         hc, gc = dim_code(heads), dim_code(kv_heads)
@@ -100,10 +104,12 @@ def emit_recurrence(rec: Recurrence) -> str:
     L.append("    if backend is None:")
     L.append('        backend = "triton" if q.is_cuda and _rt._has_triton() else "reference"')
     L.append('    if backend not in ("reference", "triton"):')
-    L.append(f'        raise ValueError(f"backend={{backend!r}}: {nm} has the backends \'reference\' or \'triton\'")')
+    L.append(
+        f"        raise ValueError(f\"backend={{backend!r}}: {nm} has the backends 'reference' or 'triton'\")"
+    )
     L.append('    if algorithm not in ("auto", "chunk", "recurrent"):')
     L.append(
-        f'        raise ValueError(f"algorithm={{algorithm!r}}: {nm} takes \'auto\', \'chunk\' or \'recurrent\'")'
+        f"        raise ValueError(f\"algorithm={{algorithm!r}}: {nm} takes 'auto', 'chunk' or 'recurrent'\")"
     )
     L.append("    _cdt = torch.float64 if q.dtype is torch.float64 else torch.float32")
     for p in rec.aux_tensors:
@@ -132,7 +138,9 @@ def emit_recurrence(rec: Recurrence) -> str:
     L.append("")
     L += closures
     for field_name, _, kind in members:
-        L.append(f"    _x_{field_name} = _rt_delta.spec_input(_in_{field_name}(*_rows, *_grid), {kind!r}, _grid)")
+        L.append(
+            f"    _x_{field_name} = _rt_delta.spec_input(_in_{field_name}(*_rows, *_grid), {kind!r}, _grid)"
+        )
     st = "initial_state=initial_state, return_state=return_state"
     alg = "algorithm='reference' if backend == 'reference' else algorithm"
     g = "_x_g" if plan.g is not None else "None"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import ast as A
@@ -244,8 +244,9 @@ class _Lowerer:
                 raise SpecError(
                     "'@' (a matrix product) is only valid in 'state' and 'read' statements",
                     e.span,
-                    hint="see docs/linear.md, \"State recurrences\"" if ctx is not Ctx.STATE else
-                    "inside a gate or vector, use '*' (element-wise)",
+                    hint='see docs/linear.md, "State recurrences"'
+                    if ctx is not Ctx.STATE
+                    else "inside a gate or vector, use '*' (element-wise)",
                 )
             a = self.expr(e.left, ctx, before)
             b = self.expr(e.right, ctx, before)
@@ -476,13 +477,16 @@ def lower_attention(att: A.Attention) -> Attention:
     return _Lowerer(att, scope).lower()
 
 
+# Other kinds of block, lowered by the modules that register them here: (is it one?, lower it) pairs.
+# dsl.state registers the `state S = ...` blocks (it builds on this module's lowerer, so this module cannot
+# import it; the package's __init__ does, so the registration precedes every use).
+BLOCK_KINDS: list[tuple[Callable[[A.Attention], bool], Callable[[A.Attention, Scope], object]]] = []
+
+
 def lower_file(spec: A.SpecFile, generated: Sequence[GeneratedNames] | None = None) -> Program:
     """Lower every attention block of a parsed file. Block names must be unique within the file, and the names
     generated for them (`generated`, default: the registered generators', `dsl.check.RESERVED_PROVIDERS`)
     must meet neither each other nor the generated module's own."""
-    from .analysis.recurrence import analyse as analyse_recurrence
-    from .state import is_state_block, lower_recurrence
-
     names = BlockNames(generated_namespaces() if generated is None else [LANGUAGE_NAMES, *generated])
     out: list[Attention] = []
     recurrences = []
@@ -490,12 +494,11 @@ def lower_file(spec: A.SpecFile, generated: Sequence[GeneratedNames] | None = No
         for att in spec.attentions:
             check_identifier(att.name, att.name_span, "attention")
             names.add(att)
-            if is_state_block(att):  # a matrix-state recurrence (dsl.state): its own IR
+            kind = next((lower for is_kind, lower in BLOCK_KINDS if is_kind(att)), None)
+            if kind is not None:  # e.g. a matrix-state recurrence (dsl.state): its own IR
                 scope = build_scope(att)
                 check_body(att)
-                rec = lower_recurrence(att, scope)
-                analyse_recurrence(rec)  # outside the supported structure: a SpecError now, at check time
-                recurrences.append(rec)
+                recurrences.append(kind(att, scope))
                 continue
             out.append(lower_attention(att))
     except SpecError as err:

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 from . import ast as A
 from . import builder as bld
+from .analysis.recurrence import analyse
 from .check import Scope
 from .errors import Span, SpecError
-from .ir import DType, Node, Op, const
-from .lower import Ctx, _Lowerer
-from .state_ir import Mat, MatKind, MatOp, Read, Recurrence, Side, side_of, verify
+from .ir import DType, Layout, Node, Op, ScalarParam, TensorParam, const
+from .lower import BLOCK_KINDS, Ctx, _Lowerer
+from .state_ir import SUPPORTED, Mat, MatKind, MatOp, Read, Recurrence, Side, side_of, verify
 
 _MATRIX_FUNCS = {"outer": 2, "diag": 1}
-SUPPORTED = (
-    "supported: state S = S @ T + outer(v', k') with T = c * I, diag(w), outer(a, b) and sums/products of "
-    "these that form Diag(w) + a bᵀ; gates are per-token expressions of q/k/v rows and auxiliary tensors"
-)
 
 
 def is_state_block(att: A.Attention) -> bool:
@@ -53,7 +50,9 @@ def _check_state_body(att: A.Attention) -> tuple[A.StateStmt, A.ReadStmt]:
     if len(state) != 1:
         at = state[1].span if state else att.name_span
         raise SpecError(
-            "a state block declares exactly one 'state'" if state else f"attention '{att.name}' has no 'state'",
+            "a state block declares exactly one 'state'"
+            if state
+            else f"attention '{att.name}' has no 'state'",
             at,
             hint="e.g. state S = S @ (I - beta[b, h, i] * outer(k, k)) + outer(beta[b, h, i] * v, k)",
         )
@@ -120,7 +119,9 @@ class _StateLowerer(_Lowerer):
                 hint="gates must not depend on the state (the update must be linear in it); " + SUPPORTED,
             )
         if self.is_matrix(e, before):
-            raise SpecError(f"{what} must be a per-token vector or scalar, not a matrix", e.span, hint=SUPPORTED)
+            raise SpecError(
+                f"{what} must be a per-token vector or scalar, not a matrix", e.span, hint=SUPPORTED
+            )
         n = self.number(e, Ctx.STATE, before, what)
         side = side_of(n)
         if side is None:
@@ -131,7 +132,9 @@ class _StateLowerer(_Lowerer):
             )
         if side not in allowed:
             want = " or ".join(s.value for s in allowed)
-            raise SpecError(f"{what} must be a {want} vector here, got a {side.value}", e.span, hint=SUPPORTED)
+            raise SpecError(
+                f"{what} must be a {want} vector here, got a {side.value}", e.span, hint=SUPPORTED
+            )
         return n
 
     def mat(self, e: A.Expr, before: int) -> Mat:
@@ -148,7 +151,9 @@ class _StateLowerer(_Lowerer):
                 return Mat(MatOp.IDENTITY, MatKind.KEY, span=span)
         if isinstance(e, A.Call) and e.func in _MATRIX_FUNCS:
             if len(e.args) != _MATRIX_FUNCS[e.func]:
-                raise SpecError(f"{e.func}() takes {_MATRIX_FUNCS[e.func]} argument(s), got {len(e.args)}", span)
+                raise SpecError(
+                    f"{e.func}() takes {_MATRIX_FUNCS[e.func]} argument(s), got {len(e.args)}", span
+                )
             if e.func == "diag":
                 x = self.vector(e.args[0], before, (Side.KEY, Side.SCALAR), "the argument of diag()")
                 return Mat(MatOp.DIAG, MatKind.KEY, leaves=(x,), span=span)
@@ -173,7 +178,8 @@ class _StateLowerer(_Lowerer):
                     raise SpecError(
                         f"the right factor of '@' must be a [D, D] transition, got an {b.kind.value} matrix",
                         e.right.span,
-                        hint="the state is multiplied from the right: S @ T acts on the key side; " + SUPPORTED,
+                        hint="the state is multiplied from the right: S @ T acts on the key side; "
+                        + SUPPORTED,
                     )
                 return Mat(MatOp.MATMUL, a.kind, (a, b), span=span)
             if e.op in "+-":
@@ -255,7 +261,9 @@ class _StateLowerer(_Lowerer):
                 e = inner
                 continue
             break
-        if not (isinstance(e, A.Binary) and e.op == "@" and isinstance(e.left, A.Name) and e.left.id == self.state):
+        if not (
+            isinstance(e, A.Binary) and e.op == "@" and isinstance(e.left, A.Name) and e.left.id == self.state
+        ):
             raise SpecError(
                 f"the read must be {self.state} @ x (x a key-side vector such as q), optionally scaled",
                 st.value.span,
@@ -266,7 +274,7 @@ class _StateLowerer(_Lowerer):
 
 
 def lower_recurrence(att: A.Attention, scope: Scope) -> Recurrence:
-    from .ir import ScalarParam, TensorParam  # noqa: PLC0415 - the shared dataclasses
+    from .ir import ScalarParam, TensorParam
 
     st, rd = _check_state_body(att)
     low = _StateLowerer(att, scope, st.name)
@@ -281,7 +289,6 @@ def lower_recurrence(att: A.Attention, scope: Scope) -> Recurrence:
         )
     # The ordinary lowering of the declarations (params, layout, lets), without its statement pass.
     low.layout = None
-    from .ir import Layout  # noqa: PLC0415
 
     low.layout = Layout(
         batch=low.dim(q[0]),
@@ -295,7 +302,9 @@ def lower_recurrence(att: A.Attention, scope: Scope) -> Recurrence:
     params: list[TensorParam | ScalarParam] = []
     for p in att.params:
         if isinstance(p, A.TensorParam):
-            params.append(TensorParam(p.name, scope.roles[p.name], low.aux_shape(p), scope.tensor_types[p.name]))
+            params.append(
+                TensorParam(p.name, scope.roles[p.name], low.aux_shape(p), scope.tensor_types[p.name])
+            )
         else:
             default = None
             if p.default is not None:
@@ -303,7 +312,7 @@ def lower_recurrence(att: A.Attention, scope: Scope) -> Recurrence:
                 if p.type == "float":
                     default = bld.to_float(default)
             params.append(ScalarParam(p.name, DType.INT if p.type == "int" else DType.FLOAT, default))
-    from .lower import _register_lets  # noqa: PLC0415
+    from .lower import _register_lets
 
     _register_lets(low, att)
     pos = {id(s): n for n, s in enumerate(att.body)}
@@ -317,7 +326,11 @@ def lower_recurrence(att: A.Attention, scope: Scope) -> Recurrence:
     read = low.read(rd, pos[id(rd)])
     rec = Recurrence(att.name, tuple(params), low.layout, st.name, update, read, st.value.span)
     verify(rec)
+    analyse(rec)  # outside the supported structure: a SpecError now, at check time (the result is cached)
     return rec
 
 
-__all__ = ["SUPPORTED", "is_state_block", "lower_recurrence", "Span"]
+BLOCK_KINDS.append((is_state_block, lower_recurrence))
+
+
+__all__ = ["SUPPORTED", "Span", "is_state_block", "lower_recurrence"]

@@ -16,6 +16,12 @@ from dataclasses import dataclass
 from .errors import Span
 from .ir import DType, Layout, Node, Op, Param, TensorParam, Var, uses, walk
 
+# What a state block's update may be: the hint of every structure error (dsl.state, dsl.analysis.recurrence).
+SUPPORTED = (
+    "supported: state S = S @ T + outer(v', k') with T = c * I, diag(w), outer(a, b) and sums/products of "
+    "these that form Diag(w) + a bᵀ; gates are per-token expressions of q/k/v rows and auxiliary tensors"
+)
+
 
 class Side(enum.Enum):
     """Which axis an element-wise leaf varies along (besides the token)."""
@@ -113,7 +119,9 @@ def verify(rec: Recurrence) -> None:
     def leaf(n: Node, allowed: tuple[Side, ...]) -> None:
         if n.dtype is not DType.FLOAT:
             raise StateVerifyError(f"{rec.name}: a state leaf is not a float ({n.dtype})")
-        if any(x.op is Op.VAR and x.attr is Var.J for x in walk([n])) or any(x.op is Op.DOT for x in walk([n])):
+        if any(x.op is Op.VAR and x.attr is Var.J for x in walk([n])) or any(
+            x.op is Op.DOT for x in walk([n])
+        ):
             raise StateVerifyError(f"{rec.name}: a state leaf uses j or dot(q, k)")
         if side_of(n) not in allowed:
             raise StateVerifyError(f"{rec.name}: a leaf has side {side_of(n)}, expected one of {allowed}")

@@ -10,12 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-import attnc
 from attnc.dsl.analysis.recurrence import GateShape, PlanKind, analyse
 from attnc.dsl.errors import SpecError
 from attnc.dsl.lower import compile_to_ir
 from attnc.zoo.ops import spec_path
+
+import attnc
 
 F64 = torch.float64
 # (atol, rtol) by dtype of the inputs: fp64 exact up to rounding; fp32 accumulates over <= 40 tokens.
@@ -35,7 +35,10 @@ def oracle_gated_delta(q, k, v, beta, g, s0):
     for t in range(q.shape[2]):
         a = g[:, :, t, None, None].exp()
         kt, bt = k[:, :, t], beta[:, :, t, None, None]
-        S = a * (S - bt * (S @ kt[..., :, None]) @ kt[..., None, :]) + bt * v[:, :, t, :, None] * kt[..., None, :]
+        S = (
+            a * (S - bt * (S @ kt[..., :, None]) @ kt[..., None, :])
+            + bt * v[:, :, t, :, None] * kt[..., None, :]
+        )
         outs.append((S @ q[:, :, t, :, None])[..., 0] * D**-0.5)
     return torch.stack(outs, 2), S
 
@@ -238,7 +241,9 @@ def test_prefill_then_decode_continues_one_pass(mods):
     outs = [o_pre]
     for t in range(32, 40):
         step = {n: u[:, :, t : t + 1] for n, u in x.items()}
-        o_t, state = fn(*step.values(), backend="triton", algorithm="recurrent", initial_state=state, return_state=True)
+        o_t, state = fn(
+            *step.values(), backend="triton", algorithm="recurrent", initial_state=state, return_state=True
+        )
         outs.append(o_t)
     torch.testing.assert_close(torch.cat(outs, 2), o_all, atol=3e-5, rtol=1e-4)
     torch.testing.assert_close(state, s_all, atol=3e-5, rtol=1e-4)
@@ -250,7 +255,7 @@ def test_float32_gate_is_not_rounded_to_q_dtype(mods):
     The same oracle with the gate rounded to float16 is off by far more, so the test can fail."""
     x = inputs("gla", T=40)
     s0 = torch.zeros(B, H, E, D, dtype=F64)
-    (o, sn, leaves, _), (o_ref, sn_ref, xr, sr) = _run(mods, "gla", x, s0, torch.float16, backend="reference")
+    (_, sn, leaves, _), (_, sn_ref, xr, sr) = _run(mods, "gla", x, s0, torch.float16, backend="reference")
     assert leaves["g"].dtype is torch.float32 and sn.dtype is torch.float32
     torch.testing.assert_close(sn.double(), sn_ref.detach(), atol=1e-5, rtol=1e-5)
     rounded = {**{n: t.detach() for n, t in xr.items()}, "g": xr["g"].detach().half().double()}
@@ -270,7 +275,9 @@ def _error(body: str) -> str:
 
 
 def test_non_dplr_transition_is_an_error():
-    msg = _error("    state S = S @ (I - outer(k, k) - outer(w[b, h, i, d], w[b, h, i, d] * w[b, h, i, d])) + outer(v, k)")
+    msg = _error(
+        "    state S = S @ (I - outer(k, k) - outer(w[b, h, i, d], w[b, h, i, d] * w[b, h, i, d])) + outer(v, k)"
+    )
     assert "x.attn:2:15: error: the transition is not diagonal plus rank 1" in msg
     assert "^^^" in msg and "state S = S @ (I" in msg
     assert "hint: supported: state S = S @ T + outer(v', k')" in msg
@@ -279,7 +286,9 @@ def test_non_dplr_transition_is_an_error():
 def test_state_dependent_gate_is_an_error():
     msg = _error("    state S = S @ diag(sigmoid(S @ k)) + outer(v, k)")
     assert "x.attn:2:24: error: the state is used inside the argument of diag()" in msg
-    assert "state-dependent gate is not supported" in msg and "hint: gates must not depend on the state" in msg
+    assert (
+        "state-dependent gate is not supported" in msg and "hint: gates must not depend on the state" in msg
+    )
     msg = _error("    let gate = exp(-S)\n    state S = S @ (gate * I) + outer(v, k)")
     assert "state-dependent gate" in msg
 
@@ -291,13 +300,19 @@ def test_transition_reading_q_is_an_error():
 
 
 def test_other_structure_errors():
-    assert "a product of two rank-1 factors" in _error("    state S = S @ outer(k, k) @ outer(k, k) + outer(v, k)")
+    assert "a product of two rank-1 factors" in _error(
+        "    state S = S @ outer(k, k) @ outer(k, k) + outer(v, k)"
+    )
     assert "the write is not rank 1" in _error("    state S = S + outer(v, k) + outer(v * v, w[b, h, i, d])")
     assert "multiplies two matrices" in _error("    state S = S @ k + outer(v, k)")
     assert "cannot add a matrix and a scalar" in _error("    state S = S @ (1 + outer(k, k)) + outer(v, k)")
-    assert "a state block cannot have a 'score'" in _error("    score = dot(q, k)\n    state S = S + outer(v, k)")
+    assert "a state block cannot have a 'score'" in _error(
+        "    score = dot(q, k)\n    state S = S + outer(v, k)"
+    )
     with pytest.raises(SpecError, match="only valid in 'state' and 'read'"):
-        compile_to_ir("attention y(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) { score = q @ k }", "y.attn")
+        compile_to_ir(
+            "attention y(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) { score = q @ k }", "y.attn"
+        )
 
 
 def test_call_time_errors_name_the_parameter(mods):

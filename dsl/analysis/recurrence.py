@@ -27,8 +27,7 @@ import sympy
 from .. import builder as bld
 from ..errors import Span, SpecError
 from ..ir import DType, Node, Op, const, uses
-from ..state import SUPPORTED
-from ..state_ir import Mat, MatKind, MatOp, Recurrence, Side, side_of
+from ..state_ir import SUPPORTED, Mat, MatKind, MatOp, Recurrence, Side, side_of
 
 _D, _E = sympy.Symbol("d"), sympy.Symbol("e")
 
@@ -119,7 +118,11 @@ class _Sym:
             for t in s.as_ordered_terms():
                 neg = t.could_extract_minus_sign()
                 x = self.to_ir(-t if neg else t)
-                out = (bld.unary(Op.NEG, x) if neg else x) if out is None else bld.binary(Op.SUB if neg else Op.ADD, out, x)
+                out = (
+                    (bld.unary(Op.NEG, x) if neg else x)
+                    if out is None
+                    else bld.binary(Op.SUB if neg else Op.ADD, out, x)
+                )
             assert out is not None
             return out
         if s.is_Mul:
@@ -305,10 +308,16 @@ def analyse(rec: Recurrence) -> DeltaPlan:
     span = rec.update_span
     form = _Expander(sym).state(rec.update)
     if form.t is None:
-        raise _fail(f"the update of '{rec.state}' does not contain the state", span, hint=f"e.g. {rec.state} @ T + outer(v, k)")
+        raise _fail(
+            f"the update of '{rec.state}' does not contain the state",
+            span,
+            hint=f"e.g. {rec.state} @ T + outer(v, k)",
+        )
     w = sympy.simplify(form.t.w)
     if w.has(_E):
-        raise _fail("the transition's diagonal varies along e (value side)", span)  # pragma: no cover - typed away
+        raise _fail(
+            "the transition's diagonal varies along e (value side)", span
+        )  # pragma: no cover - typed away
     r1 = _merge([(sympy.expand(a), sympy.expand(b)) for a, b in form.t.r1])
     if len(r1) > 1:
         raise _fail(
@@ -327,7 +336,9 @@ def analyse(rec: Recurrence) -> DeltaPlan:
         )
     if w == 0:
         raise _fail(
-            "the transition has no diagonal part (w = 0)", span, hint="the transition is Diag(w) + a bᵀ with w ≠ 0"
+            "the transition has no diagonal part (w = 0)",
+            span,
+            hint="the transition is Diag(w) + a bᵀ with w ≠ 0",
         )
     if _reads_q(sym, w, *(x for t in r1 for x in t)):
         raise _fail(
@@ -351,16 +362,18 @@ def analyse(rec: Recurrence) -> DeltaPlan:
             beta = sympy.simplify(-c1 * c2)
             vpp = sympy.cancel(vp / beta) if beta != 0 else None
             if vpp is not None and not sympy.denom(sympy.together(vpp)).free_symbols - _uniform_symbols(sym):
-                return DeltaPlan(PlanKind.DELTA, gate, ir(qp), ir(kp), ir(vpp), g, beta=bld.to_float(ir(beta)))
+                return DeltaPlan(
+                    PlanKind.DELTA, gate, ir(qp), ir(kp), ir(vpp), g, beta=bld.to_float(ir(beta))
+                )
         return DeltaPlan(PlanKind.DPLR, gate, ir(qp), ir(kp), ir(vp), g, a=ir(a), b=ir(b))
     return DeltaPlan(PlanKind.DPLR, gate, ir(qp), ir(kp), ir(vp), g)
 
 
 def _uniform_symbols(sym: _Sym) -> set[sympy.Symbol]:
     """The symbols that stand for sizes, scalars and constants (a denominator of these is safe)."""
-    from ..ir import is_uniform  # noqa: PLC0415
+    from ..ir import is_uniform
 
     return {s for s, n in sym.back.items() if isinstance(s, sympy.Symbol) and is_uniform(n)}
 
 
-__all__ = ["DeltaPlan", "GateShape", "PlanKind", "analyse", "MatKind"]
+__all__ = ["DeltaPlan", "GateShape", "MatKind", "PlanKind", "analyse"]
