@@ -369,6 +369,22 @@ def analyse(rec: Recurrence) -> DeltaPlan:
     return DeltaPlan(PlanKind.DPLR, gate, ir(qp), ir(kp), ir(vp), g)
 
 
+def format_plan(rec: Recurrence) -> str:
+    """`attnc show-ir` for a state block: the runtime call and each of its per-token inputs."""
+    from ..ir import format_expr
+
+    plan = analyse(rec)
+    call = "delta_rule" if plan.kind is PlanKind.DELTA else "dplr"
+    lines = [
+        f"state block {rec.name}: S [E, D] per (b, h); runs attnc.runtime.delta.{call} (gate: {plan.gate.value})"
+    ]
+    for field_name in ("q", "k", "v", "beta", "g", "a", "b"):
+        node = getattr(plan, field_name)
+        if node is not None:
+            lines.append(f"  {field_name}' = {format_expr(node)}")
+    return "\n".join(lines)
+
+
 def _uniform_symbols(sym: _Sym) -> set[sympy.Symbol]:
     """The symbols that stand for sizes, scalars and constants (a denominator of these is safe)."""
     from ..ir import is_uniform
