@@ -375,3 +375,53 @@ def test_transnormer_with_gated_deltanet_trains_and_generates_from_its_state():
     for _ in range(6):
         seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
+
+
+def test_shared_kv_heads_lets_and_scalars_in_a_state_block(tmp_path):
+    """k, v and beta with G < H heads (read at hk), a `let`, and a float scalar with a size default: the
+    block equals the delta rule on the heads repeated, and a wrong head count is an error naming k, v."""
+    spec = tmp_path / "gqa_delta.attn"
+    spec.write_text(
+        "attention gqa_delta(q: [B, H, N, D], k: [B, G, N, D], v: [B, G, N, E], beta: [B, G, N],\n"
+        "                    scale: float = D ** -0.5) {\n"
+        "    let bt = beta[b, hk, i]\n"
+        "    state S = S @ (I - bt * outer(k, k)) + outer(bt * v, k)\n"
+        "    read  = scale * (S @ q)\n"
+        "}\n"
+    )
+    mod = attnc.compile(str(spec))
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(1, 4, 12, 8, generator=gen, dtype=F64)
+    k = F.normalize(torch.randn(1, 2, 12, 8, generator=gen, dtype=F64), dim=-1)
+    v = torch.randn(1, 2, 12, 4, generator=gen, dtype=F64)
+    beta = torch.rand(1, 2, 12, generator=gen, dtype=F64)
+    rep = [x.repeat_interleave(2, 1) for x in (k, v, beta)]
+    want, _ = oracle_gated_delta(
+        q, *rep[:2], rep[2], torch.zeros_like(rep[2]), torch.zeros(1, 4, 4, 8, dtype=F64)
+    )
+    torch.testing.assert_close(mod.gqa_delta(q, k, v, beta), want, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(
+        mod.gqa_delta(q, k, v, beta, scale=2.0), want * 2 * 8**0.5, atol=1e-12, rtol=1e-12
+    )
+    with pytest.raises(
+        ValueError, match=r"k, v: the key/value head count \(2\) must divide the query head count \(3\)"
+    ):
+        mod.gqa_delta(q[:, :3], k, v, beta)
+
+
+def test_float32_per_channel_decays_stay_finite_at_long_length(mods):
+    """GLA's log-decays uniform in [-5, 0] per step over T = 512 (cumulative about -1300: the old exp(±G)
+    encoding overflows float32): float32 inputs give float64's result to 1e-4, no NaN."""
+    gen = torch.Generator().manual_seed(8)
+    T = 512
+    x = {
+        "q": torch.randn(1, 1, T, D, generator=gen, dtype=F64),
+        "k": torch.randn(1, 1, T, D, generator=gen, dtype=F64),
+        "v": torch.randn(1, 1, T, E, generator=gen, dtype=F64),
+        "g": -5 * torch.rand(1, 1, T, D, generator=gen, dtype=F64),
+    }
+    fn = mods["gla"].gla
+    o32 = fn(*(t.float() for t in x.values()), backend="reference")
+    o64 = fn(x["q"], x["k"], x["v"], x["g"].float(), backend="reference")
+    assert torch.isfinite(o32).all()
+    assert (o32.double() - o64).abs().max() < 1e-4
