@@ -425,3 +425,13 @@ def test_float32_per_channel_decays_stay_finite_at_long_length(mods):
     o64 = fn(x["q"], x["k"], x["v"], x["g"].float(), backend="reference")
     assert torch.isfinite(o32).all()
     assert (o32.double() - o64).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "rwkv7"])
+def test_golden_state_block(name):
+    """The generated entry points of a delta-rule block (scalar-gated delta rule; DPLR), exactly."""
+    from attnc.codegen.module import generate
+
+    from .test_codegen_module import GOLDEN, _check_golden
+
+    _check_golden(GOLDEN / f"{name}.py.expected", generate(spec_path(name).read_text(), f"{name}.attn"))
