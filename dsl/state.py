@@ -87,6 +87,13 @@ class _StateLowerer(_Lowerer):
 
     # ---- matrix expressions -----------------------------------------------------------------------------
 
+    def _is_identity(self, name: str) -> bool:
+        """`I` is the identity unless the block defines the name (a size symbol, parameter or let)."""
+        sc = self.scope
+        return name == "I" and not (
+            name in sc.sizes or name in sc.scalars or name in sc.tensors or name in self.lets
+        )
+
     def _let_of(self, e: A.Expr, before: int) -> A.Expr | None:
         if isinstance(e, A.Name) and e.id in self.lets and self.lets[e.id].index < before:
             return self.lets[e.id].stmt.value
@@ -98,7 +105,7 @@ class _StateLowerer(_Lowerer):
         while stack:
             x = stack.pop()
             if isinstance(x, A.Name):
-                if x.id == self.state or (x.id == "I" and "I" not in self.scope.sizes):
+                if x.id == self.state or self._is_identity(x.id):
                     return True
                 let = self._let_of(x, before)
                 if let is not None:
@@ -147,7 +154,7 @@ class _StateLowerer(_Lowerer):
         if isinstance(e, A.Name):
             if e.id == self.state:
                 return Mat(MatOp.STATE, MatKind.STATE, span=span)
-            if e.id == "I":
+            if self._is_identity(e.id):
                 return Mat(MatOp.IDENTITY, MatKind.KEY, span=span)
         if isinstance(e, A.Call) and e.func in _MATRIX_FUNCS:
             if len(e.args) != _MATRIX_FUNCS[e.func]:

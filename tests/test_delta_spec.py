@@ -435,3 +435,25 @@ def test_golden_state_block(name):
     from .test_codegen_module import GOLDEN, _check_golden
 
     _check_golden(GOLDEN / f"{name}.py.expected", generate(spec_path(name).read_text(), f"{name}.attn"))
+
+
+def test_state_and_attention_blocks_share_a_file(tmp_path):
+    """A file may mix state blocks and attention blocks; `I` is the identity unless the block names it."""
+    spec = tmp_path / "mixed.attn"
+    spec.write_text(
+        spec_path("deltanet").read_text()
+        + "attention causal(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {\n"
+        "    score = dot(q, k) * D ** -0.5\n    mask = j <= i\n}\n"
+    )
+    mod = attnc.compile(str(spec))
+    assert mod.__all__ == ["causal", "causal_reference", "deltanet", "deltanet_reference"]
+    x = inputs("deltanet", T=6)
+    assert mod.deltanet(*x.values()).shape == (B, H, 6, E) and mod.causal(*(x["q"],) * 3).shape == (
+        B,
+        H,
+        6,
+        D,
+    )
+    shadow = "attention x(q: [B, I, N, D], k: [B, I, N, D], v: [B, I, N, E]) { state S = S @ I + outer(v, k) read = S @ q }"
+    with pytest.raises(SpecError, match="'@' multiplies two matrices"):
+        compile_to_ir(shadow, "x.attn")
