@@ -295,7 +295,8 @@ def test_state_dependent_gate_is_an_error():
 
 def test_transition_reading_q_is_an_error():
     msg = _error("    state S = S @ (I - beta[b, h, i] * outer(q, k)) + outer(v, k)")
-    assert "x.attn:2:15: error: the transition reads q" in msg
+    assert "x.attn:2:40: error: the transition reads q" in msg  # at the factor that reads it: outer(q, k)
+    assert "\n" + " " * 43 + "^" * len("outer(q, k)") + "\n" in msg
     assert "hint: q enters only through the read" in msg
 
 

@@ -293,6 +293,19 @@ class _Expander:
         raise AssertionError(op)  # pragma: no cover
 
 
+def _span_reading_q(m: Mat) -> Span | None:
+    """Where the transition reads q: the first [D, D] factor whose per-token leaves use q."""
+    stack = [m]
+    while stack:
+        x = stack.pop()
+        if x.kind is MatKind.KEY and any(
+            uses(n, lambda u: u.op is Op.ELEM and u.attr == "q") for n in x.leaves
+        ):
+            return x.span
+        stack.extend(reversed(x.args))
+    return None
+
+
 def _reads_q(sym: _Sym, *exprs: sympy.Expr) -> bool:
     for e in exprs:
         for atom, node in sym.back.items():
@@ -343,7 +356,7 @@ def analyse(rec: Recurrence) -> DeltaPlan:
     if _reads_q(sym, w, *(x for t in r1 for x in t)):
         raise _fail(
             "the transition reads q",
-            span,
+            _span_reading_q(rec.update) or span,
             hint="q enters only through the read (read = S @ q'); gates and transitions use k, v and "
             "auxiliary tensors; " + SUPPORTED,
         )
