@@ -458,3 +458,29 @@ def test_state_and_attention_blocks_share_a_file(tmp_path):
     shadow = "attention x(q: [B, I, N, D], k: [B, I, N, D], v: [B, I, N, E]) { state S = S @ I + outer(v, k) read = S @ q }"
     with pytest.raises(SpecError, match="'@' multiplies two matrices"):
         compile_to_ir(shadow, "x.attn")
+
+
+def test_show_ir_prints_the_plan_and_check_lists_state_blocks(capsys):
+    from attnc.cli import main
+
+    assert main(["show-ir", str(spec_path("kda"))]) == 0
+    out = capsys.readouterr().out
+    assert "state block kda: S [E, D] per (b, h); runs attnc.runtime.delta.delta_rule (gate: channel)" in out
+    assert "  g' = g[b, h, i, d]" in out and "  beta' = beta[b, h, i]" in out
+    assert main(["check", str(spec_path("rwkv7"))]) == 0
+    assert "ok (rwkv7)" in capsys.readouterr().out
+
+
+def test_state_ir_verifier_rejects_malformed_matrices():
+    """The verifier catches a compiler bug (a transition multiplied from the left), never a spec error."""
+    import dataclasses
+
+    from attnc.dsl.state_ir import Mat, MatKind, MatOp, StateVerifyError, verify
+
+    (rec,) = compile_to_ir(spec_path("deltanet").read_text(), "deltanet.attn").recurrences
+    verify(rec)
+    bad = Mat(
+        MatOp.MATMUL, MatKind.STATE, (Mat(MatOp.IDENTITY, MatKind.KEY), Mat(MatOp.STATE, MatKind.STATE))
+    )
+    with pytest.raises(StateVerifyError, match="malformed matmul"):
+        verify(dataclasses.replace(rec, update=bad))
