@@ -115,7 +115,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(err.format(), file=sys.stderr)
             status = EXIT_SPEC
             continue
-        names = ", ".join(a.name for a in program.attentions)
+        names = ", ".join(a.name for a in (*program.attentions, *program.recurrences))
         if not args.quiet:
             print(f"{path}: ok ({names})")
         if timings is not None:
@@ -155,7 +155,7 @@ def cmd_codegen(args: argparse.Namespace) -> int:
             tmp = file.with_suffix(".py.tmp")
             tmp.write_text(text, encoding="utf-8")
             tmp.replace(file)
-        names = ", ".join(a.name for a in program.attentions)
+        names = ", ".join(a.name for a in (*program.attentions, *program.recurrences))
         print(f"{path} -> {', '.join(str(f) for f, _ in reversed(files))} ({names})")
     return status
 
@@ -232,8 +232,12 @@ def _select(spec: str, name: str | None) -> list[Attention]:
 
 
 def cmd_show_ir(args: argparse.Namespace) -> int:
-    atts = _select(args.spec, args.name)
-    print("\n\n".join(show_attention(a) for a in atts))
+    program = compile_to_ir(_read(args.spec), args.spec)
+    recs = [r for r in program.recurrences if args.name in (None, r.name)]
+    atts = _select(args.spec, args.name) if program.attentions and (args.name is None or not recs) else []
+    from attnc.dsl.analysis.recurrence import format_plan
+
+    print("\n\n".join([*(show_attention(a) for a in atts), *(format_plan(r) for r in recs)]))
     return EXIT_OK
 
 

@@ -27,7 +27,7 @@ from attnc.dsl.lower import compile_to_ir
 from attnc.runtime import RUNTIME_VERSION
 from attnc.settings import settings
 
-from . import bake, linear, reference, vendor
+from . import bake, delta, linear, reference, vendor
 from .triton import module as triton_module
 from .triton.kernels import KernelWriter
 from .version import ATTNC_VERSION, CODEGEN_VERSION, LANGUAGE_VERSION
@@ -86,7 +86,7 @@ def render_all(
     # Names this module's custom ops (with its file path, at import). Not the compiler fingerprint, so the
     # generated text (and its golden files) changes only when the generated code does.
     op_key = _digest(f"{program.source_sha256}{CODEGEN_VERSION}{RUNTIME_VERSION}{target.value}")[:16]
-    names = [a.name for a in program.attentions]
+    names = [a.name for a in (*program.attentions, *program.recurrences)]
     exports = [n for a in names for n in (a, f"{a}_reference")]
     body: list[str] = []
     body.append('"""attnc-generated attention operators: ' + ", ".join(names) + ".")
@@ -100,6 +100,8 @@ def render_all(
     body.append("")
     body.append("from __future__ import annotations")
     body.append("")
+    if standalone and program.recurrences:
+        raise ValueError("--standalone does not vendor the delta-rule runtime (state blocks) yet")
     if standalone:
         # The runtime library, vendored: its modules' statements in dependency order, without their attnc
         # imports (codegen/vendor.py); `_rt` then names the vendored definitions, as it names the library.
@@ -125,6 +127,8 @@ def render_all(
         body.append("from attnc.runtime import api as _rt  # noqa: E402")
         if _has_linear(program):  # the linear family's runtime (it imports torch._dynamo: only when needed)
             body.append("from attnc.runtime import linear as _rt_lin  # noqa: E402")
+        if program.recurrences:  # state blocks: the delta-rule family's runtime
+            body.append("from attnc.runtime import delta as _rt_delta  # noqa: E402")
     body.append("")
     body.append("BlockLayout = _rt.BlockLayout  # NAME(..., block_layout=BlockLayout(...))")
     body.append("_sigmoid_scalar = _rt._sigmoid_scalar  # what the spec's scalar expressions call")
@@ -148,6 +152,10 @@ def render_all(
         body.append(
             reference.emit_attention(att, kernels, linear.extension(att, kernels is not None)).rstrip("\n")
         )
+        body.append("")
+    for rec in program.recurrences:  # state blocks (codegen/delta.py)
+        body.append("")
+        body.append(delta.emit_recurrence(rec).rstrip("\n"))
         body.append("")
     text = "\n".join(body) + "\n"
     main = _with_header(program, target, text)

@@ -5,5 +5,6 @@ from __future__ import annotations
 from .errors import SpecError
 from .lower import compile_to_ir
 from .parser import parse
+from .state import lower_recurrence  # registers the lowering of state blocks (dsl.lower.BLOCK_KINDS)
 
-__all__ = ["SpecError", "compile_to_ir", "parse"]
+__all__ = ["SpecError", "compile_to_ir", "lower_recurrence", "parse"]

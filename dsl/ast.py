@@ -132,6 +132,22 @@ class FeatureStmt(Stmt):
 
 
 @dataclass(frozen=True)
+class StateStmt(Stmt):
+    """`state S = <update>`: a matrix state and its per-token update (docs/linear.md, "State recurrences")."""
+
+    name: str
+    value: Expr
+    name_span: Span = field(compare=False, repr=False, default=Span(0, 0))
+
+
+@dataclass(frozen=True)
+class ReadStmt(Stmt):
+    """`read = S @ q'`: what a state block returns at each token."""
+
+    value: Expr
+
+
+@dataclass(frozen=True)
 class KwArg:
     name: str
     value: Expr

@@ -45,6 +45,8 @@ KEYWORDS = {
     "norm",
     "output",
     "feature",
+    "state",
+    "read",
     "and",
     "or",
     "not",
@@ -306,6 +308,8 @@ def check_body(att: A.Attention) -> None:
             A.MaskStmt: "mask",
             A.NormStmt: "norm",
             A.OutputStmt: "output",
+            A.StateStmt: "state",
+            A.ReadStmt: "read",
         }.get(type(st))
         if isinstance(st, A.FeatureStmt):
             if st.target not in ("q", "k"):
@@ -325,6 +329,8 @@ def check_body(att: A.Attention) -> None:
             line = seen[key].span.line
             raise SpecError(f"'{key}' is defined twice (first on line {line})", st.span)
         seen[key] = st
+    if "state" in seen or "read" in seen:
+        return  # a state block: its own statement rules are in dsl.state (check_state_body)
     if "score" not in seen:
         raise SpecError(
             f"attention '{att.name}' has no 'score' statement",

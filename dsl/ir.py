@@ -402,3 +402,6 @@ class Program:
     filename: str
     source_sha256: str
     attentions: tuple[Attention, ...]
+    # State blocks (`state S = ...`, dsl.state_ir.Recurrence): matrix-state recurrences of the delta-rule
+    # family, kept apart because no score/normalisation backend applies to them.
+    recurrences: tuple = ()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import ast as A
@@ -240,6 +240,14 @@ class _Lowerer:
                 return x
             return bld.unary(Op.NOT if e.op == "not" else Op.NEG, x)
         if isinstance(e, A.Binary):
+            if e.op == "@":
+                raise SpecError(
+                    "'@' (a matrix product) is only valid in 'state' and 'read' statements",
+                    e.span,
+                    hint='see docs/linear.md, "State recurrences"'
+                    if ctx is not Ctx.STATE
+                    else "inside a gate or vector, use '*' (element-wise)",
+                )
             a = self.expr(e.left, ctx, before)
             b = self.expr(e.right, ctx, before)
             return bld.binary(_BINARY[e.op], a, b)
@@ -374,16 +382,7 @@ class _Lowerer:
                         default = bld.to_float(default)
                 params.append(ScalarParam(p.name, DType.INT if p.type == "int" else DType.FLOAT, default))
 
-        # Register every let first, so that a use before the definition gets a precise message.
-        for pos, st in enumerate(att.body):
-            if isinstance(st, A.Let):
-                if st.name in scope.tensors or st.name in scope.scalars or st.name in scope.sizes:
-                    raise SpecError(f"'let {st.name}' shadows a parameter or size symbol", st.span)
-                if st.name in INDEX_VARS or st.name in FUNCTIONS or st.name in ("o", "q", "k", "v"):
-                    raise SpecError(f"'let {st.name}' shadows a built-in name", st.span)
-                check_identifier(st.name, st.span, "let")
-                self.lets[st.name] = _Let(pos, st)
-                self.let_order.append(st.name)
+        _register_lets(self, att)
 
         score = mask = output = fq = fk = None
         norm = Norm(NormKind.SOFTMAX)
@@ -454,6 +453,20 @@ class _Lowerer:
         return Norm(NormKind(st.kind), values.get("sink"), values.get("bias"), values.get("eps"))
 
 
+def _register_lets(low: _Lowerer, att: A.Attention) -> None:
+    """Register every let first, so that a use before the definition gets a precise message."""
+    scope = low.scope
+    for pos, st in enumerate(att.body):
+        if isinstance(st, A.Let):
+            if st.name in scope.tensors or st.name in scope.scalars or st.name in scope.sizes:
+                raise SpecError(f"'let {st.name}' shadows a parameter or size symbol", st.span)
+            if st.name in INDEX_VARS or st.name in FUNCTIONS or st.name in ("o", "q", "k", "v"):
+                raise SpecError(f"'let {st.name}' shadows a built-in name", st.span)
+            check_identifier(st.name, st.span, "let")
+            low.lets[st.name] = _Let(pos, st)
+            low.let_order.append(st.name)
+
+
 def _article(t: DType) -> str:
     return {DType.INT: "an int", DType.FLOAT: "a float", DType.BOOL: "a bool"}[t]
 
@@ -464,25 +477,38 @@ def lower_attention(att: A.Attention) -> Attention:
     return _Lowerer(att, scope).lower()
 
 
+# Other kinds of block, lowered by the modules that register them here: (is it one?, lower it) pairs.
+# dsl.state registers the `state S = ...` blocks (it builds on this module's lowerer, so this module cannot
+# import it; the package's __init__ does, so the registration precedes every use).
+BLOCK_KINDS: list[tuple[Callable[[A.Attention], bool], Callable[[A.Attention, Scope], object]]] = []
+
+
 def lower_file(spec: A.SpecFile, generated: Sequence[GeneratedNames] | None = None) -> Program:
     """Lower every attention block of a parsed file. Block names must be unique within the file, and the names
     generated for them (`generated`, default: the registered generators', `dsl.check.RESERVED_PROVIDERS`)
     must meet neither each other nor the generated module's own."""
     names = BlockNames(generated_namespaces() if generated is None else [LANGUAGE_NAMES, *generated])
     out: list[Attention] = []
+    recurrences = []
     try:
         for att in spec.attentions:
             check_identifier(att.name, att.name_span, "attention")
             names.add(att)
+            kind = next((lower for is_kind, lower in BLOCK_KINDS if is_kind(att)), None)
+            if kind is not None:  # e.g. a matrix-state recurrence (dsl.state): its own IR
+                scope = build_scope(att)
+                check_body(att)
+                recurrences.append(kind(att, scope))
+                continue
             out.append(lower_attention(att))
     except SpecError as err:
         raise err.with_source(spec.filename, spec.source) from None
-    if not out:
+    if not out and not recurrences:
         raise SpecError("no 'attention' block in the file", Span(1, 1)).with_source(
             spec.filename, spec.source
         )
     sha = hashlib.sha256(spec.source.encode("utf-8", "surrogatepass")).hexdigest()
-    return Program(spec.filename, sha, tuple(out))
+    return Program(spec.filename, sha, tuple(out), tuple(recurrences))
 
 
 def compile_to_ir(

@@ -45,7 +45,7 @@ _TOKEN_NAMES = {
     "INT": "an integer",
     "FLOAT": "a number",
     "ADD_OP": "'+' or '-'",
-    "MUL_OP": "'*', '/', '//' or '%'",
+    "MUL_OP": "'*', '/', '//', '%' or '@'",
     "POW": "'**'",
     "COMP_OP": "a comparison",
     "SCALAR_TYPE": "'int' or 'float'",
@@ -53,7 +53,7 @@ _TOKEN_NAMES = {
 }
 
 _FIRST = ["'}'", "')'", "']'", "','"]
-_STATEMENT_KEYWORDS = ("let", "score", "mask", "norm", "output", "feature")
+_STATEMENT_KEYWORDS = ("let", "score", "mask", "norm", "output", "feature", "state", "read")
 
 
 @functools.cache
@@ -271,6 +271,10 @@ class _Builder:
             return A.OutputStmt(span, self.expr(ch[0]))
         if t.data == "feature_stmt":
             return A.FeatureStmt(span, str(ch[0]), self.expr(ch[1]), _span_of(ch[0]))
+        if t.data == "state_stmt":
+            return A.StateStmt(span, str(ch[0]), self.expr(ch[1]), _span_of(ch[0]))
+        if t.data == "read_stmt":
+            return A.ReadStmt(span, self.expr(ch[0]))
         if t.data == "norm_stmt":
             kwargs = tuple(
                 A.KwArg(str(kw.children[0]), self.expr(kw.children[1]), _span_of(kw.children[0]))

@@ -24,6 +24,7 @@ class Root(enum.Enum):
     OUTPUT = "output"
     FEATURE_Q = "feature q"
     FEATURE_K = "feature k"
+    STATE = "a state update"  # the per-token gates and vectors of `state S = ...` and `read = ...`
 
 
 _B, _H, _HK, _I, _J, _E, _D = Var.B, Var.H, Var.HK, Var.I, Var.J, Var.E, Var.D
@@ -38,6 +39,8 @@ ROOT_VARS: dict[Root, tuple[Var, ...]] = {
     Root.OUTPUT: (_B, _H, _HK, _I, _E),
     Root.FEATURE_Q: (_B, _H, _HK, _I, _D),
     Root.FEATURE_K: (_B, _HK, _J, _D),
+    # One token i at a time; d indexes key-side vectors (q, k, gates), e value-side ones (v).
+    Root.STATE: (_B, _H, _HK, _I, _D, _E),
 }
 
 # The element a root transforms: the raw output row, the raw q row, the raw k row.

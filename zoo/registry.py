@@ -14,6 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from . import layers as L
+from .layers import delta as LD
 from .layers import linear as LL
 from .ops import spec_path
 
@@ -84,6 +85,12 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("retention", LI, "Sun et al. 2023, Retentive Network: A Successor to Transformer for LLMs", "retention", LL.RetentionAttention, CA),
     Variant("linear_elu", LI, "Katharopoulos et al. 2020, Transformers are RNNs (linear attention, elu + 1)", "linear_elu", LL.LinearEluAttention, CA),
     Variant("hedgehog", LI, "Zhang et al. 2024, The Hedgehog & the Porcupine (learned feature maps)", "hedgehog", LL.HedgehogAttention, CA),
+    # The delta-rule family: state blocks (`state S = ...`) run by attnc.runtime.delta (docs/delta.md).
+    Variant("deltanet", LI, "Yang et al. 2024, Parallelizing Linear Transformers with the Delta Rule over Sequence Length", "deltanet", LD.DeltaNetAttention, CA),
+    Variant("gated_deltanet", LI, "Yang, Kautz, Hatamizadeh 2024, Gated Delta Networks: Improving Mamba2 with Delta Rule", "gated_deltanet", LD.GatedDeltaNetAttention, CA),
+    Variant("kda", LI, "Kimi Team 2025, Kimi Linear: An Expressive, Efficient Attention Architecture (KDA)", "kda", LD.KDAAttention, CA),
+    Variant("gla", LI, "Yang et al. 2023, Gated Linear Attention Transformers with Hardware-Efficient Training", "gla", LD.GLAAttention, CA),
+    Variant("rwkv7", LI, "Peng et al. 2025, RWKV-7 Goose with Expressive Dynamic State Evolution (time-mix core)", "rwkv7", LD.RWKV7Attention, CA),
 )
 # fmt: on
 

@@ -60,6 +60,9 @@ __all__ = [
     "dplr",
     "dplr_reference",
     "gla",
+    "spec_grid",
+    "spec_input",
+    "spec_rows",
 ]
 
 
@@ -671,3 +674,50 @@ def delta_rule(
         shape, cfg,
     )  # fmt: skip
     return _finish(o, sn, q, return_state)
+
+
+# ---------------------------------------------------------------------------------------------- generated modules
+# What the entry points of `state` blocks (codegen/delta.py) call to evaluate their per-token inputs.
+
+
+@dataclass(frozen=True)
+class SpecGrid:
+    """Index grids of a state block's per-token expressions: b, h, hk, i as [B, H, T, 1]-broadcastable
+    aranges, d over the key channels and e over the value channels (last axis)."""
+
+    b: torch.Tensor
+    h: torch.Tensor
+    hk: torch.Tensor
+    i: torch.Tensor
+    d: torch.Tensor
+    e: torch.Tensor
+    shape: tuple[int, int, int, int, int]  # B, H, T, D, E
+
+    def __iter__(self):
+        return iter((self.b, self.h, self.hk, self.i, self.d, self.e))
+
+
+def spec_grid(B: int, H: int, G: int, T: int, D: int, E: int, device: torch.device) -> SpecGrid:
+    def ar(n: int, axis: int) -> torch.Tensor:
+        view = [1, 1, 1, 1]
+        view[axis] = n
+        return torch.arange(n, device=device).view(view)
+
+    h = ar(H, 1)
+    return SpecGrid(ar(B, 0), h, h // (H // G), ar(T, 2), ar(D, 3), ar(E, 3), (B, H, T, D, E))
+
+
+def spec_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, G: int):
+    """The token rows q [B, H, T, D], k [B, H, T, D], v [B, H, T, E] as the expressions read them: k and v
+    at key/value head hk = h // (H / G), i.e. repeated over the query heads that share them."""
+    return q, _expand_heads(k, H), _expand_heads(v, H)
+
+
+def spec_input(x: torch.Tensor | float, kind: str, grid: SpecGrid) -> torch.Tensor:
+    """A per-token input at its full shape: 'key' [B, H, T, D], 'value' [B, H, T, E], 'scalar' [B, H, T]."""
+    B, H, T, D, E = grid.shape
+    if not isinstance(x, torch.Tensor):  # a uniform expression: a Python number
+        x = torch.tensor(float(x), dtype=torch.float32, device=grid.b.device)
+    if kind == "scalar":
+        return torch.broadcast_to(x, (B, H, T, 1))[..., 0]
+    return torch.broadcast_to(x, (B, H, T, D if kind == "key" else E))
