@@ -23,6 +23,7 @@ _MODULES = (
     Path(attnc.settings.__file__),
     _RUNTIME / "__init__.py",
     _RUNTIME / "signature.py",
+    _RUNTIME / "core_abi.py",
     _RUNTIME / "checks.py",
     _RUNTIME / "reference.py",
     _RUNTIME / "layout.py",

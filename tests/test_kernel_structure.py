@@ -15,6 +15,7 @@ from attnc.codegen.triton.kernels import KERNEL_KINDS, KernelWriter
 from attnc.codegen.triton.module import render_kernels
 from attnc.dsl.lower import compile_to_ir
 
+from attnc.runtime import core_abi
 from attnc.runtime.signature import BindError, BlockABI, Group, Kind
 
 SPECS = Path(__file__).resolve().parents[1] / "examples" / "specs"
@@ -231,3 +232,24 @@ def test_signature_kinds() -> None:
     assert spec["_a_ids"].kind is Kind.POINTER and spec["_a_ids"].dtype == "i32"
     assert spec["_s_ids_0"].kind is Kind.INT32
     assert all(p.kind is Kind.CONSTEXPR for p in sig.group(Group.CONSTEXPRS).params)
+
+
+@pytest.mark.parametrize(
+    ("path", "sigs"),
+    [("linear_kernels.py", core_abi.LINEAR_CORE), ("delta_kernels.py", core_abi.DELTA_KERNELS)],
+)
+def test_runtime_kernels_defs_match_their_signatures(path: str, sigs: tuple) -> None:
+    """The runtime's hand-written kernels state their parameters in their `def`s once more: each must be its
+    `core_abi` signature exactly (names, order, constexprs), since launches bind by those names and the AOT
+    compile types from them."""
+    src = (Path(core_abi.__file__).parent / path).read_text()
+    fns = {
+        n.name: n
+        for n in ast.parse(src).body
+        if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")
+    }
+    assert set(fns) == {s.name for s in sigs}
+    for sig in sigs:
+        args = fns[sig.name].args.args
+        assert tuple(a.arg for a in args) == sig.names, sig.name
+        assert {a.arg for a in args if a.annotation is not None} == set(sig.constexprs), sig.name
