@@ -24,6 +24,7 @@ from attnc.dsl.ir import (
     TensorParam,
     TensorType,
 )
+from attnc.dsl.scope import Root, root_names
 
 from .emit import Emitter, code, constant, expr_from_string, name
 
@@ -39,16 +40,22 @@ _EXACT = {
     TensorType.INT64: "torch.int64",
 }
 _CLOSURES = [
-    # (attention field, closure name, parameters, _Spec field)
-    ("score", "_score", "b, h, hk, i, j, qk", "score"),
-    ("mask", "_mask", "b, h, hk, i, j", "mask"),
-    ("sink", "_sink", "b, h, hk, i", "sink"),
-    ("bias", "_bias", "b, h, hk, i, j", "bias"),
-    ("eps", "_eps", "b, h, hk, i", "eps"),
-    ("output", "_output", "o, b, h, hk, i, e", "output"),
-    ("feature q", "_feature_q", "q, b, h, hk, i, d", "feature_q"),
-    ("feature k", "_feature_k", "k, b, hk, j, d", "feature_k"),
+    # (attention field, closure name, root, _Spec field); the parameters are the root's names in the one
+    # per-root table (`dsl.scope.root_names`), and the score's closure also takes q·k (its `dot(q, k)`).
+    ("score", "_score", Root.SCORE, "score"),
+    ("mask", "_mask", Root.MASK, "mask"),
+    ("sink", "_sink", Root.SINK, "sink"),
+    ("bias", "_bias", Root.BIAS, "bias"),
+    ("eps", "_eps", Root.EPS, "eps"),
+    ("output", "_output", Root.OUTPUT, "output"),
+    ("feature q", "_feature_q", Root.FEATURE_Q, "feature_q"),
+    ("feature k", "_feature_k", Root.FEATURE_K, "feature_k"),
 ]
+_CLOSURE_EXTRA = {Root.SCORE: ("qk",)}
+
+
+def _closure_params(root: Root) -> str:
+    return ", ".join((*root_names(root), *_CLOSURE_EXTRA.get(root, ())))
 
 
 def dim_code(d: Node) -> str:
@@ -240,12 +247,12 @@ def _closures(att: Attention, em: Emitter, only: set[str] | None = None) -> tupl
     roots = att.roots()
     closures: list[str] = []
     spec_args: list[str] = []
-    for field_name, fn, params, spec_field in _CLOSURES:
+    for field_name, fn, scope, spec_field in _CLOSURES:
         root = roots.get(field_name)
         if root is None or (only is not None and field_name not in only):
             continue
         stmts, ret = em.body(root)
-        closures.append(f"    def {fn}({params}):")
+        closures.append(f"    def {fn}({_closure_params(scope)}):")
         closures += [f"        {s}" for s in stmts]
         closures.append(f"        return {ret}")
         closures.append("")
