@@ -4,6 +4,7 @@ change, and write the comparison as JSON (static data, made on a CPU by the ahea
     for s in examples/specs/*.attn; do for d in 64 128; do
         python -m attnc inspect $s --head-dim $d > DIR/$(basename $s .attn)_d$d.txt; done; done
     python benchmarks/aot_table.py BEFORE_DIR AFTER_DIR --json benchmarks/results/aot_sm90.json
+        [--earlier benchmarks/results/aot_sm90.json]   # before-tables not re-measured: from that comparison
 
 Prints a Markdown table and exits 1 when any kernel got more registers or spills than before.
 """
@@ -27,21 +28,42 @@ def read_table(path: Path) -> dict[str, tuple[int, int]]:
     return rows
 
 
-def compare(before: Path, after: Path) -> list[dict[str, object]]:
+def earlier_before(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """{table: {kernel: (registers, spill bytes)}} of the "before" side of an earlier comparison JSON."""
+    out: dict[str, dict[str, tuple[int, int]]] = {}
+    for r in json.loads(path.read_text())["rows"]:
+        out.setdefault(r["table"], {})[r["kernel"]] = (r["regs_before"], r["spill_before"])
+    return out
+
+
+def compare(
+    before: Path, after: Path, fallback: dict[str, dict[str, tuple[int, int]]] | None = None
+) -> list[dict[str, object]]:
+    """One row per kernel of each "before" table. A table missing from `before` (or empty: a run that did not
+    finish) takes its "before" side from `fallback` (an earlier comparison of the same commit), and its rows
+    say so in `before_from`; a measured table that disagrees with the fallback is an error."""
     out: list[dict[str, object]] = []
-    for b in sorted(before.glob("*.txt")):
-        a = after / b.name
-        old, new = read_table(b), read_table(a) if a.exists() else {}
+    measured = {b.stem: read_table(b) for b in sorted(before.glob("*.txt"))}
+    measured = {t: rows for t, rows in measured.items() if rows}
+    for table, rows in (fallback or {}).items():
+        if table in measured and measured[table] != rows:
+            raise SystemExit(f"{table}: the measured 'before' table differs from the earlier comparison's")
+    tables = sorted({*measured, *(fallback or {})})
+    for table in tables:
+        old = measured.get(table) or (fallback or {})[table]
+        a = after / f"{table}.txt"
+        new = read_table(a) if a.exists() else {}
         for kernel, (regs, spill) in old.items():
             got = new.get(kernel)
             out.append(
                 {
-                    "table": b.stem,
+                    "table": table,
                     "kernel": kernel,
                     "regs_before": regs,
                     "regs_after": None if got is None else got[0],
                     "spill_before": spill,
                     "spill_after": None if got is None else got[1],
+                    "before_from": "measured" if table in measured else "earlier comparison",
                 }
             )
     return out
@@ -53,8 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("after", type=Path)
     ap.add_argument("--json", type=Path, help="write the comparison here")
     ap.add_argument("--note", default="", help="what the two sides are (stored in the JSON)")
+    ap.add_argument(
+        "--earlier",
+        type=Path,
+        help="an earlier comparison JSON of the same 'before' commit: its before side stands in for tables "
+        "missing from BEFORE (each measured table must agree with it)",
+    )
     args = ap.parse_args(argv)
-    rows = compare(args.before, args.after)
+    rows = compare(args.before, args.after, earlier_before(args.earlier) if args.earlier else None)
     worse = [
         r
         for r in rows

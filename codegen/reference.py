@@ -24,6 +24,7 @@ from attnc.dsl.ir import (
     TensorParam,
     TensorType,
 )
+from attnc.dsl.scope import Root, root_names
 
 from .emit import Emitter, code, constant, expr_from_string, name
 
@@ -39,16 +40,22 @@ _EXACT = {
     TensorType.INT64: "torch.int64",
 }
 _CLOSURES = [
-    # (attention field, closure name, parameters, _Spec field)
-    ("score", "_score", "b, h, hk, i, j, qk", "score"),
-    ("mask", "_mask", "b, h, hk, i, j", "mask"),
-    ("sink", "_sink", "b, h, hk, i", "sink"),
-    ("bias", "_bias", "b, h, hk, i, j", "bias"),
-    ("eps", "_eps", "b, h, hk, i", "eps"),
-    ("output", "_output", "o, b, h, hk, i, e", "output"),
-    ("feature q", "_feature_q", "q, b, h, hk, i, d", "feature_q"),
-    ("feature k", "_feature_k", "k, b, hk, j, d", "feature_k"),
+    # (attention field, closure name, root, _Spec field); the parameters are the root's names in the one
+    # per-root table (`dsl.scope.root_names`), and the score's closure also takes q·k (its `dot(q, k)`).
+    ("score", "_score", Root.SCORE, "score"),
+    ("mask", "_mask", Root.MASK, "mask"),
+    ("sink", "_sink", Root.SINK, "sink"),
+    ("bias", "_bias", Root.BIAS, "bias"),
+    ("eps", "_eps", Root.EPS, "eps"),
+    ("output", "_output", Root.OUTPUT, "output"),
+    ("feature q", "_feature_q", Root.FEATURE_Q, "feature_q"),
+    ("feature k", "_feature_k", Root.FEATURE_K, "feature_k"),
 ]
+_CLOSURE_EXTRA = {Root.SCORE: ("qk",)}
+
+
+def _closure_params(root: Root) -> str:
+    return ", ".join((*root_names(root), *_CLOSURE_EXTRA.get(root, ())))
 
 
 def dim_code(d: Node) -> str:
@@ -240,12 +247,12 @@ def _closures(att: Attention, em: Emitter, only: set[str] | None = None) -> tupl
     roots = att.roots()
     closures: list[str] = []
     spec_args: list[str] = []
-    for field_name, fn, params, spec_field in _CLOSURES:
+    for field_name, fn, scope, spec_field in _CLOSURES:
         root = roots.get(field_name)
         if root is None or (only is not None and field_name not in only):
             continue
         stmts, ret = em.body(root)
-        closures.append(f"    def {fn}({params}):")
+        closures.append(f"    def {fn}({_closure_params(scope)}):")
         closures += [f"        {s}" for s in stmts]
         closures.append(f"        return {ret}")
         closures.append("")
@@ -478,6 +485,11 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     return L
 
 
+def _tuple(items: list[str]) -> str:
+    """A tuple display of code items (one item keeps its comma)."""
+    return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+
+
 def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns: str) -> list[str]:
     kernels = writer.em.hoisted
     nm = att.name
@@ -518,8 +530,10 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     L += _hoisted(att, [*kernels, *em.hoisted])
     L += closures
     aux = [p.name for p in att.aux_tensors]
-    extra = [f"*_rt._aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
-    extra += [s.name for s in att.scalars] + _sizes(att) + [v for v, _ in kernels]
+    # The kernels' spec and uniforms groups, in their signature's order (`BlockABI`).
+    spec_args = [f"*_rt._aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
+    spec_args += [s.name for s in att.scalars] + _sizes(att)
+    uniforms = [v for v, _ in kernels]
     output = ", output=_output" if att.output is not None else ""
     output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""
@@ -528,7 +542,9 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     L.append("    _kern = _STATE.kernels(interpret=not q.is_cuda)")
     L.append("    spec = _rt._TritonSpec(")
     L.append(f"        _kern._{nm}_fwd_kernel, _kern._{nm}_bwd_dkdv_kernel, _kern._{nm}_bwd_dq_kernel,")
-    L.append(f"        {att.norm.kind.value!r}, ({', '.join(extra)}{',' if len(extra) == 1 else ''}){output}")
+    L.append(
+        f"        {att.norm.kind.value!r}, {_tuple(spec_args)}, {_tuple(uniforms)}, _kern.{writer.abi_name()}{output}"
+    )
     L.append("    )")
     L.append("    spec = spec._replace(")
     L.append(f"        fwd_split=_kern._{nm}_fwd_split_kernel, combine=_kern._{nm}_fwd_combine_kernel,")

@@ -378,78 +378,37 @@ def aot_jobs(head_dim: int, dtype: str, every_variant: bool = False) -> list:
     that the chunked path uses); every_variant adds each (gate mode, rank-1) combination the API selects."""
     from attnc.codegen.triton.aot import CompileJob
 
+    from attnc.runtime import core_abi
+
     kern = dl._kernels(interpret=False)
     D = E = head_dim
     cfg = dl.default_config(D, E)
-    x, f32, i32 = f"*{dtype}", "*fp32", "i32"
     shape = {"D": D, "E": E, "BLOCK_D": dl._next_pow2(D), "BLOCK_E": min(cfg.block_e, dl._next_pow2(E))}
-    reps = {n: i32 for n in ("T", "H", "REP_Q", "REP_K", "REP_V", "REP_G", "REP_R")}
-    ins = {"Q": x, "K": x, "V": x, "G": f32, "RA": x, "RB": x}
     run = {"cc": 90, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     fwd_modes = [(2, True)] + ([(0, True), (1, True), (2, False)] if every_variant else [])
     # (gate mode, rank-1, checkpoint interval): the recurrent path's, and the chunked path's (its chunk)
     bwd_modes = [(2, True, cfg.ckpt), (1, True, cfg.chunk)]
     if every_variant:
         bwd_modes += [(0, True, cfg.ckpt), (1, True, cfg.ckpt), (2, False, cfg.ckpt), (0, True, cfg.chunk)]
-    jobs = []
-    for gm, r1 in fwd_modes:
-        jobs.append(
-            CompileJob(
-                kern._delta_recurrent_fwd_kernel,
-                {**ins, "S0": f32, "OUT": f32, "SN": f32, "HS": f32, **reps, "NCK": i32},
-                {
-                    **shape,
-                    "G_MODE": gm,
-                    "HAS_RANK1": r1,
-                    "HAS_S0": True,
-                    "STORE_CKPT": True,
-                    "CKPT": cfg.ckpt,
-                },
-                **run,
-            )
-        )
-    for gm, r1, ckpt in bwd_modes:
-        outs = {n: f32 for n in ("HS", "DO", "DSN", "SCR", "DQ", "DK", "DV", "DG", "DA", "DB", "DS0")}
-        jobs.append(
-            CompileJob(
-                kern._delta_recurrent_bwd_kernel,
-                {**ins, **outs, **reps, "NBH": i32, "NCK": i32},
-                {**shape, "G_MODE": gm, "HAS_RANK1": r1, "HAS_DSN": True, "CKPT": ckpt},
-                **run,
-            )
-        )
+
+    def job(sig, constexprs: dict) -> CompileJob:
+        """Typed from the launcher's signature (core_abi), as `attnc inspect` types the generated kernels."""
+        types, values = sig.compile_args(dtype, {**shape, **constexprs})
+        return CompileJob(getattr(kern, sig.name), types, values, **run)
+
+    flags = {"HAS_S0": True, "STORE_CKPT": True}
+    jobs = [
+        job(core_abi.DELTA_RECURRENT_FWD, {"G_MODE": gm, "HAS_RANK1": r1, **flags, "CKPT": cfg.ckpt})
+        for gm, r1 in fwd_modes
+    ]
+    jobs += [
+        job(core_abi.DELTA_RECURRENT_BWD, {"G_MODE": gm, "HAS_RANK1": r1, "HAS_DSN": True, "CKPT": ckpt})
+        for gm, r1, ckpt in bwd_modes
+    ]
     for has_g in (True, False) if every_variant else (True,):
-        chunk_ins = {"Q": x, "K": x, "V": x, "BETA": x, "G": f32, "S0": f32, "OUT": f32, "SN": f32, "HS": f32}
-        ints = {n: i32 for n in ("T", "H", "REP_Q", "REP_K", "REP_V", "REP_B", "REP_G", "NC")}
-        jobs.append(
-            CompileJob(
-                kern._delta_chunk_fwd_kernel,
-                {**chunk_ins, **ints},
-                {
-                    **shape,
-                    "CHUNK": cfg.chunk,
-                    "HAS_G": has_g,
-                    "HAS_S0": True,
-                    "STORE_CKPT": True,
-                    "DOT_PRECISION": "tf32",
-                },
-                **run,
-            )
-        )
-        jobs.append(
-            CompileJob(
-                kern._delta_chunk_bwd_kernel,
-                {
-                    **{n: x for n in ("Q", "K", "V", "BETA")},
-                    **{n: f32 for n in ("G", "HS", "DO", "DSN", "DQ", "DK", "DV", "DBETA", "DG", "DS0")},
-                    **ints,
-                    "NBH": i32,
-                    "NE_PART": i32,
-                },
-                {**shape, "CHUNK": cfg.chunk, "HAS_G": has_g, "HAS_DSN": True, "DOT_PRECISION": "tf32"},
-                **run,
-            )
-        )
+        chunk = {"CHUNK": cfg.chunk, "HAS_G": has_g, "DOT_PRECISION": "tf32"}
+        jobs.append(job(core_abi.DELTA_CHUNK_FWD, {**chunk, **flags}))
+        jobs.append(job(core_abi.DELTA_CHUNK_BWD, {**chunk, "HAS_DSN": True}))
     return jobs
 
 

@@ -52,6 +52,8 @@ from types import ModuleType
 
 import torch
 
+from .core_abi import DELTA_CHUNK_BWD, DELTA_CHUNK_FWD, DELTA_RECURRENT_BWD, DELTA_RECURRENT_FWD, launch_core
+
 __all__ = [
     "Algorithm",
     "DeltaConfig",
@@ -303,6 +305,11 @@ def _rep(shape: _Shape, x: torch.Tensor | None) -> int:
     return 1 if x is None else shape.H // x.shape[1]
 
 
+def _reps(shape: _Shape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, int]:
+    """The state heads per head of q, k and v (every delta kernel's REP_Q, REP_K, REP_V)."""
+    return {"REP_Q": _rep(shape, q), "REP_K": _rep(shape, k), "REP_V": _rep(shape, v)}
+
+
 def _g_mode(g: torch.Tensor | None) -> int:
     return 0 if g is None else (1 if g.dim() == 3 else 2)
 
@@ -329,13 +336,14 @@ def _recurrent_fwd(
     hs = torch.empty(B, H, nck, E, D, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
     be = min(cfg.block_e, _next_pow2(E))
     d = _dummy(q)
-    kern._delta_recurrent_fwd_kernel[(_cdiv(E, be), B * H)](
-        q, k, v, d if g is None else g, d if a is None else a, d if b is None else b,
-        d if s0 is None else s0, o, sn, hs,
-        T, H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, g), _rep(shape, a), nck,
-        D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_E=be, G_MODE=_g_mode(g), HAS_RANK1=a is not None,
-        HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, CKPT=cfg.ckpt, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    launch_core(
+        kern, DELTA_RECURRENT_FWD, (_cdiv(E, be), B * H),
+        dict(Q=q, K=k, V=v, G=d if g is None else g, RA=d if a is None else a, RB=d if b is None else b,
+             S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs),
+        dict(T=T, H=H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a), NCK=nck),
+        dict(D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_E=be, G_MODE=_g_mode(g), HAS_RANK1=a is not None,
+             HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, CKPT=cfg.ckpt),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o, sn, hs
 
@@ -379,12 +387,16 @@ def _recurrent_bwd(
     ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
     scr = torch.empty(ne * B * H, ckpt, be, bd, device=dev, dtype=f32)
     d = _dummy(q)
-    kern._delta_recurrent_bwd_kernel[(ne, B * H)](
-        q, k, v, d if g is None else g, d if a is None else a, d if b is None else b, hs,
-        do.contiguous(), d if dsn is None else dsn.contiguous(), scr, dq, dk, dv, dg, da, db, ds0,
-        T, H, B * H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, g), _rep(shape, a), nck,
-        D=D, E=E, BLOCK_D=bd, BLOCK_E=be, G_MODE=gm, HAS_RANK1=a is not None, HAS_DSN=dsn is not None,
-        CKPT=ckpt, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    launch_core(
+        kern, DELTA_RECURRENT_BWD, (ne, B * H),
+        dict(Q=q, K=k, V=v, G=d if g is None else g, RA=d if a is None else a, RB=d if b is None else b,
+             HS=hs, DO=do.contiguous(), DSN=d if dsn is None else dsn.contiguous(), SCR=scr, DQ=dq, DK=dk,
+             DV=dv, DG=dg, DA=da, DB=db, DS0=ds0),
+        dict(T=T, H=H, NBH=B * H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a),
+             NCK=nck),
+        dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=be, G_MODE=gm, HAS_RANK1=a is not None, HAS_DSN=dsn is not None,
+             CKPT=ckpt),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     grads: list[torch.Tensor | None] = [
         _fold_heads(dq.sum(0), q.shape[1]),
@@ -438,11 +450,12 @@ def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt
     be = min(cfg.block_e, _next_pow2(E))
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
     d = _dummy(q)
-    kern._delta_chunk_fwd_kernel[(_cdiv(E, be), B * H)](
-        q, k, v, beta, d if g is None else g, d if s0 is None else s0, o, sn, hs,
-        T, H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, beta), _rep(shape, g), nc,
-        D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=cfg.chunk, HAS_G=g is not None,
-        HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32",
+    launch_core(
+        kern, DELTA_CHUNK_FWD, (_cdiv(E, be), B * H),
+        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs),
+        dict(T=T, H=H, **_reps(shape, q, k, v), REP_B=_rep(shape, beta), REP_G=_rep(shape, g), NC=nc),
+        dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=cfg.chunk, HAS_G=g is not None,
+             HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return o, sn, hs
@@ -475,13 +488,14 @@ def _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
     ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
     d = _dummy(q)
-    kern._delta_chunk_bwd_kernel[(ne, B * H)](
-        q, k, v, beta, d if g is None else g, hs, do.contiguous(), d if dsn is None else dsn.contiguous(),
-        dq, dk, dv, dbeta, dg, ds0,
-        T, H, B * H, ne * B * H, _rep(shape, q), _rep(shape, k), _rep(shape, v), _rep(shape, beta),
-        _rep(shape, g), nc,
-        D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=be, CHUNK=cfg.chunk, HAS_G=g is not None,
-        HAS_DSN=dsn is not None, DOT_PRECISION="ieee" if fp32_in else "tf32",
+    launch_core(
+        kern, DELTA_CHUNK_BWD, (ne, B * H),
+        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, HS=hs, DO=do.contiguous(),
+             DSN=d if dsn is None else dsn.contiguous(), DQ=dq, DK=dk, DV=dv, DBETA=dbeta, DG=dg, DS0=ds0),
+        dict(T=T, H=H, NBH=B * H, NE_PART=ne * B * H, **_reps(shape, q, k, v), REP_B=_rep(shape, beta),
+             REP_G=_rep(shape, g), NC=nc),
+        dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=be, CHUNK=cfg.chunk, HAS_G=g is not None,
+             HAS_DSN=dsn is not None, DOT_PRECISION="ieee" if fp32_in else "tf32"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return (

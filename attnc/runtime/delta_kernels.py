@@ -80,34 +80,11 @@ def _delta_step(S, k, v, g, a, b, G_MODE: tl.constexpr, HAS_RANK1: tl.constexpr)
 
 @triton.jit
 def _delta_recurrent_fwd_kernel(
-    Q,
-    K,
-    V,
-    G,
-    RA,
-    RB,
-    S0,
-    OUT,
-    SN,
-    HS,
-    T,
-    H,
-    REP_Q,
-    REP_K,
-    REP_V,
-    REP_G,
-    REP_R,
-    NCK,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    G_MODE: tl.constexpr,  # 0: no w (w = 1), 1: one log-gate per token, 2: one per (token, key channel)
-    HAS_RANK1: tl.constexpr,
-    HAS_S0: tl.constexpr,
-    STORE_CKPT: tl.constexpr,
-    CKPT: tl.constexpr,
-):
+    Q, K, V, G, RA, RB, S0, OUT, SN, HS,  # core_abi.DELTA_RECURRENT_FWD
+    T, H, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_RANK1: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, CKPT: tl.constexpr,
+):  # fmt: skip
     """o_t = S_t q_t token by token. Q/K/RA/RB [B, H/REP, T, D], V [B, H/REP_V, T, E], G [B, H/REP_G, T(, D)]
     (log w), S0/SN [B, H, E, D] fp32, OUT [B, H, T, E] fp32, HS [B, H, NCK, E, D] fp32 (state before token
     c·CKPT)."""
@@ -151,41 +128,11 @@ def _delta_recurrent_fwd_kernel(
 
 @triton.jit
 def _delta_recurrent_bwd_kernel(
-    Q,
-    K,
-    V,
-    G,
-    RA,
-    RB,
-    HS,
-    DO,
-    DSN,
-    SCR,
-    DQ,
-    DK,
-    DV,
-    DG,
-    DA,
-    DB,
-    DS0,
-    T,
-    H,
-    NBH,
-    REP_Q,
-    REP_K,
-    REP_V,
-    REP_G,
-    REP_R,
-    NCK,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    G_MODE: tl.constexpr,
-    HAS_RANK1: tl.constexpr,
-    HAS_DSN: tl.constexpr,
-    CKPT: tl.constexpr,
-):
+    Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0,  # core_abi.DELTA_RECURRENT_BWD
+    T, H, NBH, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_RANK1: tl.constexpr, HAS_DSN: tl.constexpr, CKPT: tl.constexpr,
+):  # fmt: skip
     """Gradients by the reverse-time recurrence (per token t, last first, with dS = ∂L/∂S_t):
 
         dS  += do_t q_tᵀ;   dq_t = S_tᵀ do_t;   dv_t = dS k_t;   dk_t = dSᵀ v_t
@@ -284,33 +231,11 @@ def _delta_recurrent_bwd_kernel(
 
 @triton.jit
 def _delta_chunk_fwd_kernel(
-    Q,
-    K,
-    V,
-    BETA,
-    G,
-    S0,
-    OUT,
-    SN,
-    HS,
-    T,
-    H,
-    REP_Q,
-    REP_K,
-    REP_V,
-    REP_B,
-    REP_G,
-    NC,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    CHUNK: tl.constexpr,
-    HAS_G: tl.constexpr,
-    HAS_S0: tl.constexpr,
-    STORE_CKPT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    Q, K, V, BETA, G, S0, OUT, SN, HS,  # core_abi.DELTA_CHUNK_FWD
+    T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """(Gated) delta rule by chunks: S_t = α_t S_{t-1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, α_t = exp(g_t).
 
     Within a chunk entered with state S, with Γ_i = Σ_{j≤i} g_j (relative to the chunk's start), the state
@@ -394,39 +319,11 @@ def _delta_chunk_fwd_kernel(
 
 @triton.jit
 def _delta_chunk_bwd_kernel(
-    Q,
-    K,
-    V,
-    BETA,
-    G,
-    HS,
-    DO,
-    DSN,
-    DQ,
-    DK,
-    DV,
-    DBETA,
-    DG,
-    DS0,
-    T,
-    H,
-    NBH,
-    NE_PART,
-    REP_Q,
-    REP_K,
-    REP_V,
-    REP_B,
-    REP_G,
-    NC,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_E: tl.constexpr,
-    CHUNK: tl.constexpr,
-    HAS_G: tl.constexpr,
-    HAS_DSN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    Q, K, V, BETA, G, HS, DO, DSN, DQ, DK, DV, DBETA, DG, DS0,  # core_abi.DELTA_CHUNK_BWD
+    T, H, NBH, NE_PART, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_DSN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Backward of `_delta_chunk_fwd_kernel`, chunk by chunk from the last, carrying dS = ∂L/∂(state leaving
     the chunk). Per chunk it recomputes the forward's Γ, A, Tinv, W, U from the stored entering state S and
     applies the chain rule to each line of the forward (notation as there; r = e^{Γ_last − Γ}, X = Tinv):

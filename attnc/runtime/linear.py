@@ -16,6 +16,15 @@ from typing import NamedTuple, Optional
 import torch
 
 from .compat import assume_constant_result
+from .core_abi import (
+    LIN_BWD_DKV,
+    LIN_BWD_DQ,
+    LIN_BWD_DSTATE,
+    LIN_FWD_OUT,
+    LIN_FWD_STATE,
+    LIN_RECURRENT,
+    launch_core,
+)
 from .layout import _next_pow2, triton_cdiv
 from .ops import _custom_op
 from .triton import _load_kernels
@@ -106,6 +115,14 @@ def _lin_dummy(x):
     return x.new_empty(1, dtype=torch.float32)
 
 
+def _lin_chunk_constexprs(opts, D, E, block_v, decay, dot):
+    """The constexprs the per-chunk kernels share (output, dq, dk/dv): `core_abi._LIN_CHUNK`."""
+    return dict(
+        D=D, E=E, CHUNK=opts.cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=block_v, CAUSAL=opts.causal,
+        HAS_DECAY=decay, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
+    )  # fmt: skip
+
+
 def _lin_forward(kern, opts, qt, kt, v, gfull, s0, z0):
     """The chunked (or recurrent) core on q~ [B, H, N, D], k~ [B, Gk, N, D], v [B, G, N, E], G [B, H, N + 1];
     returns o_num [B, H, N, E] and den [B, H, N] (fp32) and the final state S [B, H, D, E], z [B, H, D]."""
@@ -125,20 +142,24 @@ def _lin_forward(kern, opts, qt, kt, v, gfull, s0, z0):
         so = torch.empty((B, H, D, E), device=qt.device, dtype=torch.float32)
         zo = torch.zeros((B, H, D), device=qt.device, dtype=torch.float32)
         bv = min(cfg.block_v, _next_pow2(E))
-        kern._lin_recurrent_kernel[(triton_cdiv(E, bv), B * H)](
-            qt, kt, v, gstep, s0_, z0_, o, den, so, zo, N, H, H // Gk, H // G,
-            D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
-            NORM_SUM=opts.norm_sum, num_warps=cfg.num_warps,
+        launch_core(
+            kern, LIN_RECURRENT, (triton_cdiv(E, bv), B * H),
+            dict(QT=qt, KT=kt, V=v, GSTEP=gstep, S0=s0_, Z0=z0_, OUT=o, DEN=den, SO=so, ZO=zo),
+            dict(N=N, NH=H, REP_K=H // Gk, REP_V=H // G),
+            dict(D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
+                 NORM_SUM=opts.norm_sum),
+            num_warps=cfg.num_warps,
         )  # fmt: skip
     else:
         hs, zs, _ = _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot)
         gl = _lin_chunk_g(gfull, N, cfg.chunk)[0] if gfull is not None else _lin_dummy(qt)
         nc = triton_cdiv(N, cfg.chunk)
         bv = min(cfg.block_v, _next_pow2(E))
-        kern._lin_fwd_out_kernel[(triton_cdiv(E, bv), nc, B * H)](
-            qt, kt, v, gl, hs, zs, o, den, N, H, H // Gk, H // G, nc,
-            D=D, E=E, CHUNK=cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=bv, CAUSAL=opts.causal,
-            HAS_DECAY=gfull is not None, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
+        launch_core(
+            kern, LIN_FWD_OUT, (triton_cdiv(E, bv), nc, B * H),
+            dict(QT=qt, KT=kt, V=v, GL=gl, HS=hs, ZS=zs, OUT=o, DEN=den),
+            dict(N=N, NH=H, REP_K=H // Gk, REP_V=H // G, NC=nc),
+            _lin_chunk_constexprs(opts, D, E, bv, gfull is not None, dot),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         so = hs[:, nc].view(B, H, D, E)
@@ -169,25 +190,24 @@ def _lin_backward(kern, opts, qt, kt, v, gfull, s0, z0, so, zo, do, dden, dso, d
     dzs = torch.zeros((B * H, nc + 1, D), device=qt.device, dtype=torch.float32)
     bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
     dd = dden_ if dden_ is not None else _lin_dummy(qt)
-    kern._lin_bwd_dstate_kernel[(triton_cdiv(D, bk), triton_cdiv(E, bv), B * H)](
-        qt, do, dd, gl, gs, dso_, dzo_, dhs, dzs, N, H, nc,
-        D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_DSO=has_dso,
-        NORM_SUM=opts.norm_sum, DOT_PRECISION=dot, num_warps=cfg.num_warps,
+    launch_core(
+        kern, LIN_BWD_DSTATE, (triton_cdiv(D, bk), triton_cdiv(E, bv), B * H),
+        dict(QT=qt, DO=do, DDEN=dd, GL=gl, GS=gs, DSO=dso_, DZO=dzo_, DHS=dhs, DZS=dzs),
+        dict(N=N, NH=H, NC=nc),
+        dict(D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_DSO=has_dso,
+             NORM_SUM=opts.norm_sum, DOT_PRECISION=dot),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     dqt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
     dkt = torch.empty((B, H, N, D), device=qt.device, dtype=torch.float32)
     dv = torch.empty((B, H, N, E), device=qt.device, dtype=torch.float32)
-    common = dict(
-        D=D, E=E, CHUNK=cfg.chunk, BLOCK_D=_next_pow2(D), BLOCK_V=bv, CAUSAL=opts.causal,
-        HAS_DECAY=gfull is not None, NORM_SUM=opts.norm_sum, DOT_PRECISION=dot,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    kern._lin_bwd_dq_kernel[(nc, B * H)](
-        qt, kt, v, do, dd, gl, hs, zs, dqt, N, H, H // Gk, H // G, nc, **common
-    )
-    kern._lin_bwd_dkv_kernel[(nc, B * H)](
-        qt, kt, v, do, dd, gl, gs, dhs, dzs, dkt, dv, N, H, H // Gk, H // G, nc, **common
-    )
+    ints = dict(N=N, NH=H, REP_K=H // Gk, REP_V=H // G, NC=nc)
+    common = _lin_chunk_constexprs(opts, D, E, bv, gfull is not None, dot)
+    run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    io = dict(QT=qt, KT=kt, V=v, DO=do, DDEN=dd, GL=gl)
+    launch_core(kern, LIN_BWD_DQ, (nc, B * H), dict(**io, HS=hs, ZS=zs, DQ=dqt), ints, common, **run)
+    io = dict(**io, GS=gs, DHS=dhs, DZS=dzs, DK=dkt, DV=dv)
+    launch_core(kern, LIN_BWD_DKV, (nc, B * H), io, ints, common, **run)
     dgfull = None
     if gfull is not None:
         # dL/dG_t = q~_t·dq~_t − k~_t·dk~_t: every term carrying e^{+G_t} sits in row t, every e^{−G_t} in
@@ -220,10 +240,13 @@ def _lin_states(kern, opts, kt, v, gfull, s0_, z0_, has_s0, B, H, N, D, E, dot):
     zs = torch.zeros((B * H, nc + 1, D), device=kt.device, dtype=torch.float32)
     gl, gs = _lin_chunk_g(gfull, N, cfg.chunk) if gfull is not None else (_lin_dummy(kt),) * 2
     bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
-    kern._lin_fwd_state_kernel[(triton_cdiv(D, bk), triton_cdiv(E, bv), B * H)](
-        kt, v, gl, gs, s0_, z0_, hs, zs, N, H, H // kt.shape[1], H // v.shape[1], nc,
-        D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
-        NORM_SUM=opts.norm_sum, DOT_PRECISION=dot, num_warps=cfg.num_warps,
+    launch_core(
+        kern, LIN_FWD_STATE, (triton_cdiv(D, bk), triton_cdiv(E, bv), B * H),
+        dict(KT=kt, V=v, GL=gl, GS=gs, S0=s0_, Z0=z0_, HS=hs, ZS=zs),
+        dict(N=N, NH=H, REP_K=H // kt.shape[1], REP_V=H // v.shape[1], NC=nc),
+        dict(D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=gfull is not None, HAS_S0=has_s0,
+             NORM_SUM=opts.norm_sum, DOT_PRECISION=dot),
+        num_warps=cfg.num_warps,
     )  # fmt: skip
     return hs, zs, nc
 
@@ -305,8 +328,15 @@ def _lin_state_join(so, zo, norm_sum):
 # ---- the core as a torch.library custom op: torch.compile(fullgraph=True) traces models calling it ----
 
 
-def _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages):
-    return _LinOpts(causal, norm_sum, recurrent, _LinConfig(chunk, block_k, block_v, num_warps, num_stages))
+def _lin_opts(packed):
+    """The core's options from the ops' one `int[]` argument (`_lin_pack`): causal, norm_sum, recurrent, then
+    the schedule's fields. One list, so that the forward and backward ops do not spell the options out twice."""
+    causal, norm_sum, recurrent, *cfg = packed
+    return _LinOpts(bool(causal), bool(norm_sum), bool(recurrent), _LinConfig(*cfg))
+
+
+def _lin_pack(opts):
+    return [int(opts.causal), int(opts.norm_sum), int(opts.recurrent), *(int(x) for x in opts.cfg)]
 
 
 def _lin_core_impl(
@@ -316,24 +346,16 @@ def _lin_core_impl(
     gfull: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
     s0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
     z0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
-    causal: bool,
-    norm_sum: bool,
-    recurrent: bool,
-    chunk: int,
-    block_k: int,
-    block_v: int,
-    num_warps: int,
-    num_stages: int,
+    opts: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     kern = _linear_kernels(interpret=not qt.is_cuda)
-    opts = _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages)
+    opts = _lin_opts(opts)
     o, den, so, zo = _lin_forward(kern, opts, qt, kt, v, gfull, s0, z0)
     return o, den, so.clone(), zo.clone()  # views of a scratch buffer must not alias an op's outputs
 
 
-def _lin_core_fake(
-    qt, kt, v, gfull, s0, z0, causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages
-):
+def _lin_core_fake(qt, kt, v, gfull, s0, z0, opts):
+    norm_sum = _lin_opts(opts).norm_sum
     B, H, N, D = qt.shape
     E = v.shape[3]
     f32 = torch.float32
@@ -359,31 +381,24 @@ def _lin_core_bwd_impl(
     z0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
     so: torch.Tensor,
     zo: torch.Tensor,
-    causal: bool,
-    norm_sum: bool,
-    recurrent: bool,
-    chunk: int,
-    block_k: int,
-    block_v: int,
-    num_warps: int,
-    num_stages: int,
+    opts: list[int],
 ) -> list[torch.Tensor]:
     kern = _linear_kernels(interpret=not qt.is_cuda)
-    opts = _lin_opts(causal, norm_sum, recurrent, chunk, block_k, block_v, num_warps, num_stages)
+    opts = _lin_opts(opts)
     grads = _lin_backward(kern, opts, qt, kt, v, gfull, s0, z0, so, zo, do, dden, dso, dzo)
     return [g if g is not None else qt.new_empty(0) for g in grads]
 
 
-def _lin_core_bwd_fake(do, dden, dso, dzo, qt, kt, v, gfull, s0, z0, so, zo, *flags):
+def _lin_core_bwd_fake(do, dden, dso, dzo, qt, kt, v, gfull, s0, z0, so, zo, opts):
     return [torch.empty_like(qt), torch.empty_like(kt), torch.empty_like(v)] + [
         torch.empty_like(x) if x is not None else qt.new_empty(0) for x in (gfull, s0, z0)
     ]
 
 
 def _lin_core_setup(ctx, inputs, output):
-    qt, kt, v, gfull, s0, z0, *flags = inputs
+    qt, kt, v, gfull, s0, z0, opts = inputs
     _, _, so, zo = output
-    ctx.flags = flags
+    ctx.opts = opts
     ctx.present = (gfull is not None, s0 is not None, z0 is not None)
     ctx.save_for_backward(qt, kt, v, gfull, s0, z0, so, zo)
 
@@ -393,13 +408,15 @@ def _lin_core_backward(ctx, do, dden, dso, dzo):
     B, H, N, _ = qt.shape
     do = do if do is not None else qt.new_zeros((B, H, N, v.shape[3]), dtype=torch.float32)
     dden = (
-        dden if dden is not None else qt.new_zeros((B, H, N) if ctx.flags[1] else (1,), dtype=torch.float32)
+        dden
+        if dden is not None
+        else qt.new_zeros((B, H, N) if _lin_opts(ctx.opts).norm_sum else (1,), dtype=torch.float32)
     )
     dso = dso if dso is not None else torch.zeros_like(so)
     dzo = dzo if dzo is not None else torch.zeros_like(zo)
-    grads = _LIN_OPS[1](do, dden, dso, dzo, qt, kt, v, gfull, s0, z0, so, zo, *ctx.flags)
+    grads = _LIN_OPS[1](do, dden, dso, dzo, qt, kt, v, gfull, s0, z0, so, zo, ctx.opts)
     out = [*grads[:3], *(g if p else None for g, p in zip(grads[3:], ctx.present, strict=True))]
-    return (*out, *([None] * len(ctx.flags)))
+    return (*out, None)
 
 
 def _lin_register():
@@ -416,11 +433,7 @@ def _lin_core(qt, kt, v, gfull, s0, z0, opts):
     global _LIN_OPS
     if _LIN_OPS is None:
         _LIN_OPS = _lin_register()
-    c = opts.cfg
-    return _LIN_OPS[0](
-        qt, kt, v, gfull, s0, z0, opts.causal, opts.norm_sum, opts.recurrent,
-        c.chunk, c.block_k, c.block_v, c.num_warps, c.num_stages,
-    )  # fmt: skip
+    return _LIN_OPS[0](qt, kt, v, gfull, s0, z0, _lin_pack(opts))
 
 
 _LIN_OPS = None

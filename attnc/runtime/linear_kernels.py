@@ -65,29 +65,11 @@ def _lin_colsum(x):
 
 @triton.jit
 def _lin_fwd_state_kernel(
-    KT,
-    V,
-    GL,
-    GS,
-    S0,
-    Z0,
-    HS,
-    ZS,
-    N,
-    NH,
-    REP_K,
-    REP_V,
-    NC,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-    HAS_S0: tl.constexpr,
-    NORM_SUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    KT, V, GL, GS, S0, Z0, HS, ZS,  # core_abi.LIN_FWD_STATE
+    N, NH, REP_K, REP_V, NC,
+    D: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_S0: tl.constexpr, NORM_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """HS[bh, c] = the state entering chunk c (c = 0..NC-1); HS[bh, NC] = the final state."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -138,29 +120,11 @@ def _lin_fwd_state_kernel(
 
 @triton.jit
 def _lin_fwd_out_kernel(
-    QT,
-    KT,
-    V,
-    GL,
-    HS,
-    ZS,
-    OUT,
-    DEN,
-    N,
-    NH,
-    REP_K,
-    REP_V,
-    NC,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-    NORM_SUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    QT, KT, V, GL, HS, ZS, OUT, DEN,  # core_abi.LIN_FWD_OUT
+    N, NH, REP_K, REP_V, NC,
+    D: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DECAY: tl.constexpr, NORM_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """One chunk's output: exact masked attention inside the chunk plus the state entering it."""
     pid_v = tl.program_id(0)
     c = tl.program_id(1)
@@ -212,28 +176,11 @@ def _lin_fwd_out_kernel(
 
 @triton.jit
 def _lin_bwd_dstate_kernel(
-    QT,
-    DO,
-    DDEN,
-    GL,
-    GS,
-    DSO,
-    DZO,
-    DHS,
-    DZS,
-    N,
-    NH,
-    NC,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-    HAS_DSO: tl.constexpr,
-    NORM_SUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    QT, DO, DDEN, GL, GS, DSO, DZO, DHS, DZS,  # core_abi.LIN_BWD_DSTATE
+    N, NH, NC,
+    D: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_DECAY: tl.constexpr, HAS_DSO: tl.constexpr, NORM_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """Reverse pass: DHS[bh, c] = dL/dS for the state after chunk c; DHS[bh, NC] = dL/dS_in."""
     pid_k = tl.program_id(0)
     pid_v = tl.program_id(1)
@@ -286,30 +233,11 @@ def _lin_bwd_dstate_kernel(
 
 @triton.jit
 def _lin_bwd_dq_kernel(
-    QT,
-    KT,
-    V,
-    DO,
-    DDEN,
-    GL,
-    HS,
-    ZS,
-    DQ,
-    N,
-    NH,
-    REP_K,
-    REP_V,
-    NC,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-    NORM_SUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    QT, KT, V, DO, DDEN, GL, HS, ZS, DQ,  # core_abi.LIN_BWD_DQ
+    N, NH, REP_K, REP_V, NC,
+    D: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DECAY: tl.constexpr, NORM_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """dq~ for one chunk: through the carried state and through the chunk's own keys (E in blocks)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
@@ -361,32 +289,11 @@ def _lin_bwd_dq_kernel(
 
 @triton.jit
 def _lin_bwd_dkv_kernel(
-    QT,
-    KT,
-    V,
-    DO,
-    DDEN,
-    GL,
-    GS,
-    DHS,
-    DZS,
-    DK,
-    DV,
-    N,
-    NH,
-    REP_K,
-    REP_V,
-    NC,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-    NORM_SUM: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
+    QT, KT, V, DO, DDEN, GL, GS, DHS, DZS, DK, DV,  # core_abi.LIN_BWD_DKV
+    N, NH, REP_K, REP_V, NC,
+    D: tl.constexpr, E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DECAY: tl.constexpr, NORM_SUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
     """dk~ and dv for one chunk's keys (per query head; the caller sums a GQA group). Tiles are transposed:
     rows are keys j, columns queries i of the same chunk; E is walked in blocks."""
     c = tl.program_id(0)
@@ -459,28 +366,11 @@ def _lin_bwd_dkv_kernel(
 
 @triton.jit
 def _lin_recurrent_kernel(
-    QT,
-    KT,
-    V,
-    GSTEP,
-    S0,
-    Z0,
-    OUT,
-    DEN,
-    SO,
-    ZO,
-    N,
-    NH,
-    REP_K,
-    REP_V,
-    D: tl.constexpr,
-    E: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    HAS_DECAY: tl.constexpr,
-    HAS_S0: tl.constexpr,
-    NORM_SUM: tl.constexpr,
-):
+    QT, KT, V, GSTEP, S0, Z0, OUT, DEN, SO, ZO,  # core_abi.LIN_RECURRENT
+    N, NH, REP_K, REP_V,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_V: tl.constexpr, HAS_DECAY: tl.constexpr,
+    HAS_S0: tl.constexpr, NORM_SUM: tl.constexpr,
+):  # fmt: skip
     """Token by token: S_t = e^{G_t − G_{t−1}} S_{t−1} + k~_t v_tᵀ, o_t = q~_t S_t (decoding)."""
     pid_v = tl.program_id(0)
     bh = tl.program_id(1)

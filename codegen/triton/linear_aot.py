@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from attnc.runtime import core_abi as abi
 from attnc.runtime import linear_kernels as lk
 from attnc.runtime.layout import _next_pow2
 from attnc.runtime.linear import _lin_default_config, _LinConfig
+from attnc.runtime.signature import KernelSignature
 
 from .aot import CompileJob
 
@@ -60,107 +62,34 @@ def jobs(
     D = E = head_dim
     cfg = cfg or _lin_default_config(D, E)
     dot = "ieee" if dtype == "fp32" else "tf32"
-    x, f32, i32 = f"*{dtype}", "*fp32", "i32"
     bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
     out: list[CompileJob] = []
+
+    def job(sig: KernelSignature, constexprs: dict[str, object], stages: int = cfg.num_stages) -> None:
+        types, values = sig.compile_args(dtype, constexprs)  # typed from the launcher's own signature
+        fn = getattr(lk, sig.name)
+        out.append(CompileJob(fn, types, values, cc=cc, num_warps=cfg.num_warps, num_stages=stages))
+
     for var in variants:
         flags = {"HAS_DECAY": var.decay, "NORM_SUM": var.norm_sum}
-        shape = {"D": D, "E": E, "CHUNK": cfg.chunk}
-
-        def job(fn, sig: dict[str, str], constexprs: dict[str, object], stages: int = cfg.num_stages) -> None:
-            out.append(CompileJob(fn, sig, constexprs, cc=cc, num_warps=cfg.num_warps, num_stages=stages))
-
-        ints = {"N": i32, "NH": i32, "REP_K": i32, "REP_V": i32, "NC": i32}
-        job(
-            lk._lin_fwd_state_kernel,
-            {"KT": x, "V": x, "GL": f32, "GS": f32, "S0": f32, "Z0": f32, "HS": f32, "ZS": f32, **ints},
-            {**shape, **flags, "BLOCK_K": bk, "BLOCK_V": bv, "HAS_S0": True, "DOT_PRECISION": dot},
-        )
-        job(
-            lk._lin_fwd_out_kernel,
-            {"QT": x, "KT": x, "V": x, "GL": f32, "HS": f32, "ZS": f32, "OUT": f32, "DEN": f32, **ints},
-            {
-                **shape,
-                **flags,
-                "BLOCK_D": _next_pow2(D),
-                "BLOCK_V": bv,
-                "CAUSAL": var.causal,
-                "DOT_PRECISION": dot,
-            },
-        )
-        job(
-            lk._lin_bwd_dstate_kernel,
-            {
-                "QT": x,
-                "DO": f32,
-                "DDEN": f32,
-                "GL": f32,
-                "GS": f32,
-                "DSO": f32,
-                "DZO": f32,
-                "DHS": f32,
-                "DZS": f32,
-                "N": i32,
-                "NH": i32,
-                "NC": i32,
-            },
-            {**shape, **flags, "BLOCK_K": bk, "BLOCK_V": bv, "HAS_DSO": True, "DOT_PRECISION": dot},
-        )
-        common = {**shape, **flags, "BLOCK_D": _next_pow2(D), "BLOCK_V": bv, "CAUSAL": var.causal}
-        job(
-            lk._lin_bwd_dq_kernel,
-            {
-                "QT": x,
-                "KT": x,
-                "V": x,
-                "DO": f32,
-                "DDEN": f32,
-                "GL": f32,
-                "HS": f32,
-                "ZS": f32,
-                "DQ": f32,
-                **ints,
-            },
-            {**common, "DOT_PRECISION": dot},
-        )
-        job(
-            lk._lin_bwd_dkv_kernel,
-            {
-                "QT": x,
-                "KT": x,
-                "V": x,
-                "DO": f32,
-                "DDEN": f32,
-                "GL": f32,
-                "GS": f32,
-                "DHS": f32,
-                "DZS": f32,
-                "DK": f32,
-                "DV": f32,
-                **ints,
-            },
-            {**common, "DOT_PRECISION": dot},
-        )
+        state = {
+            "D": D,
+            "E": E,
+            "CHUNK": cfg.chunk,
+            **flags,
+            "BLOCK_K": bk,
+            "BLOCK_V": bv,
+            "DOT_PRECISION": dot,
+        }
+        job(abi.LIN_FWD_STATE, {**state, "HAS_S0": True})
+        # The per-chunk kernels share their constexprs (`_LIN_CHUNK`), as the launcher's do.
+        chunk = {**state, "BLOCK_D": _next_pow2(D), "CAUSAL": var.causal}
+        del chunk["BLOCK_K"]
+        job(abi.LIN_FWD_OUT, chunk)
+        job(abi.LIN_BWD_DSTATE, {**state, "HAS_DSO": True})
+        job(abi.LIN_BWD_DQ, chunk)
+        job(abi.LIN_BWD_DKV, chunk)
         if var.causal:
-            job(
-                lk._lin_recurrent_kernel,
-                {
-                    "QT": x,
-                    "KT": x,
-                    "V": x,
-                    "GSTEP": f32,
-                    "S0": f32,
-                    "Z0": f32,
-                    "OUT": f32,
-                    "DEN": f32,
-                    "SO": f32,
-                    "ZO": f32,
-                    "N": i32,
-                    "NH": i32,
-                    "REP_K": i32,
-                    "REP_V": i32,
-                },
-                {"D": D, "E": E, **flags, "BLOCK_D": _next_pow2(D), "BLOCK_V": bv, "HAS_S0": True},
-                stages=1,
-            )
+            recurrent = {"D": D, "E": E, **flags, "BLOCK_D": _next_pow2(D), "BLOCK_V": bv, "HAS_S0": True}
+            job(abi.LIN_RECURRENT, recurrent, stages=1)
     return out

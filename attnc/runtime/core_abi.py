@@ -1,0 +1,114 @@
+"""The signatures of the runtime's own Triton kernels: the linear family's core (linear_kernels.py) and the
+delta rule (delta_kernels.py), one `KernelSignature` each.
+
+Those kernels are written by hand, not generated, so their `def`s spell their parameters once more; a test
+holds each `def` to its signature here (names, order, constexpr annotations). Everything else derives from
+these objects: the launchers bind their arguments by group and name (`launch_core`), and the ahead-of-time compile
+types the runtime parameters and checks the constexprs (`KernelSignature.compile_args`). Groups:
+
+    io          pointers: q, k, v (and the delta rule's rank-1 factors and beta) in the input dtype, the rest
+                float32
+    extents     the ints (sequence length, heads, head-sharing ratios, chunk or checkpoint counts)
+    constexprs  head dims, tile sizes, chunk, switches and the dot precision
+
+This module imports only the signature data: the standalone module's vendored runtime carries it too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .signature import INPUT, Group, KernelSignature, ParamGroup, constexpr_group, i32, pointer
+
+
+def _core_signature(name: str, io: str, inputs: str, ints: str, constexprs: str) -> KernelSignature:
+    """A signature from its groups' names (space-separated): the pointers (those named in `inputs` in the
+    input dtype, the others float32), the ints, the constexprs."""
+    dtypes = {n: INPUT for n in inputs.split()}
+    return KernelSignature(
+        name,
+        (
+            ParamGroup(Group.IO, tuple(pointer(n, dtypes.get(n, "fp32")) for n in io.split())),
+            ParamGroup(Group.EXTENTS, tuple(i32(n) for n in ints.split())),
+            constexpr_group(tuple(constexprs.split())),
+        ),
+    )
+
+
+# ---- the linear family's core ----------------------------------------------------------------------------
+
+_QKV = "QT KT V"  # q~, k~ (feature-mapped, scaled) and v: the input dtype
+_LIN_INTS = "N NH REP_K REP_V NC"
+_LIN_CHUNK = "D E CHUNK BLOCK_D BLOCK_V CAUSAL HAS_DECAY NORM_SUM DOT_PRECISION"  # the per-chunk kernels
+_LIN_PASS = "D E CHUNK BLOCK_K BLOCK_V HAS_DECAY {} NORM_SUM DOT_PRECISION"  # the sequential state passes
+
+LIN_FWD_STATE = _core_signature(
+    "_lin_fwd_state_kernel", "KT V GL GS S0 Z0 HS ZS", _QKV, _LIN_INTS, _LIN_PASS.format("HAS_S0")
+)
+LIN_FWD_OUT = _core_signature("_lin_fwd_out_kernel", f"{_QKV} GL HS ZS OUT DEN", _QKV, _LIN_INTS, _LIN_CHUNK)
+LIN_BWD_DSTATE = _core_signature(
+    "_lin_bwd_dstate_kernel", "QT DO DDEN GL GS DSO DZO DHS DZS", _QKV, "N NH NC", _LIN_PASS.format("HAS_DSO")
+)
+LIN_BWD_DQ = _core_signature("_lin_bwd_dq_kernel", f"{_QKV} DO DDEN GL HS ZS DQ", _QKV, _LIN_INTS, _LIN_CHUNK)
+LIN_BWD_DKV = _core_signature(
+    "_lin_bwd_dkv_kernel", f"{_QKV} DO DDEN GL GS DHS DZS DK DV", _QKV, _LIN_INTS, _LIN_CHUNK
+)
+LIN_RECURRENT = _core_signature(
+    "_lin_recurrent_kernel",
+    f"{_QKV} GSTEP S0 Z0 OUT DEN SO ZO",
+    _QKV,
+    "N NH REP_K REP_V",
+    "D E BLOCK_D BLOCK_V HAS_DECAY HAS_S0 NORM_SUM",
+)
+LINEAR_CORE = (LIN_FWD_STATE, LIN_FWD_OUT, LIN_BWD_DSTATE, LIN_BWD_DQ, LIN_BWD_DKV, LIN_RECURRENT)
+
+# ---- the delta rule ----------------------------------------------------------------------------------------
+
+_DPLR_IN = "Q K V RA RB"  # q, k, v and the rank-1 factors a, b: the input dtype; the gate G is float32
+_DELTA_IN = "Q K V BETA"
+_DELTA_REPS = "REP_Q REP_K REP_V"
+
+DELTA_RECURRENT_FWD = _core_signature(
+    "_delta_recurrent_fwd_kernel",
+    "Q K V G RA RB S0 OUT SN HS",
+    _DPLR_IN,
+    f"T H {_DELTA_REPS} REP_G REP_R NCK",
+    "D E BLOCK_D BLOCK_E G_MODE HAS_RANK1 HAS_S0 STORE_CKPT CKPT",
+)
+DELTA_RECURRENT_BWD = _core_signature(
+    "_delta_recurrent_bwd_kernel",
+    "Q K V G RA RB HS DO DSN SCR DQ DK DV DG DA DB DS0",
+    _DPLR_IN,
+    f"T H NBH {_DELTA_REPS} REP_G REP_R NCK",
+    "D E BLOCK_D BLOCK_E G_MODE HAS_RANK1 HAS_DSN CKPT",
+)
+DELTA_CHUNK_FWD = _core_signature(
+    "_delta_chunk_fwd_kernel",
+    "Q K V BETA G S0 OUT SN HS",
+    _DELTA_IN,
+    f"T H {_DELTA_REPS} REP_B REP_G NC",
+    "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_S0 STORE_CKPT DOT_PRECISION",
+)
+DELTA_CHUNK_BWD = _core_signature(
+    "_delta_chunk_bwd_kernel",
+    "Q K V BETA G HS DO DSN DQ DK DV DBETA DG DS0",
+    _DELTA_IN,
+    f"T H NBH NE_PART {_DELTA_REPS} REP_B REP_G NC",
+    "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_DSN DOT_PRECISION",
+)
+DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, DELTA_CHUNK_FWD, DELTA_CHUNK_BWD)
+
+
+def launch_core(
+    kernels: object,
+    sig: KernelSignature,
+    grid: tuple[int, ...],
+    io: Mapping[str, object],
+    extents: Mapping[str, object],
+    constexprs: Mapping[str, object],
+    **options: int,
+) -> None:
+    """Launch `sig`'s kernel from the loaded `kernels` module on `grid`, its arguments bound by name
+    (`options`: num_warps, num_stages)."""
+    bound = sig.bind(io=io, extents=extents, constexprs=constexprs)
+    getattr(kernels, sig.name)[grid](**bound, **options)
