@@ -101,6 +101,19 @@ def constant(value: bool | int | float) -> ast.expr:
     return ast.Constant(value)
 
 
+def comment_text(text: str) -> str:
+    """Outside text (a file name, a path) for a `#` comment of generated code. ascii() escapes every line
+    break, control and non-ASCII character (a comment ends at LF or CR, and NUL stops the import), so the
+    text can never end the comment and become code; plain ASCII names read unchanged."""
+    return ascii(text)[1:-1]
+
+
+def docstring(text: str) -> str:
+    """A module docstring holding `text` (which may quote outside text: a spec, a file name) as a statement
+    built from an ast constant, so that no quote, backslash or control character in it can end the string."""
+    return ast.unparse(ast.Module([ast.Expr(ast.Constant(text))], []))
+
+
 def code(e: ast.expr) -> str:
     return ast.unparse(ast.fix_missing_locations(e))
 
