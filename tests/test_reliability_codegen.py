@@ -471,35 +471,62 @@ def _runs_in_a_new_process(tmp_path: Path, backend: str, damage: str = "") -> No
     assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-800:]
 
 
-@pinned("a cached module holding invalid UTF-8 raises UnicodeDecodeError and is never regenerated")
-def test_cache_heals_invalid_utf8(tmp_path: Path) -> None:
+OTHER_SPEC = (
+    "attention other(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {\n    score = dot(q, k)\n}\n"
+)
+
+# Ways to damage a file `f` (a Path, in the child process; `other` is the same file of another spec's entry).
+DAMAGE = {
+    "invalid-utf8": "f.write_bytes(f.read_bytes()[:200] + b'\\xff\\xfe\\xfa' + f.read_bytes()[200:])",
+    "truncated": "f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])",
+    "edited": "f.write_bytes(f.read_bytes().replace(b'+', b'-', 1))",  # same length, one operator flipped
+    "empty": "f.write_bytes(b'')",
+    "swapped": "f.write_bytes(other.read_bytes())",  # a valid file, of another spec
+    "deleted": "f.unlink()",
+}
+
+
+def _other_entry(tmp_path: Path, kernels: bool) -> Path:
+    compile_source(OTHER_SPEC, "other.attn", cache_dir=tmp_path / "cache")
+    (other,) = (tmp_path / "cache").glob("other_*_triton.py" if kernels else "other_*[0-9a-f].py")
+    return other
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_cache_heals_a_damaged_main_file(tmp_path: Path, damage: str, backend: str) -> None:
     main, _ = _cached(tmp_path)
-    main.write_bytes(main.read_bytes()[:200] + b"\xff\xfe\xfa" + main.read_bytes()[200:])
-    _runs_in_a_new_process(tmp_path, "reference")
+    other = _other_entry(tmp_path, kernels=False)
+    f = f"f, other = pathlib.Path({str(main)!r}), pathlib.Path({str(other)!r})\n"
+    # Damaged before the next process compiles: its cache lookup finds the damage and regenerates the entry.
+    subprocess.run([sys.executable, "-c", "import pathlib\n" + f + DAMAGE[damage]], check=True)
+    _runs_in_a_new_process(tmp_path, backend)
 
 
-@pinned("the kernels file is imported lazily, at the first Triton call, without a hash check")
-@pytest.mark.parametrize("damage", ["truncated", "swapped", "deleted"])
+@pytest.mark.parametrize("damage", list(DAMAGE))
 def test_cache_heals_a_damaged_kernels_file(tmp_path: Path, damage: str) -> None:
     _cached(tmp_path)
-    other_spec = (
-        "attention other(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {\n    score = dot(q, k)\n}\n"
-    )
-    compile_source(other_spec, "other.attn", cache_dir=tmp_path / "cache")
-    (other,) = (tmp_path / "cache").glob("other_*_triton.py")
-    # The main module is loaded and holds; the kernels file is damaged before the first Triton call.
-    act = {
-        "truncated": "kernels.write_bytes(kernels.read_bytes()[: len(kernels.read_bytes()) // 2])",
-        "swapped": f"kernels.write_bytes(pathlib.Path({str(other)!r}).read_bytes())",
-        "deleted": "kernels.unlink()",
-    }[damage]
+    other = _other_entry(tmp_path, kernels=True)
+    # The main module is loaded and holds; the kernels file is damaged before the first Triton call, which
+    # checks it and rebuilds it.
+    act = f"f, other = kernels, pathlib.Path({str(other)!r})\n" + DAMAGE[damage]
     _runs_in_a_new_process(tmp_path, "triton", act)
 
 
-@pinned(
-    "an unwritable cache refuses the Triton backend with a garbled '<attnc:..._triton.py' message",
-    raises=Exception,
-)
+def test_a_damaged_kernels_file_without_the_cache_is_refused_clearly(tmp_path: Path) -> None:
+    """A module written by `attnc codegen` has no compiler behind it to rebuild its kernels: a damaged kernels
+    file is refused with a ValueError that names it, and never imported."""
+    from attnc.codegen.module import generate_all, load_module_file
+
+    main, kernels = generate_all((SPECS / "causal.attn").read_text(), "causal.attn")
+    (tmp_path / "cz.py").write_text(main)
+    (tmp_path / "cz_triton.py").write_text((kernels or "")[: len(kernels or "") // 2])
+    mod = load_module_file(tmp_path / "cz.py", "attnc_generated.cz_damaged")
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"cz_triton\.py is damaged"):
+        mod.causal(q, k, v, backend="triton")
+
+
 def test_unwritable_cache_still_runs_triton(tmp_path: Path) -> None:
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")  # a cache directory below a plain file cannot be created, even by root
