@@ -27,11 +27,13 @@ from attnc.dsl.lower import compile_to_ir
 from attnc.runtime import RUNTIME_VERSION
 from attnc.settings import settings
 
-from . import bake, linear, reference, vendor
+from . import bake, linear, names, reference, vendor
 from .emit import comment_text, docstring
 from .triton import module as triton_module
 from .triton.kernels import KernelWriter
 from .version import ATTNC_VERSION, CODEGEN_VERSION, LANGUAGE_VERSION
+
+names.register()  # the front end reserves every name this generator defines at module level
 
 
 class Target(enum.Enum):
