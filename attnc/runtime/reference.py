@@ -54,7 +54,7 @@ def _attend(q, k, v, spec, return_lse):
     """
     B, H, M, _ = q.shape
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
-    rep = H // G
+    rep = H // G if G else 1  # no heads at all (H = G = 0): an empty result, below
     dev = q.device
     if spec.feature_q is not None:
         b = torch.arange(B, device=dev).view(B, 1, 1, 1)
@@ -103,10 +103,12 @@ def _attend(q, k, v, spec, return_lse):
             denom = p.sum(-1, keepdim=True)
             if sink is not None:
                 denom = denom + torch.exp(sink - m)
-            alive = denom > 0
-            safe = torch.where(alive, denom, torch.ones_like(denom))
+            # Empty only when no key took weight; a NaN (from a NaN or ±Inf score) stays NaN in o and the LSE,
+            # as in the Triton kernels (`l == 0` there too), rather than turning into an empty row.
+            dead = denom == 0
+            safe = torch.where(dead, torch.ones_like(denom), denom)
             o = torch.matmul(p, v) / safe
-            lse = torch.where(alive, m + torch.log(safe), torch.full_like(m, _NEG_INF)).squeeze(-1)
+            lse = torch.where(dead, torch.full_like(m, _NEG_INF), m + torch.log(safe)).squeeze(-1)
         else:
             if spec.norm == "sigmoid":
                 if idx is None:

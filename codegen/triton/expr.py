@@ -4,8 +4,9 @@ Only Triton builtins are called (not `tl.sigmoid`, `tl.max`, `tl.sum` or `tl.zer
 jit functions, which break when Triton was imported in the other of compiled/interpreted mode).
 Index variables are tiles (i = offs_m[:, None], j = offs_n[None, :]) or program scalars (b, h, hk);
 uniform sub-expressions arrive as kernel arguments (`_u0`, ...) computed on the host. Transcendentals are
-lowered to Triton primitives that both the compiler and the interpreter support (no libdevice): e.g.
-tanh(x) = 2 / (1 + exp(−2x)) − 1, which saturates cleanly for large |x|. Integer `//` and `%` get Python's floor semantics
+lowered to Triton primitives that both the compiler and the interpreter support (no libdevice); tanh and
+general powers go through the kernels file's helpers `_tanh` (a series for small |x|, where the exp form
+cancels) and `_pow` (torch's results for negative bases and zero exponents). Integer `//` and `%` get Python's floor semantics
 unless interval analysis proves both operands non-negative (Triton truncates).
 """
 
@@ -41,7 +42,7 @@ _TEMPLATES = {
     Op.LOG2: "tl.log2({a})",
     Op.SQRT: "tl.sqrt({a})",
     Op.RSQRT: "tl.rsqrt({a})",
-    Op.TANH: "2.0 / (1.0 + tl.exp(-2.0 * {a})) - 1.0",
+    Op.TANH: "_tanh({a})",  # the kernels file's helper: accurate for small arguments too
     Op.SIGMOID: "1.0 / (1.0 + tl.exp(-{a}))",
     Op.RELU: "tl.maximum({a}, 0)",
     Op.ELU: "tl.where({a} > 0, {a}, tl.exp({a}) - 1.0)",
@@ -109,8 +110,29 @@ class TritonExprs:
                 for _ in range(int(abs(k)) - 1):
                     prod = expr_from_string("{a} * {b}", a=prod, b=args[0])
                 return prod if k > 0 else expr_from_string("1.0 / ({a})", a=prod)
-        # General real power through exp2/log2: NaN for a negative base, as torch's pow of a float.
-        return expr_from_string("tl.exp2({b} * tl.log2({a}))", a=args[0], b=args[1])
+            if k.is_integer():  # a constant whole exponent: |a| ** k, negative for a negative base and odd k
+                mag = expr_from_string("tl.exp2({b} * tl.log2(tl.abs({a})))", a=args[0], b=args[1])
+                if k == 0:
+                    return expr_from_string("tl.where({a} == 0, 1.0, 1.0)", a=args[0])
+                if k % 2:
+                    return expr_from_string("tl.where({a} < 0, -{m}, {m})", a=args[0], m=mag)
+                return mag
+            # A constant fractional exponent: NaN for a negative base, as torch's pow.
+            return expr_from_string("tl.exp2({b} * tl.log2({a}))", a=args[0], b=args[1])
+        # A tile exponent (an integer one: a decay gamma ** (i - j)): the helper gives torch's pow for
+        # negative and zero bases, where exp2(b * log2(a)) is NaN. Both operands as float32 tiles.
+        base, expo = (self._float_tile(x, other) for x, other in ((args[0], args[1]), (args[1], args[0])))
+        return expr_from_string("_pow({a}, {b})", a=base, b=expo)
+
+    @staticmethod
+    def _float_tile(x: ast.expr, other: ast.expr) -> ast.expr:
+        """`x` as a float32 value the helper can compute with: a literal (a Python number, not a Triton value)
+        becomes a tile of the other operand's shape."""
+        if isinstance(x, ast.Constant) or (
+            isinstance(x, ast.UnaryOp) and isinstance(x.operand, ast.Constant)
+        ):
+            x = expr_from_string("tl.where({o} == {o}, {x}, {x})", o=other, x=x)
+        return expr_from_string("({x}).to(tl.float32)", x=x)
 
     def emitter(
         self, load_code: Callable[[Node, list[ast.expr]], ast.expr], leaf_code: Callable[[Node], ast.expr]

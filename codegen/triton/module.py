@@ -23,6 +23,30 @@ def _floormod(a, b):
     """Python's modulo for ints: the result takes the divisor's sign."""
     r = a % b
     return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh, accurate over the whole range: (1 - e) / (1 + e) with e = exp(-2|x|) cancels for small |x|
+    (softcap's s / cap), so below 0.25 the Taylor series to x^9 is used (truncation error < 1e-8 relative)."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = x * x
+    series = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0 + x2 * (62.0 / 2835.0)))))
+    t = tl.where(ax < 0.25, series, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _pow(a, b):
+    """torch's pow for float tiles: a negative base with an integer exponent keeps its sign for odd ones,
+    with a non-integer one gives NaN; a ** 0 = 1 and 1 ** b = 1 (exp2(b log2 a) alone gives NaN for those)."""
+    m = tl.exp2(b * tl.log2(tl.abs(a)))
+    # Nested wheres, not `&`/`|` of comparisons: the interpreter mis-types bitwise ops of bool tiles here.
+    odd = b - 2.0 * tl.floor(b * 0.5) != 0
+    signed = tl.where(b == tl.floor(b), tl.where(odd, -m, m), float("nan"))
+    m = tl.where(a < 0, signed, m)
+    return tl.where(b == 0, 1.0, tl.where(a == 1, 1.0, m))
 '''
 
 
