@@ -495,13 +495,7 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
         ],
     )
     L += _checks(att)
-    L.append("    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):")
-    L.append("        raise ValueError(")
-    L.append(
-        '            f"q: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}; '
-        "use backend='reference'\""
-    )
-    L.append("        )")
+    L.append("    _rt._check_triton_dtype(q)  # and bfloat16 on CPU (the interpreter's bf16 dot is wrong)")
     em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
     closures, _ = _closures(att, em, only={"output"})
     # Per-tile summaries of data-dependent mask terms (`doc[b, i] == doc[b, j]`): the kernels skip key tiles

@@ -6,7 +6,16 @@ attnc.runtime.linear, as `_rt_lin` (kept apart: it imports torch._dynamo, and wi
 
 from __future__ import annotations
 
-from .checks import _bind, _check_dim, _check_scalar, _check_type, _eval_error, _load, _require_tensor
+from .checks import (
+    _bind,
+    _check_dim,
+    _check_scalar,
+    _check_triton_dtype,
+    _check_type,
+    _eval_error,
+    _load,
+    _require_tensor,
+)
 from .layout import BlockLayout, _kernel_layout, _layout_from_op_args, _layout_op_args, _with_block_layout
 from .ops import _custom_op, _lse_dtype, _with_autograd
 from .reference import _attend, _full, _sigmoid_scalar, _Spec
@@ -24,6 +33,7 @@ __all__ = [
     "_bind",
     "_check_dim",
     "_check_scalar",
+    "_check_triton_dtype",
     "_check_type",
     "_custom_op",
     "_dense_output",
