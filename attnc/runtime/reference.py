@@ -46,6 +46,16 @@ class _Spec(NamedTuple):
     feature_k: object = None  # (k, b, hk, j, d) -> feature map
 
 
+def _clamp(x, min=None, max=None):
+    """torch.clamp with Python-number bounds that may lie beyond x's dtype (1e39 for float32), which torch
+    refuses: such a bound acts as the infinity of its sign, as it would after rounding to the dtype."""
+    if x.is_floating_point():
+        big = torch.finfo(x.dtype).max
+        min = min if min is None or abs(min) <= big else math.copysign(math.inf, min)
+        max = max if max is None or abs(max) <= big else math.copysign(math.inf, max)
+    return torch.clamp(x, min=min, max=max)
+
+
 def _attend(q, k, v, spec, return_lse):
     """Exact attention over query-row chunks; `spec` holds the variant's expressions.
 

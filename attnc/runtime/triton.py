@@ -220,7 +220,14 @@ class _TritonAttention(torch.autograd.Function):
         if spec.output is not None:
             with torch.enable_grad():
                 x = oraw.detach().requires_grad_()
-                (do_raw,) = torch.autograd.grad(_dense_output(spec.output, x, H // G), x, do.to(x.dtype))
+                y = _dense_output(spec.output, x, H // G)
+                # An epilogue that ignores o (`output = offset[h, e]`) passes no gradient to it.
+                (do_raw,) = (
+                    torch.autograd.grad(y, x, do.to(y.dtype), allow_unused=True)
+                    if y.requires_grad
+                    else (None,)
+                )
+                do_raw = torch.zeros_like(x) if do_raw is None else do_raw
             o_raw = oraw
         else:
             do_raw, o_raw = do, o

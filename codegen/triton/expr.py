@@ -13,12 +13,14 @@ unless interval analysis proves both operands non-negative (Triton truncates).
 from __future__ import annotations
 
 import ast
+import math
+import struct
 from collections.abc import Callable
 
 from attnc.dsl.analysis.ranges import bounds, nonneg
 from attnc.dsl.ir import Attention, DType, Node, Op, TensorParam
 
-from ..emit import Emitter, expr_from_string, name
+from ..emit import Emitter, constant, expr_from_string, name
 
 _TEMPLATES = {
     Op.NEG: "-{a}",
@@ -32,8 +34,10 @@ _TEMPLATES = {
     Op.GE: "{a} >= {b}",
     Op.EQ: "{a} == {b}",
     Op.NE: "{a} != {b}",
-    Op.AND: "{a} & {b}",
-    Op.OR: "{a} | {b}",
+    # As int32 operands: the interpreter refuses `&` of a tile's bool with a program scalar's bool compare
+    # (`j <= i and 0.5 < w[hk]`); the compiler folds the conversions away.
+    Op.AND: "(({a}).to(tl.int32) & ({b}).to(tl.int32)) != 0",
+    Op.OR: "(({a}).to(tl.int32) | ({b}).to(tl.int32)) != 0",
     Op.NOT: "{a} == 0",
     Op.ABS: "tl.abs({a})",
     Op.EXP: "tl.exp({a})",
@@ -53,6 +57,30 @@ _TEMPLATES = {
     Op.MAX: "tl.maximum({a}, {b})",
     Op.WHERE: "tl.where({a}, {b}, {c})",
 }
+
+
+_F32_TINY = 2.0**-126  # the smallest normal float32
+_F32_MAX = 3.4028234663852886e38
+
+
+def _f32_constant(value: bool | int | float) -> ast.expr | None:
+    """A float literal Triton would type as float64 (nonzero below float32's normal range, or beyond its
+    maximum), which then meets float32 tiles in a dot ('Both operands must be same dtype'): a float32
+    constant instead, with the value float32 rounding gives it (the kernels compute in float32).
+    None: the plain literal."""
+    if (
+        isinstance(value, float)
+        and value != 0
+        and math.isfinite(value)
+        and not _F32_TINY <= abs(value) <= _F32_MAX
+    ):
+        rounded = (
+            struct.unpack("f", struct.pack("f", value))[0]
+            if abs(value) < 1
+            else math.copysign(math.inf, value)
+        )
+        return expr_from_string("tl.full([], {v}, tl.float32)", v=constant(rounded))
+    return None
 
 
 def aux_name(spec_name: str) -> str:
@@ -143,6 +171,7 @@ class TritonExprs:
             tensor_apply=self.apply,
             uniform_prefix="_ku",
             scalar_name=scalar_name,
+            constant_code=_f32_constant,
         )
 
     def load(self, n: Node, args: list[ast.expr]) -> ast.expr:
