@@ -338,7 +338,10 @@ class KernelWriter:
         if root is None:
             return tensor
         e = self.expr(root, self.feature_names(which), out)
-        out += S(f"{tensor}f = ({{e}}).to({tensor}.dtype)", e=e)
+        # The tile's channels beyond D (D not a power of two) were loaded as 0, but a feature map of 0 need
+        # not be 0 (elu(0) + 1 = 1): they are zeroed after the map, or they would join every dot product.
+        inside = "offs_d[None, :] < _D" if which is Root.FEATURE_Q else "offs_d[:, None] < _D"
+        out += S(f"{tensor}f = tl.where({inside}, {{e}}, 0.0).to({tensor}.dtype)", e=e)
         return f"{tensor}f"
 
     def _feature_grad(self, root: Node | None, t: str, which: Root, L: Stmts) -> None:
