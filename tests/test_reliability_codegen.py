@@ -1,7 +1,6 @@
-"""Issue 16, the back end's part: reproductions pinned as strict xfails until the code generator and runtime
-rewrite fixes them. Each test states what a user must get; `raises=` pins today's symptom, so a test that starts
-to fail differently shows up instead of hiding under its xfail, and a fixed one XPASSes (strict: a failure)
-so that its mark is removed with the fix. Run with `--runxfail` to see today's failures.
+"""Issue 16, the back end's part, one group per cause: silent wrong results (padded channels, NaN/Inf, decays,
+bf16 on the interpreter, softcap), name clashes, call-time crashes, outside text reaching generated code, and
+caches that heal. Each reproduction of the issue is a test here, with other inputs of its class beside it.
 
 Oracles are independent of the generated code: formulas written here, SDPA with an explicit bias.
 """
@@ -20,15 +19,6 @@ from attnc.codegen.module import compile_file, compile_source, generate_all
 from attnc.dsl.errors import SpecError
 
 from .conftest import REPO, SPECS
-
-
-def pinned(cause: str, raises: type[BaseException] | tuple[type[BaseException], ...] = AssertionError):
-    return pytest.mark.xfail(
-        strict=True,
-        raises=raises,
-        reason=f"issue 16: {cause}; root in codegen, fixed after the back-end rewrite",
-    )
-
 
 HEAD = "attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]{params}) {{\n{body}\n}}\n"
 
