@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attnc.codegen.module import Target, module_name_for, render_all
+from attnc.codegen.names import generated_names
 from attnc.codegen.version import ATTNC_VERSION, LANGUAGE_VERSION
 from attnc.dsl.analysis.linear import linear_form
 from attnc.dsl.analysis.ranges import index_status
@@ -132,7 +133,9 @@ def cmd_codegen(args: argparse.Namespace) -> int:
     for path in args.specs:
         try:
             source = _read(path)
-            program = compile_to_ir(source, path)
+            # A standalone module also defines the vendored runtime's names: no block may take one of them.
+            generated = generated_names(standalone=True) if args.standalone else None
+            program = compile_to_ir(source, path, generated=generated)
         except SpecError as err:
             print(err.format(), file=sys.stderr)
             status = EXIT_SPEC

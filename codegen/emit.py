@@ -116,6 +116,19 @@ def constant(value: bool | int | float) -> ast.expr:
     return ast.Constant(value)
 
 
+def comment_text(text: str) -> str:
+    """Outside text (a file name, a path) for a `#` comment of generated code. ascii() escapes every line
+    break, control and non-ASCII character (a comment ends at LF or CR, and NUL stops the import), so the
+    text can never end the comment and become code; plain ASCII names read unchanged."""
+    return ascii(text)[1:-1]
+
+
+def docstring(text: str) -> str:
+    """A module docstring holding `text` (which may quote outside text: a spec, a file name) as a statement
+    built from an ast constant, so that no quote, backslash or control character in it can end the string."""
+    return ast.unparse(ast.Module([ast.Expr(ast.Constant(text))], []))
+
+
 def code(e: ast.expr) -> str:
     return ast.unparse(ast.fix_missing_locations(e))
 
@@ -131,7 +144,7 @@ _BOTH = {
     Op.SUB: "{a} - {b}",
     Op.MUL: "{a} * {b}",
     Op.DIV: "{a} / {b}",
-    Op.FLOORDIV: "{a} // {b}",  # torch and Python both floor
+    Op.FLOORDIV: "{a} // {b}",  # torch and Python both floor (float tensors: see _apply_tensor)
     Op.MOD: "{a} % {b}",  # torch.remainder and Python both take the divisor's sign
     Op.LT: "{a} < {b}",
     Op.LE: "{a} <= {b}",
@@ -207,12 +220,16 @@ class Emitter:
     # names, so that no spec name can meet a kernel local); hoisted uniforms run on the host, under the
     # spec's own names.
     scalar_name: Callable[[str], str] | None = None
+    # How a constant becomes code where `constant` would not do (None from it: the plain literal); the Triton
+    # backend keeps float literals float32.
+    constant_code: Callable[[bool | int | float], ast.expr | None] | None = None
     hoisted: list[tuple[str, str]] = field(default_factory=list)
     _uniform_names: dict[Node, str] = field(default_factory=dict)
 
     def _uniform(self, node: Node) -> ast.expr:
         if node.op is Op.CONST:
-            return constant(node.attr)  # type: ignore[arg-type]
+            special = self.constant_code(node.attr) if self.constant_code is not None else None  # type: ignore[arg-type]
+            return special if special is not None else constant(node.attr)  # type: ignore[arg-type]
         if node.op is Op.SCALAR and self.scalar_name is not None:
             return name(self.scalar_name(str(node.attr)))
         if node.op in (Op.SIZE, Op.SCALAR):
@@ -286,15 +303,26 @@ def _apply_tensor(n: Node, args: list[ast.expr], uniform: list[bool]) -> ast.exp
         fn = "minimum" if n.op is Op.MIN else "maximum"
         bound = "max" if n.op is Op.MIN else "min"
         a, b = args
+        # `_rt._clamp`, not torch.clamp: a Python-number bound may lie beyond the tensor's dtype (1e39).
         if uniform[1]:
-            return expr_from_string(f"torch.clamp({{a}}, {bound}={{b}})", a=a, b=b)
+            return expr_from_string(f"_rt._clamp({{a}}, {bound}={{b}})", a=a, b=b)
         if uniform[0]:
-            return expr_from_string(f"torch.clamp({{b}}, {bound}={{a}})", a=a, b=b)
+            return expr_from_string(f"_rt._clamp({{b}}, {bound}={{a}})", a=a, b=b)
         return expr_from_string(f"torch.{fn}({{a}}, {{b}})", a=a, b=b)
     if n.op is Op.WHERE:
         if uniform[0]:
-            return _apply(SCALAR_TEMPLATES, n, args)
+            # A uniform condition picks one branch; a uniform branch is a Python number, so it becomes a 0-d
+            # tensor: the node is a tensor (its other branch is), and torch functions of it need one.
+            b, c = (
+                expr_from_string("torch.as_tensor({x}, dtype=_cdt)", x=x) if u else x
+                for x, u in zip(args[1:], uniform[1:], strict=True)
+            )
+            return _apply(SCALAR_TEMPLATES, n, [args[0], b, c])
         return expr_from_string("torch.where({a}, {b}, {c})", a=args[0], b=args[1], c=args[2])
+    if n.op is Op.FLOORDIV and n.dtype is DType.FLOAT:
+        # torch's floor_divide has no derivative; floor(a / b) is the same value with the derivative 0 (as
+        # the Triton kernels compute it), so a floor-divided score trains like any piecewise-constant one.
+        return expr_from_string("torch.floor({a} / {b})", a=args[0], b=args[1])
     if n.op in (Op.AND, Op.OR) and all(uniform):  # pragma: no cover - hoisted as uniform
         return _apply(SCALAR_TEMPLATES, n, args)
     return _apply(TENSOR_TEMPLATES, n, args)

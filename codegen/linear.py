@@ -111,12 +111,9 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     else:
         L.append(f"        return {impl}({call})")
     if has_triton:
+        L.append('    if backend == "triton":')
         L.append(
-            '    if backend == "triton" and q.dtype not in (torch.float16, torch.bfloat16, torch.float32):'
-        )
-        L.append(
-            '        raise ValueError(f"q: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}; '
-            "use backend='reference'\")"
+            "        _rt._check_triton_dtype(q)  # and bfloat16 on CPU (the interpreter's bf16 dot is wrong)"
         )
     L.append("    _cdt = torch.float64 if q.dtype is torch.float64 else torch.float32")
     float_aux = [p for p in att.aux_tensors if p.type.kind is DType.FLOAT]

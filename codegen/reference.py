@@ -439,7 +439,7 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     outs = "(o, lse)" if softmax else "(o,)"
     grads_in = "(do, dlse)" if softmax else "(do,)"
     leaves = ", ".join(f"_l_{t}" for t in floats)
-    L.append(f"        return torch.autograd.grad({outs}, ({leaves},), {grads_in}, allow_unused=True)")
+    L.append(f"        return _rt._grad({outs}, ({leaves},), {grads_in})")
     L.append("")
     L.append("    _out = _rt._with_autograd(_grads)")
     L.append(
@@ -507,13 +507,10 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
         ],
     )
     L += _checks(att)
-    L.append("    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):")
-    L.append("        raise ValueError(")
+    L.append("    _rt._check_triton_dtype(q)  # and bfloat16 on CPU (the interpreter's bf16 dot is wrong)")
     L.append(
-        '            f"q: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}; '
-        "use backend='reference'\""
+        "    _cdt = torch.float32  # the kernels compute in float32: the closures' conversions (output = o + hk)"
     )
-    L.append("        )")
     em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
     closures, _ = _closures(att, em, only={"output"})
     # Per-tile summaries of data-dependent mask terms (`doc[b, i] == doc[b, j]`): the kernels skip key tiles

@@ -76,6 +76,13 @@ def _body(path: Path) -> list[ast.stmt]:
 @functools.cache
 def runtime_source() -> str:
     """The vendored runtime: imports first, then every module's definitions, as Python source."""
+    header = "# ---- the attnc runtime library, vendored (`attnc codegen --standalone`) ----\n"
+    return header + ast.unparse(ast.fix_missing_locations(runtime_module())) + "\n"
+
+
+@functools.cache
+def runtime_module() -> ast.Module:
+    """The vendored runtime as an ast module (`runtime_source`'s statements; codegen.names reads its names)."""
     imports: list[ast.stmt] = [_statement("import types")]
     seen_imports = {ast.dump(imports[0])}
     definitions: list[ast.stmt] = []
@@ -103,18 +110,21 @@ def runtime_source() -> str:
             if len(names) == 1 and names[0] in _OVERRIDES:
                 node = _statement(_OVERRIDES[names[0]])
             definitions.append(node)
-    module = ast.Module(body=[*imports, *definitions], type_ignores=[])
-    header = "# ---- the attnc runtime library, vendored (`attnc codegen --standalone`) ----\n"
-    return header + ast.unparse(ast.fix_missing_locations(module)) + "\n"
+    return ast.Module(body=[*imports, *definitions], type_ignores=[])
 
 
 def linear_kernels_source() -> str:
     """The linear core's kernels (attnc/runtime/linear_kernels.py) without docstring and imports, for a
     standalone module's kernels file (which imports triton itself)."""
+    return ast.unparse(linear_kernels_module()) + "\n"
+
+
+def linear_kernels_module() -> ast.Module:
+    """`linear_kernels_source` as an ast module."""
     stmts = [
         n for n in _body(_RUNTIME / "linear_kernels.py") if not isinstance(n, ast.Import | ast.ImportFrom)
     ]
-    return ast.unparse(ast.Module(body=stmts, type_ignores=[])) + "\n"
+    return ast.Module(body=stmts, type_ignores=[])
 
 
-__all__ = ["linear_kernels_source", "runtime_source"]
+__all__ = ["linear_kernels_module", "linear_kernels_source", "runtime_module", "runtime_source"]

@@ -68,6 +68,11 @@ def _local(n: Node, needed: list[bool]) -> list[Node | None]:
         dx = _mul(a[1], _binary(Op.POW, a[0], _binary(Op.SUB, a[1], one))) if needed[0] else None
         dy = _mul(n, _unary(Op.LOG, a[0])) if needed[1] else None
         return [dx, dy]
+    if op is Op.MOD:  # a mod b = a - b floor(a / b): 1 and -floor(a / b) almost everywhere (as torch)
+        return [
+            one if needed[0] else None,
+            _unary(Op.NEG, _binary(Op.FLOORDIV, a[0], a[1])) if needed[1] else None,
+        ]
     if op is Op.NEG:
         return [const(-1.0)]
     if op is Op.EXP:

@@ -17,7 +17,7 @@ from attnc.dsl.lower import compile_to_ir
 
 from attnc import codegen
 
-from .conftest import SPECS
+from .conftest import REPO, SPECS
 
 _IDENT = re.compile(
     r"[a-z][A-Za-z0-9_]*\Z"
@@ -108,3 +108,90 @@ def test_reserved_names_are_refused_clearly(reserved: str) -> None:
     src = f"attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D], {reserved}: [H]) {{\n    score = dot(q, k)\n}}\n"
     with pytest.raises(SpecError, match=f"'{reserved}' is a built-in name"):
         compile_to_ir(src, "a.attn")
+
+
+# ---- module-level names: every one the generator emits is reserved (issue 16) --------------------------------
+
+_ALL_SPECS = sorted(
+    {p.name: p for p in [*SPECS.glob("*.attn"), *(REPO / "zoo" / "specs").glob("*.attn")]}.items()
+)
+
+
+def _unreserved(text: str, ns, blocks: list[str]) -> set[str]:
+    """Module-level names of generated `text` that neither a fixed name nor a block's template covers and that
+    a spec could reach: public names, and private ones that some legal block name would form from a template
+    (a private name no block can spell cannot be shadowed)."""
+    from attnc.codegen.names import module_level_names
+
+    covered = set(ns.fixed).union(*(ns.block_names(b) for b in blocks))
+    return {n for n in module_level_names(text) - covered if not n.startswith("_") or _formable(n, ns)}
+
+
+def _formable(name: str, ns) -> bool:
+    for template in ns.per_block:
+        head, _, tail = template.partition("{name}")
+        if name.startswith(head) and name.endswith(tail) and len(name) > len(head) + len(tail):
+            block = name[len(head) : len(name) - len(tail)]
+            if block[:1].isalpha() and block.replace("_", "a").isalnum():
+                return True
+    return False
+
+
+@pytest.mark.parametrize(("spec", "path"), _ALL_SPECS, ids=[n for n, _ in _ALL_SPECS])
+def test_every_module_level_name_the_generator_emits_is_reserved(spec: str, path: Path) -> None:
+    """Read back from the generator's real output (every example and zoo spec), not from a list: each name
+    the main module or the kernels file binds at module level is one `codegen.names` registers."""
+    from attnc.codegen.names import generated_names
+
+    source = path.read_text()
+    program = compile_to_ir(source, spec)
+    blocks = [a.name for a in program.attentions]
+    main, kernels = generate_all(source, spec)
+    main_ns, kernels_ns = generated_names()
+    assert not _unreserved(main, main_ns, blocks), "main module names not reserved"
+    assert not _unreserved(kernels or "", kernels_ns, blocks), "kernels file names not reserved"
+
+
+@pytest.mark.parametrize("spec", ["causal.attn", "linear_elu.attn"])
+def test_every_module_level_name_of_a_standalone_module_is_reserved(spec: str) -> None:
+    """`attnc codegen --standalone` also defines the vendored runtime: its names are reserved for that mode."""
+    from attnc.codegen.module import render_all
+    from attnc.codegen.names import generated_names
+
+    source = (SPECS / spec).read_text()
+    program = compile_to_ir(source, spec)
+    main, kernels = render_all(program, source, standalone=True)
+    main_ns, kernels_ns = generated_names(standalone=True)
+    blocks = [a.name for a in program.attentions]
+    assert not _unreserved(main, main_ns, blocks)
+    assert not _unreserved(kernels or "", kernels_ns, blocks)
+
+
+def test_the_generator_registers_its_names_with_the_front_end() -> None:
+    from attnc.codegen.names import generated_names
+    from attnc.dsl import check
+
+    assert generated_names in check.RESERVED_PROVIDERS
+    block = "attention {}(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {{\n    score = dot(q, k)\n}}\n"
+    for n in ["BlockLayout", "ATTNC_VERSION", "LANGUAGE_VERSION", "SPEC_SHA256", "Optional"]:
+        with pytest.raises(SpecError, match="a name the generated module defines for itself") as err:
+            compile_to_ir(block.format(n))
+        assert (err.value.line, err.value.col) == (1, 11)
+    for first, second in [("a", "a_triton"), ("a", "a_backward"), ("a_linear", "a"), ("a", "a_reference")]:
+        with pytest.raises(SpecError, match=f"attention '{second}' clashes with an earlier attention") as err:
+            compile_to_ir(block.format(first) + block.format(second))
+        assert (err.value.line, err.value.col) == (4, 11)
+
+
+@pytest.mark.parametrize("name", ["require_runtime", "settings", "warnings", "triton_cdiv"])
+def test_a_block_named_like_a_vendored_runtime_name_is_refused_by_codegen_standalone(
+    tmp_path: Path, name: str
+) -> None:
+    from attnc.cli import main
+
+    path = tmp_path / "v.attn"
+    path.write_text(
+        f"attention {name}(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D]) {{\n    score = dot(q, k)\n}}\n"
+    )
+    assert main(["codegen", "--standalone", str(path), "-o", str(tmp_path / "out")]) != 0
+    assert main(["codegen", str(path), "-o", str(tmp_path / "out")]) == 0  # the plain module has no such name

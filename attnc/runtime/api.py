@@ -6,10 +6,19 @@ attnc.runtime.linear, as `_rt_lin` (kept apart: only those modules need it)."""
 
 from __future__ import annotations
 
-from .checks import _bind, _check_dim, _check_scalar, _check_type, _eval_error, _load, _require_tensor
+from .checks import (
+    _bind,
+    _check_dim,
+    _check_scalar,
+    _check_triton_dtype,
+    _check_type,
+    _eval_error,
+    _load,
+    _require_tensor,
+)
 from .layout import BlockLayout, _kernel_layout, _layout_from_op_args, _layout_op_args, _with_block_layout
-from .ops import _custom_op, _lse_dtype, _with_autograd
-from .reference import _attend, _full, _sigmoid_scalar, _Spec
+from .ops import _custom_op, _grad, _lse_dtype, _with_autograd
+from .reference import _attend, _clamp, _full, _sigmoid_scalar, _Spec
 from .triton import _aux_args, _dense_output, _has_triton, _TritonAttention, _TritonSpec
 from .tuning import ModuleState, _tuned_configs
 
@@ -24,11 +33,14 @@ __all__ = [
     "_bind",
     "_check_dim",
     "_check_scalar",
+    "_check_triton_dtype",
     "_check_type",
+    "_clamp",
     "_custom_op",
     "_dense_output",
     "_eval_error",
     "_full",
+    "_grad",
     "_has_triton",
     "_kernel_layout",
     "_layout_from_op_args",

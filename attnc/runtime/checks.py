@@ -67,7 +67,25 @@ def _check_scalar(name, value, kind):
         or (kind == "int" and isinstance(value, float))
     ):
         raise ValueError(f"{name}: expected a Python {kind}, got {value!r}")
+    if kind == "int" and not -(2**63) <= value < 2**63:  # the custom op's schema takes int64
+        raise ValueError(f"{name}: {value} is outside the 64-bit integer range")
     return float(value) if kind == "float" else int(value)
+
+
+def _check_triton_dtype(q):
+    """The dtypes the Triton backend takes. bfloat16 on CPU tensors is refused: they run under the Triton
+    interpreter, whose bfloat16 `tl.dot` is wrong (errors up to 1e9; triton issue 11584), and upcasting
+    silently would make the CPU path differ in precision from the GPU one it stands in for."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"q: the Triton backend takes float16, bfloat16 or float32, got {q.dtype}; use backend='reference'"
+        )
+    if q.dtype is torch.bfloat16 and not q.is_cuda:
+        raise ValueError(
+            "q: bfloat16 on CPU tensors: the Triton backend runs them under the Triton interpreter, which "
+            "computes bfloat16 products wrongly (triton issue 11584); pass float16 or float32, run on a GPU, "
+            "or use backend='reference'"
+        )
 
 
 def _load(t, name, idx, check):

@@ -52,3 +52,13 @@ def _with_autograd(fn):
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(run).result()
+
+
+def _grad(outputs, inputs, grad_outputs):
+    """torch.autograd.grad over the outputs that depend on any input: a score without dot(q, k) makes the LSE
+    a constant, and an empty N or M makes o one, and torch refuses outputs outside the graph. The inputs
+    such outputs do not reach get None (zeros, in the caller)."""
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o.requires_grad]
+    if not pairs:
+        return (None,) * len(inputs)
+    return torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)

@@ -46,6 +46,16 @@ class _Spec(NamedTuple):
     feature_k: object = None  # (k, b, hk, j, d) -> feature map
 
 
+def _clamp(x, min=None, max=None):
+    """torch.clamp with Python-number bounds that may lie beyond x's dtype (1e39 for float32), which torch
+    refuses: such a bound acts as the infinity of its sign, as it would after rounding to the dtype."""
+    if x.is_floating_point():
+        big = torch.finfo(x.dtype).max
+        min = min if min is None or abs(min) <= big else math.copysign(math.inf, min)
+        max = max if max is None or abs(max) <= big else math.copysign(math.inf, max)
+    return torch.clamp(x, min=min, max=max)
+
+
 def _attend(q, k, v, spec, return_lse):
     """Exact attention over query-row chunks; `spec` holds the variant's expressions.
 
@@ -54,7 +64,7 @@ def _attend(q, k, v, spec, return_lse):
     """
     B, H, M, _ = q.shape
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
-    rep = H // G
+    rep = H // G if G else 1  # no heads at all (H = G = 0): an empty result, below
     dev = q.device
     if spec.feature_q is not None:
         b = torch.arange(B, device=dev).view(B, 1, 1, 1)
@@ -103,10 +113,12 @@ def _attend(q, k, v, spec, return_lse):
             denom = p.sum(-1, keepdim=True)
             if sink is not None:
                 denom = denom + torch.exp(sink - m)
-            alive = denom > 0
-            safe = torch.where(alive, denom, torch.ones_like(denom))
+            # Empty only when no key took weight; a NaN (from a NaN or ±Inf score) stays NaN in o and the LSE,
+            # as in the Triton kernels (`l == 0` there too), rather than turning into an empty row.
+            dead = denom == 0
+            safe = torch.where(dead, torch.ones_like(denom), denom)
             o = torch.matmul(p, v) / safe
-            lse = torch.where(alive, m + torch.log(safe), torch.full_like(m, _NEG_INF)).squeeze(-1)
+            lse = torch.where(dead, torch.full_like(m, _NEG_INF), m + torch.log(safe)).squeeze(-1)
         else:
             if spec.norm == "sigmoid":
                 if idx is None:

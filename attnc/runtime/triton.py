@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import os
 from pathlib import Path
@@ -26,29 +27,69 @@ _CONTENT_LINE = "# content-sha256: "
 
 def _content_hash(path):
     """The `content-sha256` a generated file carries in its header ("" for a file without one)."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         for line in (f.readline() for _ in range(4)):
             if line.startswith(_CONTENT_LINE):
                 return line[len(_CONTENT_LINE) :].strip()
     return ""
 
 
-def _load_kernels(path, interpret, sha256=None):
+_VERIFIED = {}  # (path, inode, size, mtime) -> content hash: a file is re-read only when it changed
+
+
+def _verified_hash(path):
+    """The content hash of a generated file whose body matches the hash in its header, else None (missing,
+    truncated, edited, not UTF-8). The same check the compiler's cache makes before importing a file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if stamp not in _VERIFIED:
+        _VERIFIED[stamp] = _hash_if_intact(path)
+    return _VERIFIED[stamp]
+
+
+def _hash_if_intact(path):
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    head, sep, rest = text.partition(_CONTENT_LINE)
+    digest, nl, body = rest.partition("\n")
+    if not sep or not nl or head.count("\n") > 3:
+        return None
+    digest = digest.strip()
+    return digest if hashlib.sha256(body.encode()).hexdigest() == digest else None
+
+
+def _load_kernels(path, interpret, sha256=None, rebuild=None):
     """Import a kernels file once per (file, content, mode); `interpret` runs its kernels under the Triton
     interpreter (CPU tensors), which Triton decides when the kernels are defined. `sha256`: the content hash
-    the calling module was generated with; a kernels file that does not match it (a stale file, or another
-    spec written to the same path) is refused rather than run."""
+    the calling module was generated with. The file is checked before it is imported: a missing, truncated or
+    edited file, or one that does not match `sha256` (a stale file, or another spec's), is rebuilt by
+    `rebuild()` (the compiler's hook, set on modules it compiled through its cache) or, without one, refused
+    with a ValueError saying how to regenerate it; a damaged file is never run."""
     path = Path(path)
-    if not path.exists():
-        raise ValueError(
-            f"backend='triton': the kernels file {path.name} was not generated beside this module"
-        )
-    found = _content_hash(path)
-    if sha256 is not None and found != sha256:
-        raise ValueError(
-            f"backend='triton': the kernels file {path} does not belong to this module (content hash "
-            f"{found[:16] or 'missing'}, expected {sha256[:16]}); regenerate the module"
-        )
+    for attempt in range(2):
+        if sha256 is None:  # the runtime's own kernels (a file of the installed library): no generated header
+            found = _content_hash(path) if path.exists() else None
+            if found is not None:
+                break
+        else:
+            found = _verified_hash(path)
+            if found == sha256:
+                break
+        if attempt == 0 and rebuild is not None:
+            rebuild()
+            continue
+        if not path.exists():
+            what = "is missing"
+        elif found is None:
+            what = "is damaged (truncated or edited: its content does not match its hash)"
+        else:
+            what = f"does not belong to this module (content hash {found[:16]}, expected {sha256[:16]})"
+        raise ValueError(f"backend='triton': the kernels file {path} {what}; regenerate the module")
     key = (str(path), interpret, found)
     if key not in _KERNEL_MODULES:
         if interpret:
@@ -66,9 +107,9 @@ def _kernels_path(module_file):
     return Path(module_file).with_name(Path(module_file).stem + "_triton.py")
 
 
-def _triton_kernels(module_file, interpret, sha256=None):
+def _triton_kernels(module_file, interpret, sha256=None, rebuild=None):
     """The Triton kernels beside a generated module (see `_load_kernels`)."""
-    return _load_kernels(_kernels_path(module_file), interpret, sha256)
+    return _load_kernels(_kernels_path(module_file), interpret, sha256, rebuild)
 
 
 class _KernelConfig(NamedTuple):
@@ -164,7 +205,14 @@ class _TritonAttention(torch.autograd.Function):
         if spec.output is not None:
             with torch.enable_grad():
                 x = oraw.detach().requires_grad_()
-                (do_raw,) = torch.autograd.grad(_dense_output(spec.output, x, H // G), x, do.to(x.dtype))
+                y = _dense_output(spec.output, x, H // G)
+                # An epilogue that ignores o (`output = offset[h, e]`) passes no gradient to it.
+                (do_raw,) = (
+                    torch.autograd.grad(y, x, do.to(y.dtype), allow_unused=True)
+                    if y.requires_grad
+                    else (None,)
+                )
+                do_raw = torch.zeros_like(x) if do_raw is None else do_raw
             o_raw = oraw
         else:
             do_raw, o_raw = do, o

@@ -44,6 +44,9 @@ class ModuleState:
     )
     memo: dict = field(default_factory=dict)  # lookup key -> {kernel name: config} | None
     table: dict | None = None  # baked configs under the user's exported table, once loaded
+    # Rewrites the kernels file when it is missing or damaged: set by the compiler's cache on the modules it
+    # loads (attnc.codegen.module.compile_source); None for a module written by `attnc codegen`.
+    rebuild_kernels: object = None
 
     def __post_init__(self):
         self.ident = f"{self.file}\0{self.op_key}"
@@ -51,7 +54,7 @@ class ModuleState:
 
     def kernels(self, interpret):
         """This module's Triton kernels (the file generated with it; a stale one is refused)."""
-        return _triton_kernels(self.file, interpret, self.kernels_sha256)
+        return _triton_kernels(self.file, interpret, self.kernels_sha256, self.rebuild_kernels)
 
 
 def module_state(module):

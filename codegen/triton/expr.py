@@ -4,20 +4,23 @@ Only Triton builtins are called (not `tl.sigmoid`, `tl.max`, `tl.sum` or `tl.zer
 jit functions, which break when Triton was imported in the other of compiled/interpreted mode).
 Index variables are tiles (i = offs_m[:, None], j = offs_n[None, :]) or program scalars (b, h, hk);
 uniform sub-expressions arrive as kernel arguments (`_u0`, ...) computed on the host. Transcendentals are
-lowered to Triton primitives that both the compiler and the interpreter support (no libdevice): e.g.
-tanh(x) = 2 / (1 + exp(−2x)) − 1, which saturates cleanly for large |x|. Integer `//` and `%` get Python's floor semantics
+lowered to Triton primitives that both the compiler and the interpreter support (no libdevice); tanh and
+general powers go through the kernels file's helpers `_tanh` (a series for small |x|, where the exp form
+cancels) and `_pow` (torch's results for negative bases and zero exponents). Integer `//` and `%` get Python's floor semantics
 unless interval analysis proves both operands non-negative (Triton truncates).
 """
 
 from __future__ import annotations
 
 import ast
+import math
+import struct
 from collections.abc import Callable
 
 from attnc.dsl.analysis.ranges import bounds, nonneg
 from attnc.dsl.ir import Attention, DType, Node, Op, TensorParam
 
-from ..emit import Emitter, expr_from_string, name
+from ..emit import Emitter, constant, expr_from_string, name
 
 _TEMPLATES = {
     Op.NEG: "-{a}",
@@ -31,8 +34,10 @@ _TEMPLATES = {
     Op.GE: "{a} >= {b}",
     Op.EQ: "{a} == {b}",
     Op.NE: "{a} != {b}",
-    Op.AND: "{a} & {b}",
-    Op.OR: "{a} | {b}",
+    # As int32 operands: the interpreter refuses `&` of a tile's bool with a program scalar's bool compare
+    # (`j <= i and 0.5 < w[hk]`); the compiler folds the conversions away.
+    Op.AND: "(({a}).to(tl.int32) & ({b}).to(tl.int32)) != 0",
+    Op.OR: "(({a}).to(tl.int32) | ({b}).to(tl.int32)) != 0",
     Op.NOT: "{a} == 0",
     Op.ABS: "tl.abs({a})",
     Op.EXP: "tl.exp({a})",
@@ -41,7 +46,7 @@ _TEMPLATES = {
     Op.LOG2: "tl.log2({a})",
     Op.SQRT: "tl.sqrt({a})",
     Op.RSQRT: "tl.rsqrt({a})",
-    Op.TANH: "2.0 / (1.0 + tl.exp(-2.0 * {a})) - 1.0",
+    Op.TANH: "_tanh({a})",  # the kernels file's helper: accurate for small arguments too
     Op.SIGMOID: "1.0 / (1.0 + tl.exp(-{a}))",
     Op.RELU: "tl.maximum({a}, 0)",
     Op.ELU: "tl.where({a} > 0, {a}, tl.exp({a}) - 1.0)",
@@ -52,6 +57,30 @@ _TEMPLATES = {
     Op.MAX: "tl.maximum({a}, {b})",
     Op.WHERE: "tl.where({a}, {b}, {c})",
 }
+
+
+_F32_TINY = 2.0**-126  # the smallest normal float32
+_F32_MAX = 3.4028234663852886e38
+
+
+def _f32_constant(value: bool | int | float) -> ast.expr | None:
+    """A float literal Triton would type as float64 (nonzero below float32's normal range, or beyond its
+    maximum), which then meets float32 tiles in a dot ('Both operands must be same dtype'): a float32
+    constant instead, with the value float32 rounding gives it (the kernels compute in float32).
+    None: the plain literal."""
+    if (
+        isinstance(value, float)
+        and value != 0
+        and math.isfinite(value)
+        and not _F32_TINY <= abs(value) <= _F32_MAX
+    ):
+        rounded = (
+            struct.unpack("f", struct.pack("f", value))[0]
+            if abs(value) < 1
+            else math.copysign(math.inf, value)
+        )
+        return expr_from_string("tl.full([], {v}, tl.float32)", v=constant(rounded))
+    return None
 
 
 def aux_name(spec_name: str) -> str:
@@ -109,8 +138,29 @@ class TritonExprs:
                 for _ in range(int(abs(k)) - 1):
                     prod = expr_from_string("{a} * {b}", a=prod, b=args[0])
                 return prod if k > 0 else expr_from_string("1.0 / ({a})", a=prod)
-        # General real power through exp2/log2: NaN for a negative base, as torch's pow of a float.
-        return expr_from_string("tl.exp2({b} * tl.log2({a}))", a=args[0], b=args[1])
+            if k.is_integer():  # a constant whole exponent: |a| ** k, negative for a negative base and odd k
+                mag = expr_from_string("tl.exp2({b} * tl.log2(tl.abs({a})))", a=args[0], b=args[1])
+                if k == 0:
+                    return expr_from_string("tl.where({a} == 0, 1.0, 1.0)", a=args[0])
+                if k % 2:
+                    return expr_from_string("tl.where({a} < 0, -{m}, {m})", a=args[0], m=mag)
+                return mag
+            # A constant fractional exponent: NaN for a negative base, as torch's pow.
+            return expr_from_string("tl.exp2({b} * tl.log2({a}))", a=args[0], b=args[1])
+        # A tile exponent (an integer one: a decay gamma ** (i - j)): the helper gives torch's pow for
+        # negative and zero bases, where exp2(b * log2(a)) is NaN. Both operands as float32 tiles.
+        base, expo = (self._float_tile(x, other) for x, other in ((args[0], args[1]), (args[1], args[0])))
+        return expr_from_string("_pow({a}, {b})", a=base, b=expo)
+
+    @staticmethod
+    def _float_tile(x: ast.expr, other: ast.expr) -> ast.expr:
+        """`x` as a float32 value the helper can compute with: a literal (a Python number, not a Triton value)
+        becomes a tile of the other operand's shape."""
+        if isinstance(x, ast.Constant) or (
+            isinstance(x, ast.UnaryOp) and isinstance(x.operand, ast.Constant)
+        ):
+            x = expr_from_string("tl.where({o} == {o}, {x}, {x})", o=other, x=x)
+        return expr_from_string("({x}).to(tl.float32)", x=x)
 
     def emitter(
         self, load_code: Callable[[Node, list[ast.expr]], ast.expr], leaf_code: Callable[[Node], ast.expr]
@@ -121,6 +171,7 @@ class TritonExprs:
             tensor_apply=self.apply,
             uniform_prefix="_ku",
             scalar_name=scalar_name,
+            constant_code=_f32_constant,
         )
 
     def load(self, n: Node, args: list[ast.expr]) -> ast.expr:

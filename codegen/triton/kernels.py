@@ -282,12 +282,22 @@ class KernelWriter:
         s = self.expr(att.score, names, out)
         out += S("s = tl.where(valid, {s}, 0.0)", s=s)
 
-    def _feature(self, root: Node | None, tensor: str, which: Root, out: Stmts) -> str:
-        """The feature map of q or k applied to its tile (`qf`, `ktf`); returns the name of the dot operand."""
+    def _feature(self, root: Node | None, tensor: str, which: Root, out: Stmts, pad: bool = False) -> str:
+        """The feature map of q or k applied to its tile (`qf`, `ktf`); returns the name of the dot operand.
+        `pad`: zero the tile's channels beyond D."""
         if root is None:
             return tensor
         e = self.expr(root, self.feature_names(which), out)
-        out += S(f"{tensor}f = ({{e}}).to({tensor}.dtype)", e=e)
+        if pad:
+            # Channels beyond D (D not a power of two) were loaded as 0, but a feature map of 0 need not be 0
+            # (elu(0) + 1 = 1). Zeroing them in one operand of each q·k suffices: the other operand's padded
+            # channels then meet zeros, and dq, dk are stored for d < D only. Each kernel zeroes its q tile
+            # (forward, dq: mapped once per program; dkdv: per tile), which keeps every default config free
+            # of spills on sm_90 (zeroing both operands, or dkdv's k, spilled).
+            inside = "offs_d[None, :] < _D" if which is Root.FEATURE_Q else "offs_d[:, None] < _D"
+            out += S(f"{tensor}f = tl.where({inside}, {{e}}, 0.0).to({tensor}.dtype)", e=e)
+        else:
+            out += S(f"{tensor}f = ({{e}}).to({tensor}.dtype)", e=e)
         return f"{tensor}f"
 
     def _feature_grad(self, root: Node | None, t: str, which: Root, L: Stmts) -> None:
@@ -483,7 +493,7 @@ class KernelWriter:
         running statistics (m_i, l_i, acc) and the key loop."""
         att = self.att
         L += self._query_tile_prologue()
-        qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L)
+        qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
         helper = self._forward_helper()
         L += S(
             f"""
@@ -646,7 +656,7 @@ class KernelWriter:
             q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)
             """
         )
-        qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, B)
+        qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, B, pad=True)
         B += S("qk = tl.dot({q}, k_op, input_precision=_DOT_PRECISION)", q=qname)
         self._score_block(B, "i", "j")
         self._row_stats(B)
@@ -700,7 +710,7 @@ class KernelWriter:
     def dq(self) -> Kernel:
         att = self.att
         L: Stmts = self._query_tile_prologue()
-        qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L)
+        qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
         L += S(
             f"""
             q_op = {qname}

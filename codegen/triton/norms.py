@@ -155,13 +155,16 @@ class SoftmaxNorm(NormStrategy):
         """The sink logit: one more column of the softmax, with no value (it only takes weight)."""
 
     def finish(self, w: KernelWriter, L: list[ast.stmt]) -> None:
+        # A row is empty only when no key took weight (l = 0: o = 0, LSE = -inf). A NaN or ±Inf score makes
+        # l (or m) NaN: the test is `l == 0`, not `l > 0`, so that NaN reaches o and the LSE as on the
+        # reference instead of turning into a plausible empty row.
         self.sink(w, L)
         L += S(
             f"""
             m_safe = tl.where(m_i == float('-inf'), 0.0, m_i)
-            alive = l_i > 0
-            o = tl.where(alive, acc / tl.where(alive, l_i, 1.0), 0.0)
-            stat = tl.where(alive, (m_safe + tl.log2(tl.where(alive, l_i, 1.0))) / {_L2E}, float('-inf'))
+            dead = l_i == 0
+            o = tl.where(dead, 0.0, acc / tl.where(dead, 1.0, l_i))
+            stat = tl.where(dead, float('-inf'), (m_safe + tl.log2(tl.where(dead, 1.0, l_i))) / {_L2E})
             """
         )
 
@@ -169,10 +172,10 @@ class SoftmaxNorm(NormStrategy):
         """The normalised o_s = acc_s / l_s and lse2_s = m_s + log2(l_s) (-inf: no visible key)."""
         L += S(
             """
-            alive = l_i > 0
+            dead = l_i == 0
             m_safe = tl.where(m_i == float('-inf'), 0.0, m_i)
-            o_s = tl.where(alive, acc / tl.where(alive, l_i, 1.0), 0.0)
-            l_s = tl.where(alive, m_safe + tl.log2(tl.where(alive, l_i, 1.0)), float('-inf'))
+            o_s = tl.where(dead, 0.0, acc / tl.where(dead, 1.0, l_i))
+            l_s = tl.where(dead, float('-inf'), m_safe + tl.log2(tl.where(dead, 1.0, l_i)))
             """
         )
 
