@@ -145,7 +145,7 @@ def test_every_module_level_name_the_generator_emits_is_reserved(spec: str, path
 
     source = path.read_text()
     program = compile_to_ir(source, spec)
-    blocks = [a.name for a in program.attentions]
+    blocks = [a.name for a in (*program.attentions, *program.recurrences)]
     main, kernels = generate_all(source, spec)
     main_ns, kernels_ns = generated_names()
     assert not _unreserved(main, main_ns, blocks), "main module names not reserved"
@@ -162,7 +162,7 @@ def test_every_module_level_name_of_a_standalone_module_is_reserved(spec: str) -
     program = compile_to_ir(source, spec)
     main, kernels = render_all(program, source, standalone=True)
     main_ns, kernels_ns = generated_names(standalone=True)
-    blocks = [a.name for a in program.attentions]
+    blocks = [a.name for a in (*program.attentions, *program.recurrences)]
     assert not _unreserved(main, main_ns, blocks)
     assert not _unreserved(kernels or "", kernels_ns, blocks)
 
