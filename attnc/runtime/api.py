@@ -10,7 +10,16 @@ from .checks import _bind, _check_dim, _check_scalar, _check_type, _eval_error, 
 from .layout import BlockLayout, _kernel_layout, _layout_from_op_args, _layout_op_args, _with_block_layout
 from .ops import _custom_op, _lse_dtype, _with_autograd
 from .reference import _attend, _full, _sigmoid_scalar, _Spec
-from .triton import _aux_args, _dense_output, _has_triton, _TritonAttention, _TritonSpec
+from .triton import (
+    _aux_args,
+    _dense_output,
+    _epilogue_grad,
+    _has_triton,
+    _triton_backward,
+    _triton_forward,
+    _TritonAttention,
+    _TritonSpec,
+)
 from .tuning import ModuleState, _tuned_configs
 
 __all__ = [
@@ -27,6 +36,7 @@ __all__ = [
     "_check_type",
     "_custom_op",
     "_dense_output",
+    "_epilogue_grad",
     "_eval_error",
     "_full",
     "_has_triton",
@@ -37,6 +47,8 @@ __all__ = [
     "_lse_dtype",
     "_require_tensor",
     "_sigmoid_scalar",
+    "_triton_backward",
+    "_triton_forward",
     "_tuned_configs",
     "_with_autograd",
     "_with_block_layout",

@@ -114,6 +114,9 @@ class _TritonSpec(NamedTuple):
     fwd_split: object = None  # split-KV forward for decoding shapes, and the kernel merging its partials
     combine: object = None
     layout: object = None  # _KernelLayout: an explicit runtime block layout of this call, or None
+    output_grad: object = None  # (o, b, h, hk, i, e) -> ∂epilogue/∂o (elementwise), for dO of the raw output
+    grad_numels: tuple = ()  # numel of the aux tensor of each read the dQ kernel reduces (a partial buffer each)
+    epilogue_grads: tuple = ()  # (o, b, h, hk, i, e) -> ∂epilogue/∂read, per epilogue read (`_epilogue_grad`)
 
 
 def _dense_output(fn, o, rep):
@@ -126,119 +129,166 @@ def _dense_output(fn, o, rep):
     return _full(fn(o, b, h, h // rep, i, e), o.shape, o)
 
 
+def _triton_forward(spec, q, k, v):
+    """The forward kernel (or the split-KV forward and its combine): (o, oraw, stat). `oraw` is the float32
+    output before the epilogue (o itself when the spec has none); `stat` the row statistic the backward reads
+    (the log-sum-exp for softmax). q, k and v are contiguous."""
+    B, H, M, D = q.shape
+    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
+    oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
+    stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
+    split = _split_config(spec, B, H, M, N, D, E, q.device)
+    if split is not None:
+        _split_forward(spec, split, q, k, v, o, oraw, stat)
+        return o, oraw, stat
+    cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
+    grid = (triton_cdiv(M, cfg.block_m), B * H)
+    spec.fwd[grid](
+        q,
+        k,
+        v,
+        o,
+        oraw,
+        stat,
+        *spec.extra,
+        *_strides(q, k, v, o),
+        H,
+        G,
+        M,
+        N,
+        D,
+        E,
+        *_summaries(spec, q, k, cfg),
+        *_layout_args(spec.layout, stat),
+        *_visits("fwd", (B * H, grid[0]), stat, cfg),
+        **_launch(cfg, q, D, E),
+        _LAYOUT=spec.layout is not None,
+    )
+    return o, oraw, stat
+
+
+def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
+    """dq, dk, dv (in the inputs' dtypes) from what the forward saved: o, oraw (o when there is no epilogue)
+    and stat. No forward runs again: the dQ kernel computes the row delta Σ_e dO·O (minus d lse for softmax)
+    from the tiles it loads anyway and stores it, and the dK/dV kernel, launched after it, reads it. q, k and
+    v are contiguous; `dstat` may be None (no gradient reaches the log-sum-exp)."""
+    B, H, M, D = q.shape
+    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    do = do.contiguous()
+    if spec.output is not None:
+        # The epilogue's chain rule, elementwise over [B, H, M, E] (never an (i, j) tensor): ∂out/∂o is the
+        # compiler's derivative of the epilogue (no autograd: a custom op's backward runs below it).
+        do_raw = do.to(torch.float32) * _dense_output(spec.output_grad, oraw, H // G)
+        o_raw = oraw
+    else:
+        do_raw, o_raw = do, o
+    do_raw = do_raw.to(torch.float32).contiguous()
+    o_raw = o_raw.contiguous()
+    if spec.norm != "softmax":
+        dstat = stat  # not read: only softmax's dQ kernel subtracts d lse from the delta
+    elif dstat is None:
+        dstat = torch.zeros_like(stat)
+    else:
+        dstat = dstat.to(torch.float32).contiguous()
+    delta = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    strides = _strides(q, k, v, do_raw)
+    cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
+    programs = triton_cdiv(M, cfg.block_m) * B * H
+    # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
+    parts = [torch.zeros((programs, n), dtype=torch.float32, device=q.device) for n in spec.grad_numels]
+    spec.dq[(triton_cdiv(M, cfg.block_m), B * H)](
+        q,
+        k,
+        v,
+        do_raw,
+        stat,
+        delta,
+        dq,
+        o_raw,
+        dstat,
+        *parts,
+        *spec.extra,
+        *strides,
+        H,
+        G,
+        M,
+        N,
+        D,
+        E,
+        *_summaries(spec, q, k, cfg),
+        *_layout_args(spec.layout, stat),
+        *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat, cfg),
+        **_launch(cfg, q, D, E),
+        _LAYOUT=spec.layout is not None,
+    )
+    cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
+    spec.dkdv[(triton_cdiv(N, cfg.block_n), B * G)](
+        q,
+        k,
+        v,
+        do_raw,
+        stat,
+        delta,
+        dk,
+        dv,
+        *spec.extra,
+        *strides,
+        H,
+        G,
+        M,
+        N,
+        D,
+        E,
+        *_summaries(spec, q, k, cfg),
+        *_layout_args(spec.layout, stat),
+        *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat, cfg),
+        **_launch(cfg, q, D, E),
+        _LAYOUT=spec.layout is not None,
+    )
+    # The partials summed over programs in a fixed order: deterministic, no atomics.
+    sums = [part.sum(0) for part in parts]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sums
+
+
+def _epilogue_grad(fn, oraw, do, rep, axes, shape):
+    """The gradient of an auxiliary tensor read by the epilogue as `t[axes...]` (distinct plain index
+    variables among "b", "h", "hk", "i", "e"): Σ dO·∂out/∂read over the output's other axes, [B, H, M, E]
+    elementwise then a fixed-order sum (O(M·E) memory); a tensor larger than the range read gets zeros."""
+    dense = do.to(torch.float32) * _dense_output(fn, oraw, rep)
+    B, H, M, E = dense.shape
+    pos = {"b": 0, "h": 1, "i": 2, "e": 3}
+    if "hk" in axes:  # key/value heads: the query heads of a group sum first
+        dense = dense.view(B, H // rep, rep, M, E).sum(2)
+    reduce = tuple(d for n, d in pos.items() if n not in axes and not (n == "h" and "hk" in axes))
+    kept = [n for n in pos if n in axes or (n == "h" and "hk" in axes)]
+    g = dense.sum(reduce) if reduce else dense
+    g = g.permute(*[kept.index("h" if a == "hk" else a) for a in axes])
+    if tuple(g.shape) == tuple(shape):
+        return g.contiguous()
+    out = g.new_zeros(shape)
+    out[tuple(slice(0, n) for n in g.shape)] = g
+    return out
+
+
 class _TritonAttention(torch.autograd.Function):
-    """Fused forward and backward kernels; gradients for q, k and v (auxiliary tensors: see the caller)."""
+    """Fused forward and backward kernels; gradients for q, k and v (auxiliary tensors: see the caller).
+    The custom op of a generated module calls `_triton_forward` and `_triton_backward` itself."""
 
     @staticmethod
     def forward(ctx, spec, q, k, v):
-        B, H, M, D = q.shape
-        G, N, E = k.shape[1], k.shape[2], v.shape[3]
-        o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
-        oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
-        stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
-        split = _split_config(spec, B, H, M, N, D, E, q.device)
-        if split is not None:
-            _split_forward(spec, split, q, k, v, o, oraw, stat)
-            ctx.spec = spec
-            ctx.save_for_backward(q, k, v, o, oraw, stat)
-            return o, stat
-        cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
-        grid = (triton_cdiv(M, cfg.block_m), B * H)
-        spec.fwd[grid](
-            q,
-            k,
-            v,
-            o,
-            oraw,
-            stat,
-            *spec.extra,
-            *_strides(q, k, v, o),
-            H,
-            G,
-            M,
-            N,
-            D,
-            E,
-            *_summaries(spec, q, k, cfg),
-            *_layout_args(spec.layout, stat),
-            *_visits("fwd", (B * H, grid[0]), stat, cfg),
-            **_launch(cfg, q, D, E),
-            _LAYOUT=spec.layout is not None,
-        )
+        o, oraw, stat = _triton_forward(spec, q, k, v)
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, o, oraw, stat)
         return o, stat
 
     @staticmethod
     def backward(ctx, do, dstat):
-        spec = ctx.spec
         q, k, v, o, oraw, stat = ctx.saved_tensors
-        B, H, M, D = q.shape
-        G, N, E = k.shape[1], k.shape[2], v.shape[3]
-        do = do.contiguous()
-        if spec.output is not None:
-            with torch.enable_grad():
-                x = oraw.detach().requires_grad_()
-                (do_raw,) = torch.autograd.grad(_dense_output(spec.output, x, H // G), x, do.to(x.dtype))
-            o_raw = oraw
-        else:
-            do_raw, o_raw = do, o
-        do_raw = do_raw.to(torch.float32).contiguous()
-        delta = (do_raw * o_raw.to(torch.float32)).sum(-1)
-        if dstat is not None and spec.norm == "softmax":
-            delta = delta - dstat  # d lse / d s = p: folds into ds = p (dp - delta + dlse)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
-        strides = _strides(q, k, v, do_raw)
-        cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
-        spec.dkdv[(triton_cdiv(N, cfg.block_n), B * G)](
-            q,
-            k,
-            v,
-            do_raw,
-            stat,
-            delta,
-            dk,
-            dv,
-            *spec.extra,
-            *strides,
-            H,
-            G,
-            M,
-            N,
-            D,
-            E,
-            *_summaries(spec, q, k, cfg),
-            *_layout_args(spec.layout, stat),
-            *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat, cfg),
-            **_launch(cfg, q, D, E),
-            _LAYOUT=spec.layout is not None,
-        )
-        cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
-        spec.dq[(triton_cdiv(M, cfg.block_m), B * H)](
-            q,
-            k,
-            v,
-            do_raw,
-            stat,
-            delta,
-            dq,
-            *spec.extra,
-            *strides,
-            H,
-            G,
-            M,
-            N,
-            D,
-            E,
-            *_summaries(spec, q, k, cfg),
-            *_layout_args(spec.layout, stat),
-            *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat, cfg),
-            **_launch(cfg, q, D, E),
-            _LAYOUT=spec.layout is not None,
-        )
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return None, *_triton_backward(ctx.spec, q, k, v, o, oraw, stat, do, dstat)[:3]
 
 
 # ---- split-KV decoding (FlashDecoding: Dao, Haziza, Massa, Sizov, 2023) ------------------------------------

@@ -29,9 +29,9 @@ import textwrap
 from dataclasses import dataclass
 
 import sympy as sp
-from attnc.dsl.analysis.plan import AttentionPlan, plan_attention
+from attnc.dsl.analysis.plan import PAIR_ROOTS, ROW_ROOTS, AttentionPlan, AuxRead, plan_attention
 from attnc.dsl.autodiff import gradients
-from attnc.dsl.ir import Attention, DType, Node, Op, TensorType, Var, uses_var, walk
+from attnc.dsl.ir import Attention, DType, Node, NormKind, Op, TensorParam, TensorType, Var, uses_var, walk
 from attnc.dsl.scope import ROOT_ELEMENT, ROOT_VARS, Root
 
 from attnc.runtime.signature import (
@@ -89,11 +89,16 @@ _IO = {
         pointer("_V"),
         *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DK", "_DV")),
     ),
+    # dQ runs first and computes the row delta Σ_e dO·O itself (stored to _DELTA for dK/dV): _OB is the
+    # output it reads (o, or the float32 raw output of a spec with an epilogue: `KernelWriter.signature`
+    # sets its type), _DSTAT the gradient of the log-sum-exp (softmax only).
     "bwd_dq": (
         pointer("_Q"),
         pointer("_K"),
         pointer("_V"),
         *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DQ")),
+        pointer("_OB"),
+        pointer("_DSTAT", "fp32"),
     ),
     # Split-KV decoding: partials in float32, then the combine writes o and the row statistic.
     "fwd_split": (
@@ -115,6 +120,9 @@ _IO = {
 }
 
 Intervals = list[tuple[str, str]]
+
+# `Attention.roots()` field of each root an auxiliary read may sit in.
+_ROOT_FIELD = {Root.SCORE: "score", Root.BIAS: "bias", Root.SINK: "sink", Root.OUTPUT: "output"}
 
 # Where each index variable lives in the kernels' tile code (program scalars b, h, hk; i along a tile's rows,
 # j along its columns); d, e and a transposed tile's j are placed per root (`feature_names`, `row_names`).
@@ -248,8 +256,14 @@ class KernelWriter:
         """The kernel's parameters. The combine reads neither tiles of k nor masks: it carries no summaries;
         in this version it still carries the layout and probe groups that today's launcher passes to it
         (gated off by its constexprs)."""
+        io = _IO[kind]
+        if kind == "bwd_dq":
+            if self.att.output is not None:
+                io = tuple(pointer("_OB", "fp32") if p.name == "_OB" else p for p in io)
+            # One float32 partial buffer [programs, numel(aux)] per aux read reduced in this kernel.
+            io += tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
         groups = [
-            ParamGroup(Group.IO, _IO[kind]),
+            ParamGroup(Group.IO, io),
             self.spec_group(),
             self.uniforms_group(),
             STRIDES_GROUP,
@@ -651,14 +665,28 @@ class KernelWriter:
         e = self.expr(d, self.pair_names(Root.SCORE), L)
         L += S("dqk = tl.where(valid, ds * {e}, 0.0)", e=e)
 
-    def _row_stats(self, L: Stmts) -> None:
+    def _row_stats(self, L: Stmts, compute_delta: bool = False) -> None:
+        """The row statistics the backward reads: stat (saved by the forward) and delta. `compute_delta` (the
+        dQ kernel, launched first): delta = Σ_e dO·O from this program's do tile and its output rows, less
+        d lse for softmax (∂lse/∂s = p folds into ds = p (dp - delta)), stored for the dK/dV kernel."""
         L += S(
             """
             row = (b * _NH + h).to(tl.int64) * _M + i
             stat = tl.load(_STAT + row, mask=i < _M, other=0.0)
-            delta = tl.load(_DELTA + row, mask=i < _M, other=0.0)
             """
         )
+        if compute_delta:
+            L += S(
+                """
+                ob = tl.load(_OB + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
+                delta = tl.reduce(do * ob.to(tl.float32), 1, tl.standard._sum_combine, keep_dims=True)
+                """
+            )
+            if self.norm.kind is NormKind.SOFTMAX:
+                L += S("delta = delta - tl.load(_DSTAT + row, mask=i < _M, other=0.0)")
+            L += S("tl.store(_DELTA + row, delta, mask=i < _M)")
+        else:
+            L += S("delta = tl.load(_DELTA + row, mask=i < _M, other=0.0)")
         self.norm.row_extras(L)
 
     def dkdv(self) -> Kernel:
@@ -758,7 +786,12 @@ class KernelWriter:
             do = tl.load(_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
             """
         )
-        self._row_stats(L)
+        self._row_stats(L, compute_delta=True)
+        reads = self.plan.kernel_reads()
+        partials = tuple(f"ga{n}" for n in range(len(reads)))
+        for g in partials:
+            L += S(f"{g} = (pid_m * 0).to(tl.float32)")
+        self._row_aux_grads(L, reads)
         L += S("dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)\nm0 = pid_m * _BLOCK_M")
         L += self._own_summaries("q", "pid_bh", "pid_m")
         B: Stmts = S(
@@ -783,6 +816,7 @@ class KernelWriter:
         B += S(f"dp = tl.dot(do.to({w}), vt.to({w}), input_precision=_DOT_PRECISION)")
         self._dscore(B)
         B += S(f"dq += tl.dot(dqk.to({w}), tl.trans({kname}).to({w}), input_precision=_DOT_PRECISION)")
+        self._pair_aux_grads(B, reads)
         context = (
             "q_op",
             "q",
@@ -801,11 +835,12 @@ class KernelWriter:
             "_K",
             "_V",
         )
-        helper = self._helper(f"_{att.name}_dq_inner", "start_n", ("dq", "visits"), context, B)
+        helper = self._helper(f"_{att.name}_dq_inner", "start_n", ("dq", "visits", *partials), context, B)
         self._loops["dq"] = helper
         L += S("visits = pid_m * 0")
         L += self._tile_loop(helper, "0", "_N")
         self._feature_grad(att.feature_q, "q", Root.FEATURE_Q, L)
+        self._store_aux_partials(L, reads)
         L += S(
             """
             tl.store(_DQ + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, dq, mask=(i < _M) & (offs_d[None, :] < _D))
@@ -814,6 +849,63 @@ class KernelWriter:
             """
         )
         return Kernel(self.signature("bwd_dq"), L)
+
+    # ---- gradients of auxiliary tensors (dQ kernel: one query tile and head per program) ------------------
+
+    def _read_grad(self, r: AuxRead, names: dict[str, str], out: Stmts) -> ast.expr:
+        """∂root/∂(this read), evaluated on the tile (pairs) or the rows (sink)."""
+        root = self.att.roots()[_ROOT_FIELD[r.root]]
+        return self.expr(gradients(root, [r.load])[r.load], names, out)
+
+    def _pair_aux_grads(self, B: Stmts, reads: tuple[AuxRead, ...]) -> None:
+        """Per key tile: each score (or sigmoid bias) read indexed per program adds Σ_ij dS·∂s/∂read to its
+        scalar partial. dS is zero off the visible pairs; the where keeps a derivative that is not finite
+        there (a masked-out pair's score) out of the sum."""
+        for n, r in enumerate(reads):
+            if r.root not in PAIR_ROOTS:
+                continue
+            g = self._read_grad(r, self.pair_names(r.root), B)
+            B += S(
+                f"ga{n} += tl.reduce(tl.reduce(tl.where(valid, ds * {{g}}, 0.0), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
+                g=g,
+            )
+
+    def _row_aux_grads(self, L: Stmts, reads: tuple[AuxRead, ...]) -> None:
+        """The sink's share of each row: with p_sink = exp(sink - lse), ∂loss/∂sink = -p_sink·delta (delta
+        already holds -d lse), then times ∂sink/∂read, summed over the program's rows."""
+        rows = [(n, r) for n, r in enumerate(reads) if r.root in ROW_ROOTS]
+        if not rows:
+            return
+        assert self.att.norm.sink is not None
+        sink = self.expr(self.att.norm.sink, self.row_names(Root.SINK), L)
+        L += S(
+            f"dsink = tl.where(i < _M, -tl.exp2(({{sink}}) * {LOG2E!r} - stat * {LOG2E!r}) * delta, 0.0)",
+            sink=sink,
+        )
+        for n, r in rows:
+            g = self._read_grad(r, self.row_names(r.root), L)
+            L += S(
+                f"ga{n} += tl.reduce(tl.reduce(dsink * {{g}} + tl.full([_BLOCK_M, 1], 0.0, tl.float32), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
+                g=g,
+            )
+
+    def _store_aux_partials(self, L: Stmts, reads: tuple[AuxRead, ...]) -> None:
+        """Program (pid_m, b·h) writes each partial at [program, flat index of its read] of a zeroed buffer
+        [B·H·tiles, numel(aux)]: the host sums over programs in a fixed order (deterministic, no atomics)."""
+        names = {"b": "b", "h": "h", "hk": "hk"}
+        for n, r in enumerate(reads):
+            p = self.att.param(r.tensor)
+            assert isinstance(p, TensorParam)
+            flat: str = "0"
+            numel: str = "1"
+            for k in range(len(p.shape) - 1, -1, -1):
+                ix = self.expr(r.load.args[k], names, L)
+                L += S(f"gi{n}_{k} = ({{ix}}).to(tl.int64)", ix=ix)
+                flat = f"gi{n}_{k} * ({numel}) + {flat}" if flat != "0" else f"gi{n}_{k} * ({numel})"
+                numel = f"_n_{p.name}_{k} * ({numel})"
+            L += S(
+                f"tl.store(_GA{n} + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * ({numel}) + {flat}, ga{n})"
+            )
 
     # ---- the block's kernels ------------------------------------------------------------------------------
 
