@@ -145,3 +145,195 @@ def test_one_training_step_launches_each_kernel_once(case: str, tmp_path: Path) 
     assert sum(counts.values()) == sum(got.values())  # nothing but this block's kernels
     for t in learned:
         assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+# ---- gradients of learned inputs against independent oracles ------------------------------------------------
+
+# Specs written for these tests: GQA (G key/value heads) and, with M > N, fully masked rows (i < M - N).
+ALIBI_GQA = """
+attention alibi_gqa(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], slopes: [H]) {
+    score = dot(q, k) * D ** -0.5 + slopes[h] * (j - i)
+    mask  = j <= i + N - M
+}
+"""
+SINK_GQA = """
+attention sink_gqa(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], sinks: [H]) {
+    score = dot(q, k) * D ** -0.5
+    mask  = j <= i + N - M
+    norm  = softmax(sink = sinks[h])
+}
+"""
+GATE_GQA = """
+attention gate_gqa(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], gate: [B, H, M]) {
+    score  = dot(q, k) * D ** -0.5
+    mask   = j <= i + N - M
+    output = o * gate[b, h, i]
+}
+"""
+
+# Kernel tolerances: the kernels accumulate in float32 (fp32 inputs: IEEE products) and round their fp16
+# operands; the oracle runs in float64 on the same (rounded) inputs.
+TOL = {torch.float32: {"atol": 2e-5, "rtol": 2e-4}, torch.float16: {"atol": 2e-2, "rtol": 2e-2}}
+
+
+def _inline(source: str, tmp: Path):  # type: ignore[no-untyped-def]
+    return codegen.compile_source(source, "train_inline.attn", cache_dir=tmp)
+
+
+def _visible(M: int, N: int) -> torch.Tensor:
+    i, j = torch.arange(M).view(M, 1), torch.arange(N).view(1, N)
+    return j <= i + N - M
+
+
+def _oracle(q, k, v, bias, visible, sink=None):  # type: ignore[no-untyped-def]
+    """Softmax attention written out in float64 (the paper formula): s = q·kᵀ/√D + bias over the visible
+    pairs, an optional sink logit per (b, h) joining each row's normaliser only, rows with nothing visible
+    (and no sink) give 0. GQA: query head h reads key/value head h // (H / G)."""
+    H, G, D = q.shape[1], k.shape[1], q.shape[-1]
+    k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+    s = q @ k.transpose(-1, -2) * D**-0.5 + bias
+    s = s.masked_fill(~visible, float("-inf"))
+    if sink is not None:
+        col = sink.view(1, -1, 1, 1).expand(*s.shape[:3], 1)
+        s = torch.cat([s, col], -1)
+    m = s.amax(-1, keepdim=True).clamp_min(-1e30)  # a row of -inf: exp gives 0, no NaN
+    e = (s - m).exp()
+    p = e / e.sum(-1, keepdim=True).clamp_min(1e-300)
+    if sink is not None:
+        p = p[..., :-1]
+    return p @ v
+
+
+def _inputs(B: int, H: int, G: int, M: int, N: int, D: int, dtype: torch.dtype, seed: int = 0):  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, n, L, D, generator=g).to(dtype) for n, L in ((H, M), (G, N), (G, N))]
+
+
+def _train(fn, args: dict[str, object], cotangent: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    leaves = {n: t for n, t in args.items() if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    leaves = {n: t.detach().requires_grad_() for n, t in leaves.items()}
+    o = fn(**{**args, **leaves})
+    (o.to(cotangent.dtype) * cotangent).sum().backward()
+    return {"o": o.detach(), **{n: t.grad for n, t in leaves.items()}}
+
+
+def _check(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    for n, w in want.items():
+        g = got[n]
+        assert torch.isfinite(g).all(), n
+        torch.testing.assert_close(g.to(torch.float64), w, **TOL[dtype], msg=lambda m, n=n: f"{n}: {m}")
+
+
+DTYPES = [torch.float32, torch.float16]
+SHAPE = {"B": 2, "H": 4, "G": 2, "M": 29, "N": 21, "D": 16}  # ragged; M > N: rows 0..7 see no key
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_learned_slopes_match_sdpa_with_the_bias_built_from_them(dtype: torch.dtype, tmp_path: Path) -> None:
+    B, H, G, M, N, D = SHAPE.values()
+    mod = _inline(ALIBI_GQA, tmp_path)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    slopes = torch.linspace(0.05, 0.6, H)
+    cot = torch.randn(B, H, M, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = _train(
+        lambda **a: mod.alibi_gqa(**a, backend="triton"), {"q": q, "k": k, "v": v, "slopes": slopes}, cot
+    )
+    # Oracle: SDPA (math) in float64 with an explicit additive bias built from the slopes parameter; the
+    # fully masked rows (SDPA would give NaN there) are checked to be 0 separately.
+    ws = slopes.double().requires_grad_()
+    w = [t.double().requires_grad_() for t in (q, k, v)]
+    i, j = torch.arange(M).view(M, 1), torch.arange(N).view(1, N)
+    live = _visible(M, N).any(-1)
+    bias = (ws.view(1, H, 1, 1) * (j - i)).masked_fill(~_visible(M, N), float("-inf"))[:, :, live]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        w[0][:, :, live], w[1], w[2], attn_mask=bias, enable_gqa=True
+    )
+    (o * cot[:, :, live]).sum().backward()
+    want = {"q": w[0].grad, "k": w[1].grad, "v": w[2].grad, "slopes": ws.grad}
+    _check(got, want, dtype)
+    assert (got["o"][:, :, ~live] == 0).all() and (got["q"][:, :, ~live] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_learned_sinks_match_the_softmax_with_an_extra_logit(dtype: torch.dtype, tmp_path: Path) -> None:
+    B, H, G, M, N, D = SHAPE.values()
+    mod = _inline(SINK_GQA, tmp_path)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    sinks = torch.randn(H, generator=torch.Generator().manual_seed(2))
+    cot = torch.randn(B, H, M, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = _train(
+        lambda **a: mod.sink_gqa(**a, backend="triton"), {"q": q, "k": k, "v": v, "sinks": sinks}, cot
+    )
+    w = {n: t.double().requires_grad_() for n, t in zip("qkv", (q, k, v), strict=True)}
+    w["sinks"] = sinks.double().requires_grad_()
+    o = _oracle(w["q"], w["k"], w["v"], 0.0, _visible(M, N), sink=w["sinks"])
+    (o * cot).sum().backward()
+    _check(got, {n: t.grad for n, t in w.items()}, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_moh_gate_and_lofit_offsets_match_the_epilogue_formula(dtype: torch.dtype, tmp_path: Path) -> None:
+    B, H, G, M, N, D = SHAPE.values()
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
+    gate = torch.rand(B, H, M, generator=gen)
+    mod = _inline(GATE_GQA, tmp_path)
+    got = _train(lambda **a: mod.gate_gqa(**a, backend="triton"), {"q": q, "k": k, "v": v, "gate": gate}, cot)
+    w = {n: t.double().requires_grad_() for n, t in zip("qkv", (q, k, v), strict=True)}
+    w["gate"] = gate.double().requires_grad_()
+    o = _oracle(w["q"], w["k"], w["v"], 0.0, _visible(M, N)) * w["gate"][..., None]
+    (o * cot).sum().backward()
+    _check(got, {n: t.grad for n, t in w.items()}, dtype)
+
+    lofit = _module(ZOO_SPECS / "lofit.attn", tmp_path)
+    offset = 0.1 * torch.randn(H, D, generator=gen)
+    got = _train(
+        lambda **a: lofit.lofit(**a, backend="triton"), {"q": q, "k": k, "v": v, "offset": offset}, cot
+    )
+    w = {n: t.double().requires_grad_() for n, t in zip("qkv", (q, k, v), strict=True)}
+    w["offset"] = offset.double().requires_grad_()
+    o = _oracle(w["q"], w["k"], w["v"], 0.0, _visible(M, N)) + w["offset"].view(1, H, 1, D)
+    (o * cot).sum().backward()
+    _check(got, {n: t.grad for n, t in w.items()}, dtype)
+
+
+def test_learned_slopes_on_the_block_layout_path(tmp_path: Path) -> None:
+    """An explicit runtime block layout (the kernels' `_LAYOUT` loops): slope gradients as the dense oracle
+    with the layout's blocks as a mask."""
+    B, H, M, N, D, qb, kb = 1, 2, 64, 64, 16, 32, 32
+    mod = _module(SPECS / "alibi.attn", tmp_path)
+    q, k, v = _inputs(B, H, H, M, N, D, torch.float32)
+    slopes = torch.tensor([0.1, 0.4])
+    # Query block 0 lists key block 0; query block 1 lists key block 0 only (its own block is left out).
+    idx = torch.tensor([[[[0, -1], [0, -1]]] * H] * B, dtype=torch.int32)
+    cnt = torch.tensor([[[1, 1]] * H] * B, dtype=torch.int32)
+    layout = mod.BlockLayout(idx, cnt, qb, kb)
+    cot = torch.randn(B, H, M, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = _train(
+        lambda **a: mod.alibi(**a, backend="triton", block_layout=layout),
+        {"q": q, "k": k, "v": v, "slopes": slopes},
+        cot,
+    )
+    i, j = torch.arange(M).view(M, 1), torch.arange(N).view(1, N)
+    visible = (j <= i) & (j < kb)
+    w = {n: t.double().requires_grad_() for n, t in zip("qkv", (q, k, v), strict=True)}
+    w["slopes"] = slopes.double().requires_grad_()
+    o = _oracle(w["q"], w["k"], w["v"], w["slopes"].view(1, H, 1, 1) * (j - i), visible)
+    (o * cot).sum().backward()
+    _check(got, {n: t.grad for n, t in w.items()}, torch.float32)
+
+
+@pytest.mark.parametrize("spec", ["alibi_gqa", "sink_gqa", "gate_gqa"])
+def test_two_backward_passes_are_bitwise_identical(spec: str, tmp_path: Path) -> None:
+    B, H, G, M, N, D = SHAPE.values()
+    source = {"alibi_gqa": ALIBI_GQA, "sink_gqa": SINK_GQA, "gate_gqa": GATE_GQA}[spec]
+    aux = {"alibi_gqa": ("slopes", (H,)), "sink_gqa": ("sinks", (H,)), "gate_gqa": ("gate", (B, H, M))}[spec]
+    fn = getattr(_inline(source, tmp_path), spec)
+    q, k, v = _inputs(B, H, G, M, N, D, torch.float16)
+    args = {"q": q, "k": k, "v": v, aux[0]: torch.rand(*aux[1], generator=torch.Generator().manual_seed(4))}
+    cot = torch.randn(B, H, M, D, generator=torch.Generator().manual_seed(1))
+    first = _train(lambda **a: fn(**a, backend="triton"), args, cot)
+    second = _train(lambda **a: fn(**a, backend="triton"), args, cot)
+    for n in first:
+        assert torch.equal(first[n], second[n]), n
