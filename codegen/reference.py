@@ -24,6 +24,7 @@ from attnc.dsl.ir import (
     Role,
     TensorParam,
     TensorType,
+    Var,
     walk,
 )
 
@@ -549,6 +550,8 @@ def _fused_aux_grads(
     L = ["        if aux_grad:"]
     for t in fused:
         terms = [f"_parts[{n}]" for n, r in enumerate(plan.kernel_reads()) if r.tensor == t]
+        first = len(plan.kernel_reads())
+        terms += [f"_parts[{first + n}]" for n, r in enumerate(plan.pair_reads()) if r.tensor == t]
         terms += [
             f"_rt._epilogue_grad(spec.epilogue_grads[{n}], oraw, do, q.shape[1] // k.shape[1], "
             f"{tuple(v.value for v in r.plain_vars)!r}, {t}.shape)"
@@ -629,6 +632,16 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
         )
     if plan.kernel_reads():
         output += f", grad_numels=({''.join(f'{r.tensor}.numel(), ' for r in plan.kernel_reads())})"
+    if plan.pair_reads():
+        leads = [(Var.B not in r.plain_vars, Var.H not in r.plain_vars) for r in plan.pair_reads()]
+        output += (
+            ", pair_grads=("
+            + "".join(
+                f"({lead!r}, tuple({r.tensor}.shape)), "
+                for lead, r in zip(leads, plan.pair_reads(), strict=True)
+            )
+            + ")"
+        )
     output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""
     # The autotuner's best configs for this call's key (autotune/; None: the heuristic defaults).

@@ -116,6 +116,7 @@ class _TritonSpec(NamedTuple):
     layout: object = None  # _KernelLayout: an explicit runtime block layout of this call, or None
     output_grad: object = None  # (o, b, h, hk, i, e) -> ∂epilogue/∂o (elementwise), for dO of the raw output
     grad_numels: tuple = ()  # numel of the aux tensor of each read the dQ kernel reduces (a partial buffer each)
+    pair_grads: tuple = ()  # ((lead b, lead h), aux shape) per dense (i, j) read: a buffer the dQ kernel fills
     epilogue_grads: tuple = ()  # (o, b, h, hk, i, e) -> ∂epilogue/∂read, per epilogue read (`_epilogue_grad`)
 
 
@@ -200,6 +201,14 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
     programs = triton_cdiv(M, cfg.block_m) * B * H
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
     parts = [torch.zeros((programs, n), dtype=torch.float32, device=q.device) for n in spec.grad_numels]
+    # Dense (i, j) reads: dS tiles stored at their elements, with b and/or h leading where the read leaves
+    # them out (every element then has one writer); pairs no program visits stay zero.
+    dense = [
+        torch.zeros(
+            (*([B] if lb else []), *([H] if lh else []), *shape), dtype=torch.float32, device=q.device
+        )
+        for (lb, lh), shape in spec.pair_grads
+    ]
     spec.dq[(triton_cdiv(M, cfg.block_m), B * H)](
         q,
         k,
@@ -211,6 +220,7 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
         o_raw,
         dstat,
         *parts,
+        *dense,
         *spec.extra,
         *strides,
         H,
@@ -251,6 +261,10 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
     )
     # The partials summed over programs in a fixed order: deterministic, no atomics.
     sums = [part.sum(0) for part in parts]
+    sums += [
+        d.sum(tuple(range(int(lb) + int(lh)))) if lb or lh else d
+        for d, ((lb, lh), _) in zip(dense, spec.pair_grads, strict=True)
+    ]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sums
 
 

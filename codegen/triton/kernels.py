@@ -262,6 +262,8 @@ class KernelWriter:
                 io = tuple(pointer("_OB", "fp32") if p.name == "_OB" else p for p in io)
             # One float32 partial buffer [programs, numel(aux)] per aux read reduced in this kernel.
             io += tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
+            # And one float32 buffer [lead..., *aux.shape] per dense (i, j) read (`_pair_lead`).
+            io += tuple(pointer(f"_GD{n}", "fp32") for n in range(len(self.plan.pair_reads())))
         groups = [
             ParamGroup(Group.IO, io),
             self.spec_group(),
@@ -817,6 +819,7 @@ class KernelWriter:
         self._dscore(B)
         B += S(f"dq += tl.dot(dqk.to({w}), tl.trans({kname}).to({w}), input_precision=_DOT_PRECISION)")
         self._pair_aux_grads(B, reads)
+        dense = self._dense_pair_grads(B)
         context = (
             "q_op",
             "q",
@@ -834,6 +837,7 @@ class KernelWriter:
             *self._own_summary_names("q"),
             "_K",
             "_V",
+            *dense,
         )
         helper = self._helper(f"_{att.name}_dq_inner", "start_n", ("dq", "visits", *partials), context, B)
         self._loops["dq"] = helper
@@ -869,6 +873,30 @@ class KernelWriter:
                 f"ga{n} += tl.reduce(tl.reduce(tl.where(valid, ds * {{g}}, 0.0), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
                 g=g,
             )
+
+    def _dense_pair_grads(self, B: Stmts) -> tuple[str, ...]:
+        """Per key tile: each dense (i, j) read stores dS·∂s/∂read at its element of a zeroed buffer
+        [lead..., *aux.shape] (lead: b and/or h when the read's indices leave them out, so that every element
+        has one writer); the host sums the lead axes. Returns the buffers' parameter names."""
+        out = []
+        for n, r in enumerate(self.plan.pair_reads()):
+            p = self.att.param(r.tensor)
+            assert isinstance(p, TensorParam)
+            g = self._read_grad(r, self.pair_names(r.root), B)
+            at = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "i", Var.J: "j"}
+            flat, numel = "0", "1"
+            for k in range(len(p.shape) - 1, -1, -1):
+                flat = f"{at[r.plain_vars[k]]}.to(tl.int64) * ({numel}) + {flat}"
+                numel = f"_n_{p.name}_{k} * ({numel})"
+            for v, extent in reversed(_pair_lead(r)):
+                flat = f"{at[v]}.to(tl.int64) * ({numel}) + {flat}"
+                numel = f"{extent} * ({numel})"
+            B += S(
+                f"tl.store(_GD{n} + {flat}, tl.where(valid, ds * {{g}}, 0.0), mask=(i < _M) & (j < _N))",
+                g=g,
+            )
+            out.append(f"_GD{n}")
+        return tuple(out)
 
     def _row_aux_grads(self, L: Stmts, reads: tuple[AuxRead, ...]) -> None:
         """The sink's share of each row: with p_sink = exp(sink - lse), ∂loss/∂sink = -p_sink·delta (delta
@@ -933,6 +961,18 @@ class KernelWriter:
         """The loop helpers, one per kind: the forward's key loop (also the split forward's), dK/dV's query
         loop and dQ's key loop."""
         return [self._loops[k] for k in ("fwd", "dkdv", "dq")]
+
+
+def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
+    """The program variables a dense (i, j) read's indices leave out, with their extents: the leading axes
+    of its gradient buffer (b, then h; h also when only hk is read, as the heads of a group share it)."""
+    vs = r.plain_vars
+    lead = []
+    if Var.B not in vs:
+        lead.append((Var.B, "(tl.num_programs(1) // _NH)"))
+    if Var.H not in vs:
+        lead.append((Var.H, "_NH"))
+    return lead
 
 
 def _render_def(fn: str, params: list[str], constexprs: set[str], body: Stmts) -> list[str]:

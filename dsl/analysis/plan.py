@@ -34,6 +34,8 @@ class AuxGrad(enum.Enum):
     PROGRAM = "program"  # indices depend on b, h, hk only (`slopes[h]`, `sinks[h]`): a scalar per program
     DENSE_ROW = "dense row"  # an epilogue read indexed by distinct plain variables (`gate[b, h, i]`,
     # `offset[h, e]`): a row or column reduction of dO times ∂out/∂read over the output
+    DENSE_PAIR = "dense pair"  # a score (or sigmoid bias) read indexed by distinct plain variables with both
+    # i and j (`bias[b, h, i, j]`): its dS tile stored directly (one writer per element: no reduction)
     UNFUSED = "unfused"  # anything else (tables `table[h, bucket(i - j)]`, dense biases, feature maps, ...)
 
 
@@ -53,6 +55,7 @@ _ROOT_OF = {
 }
 _PROGRAM_VARS = (Var.B, Var.H, Var.HK)
 _PLAIN_VARS = (Var.B, Var.H, Var.HK, Var.I, Var.E)
+_PAIR_VARS = (Var.B, Var.H, Var.HK, Var.I, Var.J)
 
 
 @dataclass(frozen=True)
@@ -66,7 +69,7 @@ class AuxRead:
 
     @property
     def plain_vars(self) -> tuple[Var, ...]:
-        """The index variable of each axis (DENSE_ROW reads only)."""
+        """The index variable of each axis (DENSE_ROW and DENSE_PAIR reads only)."""
         return tuple(a.attr for a in self.load.args)  # type: ignore[misc]
 
 
@@ -90,6 +93,11 @@ class AttentionPlan:
         """The reads whose partials the dQ kernel writes (one buffer each), in a fixed order."""
         fused = set(self.fused_aux())
         return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.PROGRAM)
+
+    def pair_reads(self) -> tuple[AuxRead, ...]:
+        """The dense (i, j) reads whose dS tiles the dQ kernel stores (one buffer each), in a fixed order."""
+        fused = set(self.fused_aux())
+        return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.DENSE_PAIR)
 
     def epilogue_reads(self) -> tuple[AuxRead, ...]:
         """The epilogue reads reduced over the output rows and columns (host side, O(M·E))."""
@@ -147,6 +155,12 @@ def _classify(att: Attention, p: TensorParam, root: Root, load: Node) -> AuxGrad
     program = not any(uses_var(a, v) for a in load.args for v in Var if v not in _PROGRAM_VARS)
     if program and root in (*PAIR_ROOTS, *ROW_ROOTS):
         return AuxGrad.PROGRAM
+    if root in PAIR_ROOTS:
+        pair = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PAIR_VARS]
+        distinct = len(pair) == len(load.args) and len(set(pair)) == len(pair)
+        if distinct and Var.I in pair and Var.J in pair and not (Var.H in pair and Var.HK in pair):
+            return AuxGrad.DENSE_PAIR
+        return AuxGrad.UNFUSED
     plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PLAIN_VARS]
     if root is Root.OUTPUT and len(plain) == len(load.args) and len(set(plain)) == len(plain):
         if not (Var.H in plain and Var.HK in plain):
