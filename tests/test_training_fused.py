@@ -456,3 +456,29 @@ def test_no_tensor_of_m_times_n_elements_in_a_training_step(name: str, tmp_path:
     assert rec.sizes, "the mode saw no allocation"
     for n, t in leaves.items():
         assert t.grad is not None, n
+
+
+# ---- AOT: the aux-gradient code compiles for sm_90 without spills ------------------------------------------------
+
+
+def test_aux_grad_backward_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
+    """The zoo's dQ kernels carrying aux-gradient code (per-program partials, dense dS stores, the sink's
+    share); the example specs' (alibi, sink, moh_gate) are compiled by tests/test_aot_generated.py."""
+    from attnc.codegen.triton.aot import AOTCompileError, KernelReport, compile_reports
+    from attnc.codegen.triton.inspect import Target, all_jobs
+    from attnc.dsl.lower import compile_to_ir
+
+    from attnc.runtime.triton import _triton_kernels
+
+    target = Target(90, "fp16", 64, ("bwd_dq",))
+    jobs = []
+    for spec in ("calibration", "perturbation", "lofit"):
+        path = ZOO_SPECS / f"{spec}.attn"
+        kernels = _triton_kernels(_module(path, tmp_path).__file__, interpret=False)
+        jobs += all_jobs(compile_to_ir(path.read_text(), path.name).attentions, kernels, [target])
+    reports = compile_reports(jobs, max_workers=1, raise_on_error=False)
+    failures = [str(r) for r in reports if isinstance(r, AOTCompileError)]
+    assert not failures, "\n\n".join(failures)
+    ok = [r for r in reports if isinstance(r, KernelReport)]
+    assert len(ok) == 3
+    assert not [(r.name, r.spill_bytes) for r in ok if r.spill_bytes], [(r.name, r.registers) for r in ok]
