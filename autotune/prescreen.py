@@ -12,7 +12,6 @@ verdicts with these compiles.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import tempfile
@@ -69,13 +68,12 @@ def compile_job(att: Any, kernels_module: Any, c: Candidate, cc: int, dtype: DTy
             for j in linear_aot.jobs(cc, dtype.short, head_dim, (linear_aot.variant_of(att),), cfg)
             if j.fn.__name__ == "_lin_fwd_out_kernel"
         )
-    (base,) = jobs(att, kernels_module, Target(cc, dtype.short, head_dim, (_AOT_KIND[c.kind],)))
-    return dataclasses.replace(
-        base,
-        constexprs={**base.constexprs, "_BLOCK_M": c["block_m"], "_BLOCK_N": c["block_n"]},
-        num_warps=c["num_warps"],
-        num_stages=c["num_stages"],
-    )
+    from attnc.runtime.triton import _KernelConfig
+    from attnc.runtime.tuning import _config_from
+
+    cfg = _config_from(_KernelConfig, c.as_dict())  # the schedule a tuned entry would launch with
+    (job,) = jobs(att, kernels_module, Target(cc, dtype.short, head_dim, (_AOT_KIND[c.kind],)), cfg)
+    return job
 
 
 def _cache_path() -> Path:

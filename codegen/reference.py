@@ -571,6 +571,11 @@ def _fused_aux_grads(
     return L
 
 
+def _tuple(items: list[str]) -> str:
+    """A tuple display of code items (one item keeps its comma)."""
+    return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
+
+
 def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns: str) -> list[str]:
     kernels = writer.em.hoisted
     nm = att.name
@@ -623,8 +628,10 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     L += _hoisted(att, [*kernels, *em.hoisted])
     L += closures
     aux = [p.name for p in att.aux_tensors]
-    extra = [f"*_rt._aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
-    extra += [s.name for s in att.scalars] + _sizes(att) + [v for v, _ in kernels]
+    # The kernels' spec and uniforms groups, in their signature's order (`BlockABI`).
+    spec_args = [f"*_rt._aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
+    spec_args += [s.name for s in att.scalars] + _sizes(att)
+    uniforms = [v for v, _ in kernels]
     output = ", output=_output, output_grad=_output_do" if att.output is not None else ""
     if plan.epilogue_reads():
         output += (
@@ -649,7 +656,9 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     L.append("    _kern = _STATE.kernels(interpret=not q.is_cuda)")
     L.append("    spec = _rt._TritonSpec(")
     L.append(f"        _kern._{nm}_fwd_kernel, _kern._{nm}_bwd_dkdv_kernel, _kern._{nm}_bwd_dq_kernel,")
-    L.append(f"        {att.norm.kind.value!r}, ({', '.join(extra)}{',' if len(extra) == 1 else ''}){output}")
+    L.append(
+        f"        {att.norm.kind.value!r}, {_tuple(spec_args)}, {_tuple(uniforms)}, _kern.{writer.abi_name()}{output}"
+    )
     L.append("    )")
     L.append("    spec = spec._replace(")
     L.append(f"        fwd_split=_kern._{nm}_fwd_split_kernel, combine=_kern._{nm}_fwd_combine_kernel,")

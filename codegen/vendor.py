@@ -22,6 +22,7 @@ _RUNTIME = Path(attnc.runtime.__file__).parent
 _MODULES = (
     Path(attnc.settings.__file__),
     _RUNTIME / "__init__.py",
+    _RUNTIME / "signature.py",
     _RUNTIME / "checks.py",
     _RUNTIME / "reference.py",
     _RUNTIME / "layout.py",

@@ -15,7 +15,7 @@ from attnc.codegen.triton.kernels import KERNEL_KINDS, KernelWriter
 from attnc.codegen.triton.module import render_kernels
 from attnc.dsl.lower import compile_to_ir
 
-from attnc.runtime.signature import BindError, Group, Kind
+from attnc.runtime.signature import BindError, BlockABI, Group, Kind
 
 SPECS = Path(__file__).resolve().parents[1] / "examples" / "specs"
 # The quadratic-form specs (the linear family's own kernels are codegen/triton/linear_kernels.py).
@@ -116,6 +116,81 @@ def test_a_kernel_without_summaries_does_not_carry_them() -> None:
         if k.name.endswith("_fwd_combine_kernel"):
             continue
         assert k.signature.group(Group.SUMMARIES).names == ("_SQMIN0", "_SQMAX0", "_SKMIN0", "_SKMAX0")
+
+
+def test_the_combine_carries_no_summaries_layout_or_probe() -> None:
+    """The combine merges partials row by row: it reads no key tiles, no layout and counts no visits, so
+    neither those groups nor their gates are parameters of it."""
+    sig = _writer(DOCUMENT).signature("fwd_combine")
+    assert not any(sig.has(g) for g in (Group.SUMMARIES, Group.LAYOUT, Group.PROBE))
+    assert "_LAYOUT" not in sig.names and "_COUNT_VISITS" not in sig.names
+    with pytest.raises(BindError, match="no parameter group layout"):
+        sig.bind(layout=None)
+
+
+@pytest.mark.parametrize("stem", EXAMPLES)
+def test_the_kernels_file_abi_rebuilds_the_writers_signatures(stem: str) -> None:
+    """The launcher's signatures are the emitter's: rebuilt from the `_<name>_ABI` literal the kernels file
+    carries, each equals the one the kernel's `def` was rendered from."""
+    tree, writers = _module(stem)
+    data = {
+        t.id: ast.literal_eval(n.value)
+        for n in tree.body
+        if isinstance(n, ast.Assign)
+        for t in n.targets
+        if isinstance(t, ast.Name) and t.id.endswith("_ABI")
+    }
+    for w in writers:
+        rebuilt = BlockABI.from_data(data[f"_{w.att.name}_ABI"]).signatures()
+        assert {kind: k.signature for kind, k in zip(KERNEL_KINDS, w.kernels()[1], strict=True)} == rebuilt
+
+
+class _Recorder:
+    """Stands in for a Triton kernel: `kernel[grid](**kwargs)` records the arguments."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, object]] = []
+
+    def __getitem__(self, grid: tuple[int, ...]):
+        return lambda **kw: self.calls.append(kw)
+
+
+def test_the_launcher_binds_every_argument_by_name() -> None:
+    """Each launch passes keyword arguments only, exactly the kernel's parameters (plus warps and stages):
+    the layout and probe groups as None with their gates False when the call uses neither, and for the
+    combine no such parameters at all."""
+    import torch
+
+    from attnc.runtime import triton as rt
+
+    w = _writer(DOCUMENT)
+    abi = w.abi().to_data()
+    fwd, combine = _Recorder(), _Recorder()
+    B, H, M, N, D = 1, 2, 16, 32, 16
+    q, k, v = (torch.zeros(B, H, n, D) for n in (M, N, N))
+    ids = torch.zeros(B, N, dtype=torch.int32)
+    spec = rt._TritonSpec(
+        fwd, None, None, "softmax", (*rt._aux_args(ids), B, H, M, N, D), (0.25,), abi,
+        summaries=((lambda b, h, hk, i: i, lambda b, hk, j: j),), combine=combine,
+    )  # fmt: skip
+    o = torch.zeros(B, H, M, D)
+    cfg = rt._KernelConfig(16, 16, 4, 1)
+    io = {"_Q": q, "_K": k, "_V": v, "_O": o, "_ORAW": o, "_STAT": torch.zeros(B, H, M)}
+    rt._run(spec, "fwd", (1, B * H), cfg, io, q, k, v, o, probe=(B * H, 1))
+    (got,) = fwd.calls
+    sig = w.signature("fwd")
+    assert list(got) == [*sig.names, "num_warps", "num_stages"]
+    assert got["_a_ids"] is ids and got["_s_ids_1"] == 1 and got["_ku0"] == 0.25 and got["_Q"] is q
+    assert got["_SQMIN0"].shape == (B * H, 1)  # the summaries pre-pass: one tile of 16 rows
+    assert all(got[n] is None for n in (*sig.group(Group.LAYOUT).names, *sig.group(Group.PROBE).names))
+    assert got["_LAYOUT"] is False and got["_COUNT_VISITS"] is False and got["_BLOCK_M"] == 16
+    with rt.visit_probe() as probe:
+        rt._run(spec, "fwd", (1, B * H), cfg, io, q, k, v, o, probe=(B * H, 1))
+    assert fwd.calls[1]["_VISITS"] is probe["fwd"] and fwd.calls[1]["_COUNT_VISITS"] is True
+    io = {"_OPART": o, "_LPART": o, "_NSPLIT": 2, "_O": o, "_ORAW": o, "_STAT": o}
+    rt._run(spec, "fwd_combine", (1, B * H), cfg, io, q, k, v, o)
+    (got,) = combine.calls
+    assert list(got) == [*w.signature("fwd_combine").names, "num_warps", "num_stages"]
 
 
 def test_unused_layout_and_probe_groups_are_gated_and_bind_to_none() -> None:

@@ -280,7 +280,7 @@ TODAY_KERNELS = GeneratedNames(
     ),
     per_block=frozenset(
         "_{name}_bwd_dkdv_kernel _{name}_bwd_dq_kernel _{name}_fwd_combine_kernel _{name}_fwd_kernel "
-        "_{name}_fwd_split_kernel _{name}_fwd_inner _{name}_dkdv_inner _{name}_dq_inner".split()
+        "_{name}_fwd_split_kernel _{name}_fwd_inner _{name}_dkdv_inner _{name}_dq_inner _{name}_ABI".split()
     ),
 )
 TODAY = [TODAY_MAIN, TODAY_KERNELS]

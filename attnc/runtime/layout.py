@@ -159,11 +159,11 @@ def _kernel_layout(layout, q, k):
     )
 
 
-def _layout_args(layout, dummy):
-    """The kernels' layout arguments: the four lists, their strides and the block sizes (placeholders when
-    there is no layout: the kernels then do not read them)."""
+def _layout_args(layout):
+    """The kernels' layout group: the four lists, their strides and the block sizes; None without a layout
+    (the launch then binds None to the group and False to its `_LAYOUT` gate)."""
     if layout is None:
-        return (dummy,) * 4 + (0,) * 14 + (16, 16)
+        return None
     lists = layout[:4]
     return (*lists, *(s for t in lists for s in t.stride()), layout.q_block, layout.kv_block)
 

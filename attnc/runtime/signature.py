@@ -6,6 +6,7 @@ resource checks compile through it, and the launcher binds arguments to it by na
 in groups, always in this order:
 
     io          the tensors the kernel reads and writes (q, k, v, o, ...), and its own ints (split sizes)
+    backward    dQ only: the output it reads for the row delta and the auxiliary-gradient buffers (per block)
     spec        the spec's auxiliary tensors (each with its strides and extents), runtime scalars and size
                 symbols
     uniforms    scalar sub-expressions hoisted to the host (`_ku<k>`)
@@ -16,9 +17,13 @@ in groups, always in this order:
     probe       the visit counter of tests, written only under the `_COUNT_VISITS` constexpr
     constexprs  tile sizes, switches and the dot precision
 
-A group that a kernel does not use is absent from its signature; a gated group that a launch does not use is
-bound to None (Triton specialises a None argument as a constexpr, so the compiled kernel does not carry it)
-with its gate False. This module imports nothing from the compiler: the runtime launcher imports it as well.
+A group that a kernel does not use is absent from its signature (the split-KV combine has no summaries, layout
+or probe); a gated group that a launch does not use is bound to None (Triton specialises a None argument as a
+constexpr, so the compiled kernel does not carry it) with its gate False (`bind`, and `compile_args` for the
+ahead-of-time compile, so the compiled form is the launched one). The attention kernels' signatures differ
+per block only in the spec and uniforms groups and the summaries' count (`BlockABI`): the kernels file
+carries those as plain literals, from which the launcher rebuilds the emitter's signatures. This module
+imports nothing from the compiler: the runtime launcher (and a standalone module's vendored runtime) use it.
 """
 
 from __future__ import annotations
@@ -46,15 +51,23 @@ class Param:
     kind: Kind
     dtype: str | None = None  # pointers only: "input", "fp32", "fp16", "bf16", "fp64", "i64", "i32", "i1"
 
-    def triton_type(self, input_dtype: str) -> str:
+    def triton_type(self, input_dtype: str = INPUT) -> str:
         """Triton's signature type ("*fp16", "i32", "constexpr") with INPUT read as `input_dtype`."""
         if self.kind is Kind.POINTER:
             return "*" + (input_dtype if self.dtype == INPUT else str(self.dtype))
         return self.kind.value
 
+    @classmethod
+    def from_triton_type(cls, name: str, ty: str) -> Param:
+        """The inverse of `triton_type` (before INPUT is resolved): how a kernels file states a parameter."""
+        if ty.startswith("*"):
+            return cls(name, Kind.POINTER, ty[1:])
+        return cls(name, Kind(ty))
+
 
 class Group(enum.Enum):
     IO = "io"
+    BACKWARD = "backward"  # the dQ kernel's per-block backward group (`BlockABI.backward`)
     SPEC = "spec"
     UNIFORMS = "uniforms"
     STRIDES = "strides"
@@ -175,6 +188,30 @@ class KernelSignature:
         skip = {n for g in self.groups if g.group in absent for n in g.names}
         return {p.name: p.triton_type(input_dtype) for p in self.runtime if p.name not in skip}
 
+    def compile_args(
+        self, input_dtype: str, constexprs: Mapping[str, object], absent: Sequence[Group] = ()
+    ) -> tuple[dict[str, str], dict[str, object]]:
+        """What the ahead-of-time compile takes for one launch form, exactly as `bind` would bind it:
+        {runtime parameter: Triton type} and {constexpr: value}. The gated groups in `absent` are bound to
+        None with their gates False, the kernel's other gates are True; `constexprs` gives the rest of the
+        constexprs group by name."""
+        ungated = [g.value for g in absent if self.has(g) and self.group(g).gate is None]
+        if ungated:
+            raise BindError(
+                f"{self.name}: the {', '.join(ungated)} parameters are not gated, so never absent"
+            )
+        gates = {g.gate: g.group not in absent for g in self.groups if g.gate is not None}
+        values = self.bind(
+            constexprs={**gates, **constexprs},
+            **{
+                g.group.value: g.names
+                for g in self.groups
+                if g.group is not Group.CONSTEXPRS and g.group not in absent
+            },
+        )
+        types = self.triton_types(input_dtype, absent)
+        return types, {n: v for n, v in values.items() if n not in types}
+
     def bind(self, **values: Sequence[object] | Mapping[str, object] | None) -> dict[str, object]:
         """Arguments by name, from values per group (keyword: the group's name, e.g. `io=(q, k, v, ...)`):
         a sequence in the group's order or a mapping by parameter name. A gated group given None (or not
@@ -216,3 +253,95 @@ class KernelSignature:
                     )
                 out.update(zip(g.names, seq, strict=True))
         return out
+
+
+# ---- the attention kernels of one block ---------------------------------------------------------------------
+
+# The kernels of one attention block, by kind: `_<block>_<kind>_kernel`.
+ATTENTION_KINDS = ("fwd", "bwd_dkdv", "bwd_dq", "fwd_split", "fwd_combine")
+
+_Q, _K, _V = pointer("_Q"), pointer("_K"), pointer("_V")
+ATTENTION_IO: dict[str, tuple[Param, ...]] = {
+    "fwd": (_Q, _K, _V, pointer("_O"), pointer("_ORAW", "fp32"), pointer("_STAT", "fp32")),
+    "bwd_dkdv": (_Q, _K, _V, *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DK", "_DV"))),
+    # dQ runs first: it computes the row delta (stored to _DELTA for dK/dV), less d lse (_DSTAT) for softmax.
+    "bwd_dq": (_Q, _K, _V, *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DQ", "_DSTAT"))),
+    # Split-KV decoding: partials in float32, then the combine writes o and the row statistic.
+    "fwd_split": (_Q, _K, _V, pointer("_OPART", "fp32"), pointer("_LPART", "fp32"), i32("_SPLIT_N")),
+    "fwd_combine": (
+        pointer("_OPART", "fp32"),
+        pointer("_LPART", "fp32"),
+        i32("_NSPLIT"),
+        pointer("_O"),
+        pointer("_ORAW", "fp32"),
+        pointer("_STAT", "fp32"),
+    ),
+}
+# The combine reads neither tiles of k nor a layout, and counts no visits: none of those groups, nor their gates.
+_COMBINE_CONSTEXPRS = tuple(n for n in CONSTEXPRS if n not in (LAYOUT_GROUP.gate, PROBE_GROUP.gate))
+
+# How a kernels file states a block's own parameters (`BlockABI.to_data`): plain literals, so that the file
+# needs nothing but triton to import.
+ABIData = tuple[
+    str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], int, tuple[tuple[str, str], ...]
+]
+
+
+@dataclass(frozen=True)
+class BlockABI:
+    """What is particular to one attention block in its kernels' signatures (the rest is fixed here): the
+    spec group, the hoisted uniforms and how many data-dependent mask terms have tile summaries. The
+    emitter renders each kernel's `def` from `signature(kind)`; the kernels file carries `to_data()`, from
+    which the launcher rebuilds the same signatures (`from_data`)."""
+
+    block: str  # the attention's name
+    spec: ParamGroup
+    uniforms: ParamGroup
+    summaries: int = 0
+    # The dQ kernel's backward group: `_OB`, the output it reads for the row delta (o in the input dtype, or
+    # the float32 raw output of a spec with an epilogue), then one float32 buffer per auxiliary read whose
+    # gradient the kernel reduces (`_GA<n>` per-program partials, `_GD<n>` dense dS tiles).
+    backward: ParamGroup = ParamGroup(Group.BACKWARD, (pointer("_OB"),))
+
+    def signature(self, kind: str) -> KernelSignature:
+        if kind not in ATTENTION_IO:
+            raise ValueError(f"kernel kind {kind!r}: expected one of {', '.join(ATTENTION_KINDS)}")
+        groups = [
+            ParamGroup(Group.IO, ATTENTION_IO[kind]),
+            *([self.backward] if kind == "bwd_dq" else []),
+            self.spec,
+            self.uniforms,
+            STRIDES_GROUP,
+            EXTENTS_GROUP,
+        ]
+        if kind == "fwd_combine":
+            groups.append(constexpr_group(_COMBINE_CONSTEXPRS))
+        else:
+            if self.summaries:
+                groups.append(summary_group(self.summaries))
+            groups += [LAYOUT_GROUP, PROBE_GROUP, constexpr_group()]
+        return KernelSignature(f"_{self.block}_{kind}_kernel", tuple(groups))
+
+    def signatures(self) -> dict[str, KernelSignature]:
+        return {kind: self.signature(kind) for kind in ATTENTION_KINDS}
+
+    def to_data(self) -> ABIData:
+        def params(g: ParamGroup) -> tuple[tuple[str, str], ...]:
+            return tuple((p.name, p.triton_type()) for p in g.params)
+
+        return (self.block, params(self.spec), params(self.uniforms), self.summaries, params(self.backward))
+
+    @classmethod
+    def from_data(cls, data: ABIData) -> BlockABI:
+        block, spec, uniforms, summaries, backward = data
+
+        def group(g: Group, params: Sequence[tuple[str, str]]) -> ParamGroup:
+            return ParamGroup(g, tuple(Param.from_triton_type(n, t) for n, t in params))
+
+        return cls(
+            block,
+            group(Group.SPEC, spec),
+            group(Group.UNIFORMS, uniforms),
+            int(summaries),
+            group(Group.BACKWARD, backward),
+        )

@@ -6,6 +6,7 @@ imports with torch alone."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from .layout import _fit_layout, _layout_args, _next_pow2, triton_cdiv
 from .reference import _full
+from .signature import BlockABI, Group
 
 # ---- kernels files: the generated `*_triton.py` beside a module, and the runtime's own linear core ----
 
@@ -106,7 +108,9 @@ class _TritonSpec(NamedTuple):
     dkdv: object
     dq: object
     norm: str
-    extra: tuple  # aux tensors with strides and extents, scalars, sizes, uniforms: the kernels' shared tail
+    args: tuple  # the kernels' spec group: aux tensors with strides and extents, scalars, size symbols
+    uniforms: tuple = ()  # the kernels' uniforms group (`_ku<k>`)
+    abi: object = None  # the kernels file's `_<name>_ABI` (BlockABI data): the kernels' signatures
     output: object = None  # (o, b, h, hk, i, e) -> epilogue, for the backward through it
     configs: object = None  # {"fwd" | "dkdv" | "dq": _KernelConfig}; None: _default_config per kernel
     heavy: int = 0  # KernelWriter.heavy: 2 gathers per (i, j) or tile summaries, 1 float32 weights
@@ -135,7 +139,7 @@ def _triton_forward(spec, q, k, v):
     output before the epilogue (o itself when the spec has none); `stat` the row statistic the backward reads
     (the log-sum-exp for softmax). q, k and v are contiguous."""
     B, H, M, D = q.shape
-    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    N, E = k.shape[2], v.shape[3]
     o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
     oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
     stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
@@ -145,27 +149,8 @@ def _triton_forward(spec, q, k, v):
         return o, oraw, stat
     cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
     grid = (triton_cdiv(M, cfg.block_m), B * H)
-    spec.fwd[grid](
-        q,
-        k,
-        v,
-        o,
-        oraw,
-        stat,
-        *spec.extra,
-        *_strides(q, k, v, o),
-        H,
-        G,
-        M,
-        N,
-        D,
-        E,
-        *_summaries(spec, q, k, cfg),
-        *_layout_args(spec.layout, stat),
-        *_visits("fwd", (B * H, grid[0]), stat, cfg),
-        **_launch(cfg, q, D, E),
-        _LAYOUT=spec.layout is not None,
-    )
+    io = {"_Q": q, "_K": k, "_V": v, "_O": o, "_ORAW": oraw, "_STAT": stat}
+    _run(spec, "fwd", grid, cfg, io, q, k, v, o, probe=(B * H, grid[0]))
     return o, oraw, stat
 
 
@@ -196,7 +181,6 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
     dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
     dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
-    strides = _strides(q, k, v, do_raw)
     cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
     programs = triton_cdiv(M, cfg.block_m) * B * H
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
@@ -209,56 +193,24 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
         )
         for (lb, lh), shape in spec.pair_grads
     ]
-    spec.dq[(triton_cdiv(M, cfg.block_m), B * H)](
-        q,
-        k,
-        v,
-        do_raw,
-        stat,
-        delta,
-        dq,
-        o_raw,
-        dstat,
-        *parts,
-        *dense,
-        *spec.extra,
-        *strides,
-        H,
-        G,
-        M,
-        N,
-        D,
-        E,
-        *_summaries(spec, q, k, cfg),
-        *_layout_args(spec.layout, stat),
-        *_visits("dq", (B * H, triton_cdiv(M, cfg.block_m)), stat, cfg),
-        **_launch(cfg, q, D, E),
-        _LAYOUT=spec.layout is not None,
-    )
+    # The backward kernels read dO where the forward writes o: its strides stand in o's.
+    grid = (triton_cdiv(M, cfg.block_m), B * H)
+    io = {
+        "_Q": q,
+        "_K": k,
+        "_V": v,
+        "_DO": do_raw,
+        "_STAT": stat,
+        "_DELTA": delta,
+        "_DQ": dq,
+        "_DSTAT": dstat,
+    }
+    backward = [o_raw, *parts, *dense]  # the dQ kernel's per-block group (`BlockABI.backward`), in order
+    _run(spec, "bwd_dq", grid, cfg, io, q, k, v, do_raw, probe=(B * H, grid[0]), name="dq", backward=backward)
     cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
-    spec.dkdv[(triton_cdiv(N, cfg.block_n), B * G)](
-        q,
-        k,
-        v,
-        do_raw,
-        stat,
-        delta,
-        dk,
-        dv,
-        *spec.extra,
-        *strides,
-        H,
-        G,
-        M,
-        N,
-        D,
-        E,
-        *_summaries(spec, q, k, cfg),
-        *_layout_args(spec.layout, stat),
-        *_visits("dkdv", (B * G, triton_cdiv(N, cfg.block_n)), stat, cfg),
-        **_launch(cfg, q, D, E),
-        _LAYOUT=spec.layout is not None,
-    )
+    grid = (triton_cdiv(N, cfg.block_n), B * G)
+    io = {"_Q": q, "_K": k, "_V": v, "_DO": do_raw, "_STAT": stat, "_DELTA": delta, "_DK": dk, "_DV": dv}
+    _run(spec, "bwd_dkdv", grid, cfg, io, q, k, v, do_raw, probe=(B * G, grid[0]), name="dkdv")
     # The partials summed over programs in a fixed order: deterministic, no atomics.
     sums = [part.sum(0) for part in parts]
     sums += [
@@ -352,46 +304,65 @@ def _split_forward(spec, cfg, q, k, v, o, oraw, stat):
     """Split forward (grid: query tiles, B·H, splits) into float32 partials [B·H, S, M, E] and [B·H, S, M],
     then the combine (grid: query tiles, B·H) into o, oraw and stat, exactly as the one-pass forward writes
     them. Each split covers `per_split` keys, a multiple of BLOCK_N, so tiles never straddle two splits."""
-    B, H, M, D = q.shape
-    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    B, H, M = q.shape[:3]
+    N, E = k.shape[2], v.shape[3]
     S = cfg.num_splits
     per_split = triton_cdiv(triton_cdiv(N, cfg.block_n), S) * cfg.block_n
     opart = torch.empty((B * H, S, M, E), dtype=torch.float32, device=q.device)
     lpart = torch.empty((B * H, S, M), dtype=torch.float32, device=q.device)
     tiles_m = triton_cdiv(M, cfg.block_m)
-    shared = (*spec.extra, *_strides(q, k, v, o), H, G, M, N, D, E)
-    summaries = _summaries(spec, q, k, cfg)
-    layout = _layout_args(spec.layout, stat)
-    spec.fwd_split[(tiles_m, B * H, S)](
-        q,
-        k,
-        v,
-        opart,
-        lpart,
-        per_split,
-        *shared,
-        *summaries,
-        *layout,
-        *_visits("fwd_split", (B * H, S, tiles_m), stat, cfg),
-        **_launch(cfg, q, D, E),
-        _LAYOUT=spec.layout is not None,
-    )
+    io = {"_Q": q, "_K": k, "_V": v, "_OPART": opart, "_LPART": lpart, "_SPLIT_N": per_split}
+    _run(spec, "fwd_split", (tiles_m, B * H, S), cfg, io, q, k, v, o, probe=(B * H, S, tiles_m))
     merge = _KernelConfig(cfg.block_m, cfg.block_n, 4, 1)
-    spec.combine[(tiles_m, B * H)](
-        opart,
-        lpart,
-        S,
-        o,
-        oraw,
-        stat,
-        *shared,
-        *summaries,
-        *layout,
-        stat,
-        False,
-        **_launch(merge, q, D, E),
-        _LAYOUT=False,
-    )
+    io = {"_OPART": opart, "_LPART": lpart, "_NSPLIT": S, "_O": o, "_ORAW": oraw, "_STAT": stat}
+    _run(spec, "fwd_combine", (tiles_m, B * H), merge, io, q, k, v, o)
+
+
+# ---- binding a launch to its kernel's signature --------------------------------------------------------------
+
+_KERNEL_FIELDS = {
+    "fwd": "fwd",
+    "bwd_dkdv": "dkdv",
+    "bwd_dq": "dq",
+    "fwd_split": "fwd_split",
+    "fwd_combine": "combine",
+}
+
+
+@functools.lru_cache(maxsize=256)
+def _signatures(abi):
+    """{kind: KernelSignature} of a block, from its kernels file's ABI data (plain, hashable literals)."""
+    return BlockABI.from_data(abi).signatures()
+
+
+def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=None):
+    """Launch the block's `kind` kernel on `grid`, every argument bound by group and name to the kernel's
+    signature (`KernelSignature.bind`): `io` by parameter name, the spec and uniforms groups as the module
+    passed them, strides of (q, k, v, o), extents; the optional groups only where the signature has them,
+    the layout and the visit probe only when this call uses them (otherwise None, their gates False).
+    `probe`: the shape of the per-program visit counts; `name`: the kernel's name in the probe; `backward`:
+    the dQ kernel's backward group (the output read for the row delta, then the aux-gradient buffers)."""
+    sig = _signatures(spec.abi)[kind]
+    H, M, D = q.shape[1:]
+    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    kw = _launch(cfg, q, D, E)
+    groups = {
+        "io": io,
+        "spec": spec.args,
+        "uniforms": spec.uniforms,
+        "strides": _strides(q, k, v, o),
+        "extents": (H, G, M, N, D, E),
+        "constexprs": {n: kw.pop(n) for n in sig.group(Group.CONSTEXPRS).names if n in kw},
+    }
+    if sig.has(Group.BACKWARD):
+        groups["backward"] = backward
+    if sig.has(Group.SUMMARIES):
+        groups["summaries"] = _summaries(spec, q, k, cfg)
+    if sig.has(Group.LAYOUT):
+        groups["layout"] = _layout_args(spec.layout)
+    if sig.has(Group.PROBE):
+        groups["probe"] = _visits(name or kind, probe, q.device, cfg)
+    getattr(spec, _KERNEL_FIELDS[kind])[grid](**sig.bind(**groups), **kw)
 
 
 def _tile_minmax(values, block):
@@ -450,14 +421,15 @@ def visit_probe():
         _VISIT_PROBE = saved
 
 
-def _visits(kernel, shape, dummy, cfg):
-    """The kernel's `_VISITS` argument and its `_COUNT_VISITS` switch (the probe also records the schedule)."""
+def _visits(kernel, shape, device, cfg):
+    """The probe group's values (`_VISITS`: per-program visit counts) while a probe is set, else None (the
+    kernel is then launched with `_COUNT_VISITS` False). The probe also records the schedule."""
     if _VISIT_PROBE is None:
-        return dummy, False
-    counts = torch.zeros(shape, dtype=torch.int32, device=dummy.device)
+        return None
+    counts = torch.zeros(shape, dtype=torch.int32, device=device)
     _VISIT_PROBE[kernel] = counts
     _VISIT_PROBE[f"{kernel}_config"] = cfg
-    return counts, True
+    return (counts,)
 
 
 def _strides(q, k, v, o):
@@ -468,13 +440,22 @@ def _config(spec, kernel, D, E):
     return (spec.configs or {}).get(kernel) or _default_config(D, E, kernel, spec.heavy)
 
 
-def _launch(cfg, q, D, E):
+def _schedule_constexprs(cfg, D, E, fp32):
+    """The constexprs a schedule sets (tiles, padded head dims, the dot precision): what every launch and
+    the ahead-of-time compile (`codegen.triton.inspect`) bind to the kernel's constexprs group."""
     return {
         "_BLOCK_M": cfg.block_m,
         "_BLOCK_N": cfg.block_n,
         "_BLOCK_D": _next_pow2(D),
         "_BLOCK_E": _next_pow2(E),
-        "_DOT_PRECISION": "ieee" if q.dtype is torch.float32 else "tf32",
+        "_DOT_PRECISION": "ieee" if fp32 else "tf32",
+    }
+
+
+def _launch(cfg, q, D, E):
+    """A launch's constexprs and its launch options (warps, stages)."""
+    return {
+        **_schedule_constexprs(cfg, D, E, q.dtype is torch.float32),
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
     }

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from attnc.dsl.ir import Attention
 
-from attnc.runtime.layout import _next_pow2
 from attnc.runtime.signature import Group
-from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig
+from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig, _schedule_constexprs
 
 from .aot import CompileJob
 from .kernels import KERNEL_KINDS, KernelWriter
@@ -33,10 +32,13 @@ class Target:
 CI_TARGETS = (Target(90, "fp16", 64), Target(90, "bf16", 128), Target(80, "fp16", 64, ("fwd",)))
 
 
-def jobs(att: Attention, kernels_module: object, target: Target) -> list[CompileJob]:
-    """One compile per kernel of `target`, typed from the kernel's signature. The gated groups that the
-    compiled form does not read (the layout without `target.layout`, the visit probe) are bound to None, as
-    the launcher binds them: constexprs, so the kernel compiles without them."""
+def jobs(
+    att: Attention, kernels_module: object, target: Target, config: _KernelConfig | None = None
+) -> list[CompileJob]:
+    """One compile per kernel of `target`, typed from the kernel's signature and bound as the launcher binds
+    it (`KernelSignature.compile_args`): the gated groups that the compiled form does not read (the layout
+    without `target.layout`, the visit probe) are None, constexprs, so the kernel compiles without them.
+    `config`: a schedule instead of the runtime's default (the autotuner's candidates)."""
     writer = KernelWriter(att)
     _, kernels = writer.kernels()  # fixes the hoisted uniforms, hence the signatures
     by_kind = dict(zip(KERNEL_KINDS, kernels, strict=True))
@@ -44,23 +46,15 @@ def jobs(att: Attention, kernels_module: object, target: Target) -> list[Compile
     out = []
     for kind in target.kernels:
         sig = by_kind[kind].signature
-        cfg = _schedule(kind, D, E, writer.heavy)
-        layout = target.layout and kind != "fwd_combine"
-        absent = [Group.PROBE, *(() if layout else (Group.LAYOUT,))]
-        constexprs: dict[str, object] = {
-            **{n: None for g in absent if sig.has(g) for n in sig.group(g).names},
-            "_COUNT_VISITS": False,
-            "_LAYOUT": layout,
-            "_BLOCK_M": cfg.block_m,
-            "_BLOCK_N": cfg.block_n,
-            "_BLOCK_D": _next_pow2(D),
-            "_BLOCK_E": _next_pow2(E),
-            "_DOT_PRECISION": "ieee" if target.dtype == "fp32" else "tf32",
-        }
+        cfg = config or _schedule(kind, D, E, writer.heavy)
+        absent = [g for g in (Group.PROBE, *(() if target.layout else (Group.LAYOUT,))) if sig.has(g)]
+        types, constexprs = sig.compile_args(
+            target.dtype, _schedule_constexprs(cfg, D, E, target.dtype == "fp32"), absent
+        )
         out.append(
             CompileJob(
                 getattr(kernels_module, sig.name),
-                sig.triton_types(target.dtype, absent),
+                types,
                 constexprs,
                 cc=target.cc,
                 num_warps=cfg.num_warps,

@@ -35,19 +35,15 @@ from attnc.dsl.ir import Attention, DType, Node, NormKind, Op, TensorParam, Tens
 from attnc.dsl.scope import ROOT_ELEMENT, ROOT_VARS, Root
 
 from attnc.runtime.signature import (
-    EXTENTS_GROUP,
-    LAYOUT_GROUP,
-    PROBE_GROUP,
-    STRIDES_GROUP,
+    ATTENTION_KINDS,
+    BlockABI,
     Group,
     KernelSignature,
     Param,
     ParamGroup,
-    constexpr_group,
     f32,
     i32,
     pointer,
-    summary_group,
 )
 
 from ..emit import Emitter, expr_from_string, name
@@ -59,7 +55,7 @@ from .norms import LOG2E, NormStrategy, norm_strategy
 __all__ = ["KERNEL_KINDS", "LOG2E", "Kernel", "KernelWriter", "LoopHelper"]
 
 # The kernels of one attention block, by kind: `_<name>_<kind>_kernel`.
-KERNEL_KINDS = ("fwd", "bwd_dkdv", "bwd_dq", "fwd_split", "fwd_combine")
+KERNEL_KINDS = ATTENTION_KINDS
 
 # Pointer element types of the spec's auxiliary tensors (what a launch passes for each declared type).
 AUX_DTYPES = {
@@ -72,51 +68,6 @@ AUX_DTYPES = {
     TensorType.INT64: "i64",
     TensorType.INT32: "i32",
     TensorType.BOOL: "i1",
-}
-
-_IO = {
-    "fwd": (
-        pointer("_Q"),
-        pointer("_K"),
-        pointer("_V"),
-        pointer("_O"),
-        pointer("_ORAW", "fp32"),
-        pointer("_STAT", "fp32"),
-    ),
-    "bwd_dkdv": (
-        pointer("_Q"),
-        pointer("_K"),
-        pointer("_V"),
-        *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DK", "_DV")),
-    ),
-    # dQ runs first and computes the row delta Σ_e dO·O itself (stored to _DELTA for dK/dV): _OB is the
-    # output it reads (o, or the float32 raw output of a spec with an epilogue: `KernelWriter.signature`
-    # sets its type), _DSTAT the gradient of the log-sum-exp (softmax only).
-    "bwd_dq": (
-        pointer("_Q"),
-        pointer("_K"),
-        pointer("_V"),
-        *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DQ")),
-        pointer("_OB"),
-        pointer("_DSTAT", "fp32"),
-    ),
-    # Split-KV decoding: partials in float32, then the combine writes o and the row statistic.
-    "fwd_split": (
-        pointer("_Q"),
-        pointer("_K"),
-        pointer("_V"),
-        pointer("_OPART", "fp32"),
-        pointer("_LPART", "fp32"),
-        i32("_SPLIT_N"),
-    ),
-    "fwd_combine": (
-        pointer("_OPART", "fp32"),
-        pointer("_LPART", "fp32"),
-        i32("_NSPLIT"),
-        pointer("_O"),
-        pointer("_ORAW", "fp32"),
-        pointer("_STAT", "fp32"),
-    ),
 }
 
 Intervals = list[tuple[str, str]]
@@ -252,29 +203,29 @@ class KernelWriter:
                         seen.append(str(n.attr))
         return seen
 
-    def signature(self, kind: str) -> KernelSignature:
-        """The kernel's parameters. The combine reads neither tiles of k nor masks: it carries no summaries;
-        in this version it still carries the layout and probe groups that today's launcher passes to it
-        (gated off by its constexprs)."""
-        io = _IO[kind]
-        if kind == "bwd_dq":
-            if self.att.output is not None:
-                io = tuple(pointer("_OB", "fp32") if p.name == "_OB" else p for p in io)
-            # One float32 partial buffer [programs, numel(aux)] per aux read reduced in this kernel.
-            io += tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
-            # And one float32 buffer [lead..., *aux.shape] per dense (i, j) read (`_pair_lead`).
-            io += tuple(pointer(f"_GD{n}", "fp32") for n in range(len(self.plan.pair_reads())))
-        groups = [
-            ParamGroup(Group.IO, io),
+    def abi(self) -> BlockABI:
+        """The block's own part of its kernels' signatures (the fixed groups are the runtime's)."""
+        return BlockABI(
+            self.att.name,
             self.spec_group(),
             self.uniforms_group(),
-            STRIDES_GROUP,
-            EXTENTS_GROUP,
-        ]
-        if self.plan.summaries:
-            groups.append(summary_group(len(self.plan.summaries)))
-        groups += [LAYOUT_GROUP, PROBE_GROUP, constexpr_group()]
-        return KernelSignature(f"_{self.att.name}_{kind}_kernel", tuple(groups))
+            len(self.plan.summaries),
+            self.backward_group(),
+        )
+
+    def backward_group(self) -> ParamGroup:
+        """The dQ kernel's own backward parameters: the output it reads for the row delta (the float32 raw
+        output when there is an epilogue), one float32 partial buffer [programs, numel(aux)] per auxiliary
+        read reduced per program, one [lead..., *aux.shape] per dense (i, j) read (`_pair_lead`)."""
+        out = pointer("_OB", "fp32") if self.att.output is not None else pointer("_OB")
+        partials = tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
+        dense = tuple(pointer(f"_GD{n}", "fp32") for n in range(len(self.plan.pair_reads())))
+        return ParamGroup(Group.BACKWARD, (out, *partials, *dense))
+
+    def signature(self, kind: str) -> KernelSignature:
+        """The kernel's parameters (`BlockABI.signature`): the combine reads neither tiles of k nor masks,
+        so it carries no summaries, no layout and no visit probe."""
+        return self.abi().signature(kind)
 
     def shared_params(self) -> list[str]:
         """The block's parameters that every loop helper takes after its state and context (all but I/O)."""
@@ -954,8 +905,21 @@ class KernelWriter:
             lines += self._render_helper(h)
         for k in ks:
             lines += render_kernel(k)
+        lines += self._render_abi()
         self._kernels = (lines, ks)
         return self._kernels
+
+    def abi_name(self) -> str:
+        return f"_{self.att.name}_ABI"
+
+    def _render_abi(self) -> list[str]:
+        """The block's `BlockABI` as plain literals: the launcher rebuilds the kernels' signatures from it."""
+        st = S("{target} = {data}", target=name(self.abi_name()), data=_literal(self.abi().to_data()))
+        text = ast.unparse(ast.fix_missing_locations(ast.Module(st, [])))
+        why = (
+            "# The block's own kernel parameters (spec, uniforms, summarised terms): the runtime's BlockABI."
+        )
+        return [why, *text.splitlines(), "", ""]
 
     def helpers(self) -> list[LoopHelper]:
         """The loop helpers, one per kind: the forward's key loop (also the split forward's), dK/dV's query
@@ -973,6 +937,13 @@ def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
     if Var.H not in vs:
         lead.append((Var.H, "_NH"))
     return lead
+
+
+def _literal(value: object) -> ast.expr:
+    """Nested tuples of str and int as an ast literal."""
+    if isinstance(value, tuple):
+        return ast.Tuple([_literal(v) for v in value], ast.Load())
+    return ast.Constant(value)
 
 
 def _render_def(fn: str, params: list[str], constexprs: set[str], body: Stmts) -> list[str]:
