@@ -453,7 +453,7 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
         saved_raw = "oraw" if epilogue else "o"
         dstat = "dlse" if softmax else "None"
         L.append(
-            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, q.contiguous(), k.contiguous(), v.contiguous(), o, {saved_raw}, lse, do, {dstat})"
+            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, q.contiguous(), k.contiguous(), v.contiguous(), o, {saved_raw}, lse, do, {dstat}, aux_grad)"
         )
         L.append("        _g = {'q': _dq, 'k': _dk, 'v': _dv}")
         if float_aux:

@@ -154,11 +154,13 @@ def _triton_forward(spec, q, k, v):
     return o, oraw, stat
 
 
-def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
+def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     """dq, dk, dv (in the inputs' dtypes) from what the forward saved: o, oraw (o when there is no epilogue)
     and stat. No forward runs again: the dQ kernel computes the row delta Σ_e dO·O (minus d lse for softmax)
     from the tiles it loads anyway and stores it, and the dK/dV kernel, launched after it, reads it. q, k and
-    v are contiguous; `dstat` may be None (no gradient reaches the log-sum-exp)."""
+    v are contiguous; `dstat` may be None (no gradient reaches the log-sum-exp). `aux_grad`: reduce the
+    gradients of the auxiliary reads the dQ kernel owns (returned as summed buffers, in the kernel's
+    order); without it that code is compiled out (the `_AUX_GRAD` gate) and nothing is allocated for it."""
     B, H, M, D = q.shape
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
@@ -184,14 +186,16 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
     cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
     programs = triton_cdiv(M, cfg.block_m) * B * H
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
-    parts = [torch.zeros((programs, n), dtype=torch.float32, device=q.device) for n in spec.grad_numels]
+    aux_grad = aux_grad and bool(spec.grad_numels or spec.pair_grads)
+    numels = spec.grad_numels if aux_grad else ()
+    parts = [torch.zeros((programs, n), dtype=torch.float32, device=q.device) for n in numels]
     # Dense (i, j) reads: dS tiles stored at their elements, with b and/or h leading where the read leaves
     # them out (every element then has one writer); pairs no program visits stay zero.
     dense = [
         torch.zeros(
             (*([B] if lb else []), *([H] if lh else []), *shape), dtype=torch.float32, device=q.device
         )
-        for (lb, lh), shape in spec.pair_grads
+        for (lb, lh), shape in (spec.pair_grads if aux_grad else ())
     ]
     # The backward kernels read dO where the forward writes o: its strides stand in o's.
     grid = (triton_cdiv(M, cfg.block_m), B * H)
@@ -205,8 +209,22 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
         "_DQ": dq,
         "_DSTAT": dstat,
     }
-    backward = [o_raw, *parts, *dense]  # the dQ kernel's per-block group (`BlockABI.backward`), in order
-    _run(spec, "bwd_dq", grid, cfg, io, q, k, v, do_raw, probe=(B * H, grid[0]), name="dq", backward=backward)
+    grads = [*parts, *dense] if aux_grad else None  # None: the gated group unbound, `_AUX_GRAD` False
+    _run(
+        spec,
+        "bwd_dq",
+        grid,
+        cfg,
+        io,
+        q,
+        k,
+        v,
+        do_raw,
+        probe=(B * H, grid[0]),
+        name="dq",
+        backward=[o_raw],
+        aux_grads=grads,
+    )
     cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
     grid = (triton_cdiv(N, cfg.block_n), B * G)
     io = {"_Q": q, "_K": k, "_V": v, "_DO": do_raw, "_STAT": stat, "_DELTA": delta, "_DK": dk, "_DV": dv}
@@ -215,7 +233,7 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat):
     sums = [part.sum(0) for part in parts]
     sums += [
         d.sum(tuple(range(int(lb) + int(lh)))) if lb or lh else d
-        for d, ((lb, lh), _) in zip(dense, spec.pair_grads, strict=True)
+        for d, ((lb, lh), _) in zip(dense, spec.pair_grads if aux_grad else (), strict=True)
     ]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sums
 
@@ -335,13 +353,14 @@ def _signatures(abi):
     return BlockABI.from_data(abi).signatures()
 
 
-def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=None):
+def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=None, aux_grads=None):
     """Launch the block's `kind` kernel on `grid`, every argument bound by group and name to the kernel's
     signature (`KernelSignature.bind`): `io` by parameter name, the spec and uniforms groups as the module
     passed them, strides of (q, k, v, o), extents; the optional groups only where the signature has them,
     the layout and the visit probe only when this call uses them (otherwise None, their gates False).
     `probe`: the shape of the per-program visit counts; `name`: the kernel's name in the probe; `backward`:
-    the dQ kernel's backward group (the output read for the row delta, then the aux-gradient buffers)."""
+    the dQ kernel's backward group (the output read for the row delta); `aux_grads`: its aux-gradient
+    buffers, or None (that gated group unbound: the kernel compiles its aux-gradient code out)."""
     sig = _signatures(spec.abi)[kind]
     H, M, D = q.shape[1:]
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
@@ -356,6 +375,8 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     }
     if sig.has(Group.BACKWARD):
         groups["backward"] = backward
+    if sig.has(Group.AUX_GRADS):
+        groups["aux_grads"] = aux_grads
     if sig.has(Group.SUMMARIES):
         groups["summaries"] = _summaries(spec, q, k, cfg)
     if sig.has(Group.LAYOUT):

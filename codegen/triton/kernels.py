@@ -31,11 +31,26 @@ from dataclasses import dataclass
 import sympy as sp
 from attnc.dsl.analysis.plan import PAIR_ROOTS, ROW_ROOTS, AttentionPlan, AuxRead, plan_attention
 from attnc.dsl.autodiff import gradients
-from attnc.dsl.ir import Attention, DType, Node, NormKind, Op, TensorParam, TensorType, Var, uses_var, walk
+from attnc.dsl.builder import ieee_binary
+from attnc.dsl.ir import (
+    Attention,
+    DType,
+    Node,
+    NormKind,
+    Op,
+    TensorParam,
+    TensorType,
+    Var,
+    const,
+    is_uniform,
+    uses_var,
+    walk,
+)
 from attnc.dsl.scope import ROOT_ELEMENT, ROOT_VARS, Root
 
 from attnc.runtime.signature import (
     ATTENTION_KINDS,
+    AUX_GRAD_GATE,
     BlockABI,
     Group,
     KernelSignature,
@@ -117,7 +132,11 @@ class KernelWriter:
         self.norm: NormStrategy = norm_strategy(att)
         self.tx = TritonExprs(att)
         # One emitter for all kernels of the block, so uniform values get one name each (`_ku<k>`).
-        self.em: Emitter = self.tx.emitter(self.tx.load, leaf({}))
+        self.em: Emitter = self.tx.emitter(self._load, leaf({}))
+        # Loads in the (i, j) roots indexed per program only (`slopes[h]`): loaded once per program (per
+        # query head in dK/dV) before the tile loop, and read by name inside it (`_pl<k>`).
+        self.program_loads: dict[Node, str] = {n: f"_pl{k}" for k, n in enumerate(_program_loads(att))}
+        self._in_loop = False  # whether the emitter renders a tile loop's body (program loads by name)
         self.counter = 0
         self.kv_intervals, self.q_intervals, self.full = _tile_code(att, self.plan)
         self._kernels: tuple[list[str], list[Kernel]] | None = None
@@ -138,6 +157,19 @@ class KernelWriter:
     @property
     def uniforms(self) -> list[str]:
         return [v for v, _ in self.em.hoisted]
+
+    def _load(self, n: Node, args: list[ast.expr]) -> ast.expr:
+        if self._in_loop and n in self.program_loads:
+            return name(self.program_loads[n])
+        return self.tx.load(n, args)
+
+    def _program_load_code(self) -> Stmts:
+        """The program loads, before a tile loop (b, h and hk are the program's)."""
+        out: Stmts = []
+        for n, var in self.program_loads.items():
+            e = self.expr(n, {"b": "b", "h": "h", "hk": "hk"}, out)
+            out += S(f"{var} = {{e}}", e=e)
+        return out
 
     # ---- expressions --------------------------------------------------------------------------------------
 
@@ -211,16 +243,21 @@ class KernelWriter:
             self.uniforms_group(),
             len(self.plan.summaries),
             self.backward_group(),
+            self.aux_grads_group(),
         )
 
     def backward_group(self) -> ParamGroup:
-        """The dQ kernel's own backward parameters: the output it reads for the row delta (the float32 raw
-        output when there is an epilogue), one float32 partial buffer [programs, numel(aux)] per auxiliary
-        read reduced per program, one [lead..., *aux.shape] per dense (i, j) read (`_pair_lead`)."""
+        """The output the dQ kernel reads for the row delta: the float32 raw output under an epilogue."""
         out = pointer("_OB", "fp32") if self.att.output is not None else pointer("_OB")
+        return ParamGroup(Group.BACKWARD, (out,))
+
+    def aux_grads_group(self) -> ParamGroup:
+        """The dQ kernel's aux-gradient buffers (gated by `_AUX_GRAD`): one float32 partial buffer
+        [programs, numel(aux)] per read reduced per program, one [lead..., *aux.shape] per dense (i, j) read
+        (`_pair_lead`)."""
         partials = tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
         dense = tuple(pointer(f"_GD{n}", "fp32") for n in range(len(self.plan.pair_reads())))
-        return ParamGroup(Group.BACKWARD, (out, *partials, *dense))
+        return ParamGroup(Group.AUX_GRADS, (*partials, *dense), gate=AUX_GRAD_GATE)
 
     def signature(self, kind: str) -> KernelSignature:
         """The kernel's parameters (`BlockABI.signature`): the combine reads neither tiles of k nor masks,
@@ -297,8 +334,19 @@ class KernelWriter:
                 )
             else:
                 out += inner
+        if self.norm.kind is NormKind.SOFTMAX:
+            # The softmax works in base 2: the score comes out already times log2(e) (`log2_score`), so that
+            # `dot(q, k) * scale` costs one multiply per element, by the hoisted uniform scale·log2(e).
+            s2 = self.expr(self.log2_score(), names, out)
+            out += S("s2 = tl.where(valid, {s}, float('-inf'))", s=s2)
+            return
         s = self.expr(att.score, names, out)
         out += S("s = tl.where(valid, {s}, 0.0)", s=s)
+
+    def log2_score(self) -> Node:
+        """The score times log2(e), the constant pushed into sums and onto a uniform factor of a product
+        (which the emitter hoists as one `_ku`), else one multiply at the end."""
+        return _times(self.att.score, LOG2E)
 
     def _feature(self, root: Node | None, tensor: str, which: Root, out: Stmts) -> str:
         """The feature map of q or k applied to its tile (`qf`, `ktf`); returns the name of the dot operand."""
@@ -416,7 +464,7 @@ class KernelWriter:
 
     def _render_helper(self, h: LoopHelper) -> list[str]:
         shared = self.shared_params()
-        constexprs = set(self.signature("fwd").constexprs) | {"PRIOR"}
+        constexprs = set(self.signature("fwd").constexprs) | {"PRIOR", AUX_GRAD_GATE}
         params = [
             *h.state,
             "lo",
@@ -460,6 +508,7 @@ class KernelWriter:
         if "fwd" in self._loops:
             return self._loops["fwd"]
         att = self.att
+        self._in_loop = True
         B: Stmts = S(
             """
             n0 = start_n
@@ -477,7 +526,9 @@ class KernelWriter:
             " mask=(offs_n[:, None] < _N) & (offs_e[None, :] < _E), other=0.0)"
         )
         self.norm.update(self, B)
+        self._in_loop = False
         context = (
+            *self.program_loads.values(),
             "q_op",
             "k_base",
             "v_base",
@@ -503,6 +554,7 @@ class KernelWriter:
         L += self._query_tile_prologue()
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L)
         helper = self._forward_helper()
+        L += self._program_load_code()
         L += S(
             f"""
             q_op = {qname}
@@ -669,6 +721,7 @@ class KernelWriter:
             """
         )
         L += self._own_summaries("k", "pid_bg", "pid_n")
+        self._in_loop = True
         B: Stmts = S(
             """
             m0 = start_m
@@ -693,7 +746,9 @@ class KernelWriter:
         )
         self._dscore(B)
         B += S(f"dkt += tl.dot(tl.trans({qname}).to({w}), dqk.to({w}), input_precision=_DOT_PRECISION)")
+        self._in_loop = False
         context = (
+            *self.program_loads.values(),
             "k_op",
             "vt",
             "b",
@@ -713,7 +768,8 @@ class KernelWriter:
         helper = self._helper(f"_{att.name}_dkdv_inner", "start_m", ("dkt", "dvt", "visits"), context, B)
         self._loops["dkdv"] = helper
         L += S(
-            "visits = pid_n * 0\nfor hh in range(0, rep):\n    h = hk * rep + hh\n    {loop}",
+            "visits = pid_n * 0\nfor hh in range(0, rep):\n    h = hk * rep + hh\n    {loads}\n    {loop}",
+            loads=self._program_load_code() or S("pass"),
             loop=self._tile_loop(helper, "0", "_M"),
         )
         self._feature_grad(att.feature_k, "kt", Root.FEATURE_K, L)
@@ -744,9 +800,11 @@ class KernelWriter:
         partials = tuple(f"ga{n}" for n in range(len(reads)))
         for g in partials:
             L += S(f"{g} = (pid_m * 0).to(tl.float32)")
-        self._row_aux_grads(L, reads)
+        L += _gated(self._row_aux_grads, reads)
         L += S("dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)\nm0 = pid_m * _BLOCK_M")
         L += self._own_summaries("q", "pid_bh", "pid_m")
+        L += self._program_load_code()
+        self._in_loop = True
         B: Stmts = S(
             """
             n0 = start_n
@@ -769,9 +827,13 @@ class KernelWriter:
         B += S(f"dp = tl.dot(do.to({w}), vt.to({w}), input_precision=_DOT_PRECISION)")
         self._dscore(B)
         B += S(f"dq += tl.dot(dqk.to({w}), tl.trans({kname}).to({w}), input_precision=_DOT_PRECISION)")
-        self._pair_aux_grads(B, reads)
-        dense = self._dense_pair_grads(B)
+        B += _gated(self._pair_aux_grads, reads)
+        dense: list[str] = []
+        B += _gated(lambda out: dense.extend(self._dense_pair_grads(out)))
+        self._in_loop = False
+        gate = (AUX_GRAD_GATE,) if self.aux_grads_group().params else ()
         context = (
+            *self.program_loads.values(),
             "q_op",
             "q",
             "do",
@@ -789,13 +851,14 @@ class KernelWriter:
             "_K",
             "_V",
             *dense,
+            *gate,
         )
         helper = self._helper(f"_{att.name}_dq_inner", "start_n", ("dq", "visits", *partials), context, B)
         self._loops["dq"] = helper
         L += S("visits = pid_m * 0")
         L += self._tile_loop(helper, "0", "_N")
         self._feature_grad(att.feature_q, "q", Root.FEATURE_Q, L)
-        self._store_aux_partials(L, reads)
+        L += _gated(self._store_aux_partials, reads)
         L += S(
             """
             tl.store(_DQ + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, dq, mask=(i < _M) & (offs_d[None, :] < _D))
@@ -925,6 +988,39 @@ class KernelWriter:
         """The loop helpers, one per kind: the forward's key loop (also the split forward's), dK/dV's query
         loop and dQ's key loop."""
         return [self._loops[k] for k in ("fwd", "dkdv", "dq")]
+
+
+def _program_loads(att: Attention) -> list[Node]:
+    """Loads in the score, mask and sigmoid bias whose indices depend on b, h, hk (and uniforms) only."""
+    roots = [r for r in (att.score, att.mask, att.norm.bias) if r is not None]
+    out: list[Node] = []
+    for n in walk(roots):
+        per_program = not any(uses_var(a, v) for a in n.args for v in (Var.I, Var.J, Var.D, Var.E))
+        if n.op is Op.LOAD and per_program and n not in out:
+            out.append(n)
+    return out
+
+
+def _times(n: Node, c: float) -> Node:
+    """`n * c` with c distributed over sums and folded into a uniform factor of a product."""
+    if n.op in (Op.ADD, Op.SUB) and n.dtype is DType.FLOAT and all(a.dtype is DType.FLOAT for a in n.args):
+        return ieee_binary(n.op, _times(n.args[0], c), _times(n.args[1], c))
+    if n.op is Op.MUL and n.dtype is DType.FLOAT:
+        a, b = n.args
+        for x, y in ((a, b), (b, a)):
+            if is_uniform(x) and x.dtype is DType.FLOAT:
+                return ieee_binary(Op.MUL, y, ieee_binary(Op.MUL, x, const(c)))
+    if is_uniform(n) and n.dtype is DType.FLOAT:
+        return ieee_binary(Op.MUL, n, const(c))
+    return ieee_binary(Op.MUL, n, const(c))
+
+
+def _gated(emit, *args) -> Stmts:  # type: ignore[no-untyped-def]
+    """What `emit(out, *args)` appends, under `if _AUX_GRAD:` (nothing when it appends nothing): a launch
+    whose learned inputs need no gradient compiles the aux-gradient code out."""
+    body: Stmts = []
+    emit(body, *args)
+    return S("if _AUX_GRAD:\n    {body}", body=body) if body else []
 
 
 def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
