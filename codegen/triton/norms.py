@@ -197,7 +197,8 @@ class SoftmaxNorm(NormStrategy):
         L += S("p = tl.where(valid, tl.exp2(s2 - stat2), 0.0)")
 
     def row_extras(self, L: list[ast.stmt]) -> None:
-        L += S(f"stat2 = stat * {_L2E}")
+        # A row with no visible key has stat = -inf: 0 there, so that s2 - stat2 stays -inf (not NaN).
+        L += S(f"stat2 = tl.where(stat == float('-inf'), 0.0, stat * {_L2E})")
 
     def dscore(self, L: list[ast.stmt]) -> None:
         L += S("ds = p * (dp - delta)")
