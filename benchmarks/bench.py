@@ -833,6 +833,216 @@ def _name_list(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
     return parse
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Learned-input training cases (issue 11): forward+backward with the auxiliary tensor a parameter
+
+
+@dataclass(frozen=True)
+class LearnedCase:
+    name: str
+    spec: str  # examples/specs/<spec>.attn
+    aux: str  # the learned tensor's parameter name
+    causal: bool
+    settings: str
+
+
+LEARNED: dict[str, LearnedCase] = {
+    c.name: c
+    for c in (
+        LearnedCase("alibi_slopes", "alibi", "slopes", True, "slopes [H] learned, causal"),
+        LearnedCase("t5_table", "t5_bias", "bias", False, "bias [H, 2R+1] learned, R = 64, no mask"),
+        LearnedCase("sinks", "sink", "sinks", True, "sinks [H] learned (gpt-oss), causal"),
+        LearnedCase("moh_gate", "moh_gate", "gate", True, "gate [B, H, N] learned epilogue, causal"),
+    )
+}
+T5_R = 64
+
+
+def learned_aux(case: LearnedCase, B: int, H: int, N: int, device: Any) -> dict[str, Any]:
+    """The case's learned tensor (fresh, requiring grad) and scalars, by parameter name."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{case.name}-{B}-{H}-{N}".encode()))
+    if case.name == "alibi_slopes":
+        t = torch.exp2(-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H)
+        return {"slopes": t.to(device).requires_grad_()}
+    if case.name == "t5_table":
+        t = 0.5 * torch.randn(H, 2 * T5_R + 1, generator=g)
+        return {"bias": t.to(device).requires_grad_(), "R": T5_R}
+    if case.name == "sinks":
+        return {"sinks": torch.randn(H, generator=g).to(device).requires_grad_()}
+    if case.name == "moh_gate":
+        return {"gate": torch.rand(B, H, N, generator=g).to(device).requires_grad_()}
+    raise ValueError(case.name)
+
+
+def learned_flex(
+    case: LearnedCase, aux: dict[str, Any], flex: Callable[..., Any], B: int, N: int, device: Any
+):  # type: ignore[no-untyped-def]
+    """FlexAttention with the learned tensor as a captured buffer requiring grad (FlexAttention reduces its
+    gradient with atomics): a function (q, k, v) -> o. The BlockMask is built here, outside timed regions."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def causal(b: Any, h: Any, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        return q_idx >= kv_idx
+
+    mask = create_block_mask(causal, None, None, N, N, device=str(device)) if case.causal else None
+    t = aux[case.aux]
+    if case.name == "alibi_slopes":
+
+        def alibi(score, b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+            return score + t[h] * (kv_idx - q_idx)
+
+        return lambda q, k, v: flex(q, k, v, score_mod=alibi, block_mask=mask)
+    if case.name == "t5_table":
+
+        def t5(score, b, h, q_idx, kv_idx):  # type: ignore[no-untyped-def]
+            return score + t[h, torch.clamp(kv_idx - q_idx, -T5_R, T5_R) + T5_R]
+
+        return lambda q, k, v: flex(q, k, v, score_mod=t5, block_mask=mask)
+    if case.name == "sinks":
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        def with_sink(q, k, v):  # type: ignore[no-untyped-def]
+            # The sink as one more logit of each row's normaliser: o · sigmoid(lse - sink).
+            o, extra = flex(q, k, v, block_mask=mask, return_aux=AuxRequest(lse=True))
+            w = torch.sigmoid(extra.lse - t.view(1, -1, 1))
+            return o * w.unsqueeze(-1).to(o.dtype)
+
+        return with_sink
+    if case.name == "moh_gate":
+        return lambda q, k, v: flex(q, k, v, block_mask=mask) * t.unsqueeze(-1).to(q.dtype)
+    raise ValueError(case.name)
+
+
+def learned_preflight(res: Results, case: LearnedCase, op: Callable[..., Any], gpu: bool) -> bool:
+    """attnc's Triton path against the reference at a small shape: o and the gradients of q, k, v and the
+    learned tensor; and two backward passes bitwise identical (determinism)."""
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = DTYPE if gpu else torch.float32
+    B, H, N, D = (2, 4, 256, 64) if gpu else (1, 2, 64, 16)
+    g = torch.Generator().manual_seed(zlib.crc32(f"learned-{case.name}".encode()))
+    q0, k0, v0, do0 = (torch.randn(B, H, N, D, generator=g).to(device, dtype) for _ in range(4))
+    rec: dict[str, Any] = {"variant": f"learned:{case.name}", "B": B, "H": H, "N": N, "D": D, "impl": "attnc"}
+    rec.update(vs="reference", dtype=str(dtype).replace("torch.", ""))
+
+    def step(backend: str, cast: torch.dtype | None) -> list[torch.Tensor]:
+        aux = learned_aux(case, B, H, N, device)
+        leaves = [(t.float() if cast else t).detach().clone().requires_grad_() for t in (q0, k0, v0)]
+        o = op(*leaves, **aux, backend=backend)
+        o.backward(do0.to(o.dtype))
+        return [o.detach(), *(t.grad for t in leaves), aux[case.aux].grad]
+
+    want = step("reference", torch.float32)
+    try:
+        got = step("triton", None)
+        again = step("triton", None)
+        names = ("o", "dq", "dk", "dv", f"d{case.aux}")
+        errs = {n: rel_err(a, b) for n, a, b in zip(names, got, want, strict=True)}
+        deterministic = all(torch.equal(a, b) for a, b in zip(got, again, strict=True))
+        passed = errs["o"] <= FWD_TOL[dtype] and all(errs[n] <= GRAD_TOL[dtype] for n in names[1:])
+        rec.update(status="pass" if passed and deterministic else "fail", passed=passed and deterministic)
+        rec.update(max_rel_err=errs, deterministic=deterministic)
+    except Exception as err:
+        rec.update(status="error", passed=False, error=f"{type(err).__name__}: {err}")
+    _print_preflight(res.add("preflight", rec))
+    ok = bool(rec["passed"])
+
+    # FlexAttention (eager, captured buffer) against the same reference: it computes the same case.
+    peer: dict[str, Any] = {**rec, "impl": "flex"}
+    for key in ("max_rel_err", "deterministic", "error"):
+        peer.pop(key, None)
+    try:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        aux = learned_aux(case, B, H, N, device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            with torch.no_grad():
+                o_flex = learned_flex(case, aux, flex_attention, B, N, device)(q0, k0, v0)
+        errs = {"o": rel_err(o_flex, want[0])}
+        passed = errs["o"] <= FWD_TOL[dtype]
+        peer.update(status="pass" if passed else "fail", passed=passed, max_rel_err=errs)
+    except Exception as err:
+        peer.update(status="error", passed=False, error=f"{type(err).__name__}: {err}")
+    _print_preflight(res.add("preflight", peer))
+    return ok
+
+
+def learned_timings(
+    res: Results, case: LearnedCase, op: Callable[..., Any], opts: BenchOptions, seqs: list[int], D: int = 64
+) -> None:
+    """GPU: forward+backward of attnc and of compiled FlexAttention with the learned tensor requiring grad,
+    ms and peak memory, at each N (B·N = 16k tokens, H·D = 2048); and whether repeated backward passes give
+    bitwise-identical gradients of the learned tensor."""
+    torch._dynamo.reset()
+    flex = _flex_compiled()
+    H = HIDDEN // D
+    for N in seqs:
+        B = max(1, TOKENS // N)
+        g = torch.Generator(device="cuda").manual_seed(zlib.crc32(f"{case.name}-{N}".encode()))
+        q, k, v, dout = (torch.randn(B, H, N, D, generator=g, device="cuda", dtype=DTYPE) for _ in range(4))
+        flops = attention_flops(B, H, N, N, D, causal=case.causal, backward=True)
+        base = {
+            "variant": f"learned:{case.name}",
+            "B": B,
+            "H": H,
+            "M": N,
+            "N": N,
+            "D": D,
+            "dtype": "bfloat16",
+        }
+        ms: dict[str, float] = {}
+        for impl in ("attnc", "flex"):
+            if impl not in opts.impls or (impl == "flex" and flex is None):
+                continue
+            rec = {**base, "impl": impl, "pass": "fwd+bwd", "flops": flops, "settings": case.settings}
+            try:
+                aux = learned_aux(case, B, H, N, "cuda")
+                param = aux[case.aux]
+                if impl == "attnc":
+                    fn_impl = lambda q, k, v, aux=aux: op(q, k, v, **aux, backend="triton")  # noqa: E731
+                else:
+                    fn_impl = learned_flex(case, aux, flex, B, N, "cuda")
+                rec.update(_measure(fn_impl, q, k, v, dout, True, opts))
+                rec["tflops"] = tflops(flops, rec["ms"])
+                grads = []
+                for _ in range(2):
+                    param.grad = None
+                    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+                    fn_impl(*leaves).backward(dout)
+                    grads.append(param.grad.clone())
+                rec["deterministic"] = bool(torch.equal(grads[0], grads[1]))
+                ms[impl] = rec["ms"]
+            except Exception as err:
+                rec.update(status="error", error=f"{type(err).__name__}: {str(err)[:500]}")
+                if isinstance(err, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+            _print_record(res.add("records", rec))
+        if "attnc" in ms and "flex" in ms:
+            print(f"  learned:{case.name} N={N}: speedup vs flex {ms['flex'] / ms['attnc']:.2f}x", flush=True)
+        res.save()
+
+
+def run_learned(
+    res: Results, names: list[str], cache: Path, gpu: bool, opts: BenchOptions, seqs: list[int]
+) -> int:
+    """The learned-input cases: codegen, preflight (CPU: the interpreter), and on a GPU the timings.
+    Returns how many preflight checks failed."""
+    if not names:
+        return 0
+    codegen = _import_codegen()
+    print("learned-input training cases (gradient of the learned tensor fused in the backward):", flush=True)
+    failed = 0
+    for name in names:
+        case = LEARNED[name]
+        mod = codegen.compile_file(SPEC_DIR / f"{case.spec}.attn", cache_dir=cache / "attnc")
+        op = getattr(mod, case.spec)
+        ok = learned_preflight(res, case, op, gpu)
+        failed += not ok
+        if gpu and ok:
+            learned_timings(res, case, op, opts, seqs)
+    return failed
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description="Benchmark attnc against FlexAttention and SDPA (see benchmarks/README.md)."
@@ -863,10 +1073,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="continue the results file of the same date and device: measure only what it lacks",
     )
     p.add_argument(
+        "--learned",
+        type=lambda text: [] if text == "none" else _name_list(tuple(LEARNED))(text),
+        help=f"learned-input training cases (default: {','.join(LEARNED)}; 'none' for none)",
+    )
+    p.add_argument(
         "--plot-only", type=Path, metavar="JSON", help="redraw the PNG of an existing results file"
     )
     args = p.parse_args(argv)
     args.variants = args.variants or list(VARIANTS)
+    args.learned = list(LEARNED) if args.learned is None else args.learned
     args.dims = args.dims or ([64] if args.quick else [64, 128])
     args.seqs = args.seqs or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     for D in args.dims:
@@ -1077,6 +1293,7 @@ def main(argv: list[str] | None = None) -> int:
         "quick": args.quick,
         "variants": args.variants,
         "variant_settings": {n: VARIANTS[n].settings for n in args.variants},
+        "learned": {n: LEARNED[n].settings for n in args.learned},
         "dims": args.dims,
         "seqs": args.seqs,
         "tokens_B_times_N": TOKENS,
@@ -1130,6 +1347,7 @@ def main(argv: list[str] | None = None) -> int:
         passed = run_preflight(res, args.variants, args.dims, ops, codegen_s, gpu, not args.keep_caches)
         if gpu:
             run_timings(res, args, ops, passed, opts, start, png, done)
+        run_learned(res, args.learned, cache, gpu, opts, args.seqs)
 
     res.data["finished"] = True
     res.data["elapsed_s"] = res.data["runs"][-1]["elapsed_s"] = time.perf_counter() - start

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from attnc.dsl.analysis.ranges import index_status
+from attnc.dsl.autodiff import gradients
 from attnc.dsl.ir import (
     Attention,
     DType,
@@ -23,12 +24,16 @@ from attnc.dsl.ir import (
     Role,
     TensorParam,
     TensorType,
+    Var,
+    walk,
 )
 from attnc.dsl.scope import Root, root_names
 
 from .emit import Emitter, code, constant, expr_from_string, name
 
 if TYPE_CHECKING:
+    from attnc.dsl.analysis.plan import AttentionPlan
+
     from .triton.kernels import KernelWriter
 
 _EXACT = {
@@ -359,10 +364,10 @@ def emit_attention(
             check = f"_rt._check_scalar({p.name!r}, {p.name}, {kind!r})"
             L.append(f"    {p.name} = {check}" + (f" if {p.name} is not None else None" if optional else ""))
     L += ext.dispatch
-    L.append(f"    o, lse = _{nm}_op({call_args}, *_rt._layout_op_args(block_layout), backend)")
+    L.append(f"    o, lse, _ = _{nm}_op({call_args}, *_rt._layout_op_args(block_layout), backend)")
     L.append("    return (o, lse) if return_lse else o")
     L += ["", ""]
-    L += _emit_op(att, kernels is not None)
+    L += _emit_op(att, kernels is not None, kernels.plan if kernels is not None else None)
     if ext.tail:
         L += ["", ""]
         L += ext.tail
@@ -394,48 +399,84 @@ _LAYOUT_OP_PARAMS = [
 ]
 
 
-def _emit_op(att: Attention, has_triton: bool) -> list[str]:
+def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None) -> list[str]:
     """A torch.library custom op (with a fake implementation and an autograd formula) around the block, so
-    that torch.compile(fullgraph=True) traces models that call it without looking inside."""
+    that torch.compile(fullgraph=True) traces models that call it without looking inside.
+
+    The op returns (o, lse, oraw). On the Triton path the backward reads what the forward saved and launches
+    only the backward kernels: `lse` holds the kernels' row statistic (the log-sum-exp for softmax; for the
+    other norms, whose lse the entry point never returns, their normaliser) and `oraw` the float32 output
+    before the epilogue (a spec with an epilogue; an empty tensor otherwise). The reference backward
+    recomputes the forward under autograd (checkpointing: a deliberate memory choice)."""
     nm = att.name
     softmax = att.norm.kind is NormKind.SOFTMAX
+    epilogue = has_triton and att.output is not None
     # An explicit block layout (BlockLayout) travels as six extra arguments: the schema takes no tuples.
     params = [*_op_types(att), *_LAYOUT_OP_PARAMS]
     names = [p.name for p in att.params]
     tensors = [p.name for p in att.tensors]
     floats = [p.name for p in att.tensors if p.type.kind is DType.FLOAT]
+    float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
     layout_names = [p.split(":")[0] for p in _LAYOUT_OP_PARAMS]
     args = ", ".join(names)
     layout_args = ", ".join(layout_names)
     get_layout = f"block_layout=_rt._layout_from_op_args({layout_args})"
-    impls = "_impl = " + (
-        f"{nm}_triton if backend == 'triton' else {nm}_reference" if has_triton else f"{nm}_reference"
-    )
-    L = [f"def _{nm}_impl({', '.join(params)}, backend: str) -> tuple[torch.Tensor, torch.Tensor]:"]
-    L.append(f"    {impls}")
+    outs3 = "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"
+    L = [f"def _{nm}_impl({', '.join(params)}, backend: str) -> {outs3}:"]
+    if has_triton:
+        L.append("    if backend == 'triton':")
+        L.append(f"        spec = _{nm}_triton_spec({args}, {get_layout})")
+        L.append(
+            "        o, oraw, stat = _rt._triton_forward(spec, q.contiguous(), k.contiguous(), v.contiguous())"
+        )
+        keep = "oraw" if epilogue else "stat.new_empty((0,))"
+        L.append(f"        return o, stat, {keep}")
     if softmax:
-        L.append(f"    o, lse = _impl({args}, return_lse=True, {get_layout})")
+        L.append(f"    o, lse = {nm}_reference({args}, return_lse=True, {get_layout})")
     else:
-        L.append(f"    o = _impl({args}, {get_layout})")
+        L.append(f"    o = {nm}_reference({args}, {get_layout})")
         L.append("    lse = torch.zeros(q.shape[:3], dtype=_rt._lse_dtype(q), device=q.device)")
-    L.append("    return o.contiguous(), lse.to(_rt._lse_dtype(q)).contiguous()")
-    L += ["", ""]
-    L.append(f"def _{nm}_fake({', '.join(params)}, backend: str) -> tuple[torch.Tensor, torch.Tensor]:")
     L.append(
-        "    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=_rt._lse_dtype(q))"
+        "    return o.contiguous(), lse.to(_rt._lse_dtype(q)).contiguous(), q.new_empty((0,), dtype=torch.float32)"
     )
     L += ["", ""]
+    L.append(f"def _{nm}_fake({', '.join(params)}, backend: str) -> {outs3}:")
+    raw = "(*q.shape[:3], v.shape[3])"
+    raw_shape = f"{raw} if backend == 'triton' else (0,)" if epilogue else "(0,)"
+    L.append("    return (")
+    L.append("        q.new_empty((*q.shape[:3], v.shape[3])),")
+    L.append("        q.new_empty(q.shape[:3], dtype=_rt._lse_dtype(q)),")
+    L.append(f"        q.new_empty({raw_shape}, dtype=torch.float32),")
+    L.append("    )")
+    L += ["", ""]
+    bw_params = "do: torch.Tensor, dlse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, oraw: torch.Tensor"
     L.append(f"def _{nm}_backward_impl(")
-    L.append("    do: torch.Tensor, dlse: torch.Tensor, " + ", ".join(params) + ", backend: str")
+    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
+    if has_triton:
+        L.append("    if backend == 'triton':")
+        L.append("        # What the forward saved, and the backward kernels only: no forward runs again.")
+        L.append(f"        spec = _{nm}_triton_spec({args}, {get_layout})")
+        saved_raw = "oraw" if epilogue else "o"
+        dstat = "dlse" if softmax else "None"
+        L.append(
+            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, q.contiguous(), k.contiguous(), v.contiguous(), o, {saved_raw}, lse, do, {dstat}, aux_grad)"
+        )
+        L.append("        _g = {'q': _dq, 'k': _dk, 'v': _dv}")
+        if float_aux:
+            assert plan is not None
+            L += _fused_aux_grads(nm, plan, float_aux, args, layout_args)
+        L.append(
+            f"        return [_g[_n].contiguous() if _n in _g else torch.zeros_like(_x, memory_format=torch.contiguous_format) for _n, _x in zip({tuple(floats)!r}, ({', '.join(floats)},))]"
+        )
     L.append(
-        "    # Gradients by recomputing the forward under autograd (reference: exact; Triton: fused kernels)."
+        "    # Gradients by recomputing the forward under autograd (the reference: exact, checkpointed)."
     )
     L.append("    def _grads():")
     for t in floats:
         L.append(f"        _l_{t} = {t}.detach().requires_grad_()")
     rec = ", ".join(f"_l_{n}" if n in floats else n for n in names)
-    L.append(f"        o, lse = _{nm}_impl({rec}, {layout_args}, backend)")
+    L.append(f"        o, lse, _ = _{nm}_impl({rec}, {layout_args}, 'reference')")
     outs = "(o, lse)" if softmax else "(o,)"
     grads_in = "(do, dlse)" if softmax else "(do,)"
     leaves = ", ".join(f"_l_{t}" for t in floats)
@@ -447,8 +488,27 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
         f"    return [torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous() for x, g in zip(({', '.join(floats)},), _out)]"
     )
     L += ["", ""]
+    unfused = [t for t in float_aux if plan is not None and t not in plan.fused_aux()]
+    if has_triton and unfused:
+        # Gradients of auxiliary tensors not fused into the backward kernels yet, from the exact reference
+        # recomputed under autograd (only when one of them requires grad).
+        L.append(f"def _{nm}_aux_grads(do, dlse, {args}, {layout_args}):")
+        for t in unfused:
+            L.append(f"    _l_{t} = {t}.detach().requires_grad_()")
+        rec = ", ".join(f"_l_{n}" if n in unfused else n for n in names)
+        ret = "return_lse=True" if softmax else "return_lse=False"
+        L.append(f"    _ref = {nm}_reference({rec}, {ret}, {get_layout})")
+        leaves = ", ".join(f"_l_{t}" for t in unfused)
+        if softmax:
+            L.append(
+                f"    _gs = torch.autograd.grad(_ref, ({leaves},), (do, dlse.to(_ref[1].dtype)), allow_unused=True)"
+            )
+        else:
+            L.append(f"    _gs = torch.autograd.grad((_ref,), ({leaves},), (do,), allow_unused=True)")
+        L.append(f"    return {{_n: _x for _n, _x in zip({tuple(unfused)!r}, _gs) if _x is not None}}")
+        L += ["", ""]
     L.append(f"def _{nm}_backward_fake(")
-    L.append("    do: torch.Tensor, dlse: torch.Tensor, " + ", ".join(params) + ", backend: str")
+    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
     L.append(
         f"    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in ({', '.join(floats)},)]"
@@ -457,18 +517,20 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     non_tensors = [p.name for p in att.params if not isinstance(p, TensorParam)]
     L.append(f"def _{nm}_setup_context(ctx, inputs, output):")
     L.append(f"    {', '.join([*names, *layout_names])}, backend = inputs")
-    L.append(f"    ctx.save_for_backward({', '.join(tensors)})")
+    L.append(f"    ctx.save_for_backward({', '.join(tensors)}, *output)")
     L.append(f"    ctx.rest = ({', '.join([*non_tensors, *layout_names, 'backend'])},)")
     L += ["", ""]
-    L.append(f"def _{nm}_backward(ctx, do, dlse):")
-    L.append(f"    {', '.join(tensors)}, = ctx.saved_tensors")
+    L.append(f"def _{nm}_backward(ctx, do, dlse, doraw):")
+    L.append(f"    {', '.join(tensors)}, o, lse, oraw = ctx.saved_tensors")
     L.append(f"    {', '.join([*non_tensors, *layout_names, 'backend'])}, = ctx.rest")
     L.append("    if do is None:")
     L.append("        do = q.new_zeros((*q.shape[:3], v.shape[3]))")
     L.append("    if dlse is None:")
     L.append("        dlse = q.new_zeros(q.shape[:3], dtype=_rt._lse_dtype(q))")
+    aux_pos = [k for k, p in enumerate(att.params) if p.name in float_aux]
+    aux_grad = " or ".join(f"ctx.needs_input_grad[{k}]" for k in aux_pos) if aux_pos else "False"
     L.append(
-        f"    {', '.join('_d_' + f for f in floats)}, = _{nm}_backward_op(do, dlse, {args}, {layout_args}, backend)"
+        f"    {', '.join('_d_' + f for f in floats)}, = _{nm}_backward_op(do, dlse, o, lse, oraw, {args}, {layout_args}, backend, {aux_grad})"
     )
     grads = [
         f"_d_{p.name}" if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT else "None"
@@ -485,6 +547,37 @@ def _emit_op(att: Attention, has_triton: bool) -> list[str]:
     return L
 
 
+def _fused_aux_grads(
+    nm: str, plan: AttentionPlan, float_aux: list[str], args: str, layout_args: str
+) -> list[str]:
+    """The backward's gradients of float auxiliary tensors (`_g[name]`), when one requires grad: the dQ
+    kernel's partials summed over programs (`_parts`, in `plan.kernel_reads()` order) and the epilogue's
+    row/column reductions; tensors the plan leaves unfused come from the reference (`_NAME_aux_grads`)."""
+    fused = plan.fused_aux()
+    L = ["        if aux_grad:"]
+    for t in fused:
+        terms = [f"_parts[{n}]" for n, r in enumerate(plan.kernel_reads()) if r.tensor == t]
+        first = len(plan.kernel_reads())
+        terms += [f"_parts[{first + n}]" for n, r in enumerate(plan.pair_reads()) if r.tensor == t]
+        terms += [
+            f"_rt._epilogue_grad(spec.epilogue_grads[{n}], oraw, do, q.shape[1] // k.shape[1], "
+            f"{tuple(v.value for v in r.plain_vars)!r}, {t}.shape)"
+            for n, r in enumerate(plan.epilogue_reads())
+            if r.tensor == t
+        ]
+        value = " + ".join(terms) if terms else f"torch.zeros_like({t})"  # read by the mask only
+        L.append(f"            _g[{t!r}] = ({value}).view({t}.shape).to({t}.dtype)")
+    unfused = [t for t in float_aux if t not in fused]
+    if unfused:
+        L.append(
+            f"            # Not fused yet ({', '.join(unfused)}): the exact reference, recomputed under autograd."
+        )
+        L.append(
+            f"            _g.update(_rt._with_autograd(lambda: _{nm}_aux_grads(do, dlse, {args}, {layout_args})))"
+        )
+    return L
+
+
 def _tuple(items: list[str]) -> str:
     """A tuple display of code items (one item keeps its comma)."""
     return f"({', '.join(items)}{',' if len(items) == 1 else ''})"
@@ -494,17 +587,13 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     kernels = writer.em.hoisted
     nm = att.name
     softmax = att.norm.kind is NormKind.SOFTMAX
+    call_args = ", ".join(p.name for p in att.params)
+    # The launch description (checks, uniforms, closures, kernels, configs): shared by `NAME_triton` and by
+    # the custom op's forward and backward, which launch the kernels themselves.
     L = _def(
         att,
-        f"{nm}_triton",
-        [
-            f"Fused Triton kernels for `{nm}` (FlashAttention-2 style, forward and backward).",
-            "",
-            doc_params,
-            returns,
-            "",
-            "CPU tensors run the kernels under the Triton interpreter.",
-        ],
+        f"_{nm}_triton_spec",
+        [f"The checked arguments of `{nm}` as the runtime's `_TritonSpec` (what the kernels launch with)."],
     )
     L += _checks(att)
     L.append("    _rt._check_triton_dtype(q)  # and bfloat16 on CPU (the interpreter's bf16 dot is wrong)")
@@ -513,6 +602,22 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     )
     em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
     closures, _ = _closures(att, em, only={"output"})
+    plan = writer.plan
+    if att.output is not None:
+        # The epilogue's derivatives (dsl.autodiff): ∂out/∂o for dO of the raw output, and ∂out/∂read for
+        # each auxiliary read the backward reduces over the output's rows and columns.
+        elem = next(n for n in walk([att.output]) if n.op is Op.ELEM)
+        wrt = [elem, *(r.load for r in plan.epilogue_reads())]
+        grads = gradients(att.output, wrt)
+        for fn, node in (
+            ("_output_do", elem),
+            *((f"_output_g{n}", r.load) for n, r in enumerate(plan.epilogue_reads())),
+        ):
+            stmts, ret = em.body(grads[node])
+            closures.append(f"    def {fn}(o, b, h, hk, i, e):")
+            closures += [f"        {st}" for st in stmts]
+            closures.append(f"        return {ret}")
+            closures.append("")
     # Per-tile summaries of data-dependent mask terms (`doc[b, i] == doc[b, j]`): the kernels skip key tiles
     # whose range of values cannot meet the query tile's.
     pairs = []
@@ -531,7 +636,23 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     spec_args = [f"*_rt._aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
     spec_args += [s.name for s in att.scalars] + _sizes(att)
     uniforms = [v for v, _ in kernels]
-    output = ", output=_output" if att.output is not None else ""
+    output = ", output=_output, output_grad=_output_do" if att.output is not None else ""
+    if plan.epilogue_reads():
+        output += (
+            f", epilogue_grads=({''.join(f'_output_g{n}, ' for n in range(len(plan.epilogue_reads())))})"
+        )
+    if plan.kernel_reads():
+        output += f", grad_numels=({''.join(f'{r.tensor}.numel(), ' for r in plan.kernel_reads())})"
+    if plan.pair_reads():
+        leads = [(Var.B not in r.plain_vars, Var.H not in r.plain_vars) for r in plan.pair_reads()]
+        output += (
+            ", pair_grads=("
+            + "".join(
+                f"({lead!r}, tuple({r.tensor}.shape)), "
+                for lead, r in zip(leads, plan.pair_reads(), strict=True)
+            )
+            + ")"
+        )
     output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""
     # The autotuner's best configs for this call's key (autotune/; None: the heuristic defaults).
@@ -547,6 +668,21 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     L.append(f"        fwd_split=_kern._{nm}_fwd_split_kernel, combine=_kern._{nm}_fwd_combine_kernel,")
     L.append("        layout=_rt._kernel_layout(block_layout, q, k),")
     L.append("    )")
+    L.append("    return spec")
+    L += ["", ""]
+    L += _def(
+        att,
+        f"{nm}_triton",
+        [
+            f"Fused Triton kernels for `{nm}` (FlashAttention-2 style, forward and backward).",
+            "",
+            doc_params,
+            returns,
+            "",
+            "CPU tensors run the kernels under the Triton interpreter.",
+        ],
+    )
+    L.append(f"    spec = _{nm}_triton_spec({call_args}, return_lse=return_lse, block_layout=block_layout)")
     L.append("    o, lse = _rt._TritonAttention.apply(spec, q.contiguous(), k.contiguous(), v.contiguous())")
     float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
     if float_aux:

@@ -171,7 +171,7 @@ def test_the_launcher_binds_every_argument_by_name() -> None:
     q, k, v = (torch.zeros(B, H, n, D) for n in (M, N, N))
     ids = torch.zeros(B, N, dtype=torch.int32)
     spec = rt._TritonSpec(
-        fwd, None, None, "softmax", (*rt._aux_args(ids), B, H, M, N, D), (0.25,), abi,
+        fwd, None, None, "softmax", (*rt._aux_args(ids), B, H, M, N, D), (0.25,) * len(w.uniforms), abi,
         summaries=((lambda b, h, hk, i: i, lambda b, hk, j: j),), combine=combine,
     )  # fmt: skip
     o = torch.zeros(B, H, M, D)

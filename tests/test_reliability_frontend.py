@@ -268,7 +268,8 @@ TODAY_MAIN = GeneratedNames(
     ),
     per_block=frozenset(
         "{name} {name}_reference {name}_triton {name}_linear _{name}_backward _{name}_backward_fake "
-        "_{name}_backward_impl _{name}_backward_op _{name}_fake _{name}_impl _{name}_op _{name}_setup_context".split()
+        "_{name}_backward_impl _{name}_backward_op _{name}_fake _{name}_impl _{name}_op _{name}_setup_context "
+        "_{name}_triton_spec _{name}_aux_grads".split()
     ),
 )
 TODAY_KERNELS = GeneratedNames(

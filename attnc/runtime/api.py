@@ -19,7 +19,16 @@ from .checks import (
 from .layout import BlockLayout, _kernel_layout, _layout_from_op_args, _layout_op_args, _with_block_layout
 from .ops import _custom_op, _grad, _lse_dtype, _with_autograd
 from .reference import _attend, _clamp, _full, _sigmoid_scalar, _Spec
-from .triton import _aux_args, _dense_output, _has_triton, _TritonAttention, _TritonSpec
+from .triton import (
+    _aux_args,
+    _dense_output,
+    _epilogue_grad,
+    _has_triton,
+    _triton_backward,
+    _triton_forward,
+    _TritonAttention,
+    _TritonSpec,
+)
 from .tuning import ModuleState, _tuned_configs
 
 __all__ = [
@@ -38,6 +47,7 @@ __all__ = [
     "_clamp",
     "_custom_op",
     "_dense_output",
+    "_epilogue_grad",
     "_eval_error",
     "_full",
     "_grad",
@@ -49,6 +59,8 @@ __all__ = [
     "_lse_dtype",
     "_require_tensor",
     "_sigmoid_scalar",
+    "_triton_backward",
+    "_triton_forward",
     "_tuned_configs",
     "_with_autograd",
     "_with_block_layout",

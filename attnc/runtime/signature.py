@@ -6,6 +6,8 @@ resource checks compile through it, and the launcher binds arguments to it by na
 in groups, always in this order:
 
     io          the tensors the kernel reads and writes (q, k, v, o, ...), and its own ints (split sizes)
+    backward    dQ only: the output it reads for the row delta (per block: its type)
+    aux_grads   dQ only: the auxiliary-gradient buffers, read only under the `_AUX_GRAD` constexpr (per block)
     spec        the spec's auxiliary tensors (each with its strides and extents), runtime scalars and size
                 symbols
     uniforms    scalar sub-expressions hoisted to the host (`_ku<k>`)
@@ -66,6 +68,8 @@ class Param:
 
 class Group(enum.Enum):
     IO = "io"
+    BACKWARD = "backward"  # the dQ kernel's per-block backward group (`BlockABI.backward`)
+    AUX_GRADS = "aux_grads"  # the dQ kernel's aux-gradient buffers, under `_AUX_GRAD` (`BlockABI.aux_grads`)
     SPEC = "spec"
     UNIFORMS = "uniforms"
     STRIDES = "strides"
@@ -107,6 +111,7 @@ def constexpr(name: str) -> Param:
 
 QKV_STRIDES = tuple(f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d"))
 EXTENTS = ("_NH", "_NG", "_M", "_N", "_D", "_E")
+AUX_GRAD_GATE = "_AUX_GRAD"  # the dQ kernel reduces auxiliary gradients (its aux_grads group is bound)
 CONSTEXPRS = ("_COUNT_VISITS", "_LAYOUT", "_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION")
 # Per (b, h, query block) a list of key blocks, and its transpose per (b, h, key block) for dK/dV; pointers,
 # their strides and the block sizes (see the runtime's BlockLayout).
@@ -262,7 +267,8 @@ _Q, _K, _V = pointer("_Q"), pointer("_K"), pointer("_V")
 ATTENTION_IO: dict[str, tuple[Param, ...]] = {
     "fwd": (_Q, _K, _V, pointer("_O"), pointer("_ORAW", "fp32"), pointer("_STAT", "fp32")),
     "bwd_dkdv": (_Q, _K, _V, *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DK", "_DV"))),
-    "bwd_dq": (_Q, _K, _V, *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DQ"))),
+    # dQ runs first: it computes the row delta (stored to _DELTA for dK/dV), less d lse (_DSTAT) for softmax.
+    "bwd_dq": (_Q, _K, _V, *(pointer(n, "fp32") for n in ("_DO", "_STAT", "_DELTA", "_DQ", "_DSTAT"))),
     # Split-KV decoding: partials in float32, then the combine writes o and the row statistic.
     "fwd_split": (_Q, _K, _V, pointer("_OPART", "fp32"), pointer("_LPART", "fp32"), i32("_SPLIT_N")),
     "fwd_combine": (
@@ -279,7 +285,9 @@ _COMBINE_CONSTEXPRS = tuple(n for n in CONSTEXPRS if n not in (LAYOUT_GROUP.gate
 
 # How a kernels file states a block's own parameters (`BlockABI.to_data`): plain literals, so that the file
 # needs nothing but triton to import.
-ABIData = tuple[str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], int]
+ABIData = tuple[
+    str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], int, tuple[tuple[str, str], ...]
+]
 
 
 @dataclass(frozen=True)
@@ -293,12 +301,20 @@ class BlockABI:
     spec: ParamGroup
     uniforms: ParamGroup
     summaries: int = 0
+    # The dQ kernel's backward group: `_OB`, the output it reads for the row delta (o in the input dtype, or
+    # the float32 raw output of a spec with an epilogue).
+    backward: ParamGroup = ParamGroup(Group.BACKWARD, (pointer("_OB"),))
+    # One float32 buffer per auxiliary read whose gradient the dQ kernel reduces (`_GA<n>` per-program
+    # partials, `_GD<n>` dense dS tiles), gated: a launch whose learned inputs need no gradient binds None.
+    aux_grads: ParamGroup = ParamGroup(Group.AUX_GRADS, (), gate=AUX_GRAD_GATE)
 
     def signature(self, kind: str) -> KernelSignature:
         if kind not in ATTENTION_IO:
             raise ValueError(f"kernel kind {kind!r}: expected one of {', '.join(ATTENTION_KINDS)}")
         groups = [
             ParamGroup(Group.IO, ATTENTION_IO[kind]),
+            *([self.backward] if kind == "bwd_dq" else []),
+            *([self.aux_grads] if kind == "bwd_dq" and self.aux_grads.params else []),
             self.spec,
             self.uniforms,
             STRIDES_GROUP,
@@ -309,7 +325,8 @@ class BlockABI:
         else:
             if self.summaries:
                 groups.append(summary_group(self.summaries))
-            groups += [LAYOUT_GROUP, PROBE_GROUP, constexpr_group()]
+            gate = (AUX_GRAD_GATE,) if kind == "bwd_dq" and self.aux_grads.params else ()
+            groups += [LAYOUT_GROUP, PROBE_GROUP, constexpr_group((*CONSTEXPRS, *gate))]
         return KernelSignature(f"_{self.block}_{kind}_kernel", tuple(groups))
 
     def signatures(self) -> dict[str, KernelSignature]:
@@ -319,13 +336,27 @@ class BlockABI:
         def params(g: ParamGroup) -> tuple[tuple[str, str], ...]:
             return tuple((p.name, p.triton_type()) for p in g.params)
 
-        return (self.block, params(self.spec), params(self.uniforms), self.summaries)
+        return (
+            self.block,
+            params(self.spec),
+            params(self.uniforms),
+            self.summaries,
+            params(self.backward),
+            params(self.aux_grads),
+        )
 
     @classmethod
     def from_data(cls, data: ABIData) -> BlockABI:
-        block, spec, uniforms, summaries = data
+        block, spec, uniforms, summaries, backward, aux_grads = data
 
         def group(g: Group, params: Sequence[tuple[str, str]]) -> ParamGroup:
             return ParamGroup(g, tuple(Param.from_triton_type(n, t) for n, t in params))
 
-        return cls(block, group(Group.SPEC, spec), group(Group.UNIFORMS, uniforms), int(summaries))
+        return cls(
+            block,
+            group(Group.SPEC, spec),
+            group(Group.UNIFORMS, uniforms),
+            int(summaries),
+            group(Group.BACKWARD, backward),
+            ParamGroup(Group.AUX_GRADS, group(Group.AUX_GRADS, aux_grads).params, gate=AUX_GRAD_GATE),
+        )

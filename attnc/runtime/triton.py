@@ -159,6 +159,10 @@ class _TritonSpec(NamedTuple):
     fwd_split: object = None  # split-KV forward for decoding shapes, and the kernel merging its partials
     combine: object = None
     layout: object = None  # _KernelLayout: an explicit runtime block layout of this call, or None
+    output_grad: object = None  # (o, b, h, hk, i, e) -> ∂epilogue/∂o (elementwise), for dO of the raw output
+    grad_numels: tuple = ()  # numel of the aux tensor of each read the dQ kernel reduces (a partial buffer each)
+    pair_grads: tuple = ()  # ((lead b, lead h), aux shape) per dense (i, j) read: a buffer the dQ kernel fills
+    epilogue_grads: tuple = ()  # (o, b, h, hk, i, e) -> ∂epilogue/∂read, per epilogue read (`_epilogue_grad`)
 
 
 def _dense_output(fn, o, rep):
@@ -171,68 +175,145 @@ def _dense_output(fn, o, rep):
     return _full(fn(o, b, h, h // rep, i, e), o.shape, o)
 
 
+def _triton_forward(spec, q, k, v):
+    """The forward kernel (or the split-KV forward and its combine): (o, oraw, stat). `oraw` is the float32
+    output before the epilogue (o itself when the spec has none); `stat` the row statistic the backward reads
+    (the log-sum-exp for softmax). q, k and v are contiguous."""
+    B, H, M, D = q.shape
+    N, E = k.shape[2], v.shape[3]
+    o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
+    oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
+    stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
+    split = _split_config(spec, B, H, M, N, D, E, q.device)
+    if split is not None:
+        _split_forward(spec, split, q, k, v, o, oraw, stat)
+        return o, oraw, stat
+    cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
+    grid = (triton_cdiv(M, cfg.block_m), B * H)
+    io = {"_Q": q, "_K": k, "_V": v, "_O": o, "_ORAW": oraw, "_STAT": stat}
+    _run(spec, "fwd", grid, cfg, io, q, k, v, o, probe=(B * H, grid[0]))
+    return o, oraw, stat
+
+
+def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
+    """dq, dk, dv (in the inputs' dtypes) from what the forward saved: o, oraw (o when there is no epilogue)
+    and stat. No forward runs again: the dQ kernel computes the row delta Σ_e dO·O (minus d lse for softmax)
+    from the tiles it loads anyway and stores it, and the dK/dV kernel, launched after it, reads it. q, k and
+    v are contiguous; `dstat` may be None (no gradient reaches the log-sum-exp). `aux_grad`: reduce the
+    gradients of the auxiliary reads the dQ kernel owns (returned as summed buffers, in the kernel's
+    order); without it that code is compiled out (the `_AUX_GRAD` gate) and nothing is allocated for it."""
+    B, H, M, D = q.shape
+    G, N, E = k.shape[1], k.shape[2], v.shape[3]
+    do = do.contiguous()
+    if spec.output is not None:
+        # The epilogue's chain rule, elementwise over [B, H, M, E] (never an (i, j) tensor): ∂out/∂o is the
+        # compiler's derivative of the epilogue (no autograd: a custom op's backward runs below it).
+        do_raw = do.to(torch.float32) * _dense_output(spec.output_grad, oraw, H // G)
+        o_raw = oraw
+    else:
+        do_raw, o_raw = do, o
+    do_raw = do_raw.to(torch.float32).contiguous()
+    o_raw = o_raw.contiguous()
+    if spec.norm != "softmax":
+        dstat = stat  # not read: only softmax's dQ kernel subtracts d lse from the delta
+    elif dstat is None:
+        dstat = torch.zeros_like(stat)
+    else:
+        dstat = dstat.to(torch.float32).contiguous()
+    delta = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
+    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
+    programs = triton_cdiv(M, cfg.block_m) * B * H
+    # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
+    aux_grad = aux_grad and bool(spec.grad_numels or spec.pair_grads)
+    numels = spec.grad_numels if aux_grad else ()
+    parts = [torch.zeros((programs, n), dtype=torch.float32, device=q.device) for n in numels]
+    # Dense (i, j) reads: dS tiles stored at their elements, with b and/or h leading where the read leaves
+    # them out (every element then has one writer); pairs no program visits stay zero.
+    dense = [
+        torch.zeros(
+            (*([B] if lb else []), *([H] if lh else []), *shape), dtype=torch.float32, device=q.device
+        )
+        for (lb, lh), shape in (spec.pair_grads if aux_grad else ())
+    ]
+    # The backward kernels read dO where the forward writes o: its strides stand in o's.
+    grid = (triton_cdiv(M, cfg.block_m), B * H)
+    io = {
+        "_Q": q,
+        "_K": k,
+        "_V": v,
+        "_DO": do_raw,
+        "_STAT": stat,
+        "_DELTA": delta,
+        "_DQ": dq,
+        "_DSTAT": dstat,
+    }
+    grads = [*parts, *dense] if aux_grad else None  # None: the gated group unbound, `_AUX_GRAD` False
+    _run(
+        spec,
+        "bwd_dq",
+        grid,
+        cfg,
+        io,
+        q,
+        k,
+        v,
+        do_raw,
+        probe=(B * H, grid[0]),
+        name="dq",
+        backward=[o_raw],
+        aux_grads=grads,
+    )
+    cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
+    grid = (triton_cdiv(N, cfg.block_n), B * G)
+    io = {"_Q": q, "_K": k, "_V": v, "_DO": do_raw, "_STAT": stat, "_DELTA": delta, "_DK": dk, "_DV": dv}
+    _run(spec, "bwd_dkdv", grid, cfg, io, q, k, v, do_raw, probe=(B * G, grid[0]), name="dkdv")
+    # The partials summed over programs in a fixed order: deterministic, no atomics.
+    sums = [part.sum(0) for part in parts]
+    sums += [
+        d.sum(tuple(range(int(lb) + int(lh)))) if lb or lh else d
+        for d, ((lb, lh), _) in zip(dense, spec.pair_grads if aux_grad else (), strict=True)
+    ]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sums
+
+
+def _epilogue_grad(fn, oraw, do, rep, axes, shape):
+    """The gradient of an auxiliary tensor read by the epilogue as `t[axes...]` (distinct plain index
+    variables among "b", "h", "hk", "i", "e"): Σ dO·∂out/∂read over the output's other axes, [B, H, M, E]
+    elementwise then a fixed-order sum (O(M·E) memory); a tensor larger than the range read gets zeros."""
+    dense = do.to(torch.float32) * _dense_output(fn, oraw, rep)
+    B, H, M, E = dense.shape
+    pos = {"b": 0, "h": 1, "i": 2, "e": 3}
+    if "hk" in axes:  # key/value heads: the query heads of a group sum first
+        dense = dense.view(B, H // rep, rep, M, E).sum(2)
+    reduce = tuple(d for n, d in pos.items() if n not in axes and not (n == "h" and "hk" in axes))
+    kept = [n for n in pos if n in axes or (n == "h" and "hk" in axes)]
+    g = dense.sum(reduce) if reduce else dense
+    g = g.permute(*[kept.index("h" if a == "hk" else a) for a in axes])
+    if tuple(g.shape) == tuple(shape):
+        return g.contiguous()
+    out = g.new_zeros(shape)
+    out[tuple(slice(0, n) for n in g.shape)] = g
+    return out
+
+
 class _TritonAttention(torch.autograd.Function):
-    """Fused forward and backward kernels; gradients for q, k and v (auxiliary tensors: see the caller)."""
+    """Fused forward and backward kernels; gradients for q, k and v (auxiliary tensors: see the caller).
+    The custom op of a generated module calls `_triton_forward` and `_triton_backward` itself."""
 
     @staticmethod
     def forward(ctx, spec, q, k, v):
-        B, H, M, D = q.shape
-        N, E = k.shape[2], v.shape[3]
-        o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
-        oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
-        stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
-        split = _split_config(spec, B, H, M, N, D, E, q.device)
-        if split is not None:
-            _split_forward(spec, split, q, k, v, o, oraw, stat)
-            ctx.spec = spec
-            ctx.save_for_backward(q, k, v, o, oraw, stat)
-            return o, stat
-        cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
-        grid = (triton_cdiv(M, cfg.block_m), B * H)
-        io = {"_Q": q, "_K": k, "_V": v, "_O": o, "_ORAW": oraw, "_STAT": stat}
-        _run(spec, "fwd", grid, cfg, io, q, k, v, o, probe=(B * H, grid[0]))
+        o, oraw, stat = _triton_forward(spec, q, k, v)
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, o, oraw, stat)
         return o, stat
 
     @staticmethod
     def backward(ctx, do, dstat):
-        spec = ctx.spec
         q, k, v, o, oraw, stat = ctx.saved_tensors
-        B, H, M, D = q.shape
-        G, N, E = k.shape[1], k.shape[2], v.shape[3]
-        do = do.contiguous()
-        if spec.output is not None:
-            with torch.enable_grad():
-                x = oraw.detach().requires_grad_()
-                y = _dense_output(spec.output, x, H // G)
-                # An epilogue that ignores o (`output = offset[h, e]`) passes no gradient to it.
-                (do_raw,) = (
-                    torch.autograd.grad(y, x, do.to(y.dtype), allow_unused=True)
-                    if y.requires_grad
-                    else (None,)
-                )
-                do_raw = torch.zeros_like(x) if do_raw is None else do_raw
-            o_raw = oraw
-        else:
-            do_raw, o_raw = do, o
-        do_raw = do_raw.to(torch.float32).contiguous()
-        delta = (do_raw * o_raw.to(torch.float32)).sum(-1)
-        if dstat is not None and spec.norm == "softmax":
-            delta = delta - dstat  # d lse / d s = p: folds into ds = p (dp - delta + dlse)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-        dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
-        # The backward kernels read dO where the forward writes o: its strides stand in o's.
-        cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
-        grid = (triton_cdiv(N, cfg.block_n), B * G)
-        io = {"_Q": q, "_K": k, "_V": v, "_DO": do_raw, "_STAT": stat, "_DELTA": delta, "_DK": dk, "_DV": dv}
-        _run(spec, "bwd_dkdv", grid, cfg, io, q, k, v, do_raw, probe=(B * G, grid[0]), name="dkdv")
-        cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
-        grid = (triton_cdiv(M, cfg.block_m), B * H)
-        io = {"_Q": q, "_K": k, "_V": v, "_DO": do_raw, "_STAT": stat, "_DELTA": delta, "_DQ": dq}
-        _run(spec, "bwd_dq", grid, cfg, io, q, k, v, do_raw, probe=(B * H, grid[0]), name="dq")
-        return None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        return None, *_triton_backward(ctx.spec, q, k, v, o, oraw, stat, do, dstat)[:3]
 
 
 # ---- split-KV decoding (FlashDecoding: Dao, Haziza, Massa, Sizov, 2023) ------------------------------------
@@ -313,12 +394,14 @@ def _signatures(abi):
     return BlockABI.from_data(abi).signatures()
 
 
-def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None):
+def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=None, aux_grads=None):
     """Launch the block's `kind` kernel on `grid`, every argument bound by group and name to the kernel's
     signature (`KernelSignature.bind`): `io` by parameter name, the spec and uniforms groups as the module
     passed them, strides of (q, k, v, o), extents; the optional groups only where the signature has them,
     the layout and the visit probe only when this call uses them (otherwise None, their gates False).
-    `probe`: the shape of the per-program visit counts; `name`: the kernel's name in the probe."""
+    `probe`: the shape of the per-program visit counts; `name`: the kernel's name in the probe; `backward`:
+    the dQ kernel's backward group (the output read for the row delta); `aux_grads`: its aux-gradient
+    buffers, or None (that gated group unbound: the kernel compiles its aux-gradient code out)."""
     sig = _signatures(spec.abi)[kind]
     H, M, D = q.shape[1:]
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
@@ -331,6 +414,10 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None):
         "extents": (H, G, M, N, D, E),
         "constexprs": {n: kw.pop(n) for n in sig.group(Group.CONSTEXPRS).names if n in kw},
     }
+    if sig.has(Group.BACKWARD):
+        groups["backward"] = backward
+    if sig.has(Group.AUX_GRADS):
+        groups["aux_grads"] = aux_grads
     if sig.has(Group.SUMMARIES):
         groups["summaries"] = _summaries(spec, q, k, cfg)
     if sig.has(Group.LAYOUT):

@@ -29,13 +29,28 @@ import textwrap
 from dataclasses import dataclass
 
 import sympy as sp
-from attnc.dsl.analysis.plan import AttentionPlan, plan_attention
+from attnc.dsl.analysis.plan import PAIR_ROOTS, ROW_ROOTS, AttentionPlan, AuxRead, plan_attention
 from attnc.dsl.autodiff import gradients
-from attnc.dsl.ir import Attention, DType, Node, Op, TensorType, Var, uses_var, walk
+from attnc.dsl.builder import ieee_binary
+from attnc.dsl.ir import (
+    Attention,
+    DType,
+    Node,
+    NormKind,
+    Op,
+    TensorParam,
+    TensorType,
+    Var,
+    const,
+    is_uniform,
+    uses_var,
+    walk,
+)
 from attnc.dsl.scope import ROOT_ELEMENT, ROOT_VARS, Root
 
 from attnc.runtime.signature import (
     ATTENTION_KINDS,
+    AUX_GRAD_GATE,
     BlockABI,
     Group,
     KernelSignature,
@@ -71,6 +86,9 @@ AUX_DTYPES = {
 }
 
 Intervals = list[tuple[str, str]]
+
+# `Attention.roots()` field of each root an auxiliary read may sit in.
+_ROOT_FIELD = {Root.SCORE: "score", Root.BIAS: "bias", Root.SINK: "sink", Root.OUTPUT: "output"}
 
 # Where each index variable lives in the kernels' tile code (program scalars b, h, hk; i along a tile's rows,
 # j along its columns); d, e and a transposed tile's j are placed per root (`feature_names`, `row_names`).
@@ -114,7 +132,11 @@ class KernelWriter:
         self.norm: NormStrategy = norm_strategy(att)
         self.tx = TritonExprs(att)
         # One emitter for all kernels of the block, so uniform values get one name each (`_ku<k>`).
-        self.em: Emitter = self.tx.emitter(self.tx.load, leaf({}))
+        self.em: Emitter = self.tx.emitter(self._load, leaf({}))
+        # Loads in the (i, j) roots indexed per program only (`slopes[h]`): loaded once per program (per
+        # query head in dK/dV) before the tile loop, and read by name inside it (`_pl<k>`).
+        self.program_loads: dict[Node, str] = {n: f"_pl{k}" for k, n in enumerate(_program_loads(att))}
+        self._in_loop = False  # whether the emitter renders a tile loop's body (program loads by name)
         self.counter = 0
         self.kv_intervals, self.q_intervals, self.full = _tile_code(att, self.plan)
         self._kernels: tuple[list[str], list[Kernel]] | None = None
@@ -135,6 +157,19 @@ class KernelWriter:
     @property
     def uniforms(self) -> list[str]:
         return [v for v, _ in self.em.hoisted]
+
+    def _load(self, n: Node, args: list[ast.expr]) -> ast.expr:
+        if self._in_loop and n in self.program_loads:
+            return name(self.program_loads[n])
+        return self.tx.load(n, args)
+
+    def _program_load_code(self) -> Stmts:
+        """The program loads, before a tile loop (b, h and hk are the program's)."""
+        out: Stmts = []
+        for n, var in self.program_loads.items():
+            e = self.expr(n, {"b": "b", "h": "h", "hk": "hk"}, out)
+            out += S(f"{var} = {{e}}", e=e)
+        return out
 
     # ---- expressions --------------------------------------------------------------------------------------
 
@@ -202,7 +237,27 @@ class KernelWriter:
 
     def abi(self) -> BlockABI:
         """The block's own part of its kernels' signatures (the fixed groups are the runtime's)."""
-        return BlockABI(self.att.name, self.spec_group(), self.uniforms_group(), len(self.plan.summaries))
+        return BlockABI(
+            self.att.name,
+            self.spec_group(),
+            self.uniforms_group(),
+            len(self.plan.summaries),
+            self.backward_group(),
+            self.aux_grads_group(),
+        )
+
+    def backward_group(self) -> ParamGroup:
+        """The output the dQ kernel reads for the row delta: the float32 raw output under an epilogue."""
+        out = pointer("_OB", "fp32") if self.att.output is not None else pointer("_OB")
+        return ParamGroup(Group.BACKWARD, (out,))
+
+    def aux_grads_group(self) -> ParamGroup:
+        """The dQ kernel's aux-gradient buffers (gated by `_AUX_GRAD`): one float32 partial buffer
+        [programs, numel(aux)] per read reduced per program, one [lead..., *aux.shape] per dense (i, j) read
+        (`_pair_lead`)."""
+        partials = tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
+        dense = tuple(pointer(f"_GD{n}", "fp32") for n in range(len(self.plan.pair_reads())))
+        return ParamGroup(Group.AUX_GRADS, (*partials, *dense), gate=AUX_GRAD_GATE)
 
     def signature(self, kind: str) -> KernelSignature:
         """The kernel's parameters (`BlockABI.signature`): the combine reads neither tiles of k nor masks,
@@ -279,8 +334,19 @@ class KernelWriter:
                 )
             else:
                 out += inner
+        if self.norm.kind is NormKind.SOFTMAX:
+            # The softmax works in base 2: the score comes out already times log2(e) (`log2_score`), so that
+            # `dot(q, k) * scale` costs one multiply per element, by the hoisted uniform scale·log2(e).
+            s2 = self.expr(self.log2_score(), names, out)
+            out += S("s2 = tl.where(valid, {s}, float('-inf'))", s=s2)
+            return
         s = self.expr(att.score, names, out)
         out += S("s = tl.where(valid, {s}, 0.0)", s=s)
+
+    def log2_score(self) -> Node:
+        """The score times log2(e), the constant pushed into sums and onto a uniform factor of a product
+        (which the emitter hoists as one `_ku`), else one multiply at the end."""
+        return _times(self.att.score, LOG2E)
 
     def _feature(self, root: Node | None, tensor: str, which: Root, out: Stmts, pad: bool = False) -> str:
         """The feature map of q or k applied to its tile (`qf`, `ktf`); returns the name of the dot operand.
@@ -408,7 +474,7 @@ class KernelWriter:
 
     def _render_helper(self, h: LoopHelper) -> list[str]:
         shared = self.shared_params()
-        constexprs = set(self.signature("fwd").constexprs) | {"PRIOR"}
+        constexprs = set(self.signature("fwd").constexprs) | {"PRIOR", AUX_GRAD_GATE}
         params = [
             *h.state,
             "lo",
@@ -452,6 +518,7 @@ class KernelWriter:
         if "fwd" in self._loops:
             return self._loops["fwd"]
         att = self.att
+        self._in_loop = True
         B: Stmts = S(
             """
             n0 = start_n
@@ -469,7 +536,9 @@ class KernelWriter:
             " mask=(offs_n[:, None] < _N) & (offs_e[None, :] < _E), other=0.0)"
         )
         self.norm.update(self, B)
+        self._in_loop = False
         context = (
+            *self.program_loads.values(),
             "q_op",
             "k_base",
             "v_base",
@@ -495,6 +564,7 @@ class KernelWriter:
         L += self._query_tile_prologue()
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
         helper = self._forward_helper()
+        L += self._program_load_code()
         L += S(
             f"""
             q_op = {qname}
@@ -610,14 +680,28 @@ class KernelWriter:
         e = self.expr(d, self.pair_names(Root.SCORE), L)
         L += S("dqk = tl.where(valid, ds * {e}, 0.0)", e=e)
 
-    def _row_stats(self, L: Stmts) -> None:
+    def _row_stats(self, L: Stmts, compute_delta: bool = False) -> None:
+        """The row statistics the backward reads: stat (saved by the forward) and delta. `compute_delta` (the
+        dQ kernel, launched first): delta = Σ_e dO·O from this program's do tile and its output rows, less
+        d lse for softmax (∂lse/∂s = p folds into ds = p (dp - delta)), stored for the dK/dV kernel."""
         L += S(
             """
             row = (b * _NH + h).to(tl.int64) * _M + i
             stat = tl.load(_STAT + row, mask=i < _M, other=0.0)
-            delta = tl.load(_DELTA + row, mask=i < _M, other=0.0)
             """
         )
+        if compute_delta:
+            L += S(
+                """
+                ob = tl.load(_OB + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
+                delta = tl.reduce(do * ob.to(tl.float32), 1, tl.standard._sum_combine, keep_dims=True)
+                """
+            )
+            if self.norm.kind is NormKind.SOFTMAX:
+                L += S("delta = delta - tl.load(_DSTAT + row, mask=i < _M, other=0.0)")
+            L += S("tl.store(_DELTA + row, delta, mask=i < _M)")
+        else:
+            L += S("delta = tl.load(_DELTA + row, mask=i < _M, other=0.0)")
         self.norm.row_extras(L)
 
     def dkdv(self) -> Kernel:
@@ -647,6 +731,7 @@ class KernelWriter:
             """
         )
         L += self._own_summaries("k", "pid_bg", "pid_n")
+        self._in_loop = True
         B: Stmts = S(
             """
             m0 = start_m
@@ -671,7 +756,9 @@ class KernelWriter:
         )
         self._dscore(B)
         B += S(f"dkt += tl.dot(tl.trans({qname}).to({w}), dqk.to({w}), input_precision=_DOT_PRECISION)")
+        self._in_loop = False
         context = (
+            *self.program_loads.values(),
             "k_op",
             "vt",
             "b",
@@ -691,7 +778,8 @@ class KernelWriter:
         helper = self._helper(f"_{att.name}_dkdv_inner", "start_m", ("dkt", "dvt", "visits"), context, B)
         self._loops["dkdv"] = helper
         L += S(
-            "visits = pid_n * 0\nfor hh in range(0, rep):\n    h = hk * rep + hh\n    {loop}",
+            "visits = pid_n * 0\nfor hh in range(0, rep):\n    h = hk * rep + hh\n    {loads}\n    {loop}",
+            loads=self._program_load_code() or S("pass"),
             loop=self._tile_loop(helper, "0", "_M"),
         )
         self._feature_grad(att.feature_k, "kt", Root.FEATURE_K, L)
@@ -717,9 +805,16 @@ class KernelWriter:
             do = tl.load(_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
             """
         )
-        self._row_stats(L)
+        self._row_stats(L, compute_delta=True)
+        reads = self.plan.kernel_reads()
+        partials = tuple(f"ga{n}" for n in range(len(reads)))
+        for g in partials:
+            L += S(f"{g} = (pid_m * 0).to(tl.float32)")
+        L += _gated(self._row_aux_grads, reads)
         L += S("dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)\nm0 = pid_m * _BLOCK_M")
         L += self._own_summaries("q", "pid_bh", "pid_m")
+        L += self._program_load_code()
+        self._in_loop = True
         B: Stmts = S(
             """
             n0 = start_n
@@ -742,7 +837,13 @@ class KernelWriter:
         B += S(f"dp = tl.dot(do.to({w}), vt.to({w}), input_precision=_DOT_PRECISION)")
         self._dscore(B)
         B += S(f"dq += tl.dot(dqk.to({w}), tl.trans({kname}).to({w}), input_precision=_DOT_PRECISION)")
+        B += _gated(self._pair_aux_grads, reads)
+        dense: list[str] = []
+        B += _gated(lambda out: dense.extend(self._dense_pair_grads(out)))
+        self._in_loop = False
+        gate = (AUX_GRAD_GATE,) if self.aux_grads_group().params else ()
         context = (
+            *self.program_loads.values(),
             "q_op",
             "q",
             "do",
@@ -759,12 +860,15 @@ class KernelWriter:
             *self._own_summary_names("q"),
             "_K",
             "_V",
+            *dense,
+            *gate,
         )
-        helper = self._helper(f"_{att.name}_dq_inner", "start_n", ("dq", "visits"), context, B)
+        helper = self._helper(f"_{att.name}_dq_inner", "start_n", ("dq", "visits", *partials), context, B)
         self._loops["dq"] = helper
         L += S("visits = pid_m * 0")
         L += self._tile_loop(helper, "0", "_N")
         self._feature_grad(att.feature_q, "q", Root.FEATURE_Q, L)
+        L += _gated(self._store_aux_partials, reads)
         L += S(
             """
             tl.store(_DQ + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, dq, mask=(i < _M) & (offs_d[None, :] < _D))
@@ -773,6 +877,87 @@ class KernelWriter:
             """
         )
         return Kernel(self.signature("bwd_dq"), L)
+
+    # ---- gradients of auxiliary tensors (dQ kernel: one query tile and head per program) ------------------
+
+    def _read_grad(self, r: AuxRead, names: dict[str, str], out: Stmts) -> ast.expr:
+        """∂root/∂(this read), evaluated on the tile (pairs) or the rows (sink)."""
+        root = self.att.roots()[_ROOT_FIELD[r.root]]
+        return self.expr(gradients(root, [r.load])[r.load], names, out)
+
+    def _pair_aux_grads(self, B: Stmts, reads: tuple[AuxRead, ...]) -> None:
+        """Per key tile: each score (or sigmoid bias) read indexed per program adds Σ_ij dS·∂s/∂read to its
+        scalar partial. dS is zero off the visible pairs; the where keeps a derivative that is not finite
+        there (a masked-out pair's score) out of the sum."""
+        for n, r in enumerate(reads):
+            if r.root not in PAIR_ROOTS:
+                continue
+            g = self._read_grad(r, self.pair_names(r.root), B)
+            B += S(
+                f"ga{n} += tl.reduce(tl.reduce(tl.where(valid, ds * {{g}}, 0.0), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
+                g=g,
+            )
+
+    def _dense_pair_grads(self, B: Stmts) -> tuple[str, ...]:
+        """Per key tile: each dense (i, j) read stores dS·∂s/∂read at its element of a zeroed buffer
+        [lead..., *aux.shape] (lead: b and/or h when the read's indices leave them out, so that every element
+        has one writer); the host sums the lead axes. Returns the buffers' parameter names."""
+        out = []
+        for n, r in enumerate(self.plan.pair_reads()):
+            p = self.att.param(r.tensor)
+            assert isinstance(p, TensorParam)
+            g = self._read_grad(r, self.pair_names(r.root), B)
+            at = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "i", Var.J: "j"}
+            flat, numel = "0", "1"
+            for k in range(len(p.shape) - 1, -1, -1):
+                flat = f"{at[r.plain_vars[k]]}.to(tl.int64) * ({numel}) + {flat}"
+                numel = f"_n_{p.name}_{k} * ({numel})"
+            for v, extent in reversed(_pair_lead(r)):
+                flat = f"{at[v]}.to(tl.int64) * ({numel}) + {flat}"
+                numel = f"{extent} * ({numel})"
+            B += S(
+                f"tl.store(_GD{n} + {flat}, tl.where(valid, ds * {{g}}, 0.0), mask=(i < _M) & (j < _N))",
+                g=g,
+            )
+            out.append(f"_GD{n}")
+        return tuple(out)
+
+    def _row_aux_grads(self, L: Stmts, reads: tuple[AuxRead, ...]) -> None:
+        """The sink's share of each row: with p_sink = exp(sink - lse), ∂loss/∂sink = -p_sink·delta (delta
+        already holds -d lse), then times ∂sink/∂read, summed over the program's rows."""
+        rows = [(n, r) for n, r in enumerate(reads) if r.root in ROW_ROOTS]
+        if not rows:
+            return
+        assert self.att.norm.sink is not None
+        sink = self.expr(self.att.norm.sink, self.row_names(Root.SINK), L)
+        L += S(
+            f"dsink = tl.where(i < _M, -tl.exp2(({{sink}}) * {LOG2E!r} - stat * {LOG2E!r}) * delta, 0.0)",
+            sink=sink,
+        )
+        for n, r in rows:
+            g = self._read_grad(r, self.row_names(r.root), L)
+            L += S(
+                f"ga{n} += tl.reduce(tl.reduce(dsink * {{g}} + tl.full([_BLOCK_M, 1], 0.0, tl.float32), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
+                g=g,
+            )
+
+    def _store_aux_partials(self, L: Stmts, reads: tuple[AuxRead, ...]) -> None:
+        """Program (pid_m, b·h) writes each partial at [program, flat index of its read] of a zeroed buffer
+        [B·H·tiles, numel(aux)]: the host sums over programs in a fixed order (deterministic, no atomics)."""
+        names = {"b": "b", "h": "h", "hk": "hk"}
+        for n, r in enumerate(reads):
+            p = self.att.param(r.tensor)
+            assert isinstance(p, TensorParam)
+            flat: str = "0"
+            numel: str = "1"
+            for k in range(len(p.shape) - 1, -1, -1):
+                ix = self.expr(r.load.args[k], names, L)
+                L += S(f"gi{n}_{k} = ({{ix}}).to(tl.int64)", ix=ix)
+                flat = f"gi{n}_{k} * ({numel}) + {flat}" if flat != "0" else f"gi{n}_{k} * ({numel})"
+                numel = f"_n_{p.name}_{k} * ({numel})"
+            L += S(
+                f"tl.store(_GA{n} + (pid_bh.to(tl.int64) * tl.num_programs(0) + pid_m) * ({numel}) + {flat}, ga{n})"
+            )
 
     # ---- the block's kernels ------------------------------------------------------------------------------
 
@@ -813,6 +998,51 @@ class KernelWriter:
         """The loop helpers, one per kind: the forward's key loop (also the split forward's), dK/dV's query
         loop and dQ's key loop."""
         return [self._loops[k] for k in ("fwd", "dkdv", "dq")]
+
+
+def _program_loads(att: Attention) -> list[Node]:
+    """Loads in the score, mask and sigmoid bias whose indices depend on b, h, hk (and uniforms) only."""
+    roots = [r for r in (att.score, att.mask, att.norm.bias) if r is not None]
+    out: list[Node] = []
+    for n in walk(roots):
+        per_program = not any(uses_var(a, v) for a in n.args for v in (Var.I, Var.J, Var.D, Var.E))
+        if n.op is Op.LOAD and per_program and n not in out:
+            out.append(n)
+    return out
+
+
+def _times(n: Node, c: float) -> Node:
+    """`n * c` with c distributed over sums and folded into a uniform factor of a product."""
+    if n.op in (Op.ADD, Op.SUB) and n.dtype is DType.FLOAT and all(a.dtype is DType.FLOAT for a in n.args):
+        return ieee_binary(n.op, _times(n.args[0], c), _times(n.args[1], c))
+    if n.op is Op.MUL and n.dtype is DType.FLOAT:
+        a, b = n.args
+        for x, y in ((a, b), (b, a)):
+            if is_uniform(x) and x.dtype is DType.FLOAT:
+                return ieee_binary(Op.MUL, y, ieee_binary(Op.MUL, x, const(c)))
+    if is_uniform(n) and n.dtype is DType.FLOAT:
+        return ieee_binary(Op.MUL, n, const(c))
+    return ieee_binary(Op.MUL, n, const(c))
+
+
+def _gated(emit, *args) -> Stmts:  # type: ignore[no-untyped-def]
+    """What `emit(out, *args)` appends, under `if _AUX_GRAD:` (nothing when it appends nothing): a launch
+    whose learned inputs need no gradient compiles the aux-gradient code out."""
+    body: Stmts = []
+    emit(body, *args)
+    return S("if _AUX_GRAD:\n    {body}", body=body) if body else []
+
+
+def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
+    """The program variables a dense (i, j) read's indices leave out, with their extents: the leading axes
+    of its gradient buffer (b, then h; h also when only hk is read, as the heads of a group share it)."""
+    vs = r.plain_vars
+    lead = []
+    if Var.B not in vs:
+        lead.append((Var.B, "(tl.num_programs(1) // _NH)"))
+    if Var.H not in vs:
+        lead.append((Var.H, "_NH"))
+    return lead
 
 
 def _literal(value: object) -> ast.expr:

@@ -133,14 +133,15 @@ class SigmoidNorm(NormStrategy):
 
 
 class SoftmaxNorm(NormStrategy):
-    """The online softmax in base 2, log2(e) folded into the score (FlashAttention-2, Alg. 1)."""
+    """The online softmax in base 2, log2(e) folded into the score (FlashAttention-2, Alg. 1): the kernels
+    evaluate `s2`, the score times log2(e), directly."""
 
     kind = NormKind.SOFTMAX
+    row_extra_names = ("stat2",)
 
     def update(self, w: KernelWriter, L: list[ast.stmt]) -> None:
         L += S(
-            f"""
-            s2 = tl.where(valid, s * {_L2E}, float('-inf'))
+            """
             m_new = tl.maximum(m_i, tl.reduce(s2, 1, tl.standard._elementwise_max, keep_dims=True))
             m_safe = tl.where(m_new == float('-inf'), 0.0, m_new)
             alpha = tl.exp2(m_i - m_safe)
@@ -195,7 +196,12 @@ class SoftmaxNorm(NormStrategy):
         )
 
     def weights(self, w: KernelWriter, L: list[ast.stmt]) -> None:
-        L += S(f"p = tl.where(valid, tl.exp2(s * {_L2E} - stat * {_L2E}), 0.0)")
+        # s2: the score in base 2 (the kernel writer's `log2_score`), stat2 = stat·log2(e) once per row.
+        L += S("p = tl.where(valid, tl.exp2(s2 - stat2), 0.0)")
+
+    def row_extras(self, L: list[ast.stmt]) -> None:
+        # A row with no visible key has stat = -inf: 0 there, so that s2 - stat2 stays -inf (not NaN).
+        L += S(f"stat2 = tl.where(stat == float('-inf'), 0.0, stat * {_L2E})")
 
     def dscore(self, L: list[ast.stmt]) -> None:
         L += S("ds = p * (dp - delta)")

@@ -8,18 +8,69 @@
   tiles (document ids, segment ids...).
 - `heavy`: how much register pressure the spec adds per tile (the default schedules narrow tiles by it).
 - `linear`: the linear-attention decision (`dsl.analysis.linear.linear_form`), None outside that family.
+- `aux_reads`: every read of a float auxiliary tensor, with the root it sits in and which index variables its
+  indices depend on: what decides how the backward reduces that tensor's gradient (`AuxRead`).
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
-from ..ir import Attention, DType, Node, NormKind, Op, Var, uses_var, walk
+from ..ir import Attention, DType, Node, NormKind, Op, TensorParam, Var, uses_var, walk
+from ..scope import Root
 from .linear import LinearDecision, linear_form
+from .ranges import index_status
 from .tiles import Interval, TilePlan, plan_tiles
 
 # At most this many summarised terms per mask: each costs four tile lookups per visited tile.
 MAX_SUMMARIES = 2
+
+
+class AuxGrad(enum.Enum):
+    """How the backward reduces the gradient of one read of a float auxiliary tensor."""
+
+    NONE = "none"  # the read cannot carry a gradient (inside the mask: booleans have none)
+    PROGRAM = "program"  # indices depend on b, h, hk only (`slopes[h]`, `sinks[h]`): a scalar per program
+    DENSE_ROW = "dense row"  # an epilogue read indexed by distinct plain variables (`gate[b, h, i]`,
+    # `offset[h, e]`): a row or column reduction of dO times ∂out/∂read over the output
+    DENSE_PAIR = "dense pair"  # a score (or sigmoid bias) read indexed by distinct plain variables with both
+    # i and j (`bias[b, h, i, j]`): its dS tile stored directly (one writer per element: no reduction)
+    UNFUSED = "unfused"  # anything else (tables `table[h, bucket(i - j)]`, dense biases, feature maps, ...)
+
+
+# The roots whose gradient the dQ kernel holds per (i, j) pair (dS: score; and the sigmoid bias, which
+# enters the weights exactly as the score does) and per row (the softmax sink).
+PAIR_ROOTS = (Root.SCORE, Root.BIAS)
+ROW_ROOTS = (Root.SINK,)
+_ROOT_OF = {
+    "score": Root.SCORE,
+    "mask": Root.MASK,
+    "sink": Root.SINK,
+    "bias": Root.BIAS,
+    "eps": Root.EPS,
+    "output": Root.OUTPUT,
+    "feature q": Root.FEATURE_Q,
+    "feature k": Root.FEATURE_K,
+}
+_PROGRAM_VARS = (Var.B, Var.H, Var.HK)
+_PLAIN_VARS = (Var.B, Var.H, Var.HK, Var.I, Var.E)
+_PAIR_VARS = (Var.B, Var.H, Var.HK, Var.I, Var.J)
+
+
+@dataclass(frozen=True)
+class AuxRead:
+    """One read `tensor[indices]` of a float auxiliary tensor inside `root`, and its reduction."""
+
+    tensor: str
+    root: Root
+    load: Node
+    grad: AuxGrad
+
+    @property
+    def plain_vars(self) -> tuple[Var, ...]:
+        """The index variable of each axis (DENSE_ROW and DENSE_PAIR reads only)."""
+        return tuple(a.attr for a in self.load.args)  # type: ignore[misc]
 
 
 @dataclass(frozen=True)
@@ -29,6 +80,29 @@ class AttentionPlan:
     summaries: tuple[tuple[Node, Node], ...]  # (query side A(b, h, hk, i), key side B(b, hk, j))
     heavy: int  # 0 none, 1 float32 weights (norm = none), 2 a gather per (i, j) pair or tile summaries
     linear: LinearDecision | None
+    aux_reads: tuple[AuxRead, ...] = ()
+
+    def fused_aux(self) -> tuple[str, ...]:
+        """The float auxiliary tensors whose every read the Triton backward reduces itself."""
+        names: dict[str, bool] = {}
+        for r in self.aux_reads:
+            names[r.tensor] = names.get(r.tensor, True) and r.grad is not AuxGrad.UNFUSED
+        return tuple(n for n, ok in names.items() if ok)
+
+    def kernel_reads(self) -> tuple[AuxRead, ...]:
+        """The reads whose partials the dQ kernel writes (one buffer each), in a fixed order."""
+        fused = set(self.fused_aux())
+        return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.PROGRAM)
+
+    def pair_reads(self) -> tuple[AuxRead, ...]:
+        """The dense (i, j) reads whose dS tiles the dQ kernel stores (one buffer each), in a fixed order."""
+        fused = set(self.fused_aux())
+        return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.DENSE_PAIR)
+
+    def epilogue_reads(self) -> tuple[AuxRead, ...]:
+        """The epilogue reads reduced over the output rows and columns (host side, O(M·E))."""
+        fused = set(self.fused_aux())
+        return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.DENSE_ROW)
 
     @property
     def kv_intervals(self) -> tuple[Interval, ...] | None:
@@ -47,7 +121,51 @@ def plan_attention(att: Attention) -> AttentionPlan:
         summaries=summaries,
         heavy=_heavy(att, summaries),
         linear=linear_form(att),
+        aux_reads=aux_reads(att),
     )
+
+
+def aux_reads(att: Attention) -> tuple[AuxRead, ...]:
+    """Each distinct read of a float auxiliary tensor per root, classified by what its indices depend on:
+    indices of b, h, hk alone reduce to a scalar per program (in the score, the sigmoid bias or the sink);
+    an epilogue read by distinct plain variables reduces over the output's other axes; a read inside the
+    mask carries no gradient. Everything else is left unfused."""
+    floats = {p.name: p for p in att.aux_tensors if p.type.kind is DType.FLOAT}
+    out: list[AuxRead] = []
+    for field, node in att.roots().items():
+        root = _ROOT_OF[field]
+        seen: set[Node] = set()
+        for n in walk([node]):
+            if n.op is not Op.LOAD or str(n.attr) not in floats or n in seen:
+                continue
+            seen.add(n)
+            p = floats[str(n.attr)]
+            out.append(AuxRead(p.name, root, n, _classify(att, p, root, n)))
+    return tuple(out)
+
+
+def _classify(att: Attention, p: TensorParam, root: Root, load: Node) -> AuxGrad:
+    if root is Root.MASK:
+        return AuxGrad.NONE
+    in_range = all(
+        index_status(ix, ext, att.layout) == "in" for ix, ext in zip(load.args, p.shape, strict=True)
+    )
+    if not in_range:
+        return AuxGrad.UNFUSED
+    program = not any(uses_var(a, v) for a in load.args for v in Var if v not in _PROGRAM_VARS)
+    if program and root in (*PAIR_ROOTS, *ROW_ROOTS):
+        return AuxGrad.PROGRAM
+    if root in PAIR_ROOTS:
+        pair = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PAIR_VARS]
+        distinct = len(pair) == len(load.args) and len(set(pair)) == len(pair)
+        if distinct and Var.I in pair and Var.J in pair and not (Var.H in pair and Var.HK in pair):
+            return AuxGrad.DENSE_PAIR
+        return AuxGrad.UNFUSED
+    plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PLAIN_VARS]
+    if root is Root.OUTPUT and len(plain) == len(load.args) and len(set(plain)) == len(plain):
+        if not (Var.H in plain and Var.HK in plain):
+            return AuxGrad.DENSE_ROW
+    return AuxGrad.UNFUSED
 
 
 def _heavy(att: Attention, summaries: tuple[tuple[Node, Node], ...]) -> int:
