@@ -26,7 +26,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 golden: $(VENV)/.installed
-	ATTNC_REGEN_GOLDEN=1 $(PY) -m pytest -q tests/test_codegen_module.py -k golden
+	ATTNC_REGEN_GOLDEN=1 $(PY) -m pytest -q -n 0 tests/test_codegen_module.py tests/test_delta_spec.py -k golden
 	git status --short tests/golden
 
 format: $(VENV)/.installed
