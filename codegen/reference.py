@@ -403,9 +403,9 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     """A torch.library custom op (with a fake implementation and an autograd formula) around the block, so
     that torch.compile(fullgraph=True) traces models that call it without looking inside.
 
-    The op returns (o, lse, oraw). On the Triton path the backward reads what the forward saved and launches
+    The op returns (o, lse, _oraw). On the Triton path the backward reads what the forward saved and launches
     only the backward kernels: `lse` holds the kernels' row statistic (the log-sum-exp for softmax; for the
-    other norms, whose lse the entry point never returns, their normaliser) and `oraw` the float32 output
+    other norms, whose lse the entry point never returns, their normaliser) and `_oraw` the float32 output
     before the epilogue (a spec with an epilogue; an empty tensor otherwise). The reference backward
     recomputes the forward under autograd (checkpointing: a deliberate memory choice)."""
     nm = att.name
@@ -427,10 +427,10 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
         L.append("    if backend == 'triton':")
         L.append(f"        spec = _{nm}_triton_spec({args}, {get_layout})")
         L.append(
-            "        o, oraw, stat = _rt._triton_forward(spec, q.contiguous(), k.contiguous(), v.contiguous())"
+            "        o, _oraw, _stat = _rt._triton_forward(spec, q.contiguous(), k.contiguous(), v.contiguous())"
         )
-        keep = "oraw" if epilogue else "stat.new_empty((0,))"
-        L.append(f"        return o, stat, {keep}")
+        keep = "_oraw" if epilogue else "_stat.new_empty((0,))"
+        L.append(f"        return o, _stat, {keep}")
     if softmax:
         L.append(f"    o, lse = {nm}_reference({args}, return_lse=True, {get_layout})")
     else:
@@ -449,18 +449,18 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     L.append(f"        q.new_empty({raw_shape}, dtype=torch.float32),")
     L.append("    )")
     L += ["", ""]
-    bw_params = "do: torch.Tensor, dlse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, oraw: torch.Tensor"
+    bw_params = "do: torch.Tensor, dlse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, _oraw: torch.Tensor"
     L.append(f"def _{nm}_backward_impl(")
-    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, aux_grad: bool")
+    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
     if has_triton:
         L.append("    if backend == 'triton':")
         L.append("        # What the forward saved, and the backward kernels only: no forward runs again.")
         L.append(f"        spec = _{nm}_triton_spec({args}, {get_layout})")
-        saved_raw = "oraw" if epilogue else "o"
+        saved_raw = "_oraw" if epilogue else "o"
         dstat = "dlse" if softmax else "None"
         L.append(
-            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, q.contiguous(), k.contiguous(), v.contiguous(), o, {saved_raw}, lse, do, {dstat}, aux_grad)"
+            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, q.contiguous(), k.contiguous(), v.contiguous(), o, {saved_raw}, lse, do, {dstat}, _aux_grad)"
         )
         L.append("        _g = {'q': _dq, 'k': _dk, 'v': _dv}")
         if float_aux:
@@ -508,7 +508,7 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
         L.append(f"    return {{_n: _x for _n, _x in zip({tuple(unfused)!r}, _gs) if _x is not None}}")
         L += ["", ""]
     L.append(f"def _{nm}_backward_fake(")
-    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, aux_grad: bool")
+    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
     L.append(
         f"    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in ({', '.join(floats)},)]"
@@ -520,17 +520,17 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     L.append(f"    ctx.save_for_backward({', '.join(tensors)}, *output)")
     L.append(f"    ctx.rest = ({', '.join([*non_tensors, *layout_names, 'backend'])},)")
     L += ["", ""]
-    L.append(f"def _{nm}_backward(ctx, do, dlse, doraw):")
-    L.append(f"    {', '.join(tensors)}, o, lse, oraw = ctx.saved_tensors")
+    L.append(f"def _{nm}_backward(ctx, do, dlse, _doraw):")
+    L.append(f"    {', '.join(tensors)}, o, lse, _oraw = ctx.saved_tensors")
     L.append(f"    {', '.join([*non_tensors, *layout_names, 'backend'])}, = ctx.rest")
     L.append("    if do is None:")
     L.append("        do = q.new_zeros((*q.shape[:3], v.shape[3]))")
     L.append("    if dlse is None:")
     L.append("        dlse = q.new_zeros(q.shape[:3], dtype=_rt._lse_dtype(q))")
     aux_pos = [k for k, p in enumerate(att.params) if p.name in float_aux]
-    aux_grad = " or ".join(f"ctx.needs_input_grad[{k}]" for k in aux_pos) if aux_pos else "False"
+    _aux_grad = " or ".join(f"ctx.needs_input_grad[{k}]" for k in aux_pos) if aux_pos else "False"
     L.append(
-        f"    {', '.join('_d_' + f for f in floats)}, = _{nm}_backward_op(do, dlse, o, lse, oraw, {args}, {layout_args}, backend, {aux_grad})"
+        f"    {', '.join('_d_' + f for f in floats)}, = _{nm}_backward_op(do, dlse, o, lse, _oraw, {args}, {layout_args}, backend, {_aux_grad})"
     )
     grads = [
         f"_d_{p.name}" if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT else "None"
@@ -554,13 +554,13 @@ def _fused_aux_grads(
     kernel's partials summed over programs (`_parts`, in `plan.kernel_reads()` order) and the epilogue's
     row/column reductions; tensors the plan leaves unfused come from the reference (`_NAME_aux_grads`)."""
     fused = plan.fused_aux()
-    L = ["        if aux_grad:"]
+    L = ["        if _aux_grad:"]
     for t in fused:
         terms = [f"_parts[{n}]" for n, r in enumerate(plan.kernel_reads()) if r.tensor == t]
         first = len(plan.kernel_reads())
         terms += [f"_parts[{first + n}]" for n, r in enumerate(plan.pair_reads()) if r.tensor == t]
         terms += [
-            f"_rt._epilogue_grad(spec.epilogue_grads[{n}], oraw, do, q.shape[1] // k.shape[1], "
+            f"_rt._epilogue_grad(spec.epilogue_grads[{n}], _oraw, do, q.shape[1] // k.shape[1], "
             f"{tuple(v.value for v in r.plain_vars)!r}, {t}.shape)"
             for n, r in enumerate(plan.epilogue_reads())
             if r.tensor == t
@@ -606,13 +606,17 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     if att.output is not None:
         # The epilogue's derivatives (dsl.autodiff): ∂out/∂o for dO of the raw output, and ∂out/∂read for
         # each auxiliary read the backward reduces over the output's rows and columns.
-        elem = next(n for n in walk([att.output]) if n.op is Op.ELEM)
-        wrt = [elem, *(r.load for r in plan.epilogue_reads())]
-        grads = gradients(att.output, wrt)
+        # An epilogue that ignores o (`output = offset[h, e]`) passes no gradient to it: ∂out/∂o = 0.
+        elem = next((n for n in walk([att.output]) if n.op is Op.ELEM), None)
+        wrt = [*([elem] if elem is not None else []), *(r.load for r in plan.epilogue_reads())]
+        grads = gradients(att.output, wrt) if wrt else {}
         for fn, node in (
             ("_output_do", elem),
             *((f"_output_g{n}", r.load) for n, r in enumerate(plan.epilogue_reads())),
         ):
+            if node is None:
+                closures += [f"    def {fn}(o, b, h, hk, i, e):", "        return 0.0", ""]
+                continue
             stmts, ret = em.body(grads[node])
             closures.append(f"    def {fn}(o, b, h, hk, i, e):")
             closures += [f"        {st}" for st in stmts]

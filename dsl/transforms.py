@@ -149,6 +149,10 @@ def _format_stmt(st: A.Stmt) -> str:
     if isinstance(st, A.NormStmt):
         args = ", ".join(f"{kw.name} = {format_expr(kw.value)}" for kw in st.kwargs)
         return f"norm = {st.kind}({args})" if st.kwargs else f"norm = {st.kind}"
+    if isinstance(st, A.StateStmt):
+        return f"state {st.name} = {format_expr(st.value)}"
+    if isinstance(st, A.ReadStmt):
+        return f"read = {format_expr(st.value)}"
     raise TypeError(f"cannot print {type(st).__name__}")  # pragma: no cover
 
 
