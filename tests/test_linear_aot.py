@@ -47,6 +47,7 @@ def test_chunk_kernels_use_wgmma(reports: list[KernelReport | AOTCompileError]) 
     assert not no_wgmma, no_wgmma
 
 
+@pytest.mark.slow  # the core's compiles are covered above; this checks the CLI's table (~25 s of CI time)
 def test_attnc_inspect_includes_the_linear_core(capsys: pytest.CaptureFixture[str]) -> None:
     from attnc.cli import main
 

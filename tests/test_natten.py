@@ -135,11 +135,19 @@ _FWD_CASES = [
 ]
 
 
+_FWD_IDS = ["1d-dil2-s2", "1d-causal-s3", "2d", "3d"]
+
+
 @pytest.mark.parametrize(
-    "backend",
-    ["reference", "triton"],
+    ("dim", "shape", "opts", "backend"),
+    [
+        pytest.param(*case, backend, id=f"{name}-{backend}", marks=pytest.mark.slow if slow else ())
+        for backend in ("reference", "triton")
+        for case, name in zip(_FWD_CASES, _FWD_IDS, strict=True)
+        # the 3-D case on the interpreter takes ~35 s of CI's 2 cores: run it with -m slow
+        for slow in [backend == "triton" and case[0] == 3]
+    ],
 )
-@pytest.mark.parametrize(("dim", "shape", "opts"), _FWD_CASES, ids=["1d-dil2-s2", "1d-causal-s3", "2d", "3d"])
 def test_forward_and_gradients_match_sdpa_with_the_oracle_mask(
     dim: int, shape: tuple[int, ...], opts, backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -234,9 +242,9 @@ PINNED_PROBE = [
     ("examples/specs/chunked_local.attn", "chunked_local", 150, {"C": 48}, (19, 19, 19)),
     ("examples/specs/prefix_lm.attn", "prefix_lm", 150, {"P": 70}, (65, 65, 65)),
     ("zoo/specs/streaming_llm.attn", "streaming_llm", 200, {"S": 4, "W": 40}, (55, 55, 55)),
-    pytest.param("zoo/specs/neighborhood_1d.attn", "neighborhood_1d", 96, {"K": 5, "dil": 3}, (36, 36, 36)),
-    pytest.param("zoo/specs/neighborhood_2d.attn", "neighborhood_2d", 80, {"width": 8, "KH": 5, "KW": 3}, (25, 25, 25)),
-    pytest.param("zoo/specs/neighborhood_2d_dilated.attn", "neighborhood_2d_dilated", 80, {"width": 8, "KH": 3, "KW": 3, "DH": 2, "DW": 2}, (25, 25, 25)),
+    pytest.param("zoo/specs/neighborhood_1d.attn", "neighborhood_1d", 96, {"K": 5, "dil": 3}, (36, 36, 36), marks=pytest.mark.slow),
+    pytest.param("zoo/specs/neighborhood_2d.attn", "neighborhood_2d", 80, {"width": 8, "KH": 5, "KW": 3}, (25, 25, 25), marks=pytest.mark.slow),
+    pytest.param("zoo/specs/neighborhood_2d_dilated.attn", "neighborhood_2d_dilated", 80, {"width": 8, "KH": 3, "KW": 3, "DH": 2, "DW": 2}, (25, 25, 25), marks=pytest.mark.slow),
 ]  # fmt: skip
 
 

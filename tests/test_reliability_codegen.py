@@ -551,8 +551,13 @@ def _other_entry(tmp_path: Path, kernels: bool) -> Path:
     return other
 
 
-@pytest.mark.parametrize("damage", list(DAMAGE))
-@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize(
+    ("damage", "backend"),
+    [(d, "reference") for d in DAMAGE]
+    # The main file's check does not depend on the backend: one kind on Triton in CI (each case is ~9 s of
+    # subprocesses), every kind with -m slow.
+    + [pytest.param(d, "triton", marks=() if d == "truncated" else pytest.mark.slow) for d in DAMAGE],
+)
 def test_cache_heals_a_damaged_main_file(tmp_path: Path, damage: str, backend: str) -> None:
     main, _ = _cached(tmp_path)
     other = _other_entry(tmp_path, kernels=False)
