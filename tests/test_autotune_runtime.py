@@ -327,6 +327,7 @@ def test_launch_errors_become_failed_trials(compiled, monkeypatch, tmp_path):
     assert res.best is not None and res.best["num_warps"] != 2
 
 
+@pytest.mark.slow  # ~40 s of CI time; the tuned-config tests above cover the lookup it relies on
 def test_attnc_autotune_tunes_an_untuned_key_once_per_machine(tmp_path):
     """ATTNC_AUTOTUNE=1 through attnc.compile: the first call tunes its keys (fwd, dkdv, dq) into the
     default storage and table; a second process finds them tuned and measures nothing."""

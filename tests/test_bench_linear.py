@@ -366,6 +366,7 @@ def test_plot_only_redraws_the_png(bl: ModuleType, tmp_path: Path) -> None:
 # The whole script on CPU
 
 
+@pytest.mark.slow  # the whole script (~18 s); its parts are tested above
 def test_cpu_run(tmp_path: Path) -> None:
     """The script as a user runs it, on a machine without a GPU (hidden from it if there is one)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

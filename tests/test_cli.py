@@ -48,6 +48,7 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert res.returncode == 2 and "UTF-8" in res.stderr
 
 
+@pytest.mark.slow  # a subprocess per subcommand (~20 s); test_usage_errors_exit_2 covers the parser
 def test_help_everywhere() -> None:
     for args in ([], ["check"], ["codegen"], ["show-ir"]):
         res = run(*args, "--help")

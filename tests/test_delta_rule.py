@@ -430,6 +430,7 @@ def _compile_and_check(jobs: list) -> None:
     assert not spills, "\n".join(spills)
 
 
+@pytest.mark.slow  # ~25 s of sm_90 compiles: kept out of the 15-minute CI budget, run with -m slow
 def test_kernels_compile_for_sm90_without_spills() -> None:
     pytest.importorskip("triton.backends.nvidia")
     _compile_and_check(aot_jobs(64, "fp16") + aot_jobs(128, "bf16"))

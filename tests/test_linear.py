@@ -216,6 +216,7 @@ def test_linear_forms_match_naive_and_recurrence(compiled, spec, N, algorithm, s
     del mod
 
 
+@pytest.mark.slow  # D = E = 256 on the interpreter (~15 s); the AOT test compiles D = 256
 def test_head_dim_256_chunk_with_state(compiled) -> None:
     """The widest heads take 16-row chunks and E-blocks of 32 (the default schedule for D > 128)."""
     case = CASES["gated_linear"]

@@ -90,7 +90,8 @@ def _grid(shape: tuple[int, ...]) -> list[list[tuple[int, int, int, int]]]:
     return [list(combos[i]) for i in rng.choice(len(combos), size=24, replace=False)]
 
 
-CASES = [(1, (13,)), (2, (5, 6)), (3, (3, 4, 3))]
+# the 3-D grid is ~20 s of CI time: run it with -m slow (1-D and 2-D cover the per-axis decomposition in CI)
+CASES = [(1, (13,)), (2, (5, 6)), pytest.param(3, (3, 4, 3), marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize(("dim", "shape"), CASES, ids=["1d-N13", "2d-5x6", "3d-3x4x3"])
