@@ -121,10 +121,11 @@ def test_mask_is_natten_and_tile_plan_is_sound(dim: int, shape: tuple[int, ...])
 def test_natten_plans_within_five_seconds(dim: int) -> None:
     """Planning (the part that used to take minutes, or never finish) is well under 5 s of CPU time."""
     att = _att(NATTEN / f"natten_{dim}d.attn")
+    plan_tiles(_att(NATTEN / "natten_1d.attn"))  # sympy's first-use imports are not the planner's time
     clear_plan_cache()
-    t = time.process_time()
+    t = time.thread_time()  # this thread's CPU: the AOT compile pools of a parallel test run share the cores
     plan = plan_tiles(att)
-    assert time.process_time() - t < 5.0
+    assert time.thread_time() - t < 5.0
     assert plan.fallback is None and len(plan.kv_intervals) <= 3
 
 
