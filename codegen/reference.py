@@ -449,7 +449,9 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     L.append(f"        q.new_empty({raw_shape}, dtype=torch.float32),")
     L.append("    )")
     L += ["", ""]
-    bw_params = "do: torch.Tensor, dlse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, _oraw: torch.Tensor"
+    bw_params = (
+        "do: torch.Tensor, dlse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, _oraw: torch.Tensor"
+    )
     L.append(f"def _{nm}_backward_impl(")
     L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
