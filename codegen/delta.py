@@ -10,11 +10,11 @@ Float auxiliaries are computed in at least float32 (float64 stays float64) and n
 from __future__ import annotations
 
 from attnc.dsl.analysis.recurrence import DeltaPlan, GateShape, PlanKind, analyse
-from attnc.dsl.ir import DType, Node, Op, Role, TensorParam
+from attnc.dsl.ir import DType, Node, Role, TensorParam
 from attnc.dsl.state_ir import Recurrence, Side, side_of
 
 from .emit import Emitter
-from .reference import _EXACT, _dims_tuple, _hoisted, _leaf, _Loads, _shape_text, _signature, _sizes, dim_code
+from .reference import _hoisted, _leaf, _Loads, _shape_text, _signature, argument_checks, dim_code
 
 _GRID = "q, k, v, b, h, hk, i, d, e"
 
@@ -22,43 +22,6 @@ _GRID = "q, k, v, b, h, hk, i, d, e"
 def _closure(em: Emitter, fn: str, root: Node) -> list[str]:
     stmts, ret = em.body(root)
     return [f"    def {fn}({_GRID}):", *[f"        {s}" for s in stmts], f"        return {ret}", ""]
-
-
-def _checks(rec: Recurrence) -> list[str]:
-    """Shapes, dtypes, devices and scalars, as the attention entry points check them."""
-    shapes = {p.name: _shape_text(p) for p in rec.tensors}
-    L = ["    sizes: dict[str, int] = {}"]
-    for p in rec.tensors:
-        L.append(f"    _rt._bind(sizes, {p.name!r}, {p.name}, {_dims_tuple(p)}, {shapes[p.name]!r})")
-    syms = _sizes(rec)  # type: ignore[arg-type]
-    L.append(
-        f"    {', '.join(syms)}{',' if len(syms) == 1 else ''} = {', '.join(f'sizes[{s!r}]' for s in syms)}"
-    )
-    for p in rec.tensors:
-        exact = "q.dtype" if p.role in (Role.K, Role.V) else _EXACT.get(p.type, "None")
-        L.append(f"    _rt._check_type({p.name!r}, {p.name}, {p.type.kind.value!r}, {exact}, q.device)")
-    for sc in rec.scalars:
-        kind = "int" if sc.dtype is DType.INT else "float"
-        if sc.default is not None and sc.default.op is not Op.CONST:
-            L.append(f"    if {sc.name} is None:")
-            L.append(f"        {sc.name} = {dim_code(sc.default)}")
-        L.append(f"    {sc.name} = _rt._check_scalar({sc.name!r}, {sc.name}, {kind!r})")
-    for p in rec.tensors:
-        for axis, dd in enumerate(p.shape):
-            if dd.op not in (Op.SIZE, Op.CONST):
-                text = dim_code(dd)
-                L.append(
-                    f"    _rt._check_dim({p.name!r}, {p.name}, {axis}, {text}, {text!r}, {shapes[p.name]!r})"
-                )
-    heads, kv_heads = rec.layout.heads, rec.layout.kv_heads
-    if heads != kv_heads:
-        hc, gc = dim_code(heads), dim_code(kv_heads)
-        L.append(f"    if {gc} < 1 or {hc} % {gc} != 0:")
-        L.append(
-            f'        raise ValueError(f"k, v: the key/value head count ({{{gc}}}) must divide the query head '
-            f'count ({{{hc}}})")'
-        )
-    return L
 
 
 def _plan_doc(plan: DeltaPlan) -> str:
@@ -100,7 +63,7 @@ def emit_recurrence(rec: Recurrence) -> str:
         "    'recurrent'; backend: None (Triton on CUDA tensors, else the reference), 'reference' or 'triton'.",
         '    """',
     ]
-    L += _checks(rec)
+    L += argument_checks(rec)  # type: ignore[arg-type]  # a state block has the same parameters
     L.append("    if backend is None:")
     L.append('        backend = "triton" if q.is_cuda and _rt._has_triton() else "reference"')
     L.append('    if backend not in ("reference", "triton"):')

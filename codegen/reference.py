@@ -190,6 +190,19 @@ def _def(
 def _checks(att: Attention) -> list[str]:
     """Argument checks: shapes, dtypes, devices, scalars (the same for every backend)."""
     nm = att.name
+    L = argument_checks(att)
+    if att.norm.kind is not NormKind.SOFTMAX:
+        L.append("    if return_lse:")
+        L.append(
+            f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
+        )
+    return L
+
+
+def argument_checks(att: Attention) -> list[str]:
+    """The checks every block's entry point starts with (attention blocks, and the state blocks of
+    codegen/delta.py, which have the same tensors, scalars and head layout): sizes bound from the shapes,
+    dtypes, devices, scalars, computed dimensions, and the query/key-value head ratio."""
     shapes = {p.name: _shape_text(p) for p in att.tensors}
     L = ["    sizes: dict[str, int] = {}"]
     for p in att.tensors:
@@ -223,11 +236,6 @@ def _checks(att: Attention) -> list[str]:
             f'            f"k, v: the key/value head count ({{{gc}}}) must divide the query head count ({{{hc}}})"'
         )
         L.append("        )")
-    if att.norm.kind is not NormKind.SOFTMAX:
-        L.append("    if return_lse:")
-        L.append(
-            f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
-        )
     return L
 
 
