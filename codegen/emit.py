@@ -323,6 +323,10 @@ def _apply_tensor(n: Node, args: list[ast.expr], uniform: list[bool]) -> ast.exp
         # torch's floor_divide has no derivative; floor(a / b) is the same value with the derivative 0 (as
         # the Triton kernels compute it), so a floor-divided score trains like any piecewise-constant one.
         return expr_from_string("torch.floor({a} / {b})", a=args[0], b=args[1])
+    if n.op is Op.MOD and n.dtype is DType.FLOAT:
+        # torch.remainder of a number by a tensor has no derivative; a - floor(a / b) b is its value (the
+        # formula the Triton kernels use), with the derivatives 1 and -floor(a / b).
+        return expr_from_string("{a} - torch.floor({a} / {b}) * {b}", a=args[0], b=args[1])
     if n.op in (Op.AND, Op.OR) and all(uniform):  # pragma: no cover - hoisted as uniform
         return _apply(SCALAR_TEMPLATES, n, args)
     return _apply(TENSOR_TEMPLATES, n, args)

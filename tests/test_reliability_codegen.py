@@ -369,6 +369,11 @@ def test_tiny_constant_score_triton(build) -> None:
 _SAME_CLASS = [
     ("score = dot(q, k) // 2.0", ""),  # floor division: gradient 0 through it
     ("score = dot(q, k) - dot(q, k) % 0.5", ""),
+    # Found by the 20,000-example fuzz run: a number modulo a tensor (torch.remainder has no derivative).
+    ("score = dot(q, k) + 0.5 % dot(q, k)", ""),
+    # ... and a uniform exponent of a tile base (the interpreter's Python float has no `.to`).
+    ("score = dot(q, k)\n    feature k = where(0 <= hk < D, 1.0, k ** H)", ""),
+    ("score = dot(q, k) * 0.1\n    output = 2.0 * where(0 <= h < D, 1.0, o ** H)", ""),
     ("score = dot(q, k) + clamp(b, -1e39, 1.0)", ""),
     ("score = min(dot(q, k), 1e39) + max(dot(q, k), -1e39) * 0.0", ""),
     ("score = dot(q, k) + exp(where(N > 0, 0.5, t[j]))", ", t: [N]"),
@@ -399,6 +404,23 @@ def test_call_time_crash_classes_run_and_agree(build, body: str, params: str) ->
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-4)
     for g_tri, g_ref in zip(grads[1], grads[0], strict=True):
         torch.testing.assert_close(g_tri, g_ref, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "body",
+    ["score = dot(q, k) * 0.1 + clamp(log(dot(q, k)), 0.5, 0.5)", "score = dot(q, k) * 0.1 + relu(log(dot(q, k)))",
+     "score = dot(q, k) * 0.1 + max(log(dot(q, k)), 0.0) - min(0.0, sqrt(dot(q, k)))"],
+)  # fmt: skip
+def test_nan_through_min_max_clamp_propagates_alike(build, body: str) -> None:
+    """Found by the fuzz run: Triton's minimum/maximum drop a NaN operand by default; torch keeps it. The
+    log/sqrt of a negative dot product is NaN in some entries: those rows are NaN on both backends."""
+    mod = build(spec(body))
+    q, k, v = qkv()
+    ref, ref_lse = mod.a(q, k, v, backend="reference", return_lse=True)
+    tri, tri_lse = mod.a(q, k, v, backend="triton", return_lse=True)
+    assert torch.isnan(ref_lse).any()  # the case is live
+    torch.testing.assert_close(tri, ref, rtol=1e-4, atol=1e-4, equal_nan=True)
+    torch.testing.assert_close(tri_lse, ref_lse, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
 # ---- outside text reaches generated code --------------------------------------------------------------------

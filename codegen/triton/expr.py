@@ -58,6 +58,14 @@ _TEMPLATES = {
     Op.WHERE: "tl.where({a}, {b}, {c})",
 }
 
+# Float min/max/relu: NaN in, NaN out, as torch's minimum/maximum/clamp/relu (Triton's default, `minnum`,
+# drops a NaN operand). Integer operands keep the plain form.
+_FLOAT_TEMPLATES = {
+    Op.RELU: "tl.maximum({a}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
+    Op.MIN: "tl.minimum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)",
+    Op.MAX: "tl.maximum({a}, {b}, propagate_nan=tl.PropagateNan.ALL)",
+}
+
 
 _F32_TINY = 2.0**-126  # the smallest normal float32
 _F32_MAX = 3.4028234663852886e38
@@ -119,13 +127,15 @@ class TritonExprs:
                 tpl = "_floordiv({a}, {b})" if op is Op.FLOORDIV else "_floormod({a}, {b})"
             return expr_from_string(tpl, **_holes(args))
         if op is Op.POW:
-            return self._pow(n, args)
+            return self._pow(n, args, uniform)
         if op is Op.WHERE and all(uniform[1:]):
             # tl.where needs a tensor branch to know the result type: make the first one a float tile.
             return expr_from_string("tl.where({a}, {b} + 0.0 * {a}, {c})", **_holes(args))
+        if op in _FLOAT_TEMPLATES and n.dtype is DType.FLOAT:
+            return expr_from_string(_FLOAT_TEMPLATES[op], **_holes(args))
         return expr_from_string(_TEMPLATES[op], **_holes(args))
 
-    def _pow(self, n: Node, args: list[ast.expr]) -> ast.expr:
+    def _pow(self, n: Node, args: list[ast.expr], uniform: list[bool]) -> ast.expr:
         ex = n.args[1]
         if ex.op is Op.CONST:
             k = float(ex.attr)  # type: ignore[arg-type]
@@ -149,15 +159,20 @@ class TritonExprs:
             return expr_from_string("tl.exp2({b} * tl.log2({a}))", a=args[0], b=args[1])
         # A tile exponent (an integer one: a decay gamma ** (i - j)): the helper gives torch's pow for
         # negative and zero bases, where exp2(b * log2(a)) is NaN. Both operands as float32 tiles.
-        base, expo = (self._float_tile(x, other) for x, other in ((args[0], args[1]), (args[1], args[0])))
+        base, expo = (
+            self._float_tile(x, other, u)
+            for x, other, u in ((args[0], args[1], uniform[0]), (args[1], args[0], uniform[1]))
+        )
         return expr_from_string("_pow({a}, {b})", a=base, b=expo)
 
     @staticmethod
-    def _float_tile(x: ast.expr, other: ast.expr) -> ast.expr:
-        """`x` as a float32 value the helper can compute with: a literal (a Python number, not a Triton value)
-        becomes a tile of the other operand's shape."""
-        if isinstance(x, ast.Constant) or (
-            isinstance(x, ast.UnaryOp) and isinstance(x.operand, ast.Constant)
+    def _float_tile(x: ast.expr, other: ast.expr, is_uniform: bool) -> ast.expr:
+        """`x` as a float32 value the helper can compute with: a literal or a uniform (a Python number, not a
+        Triton value, under the interpreter: it has no `.to`) becomes a tile of the other operand's shape."""
+        if (
+            is_uniform
+            or isinstance(x, ast.Constant)
+            or (isinstance(x, ast.UnaryOp) and isinstance(x.operand, ast.Constant))
         ):
             x = expr_from_string("tl.where({o} == {o}, {x}, {x})", o=other, x=x)
         return expr_from_string("({x}).to(tl.float32)", x=x)
