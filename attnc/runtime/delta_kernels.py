@@ -52,6 +52,44 @@ def _head_row(bh, H, REP, T):
 
 
 @triton.jit
+def _head_rows(bh, H, T, REP_1, REP_2, REP_3, REP_4, REP_5):
+    """`_head_row` of five inputs at once (each kernel reads five [B, H // REP, T, ...] inputs)."""
+    return (
+        _head_row(bh, H, REP_1, T),
+        _head_row(bh, H, REP_2, T),
+        _head_row(bh, H, REP_3, T),
+        _head_row(bh, H, REP_4, T),
+        _head_row(bh, H, REP_5, T),
+    )
+
+
+@triton.jit
+def _state_block(D, E, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
+    """What every program works on: its state head bh (grid axis 1) and its rows of that head's [E, D] state
+    (E-block: grid axis 0): the key and value offsets, their masks, and the block's offsets and mask in the
+    row-major state."""
+    pid_e = tl.program_id(0)
+    bh = tl.program_id(1)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    dmask = offs_d < D
+    emask = offs_e < E
+    s_off = offs_e[:, None] * D + offs_d[None, :]
+    s_msk = emask[:, None] & dmask[None, :]
+    return bh, offs_d, offs_e, dmask, emask, s_off, s_msk
+
+
+@triton.jit
+def _state_in(S0, bh, s_off, s_msk, D, E, HAS_S0: tl.constexpr):
+    """The state block a pass starts from: head bh's of S0 [B·H, E, D], or zeros."""
+    if HAS_S0:
+        S = tl.load(S0 + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    else:
+        S = tl.full(s_off.shape, 0.0, tl.float32)
+    return S
+
+
+@triton.jit
 def _load_vec(base, offs, mask):
     return tl.load(base + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -64,14 +102,72 @@ def _load_scalar(ptr, offs, mask):
 
 
 @triton.jit
-def _delta_step(S, k, v, g, a, b, G_MODE: tl.constexpr, HAS_RANK1: tl.constexpr):
-    """One token: S·(Diag(w) + a bᵀ) + v kᵀ for S [BE, BD], k/a/b [BD], v [BE], g a scalar or [BD]."""
+def _load_gates(
+    G, RA, RB, rg, rr, t, offs_d, vd, k, D, G_MODE: tl.constexpr, HAS_RANK1: tl.constexpr, TAIL: tl.constexpr
+):
+    """Token t's gate g and rank-1 factors a, b (vd: the lanes to read). The parts a variant lacks are
+    placeholders (g = 0, a = b = k) that `_delta_step` does not read. TAIL: t may lie past T (its lanes are
+    masked off), so a scalar gate is read through a vector lane (`_load_scalar`)."""
+    g, a, b = 0.0, k, k
+    if G_MODE == 1:
+        if TAIL:
+            g = _load_scalar(G + rg + t, offs_d, vd)
+        else:
+            g = tl.load(G + rg + t).to(tl.float32)
+    elif G_MODE == 2:
+        g = _load_vec(G + (rg + t) * D, offs_d, vd)
     if HAS_RANK1:
-        u = _dsum(S * a[None, :], 1)  # S_{t-1} a, [BE]
+        a = _load_vec(RA + (rr + t) * D, offs_d, vd)
+        b = _load_vec(RB + (rr + t) * D, offs_d, vd)
+    return g, a, b
+
+
+@triton.jit
+def _chunk_gates(BETA, G, rb, rg, t, tm, HAS_G: tl.constexpr, CHUNK: tl.constexpr):
+    """A chunk's β, its log-gates cumulated from the chunk's start Γ (0 without a gate; padded tokens: β = 0,
+    g = 0) and Γ at the chunk's end."""
+    offs_c = tl.arange(0, CHUNK)
+    beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
+    if HAS_G:
+        gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
+    else:
+        gam = offs_c * 0.0
+    return beta, gam, _dsum(tl.where(offs_c == CHUNK - 1, gam, 0.0), 0)
+
+
+@triton.jit
+def _chunk_wy(kk, beta, gam, CHUNK: tl.constexpr):
+    """A chunk's decays e^{Γ_i − Γ_j} (j ≤ i, else 0: every exponent taken is ≤ 0) and Tinv = (I + A)⁻¹ for
+    A_ij = β_i e^{Γ_i − Γ_j} k_i·k_j (j < i; kk = K Kᵀ), by forward substitution: row i = e_i − Σ_{j<i} A_ij
+    Tinv_j (rows j < i are final)."""
+    offs_c = tl.arange(0, CHUNK)
+    decay = tl.exp(tl.where(offs_c[:, None] >= offs_c[None, :], gam[:, None] - gam[None, :], float("-inf")))
+    A = tl.where(offs_c[:, None] > offs_c[None, :], beta[:, None] * decay * kk, 0.0)
+    Tinv = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+    for i in range(1, CHUNK):
+        a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)  # row i of A, indexed by j
+        row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * Tinv, 0)
+        Tinv = tl.where(offs_c[:, None] == i, row[None, :], Tinv)
+    return decay, Tinv
+
+
+@triton.jit
+def _gate(S, g, G_MODE: tl.constexpr):
+    """S·Diag(w), w = e^g: one gate for every column (G_MODE 1), one per column (2), or none (0). The forward
+    step and the backward's dS ← dS·Diag(w_t) share it."""
     if G_MODE == 1:
         S = S * tl.exp(g)
     elif G_MODE == 2:
         S = S * tl.exp(g)[None, :]
+    return S
+
+
+@triton.jit
+def _delta_step(S, k, v, g, a, b, G_MODE: tl.constexpr, HAS_RANK1: tl.constexpr):
+    """One token: S·(Diag(w) + a bᵀ) + v kᵀ for S [BE, BD], k/a/b [BD], v [BE], g a scalar or [BD]."""
+    if HAS_RANK1:
+        u = _dsum(S * a[None, :], 1)  # S_{t-1} a, [BE]
+    S = _gate(S, g, G_MODE)
     if HAS_RANK1:
         S += u[:, None] * b[None, :]
     S += v[:, None] * k[None, :]
@@ -88,38 +184,17 @@ def _delta_recurrent_fwd_kernel(
     """o_t = S_t q_t token by token. Q/K/RA/RB [B, H/REP, T, D], V [B, H/REP_V, T, E], G [B, H/REP_G, T(, D)]
     (log w), S0/SN [B, H, E, D] fp32, OUT [B, H, T, E] fp32, HS [B, H, NCK, E, D] fp32 (state before token
     c·CKPT)."""
-    pid_e = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    dmask = offs_d < D
-    emask = offs_e < E
-    s_off = offs_e[:, None] * D + offs_d[None, :]
-    s_msk = emask[:, None] & dmask[None, :]
-    if HAS_S0:
-        S = tl.load(S0 + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        S = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
-    rq = _head_row(bh, H, REP_Q, T)
-    rk = _head_row(bh, H, REP_K, T)
-    rv = _head_row(bh, H, REP_V, T)
-    rg = _head_row(bh, H, REP_G, T)
-    rr = _head_row(bh, H, REP_R, T)
+    bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
+    S = _state_in(S0, bh, s_off, s_msk, D, E, HAS_S0)
+    rq, rk, rv, rg, rr = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_G, REP_R)
     for t in range(0, T):
         if STORE_CKPT:
             if t % CKPT == 0:
                 tl.store(HS + (bh.to(tl.int64) * NCK + t // CKPT) * E * D + s_off, S, mask=s_msk)
         k = _load_vec(K + (rk + t) * D, offs_d, dmask)
-        g, a, b = 0.0, k, k  # placeholders for the parts this variant lacks
         v = _load_vec(V + (rv + t) * E, offs_e, emask)
         q = _load_vec(Q + (rq + t) * D, offs_d, dmask)
-        if G_MODE == 1:
-            g = tl.load(G + rg + t).to(tl.float32)
-        elif G_MODE == 2:
-            g = _load_vec(G + (rg + t) * D, offs_d, dmask)
-        if HAS_RANK1:
-            a = _load_vec(RA + (rr + t) * D, offs_d, dmask)
-            b = _load_vec(RB + (rr + t) * D, offs_d, dmask)
+        g, a, b = _load_gates(G, RA, RB, rg, rr, t, offs_d, dmask, k, D, G_MODE, HAS_RANK1, False)
         S = _delta_step(S, k, v, g, a, b, G_MODE, HAS_RANK1)
         o = _dsum(S * q[None, :], 1)
         tl.store(OUT + (bh.to(tl.int64) * T + t) * E + offs_e, o, mask=emask)
@@ -144,25 +219,12 @@ def _delta_recurrent_bwd_kernel(
     Outputs per state head: DV [B, H, T, E], DS0 [B, H, E, D]; partial over E-blocks (leading NE axis):
     DQ/DK/DA/DB [NE, B, H, T, D], DG [NE, B, H, T(, D)]."""
     pid_e = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
-    dmask = offs_d < D
-    emask = offs_e < E
-    s_off = offs_e[:, None] * D + offs_d[None, :]
-    s_msk = emask[:, None] & dmask[None, :]
+    bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
     scr_off = tl.arange(0, BLOCK_E)[:, None] * BLOCK_D + offs_d[None, :]
     scr = SCR + (pid_e.to(tl.int64) * NBH + bh) * CKPT * BLOCK_E * BLOCK_D
     part = pid_e.to(tl.int64) * NBH + bh  # this program's slice of the partial outputs
-    if HAS_DSN:
-        dS = tl.load(DSN + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        dS = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
-    rq = _head_row(bh, H, REP_Q, T)
-    rk = _head_row(bh, H, REP_K, T)
-    rv = _head_row(bh, H, REP_V, T)
-    rg = _head_row(bh, H, REP_G, T)
-    rr = _head_row(bh, H, REP_R, T)
+    dS = _state_in(DSN, bh, s_off, s_msk, D, E, HAS_DSN)
+    rq, rk, rv, rg, rr = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_G, REP_R)
     for ci in range(0, NCK):
         c = NCK - 1 - ci
         S = tl.load(HS + (bh.to(tl.int64) * NCK + c) * E * D + s_off, mask=s_msk, other=0.0)
@@ -173,15 +235,8 @@ def _delta_recurrent_bwd_kernel(
             ve = emask & (offs_e * 0 + t < T)
             tl.store(scr + j * BLOCK_E * BLOCK_D + scr_off, S)
             k = _load_vec(K + (rk + t) * D, offs_d, vd)
-            g, a, b = 0.0, k, k  # placeholders for the parts this variant lacks
             v = _load_vec(V + (rv + t) * E, offs_e, ve)
-            if G_MODE == 1:
-                g = _load_scalar(G + rg + t, offs_d, vd)
-            elif G_MODE == 2:
-                g = _load_vec(G + (rg + t) * D, offs_d, vd)
-            if HAS_RANK1:
-                a = _load_vec(RA + (rr + t) * D, offs_d, vd)
-                b = _load_vec(RB + (rr + t) * D, offs_d, vd)
+            g, a, b = _load_gates(G, RA, RB, rg, rr, t, offs_d, vd, k, D, G_MODE, HAS_RANK1, True)
             S = _delta_step(S, k, v, g, a, b, G_MODE, HAS_RANK1)
         tl.debug_barrier()
         for jj in range(0, CKPT):
@@ -191,17 +246,10 @@ def _delta_recurrent_bwd_kernel(
             ve = emask & (offs_e * 0 + t < T)
             Sp = tl.load(scr + j * BLOCK_E * BLOCK_D + scr_off)  # S_{t-1}
             k = _load_vec(K + (rk + t) * D, offs_d, vd)
-            g, a, b = 0.0, k, k  # placeholders for the parts this variant lacks
             v = _load_vec(V + (rv + t) * E, offs_e, ve)
             q = _load_vec(Q + (rq + t) * D, offs_d, vd)
             do = _load_vec(DO + (bh.to(tl.int64) * T + t) * E, offs_e, ve)
-            if G_MODE == 1:
-                g = _load_scalar(G + rg + t, offs_d, vd)
-            elif G_MODE == 2:
-                g = _load_vec(G + (rg + t) * D, offs_d, vd)
-            if HAS_RANK1:
-                a = _load_vec(RA + (rr + t) * D, offs_d, vd)
-                b = _load_vec(RB + (rr + t) * D, offs_d, vd)
+            g, a, b = _load_gates(G, RA, RB, rg, rr, t, offs_d, vd, k, D, G_MODE, HAS_RANK1, True)
             St = _delta_step(Sp, k, v, g, a, b, G_MODE, HAS_RANK1)
             dS += do[:, None] * q[None, :]
             row = (part * T + t) * D
@@ -219,10 +267,7 @@ def _delta_recurrent_bwd_kernel(
                 du = _dsum(dS * b[None, :], 1)
                 tl.store(DB + row + offs_d, _dsum(dS * u[:, None], 0), mask=vd)
                 tl.store(DA + row + offs_d, _dsum(Sp * du[:, None], 0), mask=vd)
-            if G_MODE == 1:
-                dS = dS * tl.exp(g)
-            elif G_MODE == 2:
-                dS = dS * tl.exp(g)[None, :]
+            dS = _gate(dS, g, G_MODE)
             if HAS_RANK1:
                 dS += du[:, None] * a[None, :]
         tl.debug_barrier()  # the next interval overwrites the scratch
@@ -248,27 +293,10 @@ def _delta_chunk_fwd_kernel(
 
     (M: j ≤ i). Shapes as the recurrent kernel; BETA [B, H/REP_B, T], G [B, H/REP_G, T]; HS [B, H, NC, E, D]
     holds the state entering every chunk."""
-    pid_e = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
     offs_c = tl.arange(0, CHUNK)
-    dmask = offs_d < D
-    emask = offs_e < E
-    s_off = offs_e[:, None] * D + offs_d[None, :]
-    s_msk = emask[:, None] & dmask[None, :]
-    if HAS_S0:
-        S = tl.load(S0 + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        S = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
-    rq = _head_row(bh, H, REP_Q, T)
-    rk = _head_row(bh, H, REP_K, T)
-    rv = _head_row(bh, H, REP_V, T)
-    rb = _head_row(bh, H, REP_B, T)
-    rg = _head_row(bh, H, REP_G, T)
-    lower = offs_c[:, None] > offs_c[None, :]
-    causal = offs_c[:, None] >= offs_c[None, :]
-    eye = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+    S = _state_in(S0, bh, s_off, s_msk, D, E, HAS_S0)
+    rq, rk, rv, rb, rg = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_B, REP_G)
     for c in range(0, NC):
         if STORE_CKPT:
             tl.store(HS + (bh.to(tl.int64) * NC + c) * E * D + s_off, S, mask=s_msk)
@@ -284,21 +312,8 @@ def _delta_chunk_fwd_kernel(
         kk = tl.dot(Kn, tl.trans(Kn), input_precision=DOT_PRECISION)
         qk = tl.dot(Qn, tl.trans(Kn), input_precision=DOT_PRECISION)
         qs = tl.dot(Qn.to(tl.float32), tl.trans(S), input_precision=DOT_PRECISION)  # Q Sᵀ, [C, BE]
-        beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
-        if HAS_G:
-            gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
-        else:
-            gam = offs_c * 0.0
-        gl = _dsum(tl.where(offs_c == CHUNK - 1, gam, 0.0), 0)  # Γ at the chunk's end
-        # e^{Γ_i − Γ_j} only where j ≤ i, so every exponent is ≤ 0.
-        decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
-        A = tl.where(lower, beta[:, None] * decay * kk, 0.0)
-        # Tinv = (I + A)⁻¹ by forward substitution, row i = e_i − Σ_{j<i} A_ij Tinv_j (rows j < i are final).
-        Tinv = eye
-        for i in range(1, CHUNK):
-            a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)  # row i of A, indexed by j
-            row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * Tinv, 0)
-            Tinv = tl.where(offs_c[:, None] == i, row[None, :], Tinv)
+        beta, gam, gl = _chunk_gates(BETA, G, rb, rg, t, tm, HAS_G, CHUNK)
+        decay, Tinv = _chunk_wy(kk, beta, gam, CHUNK)
         W = tl.dot(Tinv, (beta * tl.exp(gam))[:, None] * Kn.to(tl.float32), input_precision=DOT_PRECISION)
         U = -tl.dot(W, tl.trans(S), input_precision=DOT_PRECISION)
         Vc = tl.load(
@@ -336,28 +351,12 @@ def _delta_chunk_bwd_kernel(
 
     Outputs as the recurrent backward: DV [B, H, T, E], DS0 [B, H, E, D]; partial over E-blocks
     DQ [NE, B, H, T, D], DK [2, NE, B, H, T, D] (two parts), DBETA/DG [NE, B, H, T]; NE_PART = NE·B·H."""
-    pid_e = tl.program_id(0)
-    bh = tl.program_id(1)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
     offs_c = tl.arange(0, CHUNK)
-    dmask = offs_d < D
-    emask = offs_e < E
-    s_off = offs_e[:, None] * D + offs_d[None, :]
-    s_msk = emask[:, None] & dmask[None, :]
-    part = pid_e.to(tl.int64) * NBH + bh
-    if HAS_DSN:
-        dS = tl.load(DSN + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
-    else:
-        dS = tl.full([BLOCK_E, BLOCK_D], 0.0, tl.float32)
-    rq = _head_row(bh, H, REP_Q, T)
-    rk = _head_row(bh, H, REP_K, T)
-    rv = _head_row(bh, H, REP_V, T)
-    rb = _head_row(bh, H, REP_B, T)
-    rg = _head_row(bh, H, REP_G, T)
+    part = tl.program_id(0).to(tl.int64) * NBH + bh
+    dS = _state_in(DSN, bh, s_off, s_msk, D, E, HAS_DSN)
+    rq, rk, rv, rb, rg = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_B, REP_G)
     lower = offs_c[:, None] > offs_c[None, :]
-    causal = offs_c[:, None] >= offs_c[None, :]
-    eye = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
     last = offs_c == CHUNK - 1
     for ci in range(0, NC):
         c = NC - 1 - ci
@@ -369,22 +368,11 @@ def _delta_chunk_bwd_kernel(
         Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
         Vc = tl.load(V + (rv + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0).to(tl.float32)
         dO = tl.load(DO + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0)
-        beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
-        if HAS_G:
-            gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
-        else:
-            gam = offs_c * 0.0
-        gl = _dsum(tl.where(last, gam, 0.0), 0)
+        beta, gam, gl = _chunk_gates(BETA, G, rb, rg, t, tm, HAS_G, CHUNK)
         eg = tl.exp(gam)
         r = tl.exp(gl - gam)
-        decay = tl.exp(tl.where(causal, gam[:, None] - gam[None, :], float("-inf")))
         kk = tl.dot(Kc, tl.trans(Kc), input_precision=DOT_PRECISION)
-        A = tl.where(lower, beta[:, None] * decay * kk, 0.0)
-        X = eye
-        for i in range(1, CHUNK):
-            a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)
-            row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * X, 0)
-            X = tl.where(offs_c[:, None] == i, row[None, :], X)
+        decay, X = _chunk_wy(kk, beta, gam, CHUNK)
         Kb = (beta * eg)[:, None] * Kc
         Vb = beta[:, None] * Vc
         W = tl.dot(X, Kb, input_precision=DOT_PRECISION)
