@@ -298,10 +298,20 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from attnc.codegen.triton.inspect import Target, all_jobs
     from attnc.runtime.triton import _triton_kernels
 
-    atts = _select(args.spec, args.name)
-    kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
+    program = compile_to_ir(_read(args.spec), args.spec)
+    recs = [r for r in program.recurrences if args.name in (None, r.name)]
+    atts = _select(args.spec, args.name) if program.attentions and (args.name is None or not recs) else []
     target = Target(args.cc, args.dtype, args.head_dim)
-    jobs = all_jobs(atts, kernels, [target])
+    jobs = []
+    if atts:
+        kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
+        jobs += all_jobs(atts, kernels, [target])
+    if recs:  # state blocks launch the delta-rule runtime's kernels, in the variant their plan selects
+        from attnc.codegen.triton import delta_aot
+        from attnc.dsl.analysis.recurrence import analyse
+
+        for rec in recs:
+            jobs += delta_aot.jobs(args.cc, args.dtype, args.head_dim, analyse(rec))
     for att in atts:  # linear-form blocks also launch the linear core's kernels (their own variant)
         lin = linear_form(att)
         if lin is not None and lin.form is not None:

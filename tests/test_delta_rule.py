@@ -373,43 +373,11 @@ def test_config_rejects_bad_schedules() -> None:
 
 
 def aot_jobs(head_dim: int, dtype: str, every_variant: bool = False) -> list:
-    """Compile jobs for sm_90 of each kernel with the runtime's default schedule at D = E = head_dim.
-    By default the widest variant of each kernel (per-channel gate and rank-1 part; the scalar-gate backward
-    that the chunked path uses); every_variant adds each (gate mode, rank-1) combination the API selects."""
-    from attnc.codegen.triton.aot import CompileJob
+    """sm_90 jobs of each kernel at the runtime's default schedule (codegen/triton/delta_aot.py): by default
+    the widest variant of each kernel; every_variant adds each (gate mode, rank-1) combination the API selects."""
+    from attnc.codegen.triton import delta_aot
 
-    from attnc.runtime import core_abi
-
-    kern = dl._kernels(interpret=False)
-    D = E = head_dim
-    cfg = dl.default_config(D, E)
-    shape = {"D": D, "E": E, "BLOCK_D": dl._next_pow2(D), "BLOCK_E": min(cfg.block_e, dl._next_pow2(E))}
-    run = {"cc": 90, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    fwd_modes = [(2, True)] + ([(0, True), (1, True), (2, False)] if every_variant else [])
-    # (gate mode, rank-1, checkpoint interval): the recurrent path's, and the chunked path's (its chunk)
-    bwd_modes = [(2, True, cfg.ckpt), (1, True, cfg.chunk)]
-    if every_variant:
-        bwd_modes += [(0, True, cfg.ckpt), (1, True, cfg.ckpt), (2, False, cfg.ckpt), (0, True, cfg.chunk)]
-
-    def job(sig, constexprs: dict) -> CompileJob:
-        """Typed from the launcher's signature (core_abi), as `attnc inspect` types the generated kernels."""
-        types, values = sig.compile_args(dtype, {**shape, **constexprs})
-        return CompileJob(getattr(kern, sig.name), types, values, **run)
-
-    flags = {"HAS_S0": True, "STORE_CKPT": True}
-    jobs = [
-        job(core_abi.DELTA_RECURRENT_FWD, {"G_MODE": gm, "HAS_RANK1": r1, **flags, "CKPT": cfg.ckpt})
-        for gm, r1 in fwd_modes
-    ]
-    jobs += [
-        job(core_abi.DELTA_RECURRENT_BWD, {"G_MODE": gm, "HAS_RANK1": r1, "HAS_DSN": True, "CKPT": ckpt})
-        for gm, r1, ckpt in bwd_modes
-    ]
-    for has_g in (True, False) if every_variant else (True,):
-        chunk = {"CHUNK": cfg.chunk, "HAS_G": has_g, "DOT_PRECISION": "tf32"}
-        jobs.append(job(core_abi.DELTA_CHUNK_FWD, {**chunk, **flags}))
-        jobs.append(job(core_abi.DELTA_CHUNK_BWD, {**chunk, "HAS_DSN": True}))
-    return jobs
+    return delta_aot.jobs(90, dtype, head_dim, every_variant=every_variant)
 
 
 def _compile_and_check(jobs: list) -> None:

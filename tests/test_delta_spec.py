@@ -484,3 +484,22 @@ def test_state_ir_verifier_rejects_malformed_matrices():
     )
     with pytest.raises(StateVerifyError, match="malformed matmul"):
         verify(dataclasses.replace(rec, update=bad))
+
+
+def test_attnc_inspect_compiles_a_state_blocks_kernels(capsys: pytest.CaptureFixture[str]) -> None:
+    """`attnc inspect` on a state block: the delta runtime's kernels in the variant its plan selects (scalar
+    gate: G_MODE=1, with the chunked forward), compiled for sm_90 with no spills."""
+    pytest.importorskip("triton.backends.nvidia")
+    from attnc.cli import main
+
+    spec = str(spec_path("gated_deltanet"))
+    assert main(["inspect", spec, "--cc", "90", "--dtype", "fp16", "--head-dim", "64"]) == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines()[2:]]
+    kernels = {r[0] for r in rows}
+    assert {
+        "_delta_recurrent_fwd_kernel",
+        "_delta_recurrent_bwd_kernel",
+        "_delta_chunk_fwd_kernel",
+    } <= kernels
+    assert all("G_MODE=1" in " ".join(r) for r in rows if "recurrent" in r[0])
+    assert all(r[6] == "0" for r in rows), rows  # spill bytes
