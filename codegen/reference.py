@@ -13,6 +13,7 @@ import ast
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from attnc.dsl.analysis.plan import AuxGrad
 from attnc.dsl.analysis.ranges import index_status
 from attnc.dsl.autodiff import gradients
 from attnc.dsl.ir import (
@@ -657,6 +658,11 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
         )
     if plan.kernel_reads():
         output += f", grad_numels=({''.join(f'{r.tensor}.numel(), ' for r in plan.kernel_reads())})"
+        # Per read, the rows of its partial buffer: None, one per program; (b, h) for a gathered read, one
+        # per query tile and per program variable its indices leave out (`AuxRead.gather_lead`).
+        rows = [r.gather_lead if r.grad is AuxGrad.GATHER else None for r in plan.kernel_reads()]
+        if any(x is not None for x in rows):
+            output += f", grad_rows=({''.join(f'{x!r}, ' for x in rows)})"
     if plan.pair_reads():
         leads = [(Var.B not in r.plain_vars, Var.H not in r.plain_vars) for r in plan.pair_reads()]
         output += (

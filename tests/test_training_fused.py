@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -109,13 +110,10 @@ def _case(name: str) -> tuple[Path, dict[str, torch.Tensor]]:
     raise AssertionError(name)
 
 
-# The T5 bucket table's gradient (a per-program histogram over the table) is not fused yet: it still comes
-# from the reference, recomputed under autograd, which `no_recompute` refuses.
-UNFUSED = pytest.mark.xfail(reason="t5_bias table gradient not fused yet (reference fallback)", strict=True)
 CASES = [
     "causal",
     "alibi",
-    pytest.param("t5_bias", marks=UNFUSED),
+    "t5_bias",  # the table's gradient: a per-program histogram in the dQ kernel (AuxGrad.GATHER)
     "sink",
     "moh_gate",
     "lofit",
@@ -324,11 +322,116 @@ def test_learned_slopes_on_the_block_layout_path(tmp_path: Path) -> None:
     _check(got, {n: t.grad for n, t in w.items()}, torch.float32)
 
 
-@pytest.mark.parametrize("spec", ["alibi_gqa", "sink_gqa", "gate_gqa"])
+# Gathered tables (AuxGrad.GATHER): a T5-style bucket of the distance, a clipped relative position, and an
+# index tensor whose out-of-range entries read 0 (no gradient).
+T5_GQA = """
+attention t5_gqa(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], bias: [H, NB], MAXD: int = 16) {
+    let dist  = i + N - M - j
+    let exact = NB // 2
+    let large = exact + floor(log(max(dist, exact) / exact) / log(MAXD / exact) * (NB - exact))
+    score = dot(q, k) * D ** -0.5 + bias[h, where(dist < exact, dist, min(large, NB - 1))]
+    mask  = dist >= 0
+}
+"""
+TABLE_GQA = """
+attention table_gqa(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], table: [H, K], dist: [B, M, N] int64) {
+    score = dot(q, k) * D ** -0.5 + table[h, dist[b, i, j]]
+    mask  = j <= i + N - M
+}
+"""
+
+
+def _t5_bucket(M: int, N: int, NB: int, maxd: int) -> torch.Tensor:
+    """The T5 bucket of each (i, j) (Raffel et al. 2020, §2.1: exact below NB/2, log-spaced up to maxd)."""
+    i, j = torch.arange(M).view(M, 1), torch.arange(N).view(1, N)
+    dist = (i + N - M - j).double()
+    exact = NB // 2
+    large = exact + torch.floor(
+        torch.log(dist.clamp_min(exact) / exact) / math.log(maxd / exact) * (NB - exact)
+    )
+    return torch.where(dist < exact, dist, large.clamp_max(NB - 1)).long().clamp_min(0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", ["t5-buckets", "index-tensor"])
+def test_gathered_tables_match_sdpa_with_the_bias_built_from_them(
+    case: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """The table's gradient against SDPA (math, float64) with the additive bias gathered from the table
+    parameter: ragged N, GQA, fully masked rows (their gradients 0, no NaN)."""
+    B, H, G, M, N, D = SHAPE.values()
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
+    if case == "t5-buckets":
+        NB, maxd = 8, 16
+        table = 0.5 * torch.randn(H, NB, generator=gen)
+        got = _train(
+            lambda **a: _inline(T5_GQA, tmp_path).t5_gqa(**a, MAXD=maxd, backend="triton"),
+            {"q": q, "k": k, "v": v, "bias": table},
+            cot,
+        )
+        index = _t5_bucket(M, N, NB, maxd).expand(B, M, N)
+    else:
+        K = 6
+        table = 0.5 * torch.randn(H, K, generator=gen)
+        # Entries outside [0, K) read 0 (and get no gradient): -1 and K appear among the visible pairs.
+        index = torch.randint(-1, K + 1, (B, M, N), generator=gen)
+        got = _train(
+            lambda **a: _inline(TABLE_GQA, tmp_path).table_gqa(**a, backend="triton"),
+            {"q": q, "k": k, "v": v, "table": table, "dist": index},
+            cot,
+        )
+    w = {n: t.double().requires_grad_() for n, t in zip("qkv", (q, k, v), strict=True)}
+    wt = table.double().requires_grad_()
+    inside = (index >= 0) & (index < table.shape[1])
+    gathered = wt[:, index.clamp(0, table.shape[1] - 1)].permute(1, 0, 2, 3)  # [B, H, M, N]
+    bias = torch.where(inside[:, None], gathered, torch.zeros((), dtype=torch.float64))
+    live = _visible(M, N).any(-1)
+    mask = bias.masked_fill(~_visible(M, N), float("-inf"))[:, :, live]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        w["q"][:, :, live], w["k"], w["v"], attn_mask=mask, enable_gqa=True
+    )
+    (o * cot[:, :, live]).sum().backward()
+    name = "bias" if case == "t5-buckets" else "table"
+    _check(got, {"q": w["q"].grad, "k": w["k"].grad, "v": w["v"].grad, name: wt.grad}, dtype)
+    assert (got["o"][:, :, ~live] == 0).all() and (got["q"][:, :, ~live] == 0).all()
+
+
+def test_gathered_table_on_the_block_layout_path(tmp_path: Path) -> None:
+    """The clipped relative table through an explicit runtime block layout (the `_LAYOUT` loops)."""
+    B, H, M, N, D, qb, kb, R = 1, 2, 64, 64, 16, 32, 32, 4
+    mod = _module(SPECS / "t5_bias.attn", tmp_path)
+    q, k, v = _inputs(B, H, H, M, N, D, torch.float32)
+    table = 0.5 * torch.randn(H, 2 * R + 1, generator=torch.Generator().manual_seed(6))
+    idx = torch.tensor([[[[0, -1], [0, 1]]] * H] * B, dtype=torch.int32)
+    cnt = torch.tensor([[[1, 2]] * H] * B, dtype=torch.int32)
+    layout = mod.BlockLayout(idx, cnt, qb, kb)
+    cot = torch.randn(B, H, M, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = _train(
+        lambda **a: mod.t5_bias(**a, R=R, backend="triton", block_layout=layout),
+        {"q": q, "k": k, "v": v, "bias": table},
+        cot,
+    )
+    i, j = torch.arange(M).view(M, 1), torch.arange(N).view(1, N)
+    visible = i // qb >= j // kb
+    w = {n: t.double().requires_grad_() for n, t in zip("qkv", (q, k, v), strict=True)}
+    w["bias"] = table.double().requires_grad_()
+    o = _oracle(w["q"], w["k"], w["v"], w["bias"][:, (j - i).clamp(-R, R) + R][None], visible)
+    (o * cot).sum().backward()
+    _check(got, {n: t.grad for n, t in w.items()}, torch.float32)
+
+
+@pytest.mark.parametrize("spec", ["alibi_gqa", "sink_gqa", "gate_gqa", "t5_gqa"])
 def test_two_backward_passes_are_bitwise_identical(spec: str, tmp_path: Path) -> None:
     B, H, G, M, N, D = SHAPE.values()
-    source = {"alibi_gqa": ALIBI_GQA, "sink_gqa": SINK_GQA, "gate_gqa": GATE_GQA}[spec]
-    aux = {"alibi_gqa": ("slopes", (H,)), "sink_gqa": ("sinks", (H,)), "gate_gqa": ("gate", (B, H, M))}[spec]
+    source = {"alibi_gqa": ALIBI_GQA, "sink_gqa": SINK_GQA, "gate_gqa": GATE_GQA, "t5_gqa": T5_GQA}[spec]
+    aux = {
+        "alibi_gqa": ("slopes", (H,)),
+        "sink_gqa": ("sinks", (H,)),
+        "gate_gqa": ("gate", (B, H, M)),
+        "t5_gqa": ("bias", (H, 8)),
+    }[spec]
     fn = getattr(_inline(source, tmp_path), spec)
     q, k, v = _inputs(B, H, G, M, N, D, torch.float16)
     args = {"q": q, "k": k, "v": v, aux[0]: torch.rand(*aux[1], generator=torch.Generator().manual_seed(4))}
@@ -341,10 +444,9 @@ def test_two_backward_passes_are_bitwise_identical(spec: str, tmp_path: Path) ->
 
 # ---- the Triton path never runs the reference ------------------------------------------------------------------
 
-# Specs whose learned inputs still take their gradient from the reference (recomputed under autograd): tables
-# gathered per (i, j) through an index (a per-program histogram over the table is not fused yet) and score
-# reads indexed per row or per column (`g[b, h, i] - g[b, h, j]`).
-STILL_REFERENCE = {"t5_bias", "relpos_table", "relpos_clipped", "gated_linear"}
+# Specs whose learned inputs still take their gradient from the reference (recomputed under autograd): none
+# (gathered tables and per-row/per-column gates are AuxGrad.GATHER reads since). A spec added here is xfailed.
+STILL_REFERENCE: set[str] = set()
 
 
 def _learned_specs() -> list[object]:
@@ -436,8 +538,7 @@ def _large(name: str) -> tuple[Path, dict[str, object]]:
     "name",
     [
         "alibi",
-        # its table gradient still comes from the reference (query-row chunks); slow: ~35 s on CI's 2 cores
-        pytest.param("t5_bias", marks=pytest.mark.slow),
+        "t5_bias",  # the table's histogram partials: [programs, numel(table)], never M·N
         "sink",
         "moh_gate",
         "lofit",
@@ -464,7 +565,8 @@ def test_no_tensor_of_m_times_n_elements_in_a_training_step(name: str, tmp_path:
 
 def test_aux_grad_backward_kernels_compile_for_sm90_without_spills(tmp_path: Path) -> None:
     """The zoo's dQ kernels carrying aux-gradient code (per-program partials, dense dS stores, the sink's
-    share); the example specs' (alibi, sink, moh_gate) are compiled by tests/test_aot_generated.py."""
+    share, gathered-table histograms); the example specs' (alibi, sink, moh_gate, t5_bias, relpos_table,
+    gated_linear) are compiled by tests/test_aot_generated.py."""
     from attnc.codegen.triton.aot import AOTCompileError, KernelReport, compile_reports
     from attnc.codegen.triton.inspect import Target, all_jobs
     from attnc.dsl.lower import compile_to_ir
@@ -473,7 +575,7 @@ def test_aux_grad_backward_kernels_compile_for_sm90_without_spills(tmp_path: Pat
 
     target = Target(90, "fp16", 64, ("bwd_dq",))
     jobs = []
-    for spec in ("calibration", "perturbation", "lofit"):
+    for spec in ("calibration", "perturbation", "lofit", "t5_bias", "relpos_clipped"):
         path = ZOO_SPECS / f"{spec}.attn"
         kernels = _triton_kernels(_module(path, tmp_path).__file__, interpret=False)
         jobs += all_jobs(compile_to_ir(path.read_text(), path.name).attentions, kernels, [target])
@@ -481,5 +583,5 @@ def test_aux_grad_backward_kernels_compile_for_sm90_without_spills(tmp_path: Pat
     failures = [str(r) for r in reports if isinstance(r, AOTCompileError)]
     assert not failures, "\n\n".join(failures)
     ok = [r for r in reports if isinstance(r, KernelReport)]
-    assert len(ok) == 3
+    assert len(ok) == 5
     assert not [(r.name, r.spill_bytes) for r in ok if r.spill_bytes], [(r.name, r.registers) for r in ok]

@@ -161,6 +161,9 @@ class _TritonSpec(NamedTuple):
     layout: object = None  # _KernelLayout: an explicit runtime block layout of this call, or None
     output_grad: object = None  # (o, b, h, hk, i, e) -> ∂epilogue/∂o (elementwise), for dO of the raw output
     grad_numels: tuple = ()  # numel of the aux tensor of each read the dQ kernel reduces (a partial buffer each)
+    # per such read, its buffer's rows: None, one per program; (lead b, lead h) for a gathered read, one per
+    # query tile times the program variables its indices leave out
+    grad_rows: tuple = ()
     pair_grads: tuple = ()  # ((lead b, lead h), aux shape) per dense (i, j) read: a buffer the dQ kernel fills
     epilogue_grads: tuple = ()  # (o, b, h, hk, i, e) -> ∂epilogue/∂read, per epilogue read (`_epilogue_grad`)
 
@@ -229,7 +232,16 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
     aux_grad = aux_grad and bool(spec.grad_numels or spec.pair_grads)
     numels = spec.grad_numels if aux_grad else ()
-    parts = [torch.zeros((programs, n), dtype=torch.float32, device=q.device) for n in numels]
+    rows = spec.grad_rows or (None,) * len(numels)
+    tiles = triton_cdiv(M, cfg.block_m)
+    parts = [
+        torch.zeros(
+            (programs if lead is None else tiles * (B if lead[0] else 1) * (H if lead[1] else 1), n),
+            dtype=torch.float32,
+            device=q.device,
+        )
+        for n, lead in zip(numels, rows, strict=True)
+    ]
     # Dense (i, j) reads: dS tiles stored at their elements, with b and/or h leading where the read leaves
     # them out (every element then has one writer); pairs no program visits stay zero.
     dense = [

@@ -29,7 +29,7 @@ import textwrap
 from dataclasses import dataclass
 
 import sympy as sp
-from attnc.dsl.analysis.plan import PAIR_ROOTS, ROW_ROOTS, AttentionPlan, AuxRead, plan_attention
+from attnc.dsl.analysis.plan import PAIR_ROOTS, ROW_ROOTS, AttentionPlan, AuxGrad, AuxRead, plan_attention
 from attnc.dsl.autodiff import gradients
 from attnc.dsl.builder import ieee_binary
 from attnc.dsl.ir import (
@@ -807,7 +807,9 @@ class KernelWriter:
         )
         self._row_stats(L, compute_delta=True)
         reads = self.plan.kernel_reads()
-        partials = tuple(f"ga{n}" for n in range(len(reads)))
+        partials = tuple(f"ga{n}" for n, r in enumerate(reads) if r.grad is AuxGrad.PROGRAM)
+        # A gathered read's loop code writes its histogram row itself: it needs the program and its buffer.
+        gathered = tuple(f"_GA{n}" for n, r in enumerate(reads) if r.grad is AuxGrad.GATHER)
         for g in partials:
             L += S(f"{g} = (pid_m * 0).to(tl.float32)")
         L += _gated(self._row_aux_grads, reads)
@@ -861,6 +863,7 @@ class KernelWriter:
             "_K",
             "_V",
             *dense,
+            *(("pid_bh", *gathered) if gathered else ()),
             *gate,
         )
         helper = self._helper(f"_{att.name}_dq_inner", "start_n", ("dq", "visits", *partials), context, B)
@@ -893,10 +896,84 @@ class KernelWriter:
             if r.root not in PAIR_ROOTS:
                 continue
             g = self._read_grad(r, self.pair_names(r.root), B)
+            if r.grad is AuxGrad.GATHER:
+                self._gather_grad(B, n, r, g)
+                continue
             B += S(
                 f"ga{n} += tl.reduce(tl.reduce(tl.where(valid, ds * {{g}}, 0.0), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
                 g=g,
             )
+
+    def _gather_grad(self, B: Stmts, n: int, r: AuxRead, g: ast.expr) -> None:
+        """A read at computed indices (`table[h, bucket(i - j)]`): this tile's dS·∂s/∂read summed per flat index
+        of the read and added into the program's own row of the zeroed buffer _GA{n} [programs, numel(aux)].
+        Only the index range the tile touches is walked (a tile off the diagonal often maps to one table
+        entry); the program is the row's only writer and walks its tiles in order: deterministic, no atomics.
+        Out-of-range indices read 0, a constant: they are dropped, as they carry no gradient."""
+        p = self.att.param(r.tensor)
+        assert isinstance(p, TensorParam)
+        names = self.pair_names(r.root)
+        flat: ast.expr | None = None
+        inb: ast.expr | None = None
+        numel = "1"
+        for k in range(len(p.shape) - 1, -1, -1):
+            ix = self.expr(r.load.args[k], names, B)
+            B += S(f"gx{n}_{k} = ({{ix}}).to(tl.int32)", ix=ix)
+            term = expr_from_string(f"gx{n}_{k} * ({numel})")
+            flat = term if flat is None else expr_from_string("{a} + {b}", a=term, b=flat)
+            ok = expr_from_string(f"((gx{n}_{k} >= 0) & (gx{n}_{k} < _n_{p.name}_{k})).to(tl.int32)")
+            inb = ok if inb is None else expr_from_string("{a} * {b}", a=inb, b=ok)
+            numel = f"_n_{p.name}_{k} * ({numel})"
+        assert flat is not None and inb is not None
+        # The buffer's row: the query tile, then the program variables the read's indices do not fix (b; h,
+        # also when only hk is read): programs that share a row would race, and programs that the indices
+        # tell apart need none of their own (memory O(programs × entries each program can touch)).
+        lead_b, lead_h = r.gather_lead
+        row = "pid_m.to(tl.int64)"
+        if lead_b:
+            row = f"({row}) * (tl.num_programs(1) // _NH) + b"
+        if lead_h:
+            row = f"({row}) * _NH + h"
+        plain = {a.attr for a in r.load.args if a.op is Op.VAR}
+        axis = None
+        if len(plain) == len(r.load.args) and plain <= {Var.B, Var.H, Var.HK, Var.I, Var.J}:
+            axis = (
+                1
+                if Var.I in plain and Var.J not in plain
+                else 0
+                if Var.J in plain and Var.I not in plain
+                else None
+            )
+        if axis is not None:
+            # Indexed by the row (`g[b, h, i]`) or the column (`g[b, h, j]`) itself: each row (column) of the
+            # tile has its own element, so the tile's row (column) sums are added in one vector step.
+            B += S(
+                f"""
+                gk{n} = {{inb}} != 0
+                gp{n} = _GA{n} + ({row}) * ({numel}) + {{flat}}
+                gs{n} = tl.reduce(tl.where(valid, ds * {{g}}, 0.0), {axis}, tl.standard._sum_combine, keep_dims=True)
+                tl.store(gp{n}, tl.load(gp{n}, mask=gk{n}, other=0.0) + gs{n}, mask=gk{n})
+                """,
+                inb=inb,
+                flat=flat,
+                g=g,
+            )
+            return
+        B += S(
+            f"""
+            gk{n} = valid & ({{inb}} != 0)
+            gf{n} = {{flat}}
+            gv{n} = tl.where(gk{n}, ds * {{g}}, 0.0)
+            glo{n} = tl.reduce(tl.reduce(tl.where(gk{n}, gf{n}, 2147483647), 1, tl.standard._elementwise_min), 0, tl.standard._elementwise_min)
+            ghi{n} = tl.reduce(tl.reduce(tl.where(gk{n}, gf{n}, -1), 1, tl.standard._elementwise_max), 0, tl.standard._elementwise_max)
+            gp{n} = _GA{n} + ({row}) * ({numel})
+            for ge{n} in range(glo{n}, ghi{n} + 1):
+                tl.store(gp{n} + ge{n}, tl.load(gp{n} + ge{n}) + tl.reduce(tl.reduce(tl.where(gf{n} == ge{n}, gv{n}, 0.0), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine))
+            """,
+            inb=inb,
+            flat=flat,
+            g=g,
+        )
 
     def _dense_pair_grads(self, B: Stmts) -> tuple[str, ...]:
         """Per key tile: each dense (i, j) read stores dS·∂s/∂read at its element of a zeroed buffer
@@ -946,6 +1023,8 @@ class KernelWriter:
         [B·H·tiles, numel(aux)]: the host sums over programs in a fixed order (deterministic, no atomics)."""
         names = {"b": "b", "h": "h", "hk": "hk"}
         for n, r in enumerate(reads):
+            if r.grad is AuxGrad.GATHER:  # written tile by tile in the loop (`_gather_grad`)
+                continue
             p = self.att.param(r.tensor)
             assert isinstance(p, TensorParam)
             flat: str = "0"

@@ -36,7 +36,9 @@ class AuxGrad(enum.Enum):
     # `offset[h, e]`): a row or column reduction of dO times ∂out/∂read over the output
     DENSE_PAIR = "dense pair"  # a score (or sigmoid bias) read indexed by distinct plain variables with both
     # i and j (`bias[b, h, i, j]`): its dS tile stored directly (one writer per element: no reduction)
-    UNFUSED = "unfused"  # anything else (tables `table[h, bucket(i - j)]`, dense biases, feature maps, ...)
+    GATHER = "gather"  # a score (or sigmoid bias) read at computed indices (`table[h, bucket(i - j)]`,
+    # `table[h, dist[b, i, j]]`): a per-program partial histogram over the tensor's entries
+    UNFUSED = "unfused"  # anything else (feature maps, epilogues at computed indices, ...)
 
 
 # The roots whose gradient the dQ kernel holds per (i, j) pair (dS: score; and the sigmoid bias, which
@@ -68,6 +70,14 @@ class AuxRead:
     grad: AuxGrad
 
     @property
+    def gather_lead(self) -> tuple[bool, bool]:
+        """(b, h): the program variables a gathered read's indices do not fix, the leading axes (after the
+        query tile) of its gradient buffer's rows; an index that is exactly `b` (`h`) fixes it, `hk` does not
+        fix h (the heads of a group share it)."""
+        plain = {a.attr for a in self.load.args if a.op is Op.VAR}
+        return Var.B not in plain, Var.H not in plain
+
+    @property
     def plain_vars(self) -> tuple[Var, ...]:
         """The index variable of each axis (DENSE_ROW and DENSE_PAIR reads only)."""
         return tuple(a.attr for a in self.load.args)  # type: ignore[misc]
@@ -90,9 +100,11 @@ class AttentionPlan:
         return tuple(n for n, ok in names.items() if ok)
 
     def kernel_reads(self) -> tuple[AuxRead, ...]:
-        """The reads whose partials the dQ kernel writes (one buffer each), in a fixed order."""
+        """The reads whose partials the dQ kernel writes (one [programs, numel] buffer each: a scalar per
+        program, or a histogram for a gathered read), in a fixed order."""
         fused = set(self.fused_aux())
-        return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.PROGRAM)
+        kinds = (AuxGrad.PROGRAM, AuxGrad.GATHER)
+        return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad in kinds)
 
     def pair_reads(self) -> tuple[AuxRead, ...]:
         """The dense (i, j) reads whose dS tiles the dQ kernel stores (one buffer each), in a fixed order."""
@@ -150,17 +162,29 @@ def _classify(att: Attention, p: TensorParam, root: Root, load: Node) -> AuxGrad
     in_range = all(
         index_status(ix, ext, att.layout) == "in" for ix, ext in zip(load.args, p.shape, strict=True)
     )
+    if root in PAIR_ROOTS:
+        program = not any(uses_var(a, v) for a in load.args for v in Var if v not in _PROGRAM_VARS)
+        if program and in_range:
+            return AuxGrad.PROGRAM
+        pair = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PAIR_VARS]
+        distinct = len(pair) == len(load.args) and len(set(pair)) == len(pair)
+        if (
+            in_range
+            and distinct
+            and Var.I in pair
+            and Var.J in pair
+            and not (Var.H in pair and Var.HK in pair)
+        ):
+            return AuxGrad.DENSE_PAIR
+        # Computed indices (a bucket of i - j, a gathered index tensor): the dQ program adds each visible
+        # pair's dS·∂s/∂read into its own row of a [programs, numel] buffer at the read's flat index. Indices
+        # out of range read 0 (a constant), so they carry no gradient: the kernel drops them.
+        return AuxGrad.GATHER
     if not in_range:
         return AuxGrad.UNFUSED
     program = not any(uses_var(a, v) for a in load.args for v in Var if v not in _PROGRAM_VARS)
-    if program and root in (*PAIR_ROOTS, *ROW_ROOTS):
+    if program and root in ROW_ROOTS:
         return AuxGrad.PROGRAM
-    if root in PAIR_ROOTS:
-        pair = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PAIR_VARS]
-        distinct = len(pair) == len(load.args) and len(set(pair)) == len(pair)
-        if distinct and Var.I in pair and Var.J in pair and not (Var.H in pair and Var.HK in pair):
-            return AuxGrad.DENSE_PAIR
-        return AuxGrad.UNFUSED
     plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PLAIN_VARS]
     if root is Root.OUTPUT and len(plain) == len(load.args) and len(set(plain)) == len(plain):
         if not (Var.H in plain and Var.HK in plain):
