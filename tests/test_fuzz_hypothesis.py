@@ -435,9 +435,16 @@ def test_reference_and_triton_agree(cache: Path, block: tuple[str, Gen]) -> None
     assert (ref is None) == (tri is None), f"one backend raises: reference {ref_err!r}, triton {tri_err!r}"
     if ref is None:
         return
-    for r, t in zip(ref, tri, strict=True):
+    # Scores are rounded to float32 by both backends, the kernels in the exp2 domain (score·log2 e: at most one
+    # binade coarser), so a score far from 0 (`dot(q, k) + 1e6`) is known only to ~eps32·|score| on either:
+    # the outputs agree up to that rounding times the value range (softmax moves at most that much).
+    cond = 0.0
+    if len(ref) == 2 and torch.isfinite(ref[1]).any():
+        v = tensors[2]
+        cond = 4 * 2.0**-23 * float(ref[1][torch.isfinite(ref[1])].abs().max()) * float(v.abs().max())
+    for n, (r, t) in enumerate(zip(ref, tri, strict=True)):
         scale = float(r[torch.isfinite(r)].abs().max()) if torch.isfinite(r).any() else 1.0
-        tol = 1e-4 * max(1.0, scale)
+        tol = 1e-4 * max(1.0, scale) + (cond if n == 0 else 0.0)
         same = torch.allclose(r, t, rtol=1e-3, atol=tol, equal_nan=True)
         if not same:
             _filter(known_issue16(text, mismatch=True, ref=ref))

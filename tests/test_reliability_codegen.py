@@ -423,6 +423,19 @@ def test_nan_through_min_max_clamp_propagates_alike(build, body: str) -> None:
     torch.testing.assert_close(tri_lse, ref_lse, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
+def test_a_huge_score_offset_is_rounded_alike(build) -> None:
+    """Found by the fuzz run: `dot(q, k) * 0.5 + 1e6` is known to float32 only to ~0.06 (eps·1e6) on either
+    backend (the kernels round in the exp2 domain, one binade coarser). Softmax ignores the offset in exact
+    arithmetic: both backends stay within that rounding (times the value range) of the float64 result."""
+    mod = build(spec("score = dot(q, k) * 0.5 + 1e6"))
+    q, k, v = qkv()
+    want = _softmax_oracle(q, k, v, 0.5)
+    bound = 4 * 2.0**-23 * 1e6 * float(v.abs().max())
+    for backend in ("reference", "triton"):
+        err = float((mod.a(q, k, v, backend=backend).double() - want).abs().max())
+        assert err <= bound, (backend, err, bound)
+
+
 # ---- outside text reaches generated code --------------------------------------------------------------------
 
 _IMPORT_ALL = """
