@@ -301,7 +301,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     program = compile_to_ir(_read(args.spec), args.spec)
     recs = [r for r in program.recurrences if args.name in (None, r.name)]
     atts = _select(args.spec, args.name) if program.attentions and (args.name is None or not recs) else []
-    target = Target(args.cc, args.dtype, args.head_dim)
+    target = Target(args.cc, args.dtype, args.head_dim, launch=not args.any_strides)
     jobs = []
     if atts:
         kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
@@ -388,6 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--cc", type=int, default=90, choices=[80, 86, 89, 90], help="compute capability")
     ins.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     ins.add_argument("--head-dim", type=int, default=64, help="D (= E) to compile for")
+    ins.add_argument(
+        "--any-strides",
+        action="store_true",
+        help="compile for arbitrary strides (every stride an unknown int) instead of what a launch with the "
+        "runtime's contiguous q, k, v, o compiles (unit channel strides constant, 16-divisible strides)",
+    )
     ins.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile processes")
     ins.set_defaults(func=cmd_inspect)
     from attnc.autotune.cli import (

@@ -72,3 +72,20 @@ def test_attnc_inspect_prints_the_report(tmp_path: Path, capsys: pytest.CaptureF
     for kernel in ("_causal_fwd_kernel", "_causal_bwd_dkdv_kernel", "_causal_bwd_dq_kernel"):
         assert kernel in out
     assert "regs" in out and "spill" in out and "wgmma" in out
+
+
+def test_the_compile_models_the_launch_of_contiguous_inputs(tmp_path: Path) -> None:
+    """CI compiles what a launch compiles (Target.launch): unit channel strides are constants and the other
+    strides 16-divisible, as Triton's launcher specialises the runtime's contiguous q, k, v, o; arbitrary
+    strides (`--any-strides`) cost registers (gathers instead of vector loads)."""
+    from attnc.codegen.triton.inspect import Target, jobs
+
+    path = SPECS / "causal.attn"
+    kernels = _triton_kernels(codegen.compile_file(path, cache_dir=tmp_path).__file__, interpret=False)
+    (att,) = compile_to_ir(path.read_text(), path.name).attentions
+    (launch,) = jobs(att, kernels, Target(90, "fp16", 64, ("fwd",)))
+    (anystrides,) = jobs(att, kernels, Target(90, "fp16", 64, ("fwd",), launch=False))
+    assert launch.constexprs["_sq_d"] == 1 and "_sq_d" not in launch.signature
+    assert "_sq_n" in set(launch.divisible_by_16 or ()) and anystrides.signature["_sq_d"] == "i32"
+    fast, slow = compile_reports([launch, anystrides], max_workers=1)
+    assert fast.registers < slow.registers and not fast.spill_bytes

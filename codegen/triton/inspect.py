@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from attnc.dsl.ir import Attention
 
-from attnc.runtime.signature import Group
+from attnc.runtime.signature import Group, KernelSignature
 from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig, _schedule_constexprs
 
 from .aot import CompileJob
@@ -25,6 +25,9 @@ class Target:
     head_dim: int
     kernels: tuple[str, ...] = ("fwd", "bwd_dkdv", "bwd_dq", "fwd_split", "fwd_combine")
     layout: bool = False  # compile the explicit-block-layout form (`_LAYOUT`) instead of the plain one
+    # Compile what a launch compiles (`launch_specialised`): the runtime passes q, k, v and o contiguous, and
+    # Triton's launcher specialises on the values. False: every stride an unknown int (any strides at all).
+    launch: bool = True
 
 
 # What the issue asks CI to compile: forward and backward for sm_90 at D = 64 in fp16 and D = 128 in bf16,
@@ -51,6 +54,9 @@ def jobs(
         types, constexprs = sig.compile_args(
             target.dtype, _schedule_constexprs(cfg, D, E, target.dtype == "fp32"), absent
         )
+        divisible = None
+        if target.launch:
+            types, constexprs, divisible = launch_specialised(sig, types, constexprs, D, E)
         out.append(
             CompileJob(
                 getattr(kernels_module, sig.name),
@@ -59,9 +65,31 @@ def jobs(
                 cc=target.cc,
                 num_warps=cfg.num_warps,
                 num_stages=cfg.num_stages,
+                divisible_by_16=divisible,
             )
         )
     return out
+
+
+def launch_specialised(
+    sig: KernelSignature, types: dict[str, str], constexprs: dict[str, object], D: int, E: int
+) -> tuple[dict[str, str], dict[str, object], list[str]]:
+    """The compile a launch makes, for the runtime's contiguous q, k, v and o (`_triton_forward` and
+    `_triton_backward` pass them `.contiguous()`) at head dims D, E: Triton's launcher turns an int argument
+    equal to 1 into a constant (each tensor's channel stride, `_s?_d`) and marks ints divisible by 16 (the
+    other strides of q, k, v, o, all multiples of D or E, and the head dims) as such, as it marks 16-byte
+    aligned pointers (torch's allocations are). Without this, every load is a gather of unknown stride and
+    the registers and spills reported are not those of the kernel a GPU runs. Sequence lengths and the
+    auxiliary tensors' strides stay unknown ints."""
+    strides = sig.group(Group.STRIDES).names if sig.has(Group.STRIDES) else ()
+    unit = [n for n in strides if n.endswith("_d") and n in types]
+    types = {n: t for n, t in types.items() if n not in unit}
+    constexprs = {**constexprs, **dict.fromkeys(unit, 1)}
+    divisible = [n for n, t in types.items() if t.startswith("*")]
+    if D % 16 == 0 and E % 16 == 0:
+        divisible += [n for n in strides if n in types]
+        divisible += [n for n in ("_D", "_E") if n in types]
+    return types, constexprs, divisible
 
 
 def _schedule(kind: str, D: int, E: int, heavy: bool) -> _KernelConfig:
