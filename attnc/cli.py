@@ -291,8 +291,9 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma
-    (the linear family's core kernels too, for blocks with a linear form)."""
+    """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma,
+    TMA and SASS instructions per key-loop iteration (the linear family's core kernels too, for blocks with a
+    linear form)."""
     from attnc.codegen.module import compile_source
     from attnc.codegen.triton.aot import AOTCompileError, compile_reports, format_table
     from attnc.codegen.triton.inspect import Target, all_jobs
@@ -319,7 +320,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
             jobs += linear_aot.jobs(args.cc, args.dtype, args.head_dim, (linear_aot.variant_of(att),))
     reports = compile_reports(jobs, max_workers=args.jobs, raise_on_error=False)
-    print(format_table([r for r in reports if not isinstance(r, AOTCompileError)]))
+    ok = [r for r in reports if not isinstance(r, AOTCompileError)]
+    print(format_table(ok))
+    notes = sorted({r.sass_note for r in ok if r.sass_note})
+    for note in notes:  # e.g. no disassembler: the sass/iter column shows "-"; one line, not one per kernel
+        print(f"attnc: sass/iter: {note}", file=sys.stderr)
     failed = [r for r in reports if isinstance(r, AOTCompileError)]
     for err in failed:
         print(f"attnc: {err}", file=sys.stderr)
