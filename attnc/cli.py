@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from attnc.codegen.module import Target, module_name_for, render_all
 from attnc.codegen.names import generated_names
@@ -22,6 +23,9 @@ from attnc.dsl.errors import SpecError
 from attnc.dsl.ir import Attention, Op, TensorParam, format_expr, linearize, walk
 from attnc.dsl.lower import compile_to_ir
 from attnc.settings import settings
+
+if TYPE_CHECKING:
+    from attnc.codegen.triton.aot import CompileJob
 
 EXIT_OK, EXIT_SPEC, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
@@ -290,36 +294,53 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_inspect(args: argparse.Namespace) -> int:
-    """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma
-    (the linear family's core kernels too, for blocks with a linear form)."""
+def inspect_jobs(
+    spec: str, name: str | None, cc: int, dtype: str, head_dim: int, launch: bool = True
+) -> list[CompileJob]:
+    """The compile jobs of `attnc inspect SPEC`: every Triton kernel of the spec's blocks (or the one named) at
+    the runtime's default schedules, the linear core's kernels for blocks with a linear form, and the delta-rule
+    runtime's kernels for state blocks. `launch`: compile as a launch with the runtime's contiguous inputs
+    does (`launch_specialised`), else for arbitrary strides. benchmarks/aot_loop_cost.py compiles the same jobs."""
     from attnc.codegen.module import compile_source
-    from attnc.codegen.triton.aot import AOTCompileError, compile_reports, format_table
     from attnc.codegen.triton.inspect import Target, all_jobs
     from attnc.runtime.triton import _triton_kernels
 
-    program = compile_to_ir(_read(args.spec), args.spec)
-    recs = [r for r in program.recurrences if args.name in (None, r.name)]
-    atts = _select(args.spec, args.name) if program.attentions and (args.name is None or not recs) else []
-    target = Target(args.cc, args.dtype, args.head_dim, launch=not args.any_strides)
-    jobs = []
+    program = compile_to_ir(_read(spec), spec)
+    recs = [r for r in program.recurrences if name in (None, r.name)]
+    atts = _select(spec, name) if program.attentions and (name is None or not recs) else []
+    target = Target(cc, dtype, head_dim, launch=launch)
+    jobs: list[CompileJob] = []
     if atts:
-        kernels = _triton_kernels(compile_source(_read(args.spec), args.spec).__file__, interpret=False)
+        kernels = _triton_kernels(compile_source(_read(spec), spec).__file__, interpret=False)
         jobs += all_jobs(atts, kernels, [target])
     if recs:  # state blocks launch the delta-rule runtime's kernels, in the variant their plan selects
         from attnc.codegen.triton import delta_aot
         from attnc.dsl.analysis.recurrence import analyse
 
         for rec in recs:
-            jobs += delta_aot.jobs(args.cc, args.dtype, args.head_dim, analyse(rec))
+            jobs += delta_aot.jobs(cc, dtype, head_dim, analyse(rec))
     for att in atts:  # linear-form blocks also launch the linear core's kernels (their own variant)
         lin = linear_form(att)
         if lin is not None and lin.form is not None:
             from attnc.codegen.triton import linear_aot
 
-            jobs += linear_aot.jobs(args.cc, args.dtype, args.head_dim, (linear_aot.variant_of(att),))
+            jobs += linear_aot.jobs(cc, dtype, head_dim, (linear_aot.variant_of(att),))
+    return jobs
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Compile every Triton kernel of a spec ahead of time and print shared memory, registers, spills, wgmma,
+    TMA and SASS instructions per key-loop iteration (the linear family's core kernels too, for blocks with a
+    linear form)."""
+    from attnc.codegen.triton.aot import AOTCompileError, compile_reports, format_table
+
+    jobs = inspect_jobs(args.spec, args.name, args.cc, args.dtype, args.head_dim, launch=not args.any_strides)
     reports = compile_reports(jobs, max_workers=args.jobs, raise_on_error=False)
-    print(format_table([r for r in reports if not isinstance(r, AOTCompileError)]))
+    ok = [r for r in reports if not isinstance(r, AOTCompileError)]
+    print(format_table(ok))
+    notes = sorted({r.sass_note for r in ok if r.sass_note})
+    for note in notes:  # e.g. no disassembler: the sass/iter column shows "-"; one line, not one per kernel
+        print(f"attnc: sass/iter: {note}", file=sys.stderr)
     failed = [r for r in reports if isinstance(r, AOTCompileError)]
     for err in failed:
         print(f"attnc: {err}", file=sys.stderr)

@@ -72,6 +72,7 @@ def test_attnc_inspect_prints_the_report(tmp_path: Path, capsys: pytest.CaptureF
     for kernel in ("_causal_fwd_kernel", "_causal_bwd_dkdv_kernel", "_causal_bwd_dq_kernel"):
         assert kernel in out
     assert "regs" in out and "spill" in out and "wgmma" in out
+    assert "tma" in out and "sass/iter" in out  # the static loop cost (codegen/triton/sass.py)
 
 
 def test_the_compile_models_the_launch_of_contiguous_inputs(tmp_path: Path) -> None:

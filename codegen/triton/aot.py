@@ -3,7 +3,8 @@
 `triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))` runs Triton's whole pipeline (TTIR, TTGIR,
 LLVM IR, PTX, and `ptxas` to a cubin) without touching a driver. The interpreter that runs kernels on CPU tensors
 accepts kernels that this pipeline rejects (`tl.dot` with K < 16, for one), so CI compiles every kernel this way
-and reads what the GPU would get: shared memory, registers and spills, and whether sm_90 code uses wgmma.
+and reads what the GPU would get: shared memory, registers and spills, whether sm_90 code uses wgmma and TMA,
+and the SASS instruction count of the key loop (sass.py, from the cubin disassembled with nvdisasm).
 
     from attnc.codegen.triton.aot import compile_report, format_table
     rep = compile_report(kernel, {"Q": "*fp16", "n": "i32", "scale": "fp32"}, {"BLOCK_M": 128}, cc=90)
@@ -52,6 +53,7 @@ __all__ = [
     "format_table",
     "parse_ptxas_log",
     "run_ptxas",
+    "sass_cell",
 ]
 
 # Largest dynamic shared memory one block may opt into, by compute capability (CUDA programming guide,
@@ -115,6 +117,14 @@ class KernelReport:
     stack_frame_bytes: int
     uses_wgmma: bool  # `wgmma.mma_async` in the PTX (Hopper warpgroup MMA)
     constexprs: tuple[tuple[str, object], ...]  # sorted by name
+    uses_tma: bool = False  # `cp.async.bulk.tensor` in the PTX (Hopper TMA loads/stores: tensor descriptors)
+    # SASS instruction counts (sass.py): scope "loop" with the size of each innermost loop that holds an MMA
+    # (the key loops), or "kernel" when no such loop exists; "" when the cubin could not be disassembled, and
+    # then `sass_note` says why.
+    sass_scope: str = ""
+    sass_loops: tuple[int, ...] = ()
+    sass_total: int | None = None  # the whole kernel
+    sass_note: str = field(default="", compare=False)
     signature: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # runtime parameters, in order
     fp_fusion: bool = field(default=True, repr=False)  # Triton's enable_fp_fusion (ptxas --fmad)
     compile_seconds: float = field(default=0.0, compare=False)
@@ -125,6 +135,14 @@ class KernelReport:
     @property
     def cc(self) -> int:
         return int(self.target.removeprefix("sm_"))
+
+    @property
+    def sass_instructions(self) -> int | None:
+        """SASS instructions of one key-loop iteration (the largest key loop, every path of its body counted
+        once), or of the whole kernel when scope is "kernel"; None without a disassembler."""
+        if not self.sass_scope:
+            return None
+        return max(self.sass_loops) if self.sass_loops else self.sass_total
 
     @property
     def config(self) -> str:
@@ -438,6 +456,7 @@ def _compile_here(
     if f"entry function '{entry}'" not in log:  # no log captured (other triton version): assemble again
         log = run_ptxas(ptx, cc, fmad=bool(meta.enable_fp_fusion), extra_flags=_ptx_options(meta))
     stats = parse_ptxas_log(log, entry)
+    sass_fields = _sass_fields(cubin, entry)
     report = KernelReport(
         name=name,
         target=target,
@@ -451,6 +470,8 @@ def _compile_here(
         stack_frame_bytes=stats.stack_frame_bytes,
         uses_wgmma="wgmma.mma_async" in ptx,
         constexprs=tuple(sorted(constexprs.items())),
+        uses_tma="cp.async.bulk.tensor" in ptx,
+        **sass_fields,
         signature=tuple((n, t) for n, t in sig.items() if t != "constexpr"),
         fp_fusion=bool(meta.enable_fp_fusion),
         compile_seconds=seconds,
@@ -460,6 +481,18 @@ def _compile_here(
     )
     _check_launch_limits(report)
     return report
+
+
+def _sass_fields(cubin: bytes, entry: str) -> dict[str, Any]:
+    """KernelReport's sass_* fields. A missing or failing disassembler costs the counts, not the report: the
+    resources above come from ptxas and stand on their own."""
+    from . import sass
+
+    try:
+        cost = sass.loop_cost(cubin, entry)
+    except (sass.DisassemblerNotFoundError, RuntimeError, ValueError, OSError) as e:
+        return {"sass_note": str(e)}
+    return {"sass_scope": cost.scope, "sass_loops": cost.loops, "sass_total": cost.total}
 
 
 @contextlib.contextmanager
@@ -625,8 +658,21 @@ def _job_name(job: CompileJob) -> str:
 
 
 def format_table(reports: Iterable[KernelReport]) -> str:
-    """One line per kernel: name, target, warps, stages, smem, regs, spills, wgmma, constexprs."""
-    header = ("kernel", "target", "warps", "stages", "smem B", "regs", "spill B", "wgmma", "config")
+    """One line per kernel: name, target, warps, stages, smem, regs, spills, wgmma, tma, SASS instructions per
+    key-loop iteration (`sass_cell`), constexprs."""
+    header = (
+        "kernel",
+        "target",
+        "warps",
+        "stages",
+        "smem B",
+        "regs",
+        "spill B",
+        "wgmma",
+        "tma",
+        "sass/iter",
+        "config",
+    )
     rows = [
         (
             r.name,
@@ -637,12 +683,14 @@ def format_table(reports: Iterable[KernelReport]) -> str:
             str(r.registers),
             str(r.spill_bytes),
             "yes" if r.uses_wgmma else "no",
+            "yes" if r.uses_tma else "no",
+            sass_cell(r),
             r.config,
         )
         for r in reports
     ]
     widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
-    numeric = {2, 3, 4, 5, 6}
+    numeric = {2, 3, 4, 5, 6, 9}
 
     def line(row: Sequence[str]) -> str:
         cells = [
@@ -653,3 +701,13 @@ def format_table(reports: Iterable[KernelReport]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+def sass_cell(r: KernelReport) -> str:
+    """`1519` (one key loop), `480,812` (several, in address order: e.g. boundary and interior tiles),
+    `632 (kernel)` (no loop with an MMA: the whole kernel), `-` (not disassembled)."""
+    if r.sass_scope == "loop":
+        return ",".join(str(n) for n in r.sass_loops)
+    if r.sass_scope == "kernel":
+        return f"{r.sass_total} (kernel)"
+    return "-"
