@@ -170,8 +170,8 @@ TENSOR_TEMPLATES = {
     Op.SIGMOID: "torch.sigmoid({a})",
     Op.RELU: "torch.relu({a})",
     Op.ELU: "torch.nn.functional.elu({a})",
-    Op.FLOOR: "torch.floor({a}).long()",
-    Op.CEIL: "torch.ceil({a}).long()",
+    Op.FLOOR: "_rt._to_int(torch.floor({a}))",
+    Op.CEIL: "_rt._to_int(torch.ceil({a}))",
     Op.TO_FLOAT: "{a}.to(_cdt)",
 }
 SCALAR_TEMPLATES = {

@@ -423,6 +423,15 @@ def test_nan_through_min_max_clamp_propagates_alike(build, body: str) -> None:
     torch.testing.assert_close(tri_lse, ref_lse, rtol=1e-4, atol=1e-4, equal_nan=True)
 
 
+def test_floor_of_a_non_finite_value_is_a_clean_error_on_the_reference(build) -> None:
+    """Found by the fuzz run: floor(log(b)) at b = 0 has no integer; the reference says so (the kernels do not
+    check: outside the contract, as an integer division by zero)."""
+    mod = build(spec("score = dot(q, k) * 0.1 + floor(log(b))"))
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="floor or ceil of inf or NaN"):
+        mod.a(q, k, v, backend="reference")
+
+
 def test_a_huge_score_offset_is_rounded_alike(build) -> None:
     """Found by the fuzz run: `dot(q, k) * 0.5 + 1e6` is known to float32 only to ~0.06 (eps·1e6) on either
     backend (the kernels round in the exp2 domain, one binade coarser). Softmax ignores the offset in exact

@@ -18,7 +18,7 @@ from .checks import (
 )
 from .layout import BlockLayout, _kernel_layout, _layout_from_op_args, _layout_op_args, _with_block_layout
 from .ops import _custom_op, _grad, _lse_dtype, _with_autograd
-from .reference import _attend, _clamp, _full, _sigmoid_scalar, _Spec
+from .reference import _attend, _clamp, _full, _sigmoid_scalar, _Spec, _to_int
 from .triton import (
     _aux_args,
     _dense_output,
@@ -59,6 +59,7 @@ __all__ = [
     "_lse_dtype",
     "_require_tensor",
     "_sigmoid_scalar",
+    "_to_int",
     "_triton_backward",
     "_triton_forward",
     "_tuned_configs",

@@ -56,6 +56,16 @@ def _clamp(x, min=None, max=None):
     return torch.clamp(x, min=min, max=max)
 
 
+def _to_int(x):
+    """floor/ceil's float result as an int tensor; a non-finite value has no integer: an error naming the cause
+    (the kernels do not check it: outside the contract, docs/language.md)."""
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(
+            "the spec's expressions are undefined for these inputs (floor or ceil of inf or NaN)"
+        )
+    return x.long()
+
+
 def _attend(q, k, v, spec, return_lse):
     """Exact attention over query-row chunks; `spec` holds the variant's expressions.
 

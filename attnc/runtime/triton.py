@@ -232,7 +232,7 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
     aux_grad = aux_grad and bool(spec.grad_numels or spec.pair_grads)
     numels = spec.grad_numels if aux_grad else ()
-    rows = spec.grad_rows or (None,) * len(numels)
+    rows = (spec.grad_rows or (None,) * len(numels)) if aux_grad else ()
     tiles = triton_cdiv(M, cfg.block_m)
     parts = [
         torch.zeros(
