@@ -72,7 +72,11 @@ def compile_job(att: Any, kernels_module: Any, c: Candidate, cc: int, dtype: DTy
     from attnc.runtime.tuning import _config_from
 
     cfg = _config_from(_KernelConfig, c.as_dict())  # the schedule a tuned entry would launch with
-    (job,) = jobs(att, kernels_module, Target(cc, dtype.short, head_dim, (_AOT_KIND[c.kind],)), cfg)
+    # Arbitrary strides (launch=False): the conservative compile the resource model (autotune/resource.py) is
+    # calibrated against. A launch with the runtime's contiguous inputs specialises strides and needs fewer
+    # registers (`attnc inspect` reports that compile); recalibrating the model to it is open (issue 17).
+    target = Target(cc, dtype.short, head_dim, (_AOT_KIND[c.kind],), launch=False)
+    (job,) = jobs(att, kernels_module, target, cfg)
     return job
 
 
