@@ -398,6 +398,40 @@ def test_gathered_tables_match_sdpa_with_the_bias_built_from_them(
     assert (got["o"][:, :, ~live] == 0).all() and (got["q"][:, :, ~live] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_act_calibration_weights_match_sdpa_with_the_bias_built_from_them(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """ACT's per-head calibration of the attention sinks (zoo/specs/calibration.attn: log α_h added to the
+    score of the sink tokens): α's gradient against SDPA (math, float64) with that bias, GQA, ragged N."""
+    B, H, G, M, N, D = SHAPE.values()
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
+    alpha = 0.5 + torch.rand(H, generator=gen)
+    is_sink = torch.zeros(B, N, dtype=torch.bool)
+    is_sink[:, :3] = True
+    is_sink[1, 7] = True
+    mod = _module(ZOO_SPECS / "calibration.attn", tmp_path)
+    got = _train(
+        lambda **a: mod.calibration(**a, backend="triton"),
+        {"q": q, "k": k, "v": v, "alpha": alpha, "is_sink": is_sink},
+        cot,
+    )
+    w = {n: t.double().requires_grad_() for n, t in zip("qkv", (q, k, v), strict=True)}
+    wa = alpha.double().requires_grad_()
+    bias = torch.where(
+        is_sink[:, None, None, :], wa.log().view(1, H, 1, 1), torch.zeros((), dtype=torch.float64)
+    )
+    live = _visible(M, N).any(-1)
+    mask = bias.expand(B, H, M, N).masked_fill(~_visible(M, N), float("-inf"))[:, :, live]
+    o = torch.nn.functional.scaled_dot_product_attention(
+        w["q"][:, :, live], w["k"], w["v"], attn_mask=mask, enable_gqa=True
+    )
+    (o * cot[:, :, live]).sum().backward()
+    _check(got, {"q": w["q"].grad, "k": w["k"].grad, "v": w["v"].grad, "alpha": wa.grad}, dtype)
+
+
 def test_gathered_table_on_the_block_layout_path(tmp_path: Path) -> None:
     """The clipped relative table through an explicit runtime block layout (the `_LAYOUT` loops)."""
     B, H, M, N, D, qb, kb, R = 1, 2, 64, 64, 16, 32, 32, 4
