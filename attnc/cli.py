@@ -152,6 +152,12 @@ def cmd_codegen(args: argparse.Namespace) -> int:
                     "using the quadratic kernels",
                     file=sys.stderr,
                 )
+        if args.standalone and program.recurrences:
+            names = ", ".join(r.name for r in program.recurrences)
+            raise UsageError(
+                f"{path}: --standalone does not vendor the delta-rule runtime yet, which the state block(s) "
+                f"{names} call; generate without --standalone (the module then imports attnc.runtime.delta)"
+            )
         main, kernels = render_all(program, source, target, tuned, standalone=args.standalone)
         out.mkdir(parents=True, exist_ok=True)
         dest = out / f"{module_name_for(path)}.py"

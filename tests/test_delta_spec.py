@@ -503,3 +503,17 @@ def test_attnc_inspect_compiles_a_state_blocks_kernels(capsys: pytest.CaptureFix
     } <= kernels
     assert all("G_MODE=1" in " ".join(r) for r in rows if "recurrent" in r[0])
     assert all(r[6] == "0" for r in rows), rows  # spill bytes
+
+
+def test_codegen_standalone_refuses_a_state_block_cleanly(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--standalone cannot vendor the delta-rule runtime yet: a usage error naming the block, not an internal
+    error, and nothing written."""
+    from attnc.cli import EXIT_USAGE, main
+
+    out = tmp_path / "out"
+    assert main(["codegen", str(spec_path("gated_deltanet")), "-o", str(out), "--standalone"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "--standalone does not vendor the delta-rule runtime" in err and "gated_deltanet" in err
+    assert "internal error" not in err and not out.exists()
