@@ -83,6 +83,22 @@ def test_feature_maps_ignore_padded_channels_in_the_linear_forms(compiled, algor
     torch.testing.assert_close(got.double(), want, rtol=2e-4, atol=2e-4)
 
 
+@pytest.mark.parametrize("D", [12, 16])
+def test_a_feature_map_not_finite_at_zero_never_reaches_padded_channels(build, D: int) -> None:
+    """Found by the fuzz run: `k * (0.5 / k)` is NaN on a zero-padded channel (D = 12 pads to 16), and zeroing
+    only the q operand leaves 0 * NaN = NaN in q·k. Against the formula written here, forward and backward."""
+    mod = build(spec("score = dot(q, k) * 0.5", "feature k = k * (0.5 / k)", "output = o + 0.5"))
+    q, k, v = qkv(N=10, D=D, grad=True)
+    want = (
+        torch.softmax((q.double() @ torch.full_like(k.double(), 0.5).transpose(-1, -2)) * 0.5, -1)
+        @ v.double()
+    )
+    got = mod.a(q, k, v, backend="triton")
+    torch.testing.assert_close(got.double(), want + 0.5, rtol=1e-4, atol=1e-4)
+    got.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, v))
+
+
 @pytest.mark.parametrize("spec_name", ["lightning", "linear_bidir"])
 def test_feature_maps_ignore_padded_channels_in_other_linear_specs(compiled, spec_name: str) -> None:
     """The other linear-family specs the issue names: the Triton kernels agree with the reference at D = 72."""

@@ -354,16 +354,27 @@ class KernelWriter:
         if root is None:
             return tensor
         e = self.expr(root, self.feature_names(which), out)
-        if pad:
+        q_side = which is Root.FEATURE_Q
+        if not _finite_at_zero(root):
+            # Lanes outside the loaded tile (rows beyond M or N, channels beyond D) were loaded as 0, where
+            # this map may not be finite (k * (0.5 / k) is NaN at 0): zeros in the other operand, or a masked
+            # dS, would not cancel it (0 * NaN = NaN; found by the fuzz run). Zero the whole outside.
+            inside = (
+                "(i < _M) & (offs_d[None, :] < _D)"
+                if q_side
+                else "(offs_n[None, :] < _N) & (offs_d[:, None] < _D)"
+            )
+        elif pad:
             # Channels beyond D (D not a power of two) were loaded as 0, but a feature map of 0 need not be 0
-            # (elu(0) + 1 = 1). Zeroing them in one operand of each q·k suffices: the other operand's padded
-            # channels then meet zeros, and dq, dk are stored for d < D only. Each kernel zeroes its q tile
-            # (forward, dq: mapped once per program; dkdv: per tile), which keeps every default config free
-            # of spills on sm_90 (zeroing both operands, or dkdv's k, spilled).
-            inside = "offs_d[None, :] < _D" if which is Root.FEATURE_Q else "offs_d[:, None] < _D"
-            out += S(f"{tensor}f = tl.where({inside}, {{e}}, 0.0).to({tensor}.dtype)", e=e)
+            # (elu(0) + 1 = 1). Zeroing them in one operand of each q·k suffices (the other operand is finite
+            # there): the other's padded channels then meet zeros, and dq, dk are stored for d < D only. Each
+            # kernel zeroes its q tile (forward, dq: mapped once per program; dkdv: per tile), which keeps
+            # every default config free of spills on sm_90 (zeroing both operands, or dkdv's k, spilled).
+            inside = "offs_d[None, :] < _D" if q_side else "offs_d[:, None] < _D"
         else:
             out += S(f"{tensor}f = ({{e}}).to({tensor}.dtype)", e=e)
+            return f"{tensor}f"
+        out += S(f"{tensor}f = tl.where({inside}, {{e}}, 0.0).to({tensor}.dtype)", e=e)
         return f"{tensor}f"
 
     def _feature_grad(self, root: Node | None, t: str, which: Root, L: Stmts) -> None:
@@ -1110,6 +1121,21 @@ def _gated(emit, *args) -> Stmts:  # type: ignore[no-untyped-def]
     body: Stmts = []
     emit(body, *args)
     return S("if _AUX_GRAD:\n    {body}", body=body) if body else []
+
+
+# Ops that map finite inputs to finite outputs (or to ±inf only by overflow): a feature map built from these
+# alone is finite on a zero-padded channel. Division, logarithms, roots and powers may not be (1 / 0, log 0).
+_FINITE_OPS = frozenset(
+    {Op.CONST, Op.VAR, Op.SIZE, Op.SCALAR, Op.LOAD, Op.ELEM, Op.TO_FLOAT, Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.ABS,
+     Op.EXP, Op.EXP2, Op.TANH, Op.SIGMOID, Op.RELU, Op.ELU, Op.MIN, Op.MAX, Op.WHERE, Op.LT, Op.LE, Op.GT,
+     Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR, Op.NOT, Op.FLOOR, Op.CEIL}
+)  # fmt: skip
+
+
+def _finite_at_zero(root: Node | None) -> bool:
+    """Whether a feature map is surely finite where its input is 0 (a padded channel): only ops of
+    `_FINITE_OPS`. Conservative: a division anywhere says no."""
+    return root is None or all(n.op in _FINITE_OPS for n in walk([root]))
 
 
 def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
