@@ -176,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         "machine": _machine(),
         "versions": _versions(),
         "targets": [{"label": t[0], "cc": t[1], "dtype": t[2], "head_dim": t[3]} for t in TARGETS],
+        # codegen/triton/inspect.launch_specialised: what a launch with the runtime's contiguous q, k, v, o
+        # compiles (unit channel strides constant, 16-divisible strides), as `attnc inspect` without
+        # --any-strides (files made before it compiled for arbitrary strides, and say nothing here)
+        "compile": "launch model",
         "sass_note": "sass_instructions: the largest innermost loop holding an MMA (sass_loops: each such loop, "
         "in address order; every path of the body counted once), or the whole kernel (sass_scope 'kernel')",
         "rows": rows,

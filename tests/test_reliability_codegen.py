@@ -395,6 +395,8 @@ _SAME_CLASS = [
     ("score = dot(q, k) + exp(where(N > 0, 0.5, t[j]))", ", t: [N]"),
     ("score = dot(q, k) + sqrt(where(N < 0, t[j] * t[j], 2.0))", ", t: [N]"),
     ("score = dot(q, k) + 1e-40", ""),
+    # Found by the fuzz run: a where of two uniform ints is an int tile (it was made a float one).
+    ("score = dot(q, k) + min(where(b < h, 0, 1) // 1, 0.5)", ""),
     ("score = dot(q, k) * 1e-39", ""),
     ("score = dot(q, k)\n    mask = j <= i or 0.5 < w[hk]", ", w: [H]"),
     ("score = dot(q, k)\n    mask = not (j > i and w[hk] > 0.5)", ", w: [H]"),

@@ -129,8 +129,11 @@ class TritonExprs:
         if op is Op.POW:
             return self._pow(n, args, uniform)
         if op is Op.WHERE and all(uniform[1:]):
-            # tl.where needs a tensor branch to know the result type: make the first one a float tile.
-            return expr_from_string("tl.where({a}, {b} + 0.0 * {a}, {c})", **_holes(args))
+            # tl.where needs a tensor branch to know the result type: make the first one a tile of the node's
+            # type (an int where stays int: `where(c, 0, 1) // 1` must floor-divide ints; found by the fuzz run).
+            if n.dtype is DType.FLOAT:
+                return expr_from_string("tl.where({a}, {b} + 0.0 * {a}, {c})", **_holes(args))
+            return expr_from_string("tl.where({a}, {b} + 0 * ({a}).to(tl.int32), {c})", **_holes(args))
         if op in _FLOAT_TEMPLATES and n.dtype is DType.FLOAT:
             return expr_from_string(_FLOAT_TEMPLATES[op], **_holes(args))
         return expr_from_string(_TEMPLATES[op], **_holes(args))
