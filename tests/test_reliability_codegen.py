@@ -99,6 +99,37 @@ def test_a_feature_map_not_finite_at_zero_never_reaches_padded_channels(build, D
     assert all(torch.isfinite(x.grad).all() for x in (q, v))
 
 
+@pytest.mark.parametrize(("D", "N"), [(12, 10), (16, 10), (16, 16)], ids=["D12-N10", "D16-N10", "D16-N16"])
+def test_a_feature_map_that_overflows_at_zero_never_reaches_padded_lanes(build, D: int, N: int) -> None:
+    """Found by the fuzz run: `exp(k + 1e6)` is finite-looking (exp, add) but inf at a zero-padded lane, so
+    q·k met 0 * inf = NaN where the reference gives the formula's value. Every score of `-exp(k + 1e6)` with
+    q > 0 is -inf: each row sees no key, o = 0 (the fully-masked convention), on both backends."""
+    mod = build(spec("score = dot(q, k)", "feature k = 0.0 - exp(k + 1e6)"))
+    q, k, v = qkv(N=N, D=D)
+    for backend in ("reference", "triton"):
+        torch.testing.assert_close(mod.a(q.abs(), k, v, backend=backend), torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("D", [12, 16])
+def test_a_feature_map_reading_an_aux_tensor_is_zeroed_outside_the_tile(build, D: int) -> None:
+    """`k * 0.25 + t[j] * 0.5` is finite at 0 for every finite t only up to overflow: the kernels zero it
+    outside the loaded tile (N = 10 pads the key rows, D = 12 the channels). Against the formula, forward and
+    backward."""
+    mod = build(spec("score = dot(q, k) * 0.5", "feature k = k * 0.25 + t[j] * 0.5", params=", t: [N]"))
+    q, k, v = qkv(N=10, D=D, grad=True)
+    qd, kd, vd = (x.detach().double().requires_grad_() for x in (q, k, v))
+    t = rand(10, seed=5)
+    fk = kd * 0.25 + t.double()[:, None] * 0.5
+    want = torch.softmax((qd @ fk.transpose(-1, -2)) * 0.5, -1) @ vd
+    got = mod.a(q, k, v, t, backend="triton")
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    w = rand(*got.shape, seed=9)
+    (got * w).sum().backward()
+    (want * w.double()).sum().backward()
+    for x, xd in ((q, qd), (k, kd), (v, vd)):
+        torch.testing.assert_close(x.grad.double(), xd.grad, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize("spec_name", ["lightning", "linear_bidir"])
 def test_feature_maps_ignore_padded_channels_in_other_linear_specs(compiled, spec_name: str) -> None:
     """The other linear-family specs the issue names: the Triton kernels agree with the reference at D = 72."""

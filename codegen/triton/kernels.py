@@ -25,6 +25,7 @@ call. Every kernel's parameters come from one `KernelSignature` (`attnc.runtime.
 from __future__ import annotations
 
 import ast
+import math
 import textwrap
 from dataclasses import dataclass
 
@@ -33,6 +34,8 @@ from attnc.dsl.analysis.plan import PAIR_ROOTS, ROW_ROOTS, AttentionPlan, AuxGra
 from attnc.dsl.autodiff import gradients
 from attnc.dsl.builder import ieee_binary
 from attnc.dsl.ir import (
+    COMPARE_OPS,
+    LOGIC_OPS,
     Attention,
     DType,
     Node,
@@ -1123,19 +1126,54 @@ def _gated(emit, *args) -> Stmts:  # type: ignore[no-untyped-def]
     return S("if _AUX_GRAD:\n    {body}", body=body) if body else []
 
 
-# Ops that map finite inputs to finite outputs (or to ±inf only by overflow): a feature map built from these
-# alone is finite on a zero-padded channel. Division, logarithms, roots and powers may not be (1 / 0, log 0).
-_FINITE_OPS = frozenset(
-    {Op.CONST, Op.VAR, Op.SIZE, Op.SCALAR, Op.LOAD, Op.ELEM, Op.TO_FLOAT, Op.NEG, Op.ADD, Op.SUB, Op.MUL, Op.ABS,
-     Op.EXP, Op.EXP2, Op.TANH, Op.SIGMOID, Op.RELU, Op.ELU, Op.MIN, Op.MAX, Op.WHERE, Op.LT, Op.LE, Op.GT,
-     Op.GE, Op.EQ, Op.NE, Op.AND, Op.OR, Op.NOT, Op.FLOOR, Op.CEIL}
-)  # fmt: skip
+_F32_MAX = 3.4028234663852886e38
+_INT_BOUND = float(2**31)  # index variables and sizes: int32 positions and extents
+
+
+def _bound_at_zero(root: Node) -> float:
+    """A bound on |map| where its element is 0 (a lane outside the loaded tile), for every finite value of
+    the auxiliary tensors and scalars it reads (each at most the float32 maximum): inf when none is proven.
+    Overflow counts: `exp(k + 1e6)` or `k + 2 * t[j]` may be inf there (found by the fuzz run). Ops whose
+    result at a bounded input need not be finite (division, logarithms, roots, powers, mod) give inf."""
+    bound: dict[Node, float] = {}
+    for n in sorted(set(walk([root])), key=lambda n: n.depth):
+        a = [bound[x] for x in n.args]
+        op = n.op
+        if op is Op.CONST:
+            b = abs(float(n.attr))  # type: ignore[arg-type]
+        elif op is Op.ELEM:
+            b = 0.0
+        elif op in (Op.VAR, Op.SIZE):
+            b = _INT_BOUND
+        elif op in (Op.SCALAR, Op.LOAD):
+            b = _F32_MAX
+        elif op in (Op.NEG, Op.ABS, Op.RELU, Op.FLOOR, Op.CEIL, Op.TO_FLOAT):
+            b = a[0]
+        elif op in (Op.EXP, Op.EXP2):
+            base = math.e if op is Op.EXP else 2.0
+            b = math.inf if a[0] * math.log(base) > 88.7 else base ** a[0]
+        elif op in (Op.TANH, Op.SIGMOID) or op in COMPARE_OPS or op in LOGIC_OPS or op is Op.NOT:
+            b = 1.0
+        elif op is Op.ELU:
+            b = max(a[0], 1.0)
+        elif op in (Op.ADD, Op.SUB):
+            b = a[0] + a[1]
+        elif op is Op.MUL:
+            # 0 times a finite bound is 0; times an unproven one (inf) it may be NaN (0 * (0.5 / 0)).
+            b = math.inf if math.inf in a else (0.0 if 0.0 in a else a[0] * a[1])
+        elif op in (Op.MIN, Op.MAX):
+            b = max(a)
+        elif op is Op.WHERE:
+            b = max(a[1], a[2])
+        else:
+            b = math.inf
+        bound[n] = b if b <= _F32_MAX else math.inf
+    return bound[root]
 
 
 def _finite_at_zero(root: Node | None) -> bool:
-    """Whether a feature map is surely finite where its input is 0 (a padded channel): only ops of
-    `_FINITE_OPS`. Conservative: a division anywhere says no."""
-    return root is None or all(n.op in _FINITE_OPS for n in walk([root]))
+    """Whether a feature map is surely finite where its input is 0 (`_bound_at_zero`)."""
+    return root is None or _bound_at_zero(root) < math.inf
 
 
 def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
