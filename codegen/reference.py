@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 from attnc.dsl.analysis.plan import AuxGrad
 from attnc.dsl.analysis.ranges import index_status
-from attnc.dsl.autodiff import gradients
 from attnc.dsl.ir import (
     Attention,
     DType,
@@ -26,7 +25,6 @@ from attnc.dsl.ir import (
     TensorParam,
     TensorType,
     Var,
-    walk,
 )
 from attnc.dsl.scope import Root, root_names
 
@@ -562,20 +560,16 @@ def _fused_aux_grads(
     nm: str, plan: AttentionPlan, float_aux: list[str], args: str, layout_args: str
 ) -> list[str]:
     """The backward's gradients of float auxiliary tensors (`_g[name]`), when one requires grad: the dQ
-    kernel's partials summed over programs (`_parts`, in `plan.kernel_reads()` order) and the epilogue's
-    row/column reductions; tensors the plan leaves unfused come from the reference (`_NAME_aux_grads`)."""
+    kernel's partials summed over programs (`_parts`: `plan.kernel_reads()`, then `pair_reads()`, then
+    `epilogue_reads()`, in order); tensors the plan leaves unfused come from the reference (`_NAME_aux_grads`)."""
     fused = plan.fused_aux()
     L = ["        if _aux_grad:"]
     for t in fused:
         terms = [f"_parts[{n}]" for n, r in enumerate(plan.kernel_reads()) if r.tensor == t]
         first = len(plan.kernel_reads())
         terms += [f"_parts[{first + n}]" for n, r in enumerate(plan.pair_reads()) if r.tensor == t]
-        terms += [
-            f"_rt._epilogue_grad(spec.epilogue_grads[{n}], _oraw, do, q.shape[1] // k.shape[1], "
-            f"{tuple(v.value for v in r.plain_vars)!r}, {t}.shape)"
-            for n, r in enumerate(plan.epilogue_reads())
-            if r.tensor == t
-        ]
+        second = first + len(plan.pair_reads())
+        terms += [f"_parts[{second + n}]" for n, r in enumerate(plan.epilogue_reads()) if r.tensor == t]
         value = " + ".join(terms) if terms else f"torch.zeros_like({t})"  # read by the mask only
         L.append(f"            _g[{t!r}] = ({value}).view({t}.shape).to({t}.dtype)")
     unfused = [t for t in float_aux if t not in fused]
@@ -614,25 +608,6 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     em = Emitter(load_code=_Loads(att), leaf_code=_leaf)
     closures, _ = _closures(att, em, only={"output"})
     plan = writer.plan
-    if att.output is not None:
-        # The epilogue's derivatives (dsl.autodiff): ∂out/∂o for dO of the raw output, and ∂out/∂read for
-        # each auxiliary read the backward reduces over the output's rows and columns.
-        # An epilogue that ignores o (`output = offset[h, e]`) passes no gradient to it: ∂out/∂o = 0.
-        elem = next((n for n in walk([att.output]) if n.op is Op.ELEM), None)
-        wrt = [*([elem] if elem is not None else []), *(r.load for r in plan.epilogue_reads())]
-        grads = gradients(att.output, wrt) if wrt else {}
-        for fn, node in (
-            ("_output_do", elem),
-            *((f"_output_g{n}", r.load) for n, r in enumerate(plan.epilogue_reads())),
-        ):
-            if node is None:
-                closures += [f"    def {fn}(o, b, h, hk, i, e):", "        return 0.0", ""]
-                continue
-            stmts, ret = em.body(grads[node])
-            closures.append(f"    def {fn}(o, b, h, hk, i, e):")
-            closures += [f"        {st}" for st in stmts]
-            closures.append(f"        return {ret}")
-            closures.append("")
     # Per-tile summaries of data-dependent mask terms (`doc[b, i] == doc[b, j]`): the kernels skip key tiles
     # whose range of values cannot meet the query tile's.
     pairs = []
@@ -651,10 +626,21 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     spec_args = [f"*_rt._aux_args({', '.join(aux)}{',' if len(aux) == 1 else ''})"] if aux else []
     spec_args += [s.name for s in att.scalars] + _sizes(att)
     uniforms = [v for v, _ in kernels]
-    output = ", output=_output, output_grad=_output_do" if att.output is not None else ""
+    output = ", output=_output" if att.output is not None else ""
     if plan.epilogue_reads():
+        # Per epilogue read, its gradient buffer's lead axes (the query tile, b, h: `epilogue_lead`) and the
+        # tensor's shape; the dQ kernel computes the epilogue's chain rule (`_epilogue_chain_rule`).
+        leads = [
+            (Var.I not in r.plain_vars, Var.B not in r.plain_vars, Var.H not in r.plain_vars)
+            for r in plan.epilogue_reads()
+        ]
         output += (
-            f", epilogue_grads=({''.join(f'_output_g{n}, ' for n in range(len(plan.epilogue_reads())))})"
+            ", epilogue_grads=("
+            + "".join(
+                f"({lead!r}, tuple({r.tensor}.shape)), "
+                for lead, r in zip(leads, plan.epilogue_reads(), strict=True)
+            )
+            + ")"
         )
     if plan.kernel_reads():
         output += f", grad_numels=({''.join(f'{r.tensor}.numel(), ' for r in plan.kernel_reads())})"

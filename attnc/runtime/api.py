@@ -22,7 +22,6 @@ from .reference import _attend, _clamp, _full, _sigmoid_scalar, _Spec, _to_int
 from .triton import (
     _aux_args,
     _dense_output,
-    _epilogue_grad,
     _has_triton,
     _triton_backward,
     _triton_forward,
@@ -47,7 +46,6 @@ __all__ = [
     "_clamp",
     "_custom_op",
     "_dense_output",
-    "_epilogue_grad",
     "_eval_error",
     "_full",
     "_grad",

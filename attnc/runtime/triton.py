@@ -159,16 +159,18 @@ class _TritonSpec(NamedTuple):
     fwd_split: object = None  # split-KV forward for decoding shapes, and the kernel merging its partials
     combine: object = None
     layout: object = None  # _KernelLayout: an explicit runtime block layout of this call, or None
-    output_grad: object = None  # (o, b, h, hk, i, e) -> ∂epilogue/∂o (elementwise), for dO of the raw output
     grad_numels: tuple = ()  # numel of the aux tensor of each read the dQ kernel reduces (a partial buffer each)
     # per such read, its buffer's rows: None, one per program; (lead b, lead h) for a gathered read, one per
     # query tile times the program variables its indices leave out
     grad_rows: tuple = ()
     pair_grads: tuple = ()  # ((lead b, lead h), aux shape) per dense (i, j) read: a buffer the dQ kernel fills
-    epilogue_grads: tuple = ()  # (o, b, h, hk, i, e) -> ∂epilogue/∂read, per epilogue read (`_epilogue_grad`)
+    # ((lead tile, lead b, lead h), aux shape) per epilogue read: the buffer the dQ kernel fills with its
+    # gradient (`kernels.epilogue_lead`: the axes its indices leave out lead, so each element has one writer)
+    epilogue_grads: tuple = ()
 
 
 def _dense_output(fn, o, rep):
+    """The epilogue `fn(o, b, h, hk, i, e)` over a whole [B, H, M, E] output (the linear family's forward)."""
     B, H, M, E = o.shape
     dev = o.device
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
@@ -209,14 +211,13 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
     if spec.output is not None:
-        # The epilogue's chain rule, elementwise over [B, H, M, E] (never an (i, j) tensor): ∂out/∂o is the
-        # compiler's derivative of the epilogue (no autograd: a custom op's backward runs below it).
-        do_raw = do.to(torch.float32) * _dense_output(spec.output_grad, oraw, H // G)
-        o_raw = oraw
+        # The epilogue's chain rule runs in the dQ kernel: it reads dO of the output (`_DOUT`) and the raw
+        # output, and writes dO of the raw output here for the dK/dV kernel.
+        backward = [oraw.contiguous(), do]
+        do_raw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device)
     else:
-        do_raw, o_raw = do, o
-    do_raw = do_raw.to(torch.float32).contiguous()
-    o_raw = o_raw.contiguous()
+        backward = [o.contiguous()]
+        do_raw = do.to(torch.float32).contiguous()
     if spec.norm != "softmax":
         dstat = stat  # not read: only softmax's dQ kernel subtracts d lse from the delta
     elif dstat is None:
@@ -230,7 +231,7 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
     programs = triton_cdiv(M, cfg.block_m) * B * H
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
-    aux_grad = aux_grad and bool(spec.grad_numels or spec.pair_grads)
+    aux_grad = aux_grad and bool(spec.grad_numels or spec.pair_grads or spec.epilogue_grads)
     numels = spec.grad_numels if aux_grad else ()
     rows = (spec.grad_rows or (None,) * len(numels)) if aux_grad else ()
     tiles = triton_cdiv(M, cfg.block_m)
@@ -250,6 +251,16 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         )
         for (lb, lh), shape in (spec.pair_grads if aux_grad else ())
     ]
+    # Epilogue reads: the dQ kernel stores each program's reduction at its element, behind the lead axes its
+    # indices leave out (the query tile, b, h); the host sums those.
+    epilogue = [
+        torch.zeros(
+            (*(n for n, on in ((tiles, lt), (B, lb), (H, lh)) if on), *shape),
+            dtype=torch.float32,
+            device=q.device,
+        )
+        for (lt, lb, lh), shape in (spec.epilogue_grads if aux_grad else ())
+    ]
     # The backward kernels read dO where the forward writes o: its strides stand in o's.
     grid = (triton_cdiv(M, cfg.block_m), B * H)
     io = {
@@ -262,7 +273,9 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         "_DQ": dq,
         "_DSTAT": dstat,
     }
-    grads = [*parts, *dense] if aux_grad else None  # None: the gated group unbound, `_AUX_GRAD` False
+    grads = (
+        [*parts, *dense, *epilogue] if aux_grad else None
+    )  # None: the gated group unbound, `_AUX_GRAD` False
     _run(
         spec,
         "bwd_dq",
@@ -275,7 +288,7 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         do_raw,
         probe=(B * H, grid[0]),
         name="dq",
-        backward=[o_raw],
+        backward=backward,
         aux_grads=grads,
     )
     cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
@@ -288,27 +301,11 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         d.sum(tuple(range(int(lb) + int(lh)))) if lb or lh else d
         for d, ((lb, lh), _) in zip(dense, spec.pair_grads if aux_grad else (), strict=True)
     ]
+    sums += [
+        e.sum(tuple(range(sum(map(int, lead))))) if any(lead) else e
+        for e, (lead, _) in zip(epilogue, spec.epilogue_grads if aux_grad else (), strict=True)
+    ]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sums
-
-
-def _epilogue_grad(fn, oraw, do, rep, axes, shape):
-    """The gradient of an auxiliary tensor read by the epilogue as `t[axes...]` (distinct plain index
-    variables among "b", "h", "hk", "i", "e"): Σ dO·∂out/∂read over the output's other axes, [B, H, M, E]
-    elementwise then a fixed-order sum (O(M·E) memory); a tensor larger than the range read gets zeros."""
-    dense = do.to(torch.float32) * _dense_output(fn, oraw, rep)
-    B, H, M, E = dense.shape
-    pos = {"b": 0, "h": 1, "i": 2, "e": 3}
-    if "hk" in axes:  # key/value heads: the query heads of a group sum first
-        dense = dense.view(B, H // rep, rep, M, E).sum(2)
-    reduce = tuple(d for n, d in pos.items() if n not in axes and not (n == "h" and "hk" in axes))
-    kept = [n for n in pos if n in axes or (n == "h" and "hk" in axes)]
-    g = dense.sum(reduce) if reduce else dense
-    g = g.permute(*[kept.index("h" if a == "hk" else a) for a in axes])
-    if tuple(g.shape) == tuple(shape):
-        return g.contiguous()
-    out = g.new_zeros(shape)
-    out[tuple(slice(0, n) for n in g.shape)] = g
-    return out
 
 
 class _TritonAttention(torch.autograd.Function):

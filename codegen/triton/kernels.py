@@ -251,16 +251,20 @@ class KernelWriter:
 
     def backward_group(self) -> ParamGroup:
         """The output the dQ kernel reads for the row delta: the float32 raw output under an epilogue."""
-        out = pointer("_OB", "fp32") if self.att.output is not None else pointer("_OB")
-        return ParamGroup(Group.BACKWARD, (out,))
+        if self.att.output is None:
+            return ParamGroup(Group.BACKWARD, (pointer("_OB"),))
+        # Under an epilogue the dQ kernel also reads dO of the final output (`_DOUT`, the input dtype) and
+        # writes dO of the raw output into `_DO` (float32) for the dK/dV kernel: the epilogue's chain rule.
+        return ParamGroup(Group.BACKWARD, (pointer("_OB", "fp32"), pointer("_DOUT")))
 
     def aux_grads_group(self) -> ParamGroup:
         """The dQ kernel's aux-gradient buffers (gated by `_AUX_GRAD`): one float32 partial buffer
         [programs, numel(aux)] per read reduced per program, one [lead..., *aux.shape] per dense (i, j) read
-        (`_pair_lead`)."""
+        (`_pair_lead`) and per epilogue read (`epilogue_lead`)."""
         partials = tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
         dense = tuple(pointer(f"_GD{n}", "fp32") for n in range(len(self.plan.pair_reads())))
-        return ParamGroup(Group.AUX_GRADS, (*partials, *dense), gate=AUX_GRAD_GATE)
+        epilogue = tuple(pointer(f"_GE{n}", "fp32") for n in range(len(self.plan.epilogue_reads())))
+        return ParamGroup(Group.AUX_GRADS, (*partials, *dense, *epilogue), gate=AUX_GRAD_GATE)
 
     def signature(self, kind: str) -> KernelSignature:
         """The kernel's parameters (`BlockABI.signature`): the combine reads neither tiles of k nor masks,
@@ -705,12 +709,11 @@ class KernelWriter:
             """
         )
         if compute_delta:
-            L += S(
-                """
-                ob = tl.load(_OB + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
-                delta = tl.reduce(do * ob.to(tl.float32), 1, tl.standard._sum_combine, keep_dims=True)
-                """
-            )
+            if self.att.output is None:  # else loaded by `_epilogue_chain_rule`
+                L += S(
+                    "ob = tl.load(_OB + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)"
+                )
+            L += S("delta = tl.reduce(do * ob.to(tl.float32), 1, tl.standard._sum_combine, keep_dims=True)")
             if self.norm.kind is NormKind.SOFTMAX:
                 L += S("delta = delta - tl.load(_DSTAT + row, mask=i < _M, other=0.0)")
             L += S("tl.store(_DELTA + row, delta, mask=i < _M)")
@@ -813,12 +816,13 @@ class KernelWriter:
         att = self.att
         L: Stmts = self._query_tile_prologue()
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
-        L += S(
-            f"""
-            q_op = {qname}
-            do = tl.load(_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
-            """
-        )
+        L += S(f"q_op = {qname}")
+        if att.output is None:
+            L += S(
+                "do = tl.load(_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d, mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)"
+            )
+        else:
+            self._epilogue_chain_rule(L)
         self._row_stats(L, compute_delta=True)
         reads = self.plan.kernel_reads()
         partials = tuple(f"ga{n}" for n, r in enumerate(reads) if r.grad is AuxGrad.PROGRAM)
@@ -894,6 +898,75 @@ class KernelWriter:
             """
         )
         return Kernel(self.signature("bwd_dq"), L)
+
+    # ---- the output epilogue's chain rule (dQ kernel: it owns whole output rows) ---------------------------
+
+    def _epilogue_chain_rule(self, L: Stmts) -> None:
+        """dO of the raw output, do = dO·∂out/∂o (`dsl.autodiff`, elementwise on the program's rows), stored
+        into _DO for the dK/dV kernel (launched after this one); and, gated, each epilogue read's gradient
+        Σ dO·∂out/∂read over the output axes its indices leave out (`_epilogue_aux_grads`). No PyTorch pass
+        over [B, H, M, E] on the host."""
+        att = self.att
+        assert att.output is not None
+        L += S(
+            """
+            o_off = b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d
+            o_mask = (i < _M) & (offs_e[None, :] < _E)
+            ob = tl.load(_OB + o_off, mask=o_mask, other=0.0)
+            dout = tl.load(_DOUT + o_off, mask=o_mask, other=0.0).to(tl.float32)
+            o = ob
+            """
+        )
+        names = self.row_names(Root.OUTPUT)
+        elem = next((n for n in walk([att.output]) if n.op is Op.ELEM), None)
+        if elem is None:  # an epilogue that ignores o (`output = offset[h, e]`) passes it no gradient
+            L += S("do = dout * 0.0")
+        else:
+            d = self.expr(gradients(att.output, [elem])[elem], names, L)
+            # The where keeps a derivative that is not finite off the output (rows beyond M) out of dO.
+            L += S("do = tl.where(o_mask, dout * {d}, 0.0)", d=d)
+        L += S("tl.store(_DO + o_off, do, mask=o_mask)")
+        L += _gated(self._epilogue_aux_grads)
+
+    def _epilogue_aux_grads(self, L: Stmts) -> None:
+        """Each epilogue read `t[axes]` (distinct plain variables among b, h, hk, i, e): dO·∂out/∂read summed
+        over this program's columns (when e is not an axis) and rows (when i is not), stored at the read's
+        element of a zeroed buffer [lead..., *t.shape] whose lead axes (`epilogue_lead`: the query tile, b, h,
+        whichever the axes leave out) give every element one writer. The host sums the lead axes in a fixed
+        order: deterministic, no atomics, O(tiles · numel(t)) memory."""
+        at = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "i", Var.E: "offs_e[None, :]"}
+        names = self.row_names(Root.OUTPUT)
+        for n, r in enumerate(self.plan.epilogue_reads()):
+            p = self.att.param(r.tensor)
+            assert isinstance(p, TensorParam)
+            assert self.att.output is not None
+            vs = r.plain_vars
+            d = self.expr(gradients(self.att.output, [r.load])[r.load], names, L)
+            g = f"ge{n}"
+            L += S(f"{g} = tl.where(o_mask, dout * {{d}}, 0.0)", d=d)
+            mask = []
+            if Var.E not in vs and Var.I not in vs:  # one element per program: a scalar store
+                L += S(
+                    f"{g} = tl.reduce(tl.reduce({g}, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)"
+                )
+            elif Var.E not in vs:
+                L += S(f"{g} = tl.reduce({g}, 1, tl.standard._sum_combine, keep_dims=True)")
+                mask.append("(i < _M)")
+            elif Var.I not in vs:
+                L += S(f"{g} = tl.reduce({g}, 0, tl.standard._sum_combine, keep_dims=True)")
+                mask.append("(offs_e[None, :] < _E)")
+            else:
+                mask += ["(i < _M)", "(offs_e[None, :] < _E)"]
+            flat, numel = "0", "1"
+            for k in range(len(p.shape) - 1, -1, -1):
+                flat = f"{at[vs[k]]}.to(tl.int64) * ({numel}) + {flat}"
+                numel = f"_n_{p.name}_{k} * ({numel})"
+            for v, extent in reversed(epilogue_lead(r)):
+                flat = f"{v}.to(tl.int64) * ({numel}) + {flat}"
+                numel = f"{extent} * ({numel})"
+            # The element may lie beyond the range read only if the tensor is smaller: the checks refuse that.
+            m = " & ".join(mask) if mask else None
+            L += S(f"tl.store(_GE{n} + {flat}, {g}" + (f", mask={m})" if m else ")"))
 
     # ---- gradients of auxiliary tensors (dQ kernel: one query tile and head per program) ------------------
 
@@ -1185,6 +1258,21 @@ def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
         lead.append((Var.B, "(tl.num_programs(1) // _NH)"))
     if Var.H not in vs:
         lead.append((Var.H, "_NH"))
+    return lead
+
+
+def epilogue_lead(r: AuxRead) -> list[tuple[str, str]]:
+    """The lead axes of an epilogue read's gradient buffer, as (program variable, extent): the query tile when
+    the indices leave out i (the tiles of a head share the element), then b, then h (h also when only hk is
+    read). The runtime allocates the same axes (`epilogue_grads` in the generated spec)."""
+    vs = r.plain_vars
+    lead = []
+    if Var.I not in vs:
+        lead.append(("pid_m", "tl.num_programs(0)"))
+    if Var.B not in vs:
+        lead.append(("b", "(tl.num_programs(1) // _NH)"))
+    if Var.H not in vs:
+        lead.append(("h", "_NH"))
     return lead
 
 
