@@ -296,6 +296,44 @@ def test_moh_gate_and_lofit_offsets_match_the_epilogue_formula(dtype: torch.dtyp
     _check(got, {n: t.grad for n, t in w.items()}, dtype)
 
 
+# Epilogue reads by every kind of index set (the buffer's lead axes: query tile, b, h), with a nonlinear
+# epilogue so that ∂out/∂o is not 1: name -> (output, parameter, shape, the formula of out from o and t).
+EPILOGUES = {
+    "w-hk": ("tanh(o) * w[hk]", "w: [G]", ("G",), lambda o, t, H, G: o.tanh() * t.repeat_interleave(H // G).view(1, H, 1, 1)),
+    "u-i": ("o * u[i] + u[i]", "u: [M]", ("M",), lambda o, t, H, G: o * t.view(1, 1, -1, 1) + t.view(1, 1, -1, 1)),
+    "c-e": ("sigmoid(o + c[e])", "c: [D]", ("D",), lambda o, t, H, G: (o + t.view(1, 1, 1, -1)).sigmoid()),
+    "x-bie": ("o * o * x[b, i, e]", "x: [B, M, D]", ("B", "M", "D"), lambda o, t, H, G: o * o * t[:, None]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EPILOGUES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_epilogue_reads_by_any_index_set_match_the_formula(
+    case: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """The dQ kernel's chain rule through the epilogue (dO of the raw output) and its reads' reductions, by
+    GQA head, by row, by channel and by (b, i, e), against autograd through the formula in float64 (ragged,
+    GQA, fully masked rows)."""
+    output, param, dims, formula = EPILOGUES[case]
+    source = (
+        f"attention epi(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], {param}) {{\n"
+        f"    score = dot(q, k) * D ** -0.5\n    mask = j <= i + N - M\n    output = {output}\n}}\n"
+    )
+    B, H, G, M, N, D = SHAPE.values()
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
+    t = torch.randn(*(SHAPE[d] for d in dims), generator=gen)
+    name = param.split(":")[0]
+    mod = _inline(source, tmp_path)
+    got = _train(lambda **a: mod.epi(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
+    w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
+    w[name] = t.double().requires_grad_()
+    o = formula(_oracle(w["q"], w["k"], w["v"], 0.0, _visible(M, N)), w[name], H, G)
+    (o * cot).sum().backward()
+    _check(got, {n: x.grad for n, x in w.items()}, dtype)
+
+
 def test_learned_slopes_on_the_block_layout_path(tmp_path: Path) -> None:
     """An explicit runtime block layout (the kernels' `_LAYOUT` loops): slope gradients as the dense oracle
     with the layout's blocks as a mask."""
