@@ -560,16 +560,22 @@ def _fused_aux_grads(
     nm: str, plan: AttentionPlan, float_aux: list[str], args: str, layout_args: str
 ) -> list[str]:
     """The backward's gradients of float auxiliary tensors (`_g[name]`), when one requires grad: the dQ
-    kernel's partials summed over programs (`_parts`: `plan.kernel_reads()`, then `pair_reads()`, then
-    `epilogue_reads()`, in order); tensors the plan leaves unfused come from the reference (`_NAME_aux_grads`)."""
+    kernel's partials summed over programs (`_parts`: `plan.kernel_reads()`, then `pair_reads()`,
+    `epilogue_reads()` and the feature maps' reads, q's then k's, in order); tensors the plan leaves unfused come from the reference (`_NAME_aux_grads`)."""
     fused = plan.fused_aux()
     L = ["        if _aux_grad:"]
     for t in fused:
         terms = [f"_parts[{n}]" for n, r in enumerate(plan.kernel_reads()) if r.tensor == t]
         first = len(plan.kernel_reads())
         terms += [f"_parts[{first + n}]" for n, r in enumerate(plan.pair_reads()) if r.tensor == t]
-        second = first + len(plan.pair_reads())
-        terms += [f"_parts[{second + n}]" for n, r in enumerate(plan.epilogue_reads()) if r.tensor == t]
+        at = first + len(plan.pair_reads())
+        for reads in (
+            plan.epilogue_reads(),
+            plan.feature_reads(Root.FEATURE_Q),
+            plan.feature_reads(Root.FEATURE_K),
+        ):
+            terms += [f"_parts[{at + n}]" for n, r in enumerate(reads) if r.tensor == t]
+            at += len(reads)
         value = " + ".join(terms) if terms else f"torch.zeros_like({t})"  # read by the mask only
         L.append(f"            _g[{t!r}] = ({value}).view({t}.shape).to({t}.dtype)")
     unfused = [t for t in float_aux if t not in fused]
@@ -659,6 +665,18 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
             )
             + ")"
         )
+    # Reads of the feature maps: the same lead axes as the epilogue's (q: the query tile, b, h; k: the key
+    # tile, b, hk), reduced by the dQ and the dK/dV kernel (`_feature_aux_grads`).
+    for field, root, lead_vars in (
+        ("feature_grads", Root.FEATURE_Q, (Var.I, Var.B, Var.H)),
+        ("feature_kv_grads", Root.FEATURE_K, (Var.J, Var.B, Var.HK)),
+    ):
+        if plan.feature_reads(root):
+            descs = "".join(
+                f"({tuple(v not in r.plain_vars for v in lead_vars)!r}, tuple({r.tensor}.shape)), "
+                for r in plan.feature_reads(root)
+            )
+            output += f", {field}=({descs})"
     output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""
     # The autotuner's best configs for this call's key (autotune/; None: the heuristic defaults).

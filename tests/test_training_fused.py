@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from attnc import codegen
 from attnc.runtime import api, ops
@@ -326,10 +327,55 @@ def test_epilogue_reads_by_any_index_set_match_the_formula(
     t = torch.randn(*(SHAPE[d] for d in dims), generator=gen)
     name = param.split(":")[0]
     mod = _inline(source, tmp_path)
-    got = _train(lambda **a: mod.epi(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
+    with no_recompute():
+        got = _train(lambda **a: mod.epi(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
     w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
     w[name] = t.double().requires_grad_()
     o = formula(_oracle(w["q"], w["k"], w["v"], 0.0, _visible(M, N)), w[name], H, G)
+    (o * cot).sum().backward()
+    _check(got, {n: x.grad for n, x in w.items()}, dtype)
+
+
+# Feature-map reads by every kind of index set: name -> (feature maps, parameter, shape, φ_q, φ_k) with
+# φ(x, t, H, G) in float64 on [B, H|G, L, D] (None: no map on that side).
+FEATURES = {
+    "q-w-hd": ("feature q = q * w[h, d]", "w: [H, D]", ("H", "D"), lambda x, t, H, G: x * t[None, :, None], None),
+    "q-u-i": ("feature q = elu(q) + u[i]", "u: [M]", ("M",), lambda x, t, H, G: F.elu(x) + t.view(1, 1, -1, 1), None),
+    "q-s-hk": ("feature q = q * sigmoid(s[hk])", "s: [G]", ("G",), lambda x, t, H, G: x * t.sigmoid().repeat_interleave(H // G).view(1, H, 1, 1), None),
+    "k-c-d": ("feature k = exp(k * 0.5 - c[d])", "c: [D]", ("D",), None, lambda x, t, H, G: (x * 0.5 - t).exp()),
+    "k-g-bhkjd": ("feature k = k * g[b, hk, j, d]", "g: [B, G, N, D]", ("B", "G", "N", "D"), None, lambda x, t, H, G: x * t),
+    "k-r-j": ("feature k = k + r[j] * k", "r: [N]", ("N",), None, lambda x, t, H, G: x + t.view(1, 1, -1, 1) * x),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FEATURES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_feature_map_reads_by_any_index_set_match_the_formula(
+    case: str, dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """Learned inputs of a feature map: reduced by the dQ kernel (q's map) or the dK/dV kernel (k's), by
+    head and channel, by row, by GQA head, by channel, by (b, hk, j, d) and by key, against autograd through
+    the formula in float64 (ragged, GQA, fully masked rows; D = 12 pads the channels)."""
+    feature, param, dims, fq, fk = FEATURES[case]
+    source = (
+        f"attention feat(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], {param}) {{\n"
+        f"    score = dot(q, k) * D ** -0.5\n    mask = j <= i + N - M\n    {feature}\n}}\n"
+    )
+    shape = {**SHAPE, "D": 12}
+    B, H, G, M, N, D = shape.values()
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
+    t = 0.5 * torch.randn(*(shape[d] for d in dims), generator=gen)
+    name = param.split(":")[0]
+    mod = _inline(source, tmp_path)
+    with no_recompute():  # fused: no reference recomputed for the learned input
+        got = _train(lambda **a: mod.feat(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
+    w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
+    w[name] = t.double().requires_grad_()
+    qf = w["q"] if fq is None else fq(w["q"], w[name], H, G)
+    kf = w["k"] if fk is None else fk(w["k"], w[name], H, G)
+    o = _oracle(qf, kf, w["v"], 0.0, _visible(M, N))
     (o * cot).sum().backward()
     _check(got, {n: x.grad for n, x in w.items()}, dtype)
 

@@ -8,6 +8,7 @@ in groups, always in this order:
     io          the tensors the kernel reads and writes (q, k, v, o, ...), and its own ints (split sizes)
     backward    dQ only: the output it reads for the row delta (per block: its type)
     aux_grads   dQ only: the auxiliary-gradient buffers, read only under the `_AUX_GRAD` constexpr (per block)
+    aux_grads_kv  dK/dV only: the same for reads of k's feature map
     spec        the spec's auxiliary tensors (each with its strides and extents), runtime scalars and size
                 symbols
     uniforms    scalar sub-expressions hoisted to the host (`_ku<k>`)
@@ -70,6 +71,7 @@ class Group(enum.Enum):
     IO = "io"
     BACKWARD = "backward"  # the dQ kernel's per-block backward group (`BlockABI.backward`)
     AUX_GRADS = "aux_grads"  # the dQ kernel's aux-gradient buffers, under `_AUX_GRAD` (`BlockABI.aux_grads`)
+    AUX_GRADS_KV = "aux_grads_kv"  # the dK/dV kernel's (k's feature map), under `_AUX_GRAD` (`aux_grads_kv`)
     SPEC = "spec"
     UNIFORMS = "uniforms"
     STRIDES = "strides"
@@ -285,9 +287,8 @@ _COMBINE_CONSTEXPRS = tuple(n for n in CONSTEXPRS if n not in (LAYOUT_GROUP.gate
 
 # How a kernels file states a block's own parameters (`BlockABI.to_data`): plain literals, so that the file
 # needs nothing but triton to import.
-ABIData = tuple[
-    str, tuple[tuple[str, str], ...], tuple[tuple[str, str], ...], int, tuple[tuple[str, str], ...]
-]
+_Params = tuple[tuple[str, str], ...]
+ABIData = tuple[str, _Params, _Params, int, _Params, _Params, _Params]
 
 
 @dataclass(frozen=True)
@@ -307,6 +308,13 @@ class BlockABI:
     # One float32 buffer per auxiliary read whose gradient the dQ kernel reduces (`_GA<n>` per-program
     # partials, `_GD<n>` dense dS tiles), gated: a launch whose learned inputs need no gradient binds None.
     aux_grads: ParamGroup = ParamGroup(Group.AUX_GRADS, (), gate=AUX_GRAD_GATE)
+    # The dK/dV kernel's: one float32 buffer per read of k's feature map (`_GK<n>`), gated the same way.
+    aux_grads_kv: ParamGroup = ParamGroup(Group.AUX_GRADS_KV, (), gate=AUX_GRAD_GATE)
+
+    def _aux(self, kind: str) -> ParamGroup | None:
+        """The kernel's gated aux-gradient group, if it has one."""
+        group = {"bwd_dq": self.aux_grads, "bwd_dkdv": self.aux_grads_kv}.get(kind)
+        return group if group is not None and group.params else None
 
     def signature(self, kind: str) -> KernelSignature:
         if kind not in ATTENTION_IO:
@@ -314,7 +322,7 @@ class BlockABI:
         groups = [
             ParamGroup(Group.IO, ATTENTION_IO[kind]),
             *([self.backward] if kind == "bwd_dq" else []),
-            *([self.aux_grads] if kind == "bwd_dq" and self.aux_grads.params else []),
+            *([aux] if (aux := self._aux(kind)) is not None else []),
             self.spec,
             self.uniforms,
             STRIDES_GROUP,
@@ -325,7 +333,7 @@ class BlockABI:
         else:
             if self.summaries:
                 groups.append(summary_group(self.summaries))
-            gate = (AUX_GRAD_GATE,) if kind == "bwd_dq" and self.aux_grads.params else ()
+            gate = (AUX_GRAD_GATE,) if self._aux(kind) is not None else ()
             groups += [LAYOUT_GROUP, PROBE_GROUP, constexpr_group((*CONSTEXPRS, *gate))]
         return KernelSignature(f"_{self.block}_{kind}_kernel", tuple(groups))
 
@@ -343,11 +351,12 @@ class BlockABI:
             self.summaries,
             params(self.backward),
             params(self.aux_grads),
+            params(self.aux_grads_kv),
         )
 
     @classmethod
     def from_data(cls, data: ABIData) -> BlockABI:
-        block, spec, uniforms, summaries, backward, aux_grads = data
+        block, spec, uniforms, summaries, backward, aux_grads, aux_grads_kv = data
 
         def group(g: Group, params: Sequence[tuple[str, str]]) -> ParamGroup:
             return ParamGroup(g, tuple(Param.from_triton_type(n, t) for n, t in params))
@@ -359,4 +368,7 @@ class BlockABI:
             int(summaries),
             group(Group.BACKWARD, backward),
             ParamGroup(Group.AUX_GRADS, group(Group.AUX_GRADS, aux_grads).params, gate=AUX_GRAD_GATE),
+            ParamGroup(
+                Group.AUX_GRADS_KV, group(Group.AUX_GRADS_KV, aux_grads_kv).params, gate=AUX_GRAD_GATE
+            ),
         )

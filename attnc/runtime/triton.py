@@ -167,6 +167,10 @@ class _TritonSpec(NamedTuple):
     # ((lead tile, lead b, lead h), aux shape) per epilogue read: the buffer the dQ kernel fills with its
     # gradient (`kernels.epilogue_lead`: the axes its indices leave out lead, so each element has one writer)
     epilogue_grads: tuple = ()
+    # the same per read of q's feature map (dQ kernel) and of k's ((lead key tile, lead b, lead hk), shape:
+    # dK/dV kernel)
+    feature_grads: tuple = ()
+    feature_kv_grads: tuple = ()
 
 
 def _dense_output(fn, o, rep):
@@ -200,6 +204,21 @@ def _triton_forward(spec, q, k, v):
     return o, oraw, stat
 
 
+def _lead_buffers(descs, extents, device):
+    """Zeroed float32 gradient buffers [lead..., *shape], with their lead-axis counts, one per ((lead tile,
+    lead b, lead h|hk), shape): each lead axis present takes its extent from `extents` (tiles, B, H or G)."""
+    out = []
+    for lead, shape in descs:
+        axes = tuple(n for n, on in zip(extents, lead, strict=True) if on)
+        out.append((torch.zeros((*axes, *shape), dtype=torch.float32, device=device), len(axes)))
+    return out
+
+
+def _sum_lead(buf, lead):
+    """A `_lead_buffers` buffer summed over its lead axes, in a fixed order (deterministic)."""
+    return buf.sum(tuple(range(lead))) if lead else buf
+
+
 def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     """dq, dk, dv (in the inputs' dtypes) from what the forward saved: o, oraw (o when there is no epilogue)
     and stat. No forward runs again: the dQ kernel computes the row delta Σ_e dO·O (minus d lse for softmax)
@@ -231,7 +250,13 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
     programs = triton_cdiv(M, cfg.block_m) * B * H
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
-    aux_grad = aux_grad and bool(spec.grad_numels or spec.pair_grads or spec.epilogue_grads)
+    aux_grad = aux_grad and bool(
+        spec.grad_numels
+        or spec.pair_grads
+        or spec.epilogue_grads
+        or spec.feature_grads
+        or spec.feature_kv_grads
+    )
     numels = spec.grad_numels if aux_grad else ()
     rows = (spec.grad_rows or (None,) * len(numels)) if aux_grad else ()
     tiles = triton_cdiv(M, cfg.block_m)
@@ -251,16 +276,11 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         )
         for (lb, lh), shape in (spec.pair_grads if aux_grad else ())
     ]
-    # Epilogue reads: the dQ kernel stores each program's reduction at its element, behind the lead axes its
-    # indices leave out (the query tile, b, h); the host sums those.
-    epilogue = [
-        torch.zeros(
-            (*(n for n, on in ((tiles, lt), (B, lb), (H, lh)) if on), *shape),
-            dtype=torch.float32,
-            device=q.device,
-        )
-        for (lt, lb, lh), shape in (spec.epilogue_grads if aux_grad else ())
-    ]
+    # Epilogue reads and reads of q's feature map: the dQ kernel stores each program's reduction at its
+    # element, behind the lead axes its indices leave out (the query tile, b, h); the host sums those.
+    dev = q.device
+    epilogue = _lead_buffers(spec.epilogue_grads if aux_grad else (), (tiles, B, H), dev)
+    feature_q = _lead_buffers(spec.feature_grads if aux_grad else (), (tiles, B, H), dev)
     # The backward kernels read dO where the forward writes o: its strides stand in o's.
     grid = (triton_cdiv(M, cfg.block_m), B * H)
     io = {
@@ -273,9 +293,8 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         "_DQ": dq,
         "_DSTAT": dstat,
     }
-    grads = (
-        [*parts, *dense, *epilogue] if aux_grad else None
-    )  # None: the gated group unbound, `_AUX_GRAD` False
+    # None: the gated group unbound, `_AUX_GRAD` False
+    grads = [*parts, *dense, *(b for b, _ in (*epilogue, *feature_q))] if aux_grad else None
     _run(
         spec,
         "bwd_dq",
@@ -294,17 +313,30 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
     grid = (triton_cdiv(N, cfg.block_n), B * G)
     io = {"_Q": q, "_K": k, "_V": v, "_DO": do_raw, "_STAT": stat, "_DELTA": delta, "_DK": dk, "_DV": dv}
-    _run(spec, "bwd_dkdv", grid, cfg, io, q, k, v, do_raw, probe=(B * G, grid[0]), name="dkdv")
+    # Reads of k's feature map: the dK/dV kernel's, behind the key tile, b and hk where the indices leave
+    # them out.
+    feature_k = _lead_buffers(spec.feature_kv_grads if aux_grad else (), (grid[0], B, G), dev)
+    _run(
+        spec,
+        "bwd_dkdv",
+        grid,
+        cfg,
+        io,
+        q,
+        k,
+        v,
+        do_raw,
+        probe=(B * G, grid[0]),
+        name="dkdv",
+        aux_grads=[b for b, _ in feature_k] if feature_k else None,
+    )
     # The partials summed over programs in a fixed order: deterministic, no atomics.
     sums = [part.sum(0) for part in parts]
     sums += [
         d.sum(tuple(range(int(lb) + int(lh)))) if lb or lh else d
         for d, ((lb, lh), _) in zip(dense, spec.pair_grads if aux_grad else (), strict=True)
     ]
-    sums += [
-        e.sum(tuple(range(sum(map(int, lead))))) if any(lead) else e
-        for e, (lead, _) in zip(epilogue, spec.epilogue_grads if aux_grad else (), strict=True)
-    ]
+    sums += [_sum_lead(b, lead) for b, lead in (*epilogue, *feature_q, *feature_k)]
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sums
 
 
@@ -427,6 +459,8 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
         groups["backward"] = backward
     if sig.has(Group.AUX_GRADS):
         groups["aux_grads"] = aux_grads
+    if sig.has(Group.AUX_GRADS_KV):
+        groups["aux_grads_kv"] = aux_grads
     if sig.has(Group.SUMMARIES):
         groups["summaries"] = _summaries(spec, q, k, cfg)
     if sig.has(Group.LAYOUT):

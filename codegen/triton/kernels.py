@@ -247,6 +247,7 @@ class KernelWriter:
             len(self.plan.summaries),
             self.backward_group(),
             self.aux_grads_group(),
+            self.aux_grads_kv_group(),
         )
 
     def backward_group(self) -> ParamGroup:
@@ -264,7 +265,17 @@ class KernelWriter:
         partials = tuple(pointer(f"_GA{n}", "fp32") for n in range(len(self.plan.kernel_reads())))
         dense = tuple(pointer(f"_GD{n}", "fp32") for n in range(len(self.plan.pair_reads())))
         epilogue = tuple(pointer(f"_GE{n}", "fp32") for n in range(len(self.plan.epilogue_reads())))
-        return ParamGroup(Group.AUX_GRADS, (*partials, *dense, *epilogue), gate=AUX_GRAD_GATE)
+        feature = tuple(
+            pointer(f"_GF{n}", "fp32") for n in range(len(self.plan.feature_reads(Root.FEATURE_Q)))
+        )
+        return ParamGroup(Group.AUX_GRADS, (*partials, *dense, *epilogue, *feature), gate=AUX_GRAD_GATE)
+
+    def aux_grads_kv_group(self) -> ParamGroup:
+        """The dK/dV kernel's aux-gradient buffers (gated by `_AUX_GRAD`): one per read of k's feature map."""
+        feature = tuple(
+            pointer(f"_GK{n}", "fp32") for n in range(len(self.plan.feature_reads(Root.FEATURE_K)))
+        )
+        return ParamGroup(Group.AUX_GRADS_KV, feature, gate=AUX_GRAD_GATE)
 
     def signature(self, kind: str) -> KernelSignature:
         """The kernel's parameters (`BlockABI.signature`): the combine reads neither tiles of k nor masks,
@@ -799,6 +810,8 @@ class KernelWriter:
             loads=self._program_load_code() or S("pass"),
             loop=self._tile_loop(helper, "0", "_M"),
         )
+        if self.plan.feature_reads(Root.FEATURE_K):
+            L += _gated(self._feature_aux_grads, Root.FEATURE_K)
         self._feature_grad(att.feature_k, "kt", Root.FEATURE_K, L)
         L += S(
             """
@@ -888,6 +901,8 @@ class KernelWriter:
         self._loops["dq"] = helper
         L += S("visits = pid_m * 0")
         L += self._tile_loop(helper, "0", "_N")
+        if self.plan.feature_reads(Root.FEATURE_Q):
+            L += _gated(self._feature_aux_grads, Root.FEATURE_Q)
         self._feature_grad(att.feature_q, "q", Root.FEATURE_Q, L)
         L += _gated(self._store_aux_partials, reads)
         L += S(
@@ -929,44 +944,62 @@ class KernelWriter:
         L += _gated(self._epilogue_aux_grads)
 
     def _epilogue_aux_grads(self, L: Stmts) -> None:
-        """Each epilogue read `t[axes]` (distinct plain variables among b, h, hk, i, e): dO·∂out/∂read summed
-        over this program's columns (when e is not an axis) and rows (when i is not), stored at the read's
-        element of a zeroed buffer [lead..., *t.shape] whose lead axes (`epilogue_lead`: the query tile, b, h,
-        whichever the axes leave out) give every element one writer. The host sums the lead axes in a fixed
-        order: deterministic, no atomics, O(tiles · numel(t)) memory."""
-        at = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "i", Var.E: "offs_e[None, :]"}
+        """Each epilogue read `t[axes]` (distinct plain variables among b, h, hk, i, e): dO·∂out/∂read,
+        reduced and stored by `_reduce_to_element` (rows i, columns e)."""
+        assert self.att.output is not None
         names = self.row_names(Root.OUTPUT)
         for n, r in enumerate(self.plan.epilogue_reads()):
-            p = self.att.param(r.tensor)
-            assert isinstance(p, TensorParam)
-            assert self.att.output is not None
-            vs = r.plain_vars
             d = self.expr(gradients(self.att.output, [r.load])[r.load], names, L)
-            g = f"ge{n}"
-            L += S(f"{g} = tl.where(o_mask, dout * {{d}}, 0.0)", d=d)
-            mask = []
-            if Var.E not in vs and Var.I not in vs:  # one element per program: a scalar store
-                L += S(
-                    f"{g} = tl.reduce(tl.reduce({g}, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)"
-                )
-            elif Var.E not in vs:
-                L += S(f"{g} = tl.reduce({g}, 1, tl.standard._sum_combine, keep_dims=True)")
-                mask.append("(i < _M)")
-            elif Var.I not in vs:
-                L += S(f"{g} = tl.reduce({g}, 0, tl.standard._sum_combine, keep_dims=True)")
-                mask.append("(offs_e[None, :] < _E)")
-            else:
-                mask += ["(i < _M)", "(offs_e[None, :] < _E)"]
-            flat, numel = "0", "1"
-            for k in range(len(p.shape) - 1, -1, -1):
-                flat = f"{at[vs[k]]}.to(tl.int64) * ({numel}) + {flat}"
-                numel = f"_n_{p.name}_{k} * ({numel})"
-            for v, extent in reversed(epilogue_lead(r)):
-                flat = f"{v}.to(tl.int64) * ({numel}) + {flat}"
-                numel = f"{extent} * ({numel})"
-            # The element may lie beyond the range read only if the tensor is smaller: the checks refuse that.
-            m = " & ".join(mask) if mask else None
-            L += S(f"tl.store(_GE{n} + {flat}, {g}" + (f", mask={m})" if m else ")"))
+            L += S(f"ge{n} = tl.where(o_mask, dout * {{d}}, 0.0)", d=d)
+            self._reduce_to_element(L, r, f"ge{n}", f"_GE{n}", _ROW_TILE)
+
+    def _feature_aux_grads(self, L: Stmts, which: Root) -> None:
+        """Each read `t[axes]` of q's feature map (dQ kernel: dq holds d(feature q) [BLOCK_M, BLOCK_D]) or of
+        k's (dK/dV kernel: dkt holds d(feature k)ᵀ [BLOCK_D, BLOCK_N]): d(feature)·∂feature/∂read over the
+        tile, reduced and stored by `_reduce_to_element` before the chain rule to the raw q or k."""
+        root = self.att.feature_q if which is Root.FEATURE_Q else self.att.feature_k
+        assert root is not None
+        q_side = which is Root.FEATURE_Q
+        names = self.feature_names(which)
+        tile, mask, buf = (
+            ("dq", "(i < _M) & (offs_d[None, :] < _D)", "_GF")
+            if q_side
+            else ("dkt", "(offs_d[:, None] < _D) & (offs_n[None, :] < _N)", "_GK")
+        )
+        for n, r in enumerate(self.plan.feature_reads(which)):
+            d = self.expr(gradients(root, [r.load])[r.load], names, L)
+            L += S(f"gf{n} = tl.where({mask}, {tile} * {{d}}, 0.0)", d=d)
+            self._reduce_to_element(
+                L, r, f"gf{n}", f"{buf}{n}", _Q_FEATURE_TILE if q_side else _K_FEATURE_TILE
+            )
+
+    def _reduce_to_element(self, L: Stmts, r: AuxRead, g: str, buf: str, tile: _GradTile) -> None:
+        """The gradient tile `g` of read `t[axes]` (distinct plain variables) summed over the tile axes its
+        indices leave out, then stored at the read's element of a zeroed buffer [lead..., *t.shape] whose
+        lead axes (`grad_lead`: this program's tile, then program variables the axes leave out) give every
+        element one writer. The host sums the lead axes in a fixed order: deterministic, no atomics,
+        O(tiles · numel(t)) memory."""
+        p = self.att.param(r.tensor)
+        assert isinstance(p, TensorParam)
+        vs = r.plain_vars
+        kept = [(axis, var) for axis, var in enumerate(tile.axes) if var in vs]
+        if not kept:  # one element per program: a scalar store
+            L += S(
+                f"{g} = tl.reduce(tl.reduce({g}, 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)"
+            )
+        elif len(kept) == 1:
+            L += S(f"{g} = tl.reduce({g}, {1 - kept[0][0]}, tl.standard._sum_combine, keep_dims=True)")
+        at = {**tile.at, **{v: v.value for v in (Var.B, Var.H, Var.HK)}}
+        flat, numel = "0", "1"
+        for k in range(len(p.shape) - 1, -1, -1):
+            flat = f"{at[vs[k]]}.to(tl.int64) * ({numel}) + {flat}"
+            numel = f"_n_{p.name}_{k} * ({numel})"
+        for v, extent in reversed(grad_lead(r, tile)):
+            flat = f"{v}.to(tl.int64) * ({numel}) + {flat}"
+            numel = f"{extent} * ({numel})"
+        # The checks refuse a tensor smaller than the range read: every element stored lies inside it.
+        m = " & ".join(tile.bounds[a] for a, _ in kept)
+        L += S(f"tl.store({buf} + {flat}, {g}" + (f", mask={m})" if m else ")"))
 
     # ---- gradients of auxiliary tensors (dQ kernel: one query tile and head per program) ------------------
 
@@ -1261,19 +1294,54 @@ def _pair_lead(r: AuxRead) -> list[tuple[Var, str]]:
     return lead
 
 
-def epilogue_lead(r: AuxRead) -> list[tuple[str, str]]:
-    """The lead axes of an epilogue read's gradient buffer, as (program variable, extent): the query tile when
-    the indices leave out i (the tiles of a head share the element), then b, then h (h also when only hk is
-    read). The runtime allocates the same axes (`epilogue_grads` in the generated spec)."""
+@dataclass(frozen=True)
+class _GradTile:
+    """A program's gradient tile for `_reduce_to_element`: the index variable along each of its two axes,
+    the index expression of each, the in-bounds mask per axis, and the program's own tile variable with its
+    count and the other program variables (with extents) that can lead a buffer."""
+
+    axes: tuple[Var, Var]
+    at: dict[Var, str]
+    bounds: tuple[str, str]
+    lead: tuple[tuple[Var, str, str], ...]  # (variable, its name in the kernel, extent), in buffer order
+
+
+# The dQ kernel's output rows (epilogue: [BLOCK_M, BLOCK_E]) and q features ([BLOCK_M, BLOCK_D]); the dK/dV
+# kernel's k features, transposed ([BLOCK_D, BLOCK_N]). The program's tile leads when its variable is no axis.
+_ROW_TILE = _GradTile(
+    (Var.I, Var.E),
+    {Var.I: "i", Var.E: "offs_e[None, :]"},
+    ("(i < _M)", "(offs_e[None, :] < _E)"),
+    (
+        (Var.I, "pid_m", "tl.num_programs(0)"),
+        (Var.B, "b", "(tl.num_programs(1) // _NH)"),
+        (Var.H, "h", "_NH"),
+    ),
+)
+_Q_FEATURE_TILE = _GradTile(
+    (Var.I, Var.D),
+    {Var.I: "i", Var.D: "offs_d[None, :]"},
+    ("(i < _M)", "(offs_d[None, :] < _D)"),
+    _ROW_TILE.lead,
+)
+_K_FEATURE_TILE = _GradTile(
+    (Var.D, Var.J),
+    {Var.D: "offs_d[:, None]", Var.J: "offs_n[None, :]"},
+    ("(offs_d[:, None] < _D)", "(offs_n[None, :] < _N)"),
+    (
+        (Var.J, "pid_n", "tl.num_programs(0)"),
+        (Var.B, "b", "(tl.num_programs(1) // _NG)"),
+        (Var.HK, "hk", "_NG"),
+    ),
+)
+
+
+def grad_lead(r: AuxRead, tile: _GradTile) -> list[tuple[str, str]]:
+    """The lead axes of a read's gradient buffer, as (kernel name, extent): each lead variable of the tile
+    the read's indices leave out (the program's tile; b; h, also when only hk is read). The runtime
+    allocates the same axes (`epilogue_grads`, `feature_grads` in the generated spec)."""
     vs = r.plain_vars
-    lead = []
-    if Var.I not in vs:
-        lead.append(("pid_m", "tl.num_programs(0)"))
-    if Var.B not in vs:
-        lead.append(("b", "(tl.num_programs(1) // _NH)"))
-    if Var.H not in vs:
-        lead.append(("h", "_NH"))
-    return lead
+    return [(nm, extent) for v, nm, extent in tile.lead if v not in vs]
 
 
 def _literal(value: object) -> ast.expr:

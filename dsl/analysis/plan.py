@@ -18,7 +18,7 @@ import enum
 from dataclasses import dataclass
 
 from ..ir import Attention, DType, Node, NormKind, Op, TensorParam, Var, uses_var, walk
-from ..scope import Root
+from ..scope import ROOT_VARS, Root
 from .linear import LinearDecision, linear_form
 from .ranges import index_status
 from .tiles import Interval, TilePlan, plan_tiles
@@ -38,7 +38,11 @@ class AuxGrad(enum.Enum):
     # i and j (`bias[b, h, i, j]`): its dS tile stored directly (one writer per element: no reduction)
     GATHER = "gather"  # a score (or sigmoid bias) read at computed indices (`table[h, bucket(i - j)]`,
     # `table[h, dist[b, i, j]]`): a per-program partial histogram over the tensor's entries
-    UNFUSED = "unfused"  # anything else (feature maps, epilogues at computed indices, ...)
+    FEATURE = (
+        "feature"  # a feature-map read indexed by distinct plain variables (`w[h, d]`, `g[b, hk, j, d]`):
+    )
+    # a reduction of d(feature)·∂feature/∂read over the feature's other axes (dQ kernel for q, dK/dV for k)
+    UNFUSED = "unfused"  # anything else (reads at computed indices in an epilogue or a feature map)
 
 
 # The roots whose gradient the dQ kernel holds per (i, j) pair (dS: score; and the sigmoid bias, which
@@ -79,7 +83,7 @@ class AuxRead:
 
     @property
     def plain_vars(self) -> tuple[Var, ...]:
-        """The index variable of each axis (DENSE_ROW and DENSE_PAIR reads only)."""
+        """The index variable of each axis (DENSE_ROW, DENSE_PAIR and FEATURE reads only)."""
         return tuple(a.attr for a in self.load.args)  # type: ignore[misc]
 
 
@@ -115,6 +119,14 @@ class AttentionPlan:
         """The epilogue reads reduced over the output rows and columns (host side, O(M·E))."""
         fused = set(self.fused_aux())
         return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.DENSE_ROW)
+
+    def feature_reads(self, root: Root) -> tuple[AuxRead, ...]:
+        """The feature-map reads of q's map (`Root.FEATURE_Q`: reduced by the dQ kernel) or k's
+        (`Root.FEATURE_K`: by the dK/dV kernel), in a fixed order."""
+        fused = set(self.fused_aux())
+        return tuple(
+            r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.FEATURE and r.root is root
+        )
 
     @property
     def kv_intervals(self) -> tuple[Interval, ...] | None:
@@ -185,6 +197,12 @@ def _classify(att: Attention, p: TensorParam, root: Root, load: Node) -> AuxGrad
     program = not any(uses_var(a, v) for a in load.args for v in Var if v not in _PROGRAM_VARS)
     if program and root in ROW_ROOTS:
         return AuxGrad.PROGRAM
+    if root in (Root.FEATURE_Q, Root.FEATURE_K):
+        plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in ROOT_VARS[root]]
+        if len(plain) == len(load.args) and len(set(plain)) == len(plain):
+            if not (Var.H in plain and Var.HK in plain):
+                return AuxGrad.FEATURE
+        return AuxGrad.UNFUSED
     plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PLAIN_VARS]
     if root is Root.OUTPUT and len(plain) == len(load.args) and len(set(plain)) == len(plain):
         if not (Var.H in plain and Var.HK in plain):
