@@ -13,7 +13,7 @@ import ast
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from attnc.dsl.analysis.plan import AuxGrad
+from attnc.dsl.analysis.plan import AuxGrad, AuxRead
 from attnc.dsl.analysis.ranges import index_status
 from attnc.dsl.ir import (
     Attention,
@@ -572,7 +572,7 @@ def _fused_aux_grads(
         for reads in (
             plan.epilogue_reads(),
             plan.feature_reads(Root.FEATURE_Q),
-            plan.feature_reads(Root.FEATURE_K),
+            plan.kv_reads(),
         ):
             terms += [f"_parts[{at + n}]" for n, r in enumerate(reads) if r.tensor == t]
             at += len(reads)
@@ -587,6 +587,14 @@ def _fused_aux_grads(
             f"            _g.update(_rt._with_autograd(lambda: _{nm}_aux_grads(do, dlse, {args}, {layout_args})))"
         )
     return L
+
+
+def _grad_lead(r: AuxRead, lead_vars: tuple[Var, Var, Var]) -> tuple[bool, bool, bool]:
+    """Which of (the program's tile, b, h or hk) lead a plain or gathered read's gradient buffer: those its
+    indices leave out; a gathered read's tile always leads (`kernels.grad_lead`, `_gather_grad`)."""
+    used = {a.attr for a in r.load.args if a.op is Op.VAR}
+    gathered = r.grad is AuxGrad.GATHER
+    return (gathered or lead_vars[0] not in used, lead_vars[1] not in used, lead_vars[2] not in used)
 
 
 def _tuple(items: list[str]) -> str:
@@ -667,15 +675,14 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
         )
     # Reads of the feature maps: the same lead axes as the epilogue's (q: the query tile, b, h; k: the key
     # tile, b, hk), reduced by the dQ and the dK/dV kernel (`_feature_aux_grads`).
-    for field, root, lead_vars in (
-        ("feature_grads", Root.FEATURE_Q, (Var.I, Var.B, Var.H)),
-        ("feature_kv_grads", Root.FEATURE_K, (Var.J, Var.B, Var.HK)),
+    # A gathered read of k's map (`kv_reads`) writes a histogram row per key tile, b and hk its indices
+    # leave out: the same buffer layout, with the key tile always leading.
+    for field, reads, lead_vars in (
+        ("feature_grads", plan.feature_reads(Root.FEATURE_Q), (Var.I, Var.B, Var.H)),
+        ("feature_kv_grads", plan.kv_reads(), (Var.J, Var.B, Var.HK)),
     ):
-        if plan.feature_reads(root):
-            descs = "".join(
-                f"({tuple(v not in r.plain_vars for v in lead_vars)!r}, tuple({r.tensor}.shape)), "
-                for r in plan.feature_reads(root)
-            )
+        if reads:
+            descs = "".join(f"({_grad_lead(r, lead_vars)!r}, tuple({r.tensor}.shape)), " for r in reads)
             output += f", {field}=({descs})"
     output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""

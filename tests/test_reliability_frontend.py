@@ -139,6 +139,21 @@ def test_huge_constant_factor_compiles(tmp_path: Path) -> None:
     compile_source(source, "big.attn", cache_dir=tmp_path)
 
 
+@pytest.mark.parametrize(
+    "mask",
+    ["0.5 < log(-B)", "j <= i and 0.5 < log(-B)", "sqrt(-N) < i", "j <= i + log(-B)"],
+    ids=["log-neg-size", "and-causal", "sqrt-neg-size", "causal-offset"],
+)
+def test_a_mask_that_is_not_real_for_any_size_compiles(tmp_path: Path, mask: str) -> None:
+    """Found by the fuzz run: the tile planner asked sympy to order `log(-B)` (complex for every size B >= 1)
+    and got a TypeError. The plan now visits every tile with the mask applied (nothing is provably skipped),
+    and the call raises the documented clean error (the expression is undefined for these sizes)."""
+    mod = compile_source(spec("score = dot(q, k)", f"mask = {mask}"), "nonreal.attn", cache_dir=tmp_path)
+    q = torch.randn(1, 2, 5, 4)
+    with pytest.raises(ValueError, match="undefined for these inputs"):
+        mod.a(q, q, q, backend="reference")
+
+
 # ---- cause: characters that cannot reach a Python file (NUL, lone surrogates) -----------------------------
 
 

@@ -304,6 +304,10 @@ EPILOGUES = {
     "u-i": ("o * u[i] + u[i]", "u: [M]", ("M",), lambda o, t, H, G: o * t.view(1, 1, -1, 1) + t.view(1, 1, -1, 1)),
     "c-e": ("sigmoid(o + c[e])", "c: [D]", ("D",), lambda o, t, H, G: (o + t.view(1, 1, 1, -1)).sigmoid()),
     "x-bie": ("o * o * x[b, i, e]", "x: [B, M, D]", ("B", "M", "D"), lambda o, t, H, G: o * o * t[:, None]),
+    # Gathered: a computed index (rows share entries), and an index that may leave the tensor (u: [N], M > N:
+    # rows i >= N read 0 and give u no gradient).
+    "gate-i2": ("o * gate[b, h, i // 2]", "gate: [B, H, M]", ("B", "H", "M"), lambda o, t, H, G: o * t[:, :, torch.arange(o.shape[2]) // 2, None]),
+    "u-ragged": ("o * u[i]", "u: [N]", ("N",), lambda o, t, H, G: o * F.pad(t, (0, o.shape[2] - t.shape[0])).view(1, 1, -1, 1)),
 }  # fmt: skip
 
 
@@ -345,6 +349,10 @@ FEATURES = {
     "k-c-d": ("feature k = exp(k * 0.5 - c[d])", "c: [D]", ("D",), None, lambda x, t, H, G: (x * 0.5 - t).exp()),
     "k-g-bhkjd": ("feature k = k * g[b, hk, j, d]", "g: [B, G, N, D]", ("B", "G", "N", "D"), None, lambda x, t, H, G: x * t),
     "k-r-j": ("feature k = k + r[j] * k", "r: [N]", ("N",), None, lambda x, t, H, G: x + t.view(1, 1, -1, 1) * x),
+    # Gathered: computed channel indices on either side, and a key index that may leave the tensor (r: [M]).
+    "q-w-hd2": ("feature q = q * w[h, d // 2]", "w: [H, D]", ("H", "D"), lambda x, t, H, G: x * t[None, :, None, torch.arange(x.shape[-1]) // 2], None),
+    "k-c-rot": ("feature k = k * c[(d + 1) % D]", "c: [D]", ("D",), None, lambda x, t, H, G: x * t.roll(-1)),
+    "k-r-M": ("feature k = k * r[j]", "r: [M]", ("M",), None, lambda x, t, H, G: x * t[: x.shape[2]].view(1, 1, -1, 1)),
 }  # fmt: skip
 
 

@@ -272,9 +272,7 @@ class KernelWriter:
 
     def aux_grads_kv_group(self) -> ParamGroup:
         """The dK/dV kernel's aux-gradient buffers (gated by `_AUX_GRAD`): one per read of k's feature map."""
-        feature = tuple(
-            pointer(f"_GK{n}", "fp32") for n in range(len(self.plan.feature_reads(Root.FEATURE_K)))
-        )
+        feature = tuple(pointer(f"_GK{n}", "fp32") for n in range(len(self.plan.kv_reads())))
         return ParamGroup(Group.AUX_GRADS_KV, feature, gate=AUX_GRAD_GATE)
 
     def signature(self, kind: str) -> KernelSignature:
@@ -810,7 +808,7 @@ class KernelWriter:
             loads=self._program_load_code() or S("pass"),
             loop=self._tile_loop(helper, "0", "_M"),
         )
-        if self.plan.feature_reads(Root.FEATURE_K):
+        if self.plan.kv_reads():
             L += _gated(self._feature_aux_grads, Root.FEATURE_K)
         self._feature_grad(att.feature_k, "kt", Root.FEATURE_K, L)
         L += S(
@@ -901,7 +899,9 @@ class KernelWriter:
         self._loops["dq"] = helper
         L += S("visits = pid_m * 0")
         L += self._tile_loop(helper, "0", "_N")
-        if self.plan.feature_reads(Root.FEATURE_Q):
+        if self.plan.feature_reads(Root.FEATURE_Q) or any(
+            r.root is Root.FEATURE_Q for r in self.plan.kernel_reads()
+        ):
             L += _gated(self._feature_aux_grads, Root.FEATURE_Q)
         self._feature_grad(att.feature_q, "q", Root.FEATURE_Q, L)
         L += _gated(self._store_aux_partials, reads)
@@ -950,8 +950,13 @@ class KernelWriter:
         names = self.row_names(Root.OUTPUT)
         for n, r in enumerate(self.plan.epilogue_reads()):
             d = self.expr(gradients(self.att.output, [r.load])[r.load], names, L)
-            L += S(f"ge{n} = tl.where(o_mask, dout * {{d}}, 0.0)", d=d)
-            self._reduce_to_element(L, r, f"ge{n}", f"_GE{n}", _ROW_TILE)
+            L += S(f"gre{n} = tl.where(o_mask, dout * {{d}}, 0.0)", d=d)
+            self._reduce_to_element(L, r, f"gre{n}", f"_GE{n}", _ROW_TILE)
+        # Gathered epilogue reads (computed indices, or ones that may leave the tensor): a histogram row.
+        for n, r in enumerate(self.plan.kernel_reads()):
+            if r.root is Root.OUTPUT:
+                d = self.expr(gradients(self.att.output, [r.load])[r.load], names, L)
+                self._gather_grad(L, n, r, d, names=names, valid="o_mask", value="dout")
 
     def _feature_aux_grads(self, L: Stmts, which: Root) -> None:
         """Each read `t[axes]` of q's feature map (dQ kernel: dq holds d(feature q) [BLOCK_M, BLOCK_D]) or of
@@ -966,12 +971,27 @@ class KernelWriter:
             if q_side
             else ("dkt", "(offs_d[:, None] < _D) & (offs_n[None, :] < _N)", "_GK")
         )
-        for n, r in enumerate(self.plan.feature_reads(which)):
+        plain = self.plan.feature_reads(which) if q_side else self.plan.kv_reads()
+        for n, r in enumerate(plain):
             d = self.expr(gradients(root, [r.load])[r.load], names, L)
-            L += S(f"gf{n} = tl.where({mask}, {tile} * {{d}}, 0.0)", d=d)
+            if r.grad is AuxGrad.GATHER:  # k's gathered reads: a histogram row per key tile (and b, hk)
+                vs = {a.attr for a in r.load.args if a.op is Op.VAR}
+                row = "pid_n.to(tl.int64)"
+                if Var.B not in vs:
+                    row = f"({row}) * (tl.num_programs(1) // _NG) + b"
+                if Var.HK not in vs:
+                    row = f"({row}) * _NG + hk"
+                self._gather_grad(L, n, r, d, names=names, valid=mask, value=tile, buf=f"{buf}{n}", row=row)
+                continue
+            L += S(f"grf{n} = tl.where({mask}, {tile} * {{d}}, 0.0)", d=d)
             self._reduce_to_element(
-                L, r, f"gf{n}", f"{buf}{n}", _Q_FEATURE_TILE if q_side else _K_FEATURE_TILE
+                L, r, f"grf{n}", f"{buf}{n}", _Q_FEATURE_TILE if q_side else _K_FEATURE_TILE
             )
+        if q_side:  # q's gathered reads: the dQ kernel's histogram rows (`kernel_reads`)
+            for n, r in enumerate(self.plan.kernel_reads()):
+                if r.root is Root.FEATURE_Q:
+                    d = self.expr(gradients(root, [r.load])[r.load], names, L)
+                    self._gather_grad(L, n, r, d, names=names, valid=mask, value=tile)
 
     def _reduce_to_element(self, L: Stmts, r: AuxRead, g: str, buf: str, tile: _GradTile) -> None:
         """The gradient tile `g` of read `t[axes]` (distinct plain variables) summed over the tile axes its
@@ -1024,7 +1044,18 @@ class KernelWriter:
                 g=g,
             )
 
-    def _gather_grad(self, B: Stmts, n: int, r: AuxRead, g: ast.expr) -> None:
+    def _gather_grad(
+        self,
+        B: Stmts,
+        n: int,
+        r: AuxRead,
+        g: ast.expr,
+        names: dict[str, str] | None = None,
+        valid: str = "valid",
+        value: str = "ds",
+        buf: str | None = None,
+        row: str | None = None,
+    ) -> None:
         """A read at computed indices (`table[h, bucket(i - j)]`): this tile's dS·∂s/∂read summed per flat index
         of the read and added into the program's own row of the zeroed buffer _GA{n} [programs, numel(aux)].
         Only the index range the tile touches is walked (a tile off the diagonal often maps to one table
@@ -1032,7 +1063,10 @@ class KernelWriter:
         Out-of-range indices read 0, a constant: they are dropped, as they carry no gradient."""
         p = self.att.param(r.tensor)
         assert isinstance(p, TensorParam)
-        names = self.pair_names(r.root)
+        # Defaults: a score read in the dQ kernel's key loop (dS on the visible pairs). The epilogue and the
+        # feature maps pass their own tile (`value`, masked by `valid`), names, buffer and buffer row.
+        names = self.pair_names(r.root) if names is None else names
+        buf = f"_GA{n}" if buf is None else buf
         flat: ast.expr | None = None
         inb: ast.expr | None = None
         numel = "1"
@@ -1048,12 +1082,13 @@ class KernelWriter:
         # The buffer's row: the query tile, then the program variables the read's indices do not fix (b; h,
         # also when only hk is read): programs that share a row would race, and programs that the indices
         # tell apart need none of their own (memory O(programs × entries each program can touch)).
-        lead_b, lead_h = r.gather_lead
-        row = "pid_m.to(tl.int64)"
-        if lead_b:
-            row = f"({row}) * (tl.num_programs(1) // _NH) + b"
-        if lead_h:
-            row = f"({row}) * _NH + h"
+        if row is None:
+            lead_b, lead_h = r.gather_lead
+            row = "pid_m.to(tl.int64)"
+            if lead_b:
+                row = f"({row}) * (tl.num_programs(1) // _NH) + b"
+            if lead_h:
+                row = f"({row}) * _NH + h"
         plain = {a.attr for a in r.load.args if a.op is Op.VAR}
         axis = None
         if len(plain) == len(r.load.args) and plain <= {Var.B, Var.H, Var.HK, Var.I, Var.J}:
@@ -1070,8 +1105,8 @@ class KernelWriter:
             B += S(
                 f"""
                 gk{n} = {{inb}} != 0
-                gp{n} = _GA{n} + ({row}) * ({numel}) + {{flat}}
-                gs{n} = tl.reduce(tl.where(valid, ds * {{g}}, 0.0), {axis}, tl.standard._sum_combine, keep_dims=True)
+                gp{n} = {buf} + ({row}) * ({numel}) + {{flat}}
+                gs{n} = tl.reduce(tl.where({valid}, {value} * {{g}}, 0.0), {axis}, tl.standard._sum_combine, keep_dims=True)
                 tl.store(gp{n}, tl.load(gp{n}, mask=gk{n}, other=0.0) + gs{n}, mask=gk{n})
                 """,
                 inb=inb,
@@ -1081,12 +1116,12 @@ class KernelWriter:
             return
         B += S(
             f"""
-            gk{n} = valid & ({{inb}} != 0)
+            gk{n} = ({valid}) & ({{inb}} != 0)
             gf{n} = {{flat}}
-            gv{n} = tl.where(gk{n}, ds * {{g}}, 0.0)
+            gv{n} = tl.where(gk{n}, {value} * {{g}}, 0.0)
             glo{n} = tl.reduce(tl.reduce(tl.where(gk{n}, gf{n}, 2147483647), 1, tl.standard._elementwise_min), 0, tl.standard._elementwise_min)
             ghi{n} = tl.reduce(tl.reduce(tl.where(gk{n}, gf{n}, -1), 1, tl.standard._elementwise_max), 0, tl.standard._elementwise_max)
-            gp{n} = _GA{n} + ({row}) * ({numel})
+            gp{n} = {buf} + ({row}) * ({numel})
             for ge{n} in range(glo{n}, ghi{n} + 1):
                 tl.store(gp{n} + ge{n}, tl.load(gp{n} + ge{n}) + tl.reduce(tl.reduce(tl.where(gf{n} == ge{n}, gv{n}, 0.0), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine))
             """,

@@ -108,7 +108,11 @@ class AttentionPlan:
         program, or a histogram for a gathered read), in a fixed order."""
         fused = set(self.fused_aux())
         kinds = (AuxGrad.PROGRAM, AuxGrad.GATHER)
-        return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad in kinds)
+        return tuple(
+            r
+            for r in self.aux_reads
+            if r.tensor in fused and r.grad in kinds and r.root is not Root.FEATURE_K  # k's: `kv_reads`
+        )
 
     def pair_reads(self) -> tuple[AuxRead, ...]:
         """The dense (i, j) reads whose dS tiles the dQ kernel stores (one buffer each), in a fixed order."""
@@ -116,17 +120,29 @@ class AttentionPlan:
         return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.DENSE_PAIR)
 
     def epilogue_reads(self) -> tuple[AuxRead, ...]:
-        """The epilogue reads reduced over the output rows and columns (host side, O(M·E))."""
+        """The epilogue reads by distinct plain variables, reduced over the output rows and columns by the dQ
+        kernel (gathered ones are `kernel_reads`)."""
         fused = set(self.fused_aux())
         return tuple(r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.DENSE_ROW)
 
     def feature_reads(self, root: Root) -> tuple[AuxRead, ...]:
-        """The feature-map reads of q's map (`Root.FEATURE_Q`: reduced by the dQ kernel) or k's
-        (`Root.FEATURE_K`: by the dK/dV kernel), in a fixed order."""
+        """The feature-map reads by distinct plain variables of q's map (`Root.FEATURE_Q`: reduced by the dQ
+        kernel) or k's (`Root.FEATURE_K`: by the dK/dV kernel), in a fixed order."""
         fused = set(self.fused_aux())
         return tuple(
             r for r in self.aux_reads if r.tensor in fused and r.grad is AuxGrad.FEATURE and r.root is root
         )
+
+    def kv_reads(self) -> tuple[AuxRead, ...]:
+        """The reads the dK/dV kernel reduces, one buffer each: k's feature map's plain reads, then its
+        gathered ones (computed or possibly out-of-range indices)."""
+        fused = set(self.fused_aux())
+        gathered = tuple(
+            r
+            for r in self.aux_reads
+            if r.tensor in fused and r.grad is AuxGrad.GATHER and r.root is Root.FEATURE_K
+        )
+        return (*self.feature_reads(Root.FEATURE_K), *gathered)
 
     @property
     def kv_intervals(self) -> tuple[Interval, ...] | None:
@@ -192,21 +208,21 @@ def _classify(att: Attention, p: TensorParam, root: Root, load: Node) -> AuxGrad
         # pair's dS·∂s/∂read into its own row of a [programs, numel] buffer at the read's flat index. Indices
         # out of range read 0 (a constant), so they carry no gradient: the kernel drops them.
         return AuxGrad.GATHER
+    if root in (Root.FEATURE_Q, Root.FEATURE_K, Root.OUTPUT):
+        # By distinct plain variables, in range: a reduction over the tile's other axes, stored at the
+        # element. Otherwise (computed indices, or ones that may leave the tensor): a per-program histogram
+        # over the entries the tile touches, as for a gathered score read; out-of-range indices read 0, a
+        # constant, and carry no gradient.
+        plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in ROOT_VARS[root]]
+        distinct = len(plain) == len(load.args) and len(set(plain)) == len(plain)
+        if in_range and distinct and not (Var.H in plain and Var.HK in plain):
+            return AuxGrad.DENSE_ROW if root is Root.OUTPUT else AuxGrad.FEATURE
+        return AuxGrad.GATHER
     if not in_range:
         return AuxGrad.UNFUSED
     program = not any(uses_var(a, v) for a in load.args for v in Var if v not in _PROGRAM_VARS)
     if program and root in ROW_ROOTS:
         return AuxGrad.PROGRAM
-    if root in (Root.FEATURE_Q, Root.FEATURE_K):
-        plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in ROOT_VARS[root]]
-        if len(plain) == len(load.args) and len(set(plain)) == len(plain):
-            if not (Var.H in plain and Var.HK in plain):
-                return AuxGrad.FEATURE
-        return AuxGrad.UNFUSED
-    plain = [a.attr for a in load.args if a.op is Op.VAR and a.attr in _PLAIN_VARS]
-    if root is Root.OUTPUT and len(plain) == len(load.args) and len(set(plain)) == len(plain):
-        if not (Var.H in plain and Var.HK in plain):
-            return AuxGrad.DENSE_ROW
     return AuxGrad.UNFUSED
 
 

@@ -369,12 +369,18 @@ _HEAVY = (sp.Min, sp.Max, sp.Piecewise, sp.floor, sp.ceiling, sp.Mod, sp.Abs)
 
 
 def _decide(diff: sp.Expr, strict: bool) -> bool | None:
-    """diff < 0 (strict) or diff <= 0 when cheaply decided, else None."""
+    """diff < 0 (strict) or diff <= 0 when cheaply decided, else None. A difference that is not real
+    (`log(-B)`, NaN at run time: found by the fuzz run) is left undecided: the kernels evaluate it."""
+    if diff.is_real is False or diff.has(sp.zoo, sp.nan, sp.I):
+        return None
     if diff.is_Number:
         return bool(diff < 0) if strict else bool(diff <= 0)
     if diff.has(*_HEAVY) or sp.count_ops(diff) > 24:
         return None
-    rel = sp.Lt(diff, 0) if strict else sp.Le(diff, 0)
+    try:
+        rel = sp.Lt(diff, 0) if strict else sp.Le(diff, 0)
+    except TypeError:  # a comparison sympy proves non-real
+        return None
     if rel is sp.true:
         return True
     if rel is sp.false:
@@ -852,6 +858,12 @@ def _plan_tiles(att: Attention, budget: _Budget) -> TilePlan:
         reason = f"mask too large to analyse (more than {_MAX_ATOMS} comparisons)"
     except _OverBudget as err:
         reason = f"mask {err}"
+    except TypeError as err:
+        # Sympy refuses to order a value it proves non-real (`0.5 < log(-B)`: NaN at run time, found by the
+        # fuzz run). No tile can be proven skippable or full then; the kernels evaluate the mask as written.
+        if "non-real" not in str(err):
+            raise
+        reason = "mask compares values that are not real for every size"
     why = f"{reason}: every tile is visited with the mask applied"
     return TilePlan(
         att.name, m_len, n_len, (kv_universe,), (q_universe,), sp.false, data_dependent, (why,), why
