@@ -388,6 +388,65 @@ def test_feature_map_reads_by_any_index_set_match_the_formula(
     _check(got, {n: x.grad for n, x in w.items()}, dtype)
 
 
+def _sum_oracle(q, k, v, visible, eps):  # type: ignore[no-untyped-def]
+    """The sum norm written out (float64): o = Σ_j w_ij v_j / (Σ_j w_ij + eps_i) with w = q·k over the
+    visible pairs (feature maps elu + 1 keep w > 0), 0 where the denominator is 0. GQA as `_oracle`."""
+    H, G = q.shape[1], k.shape[1]
+    k, v = k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1)
+    fq, fk = F.elu(q) + 1, F.elu(k) + 1
+    w = (fq @ fk.transpose(-1, -2)).masked_fill(~visible, 0.0)
+    den = w.sum(-1, keepdim=True) + eps
+    return torch.where(den != 0, (w @ v) / torch.where(den != 0, den, 1.0), 0.0)
+
+
+# Per-row reads (the sum norm's eps; the sink) by the program, by row and at computed rows.
+ROWS = {
+    "eps-h": ("norm = sum(eps = ep[h])", "ep: [H]", ("H",), lambda t, B, H, M: t.view(1, H, 1, 1).expand(B, H, M, 1)),
+    "eps-bhi": ("norm = sum(eps = ep[b, h, i])", "ep: [B, H, M]", ("B", "H", "M"), lambda t, B, H, M: t[..., None]),
+    "eps-i2": ("norm = sum(eps = 0.5 + ep[i // 2] * ep[i // 2])", "ep: [M]", ("M",), lambda t, B, H, M: (0.5 + t[torch.arange(M) // 2] ** 2).view(1, 1, M, 1).expand(B, H, M, 1)),
+    "sink-hi": ("norm = softmax(sink = s[h, i])", "s: [H, M]", ("H", "M"), lambda t, B, H, M: t[None].expand(B, H, M)),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ROWS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_row_reads_by_any_index_set_match_the_formula(case: str, dtype: torch.dtype, tmp_path: Path) -> None:
+    """The sum norm's eps (∂/∂eps = -Σ_e dO·o / (l + eps)) and a sink per row, read per program, per row and
+    at computed rows: fused in the dQ kernel, against autograd through the formula in float64 (ragged, GQA,
+    fully masked rows)."""
+    norm, param, dims, value = ROWS[case]
+    sink = case.startswith("sink")
+    feats = "" if sink else "    feature q = elu(q) + 1\n    feature k = elu(k) + 1\n"
+    score = "dot(q, k) * D ** -0.5" if sink else "dot(q, k)"
+    source = (
+        f"attention rows(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], {param}) {{\n"
+        f"    score = {score}\n    mask = j <= i + N - M\n    {norm}\n{feats}}}\n"
+    )
+    B, H, G, M, N, D = SHAPE.values()
+    gen = torch.Generator().manual_seed(13)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
+    t = torch.rand(*(SHAPE[d] for d in dims), generator=gen) + 0.5
+    name = param.split(":")[0]
+    mod = _inline(source, tmp_path)
+    with no_recompute():
+        got = _train(lambda **a: mod.rows(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
+    w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
+    w[name] = t.double().requires_grad_()
+    if sink:
+        # The sink as one more logit of each row's normaliser (per row here: the oracle's column, per row).
+        s_row = value(w[name], B, H, M)
+        Hq, Gk = H, G
+        kk, vv = w["k"].repeat_interleave(Hq // Gk, 1), w["v"].repeat_interleave(Hq // Gk, 1)
+        sc = (w["q"] @ kk.transpose(-1, -2) * D**-0.5).masked_fill(~_visible(M, N), float("-inf"))
+        p = torch.softmax(torch.cat([sc, s_row[..., None]], -1), -1)[..., :-1]
+        o = p @ vv
+    else:
+        o = _sum_oracle(w["q"], w["k"], w["v"], _visible(M, N), value(w[name], B, H, M))
+    (o * cot).sum().backward()
+    _check(got, {n: x.grad for n, x in w.items()}, dtype)
+
+
 def test_learned_slopes_on_the_block_layout_path(tmp_path: Path) -> None:
     """An explicit runtime block layout (the kernels' `_LAYOUT` loops): slope gradients as the dense oracle
     with the layout's blocks as a mask."""

@@ -91,7 +91,13 @@ AUX_DTYPES = {
 Intervals = list[tuple[str, str]]
 
 # `Attention.roots()` field of each root an auxiliary read may sit in.
-_ROOT_FIELD = {Root.SCORE: "score", Root.BIAS: "bias", Root.SINK: "sink", Root.OUTPUT: "output"}
+_ROOT_FIELD = {
+    Root.SCORE: "score",
+    Root.BIAS: "bias",
+    Root.SINK: "sink",
+    Root.EPS: "eps",
+    Root.OUTPUT: "output",
+}
 
 # Where each index variable lives in the kernels' tile code (program scalars b, h, hk; i along a tile's rows,
 # j along its columns); d, e and a transposed tile's j are placed per root (`feature_names`, `row_names`).
@@ -1155,21 +1161,35 @@ class KernelWriter:
         return tuple(out)
 
     def _row_aux_grads(self, L: Stmts, reads: tuple[AuxRead, ...]) -> None:
-        """The sink's share of each row: with p_sink = exp(sink - lse), ∂loss/∂sink = -p_sink·delta (delta
-        already holds -d lse), then times ∂sink/∂read, summed over the program's rows."""
+        """The per-row roots. The sink's share of each row: with p_sink = exp(sink - lse), ∂loss/∂sink =
+        -p_sink·delta (delta already holds -d lse). The sum norm's eps: o = acc / (l + eps), so ∂loss/∂eps =
+        -Σ_e dO·o / (l + eps) = -delta / stat (0 on a dead row). Then times ∂root/∂read: summed over the
+        program's rows (a read per program), or into a histogram row (`_gather_grad`)."""
         rows = [(n, r) for n, r in enumerate(reads) if r.root in ROW_ROOTS]
         if not rows:
             return
-        assert self.att.norm.sink is not None
-        sink = self.expr(self.att.norm.sink, self.row_names(Root.SINK), L)
-        L += S(
-            f"dsink = tl.where(i < _M, -tl.exp2(({{sink}}) * {LOG2E!r} - stat * {LOG2E!r}) * delta, 0.0)",
-            sink=sink,
-        )
-        for n, r in rows:
-            g = self._read_grad(r, self.row_names(r.root), L)
+        value = {}
+        if any(r.root is Root.SINK for _, r in rows):
+            assert self.att.norm.sink is not None
+            sink = self.expr(self.att.norm.sink, self.row_names(Root.SINK), L)
             L += S(
-                f"ga{n} += tl.reduce(tl.reduce(dsink * {{g}} + tl.full([_BLOCK_M, 1], 0.0, tl.float32), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
+                f"dsink = tl.where(i < _M, -tl.exp2(({{sink}}) * {LOG2E!r} - stat * {LOG2E!r}) * delta, 0.0)",
+                sink=sink,
+            )
+            value[Root.SINK] = "dsink"
+        if any(r.root is Root.EPS for _, r in rows):
+            L += S("deps = tl.where((i < _M) & (stat != 0), -delta / stat_safe, 0.0)")
+            value[Root.EPS] = "deps"
+        for n, r in rows:
+            names = self.row_names(r.root)
+            g = self._read_grad(r, names, L)
+            if r.grad is AuxGrad.GATHER:
+                # [BLOCK_M, 1] rows: the histogram walk over the entries they touch.
+                tile = f"({value[r.root]} + tl.full([_BLOCK_M, 1], 0.0, tl.float32))"
+                self._gather_grad(L, n, r, g, names=names, valid="(i < _M)", value=tile)
+                continue
+            L += S(
+                f"ga{n} += tl.reduce(tl.reduce({value[r.root]} * {{g}} + tl.full([_BLOCK_M, 1], 0.0, tl.float32), 1, tl.standard._sum_combine), 0, tl.standard._sum_combine)",
                 g=g,
             )
 

@@ -46,9 +46,9 @@ class AuxGrad(enum.Enum):
 
 
 # The roots whose gradient the dQ kernel holds per (i, j) pair (dS: score; and the sigmoid bias, which
-# enters the weights exactly as the score does) and per row (the softmax sink).
+# enters the weights exactly as the score does) and per row (the softmax sink, the sum norm's eps).
 PAIR_ROOTS = (Root.SCORE, Root.BIAS)
-ROW_ROOTS = (Root.SINK,)
+ROW_ROOTS = (Root.SINK, Root.EPS)
 _ROOT_OF = {
     "score": Root.SCORE,
     "mask": Root.MASK,
@@ -218,12 +218,11 @@ def _classify(att: Attention, p: TensorParam, root: Root, load: Node) -> AuxGrad
         if in_range and distinct and not (Var.H in plain and Var.HK in plain):
             return AuxGrad.DENSE_ROW if root is Root.OUTPUT else AuxGrad.FEATURE
         return AuxGrad.GATHER
-    if not in_range:
-        return AuxGrad.UNFUSED
     program = not any(uses_var(a, v) for a in load.args for v in Var if v not in _PROGRAM_VARS)
-    if program and root in ROW_ROOTS:
-        return AuxGrad.PROGRAM
-    return AuxGrad.UNFUSED
+    if root in ROW_ROOTS:
+        # A scalar per program, or (per row, computed, possibly out of range) a histogram row.
+        return AuxGrad.PROGRAM if program and in_range else AuxGrad.GATHER
+    return AuxGrad.UNFUSED  # not reached by the roots of an attention block (the state roots plan apart)
 
 
 def _heavy(att: Attention, summaries: tuple[tuple[Node, Node], ...]) -> int:
