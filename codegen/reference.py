@@ -497,25 +497,6 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
         f"    return [torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous() for x, g in zip(({', '.join(floats)},), _out)]"
     )
     L += ["", ""]
-    unfused = [t for t in float_aux if plan is not None and t not in plan.fused_aux()]
-    if has_triton and unfused:
-        # Gradients of auxiliary tensors not fused into the backward kernels yet, from the exact reference
-        # recomputed under autograd (only when one of them requires grad).
-        L.append(f"def _{nm}_aux_grads(do, dlse, {args}, {layout_args}):")
-        for t in unfused:
-            L.append(f"    _l_{t} = {t}.detach().requires_grad_()")
-        rec = ", ".join(f"_l_{n}" if n in unfused else n for n in names)
-        ret = "return_lse=True" if softmax else "return_lse=False"
-        L.append(f"    _ref = {nm}_reference({rec}, {ret}, {get_layout})")
-        leaves = ", ".join(f"_l_{t}" for t in unfused)
-        if softmax:
-            L.append(
-                f"    _gs = torch.autograd.grad(_ref, ({leaves},), (do, dlse.to(_ref[1].dtype)), allow_unused=True)"
-            )
-        else:
-            L.append(f"    _gs = torch.autograd.grad((_ref,), ({leaves},), (do,), allow_unused=True)")
-        L.append(f"    return {{_n: _x for _n, _x in zip({tuple(unfused)!r}, _gs) if _x is not None}}")
-        L += ["", ""]
     L.append(f"def _{nm}_backward_fake(")
     L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
@@ -578,14 +559,10 @@ def _fused_aux_grads(
             at += len(reads)
         value = " + ".join(terms) if terms else f"torch.zeros_like({t})"  # read by the mask only
         L.append(f"            _g[{t!r}] = ({value}).view({t}.shape).to({t}.dtype)")
+    # Every read of an attention block is fused (`plan._classify`): the Triton backward never falls back to
+    # the reference. A read the plan could not place is a compiler bug, not a slow path.
     unfused = [t for t in float_aux if t not in fused]
-    if unfused:
-        L.append(
-            f"            # Not fused yet ({', '.join(unfused)}): the exact reference, recomputed under autograd."
-        )
-        L.append(
-            f"            _g.update(_rt._with_autograd(lambda: _{nm}_aux_grads(do, dlse, {args}, {layout_args})))"
-        )
+    assert not unfused, f"{nm}: auxiliary gradients of {', '.join(unfused)} have no fused reduction"
     return L
 
 
@@ -605,7 +582,6 @@ def _tuple(items: list[str]) -> str:
 def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns: str) -> list[str]:
     kernels = writer.em.hoisted
     nm = att.name
-    softmax = att.norm.kind is NormKind.SOFTMAX
     call_args = ", ".join(p.name for p in att.params)
     # The launch description (checks, uniforms, closures, kernels, configs): shared by `NAME_triton` and by
     # the custom op's forward and backward, which launch the kernels themselves.
@@ -713,24 +689,18 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
             "CPU tensors run the kernels under the Triton interpreter.",
         ],
     )
-    L.append(f"    spec = _{nm}_triton_spec({call_args}, return_lse=return_lse, block_layout=block_layout)")
-    L.append("    o, lse = _rt._TritonAttention.apply(spec, q.contiguous(), k.contiguous(), v.contiguous())")
     float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
     if float_aux:
         L.append(
             f"    if torch.is_grad_enabled() and any(t.requires_grad for t in ({', '.join(float_aux)},)):"
         )
         L.append(
-            "        # Gradients of auxiliary tensors come from the exact reference (not fused yet), bridged so"
+            "        # Learned inputs: the custom op, whose backward kernels reduce their gradients too."
         )
-        L.append("        # that the forward value stays the kernels' own.")
-        args = ", ".join(f"{p.name}.detach()" if p.name in ("q", "k", "v") else p.name for p in att.params)
-        ret = "return_lse=True" if softmax else "return_lse=False"
-        L.append(f"        _ref = {nm}_reference({args}, {ret}, block_layout=block_layout)")
-        if softmax:
-            L.append("        o = o + (_ref[0] - _ref[0].detach())")
-            L.append("        lse = lse + (_ref[1] - _ref[1].detach())")
-        else:
-            L.append("        o = o + (_ref - _ref.detach())")
+        L.append(
+            f"        return {nm}({call_args}, return_lse=return_lse, block_layout=block_layout, backend='triton')"
+        )
+    L.append(f"    spec = _{nm}_triton_spec({call_args}, return_lse=return_lse, block_layout=block_layout)")
+    L.append("    o, lse = _rt._TritonAttention.apply(spec, q.contiguous(), k.contiguous(), v.contiguous())")
     L.append("    return (o, lse) if return_lse else o")
     return L
