@@ -307,6 +307,39 @@ def test_moh_gate_and_lofit_offsets_match_the_epilogue_formula(dtype: torch.dtyp
     _check(got, {n: t.grad for n, t in w.items()}, dtype)
 
 
+def _check_learned(
+    source: str,
+    fn: str,
+    name: str,
+    dims: tuple[str, ...],
+    shape: dict[str, int],
+    seed: int,
+    dtype: torch.dtype,
+    oracle,
+    tmp_path: Path,
+    positive: bool = False,
+) -> None:  # type: ignore[no-untyped-def]
+    """Train block `fn` of `source` on the Triton path with learned input `name` (shape `dims`), the reference
+    refused, twice (bitwise equal: determinism), and check o and every gradient against autograd through
+    `oracle(w)` (float64 leaves q, k, v and `name`)."""
+    B, H, G, M, N, D = shape.values()
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = _inputs(B, H, G, M, N, D, dtype)
+    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
+    t = torch.randn(*(shape[d] for d in dims), generator=gen)
+    t = t.abs() + 0.5 if positive else 0.5 * t
+    mod = _inline(source, tmp_path)
+    args = {"q": q, "k": k, "v": v, name: t}
+    with no_recompute():  # fused: no reference recomputed for the learned input
+        got = _train(lambda **a: getattr(mod, fn)(**a, backend="triton"), args, cot)
+        again = _train(lambda **a: getattr(mod, fn)(**a, backend="triton"), args, cot)
+    assert all(torch.equal(got[n], again[n]) for n in got), "two backward passes differ (determinism)"
+    w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
+    w[name] = t.double().requires_grad_()
+    (oracle(w) * cot).sum().backward()
+    _check(got, {n: x.grad for n, x in w.items()}, dtype)
+
+
 # Epilogue reads by every kind of index set (the buffer's lead axes: query tile, b, h), with a nonlinear
 # epilogue so that ∂out/∂o is not 1: name -> (output, parameter, shape, the formula of out from o and t).
 EPILOGUES = {
@@ -334,22 +367,10 @@ def test_epilogue_reads_by_any_index_set_match_the_formula(
         f"attention epi(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], {param}) {{\n"
         f"    score = dot(q, k) * D ** -0.5\n    mask = j <= i + N - M\n    output = {output}\n}}\n"
     )
-    B, H, G, M, N, D = SHAPE.values()
-    gen = torch.Generator().manual_seed(7)
-    q, k, v = _inputs(B, H, G, M, N, D, dtype)
-    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
-    t = torch.randn(*(SHAPE[d] for d in dims), generator=gen)
-    name = param.split(":")[0]
-    mod = _inline(source, tmp_path)
-    with no_recompute():
-        got = _train(lambda **a: mod.epi(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
-        again = _train(lambda **a: mod.epi(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
-    assert all(torch.equal(got[n], again[n]) for n in got), "two backward passes differ (determinism)"
-    w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
-    w[name] = t.double().requires_grad_()
-    o = formula(_oracle(w["q"], w["k"], w["v"], 0.0, _visible(M, N)), w[name], H, G)
-    (o * cot).sum().backward()
-    _check(got, {n: x.grad for n, x in w.items()}, dtype)
+    name, (M, N) = param.split(":")[0], (SHAPE["M"], SHAPE["N"])
+    H, G = SHAPE["H"], SHAPE["G"]
+    oracle = lambda w: formula(_oracle(w["q"], w["k"], w["v"], 0.0, _visible(M, N)), w[name], H, G)  # noqa: E731
+    _check_learned(source, "epi", name, dims, SHAPE, 7, dtype, oracle, tmp_path)
 
 
 # Feature-map reads by every kind of index set: name -> (feature maps, parameter, shape, φ_q, φ_k) with
@@ -382,24 +403,14 @@ def test_feature_map_reads_by_any_index_set_match_the_formula(
         f"    score = dot(q, k) * D ** -0.5\n    mask = j <= i + N - M\n    {feature}\n}}\n"
     )
     shape = {**SHAPE, "D": 12}
-    B, H, G, M, N, D = shape.values()
-    gen = torch.Generator().manual_seed(11)
-    q, k, v = _inputs(B, H, G, M, N, D, dtype)
-    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
-    t = 0.5 * torch.randn(*(shape[d] for d in dims), generator=gen)
-    name = param.split(":")[0]
-    mod = _inline(source, tmp_path)
-    with no_recompute():  # fused: no reference recomputed for the learned input
-        got = _train(lambda **a: mod.feat(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
-        again = _train(lambda **a: mod.feat(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
-    assert all(torch.equal(got[n], again[n]) for n in got), "two backward passes differ (determinism)"
-    w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
-    w[name] = t.double().requires_grad_()
-    qf = w["q"] if fq is None else fq(w["q"], w[name], H, G)
-    kf = w["k"] if fk is None else fk(w["k"], w[name], H, G)
-    o = _oracle(qf, kf, w["v"], 0.0, _visible(M, N))
-    (o * cot).sum().backward()
-    _check(got, {n: x.grad for n, x in w.items()}, dtype)
+    name, H, G, M, N = param.split(":")[0], shape["H"], shape["G"], shape["M"], shape["N"]
+
+    def oracle(w):  # type: ignore[no-untyped-def]
+        qf = w["q"] if fq is None else fq(w["q"], w[name], H, G)
+        kf = w["k"] if fk is None else fk(w["k"], w[name], H, G)
+        return _oracle(qf, kf, w["v"], 0.0, _visible(M, N))
+
+    _check_learned(source, "feat", name, dims, shape, 11, dtype, oracle, tmp_path)
 
 
 def _sum_oracle(q, k, v, visible, eps):  # type: ignore[no-untyped-def]
@@ -437,30 +448,18 @@ def test_row_reads_by_any_index_set_match_the_formula(case: str, dtype: torch.dt
         f"    score = {score}\n    mask = j <= i + N - M\n    {norm}\n{feats}}}\n"
     )
     B, H, G, M, N, D = SHAPE.values()
-    gen = torch.Generator().manual_seed(13)
-    q, k, v = _inputs(B, H, G, M, N, D, dtype)
-    cot = torch.randn(B, H, M, D, generator=gen, dtype=torch.float64)
-    t = torch.rand(*(SHAPE[d] for d in dims), generator=gen) + 0.5
     name = param.split(":")[0]
-    mod = _inline(source, tmp_path)
-    with no_recompute():
-        got = _train(lambda **a: mod.rows(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
-        again = _train(lambda **a: mod.rows(**a, backend="triton"), {"q": q, "k": k, "v": v, name: t}, cot)
-    assert all(torch.equal(got[n], again[n]) for n in got), "two backward passes differ (determinism)"
-    w = {n: x.double().requires_grad_() for n, x in zip("qkv", (q, k, v), strict=True)}
-    w[name] = t.double().requires_grad_()
-    if sink:
-        # The sink as one more logit of each row's normaliser (per row here: the oracle's column, per row).
-        s_row = value(w[name], B, H, M)
-        Hq, Gk = H, G
-        kk, vv = w["k"].repeat_interleave(Hq // Gk, 1), w["v"].repeat_interleave(Hq // Gk, 1)
+
+    def oracle(w):  # type: ignore[no-untyped-def]
+        if not sink:
+            return _sum_oracle(w["q"], w["k"], w["v"], _visible(M, N), value(w[name], B, H, M))
+        # The sink as one more logit of each row's normaliser (its own per row here).
+        kk, vv = w["k"].repeat_interleave(H // G, 1), w["v"].repeat_interleave(H // G, 1)
         sc = (w["q"] @ kk.transpose(-1, -2) * D**-0.5).masked_fill(~_visible(M, N), float("-inf"))
-        p = torch.softmax(torch.cat([sc, s_row[..., None]], -1), -1)[..., :-1]
-        o = p @ vv
-    else:
-        o = _sum_oracle(w["q"], w["k"], w["v"], _visible(M, N), value(w[name], B, H, M))
-    (o * cot).sum().backward()
-    _check(got, {n: x.grad for n, x in w.items()}, dtype)
+        p = torch.softmax(torch.cat([sc, value(w[name], B, H, M)[..., None]], -1), -1)[..., :-1]
+        return p @ vv
+
+    _check_learned(source, "rows", name, dims, SHAPE, 13, dtype, oracle, tmp_path, positive=True)
 
 
 def test_learned_slopes_on_the_block_layout_path(tmp_path: Path) -> None:

@@ -295,41 +295,16 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     }
     # None: the gated group unbound, `_AUX_GRAD` False
     grads = [*parts, *dense, *(b for b, _ in (*epilogue, *feature_q))] if aux_grad else None
-    _run(
-        spec,
-        "bwd_dq",
-        grid,
-        cfg,
-        io,
-        q,
-        k,
-        v,
-        do_raw,
-        probe=(B * H, grid[0]),
-        name="dq",
-        backward=backward,
-        aux_grads=grads,
-    )
+    dq_probe = (B * H, grid[0])
+    _run(spec, "bwd_dq", grid, cfg, io, q, k, v, do_raw, dq_probe, "dq", backward=backward, aux_grads=grads)
     cfg = _fit_layout(_config(spec, "dkdv", D, E), spec.layout)
     grid = (triton_cdiv(N, cfg.block_n), B * G)
     io = {"_Q": q, "_K": k, "_V": v, "_DO": do_raw, "_STAT": stat, "_DELTA": delta, "_DK": dk, "_DV": dv}
     # Reads of k's feature map: the dK/dV kernel's, behind the key tile, b and hk where the indices leave
     # them out.
     feature_k = _lead_buffers(spec.feature_kv_grads if aux_grad else (), (grid[0], B, G), dev)
-    _run(
-        spec,
-        "bwd_dkdv",
-        grid,
-        cfg,
-        io,
-        q,
-        k,
-        v,
-        do_raw,
-        probe=(B * G, grid[0]),
-        name="dkdv",
-        aux_grads=[b for b, _ in feature_k] if feature_k else None,
-    )
+    kv_grads = [b for b, _ in feature_k] if feature_k else None
+    _run(spec, "bwd_dkdv", grid, cfg, io, q, k, v, do_raw, (B * G, grid[0]), "dkdv", aux_grads=kv_grads)
     # The partials summed over programs in a fixed order: deterministic, no atomics.
     sums = [part.sum(0) for part in parts]
     sums += [

@@ -1361,17 +1361,23 @@ class _GradTile:
     lead: tuple[tuple[Var, str, str], ...]  # (variable, its name in the kernel, extent), in buffer order
 
 
+def _program_lead(tile: Var, pid: str, head: Var, heads: str) -> tuple[tuple[Var, str, str], ...]:
+    """A kernel's program variables as buffer lead axes: its tile (`pid`, along grid axis 0), b, then its head
+    (h of _NH, or hk of _NG), each with its extent."""
+    return (
+        (tile, pid, "tl.num_programs(0)"),
+        (Var.B, "b", f"(tl.num_programs(1) // {heads})"),
+        (head, head.value, heads),
+    )
+
+
 # The dQ kernel's output rows (epilogue: [BLOCK_M, BLOCK_E]) and q features ([BLOCK_M, BLOCK_D]); the dK/dV
 # kernel's k features, transposed ([BLOCK_D, BLOCK_N]). The program's tile leads when its variable is no axis.
 _ROW_TILE = _GradTile(
     (Var.I, Var.E),
     {Var.I: "i", Var.E: "offs_e[None, :]"},
     ("(i < _M)", "(offs_e[None, :] < _E)"),
-    (
-        (Var.I, "pid_m", "tl.num_programs(0)"),
-        (Var.B, "b", "(tl.num_programs(1) // _NH)"),
-        (Var.H, "h", "_NH"),
-    ),
+    _program_lead(Var.I, "pid_m", Var.H, "_NH"),
 )
 _Q_FEATURE_TILE = _GradTile(
     (Var.I, Var.D),
@@ -1383,11 +1389,7 @@ _K_FEATURE_TILE = _GradTile(
     (Var.D, Var.J),
     {Var.D: "offs_d[:, None]", Var.J: "offs_n[None, :]"},
     ("(offs_d[:, None] < _D)", "(offs_n[None, :] < _N)"),
-    (
-        (Var.J, "pid_n", "tl.num_programs(0)"),
-        (Var.B, "b", "(tl.num_programs(1) // _NG)"),
-        (Var.HK, "hk", "_NG"),
-    ),
+    _program_lead(Var.J, "pid_n", Var.HK, "_NG"),
 )
 
 
