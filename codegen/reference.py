@@ -542,10 +542,13 @@ def _fused_aux_grads(
 ) -> list[str]:
     """The backward's gradients of float auxiliary tensors (`_g[name]`), when one requires grad: the dQ
     kernel's partials summed over programs (`_parts`: `plan.kernel_reads()`, then `pair_reads()`,
-    `epilogue_reads()` and the feature maps' reads, q's then k's, in order); tensors the plan leaves unfused come from the reference (`_NAME_aux_grads`)."""
+    `epilogue_reads()` and the feature maps' reads, q's then k's, in order); zeros for a tensor no
+    gradient reaches (read by the mask only, or not at all)."""
     fused = plan.fused_aux()
+    read = {r.tensor for r in plan.aux_reads}
     L = ["        if _aux_grad:"]
-    for t in fused:
+    # A tensor the spec declares but never reads gets zeros, as does one read by the mask only.
+    for t in [*fused, *(t for t in float_aux if t not in read)]:
         terms = [f"_parts[{n}]" for n, r in enumerate(plan.kernel_reads()) if r.tensor == t]
         first = len(plan.kernel_reads())
         terms += [f"_parts[{first + n}]" for n, r in enumerate(plan.pair_reads()) if r.tensor == t]
@@ -561,7 +564,7 @@ def _fused_aux_grads(
         L.append(f"            _g[{t!r}] = ({value}).view({t}.shape).to({t}.dtype)")
     # Every read of an attention block is fused (`plan._classify`): the Triton backward never falls back to
     # the reference. A read the plan could not place is a compiler bug, not a slow path.
-    unfused = [t for t in float_aux if t not in fused]
+    unfused = [t for t in float_aux if t in read and t not in fused]
     assert not unfused, f"{nm}: auxiliary gradients of {', '.join(unfused)} have no fused reduction"
     return L
 

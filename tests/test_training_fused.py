@@ -835,3 +835,18 @@ def test_new_aux_grad_kernels_compile_for_sm90_without_spills(tmp_path: Path) ->
     ok = [r for r in reports if isinstance(r, KernelReport)]
     assert len(ok) == 2 * len(atts)
     assert not [(r.name, r.spill_bytes) for r in ok if r.spill_bytes], [(r.name, r.registers) for r in ok]
+
+
+def test_a_declared_but_unread_learned_input_gets_zeros(tmp_path: Path) -> None:
+    """Found by the fuzz suite: a float parameter no root reads has no read to fuse; its gradient is zeros
+    (and the reference is not run for it)."""
+    source = (
+        "attention unread(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D], g: [H]) {\n"
+        "    score = dot(q, k) * D ** -0.5\n    mask = j <= i\n}\n"
+    )
+    mod = _inline(source, tmp_path)
+    q, k, v = _inputs(1, 2, 2, 8, 8, 16, torch.float32)
+    g = torch.ones(2, requires_grad=True)
+    with no_recompute():
+        mod.unread(q, k, v, g, backend="triton").sum().backward()
+    assert g.grad is not None and torch.equal(g.grad, torch.zeros(2))
