@@ -878,7 +878,10 @@ class KernelWriter:
         dense: list[str] = []
         B += _gated(lambda out: dense.extend(self._dense_pair_grads(out)))
         self._in_loop = False
-        gate = (AUX_GRAD_GATE,) if self.aux_grads_group().params else ()
+        # The key loop holds gated code only for score (and sigmoid bias) reads: epilogue and feature-map
+        # reductions run after it, so their blocks do not thread the gate through the loop helper.
+        in_loop = self.plan.pair_reads() or any(r.root in PAIR_ROOTS for r in reads)
+        gate = (AUX_GRAD_GATE,) if in_loop else ()
         context = (
             *self.program_loads.values(),
             "q_op",
