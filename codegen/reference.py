@@ -26,6 +26,9 @@ from attnc.dsl.ir import (
     TensorType,
     Var,
 )
+from attnc.dsl.ir import (
+    walk as _walk,
+)
 from attnc.dsl.scope import Root, root_names
 
 from .emit import Emitter, code, constant, expr_from_string, name
@@ -375,6 +378,15 @@ def emit_attention(
     L.append("    return (o, lse) if return_lse else o")
     L += ["", ""]
     L += _emit_op(att, kernels is not None, kernels.plan if kernels is not None else None)
+    lengths = _varlen_lengths(att)
+    if lengths is not None:
+        L += ["", ""]
+        L += _emit_varlen(att, kernels is not None)
+        L += ["", ""]
+        L += _emit_op(att, kernels is not None, kernels.plan if kernels is not None else None, varlen=True)
+    if lengths is not None and lengths[1] != lengths[2]:
+        L += ["", ""]
+        L += _emit_paged(att, kernels is not None)
     if ext.tail:
         L += ["", ""]
         L += ext.tail
@@ -406,7 +418,251 @@ _LAYOUT_OP_PARAMS = [
 ]
 
 
-def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None) -> list[str]:
+def _varlen_lengths(att: Attention) -> tuple[str, str, str] | None:
+    """The size symbols of the batch and of q's and k's sequence axes, when all three are plain symbols (a
+    block has a varlen form then); None otherwise."""
+    q = next(p for p in att.tensors if p.role is Role.Q)
+    k = next(p for p in att.tensors if p.role is Role.K)
+    dims = (q.shape[0], q.shape[2], k.shape[2])
+    if any(d.op is not Op.SIZE for d in dims) or k.shape[0] != q.shape[0]:
+        return None
+    return str(dims[0].attr), str(dims[1].attr), str(dims[2].attr)
+
+
+def _varlen_axes(att: Attention) -> tuple[object, ...]:
+    """Per parameter, how the varlen reference cuts it to one sequence (`varlen.varlen_reference`): "q" / "k"
+    for the packed q and k, v; per axis of an auxiliary tensor "b" (the sequence), "q" / "k" (a position
+    axis) or None; None for scalars."""
+    lengths = _varlen_lengths(att)
+    assert lengths is not None
+    batch, q_len, k_len = lengths
+    kinds = {batch: "b", k_len: "k", q_len: "q"}
+    out: list[object] = []
+    for p in att.params:
+        if isinstance(p, TensorParam) and p.role in (Role.Q, Role.K, Role.V):
+            out.append("q" if p.role is Role.Q else "k")
+        elif isinstance(p, TensorParam):
+            out.append(tuple(kinds.get(str(d.attr)) if d.op is Op.SIZE else None for d in p.shape))
+        else:
+            out.append(None)
+    return tuple(out)
+
+
+def _packed_aux(att: Attention, p: TensorParam) -> int | None:
+    """The axis of a per-token auxiliary tensor's sequence position ([B, H, N]: 2), which `NAME_varlen`
+    takes packed like q ([total, H]); None for any other tensor (passed as in the batched call, its length
+    axes as long as the longest sequence)."""
+    lengths = _varlen_lengths(att)
+    assert lengths is not None
+    batch, q_len, k_len = lengths
+    syms = [str(d.attr) if d.op is Op.SIZE else None for d in p.shape]
+    seq = [a for a, s in enumerate(syms) if s in (q_len, k_len)]
+    if len(p.shape) >= 2 and syms[0] == batch and len(seq) == 1 and batch not in syms[1:]:
+        return seq[0]
+    return None
+
+
+def _emit_varlen(att: Attention, has_triton: bool) -> list[str]:
+    """`NAME_varlen`: the block over a packed variable-length batch (FlashAttention's `cu_seqlens`)."""
+    nm = att.name
+    lengths = _varlen_lengths(att)
+    assert lengths is not None
+    batch, q_len, k_len = lengths
+    softmax = att.norm.kind is NormKind.SOFTMAX
+    qn, kn, vn = (next(p.name for p in att.tensors if p.role is r) for r in (Role.Q, Role.K, Role.V))
+    packed = {qn: "[total_q, H, D]", kn: "[total_k, G, D]", vn: "[total_k, G, E]"}
+    docs = [f"{qn}: {packed[qn]}, {kn}: {packed[kn]}, {vn}: {packed[vn]} (packed along the sequence)"]
+    # The sizes the packed q, k, v fix: the batch is the sequences, the lengths the longest ones.
+    q, k, v = (next(p for p in att.tensors if p.role is r) for r in (Role.Q, Role.K, Role.V))
+    known = {batch: "_cu_q.shape[0] - 1", q_len: "_max_q", k_len: "_max_k"}
+    for t, tn in ((q, qn), (k, kn), (v, vn)):
+        for axis, packed_axis in ((1, 1), (3, 2)):  # [B, H, N, D] packed as [total, H, D]
+            d = t.shape[axis]
+            if d.op is Op.SIZE and str(d.attr) not in known:
+                known[str(d.attr)] = f"{tn}.shape[{packed_axis}]"
+    checks: list[str] = ["    sizes = {" + ", ".join(f"{s!r}: {e}" for s, e in known.items()) + "}"]
+    for p in att.aux_tensors:
+        axis = _packed_aux(att, p)
+        if axis is None:
+            docs.append(f"{p.name}: {_shape_text(p)} ({batch} = nseq, lengths = the longest sequence's)")
+            checks.append(f"    _rt._require_tensor({p.name!r}, {p.name}, {_shape_text(p)!r}, {qn})")
+            checks.append(f"    _rt._bind(sizes, {p.name!r}, {p.name}, {_dims_tuple(p)}, {_shape_text(p)!r})")
+            continue
+        side = "q" if str(p.shape[axis].attr) == q_len else "k"
+        rest = [d for a, d in enumerate(p.shape) if a not in (0, axis)]
+        text = "[" + ", ".join([f"total_{side}", *(dim_code(d) for d in rest)]) + "]"
+        dims = _dims_tuple(TensorParam(p.name, p.role, (p.shape[axis], *rest), p.type))
+        docs.append(f"{p.name}: {text} (packed like {qn if side == 'q' else kn})")
+        total = f"{qn if side == 'q' else kn}.shape[0]"
+        checks.append(f"    _rt._require_tensor({p.name!r}, {p.name}, {text!r}, {qn})")
+        checks.append(
+            f"    _rt._bind({{**sizes, {str(p.shape[axis].attr)!r}: {total}}}, {p.name!r}, {p.name}, {dims}, {text!r})"
+        )
+        checks.append(
+            f"    {p.name} = _rt.varlen_unpack({p.name!r}, {p.name}, _cu_{side}, _max_{side}, {axis})"
+        )
+    lengthy = {q_len, k_len}
+    for sc in att.scalars:
+        kind = "int" if sc.dtype is DType.INT else "float"
+        default = sc.default
+        if (
+            default is not None
+            and default.op is not Op.CONST
+            and any(n.op is Op.SIZE and str(n.attr) in lengthy for n in _walk([default]))
+        ):
+            checks.append(f"    if {sc.name} is None:")
+            checks.append(
+                f'        raise ValueError("{sc.name}: its default reads a sequence length, which varies per sequence in {nm}_varlen; pass {sc.name}")'
+            )
+        optional = default is not None and default.op is not Op.CONST
+        check = f"_rt._check_scalar({sc.name!r}, {sc.name}, {kind!r})"
+        checks.append(
+            f"    {sc.name} = {check}" + (f" if {sc.name} is not None else None" if optional else "")
+        )
+    L = [f"def {nm}_varlen("]
+    L += _signature(att)
+    L += [
+        "    *,",
+        "    cu_seqlens_q: torch.Tensor,",
+        "    cu_seqlens_k: torch.Tensor | None = None,",
+        "    max_seqlen_q: int | None = None,",
+        "    max_seqlen_k: int | None = None,",
+        "    return_lse: bool = False,",
+        "    backend: str | None = None,",
+        "):",
+    ]
+    same = q_len == k_len
+    lse_doc = " and lse: [total_q, H] when return_lse=True" if softmax else ""
+    L += [
+        f'    """`{nm}` over a packed variable-length batch (FlashAttention\'s varlen convention): i and j are',
+        "    positions inside each sequence, b its number; tiles never mix sequences.",
+        "",
+        *(f"    {d}" for d in docs),
+        "    cu_seqlens_q: int32 [nseq + 1], the offsets of the sequences in q"
+        + (" (and in k, v: cu_seqlens_k defaults to it)" if same else "; cu_seqlens_k: the same for k, v"),
+        f"    Returns o: [total_q, H, E]{lse_doc}.",
+        "",
+        "    Host synchronisation: only where max_seqlen_q or max_seqlen_k is None (and to validate the offsets",
+        "    of CPU tensors, or a cu_seqlens_k other than cu_seqlens_q); with both given, a CUDA call never",
+        "    synchronises and trusts the offsets.",
+        '    """',
+        "    if backend is None:",
+    ]
+    if has_triton:
+        L.append(f'        backend = "triton" if {qn}.is_cuda and _rt._has_triton() else "reference"')
+    else:
+        L.append('        backend = "reference"')
+    backends = "'reference' or 'triton'" if has_triton else "'reference'"
+    allowed = '("reference", "triton")' if has_triton else '("reference",)'
+    L.append(f"    if backend not in {allowed}:")
+    L.append(f'        raise ValueError(f"backend={{backend!r}}: {nm}_varlen has the backends {backends}")')
+    if not softmax:
+        L.append("    if return_lse:")
+        L.append(
+            f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
+        )
+    L.append(
+        f"    _cu_q, _cu_k, _max_q, _max_k = _rt.varlen_batch({nm!r}, {qn}, {kn}, {vn}, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, {same!r})"
+    )
+    L += checks
+    call_args = ", ".join(p.name for p in att.params)
+    L.append(f"    o, lse, _ = _{nm}_varlen_op({call_args}, _cu_q, _cu_k, _max_q, _max_k, backend)")
+    L.append(f"    return (o, _rt.varlen_pack_rows(lse, _cu_q, {qn}.shape[0])) if return_lse else o")
+    return L
+
+
+def _emit_paged(att: Attention, has_triton: bool) -> list[str]:
+    """`NAME_paged`: the block's forward over a paged KV cache (`attnc.runtime.paged`), for a block whose
+    queries have a length symbol of their own (the spec aligns them with the keys: `j <= i + N - M`)."""
+    nm = att.name
+    lengths = _varlen_lengths(att)
+    assert lengths is not None
+    batch, _, k_len = lengths
+    softmax = att.norm.kind is NormKind.SOFTMAX
+    qn, kn, vn = (next(p.name for p in att.tensors if p.role is r) for r in (Role.Q, Role.K, Role.V))
+    floats = [p.name for p in att.tensors if p.type.kind is DType.FLOAT]
+    L = [f"def {nm}_paged("]
+    L += _signature(att)
+    L += [
+        "    *,",
+        "    block_table: torch.Tensor,",
+        "    seq_lens: torch.Tensor,",
+        "    max_seqlen_k: int | None = None,",
+        "    return_lse: bool = False,",
+        "    backend: str | None = None,",
+        "):",
+    ]
+    lse_doc = " and lse: [B, H, M] when return_lse=True" if softmax else ""
+    L += [
+        f'    """`{nm}` over a paged KV cache (vLLM\'s and FlashInfer\'s layout), forward only: decoding (M <= 16,',
+        "    the split-KV path) and chunked prefill; j is the logical position in each sequence.",
+        "",
+        f"    {qn}: [B, H, M, D]; {kn}, {vn}: pages [num_pages, page_size, G, D] and [num_pages, page_size, G, E]",
+        "    (page_size a multiple of 16); block_table: int32 [B, max_pages]; seq_lens: int32 [B], each",
+        f"    sequence's number of keys. Auxiliary tensors as in `{nm}`, their key axes max_seqlen_k long.",
+        f"    Returns o: [B, H, M, E]{lse_doc}.",
+        "",
+        "    Host synchronisation: only where max_seqlen_k is None (and to validate the table of CPU tensors).",
+        '    """',
+        "    if backend is None:",
+    ]
+    if has_triton:
+        L.append(f'        backend = "triton" if {qn}.is_cuda and _rt._has_triton() else "reference"')
+    else:
+        L.append('        backend = "reference"')
+    backends = "'reference' or 'triton'" if has_triton else "'reference'"
+    allowed = '("reference", "triton")' if has_triton else '("reference",)'
+    L.append(f"    if backend not in {allowed}:")
+    L.append(f'        raise ValueError(f"backend={{backend!r}}: {nm}_paged has the backends {backends}")')
+    if not softmax:
+        L.append("    if return_lse:")
+        L.append(
+            f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
+        )
+    L.append(
+        f"    _lk, _lv, _paged, _max_k = _rt.paged_batch({nm!r}, {qn}, {kn}, {vn}, block_table, seq_lens, max_seqlen_k, ({', '.join(floats)},))"
+    )
+    largs = ", ".join({kn: "_lk", vn: "_lv"}.get(p.name, p.name) for p in att.params)
+    if has_triton:
+        L.append("    if backend == 'triton':")
+        L.append(f"        spec = _{nm}_triton_spec({largs}, return_lse=return_lse)._replace(paged=_paged)")
+        L.append(f"        o, _, lse = _rt._triton_forward(spec, {qn}.contiguous(), _lk, _lv)")
+        L.append("        return (o, lse) if return_lse else o")
+    # The reference: each sequence's keys gathered from the pages, the batched reference on them, after the
+    # batched call's checks on the logical shapes.
+    L.append(f"    _{nm}_check_paged({largs})")
+    kinds = {batch: "b", k_len: "k"}
+    axes = tuple(
+        ("q" if p.role is Role.Q else "k")
+        if isinstance(p, TensorParam) and p.role in (Role.Q, Role.K, Role.V)
+        else tuple(kinds.get(str(d.attr)) if d.op is Op.SIZE else None for d in p.shape)
+        if isinstance(p, TensorParam)
+        else None
+        for p in att.params
+    )
+    ref = (
+        f"lambda *a: {nm}_reference(*a, return_lse=True)"
+        if softmax
+        else f"lambda *a: ({nm}_reference(*a), None)"
+    )
+    call_args = ", ".join(p.name for p in att.params)
+    L.append(f"    o, lse = _rt.paged_reference({ref}, ({call_args},), {axes!r}, _paged)")
+    L.append("    return (o, lse) if return_lse else o")
+    L += ["", ""]
+    # The batched call's argument checks, on the logical k and v (shapes, dtypes, scalars).
+    L.append(f"def _{nm}_check_paged(")
+    L += _signature(att)
+    L.append("):")
+    L += argument_checks(att)
+    return L
+
+
+_VARLEN_OP_PARAMS = ["_cu_q: torch.Tensor", "_cu_k: torch.Tensor", "_max_q: int", "_max_k: int"]
+
+
+def _emit_op(
+    att: Attention, has_triton: bool, plan: AttentionPlan | None = None, varlen: bool = False
+) -> list[str]:
     """A torch.library custom op (with a fake implementation and an autograd formula) around the block, so
     that torch.compile(fullgraph=True) traces models that call it without looking inside.
 
@@ -414,31 +670,63 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     only the backward kernels: `lse` holds the kernels' row statistic (the log-sum-exp for softmax; for the
     other norms, whose lse the entry point never returns, their normaliser) and `_oraw` the float32 output
     before the epilogue (a spec with an epilogue; an empty tensor otherwise). The reference backward
-    recomputes the forward under autograd (checkpointing: a deliberate memory choice)."""
+    recomputes the forward under autograd (checkpointing: a deliberate memory choice).
+
+    `varlen`: the op of `NAME_varlen` (`_NAME_varlen_op`): q, k, v and o packed ([total, H, X]), the
+    auxiliary tensors laid out per sequence, the offsets and longest lengths instead of a block layout, and
+    the row statistic per sequence ([nseq, H, max_q]); the kernels run on `varlen.packed_view`s."""
     nm = att.name
+    op = f"{nm}_varlen" if varlen else nm
     softmax = att.norm.kind is NormKind.SOFTMAX
     epilogue = has_triton and att.output is not None
     # An explicit block layout (BlockLayout) travels as six extra arguments: the schema takes no tuples.
-    params = [*_op_types(att), *_LAYOUT_OP_PARAMS]
+    extra = _VARLEN_OP_PARAMS if varlen else _LAYOUT_OP_PARAMS
+    params = [*_op_types(att), *extra]
     names = [p.name for p in att.params]
     tensors = [p.name for p in att.tensors]
     floats = [p.name for p in att.tensors if p.type.kind is DType.FLOAT]
     float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
-    layout_names = [p.split(":")[0] for p in _LAYOUT_OP_PARAMS]
+    layout_names = [p.split(":")[0] for p in extra]
     args = ", ".join(names)
     layout_args = ", ".join(layout_names)
     get_layout = f"block_layout=_rt._layout_from_op_args({layout_args})"
     outs3 = "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"
-    L = [f"def _{nm}_impl({', '.join(params)}, backend: str) -> {outs3}:"]
+    qn, kn, vn = (next(p.name for p in att.tensors if p.role is r) for r in (Role.Q, Role.K, Role.V))
+    if varlen:
+        # The kernels' 4-D views of the packed q, k, v; the launch description as for the batched call.
+        views = {qn: "_vq", kn: "_vk", vn: "_vv"}
+        view_args = ", ".join(views.get(n, n) for n in names)
+        qkv = "_vq, _vk, _vv"
+        triton_spec = [
+            f"        ({qn}, {kn}, {vn}), ({qkv}) = _rt.varlen_views({qn}, {kn}, {vn}, _cu_q.shape[0] - 1, _max_q, _max_k)",
+            f"        spec = _{nm}_triton_spec({view_args})._replace(varlen=_rt.Varlen(_cu_q, _cu_k, {qn}.shape[0], {kn}.shape[0]))",
+        ]
+        o_shape = f"({qn}.shape[0], {qn}.shape[1], {vn}.shape[2])"
+        lse_shape = f"(_cu_q.shape[0] - 1, {qn}.shape[1], _max_q)"
+    else:
+        qkv = "q.contiguous(), k.contiguous(), v.contiguous()"
+        triton_spec = [f"        spec = _{nm}_triton_spec({args}, {get_layout})"]
+        o_shape = "(*q.shape[:3], v.shape[3])"
+        lse_shape = "q.shape[:3]"
+    L = [f"def _{op}_impl({', '.join(params)}, backend: str) -> {outs3}:"]
     if has_triton:
         L.append("    if backend == 'triton':")
-        L.append(f"        spec = _{nm}_triton_spec({args}, {get_layout})")
-        L.append(
-            "        o, _oraw, _stat = _rt._triton_forward(spec, q.contiguous(), k.contiguous(), v.contiguous())"
-        )
+        L += triton_spec
+        L.append(f"        o, _oraw, _stat = _rt._triton_forward(spec, {qkv})")
         keep = "_oraw" if epilogue else "_stat.new_empty((0,))"
         L.append(f"        return o, _stat, {keep}")
-    if softmax:
+    if varlen:
+        # Per sequence, the batched reference (a host loop: the oracle, not the fast path).
+        axes = _varlen_axes(att)
+        ref = (
+            f"lambda *a: {nm}_reference(*a, return_lse=True)"
+            if softmax
+            else f"lambda *a: ({nm}_reference(*a), None)"
+        )
+        L.append(
+            f"    o, lse = _rt.varlen_reference({ref}, ({args},), {axes!r}, _cu_q, _cu_k, _max_q, {o_shape}, _rt._lse_dtype(q))"
+        )
+    elif softmax:
         L.append(f"    o, lse = {nm}_reference({args}, return_lse=True, {get_layout})")
     else:
         L.append(f"    o = {nm}_reference({args}, {get_layout})")
@@ -447,29 +735,28 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
         "    return o.contiguous(), lse.to(_rt._lse_dtype(q)).contiguous(), q.new_empty((0,), dtype=torch.float32)"
     )
     L += ["", ""]
-    L.append(f"def _{nm}_fake({', '.join(params)}, backend: str) -> {outs3}:")
-    raw = "(*q.shape[:3], v.shape[3])"
-    raw_shape = f"{raw} if backend == 'triton' else (0,)" if epilogue else "(0,)"
+    L.append(f"def _{op}_fake({', '.join(params)}, backend: str) -> {outs3}:")
+    raw_shape = f"{o_shape} if backend == 'triton' else (0,)" if epilogue else "(0,)"
     L.append("    return (")
-    L.append("        q.new_empty((*q.shape[:3], v.shape[3])),")
-    L.append("        q.new_empty(q.shape[:3], dtype=_rt._lse_dtype(q)),")
+    L.append(f"        q.new_empty({o_shape}),")
+    L.append(f"        q.new_empty({lse_shape}, dtype=_rt._lse_dtype(q)),")
     L.append(f"        q.new_empty({raw_shape}, dtype=torch.float32),")
     L.append("    )")
     L += ["", ""]
     bw_params = (
         "do: torch.Tensor, dlse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, _oraw: torch.Tensor"
     )
-    L.append(f"def _{nm}_backward_impl(")
+    L.append(f"def _{op}_backward_impl(")
     L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
     if has_triton:
         L.append("    if backend == 'triton':")
         L.append("        # What the forward saved, and the backward kernels only: no forward runs again.")
-        L.append(f"        spec = _{nm}_triton_spec({args}, {get_layout})")
+        L += triton_spec
         saved_raw = "_oraw" if epilogue else "o"
         dstat = "dlse" if softmax else "None"
         L.append(
-            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, q.contiguous(), k.contiguous(), v.contiguous(), o, {saved_raw}, lse, do, {dstat}, _aux_grad)"
+            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, {qkv}, o, {saved_raw}, lse, do, {dstat}, _aux_grad)"
         )
         L.append("        _g = {'q': _dq, 'k': _dk, 'v': _dv}")
         if float_aux:
@@ -485,7 +772,7 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     for t in floats:
         L.append(f"        _l_{t} = {t}.detach().requires_grad_()")
     rec = ", ".join(f"_l_{n}" if n in floats else n for n in names)
-    L.append(f"        o, lse, _ = _{nm}_impl({rec}, {layout_args}, 'reference')")
+    L.append(f"        o, lse, _ = _{op}_impl({rec}, {layout_args}, 'reference')")
     outs = "(o, lse)" if softmax else "(o,)"
     grads_in = "(do, dlse)" if softmax else "(do,)"
     leaves = ", ".join(f"_l_{t}" for t in floats)
@@ -497,7 +784,7 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
         f"    return [torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous() for x, g in zip(({', '.join(floats)},), _out)]"
     )
     L += ["", ""]
-    L.append(f"def _{nm}_backward_fake(")
+    L.append(f"def _{op}_backward_fake(")
     L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
     L.append(") -> list[torch.Tensor]:")
     L.append(
@@ -505,22 +792,22 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     )
     L += ["", ""]
     non_tensors = [p.name for p in att.params if not isinstance(p, TensorParam)]
-    L.append(f"def _{nm}_setup_context(ctx, inputs, output):")
+    L.append(f"def _{op}_setup_context(ctx, inputs, output):")
     L.append(f"    {', '.join([*names, *layout_names])}, backend = inputs")
     L.append(f"    ctx.save_for_backward({', '.join(tensors)}, *output)")
     L.append(f"    ctx.rest = ({', '.join([*non_tensors, *layout_names, 'backend'])},)")
     L += ["", ""]
-    L.append(f"def _{nm}_backward(ctx, do, dlse, _doraw):")
+    L.append(f"def _{op}_backward(ctx, do, dlse, _doraw):")
     L.append(f"    {', '.join(tensors)}, o, lse, _oraw = ctx.saved_tensors")
     L.append(f"    {', '.join([*non_tensors, *layout_names, 'backend'])}, = ctx.rest")
     L.append("    if do is None:")
-    L.append("        do = q.new_zeros((*q.shape[:3], v.shape[3]))")
+    L.append(f"        do = q.new_zeros({o_shape})")
     L.append("    if dlse is None:")
-    L.append("        dlse = q.new_zeros(q.shape[:3], dtype=_rt._lse_dtype(q))")
+    L.append(f"        dlse = q.new_zeros({lse_shape}, dtype=_rt._lse_dtype(q))")
     aux_pos = [k for k, p in enumerate(att.params) if p.name in float_aux]
     _aux_grad = " or ".join(f"ctx.needs_input_grad[{k}]" for k in aux_pos) if aux_pos else "False"
     L.append(
-        f"    {', '.join('_d_' + f for f in floats)}, = _{nm}_backward_op(do, dlse, o, lse, _oraw, {args}, {layout_args}, backend, {_aux_grad})"
+        f"    {', '.join('_d_' + f for f in floats)}, = _{op}_backward_op(do, dlse, o, lse, _oraw, {args}, {layout_args}, backend, {_aux_grad})"
     )
     grads = [
         f"_d_{p.name}" if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT else "None"
@@ -528,12 +815,12 @@ def _emit_op(att: Attention, has_triton: bool, plan: AttentionPlan | None = None
     ]
     L.append(f"    return {', '.join([*grads, *(['None'] * len(layout_names)), 'None'])}")
     L += ["", ""]
-    L.append(f"_{nm}_op, _fresh = _rt._custom_op({nm!r}, _{nm}_impl, _{nm}_fake, _OP_KEY, __file__)")
+    L.append(f"_{op}_op, _fresh = _rt._custom_op({op!r}, _{op}_impl, _{op}_fake, _OP_KEY, __file__)")
     L.append(
-        f"_{nm}_backward_op, _ = _rt._custom_op('{nm}_backward', _{nm}_backward_impl, _{nm}_backward_fake, _OP_KEY, __file__)"
+        f"_{op}_backward_op, _ = _rt._custom_op('{op}_backward', _{op}_backward_impl, _{op}_backward_fake, _OP_KEY, __file__)"
     )
     L.append("if _fresh:")
-    L.append(f"    _{nm}_op.register_autograd(_{nm}_backward, setup_context=_{nm}_setup_context)")
+    L.append(f"    _{op}_op.register_autograd(_{op}_backward, setup_context=_{op}_setup_context)")
     return L
 
 

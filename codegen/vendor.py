@@ -27,6 +27,8 @@ _MODULES = (
     _RUNTIME / "checks.py",
     _RUNTIME / "reference.py",
     _RUNTIME / "layout.py",
+    _RUNTIME / "varlen.py",
+    _RUNTIME / "paged.py",
     _RUNTIME / "triton.py",
     _RUNTIME / "tuning.py",
     _RUNTIME / "ops.py",

@@ -594,13 +594,13 @@ def decode_flex(a: Args) -> tuple[torch.Tensor, torch.Tensor]:
 
 # key_padding (a batch element with no valid key) ---------------------------------------------------------------
 def key_padding_aux(case: Case, g: torch.Generator) -> Args:
-    lens = [0, case.N - 3, case.N, 1][: case.B]
+    lens = [0, case.N - 3, case.N, 1, case.N // 2][: case.B]
     return {"lens": torch.tensor(lens, dtype=torch.int64)}
 
 
 def key_padding_mask(a: Args) -> torch.Tensor:
     N = a["k"].shape[2]
-    return (torch.arange(N).view(1, N) < a["lens"].view(-1, 1)).view(-1, 1, 1, N)
+    return (torch.arange(N).view(1, N) < a["lens"].view(-1, 1)).view(a["lens"].shape[0], 1, 1, N)
 
 
 def key_padding_naive(a: Args) -> tuple[torch.Tensor, torch.Tensor]:

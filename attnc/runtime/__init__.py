@@ -26,7 +26,7 @@ from __future__ import annotations
 
 # Bump when the interface generated code calls changes (names, signatures, meaning): modules generated for
 # another version then fail on import with both versions named, instead of failing somewhere inside a call.
-RUNTIME_VERSION = "4"
+RUNTIME_VERSION = "5"
 
 
 class RuntimeVersionError(ImportError):

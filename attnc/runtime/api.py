@@ -18,6 +18,7 @@ from .checks import (
 )
 from .layout import BlockLayout, _kernel_layout, _layout_from_op_args, _layout_op_args, _with_block_layout
 from .ops import _custom_op, _grad, _lse_dtype, _with_autograd
+from .paged import Paged, PagedKVCache, paged_batch, paged_reference
 from .reference import _attend, _clamp, _full, _sigmoid_scalar, _Spec, _to_int
 from .triton import (
     _aux_args,
@@ -29,10 +30,14 @@ from .triton import (
     _TritonSpec,
 )
 from .tuning import ModuleState, _tuned_configs
+from .varlen import Varlen, varlen_batch, varlen_pack_rows, varlen_reference, varlen_unpack, varlen_views
 
 __all__ = [
     "BlockLayout",
     "ModuleState",
+    "Paged",
+    "PagedKVCache",
+    "Varlen",
     "_Spec",
     "_TritonAttention",
     "_TritonSpec",
@@ -63,4 +68,11 @@ __all__ = [
     "_tuned_configs",
     "_with_autograd",
     "_with_block_layout",
+    "paged_batch",
+    "paged_reference",
+    "varlen_batch",
+    "varlen_pack_rows",
+    "varlen_reference",
+    "varlen_unpack",
+    "varlen_views",
 ]

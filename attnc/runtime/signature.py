@@ -13,7 +13,15 @@ in groups, always in this order:
                 symbols
     uniforms    scalar sub-expressions hoisted to the host (`_ku<k>`)
     strides     q, k, v, o strides (b, h, n, d each)
-    extents     H, G, M, N, D, E
+    extents     H, G, M, N, D, E, and the pitches MP, NP of the per-row buffers (M and N, or in a packed
+                varlen launch the longest sequence's lengths, which M and N are then rebound below)
+    varlen      packed variable-length batches: the int32 offsets cu_seqlens of q and of k/v, read only under
+                the `_VARLEN` constexpr (a program then works on one sequence: `_M`, `_N` and the spec's
+                length symbols become that sequence's lengths, the q/k/v/o pointers move to its start)
+    paged       a paged KV cache (the forward kernels read it): the block table, each sequence's key count,
+                the table's row stride and the page size, read only under the `_PAGED` constexpr (k and v
+                rows are then looked up through the table; `_N` and the keys' length symbol become the
+                sequence's); not in the combine
     summaries   per-tile min/max of data-dependent mask terms (only for specs that have such terms)
     layout      an explicit runtime block layout, read only under the `_LAYOUT` constexpr
     probe       the visit counter of tests, written only under the `_COUNT_VISITS` constexpr
@@ -76,6 +84,8 @@ class Group(enum.Enum):
     UNIFORMS = "uniforms"
     STRIDES = "strides"
     EXTENTS = "extents"
+    VARLEN = "varlen"
+    PAGED = "paged"
     SUMMARIES = "summaries"
     LAYOUT = "layout"
     PROBE = "probe"
@@ -112,9 +122,23 @@ def constexpr(name: str) -> Param:
 # ---- the fixed groups ---------------------------------------------------------------------------------------
 
 QKV_STRIDES = tuple(f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d"))
-EXTENTS = ("_NH", "_NG", "_M", "_N", "_D", "_E")
+# _M/_N: the rows of q and k (per program: a varlen launch rebinds them to its sequence's lengths);
+# _MP/_NP: the pitch of the per-row buffers (row statistics, split partials, tile summaries), never rebound.
+EXTENTS = ("_NH", "_NG", "_M", "_N", "_D", "_E", "_MP", "_NP")
+VARLEN_GATE = "_VARLEN"
+PAGED_GATE = "_PAGED"
 AUX_GRAD_GATE = "_AUX_GRAD"  # the dQ kernel reduces auxiliary gradients (its aux_grads group is bound)
-CONSTEXPRS = ("_COUNT_VISITS", "_LAYOUT", "_BLOCK_M", "_BLOCK_N", "_BLOCK_D", "_BLOCK_E", "_DOT_PRECISION")
+CONSTEXPRS = (
+    "_COUNT_VISITS",
+    "_LAYOUT",
+    VARLEN_GATE,
+    PAGED_GATE,
+    "_BLOCK_M",
+    "_BLOCK_N",
+    "_BLOCK_D",
+    "_BLOCK_E",
+    "_DOT_PRECISION",
+)
 # Per (b, h, query block) a list of key blocks, and its transpose per (b, h, key block) for dK/dV; pointers,
 # their strides and the block sizes (see the runtime's BlockLayout).
 LAYOUT_POINTERS = ("_LKV_IDX", "_LKV_CNT", "_LQ_IDX", "_LQ_CNT")
@@ -135,6 +159,16 @@ LAYOUT_GROUP = ParamGroup(
     gate="_LAYOUT",
 )
 PROBE_GROUP = ParamGroup(Group.PROBE, (pointer("_VISITS", "i32"),), gate="_COUNT_VISITS")
+# A paged KV cache (vLLM's and FlashInfer's layout): k and v are pages [num_pages, page_size, G, D|E] seen as
+# rows; the block table [B, max_pages] lists each sequence's pages, `_KV_LEN` [B] its number of keys.
+PAGED_GROUP = ParamGroup(
+    Group.PAGED,
+    (pointer("_BT", "i32"), pointer("_KV_LEN", "i32"), i32("_sbt_b"), i32("_PAGE")),
+    gate=PAGED_GATE,
+)
+# Packed variable-length batches (FlashAttention's varlen convention): [nseq + 1] int32 offsets of each
+# sequence's first row in the packed q (and o) and in the packed k and v.
+VARLEN_GROUP = ParamGroup(Group.VARLEN, (pointer("_CU_Q", "i32"), pointer("_CU_K", "i32")), gate=VARLEN_GATE)
 
 
 def summary_group(count: int) -> ParamGroup:
@@ -283,7 +317,9 @@ ATTENTION_IO: dict[str, tuple[Param, ...]] = {
     ),
 }
 # The combine reads neither tiles of k nor a layout, and counts no visits: none of those groups, nor their gates.
-_COMBINE_CONSTEXPRS = tuple(n for n in CONSTEXPRS if n not in (LAYOUT_GROUP.gate, PROBE_GROUP.gate))
+_COMBINE_CONSTEXPRS = tuple(
+    n for n in CONSTEXPRS if n not in (LAYOUT_GROUP.gate, PROBE_GROUP.gate, PAGED_GROUP.gate)
+)
 
 # How a kernels file states a block's own parameters (`BlockABI.to_data`): plain literals, so that the file
 # needs nothing but triton to import.
@@ -327,6 +363,7 @@ class BlockABI:
             self.uniforms,
             STRIDES_GROUP,
             EXTENTS_GROUP,
+            VARLEN_GROUP,
         ]
         if kind == "fwd_combine":
             groups.append(constexpr_group(_COMBINE_CONSTEXPRS))
@@ -334,7 +371,7 @@ class BlockABI:
             if self.summaries:
                 groups.append(summary_group(self.summaries))
             gate = (AUX_GRAD_GATE,) if self._aux(kind) is not None else ()
-            groups += [LAYOUT_GROUP, PROBE_GROUP, constexpr_group((*CONSTEXPRS, *gate))]
+            groups += [PAGED_GROUP, LAYOUT_GROUP, PROBE_GROUP, constexpr_group((*CONSTEXPRS, *gate))]
         return KernelSignature(f"_{self.block}_{kind}_kernel", tuple(groups))
 
     def signatures(self) -> dict[str, KernelSignature]:

@@ -18,6 +18,7 @@ import torch
 from .layout import _fit_layout, _layout_args, _next_pow2, triton_cdiv
 from .reference import _full
 from .signature import BlockABI, Group
+from .varlen import packed_view
 
 # ---- kernels files: the generated `*_triton.py` beside a module, and the runtime's own linear core ----
 
@@ -171,6 +172,22 @@ class _TritonSpec(NamedTuple):
     # dK/dV kernel)
     feature_grads: tuple = ()
     feature_kv_grads: tuple = ()
+    # a packed variable-length batch (`varlen.Varlen`): q, k and v are then `varlen.packed_view`s, and the
+    # outputs are packed too
+    varlen: object = None
+    # a paged KV cache (`paged.Paged`, forward only): k and v are then zero-stride stand-ins of the logical
+    # shape, and the launch reads the pages
+    paged: object = None
+
+
+def _rows(spec, B, H, M, X, dtype, device, packed=None):
+    """A [B, H, M, X] buffer the kernels write row by row, and what the caller keeps of it: itself, or in a
+    varlen launch the packed [total, H, X] tensor behind the 4-D view the kernels index (`packed`: total)."""
+    if spec.varlen is None:
+        t = torch.empty((B, H, M, X), dtype=dtype, device=device)
+        return t, t
+    base = torch.empty((packed, H, X), dtype=dtype, device=device)
+    return packed_view(base, B, M), base
 
 
 def _dense_output(fn, o, rep):
@@ -190,18 +207,19 @@ def _triton_forward(spec, q, k, v):
     (the log-sum-exp for softmax). q, k and v are contiguous."""
     B, H, M, D = q.shape
     N, E = k.shape[2], v.shape[3]
-    o = torch.empty((B, H, M, E), dtype=q.dtype, device=q.device)
-    oraw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device) if spec.output else o
+    total = spec.varlen.total_q if spec.varlen is not None else None
+    o, o_out = _rows(spec, B, H, M, E, q.dtype, q.device, total)
+    oraw, oraw_out = _rows(spec, B, H, M, E, torch.float32, q.device, total) if spec.output else (o, o_out)
     stat = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
     split = _split_config(spec, B, H, M, N, D, E, q.device)
     if split is not None:
         _split_forward(spec, split, q, k, v, o, oraw, stat)
-        return o, oraw, stat
+        return o_out, oraw_out, stat
     cfg = _fit_layout(_config(spec, "fwd", D, E), spec.layout)
     grid = (triton_cdiv(M, cfg.block_m), B * H)
     io = {"_Q": q, "_K": k, "_V": v, "_O": o, "_ORAW": oraw, "_STAT": stat}
     _run(spec, "fwd", grid, cfg, io, q, k, v, o, probe=(B * H, grid[0]))
-    return o, oraw, stat
+    return o_out, oraw_out, stat
 
 
 def _lead_buffers(descs, extents, device):
@@ -229,14 +247,24 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     B, H, M, D = q.shape
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
+    lay = spec.varlen
+    if lay is not None:  # o, oraw and do arrive packed: the kernels index their 4-D views
+
+        def rows(t):
+            return packed_view(t.contiguous(), B, M)
+    else:
+
+        def rows(t):
+            return t.contiguous()
+
     if spec.output is not None:
         # The epilogue's chain rule runs in the dQ kernel: it reads dO of the output (`_DOUT`) and the raw
         # output, and writes dO of the raw output here for the dK/dV kernel.
-        backward = [oraw.contiguous(), do]
-        do_raw = torch.empty((B, H, M, E), dtype=torch.float32, device=q.device)
+        backward = [rows(oraw), rows(do)]
+        do_raw = _rows(spec, B, H, M, E, torch.float32, q.device, lay and lay.total_q)[0]
     else:
-        backward = [o.contiguous()]
-        do_raw = do.to(torch.float32).contiguous()
+        backward = [rows(o)]
+        do_raw = rows(do.to(torch.float32))
     if spec.norm != "softmax":
         dstat = stat  # not read: only softmax's dQ kernel subtracts d lse from the delta
     elif dstat is None:
@@ -244,9 +272,10 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
     else:
         dstat = dstat.to(torch.float32).contiguous()
     delta = torch.empty((B, H, M), dtype=torch.float32, device=q.device)
-    dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.empty(k.shape, dtype=torch.float32, device=q.device)
-    dv = torch.empty(v.shape, dtype=torch.float32, device=q.device)
+    # dq, dk, dv: with the strides of q, k, v (the kernels store them so); packed in a varlen launch.
+    dq, dq_out = _rows(spec, B, H, M, D, torch.float32, q.device, lay and lay.total_q)
+    dk, dk_out = _rows(spec, B, G, N, D, torch.float32, q.device, lay and lay.total_k)
+    dv, dv_out = _rows(spec, B, G, N, E, torch.float32, q.device, lay and lay.total_k)
     cfg = _fit_layout(_config(spec, "dq", D, E), spec.layout)
     programs = triton_cdiv(M, cfg.block_m) * B * H
     # Zeroed: a program that visits no tile still writes its (zero) partial, but a layout may skip programs.
@@ -312,7 +341,7 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         for d, ((lb, lh), _) in zip(dense, spec.pair_grads if aux_grad else (), strict=True)
     ]
     sums += [_sum_lead(b, lead) for b, lead in (*epilogue, *feature_q, *feature_k)]
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), sums
+    return dq_out.to(q.dtype), dk_out.to(k.dtype), dv_out.to(v.dtype), sums
 
 
 class _TritonAttention(torch.autograd.Function):
@@ -422,12 +451,17 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     H, M, D = q.shape[1:]
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
     kw = _launch(cfg, q, D, E)
+    strides = _strides(q, k, v, o)
+    pg = spec.paged
+    if pg is not None:  # the pages' rows, wherever the launch reads k and v
+        io = {n: {"_K": pg.k, "_V": pg.v}.get(n, t) for n, t in io.items()}
+        strides = (*q.stride(), *pg.strides(pg.k), *pg.strides(pg.v), *o.stride())
     groups = {
         "io": io,
         "spec": spec.args,
         "uniforms": spec.uniforms,
-        "strides": _strides(q, k, v, o),
-        "extents": (H, G, M, N, D, E),
+        "strides": strides,
+        "extents": (H, G, M, N, D, E, M, N),  # the pitches: M and N (the longest sequence's when varlen)
         "constexprs": {n: kw.pop(n) for n in sig.group(Group.CONSTEXPRS).names if n in kw},
     }
     if sig.has(Group.BACKWARD):
@@ -442,6 +476,10 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
         groups["layout"] = _layout_args(spec.layout)
     if sig.has(Group.PROBE):
         groups["probe"] = _visits(name or kind, probe, q.device, cfg)
+    if spec.varlen is not None:
+        groups["varlen"] = (spec.varlen.cu_q, spec.varlen.cu_k)
+    if pg is not None and sig.has(Group.PAGED):
+        groups["paged"] = pg.group()
     getattr(spec, _KERNEL_FIELDS[kind])[grid](**sig.bind(**groups), **kw)
 
 

@@ -25,6 +25,8 @@ class Target:
     head_dim: int
     kernels: tuple[str, ...] = ("fwd", "bwd_dkdv", "bwd_dq", "fwd_split", "fwd_combine")
     layout: bool = False  # compile the explicit-block-layout form (`_LAYOUT`) instead of the plain one
+    varlen: bool = False  # the packed variable-length form (`_VARLEN`)
+    paged: bool = False  # the paged-KV-cache form (`_PAGED`: the forward kernels)
     # Compile what a launch compiles (`launch_specialised`): the runtime passes q, k, v and o contiguous, and
     # Triton's launcher specialises on the values. False: every stride an unknown int (any strides at all).
     launch: bool = True
@@ -50,7 +52,8 @@ def jobs(
     for kind in target.kernels:
         sig = by_kind[kind].signature
         cfg = config or _schedule(kind, D, E, writer.heavy)
-        absent = [g for g in (Group.PROBE, *(() if target.layout else (Group.LAYOUT,))) if sig.has(g)]
+        forms = ((Group.LAYOUT, target.layout), (Group.VARLEN, target.varlen), (Group.PAGED, target.paged))
+        absent = [g for g in (Group.PROBE, *(g for g, on in forms if not on)) if sig.has(g)]
         types, constexprs = sig.compile_args(
             target.dtype, _schedule_constexprs(cfg, D, E, target.dtype == "fp32"), absent
         )

@@ -25,6 +25,7 @@ call. Every kernel's parameters come from one `KernelSignature` (`attnc.runtime.
 from __future__ import annotations
 
 import ast
+import copy
 import math
 import textwrap
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from attnc.dsl.ir import (
     Var,
     const,
     is_uniform,
+    linearize,
     uses_var,
     walk,
 )
@@ -64,10 +66,10 @@ from attnc.runtime.signature import (
     pointer,
 )
 
-from ..emit import Emitter, expr_from_string, name
+from ..emit import Emitter, constant, expr_from_string, name
 from ..emit import statement_from_string as S
 from . import tile_code
-from .expr import TritonExprs, aux_name, leaf, scalar_name
+from .expr import TritonExprs, _f32_constant, aux_name, leaf, scalar_name
 from .norms import LOG2E, NormStrategy, norm_strategy
 
 __all__ = ["KERNEL_KINDS", "LOG2E", "Kernel", "KernelWriter", "LoopHelper"]
@@ -89,6 +91,22 @@ AUX_DTYPES = {
 }
 
 Intervals = list[tuple[str, str]]
+
+# A varlen launch's pointer moves (`_varlen_prologue`): each packed tensor to its sequence's first row, by
+# the start of q's or k's sequence times the stride of its row axis (dQ, dO and the outputs follow q or o).
+_VARLEN_REBASE = {
+    "_Q": ("q_start", "_sq_n"),
+    "_DQ": ("q_start", "_sq_n"),
+    "_K": ("k_start", "_sk_n"),
+    "_DK": ("k_start", "_sk_n"),
+    "_V": ("k_start", "_sv_n"),
+    "_DV": ("k_start", "_sv_n"),
+    "_O": ("q_start", "_so_n"),
+    "_ORAW": ("q_start", "_so_n"),
+    "_DO": ("q_start", "_so_n"),
+    "_OB": ("q_start", "_so_n"),
+    "_DOUT": ("q_start", "_so_n"),
+}
 
 # `Attention.roots()` field of each root an auxiliary read may sit in.
 _ROOT_FIELD = {
@@ -151,6 +169,7 @@ class KernelWriter:
         self._kernels: tuple[list[str], list[Kernel]] | None = None
         self._calls: list[ast.Call] = []
         self._loops: dict[str, LoopHelper] = {}
+        self._varlen_bodies: list[Stmts] = []  # each kernel's `if _VARLEN:` body (`_varlen_prologue`)
 
     # ---- what the backends read from the analysis -------------------------------------------------------
 
@@ -292,7 +311,7 @@ class KernelWriter:
         return [
             p.name
             for g in sig.groups
-            if g.group not in (Group.IO, Group.LAYOUT, Group.PROBE)
+            if g.group not in (Group.IO, Group.LAYOUT, Group.PROBE, Group.VARLEN)
             for p in g.params
         ]
 
@@ -322,12 +341,14 @@ class KernelWriter:
         parts = []
         for n in range(len(self.plan.summaries)):
             if loop == "start_n":
-                tile = "(b * _NG + hk).to(tl.int64) * ((_N + _BLOCK_N - 1) // _BLOCK_N) + start_n // _BLOCK_N"
+                tile = (
+                    "(b * _NG + hk).to(tl.int64) * ((_NP + _BLOCK_N - 1) // _BLOCK_N) + start_n // _BLOCK_N"
+                )
                 parts.append(
                     f"(qmax{n} >= tl.load(_SKMIN{n} + {tile})) & (tl.load(_SKMAX{n} + {tile}) >= qmin{n})"
                 )
             else:
-                tile = "(b * _NH + h).to(tl.int64) * ((_M + _BLOCK_M - 1) // _BLOCK_M) + start_m // _BLOCK_M"
+                tile = "(b * _NH + h).to(tl.int64) * ((_MP + _BLOCK_M - 1) // _BLOCK_M) + start_m // _BLOCK_M"
                 parts.append(
                     f"(kmax{n} >= tl.load(_SQMIN{n} + {tile})) & (tl.load(_SQMAX{n} + {tile}) >= kmin{n})"
                 )
@@ -522,22 +543,99 @@ class KernelWriter:
 
     # ---- forward ------------------------------------------------------------------------------------------
 
-    def _query_program(self) -> Stmts:
-        """Program ids of a (query tile, batch·head) program and its rows."""
-        return S(
-            """
+    def _query_program(self, kind: str) -> Stmts:
+        """Program ids of a (query tile, batch·head) program and its rows (in a varlen launch: of its sequence)."""
+        return (
+            S(
+                """
             pid_m = tl.program_id(0)
             pid_bh = tl.program_id(1)
             b = pid_bh // _NH
             h = pid_bh % _NH
             hk = h // (_NH // _NG)
-            offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)
             """
+            )
+            + self._varlen_prologue(kind, "pid_m * _BLOCK_M >= _M")
+            + self._paged_prologue(kind)
+            + S("offs_m = pid_m * _BLOCK_M + tl.arange(0, _BLOCK_M)")
         )
 
-    def _query_tile_prologue(self) -> Stmts:
+    def _paged_prologue(self, kind: str) -> Stmts:
+        """Under `_PAGED` (the forward kernels over a paged KV cache): the sequence's key count becomes `_N`
+        and the keys' length symbol, so the tile plan's bounds and the masks see logical positions; the
+        length-reading uniforms are recomputed (`_varlen_uniforms`). The rows come through the block table
+        in the key loop (`_forward_helper`)."""
+        if kind not in ("fwd", "fwd_split"):
+            return []
+        body: Stmts = S("_N = tl.load(_KV_LEN + b)")
+        q_len, k_len = self.length_symbols()
+        if k_len is not None and k_len != q_len:
+            body += S(f"{k_len} = _N")
+        block = S("if _PAGED:\n    {body}", body=body)
+        self._varlen_bodies.append(block[0].body)  # type: ignore[attr-defined]
+        return block
+
+    def _varlen_prologue(self, kind: str, idle: str) -> Stmts:
+        """Under `_VARLEN` (a packed variable-length batch: b is the sequence), the program's sequence: `_M`
+        and `_N` (and the spec's length symbols, which the tile plan's bounds read) become its lengths, the
+        packed tensors' pointers move to its first row, and a program whose tile `idle` lies past its end
+        stops (the grid covers the longest sequence). Tiles never mix sequences; the per-row buffers keep
+        their pitch (`_MP`, `_NP`). Hoisted uniforms that read a length are recomputed here at the end of
+        `kernels()`, when every uniform is known (`_varlen_uniforms`)."""
+        present = set(self.signature(kind).names)
+        body: Stmts = S(
+            """
+            q_start = tl.load(_CU_Q + b).to(tl.int64)
+            _M = tl.load(_CU_Q + b + 1) - tl.load(_CU_Q + b)
+            k_start = tl.load(_CU_K + b).to(tl.int64)
+            _N = tl.load(_CU_K + b + 1) - tl.load(_CU_K + b)
+            """
+        )
+        q_len, k_len = self.length_symbols()
+        if q_len is not None and q_len != k_len:
+            body += S(f"{q_len} = _M")
+        if k_len is not None:
+            body += S(f"{k_len} = _N")
+        for ptr, (start, stride) in _VARLEN_REBASE.items():
+            if ptr in present:
+                body += S(f"{ptr} = {ptr} + {start} * {stride}")
+        body += S(f"if {idle}:\n    return")
+        block = S("if _VARLEN:\n    {body}", body=body)
+        self._varlen_bodies.append(block[0].body)  # type: ignore[attr-defined]
+        return block
+
+    def length_symbols(self) -> tuple[str | None, str | None]:
+        """The size symbols of q's and k's sequence axes (None where that axis is not a plain symbol)."""
+        out: list[str | None] = []
+        for role in ("q", "k"):
+            d = self.att.param(role).shape[2]  # type: ignore[union-attr]
+            out.append(str(d.attr) if d.op is Op.SIZE else None)
+        return out[0], out[1]
+
+    def _varlen_uniforms(self) -> Stmts:
+        """The hoisted uniforms that read a sequence length, recomputed in the kernel from the rebound lengths
+        (`-log(N)` of a sigmoid bias): the host's value is that of the longest sequence."""
+        lengths = {s for s in self.length_symbols() if s is not None}
+        out: Stmts = []
+        for node, var in self.em._uniform_names.items():
+            if not any(n.op is Op.SIZE and str(n.attr) in lengths for n in walk([node])):
+                continue
+            vals: dict[Node, ast.expr] = {}
+            for n in linearize([node]):
+                if n.op is Op.CONST:
+                    vals[n] = _f32_constant(n.attr) or constant(n.attr)  # type: ignore[arg-type]
+                elif n.op is Op.SIZE:
+                    vals[n] = name(str(n.attr))
+                elif n.op is Op.SCALAR:
+                    vals[n] = name(scalar_name(str(n.attr)))
+                else:
+                    vals[n] = self.tx.apply(n, [vals[a] for a in n.args], [False] * len(n.args))
+            out += S(f"{var} = {{e}}", e=vals[node])
+        return out
+
+    def _query_tile_prologue(self, kind: str) -> Stmts:
         """Program ids of a (query tile, batch, head) program, its offsets, and its q tile."""
-        return self._query_program() + S(
+        return self._query_program(kind) + S(
             """
             offs_d = tl.arange(0, _BLOCK_D)
             offs_e = tl.arange(0, _BLOCK_E)
@@ -558,14 +656,20 @@ class KernelWriter:
             visits += 1
             offs_n = start_n + tl.arange(0, _BLOCK_N)
             j = offs_n[None, :]
-            kt = tl.load(k_base + offs_n[None, :] * _sk_n + offs_d[:, None] * _sk_d, mask=(offs_n[None, :] < _N) & (offs_d[:, None] < _D), other=0.0)
+            if _PAGED:
+                kv_page = tl.load(_BT + b.to(tl.int64) * _sbt_b + offs_n // _PAGE, mask=offs_n < _N, other=0)
+                kv_row = kv_page.to(tl.int64) * _PAGE + offs_n % _PAGE
+            else:
+                kv_row = offs_n
+            kt = tl.load(k_base + kv_row[None, :] * _sk_n + offs_d[:, None] * _sk_d, mask=(offs_n[None, :] < _N) & (offs_d[:, None] < _D), other=0.0)
             """
         )
+        # Under `_PAGED`, logical key n is row n % page of page block_table[b, n // page] (`kv_row`).
         kname = self._feature(att.feature_k, "kt", Root.FEATURE_K, B)
         B += S("qk = tl.dot(q_op, {k}, input_precision=_DOT_PRECISION)", k=kname)
         self._score_block(B, "i", "j")
         B += S(
-            "v = tl.load(v_base + offs_n[:, None] * _sv_n + offs_e[None, :] * _sv_d,"
+            "v = tl.load(v_base + kv_row[:, None] * _sv_n + offs_e[None, :] * _sv_d,"
             " mask=(offs_n[:, None] < _N) & (offs_e[None, :] < _E), other=0.0)"
         )
         self.norm.update(self, B)
@@ -590,11 +694,11 @@ class KernelWriter:
         self._loops["fwd"] = helper
         return helper
 
-    def _forward_loop(self, L: Stmts, key_range: tuple[str, str], before_loop: Stmts) -> None:
+    def _forward_loop(self, L: Stmts, key_range: tuple[str, str], before_loop: Stmts, kind: str) -> None:
         """The forward up to the end of its key loop over `key_range` (all keys, or one split's): q tile,
         running statistics (m_i, l_i, acc) and the key loop."""
         att = self.att
-        L += self._query_tile_prologue()
+        L += self._query_tile_prologue(kind)
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
         helper = self._forward_helper()
         L += self._program_load_code()
@@ -632,13 +736,13 @@ class KernelWriter:
         L += S(
             """
             tl.store(_O + o_off, o.to(_O.dtype.element_ty), mask=o_mask)
-            tl.store(_STAT + pid_bh.to(tl.int64) * _M + i, stat, mask=i < _M)
+            tl.store(_STAT + pid_bh.to(tl.int64) * _MP + i, stat, mask=i < _M)
             """
         )
 
     def forward(self) -> Kernel:
         L: Stmts = []
-        self._forward_loop(L, ("0", "_N"), [])
+        self._forward_loop(L, ("0", "_N"), [], "fwd")
         self._forward_epilogue(L)
         L += S(
             """
@@ -664,8 +768,8 @@ class KernelWriter:
             split_hi = tl.minimum(split_lo + _SPLIT_N, _N)
             """
         )
-        self._forward_loop(L, ("split_lo", "split_hi"), bounds)
-        L += S("part = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * _M + i")
+        self._forward_loop(L, ("split_lo", "split_hi"), bounds, "fwd_split")
+        L += S("part = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * _MP + i")
         self.norm.partial(L)
         L += S(
             """
@@ -680,7 +784,7 @@ class KernelWriter:
     def combine(self) -> Kernel:
         """Merge the _NSPLIT partials of each row into the running statistics of one pass over all keys (the
         norm's `merge`: exactly (m, l, acc) of the unsplit loop), then run the forward's own epilogue."""
-        L: Stmts = self._query_program() + S(
+        L: Stmts = self._query_program("fwd_combine") + S(
             """
             offs_e = tl.arange(0, _BLOCK_E)
             i = offs_m[:, None]
@@ -691,7 +795,7 @@ class KernelWriter:
         )
         merge: Stmts = S(
             """
-            part = (pid_bh.to(tl.int64) * _NSPLIT + split) * _M + i
+            part = (pid_bh.to(tl.int64) * _NSPLIT + split) * _MP + i
             o_s = tl.load(_OPART + part * _E + offs_e[None, :], mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
             """
         )
@@ -719,7 +823,7 @@ class KernelWriter:
         d lse for softmax (∂lse/∂s = p folds into ds = p (dp - delta)), stored for the dK/dV kernel."""
         L += S(
             """
-            row = (b * _NH + h).to(tl.int64) * _M + i
+            row = (b * _NH + h).to(tl.int64) * _MP + i
             stat = tl.load(_STAT + row, mask=i < _M, other=0.0)
             """
         )
@@ -745,6 +849,11 @@ class KernelWriter:
             b = pid_bg // _NG
             hk = pid_bg % _NG
             rep = _NH // _NG
+            """
+        )
+        L += self._varlen_prologue("bwd_dkdv", "pid_n * _BLOCK_N >= _N")
+        L += S(
+            """
             offs_n = pid_n * _BLOCK_N + tl.arange(0, _BLOCK_N)
             offs_d = tl.arange(0, _BLOCK_D)
             offs_e = tl.arange(0, _BLOCK_E)
@@ -831,7 +940,7 @@ class KernelWriter:
 
     def dq(self) -> Kernel:
         att = self.att
-        L: Stmts = self._query_tile_prologue()
+        L: Stmts = self._query_tile_prologue("bwd_dq")
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
         L += S(f"q_op = {qname}")
         if att.output is None:
@@ -1225,6 +1334,9 @@ class KernelWriter:
         if self._kernels is not None:
             return self._kernels
         bodies = [self.forward(), self.dkdv(), self.dq(), self.forward_split(), self.combine()]
+        recompute = self._varlen_uniforms()
+        for body in self._varlen_bodies:
+            body.extend(copy.deepcopy(recompute))  # after the idle program's return
         # Re-read the signatures now that every uniform is hoisted, and complete the helper calls.
         shared = [name(p) for p in self.shared_params()]
         for call in self._calls:
