@@ -507,7 +507,7 @@ def _lin_varlen_ext(total, nseq, cu, device):
     return seq, ext - starts[seq] - 1
 
 
-def _lin_varlen_cu(cu_seqlens, total, device):
+def _lin_varlen_cu(cu_seqlens, device):
     """Validates cu_seqlens (without reading it on the host: its values are checked where it is read)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise ValueError(f"cu_seqlens: expected an int32 tensor [nseq + 1], got {type(cu_seqlens).__name__}")
@@ -850,3 +850,20 @@ def _lin_varlen_loop(linear, args, kinds, cu_seqlens, total, state, state_shape,
     if return_state:
         return o, torch.stack(states) if states else q.new_zeros((0, *state_shape), dtype=torch.float32)
     return o
+
+
+def _lin_packed_load(t, idx, axis, cu_seqlens):
+    """What the batched spec reads as x[b, ..., i, ...] (b: the sequence number, i at `axis`: the position
+    inside it) of a tensor packed along the sequence ([total, ...], the batched shape without B and with the
+    sequence axis first); reads outside the sequence (position −1) give 0, as `_lin_load0`."""
+    idx = torch.broadcast_tensors(*(torch.as_tensor(x, device=t.device) for x in idx))
+    cu = cu_seqlens.long()
+    seq = idx[0].clamp(0, cu.numel() - 2)
+    pos = idx[axis]
+    ok = (idx[0] >= 0) & (idx[0] < cu.numel() - 1) & (pos >= 0) & (pos < cu[seq + 1] - cu[seq])
+    rest = [ix for k, ix in enumerate(idx) if k not in (0, axis)]
+    for ix, n in zip(rest, t.shape[1:], strict=True):
+        ok = ok & (ix >= 0) & (ix < n)
+    row = torch.where(ok, cu[seq] + pos, 0)
+    safe = tuple(torch.where(ok, ix, 0) for ix in rest)
+    return torch.where(ok, t[(row, *safe)], 0)
