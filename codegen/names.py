@@ -51,6 +51,7 @@ MAIN_PER_BLOCK = frozenset(
         "{name}_reference",
         "{name}_triton",
         "{name}_linear",
+        "{name}_linear_varlen",
         "_{name}_impl",
         "_{name}_fake",
         "_{name}_op",

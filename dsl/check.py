@@ -74,6 +74,8 @@ GENERATED_NAMES = {
     "initial_state",
     "return_state",
     "block_layout",
+    "cu_seqlens",  # the packed (varlen) entry points
+    "max_seqlen",
     "ctx",
     "inputs",
     "do",

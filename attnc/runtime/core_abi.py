@@ -24,7 +24,7 @@ from .signature import INPUT, Group, KernelSignature, ParamGroup, constexpr_grou
 def _core_signature(name: str, io: str, inputs: str, ints: str, constexprs: str) -> KernelSignature:
     """A signature from its groups' names (space-separated): the pointers (those named in `inputs` in the
     input dtype, the others float32), the ints, the constexprs."""
-    dtypes = {n: INPUT for n in inputs.split()}
+    dtypes = {n: INPUT for n in inputs.split()} | {"CU": "i32", "CO": "i32"}  # packed batches' offsets
     return KernelSignature(
         name,
         (
@@ -60,7 +60,58 @@ LIN_RECURRENT = _core_signature(
     "N NH REP_K REP_V",
     "D E BLOCK_D BLOCK_V HAS_DECAY HAS_S0 NORM_SUM",
 )
-LINEAR_CORE = (LIN_FWD_STATE, LIN_FWD_OUT, LIN_BWD_DSTATE, LIN_BWD_DQ, LIN_BWD_DKV, LIN_RECURRENT)
+
+# Packed variable-length batches: the same kernels over [H, total, ...] rows, each program one sequence's
+# (CU: int32 offsets [nseq + 1], CO: the first slot of each sequence's state stack [nseq]); a chunk's decay
+# step is read from GL at its last row, so they take no GS.
+_LIN_SEQS = "CU CO"
+LIN_FWD_STATE_VARLEN = _core_signature(
+    "_lin_fwd_state_varlen_kernel",
+    f"KT V GL S0 Z0 HS ZS {_LIN_SEQS}",
+    _QKV,
+    _LIN_INTS,
+    _LIN_PASS.format("HAS_S0"),
+)
+LIN_FWD_OUT_VARLEN = _core_signature(
+    "_lin_fwd_out_varlen_kernel", f"{_QKV} GL HS ZS OUT DEN {_LIN_SEQS}", _QKV, _LIN_INTS, _LIN_CHUNK
+)
+LIN_BWD_DSTATE_VARLEN = _core_signature(
+    "_lin_bwd_dstate_varlen_kernel",
+    f"QT DO DDEN GL DSO DZO DHS DZS {_LIN_SEQS}",
+    _QKV,
+    "N NH NC",
+    _LIN_PASS.format("HAS_DSO"),
+)
+LIN_BWD_DQ_VARLEN = _core_signature(
+    "_lin_bwd_dq_varlen_kernel", f"{_QKV} DO DDEN GL HS ZS DQ {_LIN_SEQS}", _QKV, _LIN_INTS, _LIN_CHUNK
+)
+LIN_BWD_DKV_VARLEN = _core_signature(
+    "_lin_bwd_dkv_varlen_kernel", f"{_QKV} DO DDEN GL DHS DZS DK DV {_LIN_SEQS}", _QKV, _LIN_INTS, _LIN_CHUNK
+)
+LIN_RECURRENT_VARLEN = _core_signature(
+    "_lin_recurrent_varlen_kernel",
+    f"{_QKV} GSTEP S0 Z0 OUT DEN SO ZO CU",
+    _QKV,
+    "N NH REP_K REP_V",
+    "D E BLOCK_D BLOCK_V HAS_DECAY HAS_S0 NORM_SUM",
+)
+LINEAR_VARLEN = (
+    LIN_FWD_STATE_VARLEN,
+    LIN_FWD_OUT_VARLEN,
+    LIN_BWD_DSTATE_VARLEN,
+    LIN_BWD_DQ_VARLEN,
+    LIN_BWD_DKV_VARLEN,
+    LIN_RECURRENT_VARLEN,
+)
+LINEAR_CORE = (
+    LIN_FWD_STATE,
+    LIN_FWD_OUT,
+    LIN_BWD_DSTATE,
+    LIN_BWD_DQ,
+    LIN_BWD_DKV,
+    LIN_RECURRENT,
+    *LINEAR_VARLEN,
+)
 
 # ---- the delta rule ----------------------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ kernels file does.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -18,11 +19,17 @@ import torch
 from .compat import assume_constant_result
 from .core_abi import (
     LIN_BWD_DKV,
+    LIN_BWD_DKV_VARLEN,
     LIN_BWD_DQ,
+    LIN_BWD_DQ_VARLEN,
     LIN_BWD_DSTATE,
+    LIN_BWD_DSTATE_VARLEN,
     LIN_FWD_OUT,
+    LIN_FWD_OUT_VARLEN,
     LIN_FWD_STATE,
+    LIN_FWD_STATE_VARLEN,
     LIN_RECURRENT,
+    LIN_RECURRENT_VARLEN,
     launch_core,
 )
 from .layout import _next_pow2, triton_cdiv
@@ -437,3 +444,426 @@ def _lin_core(qt, kt, v, gfull, s0, z0, opts):
 
 
 _LIN_OPS = None
+
+
+# ---- packed variable-length batches (`NAME_linear_varlen`) ----------------------------------------------------
+#
+# The prologue runs on the packed batch as one [1, H, total] "sequence" whose index variables b and i are each
+# token's sequence number and position inside it; the core then takes q~ [H, total, D], k~ [Gk, total, D],
+# v [G, total, E] (every sequence of a head in one row block) and the log-decay G at positions −1..n_s−1 of every
+# sequence, [H, total + nseq] ("extended" rows: sequence s's position p sits at cu[s] + s + 1 + p). The kernels
+# read the offsets cu_seqlens themselves: one program per (sequence, head) of the sequential passes, per
+# (chunk, sequence, head) of the per-chunk kernels (chunks start at each sequence's first row).
+
+
+class _Seqs(NamedTuple):
+    """What the varlen core derives from cu_seqlens (device tensors: no host synchronisation)."""
+
+    cu: torch.Tensor  # int32 [nseq + 1]
+    co: (
+        torch.Tensor
+    )  # int32 [nseq]: the first slot of each sequence's state stack (its chunks, then its final)
+    final: torch.Tensor  # int64 [nseq]: the slot of each sequence's final state (co + its chunk count)
+    nslot: int  # slots per head of the stacks: an upper bound of Σ_s (nc_s + 1), known from the shapes
+    tok_ext: torch.Tensor  # int64 [total]: each token's extended row
+    ref_ext: torch.Tensor  # int64 [total]: the extended row before the token's chunk (its G re-basing)
+    start_ext: torch.Tensor  # int64 [nseq]: each sequence's position −1
+    last_ext: torch.Tensor  # int64 [nseq]: each sequence's last position (its −1 when empty)
+
+
+def _lin_seqs(cu, total, chunk):
+    cu64 = cu.long()
+    nseq = cu.numel() - 1
+    lens = cu64[1:] - cu64[:-1]
+    tok = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu64[1:], tok, right=True)
+    start = cu64[seq]
+    pos = tok - start
+    nc = (lens + chunk - 1) // chunk
+    co = torch.cumsum(nc + 1, 0) - (nc + 1)
+    ar = torch.arange(nseq, device=cu.device)
+    # Σ ceil(n_s / C) <= total // C + nseq, plus one final slot per sequence.
+    nslot = total // chunk + 2 * nseq
+    return _Seqs(
+        cu, co.int(), co + nc, nslot, tok + seq + 1, start + seq + (pos // chunk) * chunk, cu64[:-1] + ar,
+        cu64[1:] + ar,
+    )  # fmt: skip
+
+
+def _lin_varlen_index(cu, total, device):
+    """Each token's sequence number and position inside it ([total], int64), for the prologue."""
+    cu64 = cu.long()
+    tok = torch.arange(total, device=device)
+    seq = torch.searchsorted(cu64[1:], tok, right=True)
+    return seq, tok - cu64[seq]
+
+
+def _lin_varlen_ext(total, nseq, cu, device):
+    """The extended rows' sequence numbers and positions (−1..n_s−1 per sequence), [total + nseq] each."""
+    cu64 = cu.long()
+    ext = torch.arange(total + nseq, device=device)
+    starts = cu64[:-1] + torch.arange(nseq, device=device)  # each sequence's row −1
+    seq = torch.searchsorted(starts, ext, right=True) - 1
+    return seq, ext - starts[seq] - 1
+
+
+def _lin_varlen_cu(cu_seqlens, device):
+    """Validates cu_seqlens (without reading it on the host: its values are checked where it is read)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens: expected an int32 tensor [nseq + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype is not torch.int32:
+        raise ValueError(f"cu_seqlens: expected int32 (FlashAttention's convention), got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(
+            f"cu_seqlens: expected a 1-d tensor [nseq + 1] (nseq >= 0), got {list(cu_seqlens.shape)}"
+        )
+    if cu_seqlens.device != device:
+        raise ValueError(
+            f"cu_seqlens: expected a tensor on {device} (where q is), got one on {cu_seqlens.device}"
+        )
+    return cu_seqlens.numel() - 1
+
+
+def _lin_varlen_check_values(cu_seqlens, total):
+    """The offsets' values (a host synchronisation: the reference backend and max_seqlen=None take it)."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in itertools.pairwise(cu)):
+        raise ValueError(
+            f"cu_seqlens: expected non-decreasing offsets from 0 to total = {total} (q's first dimension), got {cu}"
+        )
+    return cu
+
+
+def _lin_max_seqlen(cu_seqlens, total, max_seqlen):
+    """max_seqlen as given (no host synchronisation), else read from cu_seqlens (one synchronisation)."""
+    if max_seqlen is None:
+        cu = _lin_varlen_check_values(cu_seqlens, total)
+        return max((b - a for a, b in itertools.pairwise(cu)), default=0)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise ValueError(f"max_seqlen: expected a Python int >= 0 (the longest sequence), got {max_seqlen!r}")
+    return max_seqlen
+
+
+def _lin_varlen_state(state, nseq, H, D, E, norm_sum, device):
+    """A per-sequence state [nseq, H, D, E] (+ 1 column z for norm = sum), split as `_lin_state_split`."""
+    return _lin_state_split(state, nseq, H, D, E, norm_sum, device, name="initial_state")
+
+
+def _lin_varlen_gext(gfull_virtual):
+    """The prologue's G [1, H, total + nseq] (extended rows) as the core takes it: [H, total + nseq]."""
+    return gfull_virtual[0]
+
+
+def _lin_forward_varlen(kern, opts, qt, kt, v, gext, s0, z0, seqs, max_n):
+    """The chunked (or recurrent) core on a packed batch: q~ [H, T, D], k~ [Gk, T, D], v [G, T, E],
+    G [H, T + nseq] (extended rows); returns o_num [H, T, E], den [H, T] and the final states
+    [nseq, H, D, E], [nseq, H, D]."""
+    H, T, D = qt.shape
+    Gk, G, E = kt.shape[0], v.shape[0], v.shape[2]
+    nseq = seqs.cu.numel() - 1
+    cfg = opts.cfg
+    dot = "ieee" if qt.dtype is torch.float32 else "tf32"
+    dev = qt.device
+    o = torch.zeros((H, T, E), device=dev, dtype=torch.float32)
+    den = torch.zeros((H, T), device=dev, dtype=torch.float32) if opts.norm_sum else _lin_dummy(qt)
+    has_s0 = s0 is not None
+    s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
+    z0_ = z0.contiguous() if has_s0 and z0 is not None else _lin_dummy(qt)
+    if nseq == 0:
+        return (
+            o,
+            den,
+            qt.new_zeros((0, H, D, E), dtype=torch.float32),
+            qt.new_zeros((0, H, D), dtype=torch.float32),
+        )
+    bv = min(cfg.block_v, _next_pow2(E))
+    if opts.recurrent:
+        gstep = (
+            (gext[:, seqs.tok_ext] - gext[:, seqs.tok_ext - 1]).float().contiguous()
+            if gext is not None
+            else _lin_dummy(qt)
+        )
+        so = torch.empty((nseq, H, D, E), device=dev, dtype=torch.float32)
+        zo = torch.zeros((nseq, H, D), device=dev, dtype=torch.float32)
+        launch_core(
+            kern, LIN_RECURRENT_VARLEN, (triton_cdiv(E, bv), nseq * H),
+            dict(QT=qt, KT=kt, V=v, GSTEP=gstep, S0=s0_, Z0=z0_, OUT=o, DEN=den, SO=so, ZO=zo, CU=seqs.cu),
+            dict(N=T, NH=H, REP_K=H // Gk, REP_V=H // G),
+            dict(D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_V=bv, HAS_DECAY=gext is not None, HAS_S0=has_s0,
+                 NORM_SUM=opts.norm_sum),
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+        return o, den, so, zo
+    gl = _lin_varlen_gl(gext, seqs) if gext is not None else _lin_dummy(qt)
+    hs, zs = _lin_states_varlen(kern, opts, kt, v, gl, gext is not None, s0_, z0_, has_s0, seqs, dot, H)
+    launch_core(
+        kern, LIN_FWD_OUT_VARLEN, (triton_cdiv(E, bv), max(1, triton_cdiv(max_n, cfg.chunk)), nseq * H),
+        dict(QT=qt, KT=kt, V=v, GL=gl, HS=hs, ZS=zs, OUT=o, DEN=den, CU=seqs.cu, CO=seqs.co),
+        dict(N=T, NH=H, REP_K=H // Gk, REP_V=H // G, NC=seqs.nslot - 1),
+        _lin_chunk_constexprs(opts, D, E, bv, gext is not None, dot),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    so = hs[:, seqs.final].transpose(0, 1).contiguous()
+    zo = zs[:, seqs.final].transpose(0, 1).contiguous()
+    return o, den, so, zo
+
+
+def _lin_varlen_gl(gext, seqs):
+    """G re-based per chunk of each sequence, [H, T] fp32 (differences in float64, as `_lin_chunk_g`)."""
+    return (gext[:, seqs.tok_ext] - gext[:, seqs.ref_ext]).float().contiguous()
+
+
+def _lin_states_varlen(kern, opts, kt, v, gl, decay, s0_, z0_, has_s0, seqs, dot, H):
+    """The sequential pass of every (sequence, head): the state entering each chunk and the final one, stacked
+    per head [H, nslot, D, E] (sequence s's from slot CO[s] on)."""
+    cfg = opts.cfg
+    Gk, T, D = kt.shape
+    G, E = v.shape[0], v.shape[2]
+    nseq = seqs.cu.numel() - 1
+    hs = torch.empty((H, seqs.nslot, D, E), device=kt.device, dtype=torch.float32)
+    zs = torch.zeros((H, seqs.nslot, D), device=kt.device, dtype=torch.float32)
+    bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
+    launch_core(
+        kern, LIN_FWD_STATE_VARLEN, (triton_cdiv(D, bk), triton_cdiv(E, bv), nseq * H),
+        dict(KT=kt, V=v, GL=gl, S0=s0_, Z0=z0_, HS=hs, ZS=zs, CU=seqs.cu, CO=seqs.co),
+        dict(N=T, NH=H, REP_K=H // Gk, REP_V=H // G, NC=seqs.nslot - 1),
+        dict(D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=decay, HAS_S0=has_s0,
+             NORM_SUM=opts.norm_sum, DOT_PRECISION=dot),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    return hs, zs
+
+
+def _lin_backward_varlen(kern, opts, qt, kt, v, gext, s0, z0, so, zo, do, dden, dso, dzo, seqs, max_n):
+    """Gradients of the varlen core's inputs (as `_lin_backward`, per sequence)."""
+    cfg = opts.cfg
+    H, T, D = qt.shape
+    Gk, G, E = kt.shape[0], v.shape[0], v.shape[2]
+    nseq = seqs.cu.numel() - 1
+    dev = qt.device
+    dot = "ieee" if qt.dtype is torch.float32 else "tf32"
+    decay = gext is not None
+    has_s0 = s0 is not None
+    if nseq == 0:
+        zero = [torch.zeros_like(x) if x is not None else None for x in (qt, kt, v, gext, s0, z0)]
+        return tuple(zero)
+    s0_ = s0.contiguous() if has_s0 else _lin_dummy(qt)
+    z0_ = z0.contiguous() if (z0 is not None) else _lin_dummy(qt)
+    gl = _lin_varlen_gl(gext, seqs) if decay else _lin_dummy(qt)
+    hs, zs = _lin_states_varlen(kern, opts, kt, v, gl, decay, s0_, z0_, has_s0, seqs, dot, H)
+    do = (do if do is not None else qt.new_zeros((H, T, E))).float().contiguous()
+    dd = dden.float().contiguous() if (opts.norm_sum and dden is not None) else None
+    if opts.norm_sum and dd is None:
+        dd = torch.zeros((H, T), device=dev, dtype=torch.float32)
+    dd = dd if dd is not None else _lin_dummy(qt)
+    has_dso = dso is not None or dzo is not None
+    dso_ = (dso if dso is not None else torch.zeros_like(so)).float().contiguous()
+    dzo_ = (dzo if dzo is not None else torch.zeros_like(zo)).float().contiguous()
+    dhs = torch.empty((H, seqs.nslot, D, E), device=dev, dtype=torch.float32)
+    dzs = torch.zeros((H, seqs.nslot, D), device=dev, dtype=torch.float32)
+    bk, bv = min(cfg.block_k, _next_pow2(D)), min(cfg.block_v, _next_pow2(E))
+    seq_io = dict(CU=seqs.cu, CO=seqs.co)
+    launch_core(
+        kern, LIN_BWD_DSTATE_VARLEN, (triton_cdiv(D, bk), triton_cdiv(E, bv), nseq * H),
+        dict(QT=qt, DO=do, DDEN=dd, GL=gl, DSO=dso_, DZO=dzo_, DHS=dhs, DZS=dzs, **seq_io),
+        dict(N=T, NH=H, NC=seqs.nslot - 1),
+        dict(D=D, E=E, CHUNK=cfg.chunk, BLOCK_K=bk, BLOCK_V=bv, HAS_DECAY=decay, HAS_DSO=has_dso,
+             NORM_SUM=opts.norm_sum, DOT_PRECISION=dot),
+        num_warps=cfg.num_warps,
+    )  # fmt: skip
+    # Rows of empty or short sequences' idle programs are never written: zeros, not garbage.
+    dqt = torch.zeros((H, T, D), device=dev, dtype=torch.float32)
+    dkt = torch.zeros((H, T, D), device=dev, dtype=torch.float32)
+    dv = torch.zeros((H, T, E), device=dev, dtype=torch.float32)
+    ints = dict(N=T, NH=H, REP_K=H // Gk, REP_V=H // G, NC=seqs.nslot - 1)
+    common = _lin_chunk_constexprs(opts, D, E, bv, decay, dot)
+    run = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    grid = (max(1, triton_cdiv(max_n, cfg.chunk)), nseq * H)
+    io = dict(QT=qt, KT=kt, V=v, DO=do, DDEN=dd, GL=gl)
+    launch_core(
+        kern, LIN_BWD_DQ_VARLEN, grid, dict(**io, HS=hs, ZS=zs, DQ=dqt, **seq_io), ints, common, **run
+    )
+    io = dict(**io, DHS=dhs, DZS=dzs, DK=dkt, DV=dv, **seq_io)
+    launch_core(kern, LIN_BWD_DKV_VARLEN, grid, io, ints, common, **run)
+    ds_in = dhs[:, seqs.final].transpose(0, 1)  # [nseq, H, D, E]: dL/dS_in of every sequence
+    dz_in = dzs[:, seqs.final].transpose(0, 1)
+    dgext = None
+    if decay:
+        # As `_lin_backward`: dL/dG_t = q~_t·dq~_t − k~_t·dk~_t per token, plus each sequence's final state
+        # at its last position and minus its initial state at its position −1.
+        ktq = kt.float().repeat_interleave(H // Gk, dim=0)
+        dg = (qt.float() * dqt).sum(-1) - (ktq * dkt).sum(-1)
+        dgext = torch.zeros_like(gext)
+        dgext[:, seqs.tok_ext] = dg.to(gext.dtype)
+        edge = (dso_ * so).sum((-1, -2)) + (dzo_ * zo).sum(-1)  # [nseq, H]
+        dgext.index_add_(1, seqs.last_ext, edge.t().to(gext.dtype))
+        if has_s0:
+            edge = (s0.float() * ds_in).sum((-1, -2))
+            if z0 is not None:
+                edge = edge + (z0.float() * dz_in).sum(-1)
+            dgext.index_add_(1, seqs.start_ext, -edge.t().to(gext.dtype))
+    ds0 = ds_in.to(s0.dtype) if has_s0 else None
+    dz0 = dz_in.to(z0.dtype) if (has_s0 and z0 is not None) else None
+    dk = dkt.view(Gk, H // Gk, T, D).sum(1).to(kt.dtype)
+    dv_ = dv.view(G, H // G, T, E).sum(1).to(v.dtype)
+    return dqt.to(qt.dtype), dk, dv_, dgext, ds0, dz0
+
+
+def _lin_varlen_pack(opts, max_n):
+    return [*_lin_pack(opts), int(max_n)]
+
+
+def _lin_varlen_unpack(packed):
+    *opts, max_n = packed
+    return _lin_opts(opts), max_n
+
+
+def _lin_core_varlen_impl(
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    v: torch.Tensor,
+    gext: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    s0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    z0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    cu: torch.Tensor,
+    opts: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    kern = _linear_kernels(interpret=not qt.is_cuda)
+    opts, max_n = _lin_varlen_unpack(opts)
+    seqs = _lin_seqs(cu, qt.shape[1], opts.cfg.chunk)
+    return _lin_forward_varlen(kern, opts, qt, kt, v, gext, s0, z0, seqs, max_n)
+
+
+def _lin_core_varlen_fake(qt, kt, v, gext, s0, z0, cu, opts):
+    norm_sum = _lin_varlen_unpack(opts)[0].norm_sum
+    H, T, D = qt.shape
+    E = v.shape[2]
+    nseq = cu.shape[0] - 1
+    f32 = torch.float32
+    return (
+        qt.new_empty((H, T, E), dtype=f32),
+        qt.new_empty((H, T) if norm_sum else (1,), dtype=f32),
+        qt.new_empty((nseq, H, D, E), dtype=f32),
+        qt.new_empty((nseq, H, D), dtype=f32),
+    )
+
+
+def _lin_core_varlen_bwd_impl(
+    do: torch.Tensor,
+    dden: torch.Tensor,
+    dso: torch.Tensor,
+    dzo: torch.Tensor,
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    v: torch.Tensor,
+    gext: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    s0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    z0: Optional[torch.Tensor],  # noqa: UP045 - torch.library parses the annotation text
+    so: torch.Tensor,
+    zo: torch.Tensor,
+    cu: torch.Tensor,
+    opts: list[int],
+) -> list[torch.Tensor]:
+    kern = _linear_kernels(interpret=not qt.is_cuda)
+    opts, max_n = _lin_varlen_unpack(opts)
+    seqs = _lin_seqs(cu, qt.shape[1], opts.cfg.chunk)
+    grads = _lin_backward_varlen(kern, opts, qt, kt, v, gext, s0, z0, so, zo, do, dden, dso, dzo, seqs, max_n)
+    return [g if g is not None else qt.new_empty(0) for g in grads]
+
+
+def _lin_core_varlen_bwd_fake(do, dden, dso, dzo, qt, kt, v, gext, s0, z0, so, zo, cu, opts):
+    return _lin_core_bwd_fake(do, dden, dso, dzo, qt, kt, v, gext, s0, z0, so, zo, opts)
+
+
+def _lin_core_varlen_setup(ctx, inputs, output):
+    qt, kt, v, gext, s0, z0, cu, opts = inputs
+    _, _, so, zo = output
+    ctx.opts = opts
+    ctx.present = (gext is not None, s0 is not None, z0 is not None)
+    ctx.save_for_backward(qt, kt, v, gext, s0, z0, so, zo, cu)
+
+
+def _lin_core_varlen_backward(ctx, do, dden, dso, dzo):
+    qt, kt, v, gext, s0, z0, so, zo, cu = ctx.saved_tensors
+    H, T, _ = qt.shape
+    do = do if do is not None else qt.new_zeros((H, T, v.shape[2]), dtype=torch.float32)
+    norm_sum = _lin_varlen_unpack(ctx.opts)[0].norm_sum
+    dden = dden if dden is not None else qt.new_zeros((H, T) if norm_sum else (1,), dtype=torch.float32)
+    dso = dso if dso is not None else torch.zeros_like(so)
+    dzo = dzo if dzo is not None else torch.zeros_like(zo)
+    grads = _LIN_VARLEN_OPS[1](do, dden, dso, dzo, qt, kt, v, gext, s0, z0, so, zo, cu, ctx.opts)
+    out = [*grads[:3], *(g if p else None for g, p in zip(grads[3:], ctx.present, strict=True))]
+    return (*out, None, None)
+
+
+def _lin_varlen_register():
+    op, fresh = _custom_op(
+        "lin_core_varlen", _lin_core_varlen_impl, _lin_core_varlen_fake, "runtime", __file__
+    )
+    bwd, _ = _custom_op(
+        "lin_core_varlen_backward", _lin_core_varlen_bwd_impl, _lin_core_varlen_bwd_fake, "runtime", __file__
+    )
+    if fresh:
+        op.register_autograd(_lin_core_varlen_backward, setup_context=_lin_core_varlen_setup)
+    return op, bwd
+
+
+def _lin_core_varlen(qt, kt, v, gext, s0, z0, cu, opts, max_n):
+    """Run the Triton varlen core through its custom op (autograd: the varlen backward kernels)."""
+    global _LIN_VARLEN_OPS
+    if _LIN_VARLEN_OPS is None:
+        _LIN_VARLEN_OPS = _lin_varlen_register()
+    return _LIN_VARLEN_OPS[0](qt, kt, v, gext, s0, z0, cu, _lin_varlen_pack(opts, max_n))
+
+
+_LIN_VARLEN_OPS = None
+
+
+def _lin_varlen_loop(linear, args, kinds, cu_seqlens, total, state, state_shape, return_state, **kw):
+    """The reference backend of `NAME_linear_varlen`: the batched `linear` once per sequence, on the host.
+    kinds[k]: how args[k] is packed: ("tok", axis) a packed tensor whose sequence axis sat at `axis` of the
+    batched shape ([total, ...] -> [1, ..., n, ...]), "seq" one row per sequence, None as in the batched call."""
+    cu = _lin_varlen_check_values(cu_seqlens, total)
+    outs, states = [], []
+    for s in range(len(cu) - 1):
+        a, b = cu[s], cu[s + 1]
+        s0 = None if state is None else state[s : s + 1]
+        if b == a:  # an empty sequence: no output rows; its state is its initial one
+            states.append(
+                state[s] if state is not None else args[0].new_zeros(state_shape, dtype=torch.float32)
+            )
+            continue
+        one = []
+        for x, kind in zip(args, kinds, strict=True):
+            if kind == "seq":
+                x = x[s : s + 1]
+            elif kind is not None:
+                x = x[a:b].movedim(0, kind[1] - 1).unsqueeze(0)
+            one.append(x)
+        r = linear(*one, initial_state=s0, return_state=return_state, **kw)
+        o, st = r if return_state else (r, None)
+        outs.append(o[0].movedim(1, 0))  # [1, H, n, E] -> [n, H, E]
+        if return_state:
+            states.append(st[0])
+    q, v = args[0], args[2]
+    o = torch.cat(outs) if outs else q.new_zeros((0, q.shape[1], v.shape[2]))
+    if return_state:
+        return o, torch.stack(states) if states else q.new_zeros((0, *state_shape), dtype=torch.float32)
+    return o
+
+
+def _lin_packed_load(t, idx, axis, cu_seqlens):
+    """What the batched spec reads as x[b, ..., i, ...] (b: the sequence number, i at `axis`: the position
+    inside it) of a tensor packed along the sequence ([total, ...], the batched shape without B and with the
+    sequence axis first); reads outside the sequence (position −1) give 0, as `_lin_load0`."""
+    idx = torch.broadcast_tensors(*(torch.as_tensor(x, device=t.device) for x in idx))
+    cu = cu_seqlens.long()
+    seq = idx[0].clamp(0, cu.numel() - 2)
+    pos = idx[axis]
+    ok = (idx[0] >= 0) & (idx[0] < cu.numel() - 1) & (pos >= 0) & (pos < cu[seq + 1] - cu[seq])
+    rest = [ix for k, ix in enumerate(idx) if k not in (0, axis)]
+    for ix, n in zip(rest, t.shape[1:], strict=True):
+        ok = ok & (ix >= 0) & (ix < n)
+    row = torch.where(ok, cu[seq] + pos, 0)
+    safe = tuple(torch.where(ok, ix, 0) for ix in rest)
+    return torch.where(ok, t[(row, *safe)], 0)

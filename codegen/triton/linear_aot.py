@@ -2,7 +2,9 @@
 
 Every variant a spec can select (causal or not, with or without a decay, norm none or sum, with or without an
 initial state) is compiled with the runtime's default schedule for a real NVIDIA target, so CI catches what the
-interpreter accepts but the GPU compiler rejects and checks registers and spills (no GPU needed).
+interpreter accepts but the GPU compiler rejects and checks registers and spills (no GPU needed). `varlen=True`
+gives the same jobs for the packed variable-length kernels (`*_varlen_kernel`, core_abi.LINEAR_VARLEN): the same
+constexprs and launch options, their own signatures (cu_seqlens offsets, no GS).
 """
 
 from __future__ import annotations
@@ -39,6 +41,17 @@ VARIANTS = (
 )
 
 
+# Each batched core kernel's packed variable-length twin (the same constexprs), by kernel name.
+_VARLEN: dict[str, KernelSignature] = {
+    abi.LIN_FWD_STATE.name: abi.LIN_FWD_STATE_VARLEN,
+    abi.LIN_FWD_OUT.name: abi.LIN_FWD_OUT_VARLEN,
+    abi.LIN_BWD_DSTATE.name: abi.LIN_BWD_DSTATE_VARLEN,
+    abi.LIN_BWD_DQ.name: abi.LIN_BWD_DQ_VARLEN,
+    abi.LIN_BWD_DKV.name: abi.LIN_BWD_DKV_VARLEN,
+    abi.LIN_RECURRENT.name: abi.LIN_RECURRENT_VARLEN,
+}
+
+
 def variant_of(att: object) -> Variant:
     """The core variant a linear-form attention selects (causal, decay, norm)."""
     from attnc.dsl.analysis.linear import linear_form
@@ -57,8 +70,11 @@ def jobs(
     head_dim: int,
     variants: tuple[Variant, ...] = VARIANTS,
     cfg: _LinConfig | None = None,
+    *,
+    varlen: bool = False,
 ) -> list[CompileJob]:
-    """Compile jobs of every core kernel for each variant, with `cfg` (default: the runtime's schedule)."""
+    """Compile jobs of every core kernel for each variant, with `cfg` (default: the runtime's schedule);
+    `varlen`: of the packed variable-length kernels instead (the same constexprs and launch options)."""
     D = E = head_dim
     cfg = cfg or _lin_default_config(D, E)
     dot = "ieee" if dtype == "fp32" else "tf32"
@@ -66,6 +82,7 @@ def jobs(
     out: list[CompileJob] = []
 
     def job(sig: KernelSignature, constexprs: dict[str, object], stages: int = cfg.num_stages) -> None:
+        sig = _VARLEN[sig.name] if varlen else sig
         types, values = sig.compile_args(dtype, constexprs)  # typed from the launcher's own signature
         fn = getattr(lk, sig.name)
         out.append(CompileJob(fn, types, values, cc=cc, num_warps=cfg.num_warps, num_stages=stages))
