@@ -500,10 +500,29 @@ def extension(att: Attention, has_triton: bool) -> Extension | None:
     lin = linear_form(att)
     if lin is None or lin.form is None:
         return None
+    varlen = emit_linear_varlen(att, lin.form, has_triton)
     return Extension(
         tuple(linear_kwargs()),
         tuple(dispatch_lines(att, has_triton)),
-        tuple(
-            [*emit_linear(att, lin.form, has_triton), "", "", *emit_linear_varlen(att, lin.form, has_triton)]
-        ),
+        tuple([*emit_linear(att, lin.form, has_triton), "", "", *varlen]),
+        varlen_kwargs=tuple(linear_kwargs()) if varlen else (),
+        varlen_dispatch=tuple(varlen_dispatch_lines(att)) if varlen else (),
     )
+
+
+def varlen_dispatch_lines(att: Attention) -> list[str]:
+    """Lines of `NAME_varlen` that route to `NAME_linear_varlen` (after `backend` is resolved): an explicit
+    linear algorithm, a state, or (as `NAME` does) sequences longer than the quadratic kernels' sweet spot
+    or not known on the host; algorithm='parallel' keeps the quadratic kernels."""
+    nm = att.name
+    args = ", ".join(p.name for p in att.params)
+    return [
+        "    if algorithm == 'parallel' and (initial_state is not None or return_state):",
+        "        raise ValueError(\"algorithm='parallel' carries no state; use algorithm='chunk' for initial_state/return_state\")",
+        "    linear = algorithm not in (None, 'parallel') or initial_state is not None or return_state",
+        "    if linear or (algorithm is None and (max_seqlen_q is None or max_seqlen_q > _rt_lin._LINEAR_PARALLEL_MAX_N)):",
+        "        if cu_seqlens_k is not None and cu_seqlens_k is not cu_seqlens_q:",
+        f'            raise ValueError("cu_seqlens_k: the linear forms of {nm} take one offsets table (cu_seqlens_q)")',
+        f"        return {nm}_linear_varlen({args}, cu_seqlens=cu_seqlens_q, max_seqlen=max_seqlen_q, "
+        "algorithm=algorithm or 'chunk', backend=backend, initial_state=initial_state, return_state=return_state)",
+    ]

@@ -284,6 +284,9 @@ class Extension:
     kwargs: tuple[str, ...] = ()
     dispatch: tuple[str, ...] = ()
     tail: tuple[str, ...] = ()
+    # the same for `NAME_varlen` (the linear forms' packed entry, `NAME_linear_varlen`)
+    varlen_kwargs: tuple[str, ...] = ()
+    varlen_dispatch: tuple[str, ...] = ()
 
 
 def emit_attention(
@@ -381,7 +384,7 @@ def emit_attention(
     lengths = _varlen_lengths(att)
     if lengths is not None:
         L += ["", ""]
-        L += _emit_varlen(att, kernels is not None)
+        L += _emit_varlen(att, kernels is not None, ext)
         L += ["", ""]
         L += _emit_op(att, kernels is not None, kernels.plan if kernels is not None else None, varlen=True)
     if lengths is not None and lengths[1] != lengths[2]:
@@ -462,7 +465,7 @@ def _packed_aux(att: Attention, p: TensorParam) -> int | None:
     return None
 
 
-def _emit_varlen(att: Attention, has_triton: bool) -> list[str]:
+def _emit_varlen(att: Attention, has_triton: bool, ext: Extension) -> list[str]:
     """`NAME_varlen`: the block over a packed variable-length batch (FlashAttention's `cu_seqlens`)."""
     nm = att.name
     lengths = _varlen_lengths(att)
@@ -529,6 +532,7 @@ def _emit_varlen(att: Attention, has_triton: bool) -> list[str]:
         "    max_seqlen_k: int | None = None,",
         "    return_lse: bool = False,",
         "    backend: str | None = None,",
+        *ext.varlen_kwargs,
         "):",
     ]
     same = q_len == k_len
@@ -561,6 +565,7 @@ def _emit_varlen(att: Attention, has_triton: bool) -> list[str]:
         L.append(
             f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
         )
+    L += ext.varlen_dispatch
     L.append(
         f"    _cu_q, _cu_k, _max_q, _max_k = _rt.varlen_batch({nm!r}, {qn}, {kn}, {vn}, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, {same!r})"
     )

@@ -76,6 +76,13 @@ GENERATED_NAMES = {
     "block_layout",
     "cu_seqlens",  # the packed (varlen) entry points
     "max_seqlen",
+    "cu_seqlens_q",
+    "cu_seqlens_k",
+    "max_seqlen_q",
+    "max_seqlen_k",
+    "block_table",  # the paged-KV-cache entry points
+    "seq_lens",
+    "linear",
     "ctx",
     "inputs",
     "do",

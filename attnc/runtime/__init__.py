@@ -10,6 +10,8 @@ closures, the custom-op wrappers) and calls into this package for the rest:
     tuning     per-module state (`ModuleState`), tuned/baked/forced configs, the online-autotune hook
     ops        torch.library custom-op registration
     linear     the linear family's prologue helpers and chunked core (kernels: linear_kernels.py)
+    varlen     packed variable-length batches (`NAME_varlen`: cu_seqlens, the kernels' packed views)
+    paged      a paged KV cache (`NAME_paged`) and `PagedKVCache`, which appends keys and values to it
 
 A generated module calls `require_runtime(N)` first, then imports `attnc.runtime.api` (the underscore names
 generated code is written against) as `_rt`; a module generated for another RUNTIME_VERSION fails on import
@@ -48,6 +50,7 @@ def require_runtime(version: str) -> None:
 _PUBLIC = {
     "BlockLayout": "layout",
     "ModuleState": "tuning",
+    "PagedKVCache": "paged",
     "autotune_hook": "tuning",
     "forced_configs": "tuning",
     "module_state": "tuning",

@@ -79,7 +79,7 @@ def _lin_seq(CU, CO, s, N, NC, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
         bos = tl.load(CU + s).to(tl.int64)
         n = (tl.load(CU + s + 1) - bos).to(tl.int32)
         co = tl.load(CO + s).to(tl.int64)
-        nc = tl.cdiv(n, CHUNK)
+        nc = (n + CHUNK - 1) // CHUNK  # not tl.cdiv: a jit function, which breaks across interpreter modes
     else:
         bos = 0
         n = N
