@@ -200,3 +200,23 @@ def test_varlen_matches_the_oracles_per_sequence(
             seq = _sequence(spec, args, lens, s)
             alone = getattr(mod, spec)(*seq.values(), backend=backend)
             assert_close(o[oq[s] : oq[s + 1]], alone[0].transpose(0, 1), FWD_TOL[dtype], f"{spec} seq {s}")
+
+
+def test_the_documented_snippets_run(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """README's varlen/paged section and docs/serving.md, run as written (from the repository root)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("ATTNC_CACHE_DIR", str(tmp_path))
+    readme = (
+        (root / "README.md").read_text().split("## Packed variable-length batches", 1)[1].split("\n## ", 1)[0]
+    )
+    docs = (root / "docs" / "serving.md").read_text()
+    for where, text in (("README.md", readme), ("docs/serving.md", docs)):
+        blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+        assert blocks, where
+        env: dict[str, object] = {}
+        for block in blocks:
+            exec(compile(block, where, "exec"), env)
