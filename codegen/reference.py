@@ -546,9 +546,9 @@ def _emit_varlen(att: Attention, has_triton: bool, ext: Extension) -> list[str]:
         + (" (and in k, v: cu_seqlens_k defaults to it)" if same else "; cu_seqlens_k: the same for k, v"),
         f"    Returns o: [total_q, H, E]{lse_doc}.",
         "",
-        "    Host synchronisation: only where max_seqlen_q or max_seqlen_k is None (and to validate the offsets",
-        "    of CPU tensors, or a cu_seqlens_k other than cu_seqlens_q); with both given, a CUDA call never",
-        "    synchronises and trusts the offsets.",
+        "    Host synchronisation: only where a max_seqlen is None (it is read from the offsets, which are then",
+        "    validated, as they always are for CPU tensors); with them given, a CUDA call never synchronises",
+        "    and trusts the offsets.",
         '    """',
         "    if backend is None:",
     ]

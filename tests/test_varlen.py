@@ -220,3 +220,57 @@ def test_the_documented_snippets_run(tmp_path, monkeypatch) -> None:  # type: ig
         env: dict[str, object] = {}
         for block in blocks:
             exec(compile(block, where, "exec"), env)
+
+
+def test_varlen_refuses_bad_input(compiled: Callable[[str], ModuleType]) -> None:
+    """Each wrong offsets table, length or packed tensor is a ValueError naming the parameter."""
+    mod = compiled("moh_gate")
+    q = k = v = torch.randn(10, 2, 16)
+    gate = torch.rand(10, 2)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32)
+    ok = mod.moh_gate_varlen(q, k, v, gate, cu_seqlens_q=cu)
+    assert ok.shape == (10, 2, 16)
+    cases = [
+        ({"cu_seqlens_q": cu.long()}, gate, "cu_seqlens_q: expected an int32 tensor"),
+        ({"cu_seqlens_q": torch.tensor([0, 4, 9], dtype=torch.int32)}, gate, "end at the packed length 10"),
+        ({"cu_seqlens_q": torch.tensor([0, 6, 4, 10], dtype=torch.int32)}, gate, "never decrease"),
+        ({"cu_seqlens_q": torch.tensor([1, 4, 10], dtype=torch.int32)}, gate, "start at 0"),
+        ({"cu_seqlens_q": cu, "max_seqlen_q": 3}, gate, "below the longest sequence, 6"),
+        ({"cu_seqlens_q": cu}, torch.rand(9, 2), r"gate: expected shape \[total_q, H\]"),
+        ({"cu_seqlens_q": cu}, torch.rand(10, 2, 1), r"gate: expected a 2-d tensor"),
+        (
+            {"cu_seqlens_q": cu, "cu_seqlens_k": torch.tensor([0, 5, 10], dtype=torch.int32)},
+            gate,
+            "cu_seqlens_k must equal cu_seqlens_q",
+        ),
+    ]
+    for kw, g, match in cases:
+        with pytest.raises(ValueError, match=match):
+            mod.moh_gate_varlen(q, k, v, g, **kw)
+    with pytest.raises(ValueError, match=r"q: expected a packed tensor of shape \[total_q, H, D\]"):
+        mod.moh_gate_varlen(q[None], k, v, gate, cu_seqlens_q=cu)
+    cross = compiled("cross")
+    with pytest.raises(ValueError, match="cu_seqlens_k: cross has separate query and key lengths"):
+        cross.cross_varlen(q, k, torch.randn(10, 2, 8), cu_seqlens_q=cu)
+    prefix = compiled("prefix_lm")  # P: int = 16, a constant default: fine per sequence
+    assert prefix.prefix_lm_varlen(q, k, v, cu_seqlens_q=cu).shape == (10, 2, 16)
+
+
+def test_a_default_that_reads_a_length_must_be_passed(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`W: int = N // 2` differs per sequence: the varlen form asks for W instead of guessing one."""
+    import attnc
+
+    mod = attnc.compile(
+        "attention half(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D], W: int = N // 2) {\n"
+        "    score = dot(q, k) * D ** -0.5\n    mask = j <= i and i - j < W\n}\n",
+        cache_dir=tmp_path,
+    )
+    q = torch.randn(12, 2, 16)
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    with pytest.raises(ValueError, match="W: its default reads a sequence length"):
+        mod.half_varlen(q, q, q, cu_seqlens_q=cu)
+    o = mod.half_varlen(q, q, q, 3, cu_seqlens_q=cu, backend="triton")
+    for lo, hi in ((0, 4), (4, 12)):
+        s = q[lo:hi].transpose(0, 1)
+        want = mod.half(s[None], s[None], s[None], 3)[0].transpose(0, 1)
+        assert_close(o[lo:hi], want, FWD_TOL[torch.float32], "half")

@@ -77,9 +77,9 @@ def _lengths(name, cu, total, max_len, check):
 def varlen_batch(name, q, k, v, cu_q, cu_k, max_q, max_k, same_length):
     """Check a varlen call's packed tensors and offsets: (cu_q, cu_k, max_q, max_k). `same_length`: q and k
     share the spec's length symbol, so each sequence has as many keys as queries (one offsets table; a
-    second, distinct one is compared, a host synchronisation). The offsets are validated on the host when a
-    max_seqlen is not given (that synchronises anyway) and always for CPU tensors; on CUDA with both
-    max_seqlen given nothing synchronises and the offsets are trusted."""
+    second one is compared with it where a synchronisation is allowed, and the first is used). The offsets
+    are validated on the host when a max_seqlen is not given (that synchronises anyway) and always for CPU
+    tensors; on CUDA with the max_seqlens given nothing synchronises and the offsets are trusted."""
     _packed("q", q, "[total_q, H, D]", q)
     _packed("k", k, "[total_k, G, D]", q)
     _packed("v", v, "[total_k, G, E]", q)
@@ -94,22 +94,25 @@ def varlen_batch(name, q, k, v, cu_q, cu_k, max_q, max_k, same_length):
                 f"cu_seqlens_k: {name} has separate query and key lengths, so it needs the keys' offsets too"
             )
         cu_k = cu_q
-        max_k = max_q if max_k is None else max_k
     else:
         cu_k = _offsets("cu_seqlens_k", cu_k, q)
     if cu_k.shape[0] != cu_q.shape[0]:
         raise ValueError(
             f"cu_seqlens_k: expected {cu_q.shape[0]} offsets (as cu_seqlens_q: one sequence each), got {cu_k.shape[0]}"
         )
-    check = not q.is_cuda
-    max_q = _lengths("cu_seqlens_q", cu_q, q.shape[0], max_q, check)
-    max_k = _lengths("cu_seqlens_k", cu_k, k.shape[0], max_k, check or cu_k is not cu_q)
+    if same_length and max_k is None:
+        max_k = max_q  # as many keys as queries in every sequence
+    # A synchronisation is allowed where one happens anyway (a max_seqlen to read) and on the CPU.
+    check = not q.is_cuda or max_q is None or max_k is None
     if same_length and cu_k is not cu_q:
-        if q.shape[0] != k.shape[0] or not torch.equal(cu_q, cu_k):
+        if q.shape[0] != k.shape[0] or (check and not torch.equal(cu_q, cu_k)):
             raise ValueError(
                 f"cu_seqlens_k: {name} gives queries and keys one length symbol, so cu_seqlens_k must equal "
                 "cu_seqlens_q (pass cu_seqlens_k=None)"
             )
+        cu_k = cu_q  # one table: the kernels read the same offsets for both
+    max_q = _lengths("cu_seqlens_q", cu_q, q.shape[0], max_q, check)
+    max_k = _lengths("cu_seqlens_k", cu_k, k.shape[0], max_k, check)
     return cu_q, cu_k, max_q, max_k
 
 
