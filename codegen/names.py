@@ -55,22 +55,13 @@ MAIN_PER_BLOCK = frozenset(
         "{name}_varlen",
         "{name}_paged",
         "_{name}_check_paged",
-        "_{name}_varlen_impl",
-        "_{name}_varlen_fake",
         "_{name}_varlen_op",
-        "_{name}_varlen_setup_context",
-        "_{name}_varlen_backward",
-        "_{name}_varlen_backward_impl",
-        "_{name}_varlen_backward_fake",
-        "_{name}_varlen_backward_op",
-        "_{name}_impl",
-        "_{name}_fake",
         "_{name}_op",
-        "_{name}_setup_context",
-        "_{name}_backward",
-        "_{name}_backward_impl",
-        "_{name}_backward_fake",
+        "_{name}_aux_grads",
+        # the backward ops, named in torch.ops.attnc as the block's op with `_backward` appended
+        # (`attention_op.attention_ops`): a block `a_backward` would take `a`'s
         "_{name}_backward_op",
+        "_{name}_varlen_backward_op",
     }
 )
 # codegen/triton/module.py: the kernels file's imports and helpers.

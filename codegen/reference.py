@@ -380,13 +380,11 @@ def emit_attention(
     L.append(f"    o, lse, _ = _{nm}_op({call_args}, *_rt._layout_op_args(block_layout), backend)")
     L.append("    return (o, lse) if return_lse else o")
     L += ["", ""]
-    L += _emit_op(att, kernels is not None, kernels.plan if kernels is not None else None)
     lengths = _varlen_lengths(att)
     if lengths is not None:
-        L += ["", ""]
         L += _emit_varlen(att, kernels is not None, ext)
         L += ["", ""]
-        L += _emit_op(att, kernels is not None, kernels.plan if kernels is not None else None, varlen=True)
+    L += _emit_ops(att, kernels.plan if kernels is not None else None, varlen=lengths is not None)
     if lengths is not None and lengths[1] != lengths[2]:
         L += ["", ""]
         L += _emit_paged(att, kernels is not None)
@@ -662,183 +660,62 @@ def _emit_paged(att: Attention, has_triton: bool) -> list[str]:
     return L
 
 
-_VARLEN_OP_PARAMS = ["_cu_q: torch.Tensor", "_cu_k: torch.Tensor", "_max_q: int", "_max_k: int"]
-
-
-def _emit_op(
-    att: Attention, has_triton: bool, plan: AttentionPlan | None = None, varlen: bool = False
-) -> list[str]:
-    """A torch.library custom op (with a fake implementation and an autograd formula) around the block, so
-    that torch.compile(fullgraph=True) traces models that call it without looking inside.
-
-    The op returns (o, lse, _oraw). On the Triton path the backward reads what the forward saved and launches
-    only the backward kernels: `lse` holds the kernels' row statistic (the log-sum-exp for softmax; for the
-    other norms, whose lse the entry point never returns, their normaliser) and `_oraw` the float32 output
-    before the epilogue (a spec with an epilogue; an empty tensor otherwise). The reference backward
-    recomputes the forward under autograd (checkpointing: a deliberate memory choice).
-
-    `varlen`: the op of `NAME_varlen` (`_NAME_varlen_op`): q, k, v and o packed ([total, H, X]), the
-    auxiliary tensors laid out per sequence, the offsets and longest lengths instead of a block layout, and
-    the row statistic per sequence ([nseq, H, max_q]); the kernels run on `varlen.packed_view`s."""
+def _emit_ops(att: Attention, plan: AttentionPlan | None, varlen: bool) -> list[str]:
+    """The block's custom ops, built by the runtime (`attention_op.attention_ops`) from what is the block's:
+    its parameters with their schema types, its launch description and reference, the sums that give its
+    learned inputs' gradients (`_NAME_aux_grads`), and how the varlen reference cuts each argument to one
+    sequence. The op returns (o, stat, oraw): see attnc/runtime/attention_op.py."""
     nm = att.name
-    op = f"{nm}_varlen" if varlen else nm
+    has_triton = plan is not None
+    float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
+    L: list[str] = []
+    if has_triton and float_aux:
+        assert plan is not None
+        L += _fused_aux_grads(nm, plan, float_aux, att)
+        L += ["", ""]
+    params = []
+    for p in att.params:
+        if isinstance(p, TensorParam):
+            params.append((p.name, "Tensor"))
+        else:
+            ty = "int" if p.dtype is DType.INT else "float"
+            params.append(
+                (p.name, f"{ty}?" if p.default is not None and p.default.op is not Op.CONST else ty)
+            )
+    names = [p.name for p in att.params]
+    qkv = tuple(
+        names.index(next(p.name for p in att.tensors if p.role is r)) for r in (Role.Q, Role.K, Role.V)
+    )
+    floats = tuple(
+        k for k, p in enumerate(att.params) if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT
+    )
     softmax = att.norm.kind is NormKind.SOFTMAX
     epilogue = has_triton and att.output is not None
-    # An explicit block layout (BlockLayout) travels as six extra arguments: the schema takes no tuples.
-    extra = _VARLEN_OP_PARAMS if varlen else _LAYOUT_OP_PARAMS
-    params = [*_op_types(att), *extra]
-    names = [p.name for p in att.params]
-    tensors = [p.name for p in att.tensors]
-    floats = [p.name for p in att.tensors if p.type.kind is DType.FLOAT]
-    float_aux = [p.name for p in att.aux_tensors if p.type.kind is DType.FLOAT]
-    layout_names = [p.split(":")[0] for p in extra]
-    args = ", ".join(names)
-    layout_args = ", ".join(layout_names)
-    get_layout = f"block_layout=_rt._layout_from_op_args({layout_args})"
-    outs3 = "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"
-    qn, kn, vn = (next(p.name for p in att.tensors if p.role is r) for r in (Role.Q, Role.K, Role.V))
-    if varlen:
-        # The kernels' 4-D views of the packed q, k, v; the launch description as for the batched call.
-        views = {qn: "_vq", kn: "_vk", vn: "_vv"}
-        view_args = ", ".join(views.get(n, n) for n in names)
-        qkv = "_vq, _vk, _vv"
-        triton_spec = [
-            f"        ({qn}, {kn}, {vn}), ({qkv}) = _rt.varlen_views({qn}, {kn}, {vn}, _cu_q.shape[0] - 1, _max_q, _max_k)",
-            f"        spec = _{nm}_triton_spec({view_args})._replace(varlen=_rt.Varlen(_cu_q, _cu_k, {qn}.shape[0], {kn}.shape[0]))",
-        ]
-        o_shape = f"({qn}.shape[0], {qn}.shape[1], {vn}.shape[2])"
-        lse_shape = f"(_cu_q.shape[0] - 1, {qn}.shape[1], _max_q)"
-    else:
-        qkv = "q.contiguous(), k.contiguous(), v.contiguous()"
-        triton_spec = [f"        spec = _{nm}_triton_spec({args}, {get_layout})"]
-        o_shape = "(*q.shape[:3], v.shape[3])"
-        lse_shape = "q.shape[:3]"
-    L = [f"def _{op}_impl({', '.join(params)}, backend: str) -> {outs3}:"]
-    if has_triton:
-        L.append("    if backend == 'triton':")
-        L += triton_spec
-        L.append(f"        o, _oraw, _stat = _rt._triton_forward(spec, {qkv})")
-        keep = "_oraw" if epilogue else "_stat.new_empty((0,))"
-        L.append(f"        return o, _stat, {keep}")
-    if varlen:
-        # Per sequence, the batched reference (a host loop: the oracle, not the fast path).
-        axes = _varlen_axes(att)
-        ref = (
-            f"lambda *a: {nm}_reference(*a, return_lse=True)"
-            if softmax
-            else f"lambda *a: ({nm}_reference(*a), None)"
-        )
-        L.append(
-            f"    o, lse = _rt.varlen_reference({ref}, ({args},), {axes!r}, _cu_q, _cu_k, _max_q, {o_shape}, _rt._lse_dtype(q))"
-        )
-    elif softmax:
-        L.append(f"    o, lse = {nm}_reference({args}, return_lse=True, {get_layout})")
-    else:
-        L.append(f"    o = {nm}_reference({args}, {get_layout})")
-        L.append("    lse = torch.zeros(q.shape[:3], dtype=_rt._lse_dtype(q), device=q.device)")
-    L.append(
-        "    return o.contiguous(), lse.to(_rt._lse_dtype(q)).contiguous(), q.new_empty((0,), dtype=torch.float32)"
-    )
-    L += ["", ""]
-    L.append(f"def _{op}_fake({', '.join(params)}, backend: str) -> {outs3}:")
-    raw_shape = f"{o_shape} if backend == 'triton' else (0,)" if epilogue else "(0,)"
-    L.append("    return (")
-    L.append(f"        q.new_empty({o_shape}),")
-    L.append(f"        q.new_empty({lse_shape}, dtype=_rt._lse_dtype(q)),")
-    L.append(f"        q.new_empty({raw_shape}, dtype=torch.float32),")
-    L.append("    )")
-    L += ["", ""]
-    bw_params = (
-        "do: torch.Tensor, dlse: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, _oraw: torch.Tensor"
-    )
-    L.append(f"def _{op}_backward_impl(")
-    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
-    L.append(") -> list[torch.Tensor]:")
-    if has_triton:
-        L.append("    if backend == 'triton':")
-        L.append("        # What the forward saved, and the backward kernels only: no forward runs again.")
-        L += triton_spec
-        saved_raw = "_oraw" if epilogue else "o"
-        dstat = "dlse" if softmax else "None"
-        L.append(
-            f"        _dq, _dk, _dv, _parts = _rt._triton_backward(spec, {qkv}, o, {saved_raw}, lse, do, {dstat}, _aux_grad)"
-        )
-        L.append("        _g = {'q': _dq, 'k': _dk, 'v': _dv}")
-        if float_aux:
-            assert plan is not None
-            L += _fused_aux_grads(nm, plan, float_aux, args, layout_args)
-        L.append(
-            f"        return [_g[_n].contiguous() if _n in _g else torch.zeros_like(_x, memory_format=torch.contiguous_format) for _n, _x in zip({tuple(floats)!r}, ({', '.join(floats)},))]"
-        )
-    L.append(
-        "    # Gradients by recomputing the forward under autograd (the reference: exact, checkpointed)."
-    )
-    L.append("    def _grads():")
-    for t in floats:
-        L.append(f"        _l_{t} = {t}.detach().requires_grad_()")
-    rec = ", ".join(f"_l_{n}" if n in floats else n for n in names)
-    L.append(f"        o, lse, _ = _{op}_impl({rec}, {layout_args}, 'reference')")
-    outs = "(o, lse)" if softmax else "(o,)"
-    grads_in = "(do, dlse)" if softmax else "(do,)"
-    leaves = ", ".join(f"_l_{t}" for t in floats)
-    L.append(f"        return _rt._grad({outs}, ({leaves},), {grads_in})")
-    L.append("")
-    L.append("    _out = _rt._with_autograd(_grads)")
-    L.append(
-        # Contiguous, as the fake promises: a compiled backward then knows the strides it gets.
-        f"    return [torch.zeros_like(x, memory_format=torch.contiguous_format) if g is None else g.contiguous() for x, g in zip(({', '.join(floats)},), _out)]"
-    )
-    L += ["", ""]
-    L.append(f"def _{op}_backward_fake(")
-    L.append(f"    {bw_params}, " + ", ".join(params) + ", backend: str, _aux_grad: bool")
-    L.append(") -> list[torch.Tensor]:")
-    L.append(
-        f"    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in ({', '.join(floats)},)]"
-    )
-    L += ["", ""]
-    non_tensors = [p.name for p in att.params if not isinstance(p, TensorParam)]
-    L.append(f"def _{op}_setup_context(ctx, inputs, output):")
-    L.append(f"    {', '.join([*names, *layout_names])}, backend = inputs")
-    L.append(f"    ctx.save_for_backward({', '.join(tensors)}, *output)")
-    L.append(f"    ctx.rest = ({', '.join([*non_tensors, *layout_names, 'backend'])},)")
-    L += ["", ""]
-    L.append(f"def _{op}_backward(ctx, do, dlse, _doraw):")
-    L.append(f"    {', '.join(tensors)}, o, lse, _oraw = ctx.saved_tensors")
-    L.append(f"    {', '.join([*non_tensors, *layout_names, 'backend'])}, = ctx.rest")
-    L.append("    if do is None:")
-    L.append(f"        do = q.new_zeros({o_shape})")
-    L.append("    if dlse is None:")
-    L.append(f"        dlse = q.new_zeros({lse_shape}, dtype=_rt._lse_dtype(q))")
-    aux_pos = [k for k, p in enumerate(att.params) if p.name in float_aux]
-    _aux_grad = " or ".join(f"ctx.needs_input_grad[{k}]" for k in aux_pos) if aux_pos else "False"
-    L.append(
-        f"    {', '.join('_d_' + f for f in floats)}, = _{op}_backward_op(do, dlse, o, lse, _oraw, {args}, {layout_args}, backend, {_aux_grad})"
-    )
-    grads = [
-        f"_d_{p.name}" if isinstance(p, TensorParam) and p.type.kind is DType.FLOAT else "None"
-        for p in att.params
-    ]
-    L.append(f"    return {', '.join([*grads, *(['None'] * len(layout_names)), 'None'])}")
-    L += ["", ""]
-    L.append(f"_{op}_op, _fresh = _rt._custom_op({op!r}, _{op}_impl, _{op}_fake, _OP_KEY, __file__)")
-    L.append(
-        f"_{op}_backward_op, _ = _rt._custom_op('{op}_backward', _{op}_backward_impl, _{op}_backward_fake, _OP_KEY, __file__)"
-    )
-    L.append("if _fresh:")
-    L.append(f"    _{op}_op.register_autograd(_{op}_backward, setup_context=_{op}_setup_context)")
+    sig = f"_rt.OpSignature({tuple(params)!r}, {qkv!r}, {floats!r}, {softmax!r}, {epilogue!r})"
+    spec = f"_{nm}_triton_spec" if has_triton else "None"
+    grads = f", aux_grads=_{nm}_aux_grads" if has_triton and float_aux else ""
+    axes = f", varlen_axes={_varlen_axes(att)!r}" if varlen else ""
+    target = f"_{nm}_op, _{nm}_varlen_op" if varlen else f"_{nm}_op, _"
+    L.append(f"{target} = _rt.attention_ops(")
+    L.append(f"    {nm!r}, _OP_KEY, __file__, {sig},")
+    L.append(f"    {spec}, {nm}_reference{grads}{axes},")
+    L.append(")")
     return L
 
 
-def _fused_aux_grads(
-    nm: str, plan: AttentionPlan, float_aux: list[str], args: str, layout_args: str
-) -> list[str]:
-    """The backward's gradients of float auxiliary tensors (`_g[name]`), when one requires grad: the dQ
-    kernel's partials summed over programs (`_parts`: `plan.kernel_reads()`, then `pair_reads()`,
-    `epilogue_reads()` and the feature maps' reads, q's then k's, in order); zeros for a tensor no
+def _fused_aux_grads(nm: str, plan: AttentionPlan, float_aux: list[str], att: Attention) -> list[str]:
+    """`_NAME_aux_grads(_parts, *args)`: the gradients of the float auxiliary tensors, by name, from the
+    backward kernels' partials (`_parts`: `plan.kernel_reads()`, then `pair_reads()`, `epilogue_reads()` and
+    the feature maps' reads, q's then k's, in order, each summed over programs); zeros for a tensor no
     gradient reaches (read by the mask only, or not at all)."""
     fused = plan.fused_aux()
     read = {r.tensor for r in plan.aux_reads}
-    L = ["        if _aux_grad:"]
+    args = ", ".join(p.name for p in att.params)
+    L = [f"def _{nm}_aux_grads(_parts, {args}):"]
+    L.append(
+        f'    """The learned inputs\' gradients of `{nm}` from its backward kernels\' summed partials."""'
+    )
+    L.append("    return {")
     # A tensor the spec declares but never reads gets zeros, as does one read by the mask only.
     for t in [*fused, *(t for t in float_aux if t not in read)]:
         terms = [f"_parts[{n}]" for n, r in enumerate(plan.kernel_reads()) if r.tensor == t]
@@ -853,7 +730,8 @@ def _fused_aux_grads(
             terms += [f"_parts[{at + n}]" for n, r in enumerate(reads) if r.tensor == t]
             at += len(reads)
         value = " + ".join(terms) if terms else f"torch.zeros_like({t})"  # read by the mask only
-        L.append(f"            _g[{t!r}] = ({value}).view({t}.shape).to({t}.dtype)")
+        L.append(f"        {t!r}: ({value}).view({t}.shape).to({t}.dtype),")
+    L.append("    }")
     # Every read of an attention block is fused (`plan._classify`): the Triton backward never falls back to
     # the reference. A read the plan could not place is a compiler bug, not a slow path.
     unfused = [t for t in float_aux if t in read and t not in fused]

@@ -32,6 +32,7 @@ _MODULES = (
     _RUNTIME / "triton.py",
     _RUNTIME / "tuning.py",
     _RUNTIME / "ops.py",
+    _RUNTIME / "attention_op.py",
     _RUNTIME / "compat.py",
     _RUNTIME / "linear.py",
 )

@@ -121,9 +121,9 @@ def test_every_runtime_name_generated_code_uses_exists(tmp_path) -> None:
 
 def test_generated_module_holds_only_the_spec_specific_part() -> None:
     main, kernels = generate_all((SPECS / "alibi.attn").read_text(), "alibi.attn")
-    # The block's entry points (batched, varlen, paged), its custom ops and launch description: about 450
-    # lines, against 1,202 when the runtime was copied in.
-    assert len(main.splitlines()) <= 480, len(main.splitlines())
+    # The block's entry points (batched, varlen, paged) and launch description; its custom ops are built by
+    # the runtime (attention_op.py). 1,202 lines when the runtime was copied in.
+    assert len(main.splitlines()) <= 300, len(main.splitlines())
     tree = ast.parse(main)
     defined = {n.name for n in tree.body if isinstance(n, ast.FunctionDef | ast.ClassDef)}
     assert not {"_attend", "_bind", "_TritonAttention", "BlockLayout"} & defined  # the runtime's, imported

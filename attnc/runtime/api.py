@@ -6,6 +6,7 @@ attnc.runtime.linear, as `_rt_lin` (kept apart: only those modules need it)."""
 
 from __future__ import annotations
 
+from .attention_op import OpSignature, attention_ops
 from .checks import (
     _bind,
     _check_dim,
@@ -35,6 +36,7 @@ from .varlen import Varlen, varlen_batch, varlen_pack_rows, varlen_reference, va
 __all__ = [
     "BlockLayout",
     "ModuleState",
+    "OpSignature",
     "Paged",
     "PagedKVCache",
     "Varlen",
@@ -68,6 +70,7 @@ __all__ = [
     "_tuned_configs",
     "_with_autograd",
     "_with_block_layout",
+    "attention_ops",
     "paged_batch",
     "paged_reference",
     "varlen_batch",

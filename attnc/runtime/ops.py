@@ -13,17 +13,18 @@ def _lse_dtype(q):
     return torch.float64 if q.dtype is torch.float64 else torch.float32
 
 
-def _custom_op(name, impl, fake, key, file):
+def _custom_op(name, impl, fake, key, file, schema=None):
     """Register `attnc::<name>_<key>_<file hash>` once per process. `key` hashes the spec and the compiler
     (the module's `_OP_KEY`) and `file` is the module's path, so two generated files, or two specs written to
     one path in turn, never share an op, while the same file loaded twice reuses the first registration.
-    Returns the op and whether it is new."""
+    `schema`: the op's schema (None: inferred from `impl`'s annotations). Returns the op and whether it is
+    new."""
     where = hashlib.sha256(str(file).encode()).hexdigest()[:8]
     name = f"{name}_{key}_{where}"
     existing = getattr(torch.ops.attnc, name, None) if _attnc_ns_exists() else None
     if existing is not None:
         return existing, False
-    op = torch.library.custom_op(f"attnc::{name}", mutates_args=())(impl)
+    op = torch.library.custom_op(f"attnc::{name}", mutates_args=(), schema=schema)(impl)
     op.register_fake(fake)
     return op, True
 
