@@ -169,7 +169,9 @@ class KernelWriter:
         self._kernels: tuple[list[str], list[Kernel]] | None = None
         self._calls: list[ast.Call] = []
         self._loops: dict[str, LoopHelper] = {}
-        self._varlen_bodies: list[Stmts] = []  # each kernel's `if _VARLEN:` body (`_varlen_prologue`)
+        # Each kernel's `if _VARLEN:` / `if _PAGED:` body, and where in it the recomputed uniforms go (the
+        # index from the end: before the varlen body's idle clamp).
+        self._varlen_bodies: list[tuple[Stmts, int]] = []
 
     # ---- what the backends read from the analysis -------------------------------------------------------
 
@@ -572,14 +574,14 @@ class KernelWriter:
         if k_len is not None and k_len != q_len:
             body += S(f"{k_len} = _N")
         block = S("if _PAGED:\n    {body}", body=body)
-        self._varlen_bodies.append(block[0].body)  # type: ignore[attr-defined]
+        self._varlen_bodies.append((block[0].body, 0))  # type: ignore[attr-defined]
         return block
 
     def _varlen_prologue(self, kind: str, idle: str) -> Stmts:
         """Under `_VARLEN` (a packed variable-length batch: b is the sequence), the program's sequence: `_M`
         and `_N` (and the spec's length symbols, which the tile plan's bounds read) become its lengths, the
         packed tensors' pointers move to its first row, and a program whose tile `idle` lies past its end
-        stops (the grid covers the longest sequence). Tiles never mix sequences; the per-row buffers keep
+        visits no tile (the grid covers the longest sequence). Tiles never mix sequences; the per-row buffers keep
         their pitch (`_MP`, `_NP`). Hoisted uniforms that read a length are recomputed here at the end of
         `kernels()`, when every uniform is known (`_varlen_uniforms`)."""
         present = set(self.signature(kind).names)
@@ -599,9 +601,12 @@ class KernelWriter:
         for ptr, (start, stride) in _VARLEN_REBASE.items():
             if ptr in present:
                 body += S(f"{ptr} = {ptr} + {start} * {stride}")
-        body += S(f"if {idle}:\n    return")
+        # A program past its sequence's end visits nothing: its loop's extent becomes 0 (an early `return`
+        # costs sm_90 registers and spills in the heavier dQ kernels) and its stores are masked off.
+        loop_extent = "_N" if idle.endswith("_M") else "_M"
+        body += S(f"{loop_extent} = tl.where({idle}, 0, {loop_extent})")
         block = S("if _VARLEN:\n    {body}", body=body)
-        self._varlen_bodies.append(block[0].body)  # type: ignore[attr-defined]
+        self._varlen_bodies.append((block[0].body, 1))  # type: ignore[attr-defined]
         return block
 
     def length_symbols(self) -> tuple[str | None, str | None]:
@@ -1335,8 +1340,9 @@ class KernelWriter:
             return self._kernels
         bodies = [self.forward(), self.dkdv(), self.dq(), self.forward_split(), self.combine()]
         recompute = self._varlen_uniforms()
-        for body in self._varlen_bodies:
-            body.extend(copy.deepcopy(recompute))  # after the idle program's return
+        for body, before in self._varlen_bodies:
+            at = len(body) - before
+            body[at:at] = copy.deepcopy(recompute)
         # Re-read the signatures now that every uniform is hoisted, and complete the helper calls.
         shared = [name(p) for p in self.shared_params()]
         for call in self._calls:
