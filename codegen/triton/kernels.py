@@ -96,17 +96,31 @@ Intervals = list[tuple[str, str]]
 # the start of q's or k's sequence times the stride of its row axis (dQ, dO and the outputs follow q or o).
 _VARLEN_REBASE = {
     "_Q": ("q_start", "_sq_n"),
-    "_DQ": ("q_start", "_sq_n"),
     "_K": ("k_start", "_sk_n"),
-    "_DK": ("k_start", "_sk_n"),
     "_V": ("k_start", "_sv_n"),
-    "_DV": ("k_start", "_sv_n"),
-    "_O": ("q_start", "_so_n"),
-    "_ORAW": ("q_start", "_so_n"),
     "_DO": ("q_start", "_so_n"),
     "_OB": ("q_start", "_so_n"),
     "_DOUT": ("q_start", "_so_n"),
 }
+# The pointers a kernel only stores to after its tile loop: moved there (`_varlen_store_rebase`), from the
+# offsets table again, so that no start lives in registers across the loop (the heavier dQ kernels spilled).
+_VARLEN_STORES = {
+    "_O": ("_CU_Q", "_so_n"),
+    "_ORAW": ("_CU_Q", "_so_n"),
+    "_DQ": ("_CU_Q", "_sq_n"),
+    "_DK": ("_CU_K", "_sk_n"),
+    "_DV": ("_CU_K", "_sv_n"),
+}
+
+
+def _varlen_store_rebase(*ptrs: str) -> Stmts:
+    """Under `_VARLEN`, `ptrs` moved to the program's sequence's first row, just before their stores."""
+    body: Stmts = []
+    for p in ptrs:
+        cu, stride = _VARLEN_STORES[p]
+        body += S(f"{p} = {p} + tl.load({cu} + b).to(tl.int64) * {stride}")
+    return S("if _VARLEN:\n    {body}", body=body)
+
 
 # `Attention.roots()` field of each root an auxiliary read may sit in.
 _ROOT_FIELD = {
@@ -728,6 +742,7 @@ class KernelWriter:
         norm's finish (sink, normalisation), the output epilogue and the stores. Shared by the one-pass forward
         and the split-KV combine, so both paths end in the very same code."""
         self.norm.finish(self, L)
+        L += _varlen_store_rebase("_O", *(("_ORAW",) if self.att.output is not None else ()))
         L += S(
             """
             o_off = b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d
@@ -931,6 +946,7 @@ class KernelWriter:
         if self.plan.kv_reads():
             L += _gated(self._feature_aux_grads, Root.FEATURE_K)
         self._feature_grad(att.feature_k, "kt", Root.FEATURE_K, L)
+        L += _varlen_store_rebase("_DK", "_DV")
         L += S(
             """
             kmask = (offs_n[None, :] < _N) & (offs_d[:, None] < _D)
@@ -1028,6 +1044,7 @@ class KernelWriter:
             L += _gated(self._feature_aux_grads, Root.FEATURE_Q)
         self._feature_grad(att.feature_q, "q", Root.FEATURE_Q, L)
         L += _gated(self._store_aux_partials, reads)
+        L += _varlen_store_rebase("_DQ")
         L += S(
             """
             tl.store(_DQ + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, dq, mask=(i < _M) & (offs_d[None, :] < _D))
