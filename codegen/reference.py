@@ -548,21 +548,8 @@ def _emit_varlen(att: Attention, has_triton: bool, ext: Extension) -> list[str]:
         "    validated, as they always are for CPU tensors); with them given, a CUDA call never synchronises",
         "    and trusts the offsets.",
         '    """',
-        "    if backend is None:",
     ]
-    if has_triton:
-        L.append(f'        backend = "triton" if {qn}.is_cuda and _rt._has_triton() else "reference"')
-    else:
-        L.append('        backend = "reference"')
-    backends = "'reference' or 'triton'" if has_triton else "'reference'"
-    allowed = '("reference", "triton")' if has_triton else '("reference",)'
-    L.append(f"    if backend not in {allowed}:")
-    L.append(f'        raise ValueError(f"backend={{backend!r}}: {nm}_varlen has the backends {backends}")')
-    if not softmax:
-        L.append("    if return_lse:")
-        L.append(
-            f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
-        )
+    L += _backend_lines(att, f"{nm}_varlen", has_triton, qn)
     L += ext.varlen_dispatch
     L.append(
         f"    _cu_q, _cu_k, _max_q, _max_k = _rt.varlen_batch({nm!r}, {qn}, {kn}, {vn}, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, {same!r})"
@@ -571,6 +558,25 @@ def _emit_varlen(att: Attention, has_triton: bool, ext: Extension) -> list[str]:
     call_args = ", ".join(p.name for p in att.params)
     L.append(f"    o, lse, _ = _{nm}_varlen_op({call_args}, _cu_q, _cu_k, _max_q, _max_k, backend)")
     L.append(f"    return (o, _rt.varlen_pack_rows(lse, _cu_q, {qn}.shape[0])) if return_lse else o")
+    return L
+
+
+def _backend_lines(att: Attention, entry: str, has_triton: bool, qn: str) -> list[str]:
+    """An entry point's backend choice (Triton on CUDA tensors, else the reference) and its checks."""
+    L = ["    if backend is None:"]
+    if has_triton:
+        L.append(f'        backend = "triton" if {qn}.is_cuda and _rt._has_triton() else "reference"')
+    else:
+        L.append('        backend = "reference"')
+    backends = "'reference' or 'triton'" if has_triton else "'reference'"
+    allowed = '("reference", "triton")' if has_triton else '("reference",)'
+    L.append(f"    if backend not in {allowed}:")
+    L.append(f'        raise ValueError(f"backend={{backend!r}}: {entry} has the backends {backends}")')
+    if att.norm.kind is not NormKind.SOFTMAX:
+        L.append("    if return_lse:")
+        L.append(
+            f'        raise ValueError("return_lse=True needs norm = softmax; {att.name} uses norm = {att.norm.kind.value}")'
+        )
     return L
 
 
@@ -607,21 +613,8 @@ def _emit_paged(att: Attention, has_triton: bool) -> list[str]:
         "",
         "    Host synchronisation: only where max_seqlen_k is None (and to validate the table of CPU tensors).",
         '    """',
-        "    if backend is None:",
     ]
-    if has_triton:
-        L.append(f'        backend = "triton" if {qn}.is_cuda and _rt._has_triton() else "reference"')
-    else:
-        L.append('        backend = "reference"')
-    backends = "'reference' or 'triton'" if has_triton else "'reference'"
-    allowed = '("reference", "triton")' if has_triton else '("reference",)'
-    L.append(f"    if backend not in {allowed}:")
-    L.append(f'        raise ValueError(f"backend={{backend!r}}: {nm}_paged has the backends {backends}")')
-    if not softmax:
-        L.append("    if return_lse:")
-        L.append(
-            f'        raise ValueError("return_lse=True needs norm = softmax; {nm} uses norm = {att.norm.kind.value}")'
-        )
+    L += _backend_lines(att, f"{nm}_paged", has_triton, qn)
     L.append(
         f"    _lk, _lv, _paged, _max_k = _rt.paged_batch({nm!r}, {qn}, {kn}, {vn}, block_table, seq_lens, max_seqlen_k, ({', '.join(floats)},))"
     )
