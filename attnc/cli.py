@@ -301,12 +301,21 @@ def cmd_show_mask(args: argparse.Namespace) -> int:
 
 
 def inspect_jobs(
-    spec: str, name: str | None, cc: int, dtype: str, head_dim: int, launch: bool = True
+    spec: str,
+    name: str | None,
+    cc: int,
+    dtype: str,
+    head_dim: int,
+    launch: bool = True,
+    form: str = "batched",
+    configs: dict | None = None,
 ) -> list[CompileJob]:
     """The compile jobs of `attnc inspect SPEC`: every Triton kernel of the spec's blocks (or the one named) at
     the runtime's default schedules, the linear core's kernels for blocks with a linear form, and the delta-rule
     runtime's kernels for state blocks. `launch`: compile as a launch with the runtime's contiguous inputs
-    does (`launch_specialised`), else for arbitrary strides. benchmarks/aot_loop_cost.py compiles the same jobs."""
+    does (`launch_specialised`), else for arbitrary strides. `form`: the attention kernels' batched form, or
+    their varlen (`_VARLEN`) or paged (`_PAGED`: the forward kernels) form; `configs`: schedules per kernel
+    kind (`--config`) instead of the defaults. benchmarks/aot_loop_cost.py compiles the same jobs."""
     from attnc.codegen.module import compile_source
     from attnc.codegen.triton.inspect import Target, all_jobs
     from attnc.runtime.triton import _triton_kernels
@@ -314,11 +323,12 @@ def inspect_jobs(
     program = compile_to_ir(_read(spec), spec)
     recs = [r for r in program.recurrences if name in (None, r.name)]
     atts = _select(spec, name) if program.attentions and (name is None or not recs) else []
-    target = Target(cc, dtype, head_dim, launch=launch)
+    kinds = ("fwd", "fwd_split") if form == "paged" else Target.kernels
+    target = Target(cc, dtype, head_dim, kinds, launch=launch, varlen=form == "varlen", paged=form == "paged")
     jobs: list[CompileJob] = []
     if atts:
         kernels = _triton_kernels(compile_source(_read(spec), spec).__file__, interpret=False)
-        jobs += all_jobs(atts, kernels, [target])
+        jobs += all_jobs(atts, kernels, [target], configs=configs)
     if recs:  # state blocks launch the delta-rule runtime's kernels, in the variant their plan selects
         from attnc.codegen.triton import delta_aot
         from attnc.dsl.analysis.recurrence import analyse
@@ -339,8 +349,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     TMA and SASS instructions per key-loop iteration (the linear family's core kernels too, for blocks with a
     linear form)."""
     from attnc.codegen.triton.aot import AOTCompileError, compile_reports, format_table
+    from attnc.codegen.triton.inspect import parse_configs
 
-    jobs = inspect_jobs(args.spec, args.name, args.cc, args.dtype, args.head_dim, launch=not args.any_strides)
+    try:
+        configs = parse_configs(args.config or (), args.head_dim)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    jobs = inspect_jobs(
+        args.spec,
+        args.name,
+        args.cc,
+        args.dtype,
+        args.head_dim,
+        launch=not args.any_strides,
+        form=args.form,
+        configs=configs or None,
+    )
     reports = compile_reports(jobs, max_workers=args.jobs, raise_on_error=False)
     ok = [r for r in reports if not isinstance(r, AOTCompileError)]
     print(format_table(ok))
@@ -420,6 +444,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compile for arbitrary strides (every stride an unknown int) instead of what a launch with the "
         "runtime's contiguous q, k, v, o compiles (unit channel strides constant, 16-divisible strides)",
+    )
+    ins.add_argument(
+        "--form",
+        default="batched",
+        choices=["batched", "varlen", "paged"],
+        help="the attention kernels' form: batched (default), varlen (NAME_varlen: packed sequences) or paged "
+        "(NAME_paged: the forward kernels over a paged KV cache)",
+    )
+    ins.add_argument(
+        "--config",
+        action="append",
+        metavar="[KIND:]KEY=V,...",
+        help="compile at this schedule instead of the default: BLOCK_M, BLOCK_N, warps, stages, for every "
+        "attention kernel or for one KIND (fwd, dkdv, dq, split, combine); repeatable, e.g. "
+        "--config BLOCK_M=128,BLOCK_N=64,warps=8,stages=3 --config dq:BLOCK_M=64",
     )
     ins.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile processes")
     ins.set_defaults(func=cmd_inspect)

@@ -6,7 +6,7 @@ the interpreter accepts but the GPU compiler rejects, and reports shared memory,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from attnc.dsl.ir import Attention
@@ -38,12 +38,17 @@ CI_TARGETS = (Target(90, "fp16", 64), Target(90, "bf16", 128), Target(80, "fp16"
 
 
 def jobs(
-    att: Attention, kernels_module: object, target: Target, config: _KernelConfig | None = None
+    att: Attention,
+    kernels_module: object,
+    target: Target,
+    config: _KernelConfig | None = None,
+    configs: Mapping[str, _KernelConfig] | None = None,
 ) -> list[CompileJob]:
     """One compile per kernel of `target`, typed from the kernel's signature and bound as the launcher binds
     it (`KernelSignature.compile_args`): the gated groups that the compiled form does not read (the layout
     without `target.layout`, the visit probe) are None, constexprs, so the kernel compiles without them.
-    `config`: a schedule instead of the runtime's default (the autotuner's candidates)."""
+    `config`: a schedule instead of the runtime's default (the autotuner's candidates); `configs`: one per
+    kernel kind ("fwd", "bwd_dkdv", ...), before `config` (`attnc inspect --config`)."""
     writer = KernelWriter(att)
     _, kernels = writer.kernels()  # fixes the hoisted uniforms, hence the signatures
     by_kind = dict(zip(KERNEL_KINDS, kernels, strict=True))
@@ -51,7 +56,7 @@ def jobs(
     out = []
     for kind in target.kernels:
         sig = by_kind[kind].signature
-        cfg = config or _schedule(kind, D, E, writer.heavy)
+        cfg = (configs or {}).get(kind) or config or _schedule(kind, D, E, writer.heavy)
         forms = ((Group.LAYOUT, target.layout), (Group.VARLEN, target.varlen), (Group.PAGED, target.paged))
         absent = [g for g in (Group.PROBE, *(g for g, on in forms if not on)) if sig.has(g)]
         types, constexprs = sig.compile_args(
@@ -104,6 +109,65 @@ def _schedule(kind: str, D: int, E: int, heavy: bool) -> _KernelConfig:
 
 
 def all_jobs(
-    atts: Sequence[Attention], kernels_module: object, targets: Sequence[Target] = CI_TARGETS
+    atts: Sequence[Attention],
+    kernels_module: object,
+    targets: Sequence[Target] = CI_TARGETS,
+    configs: Mapping[str, _KernelConfig] | None = None,
 ) -> list[CompileJob]:
-    return [j for att in atts for t in targets for j in jobs(att, kernels_module, t)]
+    return [j for att in atts for t in targets for j in jobs(att, kernels_module, t, configs=configs)]
+
+
+# `attnc inspect --config`: the kinds a schedule may name, and its keys.
+CONFIG_KINDS = {
+    "fwd": "fwd",
+    "dkdv": "bwd_dkdv",
+    "dq": "bwd_dq",
+    "split": "fwd_split",
+    "combine": "fwd_combine",
+}
+_CONFIG_KEYS = {"BLOCK_M": "block_m", "BLOCK_N": "block_n", "warps": "num_warps", "stages": "num_stages"}
+
+
+def parse_configs(texts: Sequence[str], head_dim: int) -> dict[str, _KernelConfig]:
+    """`attnc inspect --config` values, in order (a later one overrides an earlier one's keys), -> {kernel
+    kind: schedule}; keys no value names keep the default schedule's."""
+    values: dict[str, dict[str, int]] = {}
+    for text in texts:
+        for kind, vals in parse_config(text).items():
+            values.setdefault(kind, {}).update(vals)
+    return {k: _schedule(k, head_dim, head_dim, False)._replace(**v) for k, v in values.items()}
+
+
+def parse_config(text: str) -> dict[str, dict[str, int]]:
+    """`[KIND:]BLOCK_M=128,BLOCK_N=64,warps=8,stages=3` -> {kernel kind: {schedule field: value}}; without
+    KIND (fwd, dkdv, dq, split, combine) for every kind. Raises ValueError with what is wrong."""
+    kind, sep, body = text.partition(":")
+    if not sep:
+        kind, body = "", text
+    if kind and kind not in CONFIG_KINDS:
+        raise ValueError(f"--config {text!r}: unknown kernel {kind!r} (one of {', '.join(CONFIG_KINDS)})")
+    values: dict[str, int] = {}
+    for item in filter(None, body.split(",")):
+        key, eq, val = item.partition("=")
+        if not eq or key.strip() not in _CONFIG_KEYS:
+            raise ValueError(
+                f"--config {text!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(_CONFIG_KEYS)}"
+            )
+        try:
+            n = int(val)
+        except ValueError:
+            raise ValueError(f"--config {text!r}: {key}={val!r} is not an integer") from None
+        pow2 = n > 0 and n & (n - 1) == 0
+        if key.strip() in ("BLOCK_M", "BLOCK_N") and not (pow2 and n >= 16):
+            raise ValueError(
+                f"--config {text!r}: {key} must be a power of two, at least 16 (tl.dot's minimum)"
+            )
+        if key.strip() == "warps" and not (pow2 and n <= 16):
+            raise ValueError(f"--config {text!r}: warps must be 1, 2, 4, 8 or 16")
+        if key.strip() == "stages" and n < 1:
+            raise ValueError(f"--config {text!r}: stages must be at least 1")
+        values[_CONFIG_KEYS[key.strip()]] = n
+    if not values:
+        raise ValueError(f"--config {text!r}: give at least one of {', '.join(_CONFIG_KEYS)}")
+    kinds = [CONFIG_KINDS[kind]] if kind else list(CONFIG_KINDS.values())
+    return {k: dict(values) for k in kinds}
