@@ -274,3 +274,30 @@ def test_a_default_that_reads_a_length_must_be_passed(tmp_path) -> None:  # type
         s = q[lo:hi].transpose(0, 1)
         want = mod.half(s[None], s[None], s[None], 3)[0].transpose(0, 1)
         assert_close(o[lo:hi], want, FWD_TOL[torch.float32], "half")
+
+
+def test_varlen_traces_whole_under_torch_compile(compiled: Callable[[str], ModuleType]) -> None:
+    """With the max_seqlens given nothing reads the offsets on the host: fullgraph=True traces the call (the
+    custom op's fake gives the packed shapes); without them the call says what it needs."""
+    mod = compiled("alibi")
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    q = torch.randn(12, 2, 16)
+    slopes = torch.rand(2)
+    eager = mod.alibi_varlen(q, q, q, slopes, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    torch._dynamo.reset()
+    traced = torch.compile(
+        lambda q, cu: mod.alibi_varlen(
+            q, q, q, slopes, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=7, max_seqlen_k=7
+        ),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    assert_close(traced(q, cu), eager, FWD_TOL[torch.float32], "alibi_varlen under torch.compile")
+    torch._dynamo.reset()
+    missing = torch.compile(
+        lambda q, cu: mod.alibi_varlen(q, q, q, slopes, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=7),
+        fullgraph=True,
+        backend="aot_eager",
+    )
+    with pytest.raises(Exception, match=r"max_seqlen_k: required under torch\.compile"):
+        missing(q, cu)

@@ -102,8 +102,18 @@ def varlen_batch(name, q, k, v, cu_q, cu_k, max_q, max_k, same_length):
         )
     if same_length and max_k is None:
         max_k = max_q  # as many keys as queries in every sequence
-    # A synchronisation is allowed where one happens anyway (a max_seqlen to read) and on the CPU.
-    check = not q.is_cuda or max_q is None or max_k is None
+    # A synchronisation is allowed where one happens anyway (a max_seqlen to read) and on the CPU; a graph
+    # being traced (torch.compile) reads no data: it needs the max_seqlens and trusts the offsets.
+    if torch.compiler.is_compiling():
+        missing = [n for n, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)) if m is None]
+        if missing:
+            raise ValueError(
+                f"{', '.join(missing)}: required under torch.compile (a traced graph cannot read the longest "
+                "sequence from the offsets)"
+            )
+        check = False
+    else:
+        check = not q.is_cuda or max_q is None or max_k is None
     if same_length and cu_k is not cu_q:
         if q.shape[0] != k.shape[0] or (check and not torch.equal(cu_q, cu_k)):
             raise ValueError(
