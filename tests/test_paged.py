@@ -22,7 +22,7 @@ from attnc.codegen.triton.inspect import Target, jobs
 from attnc.dsl.lower import compile_to_ir
 
 import attnc
-from attnc.runtime import PagedKVCache
+from attnc.runtime import PagedKVCache, visit_probe
 from attnc.runtime.triton import _triton_kernels
 
 from .test_reference_oracles import Tol, assert_close
@@ -40,7 +40,7 @@ attention sink_decode(q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, D], sinks: 
 """
 TOL = Tol(5e-5, 5e-5)
 H, G, D = 4, 2, 16
-LENS = (37, 5, 70)  # then sequence 3: sequence 2's first two pages, and 20 keys of its own
+LENS = (37, 5, 300)  # then sequence 3: sequence 2's first two pages, and 20 keys of its own (300: splits)
 PAGE = 16
 
 
@@ -115,7 +115,7 @@ def _cache(heads_v: int) -> tuple[PagedKVCache, list[tuple[torch.Tensor, torch.T
     """The cache, and each sequence's keys and values as the test appended them ([G, n, D], [G, n, E])."""
     g = torch.Generator().manual_seed(7)
     B = len(LENS) + 1
-    cache = PagedKVCache(B, 24, PAGE, G, D, heads_v, max_pages=6, generator=g)
+    cache = PagedKVCache(B, 40, PAGE, G, D, heads_v, max_pages=20, generator=g)
     kept = []
     for b, n in enumerate(LENS):
         k, v = torch.randn(G, n, D, generator=g), torch.randn(G, n, heads_v, generator=g)
@@ -175,15 +175,18 @@ def test_paged_matches_the_contiguous_operator_and_the_formula(
     q = torch.randn(B, H if name != "softcap" else G, M, D, generator=g)
     aux = spec.aux(g)
     fn = getattr(mod, f"{spec.name}_paged")
-    o = fn(
-        q,
-        cache.k_pages,
-        cache.v_pages,
-        **aux,
-        block_table=cache.block_table,
-        seq_lens=cache.seq_lens,
-        backend=backend,
-    )
+    with visit_probe() as probe:
+        o = fn(
+            q,
+            cache.k_pages,
+            cache.v_pages,
+            **aux,
+            block_table=cache.block_table,
+            seq_lens=cache.seq_lens,
+            backend=backend,
+        )
+    if backend == "triton":  # decoding shapes take the split-KV forward, longer query blocks the one-pass one
+        assert ("fwd_split" in probe) == (M <= 16), sorted(probe)
     assert o.shape == (B, q.shape[1], M, E) and o.isfinite().all()
     for b, (k, v) in enumerate(kept):
         if name == "softcap":  # no grouped heads in this spec: k, v with q's heads

@@ -50,7 +50,11 @@ class Lens:
 
 # 1 to 5 sequences, with empty and length-1 ones and lengths that are no multiple of a tile.
 SELF = (Lens((5,), (5,)), Lens((0, 1, 37, 20, 5), (0, 1, 37, 20, 5)))
-CROSS = (Lens((3, 0, 1, 17, 9), (20, 4, 0, 33, 1)),)
+CROSS = (
+    Lens((3, 0, 1, 17, 9), (20, 4, 0, 33, 1)),
+    # Decoding shapes (at most 16 query rows, long key ranges): the split-KV forward and its combine.
+    Lens((1, 7, 0, 16), (300, 40, 5, 290)),
+)
 
 
 def _axes(spec: str) -> dict[str, tuple[str | None, ...]]:
