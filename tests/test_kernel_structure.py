@@ -208,7 +208,7 @@ def test_unused_layout_and_probe_groups_are_gated_and_bind_to_none() -> None:
         spec=[1] * len(sig.group(Group.SPEC).params),
         uniforms=[1.0] * len(sig.group(Group.UNIFORMS).params),
         strides=range(16),
-        extents=range(8),
+        extents=range(6),
         constexprs={"_BLOCK_M": 64, "_BLOCK_N": 64, "_BLOCK_D": 64, "_BLOCK_E": 64, "_DOT_PRECISION": "tf32"},
     )
     assert list(bound) == list(sig.names)
@@ -221,7 +221,7 @@ def test_unused_layout_and_probe_groups_are_gated_and_bind_to_none() -> None:
     bound_uniforms = [1.0] * len(sig.group(Group.UNIFORMS).params)
     with pytest.raises(BindError, match="strides"):
         sig.bind(
-            io=io, spec=bound_spec, uniforms=bound_uniforms, strides=range(3), extents=range(8), constexprs={}
+            io=io, spec=bound_spec, uniforms=bound_uniforms, strides=range(3), extents=range(6), constexprs={}
         )
 
 

@@ -13,8 +13,8 @@ in groups, always in this order:
                 symbols
     uniforms    scalar sub-expressions hoisted to the host (`_ku<k>`)
     strides     q, k, v, o strides (b, h, n, d each)
-    extents     H, G, M, N, D, E, and the pitches MP, NP of the per-row buffers (M and N, or in a packed
-                varlen launch the longest sequence's lengths, which M and N are then rebound below)
+    extents     H, G, M, N, D, E (M and N: in a varlen or paged launch the longest sequence's lengths, the
+                pitch of the per-row buffers; each program then rebinds them to its own sequence's)
     varlen      packed variable-length batches: the int32 offsets cu_seqlens of q and of k/v, read only under
                 the `_VARLEN` constexpr (a program then works on one sequence: `_M`, `_N` and the spec's
                 length symbols become that sequence's lengths, the q/k/v/o pointers move to its start)
@@ -122,9 +122,9 @@ def constexpr(name: str) -> Param:
 # ---- the fixed groups ---------------------------------------------------------------------------------------
 
 QKV_STRIDES = tuple(f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h", "n", "d"))
-# _M/_N: the rows of q and k (per program: a varlen launch rebinds them to its sequence's lengths);
-# _MP/_NP: the pitch of the per-row buffers (row statistics, split partials, tile summaries), never rebound.
-EXTENTS = ("_NH", "_NG", "_M", "_N", "_D", "_E", "_MP", "_NP")
+# _M/_N: the rows of q and k (a varlen or paged launch: the longest sequence's, which is the pitch of the
+# per-row buffers; each program then rebinds them to its own sequence's lengths).
+EXTENTS = ("_NH", "_NG", "_M", "_N", "_D", "_E")
 VARLEN_GATE = "_VARLEN"
 PAGED_GATE = "_PAGED"
 AUX_GRAD_GATE = "_AUX_GRAD"  # the dQ kernel reduces auxiliary gradients (its aux_grads group is bound)

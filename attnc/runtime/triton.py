@@ -461,7 +461,7 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
         "spec": spec.args,
         "uniforms": spec.uniforms,
         "strides": strides,
-        "extents": (H, G, M, N, D, E, M, N),  # the pitches: M and N (the longest sequence's when varlen)
+        "extents": (H, G, M, N, D, E),  # varlen, paged: the longest sequence's (the buffers' pitch)
         "constexprs": {n: kw.pop(n) for n in sig.group(Group.CONSTEXPRS).names if n in kw},
     }
     if sig.has(Group.BACKWARD):

@@ -358,13 +358,13 @@ class KernelWriter:
         for n in range(len(self.plan.summaries)):
             if loop == "start_n":
                 tile = (
-                    "(b * _NG + hk).to(tl.int64) * ((_NP + _BLOCK_N - 1) // _BLOCK_N) + start_n // _BLOCK_N"
+                    "(b * _NG + hk).to(tl.int64) * ((_PN + _BLOCK_N - 1) // _BLOCK_N) + start_n // _BLOCK_N"
                 )
                 parts.append(
                     f"(qmax{n} >= tl.load(_SKMIN{n} + {tile})) & (tl.load(_SKMAX{n} + {tile}) >= qmin{n})"
                 )
             else:
-                tile = "(b * _NH + h).to(tl.int64) * ((_MP + _BLOCK_M - 1) // _BLOCK_M) + start_m // _BLOCK_M"
+                tile = "(b * _NH + h).to(tl.int64) * ((_PM + _BLOCK_M - 1) // _BLOCK_M) + start_m // _BLOCK_M"
                 parts.append(
                     f"(kmax{n} >= tl.load(_SQMIN{n} + {tile})) & (tl.load(_SQMAX{n} + {tile}) >= kmin{n})"
                 )
@@ -569,6 +569,8 @@ class KernelWriter:
             b = pid_bh // _NH
             h = pid_bh % _NH
             hk = h // (_NH // _NG)
+            _PM = _M
+            _PN = _N
             """
             )
             + self._varlen_prologue(kind, "pid_m * _BLOCK_M >= _M")
@@ -596,7 +598,7 @@ class KernelWriter:
         and `_N` (and the spec's length symbols, which the tile plan's bounds read) become its lengths, the
         packed tensors' pointers move to its first row, and a program whose tile `idle` lies past its end
         visits no tile (the grid covers the longest sequence). Tiles never mix sequences; the per-row buffers keep
-        their pitch (`_MP`, `_NP`). Hoisted uniforms that read a length are recomputed here at the end of
+        their pitch (`_PM`, `_PN`: the launch's `_M` and `_N`, kept before the rebinding). Hoisted uniforms that read a length are recomputed here at the end of
         `kernels()`, when every uniform is known (`_varlen_uniforms`)."""
         present = set(self.signature(kind).names)
         body: Stmts = S(
@@ -705,6 +707,7 @@ class KernelWriter:
             "offs_d",
             "offs_e",
             "pid_m",
+            "_PN",
             *self._own_summary_names("q"),
         )
         helper = self._helper(
@@ -756,7 +759,7 @@ class KernelWriter:
         L += S(
             """
             tl.store(_O + o_off, o.to(_O.dtype.element_ty), mask=o_mask)
-            tl.store(_STAT + pid_bh.to(tl.int64) * _MP + i, stat, mask=i < _M)
+            tl.store(_STAT + pid_bh.to(tl.int64) * _PM + i, stat, mask=i < _M)
             """
         )
 
@@ -789,7 +792,7 @@ class KernelWriter:
             """
         )
         self._forward_loop(L, ("split_lo", "split_hi"), bounds, "fwd_split")
-        L += S("part = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * _MP + i")
+        L += S("part = (pid_bh.to(tl.int64) * tl.num_programs(2) + pid_s) * _PM + i")
         self.norm.partial(L)
         L += S(
             """
@@ -815,7 +818,7 @@ class KernelWriter:
         )
         merge: Stmts = S(
             """
-            part = (pid_bh.to(tl.int64) * _NSPLIT + split) * _MP + i
+            part = (pid_bh.to(tl.int64) * _NSPLIT + split) * _PM + i
             o_s = tl.load(_OPART + part * _E + offs_e[None, :], mask=(i < _M) & (offs_e[None, :] < _E), other=0.0)
             """
         )
@@ -843,7 +846,7 @@ class KernelWriter:
         d lse for softmax (∂lse/∂s = p folds into ds = p (dp - delta)), stored for the dK/dV kernel."""
         L += S(
             """
-            row = (b * _NH + h).to(tl.int64) * _MP + i
+            row = (b * _NH + h).to(tl.int64) * _PM + i
             stat = tl.load(_STAT + row, mask=i < _M, other=0.0)
             """
         )
@@ -869,6 +872,8 @@ class KernelWriter:
             b = pid_bg // _NG
             hk = pid_bg % _NG
             rep = _NH // _NG
+            _PM = _M
+            _PN = _N
             """
         )
         L += self._varlen_prologue("bwd_dkdv", "pid_n * _BLOCK_N >= _N")
@@ -930,6 +935,7 @@ class KernelWriter:
             "offs_d",
             "offs_e",
             "pid_n",
+            "_PM",
             *self._own_summary_names("k"),
             "_Q",
             "_DO",
@@ -1027,6 +1033,7 @@ class KernelWriter:
             "offs_d",
             "offs_e",
             "pid_m",
+            "_PN",
             *self._own_summary_names("q"),
             "_K",
             "_V",
