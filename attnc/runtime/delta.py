@@ -52,16 +52,28 @@ from types import ModuleType
 
 import torch
 
-from .core_abi import DELTA_CHUNK_BWD, DELTA_CHUNK_FWD, DELTA_RECURRENT_BWD, DELTA_RECURRENT_FWD, launch_core
+from .core_abi import (
+    DELTA_CHUNK_BWD,
+    DELTA_CHUNK_FWD,
+    DELTA_CHUNK_FWD_VARLEN,
+    DELTA_RECURRENT_BWD,
+    DELTA_RECURRENT_BWD_VARLEN,
+    DELTA_RECURRENT_FWD,
+    DELTA_RECURRENT_FWD_VARLEN,
+    launch_core,
+)
 
 __all__ = [
     "Algorithm",
     "DeltaConfig",
     "default_config",
     "delta_rule",
+    "delta_rule_varlen",
     "dplr",
     "dplr_reference",
+    "dplr_varlen",
     "gla",
+    "gla_varlen",
     "spec_grid",
     "spec_input",
     "spec_rows",
@@ -157,6 +169,24 @@ class _Shape:
     T: int
     D: int
     E: int
+
+
+@dataclass(frozen=True)
+class _Seqs:
+    """A packed batch's sequences, as the varlen kernels read them (device tensors: no host synchronisation).
+    The kernels see the batch as B = 1, T = total; their programs are (E-block, sequence·H + head)."""
+
+    cu: torch.Tensor  # int32 [nseq + 1]: each sequence's first row, then total
+    nseq: int
+    total: int
+
+    def slots(self, interval: int) -> tuple[torch.Tensor, int]:
+        """Stored states one per `interval` tokens of each sequence (checkpoints, chunk-boundary states): the
+        first slot of each sequence (int32 [nseq], computed on the device) and the slots per head, an upper
+        bound known from the shapes: Σ_s ceil(n_s / C) ≤ total // C + nseq."""
+        n = ((self.cu[1:] - self.cu[:-1]).long() + interval - 1) // interval
+        co = (torch.cumsum(n, 0) - n).to(torch.int32)
+        return co, self.total // interval + self.nseq
 
 
 def _fail(fn: str, msg: str) -> ValueError:
@@ -325,21 +355,29 @@ def _recurrent_fwd(
     shape: _Shape,
     cfg: DeltaConfig,
     store_ckpt: bool,
+    seqs: _Seqs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """o [B, H, T, E] fp32, the final state [B, H, E, D] fp32 and the checkpoints [B, H, NCK, E, D]."""
+    """o [B, H, T, E] fp32, the final state [B, H, E, D] fp32 and the checkpoints [B, H, NCK, E, D]. A packed
+    batch (`seqs`; B = 1, T = total): final states [nseq, H, E, D], checkpoints [H, slots, E, D]."""
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev = q.device
     o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
-    sn = torch.empty(B, H, E, D, device=dev, dtype=torch.float32)
-    nck = _cdiv(T, cfg.ckpt)
-    hs = torch.empty(B, H, nck, E, D, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
-    be = min(cfg.block_e, _next_pow2(E))
+    nst = B if seqs is None else seqs.nseq  # states: one per batch row, or per sequence
+    sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
     d = _dummy(q)
+    if seqs is None:
+        nck, co, sig = _cdiv(T, cfg.ckpt), {}, DELTA_RECURRENT_FWD
+        hs_shape: tuple[int, ...] = (B, H, nck, E, D)
+    else:
+        co_t, nck = seqs.slots(cfg.ckpt)
+        co, sig, hs_shape = {"CU": seqs.cu, "CO": co_t}, DELTA_RECURRENT_FWD_VARLEN, (H, nck, E, D)
+    hs = torch.empty(hs_shape, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    be = min(cfg.block_e, _next_pow2(E))
     launch_core(
-        kern, DELTA_RECURRENT_FWD, (_cdiv(E, be), B * H),
+        kern, sig, (_cdiv(E, be), nst * H),
         dict(Q=q, K=k, V=v, G=d if g is None else g, RA=d if a is None else a, RB=d if b is None else b,
-             S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs),
+             S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs, **co),
         dict(T=T, H=H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a), NCK=nck),
         dict(D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_E=be, G_MODE=_g_mode(g), HAS_RANK1=a is not None,
              HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, CKPT=cfg.ckpt),
@@ -369,14 +407,20 @@ def _recurrent_bwd(
     shape: _Shape,
     cfg: DeltaConfig,
     ckpt: int,
+    seqs: _Seqs | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of (q, k, v, g, a, b, initial_state), each shaped like its input (fp32)."""
+    """Gradients of (q, k, v, g, a, b, initial_state), each shaped like its input (fp32). A packed batch
+    (`seqs`): hs [H, slots, E, D] stored every `ckpt` tokens of each sequence, dsn and ds0 [nseq, H, E, D]."""
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev, f32 = q.device, torch.float32
     be = min(cfg.block_e, _next_pow2(E))
     ne, bd = _cdiv(E, be), _next_pow2(D)
-    nck = hs.shape[2]
+    if seqs is None:
+        nst, nck, co, sig = B, hs.shape[2], {}, DELTA_RECURRENT_BWD
+    else:
+        co_t, nck = seqs.slots(ckpt)
+        nst, co, sig = seqs.nseq, {"CU": seqs.cu, "CO": co_t}, DELTA_RECURRENT_BWD_VARLEN
     dq = torch.empty(ne, B, H, T, D, device=dev, dtype=f32)
     dk = torch.empty_like(dq)
     dv = torch.empty(B, H, T, E, device=dev, dtype=f32)
@@ -384,15 +428,15 @@ def _recurrent_bwd(
     dg = torch.empty(ne, B, H, T, *((D,) if gm == 2 else ()), device=dev, dtype=f32) if gm else _dummy(q)
     da = torch.empty_like(dq) if a is not None else _dummy(q)
     db = torch.empty_like(dq) if a is not None else _dummy(q)
-    ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
-    scr = torch.empty(ne * B * H, ckpt, be, bd, device=dev, dtype=f32)
+    ds0 = torch.empty(nst, H, E, D, device=dev, dtype=f32)
+    scr = torch.empty(ne * nst * H, ckpt, be, bd, device=dev, dtype=f32)
     d = _dummy(q)
     launch_core(
-        kern, DELTA_RECURRENT_BWD, (ne, B * H),
+        kern, sig, (ne, nst * H),
         dict(Q=q, K=k, V=v, G=d if g is None else g, RA=d if a is None else a, RB=d if b is None else b,
              HS=hs, DO=do.contiguous(), DSN=d if dsn is None else dsn.contiguous(), SCR=scr, DQ=dq, DK=dk,
-             DV=dv, DG=dg, DA=da, DB=db, DS0=ds0),
-        dict(T=T, H=H, NBH=B * H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a),
+             DV=dv, DG=dg, DA=da, DB=db, DS0=ds0, **co),
+        dict(T=T, H=H, NBH=nst * H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a),
              NCK=nck),
         dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=be, G_MODE=gm, HAS_RANK1=a is not None, HAS_DSN=dsn is not None,
              CKPT=ckpt),
@@ -412,24 +456,24 @@ def _recurrent_bwd(
 
 class _RecurrentFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, a, b, s0, shape, cfg):  # type: ignore[override]
+    def forward(ctx, q, k, v, g, a, b, s0, shape, cfg, seqs):  # type: ignore[override]
         store = any(ctx.needs_input_grad[:7])
-        o, sn, hs = _recurrent_fwd(q, k, v, g, a, b, s0, shape, cfg, store)
+        o, sn, hs = _recurrent_fwd(q, k, v, g, a, b, s0, shape, cfg, store, seqs)
         ctx.save_for_backward(q, k, v, g, a, b, hs)
-        ctx.meta = (shape, cfg, s0 is not None)
+        ctx.meta = (shape, cfg, s0 is not None, seqs)
         ctx.set_materialize_grads(False)
         return o, sn
 
     @staticmethod
     def backward(ctx, do, dsn):  # type: ignore[override]
         q, k, v, g, a, b, hs = ctx.saved_tensors
-        shape, cfg, has_s0 = ctx.meta
+        shape, cfg, has_s0, seqs = ctx.meta
         if do is None:
             do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        grads = _recurrent_bwd(q, k, v, g, a, b, hs, do, dsn, shape, cfg, cfg.ckpt)
+        grads = _recurrent_bwd(q, k, v, g, a, b, hs, do, dsn, shape, cfg, cfg.ckpt, seqs)
         inputs = (q, k, v, g, a, b)
         out = [None if gr is None else gr.to(x.dtype) for gr, x in zip(grads[:6], inputs, strict=True)]
-        return (*out, grads[6] if has_s0 else None, None, None)
+        return (*out, grads[6] if has_s0 else None, None, None, None)
 
 
 def _prep(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -439,20 +483,29 @@ def _prep(x: torch.Tensor | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- chunked
 
 
-def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool):
+def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool, seqs=None):
+    """o, the final states and the chunk-boundary states (laid out as `_recurrent_fwd`'s checkpoints, one per
+    chunk, so that the recurrent backward restarts from them)."""
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev = q.device
     o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
-    sn = torch.empty(B, H, E, D, device=dev, dtype=torch.float32)
-    nc = _cdiv(T, cfg.chunk)
-    hs = torch.empty(B, H, nc, E, D, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    nst = B if seqs is None else seqs.nseq
+    sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
+    if seqs is None:
+        nc, co, sig = _cdiv(T, cfg.chunk), {}, DELTA_CHUNK_FWD
+        hs_shape: tuple[int, ...] = (B, H, nc, E, D)
+    else:
+        co_t, nc = seqs.slots(cfg.chunk)
+        co, sig, hs_shape = {"CU": seqs.cu, "CO": co_t}, DELTA_CHUNK_FWD_VARLEN, (H, nc, E, D)
+    hs = torch.empty(hs_shape, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
     be = min(cfg.block_e, _next_pow2(E))
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
     d = _dummy(q)
     launch_core(
-        kern, DELTA_CHUNK_FWD, (_cdiv(E, be), B * H),
-        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs),
+        kern, sig, (_cdiv(E, be), nst * H),
+        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs,
+             **co),
         dict(T=T, H=H, **_reps(shape, q, k, v), REP_B=_rep(shape, beta), REP_G=_rep(shape, g), NC=nc),
         dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=cfg.chunk, HAS_G=g is not None,
              HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32"),
@@ -513,34 +566,36 @@ class _ChunkFn(torch.autograd.Function):
     (`DeltaConfig.wy_backward`) or by the recurrent backward kernel (default)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, s0, shape, cfg):  # type: ignore[override]
+    def forward(ctx, q, k, v, beta, g, s0, shape, cfg, seqs):  # type: ignore[override]
         store = any(ctx.needs_input_grad[:6])
-        o, sn, hs = _chunk_fwd(q, k, v, beta, g, s0, shape, cfg, store)
+        o, sn, hs = _chunk_fwd(q, k, v, beta, g, s0, shape, cfg, store, seqs)
         ctx.save_for_backward(q, k, v, beta, g, hs)
-        ctx.meta = (shape, cfg, s0 is not None)
+        ctx.meta = (shape, cfg, s0 is not None, seqs)
         ctx.set_materialize_grads(False)
         return o, sn
 
     @staticmethod
     def backward(ctx, do, dsn):  # type: ignore[override]
         q, k, v, beta, g, hs = ctx.saved_tensors
-        shape, cfg, has_s0 = ctx.meta
+        shape, cfg, has_s0, seqs = ctx.meta
         H = shape.H
         if do is None:
             do = torch.zeros(shape.B, H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        if cfg.wy_backward:
+        if cfg.wy_backward and seqs is None:  # the chunkwise kernel has no packed form
             dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape, cfg)
         else:
-            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape, cfg)
+            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(
+                q, k, v, beta, g, hs, do, dsn, shape, cfg, seqs
+            )
         inputs = (q, k, v, beta, g)
         out = [
             None if gr is None else gr.to(x.dtype)
             for gr, x in zip((dq, dk, dv, dbeta, dg), inputs, strict=True)
         ]
-        return (*out, ds0 if has_s0 else None, None, None)
+        return (*out, ds0 if has_s0 else None, None, None, None)
 
 
-def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
+def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig, seqs=None):
     """The chunked path's gradients by the recurrent backward in DPLR form, restarted from the chunk-boundary
     states, with the chain rule back to (k, v, β, g) done by autograd on the elementwise mapping (the
     default; DeltaConfig(wy_backward=True) selects the chunkwise kernel)."""
@@ -552,7 +607,7 @@ def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: 
         gp = None if gl is None else _expand_heads(gl, H)
         grads = _recurrent_bwd(
             q, kp.contiguous(), vp.contiguous(), _prep(gp), a.contiguous(), b.contiguous(),
-            hs, do, dsn, shape, cfg, cfg.chunk,
+            hs, do, dsn, shape, cfg, cfg.chunk, seqs,
         )  # fmt: skip
         dq, dkp, dvp, dgp, da, db, ds0 = grads
         outs = [kp, vp, a, b] + ([gp] if gp is not None else [])
@@ -608,7 +663,7 @@ def dplr(
     cfg = config or default_config(shape.D, shape.E)
     o, sn = _RecurrentFn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), _prep(g), _prep(a), _prep(b),
-        _state_in(initial_state), shape, cfg,
+        _state_in(initial_state), shape, cfg, None,
     )  # fmt: skip
     return _finish(o, sn, q, return_state)
 
@@ -685,7 +740,7 @@ def delta_rule(
     cfg = config or default_config(shape.D, shape.E)
     o, sn = _ChunkFn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), _prep(g), _state_in(initial_state),
-        shape, cfg,
+        shape, cfg, None,
     )  # fmt: skip
     return _finish(o, sn, q, return_state)
 
