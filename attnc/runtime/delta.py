@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -743,6 +744,277 @@ def delta_rule(
         shape, cfg, None,
     )  # fmt: skip
     return _finish(o, sn, q, return_state)
+
+
+# ---------------------------------------------------------------------------------------------- packed batches
+# Variable-length sequences packed one after another (FlashAttention's varlen convention): per-token tensors
+# [total, heads, ...] (the batched [B, heads, T, ...] without B, sequence axis first), cu_seqlens int32
+# [nseq + 1] (0, ..., total), states [nseq, H, E, D]. The kernels see the batch as B = 1, T = total: one
+# program per (E-block, sequence, head) walks only its sequence (`_Seqs`); nothing crosses a boundary.
+
+
+def _varlen_cu(fn: str, cu_seqlens: object, device: torch.device) -> int:
+    """cu_seqlens' type, dtype, rank and device (no host synchronisation); returns nseq."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise _fail(fn, f"cu_seqlens must be an int32 tensor [nseq + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype is not torch.int32:
+        raise _fail(
+            fn, f"cu_seqlens must be int32 [nseq + 1] (FlashAttention's convention), got {cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise _fail(fn, f"cu_seqlens must have shape [nseq + 1] (nseq >= 0), got {list(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise _fail(fn, f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    return cu_seqlens.numel() - 1
+
+
+def _varlen_offsets(fn: str, cu_seqlens: torch.Tensor, total: int) -> list[int]:
+    """cu_seqlens' values, checked (a host synchronisation for CUDA tensors)."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != total or any(hi < lo for lo, hi in itertools.pairwise(cu)):
+        raise _fail(
+            fn,
+            "cu_seqlens [nseq + 1] must hold non-decreasing offsets from 0 to total = "
+            f"{total} (q's first dimension), got {cu}",
+        )
+    return cu
+
+
+def _varlen_max(fn: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: object) -> int:
+    """The longest sequence: max_seqlen as given (no synchronisation for CUDA tensors), else read from
+    cu_seqlens (one synchronisation). CPU offsets are always checked: reading them costs nothing."""
+    bad = isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0
+    if max_seqlen is not None and bad:
+        raise _fail(
+            fn, f"max_seqlen must be a Python int >= 0 (the longest sequence) or None, got {max_seqlen!r}"
+        )
+    if max_seqlen is None or cu_seqlens.device.type == "cpu":
+        cu = _varlen_offsets(fn, cu_seqlens, total)
+        longest = max((hi - lo for lo, hi in itertools.pairwise(cu)), default=0)
+        return longest if max_seqlen is None else int(max_seqlen)  # type: ignore[call-overload]
+    return int(max_seqlen)  # type: ignore[call-overload]
+
+
+def _unpack(x: torch.Tensor | None) -> torch.Tensor | None:
+    """[total, heads, ...] → the kernels' [1, heads, total, ...] (a view)."""
+    return None if x is None else x.movedim(0, 1)[None]
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A checked packed call on the kernels' views ([1, heads, total, ...])."""
+
+    fn: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    aux: dict[str, torch.Tensor | None]
+    s0: torch.Tensor | None  # [nseq, H, E, D]
+    seqs: _Seqs
+    longest: int
+    shape: _Shape | None  # None for an empty batch (total = 0)
+    heads: int
+
+
+def _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, **aux) -> _Packed:
+    """Shapes, dtypes, devices and offsets of a packed call (errors name the parameter and its shape)."""
+    named = {"q": q, "k": k, "v": v, **aux}
+    for name, x in [*named.items(), ("initial_state", initial_state)]:
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise _fail(fn, f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 3:
+        raise _fail(fn, f"q must have shape [total, H, D] (the packed sequences), got {tuple(q.shape)}")
+    total, D = q.shape[0], q.shape[2]
+    want = {"k": "[total, Hk, D]", "v": "[total, Hv, E]", "a": "[total, Ha, D]", "b": "[total, Hb, D]"}
+    want |= {"beta": "[total, Hb]", "g": "[total, Hg] (scalar gate) or [total, Hg, D] (per channel)"}
+    for name, x in named.items():
+        if x is None or name == "q":
+            continue
+        ranks = (2, 3) if name == "g" else (2,) if name == "beta" else (3,)
+        keyed = name in ("k", "a", "b") or (name == "g" and x.dim() == 3)
+        if x.dim() not in ranks or x.shape[0] != total or (keyed and x.shape[2] != D):
+            raise _fail(
+                fn, f"{name} must have shape {want[name]} with total = {total}, D = {D}, got {tuple(x.shape)}"
+            )
+    nseq = _varlen_cu(fn, cu_seqlens, q.device)
+    longest = _varlen_max(fn, cu_seqlens, total, max_seqlen)
+    heads = max(x.shape[1] for x in named.values() if x is not None)
+    views = {n: _unpack(x) for n, x in aux.items()}
+    shape = None
+    if total:  # _check needs a token; an empty batch (every sequence empty) has no outputs to check
+        shape = _check(fn, _unpack(q), _unpack(k), _unpack(v), **views)  # type: ignore[arg-type]
+    E = v.shape[2]
+    if initial_state is not None:
+        want_s = (nseq, heads, E, D)
+        if tuple(initial_state.shape) != want_s or not initial_state.is_floating_point():
+            raise _fail(
+                fn,
+                f"initial_state must be a float tensor [nseq, H, E, D] = {list(want_s)} (one state per "
+                f"sequence), got {tuple(initial_state.shape)} {initial_state.dtype}",
+            )
+        if initial_state.device != q.device:
+            raise _fail(fn, f"initial_state is on {initial_state.device} but q is on {q.device}")
+    return _Packed(
+        fn, _unpack(q), _unpack(k), _unpack(v), views, initial_state, _Seqs(cu_seqlens, nseq, total),  # type: ignore[arg-type]
+        longest, shape, heads,
+    )  # fmt: skip
+
+
+def _varlen_finish(p: _Packed, o: torch.Tensor, sn: torch.Tensor, dtype: torch.dtype, return_state: bool):
+    """o [1, H, total, E] → [total, H, E] in q's dtype; the states [nseq, H, E, D]."""
+    o = o[0].transpose(0, 1).contiguous().to(dtype)
+    return (o, sn) if return_state else o
+
+
+def _varlen_empty(p: _Packed, dtype: torch.dtype, return_state: bool):
+    """Every sequence empty (total = 0): no outputs; each state is its initial one."""
+    E, D = p.v.shape[3], p.q.shape[3]
+    o = p.q.new_zeros((0, p.heads, E), dtype=dtype)
+    if p.s0 is not None:
+        sn = p.s0.float() if p.s0.dtype != torch.float64 else p.s0
+    else:
+        sn = p.q.new_zeros((p.seqs.nseq, p.heads, E, D), dtype=torch.float32)
+    return (o, sn) if return_state else o
+
+
+def _varlen_reference(p: _Packed, k, v, g, a, b):
+    """The reference of a packed batch: `dplr_reference` once per sequence on the host (reads cu_seqlens).
+    Returns o [1, H, total, E] and the states [nseq, H, E, D]."""
+    assert p.shape is not None
+    cu = _varlen_offsets(p.fn, p.seqs.cu, p.seqs.total)
+    ct = torch.float64 if any(x.dtype == torch.float64 for x in (p.q, k, v)) else torch.float32
+    outs, states = [], []
+    for s in range(len(cu) - 1):
+        lo, hi = cu[s], cu[s + 1]
+        s0 = None if p.s0 is None else p.s0[s : s + 1]
+        if hi == lo:  # an empty sequence: no output rows; its state is its initial one
+            zero = p.q.new_zeros((1, p.shape.H, p.shape.E, p.shape.D), dtype=ct)
+            states.append(zero if s0 is None else s0.to(ct))
+            continue
+        one = [None if x is None else x[:, :, lo:hi] for x in (p.q, k, v, g, a, b)]
+        o, st = dplr_reference(one[0], one[1], one[2], g=one[3], a=one[4], b=one[5], initial_state=s0)  # type: ignore[arg-type]
+        outs.append(o)
+        states.append(st)
+    return torch.cat(outs, 2), torch.cat(states, 0)
+
+
+def _dplr_varlen_run(p: _Packed, k, v, g, a, b, alg: Algorithm, return_state: bool, config):
+    assert p.shape is not None
+    if alg is Algorithm.REFERENCE:
+        o, sn = _varlen_reference(p, k, v, g, a, b)
+    else:
+        cfg = config or default_config(p.shape.D, p.shape.E)
+        o, sn = _RecurrentFn.apply(
+            p.q.contiguous(), k.contiguous(), v.contiguous(), _prep(g), _prep(a), _prep(b), _state_in(p.s0),
+            p.shape, cfg, p.seqs,
+        )  # fmt: skip
+    return _varlen_finish(p, o, sn, p.q.dtype, return_state)
+
+
+def dplr_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    g: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """`dplr` on a packed batch of variable-length sequences: q [total, Hq, D], k [total, Hk, D],
+    v [total, Hv, E], a, b [total, Ha, D], g [total, Hg] or [total, Hg, D]; cu_seqlens int32 [nseq + 1]
+    (0, ..., total); initial_state and the returned state [nseq, H, E, D], one per sequence (each sequence
+    starts from its own, or zeros). Returns o [total, H, E] (q's dtype), and the states with return_state=True.
+    max_seqlen: None reads cu_seqlens on the host (one synchronisation for CUDA tensors, which also checks
+    its values); the Triton kernels themselves never need it. algorithm: "auto"/"recurrent" or "reference"
+    (the batched reference per sequence)."""
+    fn = "dplr_varlen"
+    alg = _algorithm(algorithm, fn)
+    if alg is Algorithm.CHUNK:
+        raise _fail(
+            fn,
+            "algorithm='chunk' covers the delta rule with scalar gates (delta_rule_varlen); use 'recurrent'",
+        )
+    p = _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, g=g, a=a, b=b)
+    if p.shape is None:
+        return _varlen_empty(p, q.dtype, return_state)
+    return _dplr_varlen_run(p, p.k, p.v, p.aux["g"], p.aux["a"], p.aux["b"], alg, return_state, config)
+
+
+def gla_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """`gla` on a packed batch (shapes and conventions as `dplr_varlen`; g [total, Hg, D] or [total, Hg])."""
+    if g is None:
+        raise _fail("gla_varlen", "g (the log-decay, [total, Hg, D] or [total, Hg]) is required")
+    return dplr_varlen(
+        q, k, v, g=g, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, initial_state=initial_state,
+        return_state=return_state, algorithm=algorithm, config=config,
+    )  # fmt: skip
+
+
+def delta_rule_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """`delta_rule` on a packed batch of variable-length sequences: q [total, Hq, D], k [total, Hk, D],
+    v [total, Hv, E], beta [total, Hb], g absent (DeltaNet), [total, Hg] (Gated DeltaNet) or [total, Hg, D]
+    (KDA); cu_seqlens, max_seqlen, the states and the output as `dplr_varlen`. algorithm: "chunk" (scalar
+    gates: chunks start at each sequence's first token; its backward is the recurrent kernel restarted from
+    the chunk-boundary states, whatever DeltaConfig.wy_backward says), "recurrent", "reference" or "auto"
+    (chunk for scalar gates when the longest sequence has ≥ 64 tokens, else recurrent)."""
+    fn = "delta_rule_varlen"
+    alg = _algorithm(algorithm, fn)
+    if beta is None:
+        raise _fail(fn, "beta (the writing strength, [total, Hb]) is required")
+    p = _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, beta=beta, g=g)
+    scalar_gate = g is None or g.dim() == 2
+    if alg is Algorithm.CHUNK and not scalar_gate:
+        raise _fail(
+            fn,
+            "algorithm='chunk' needs a scalar gate per token (g [total, Hg]) or none; per-channel gates "
+            "(KDA, g [total, Hg, D]) run with algorithm='recurrent'",
+        )
+    if p.shape is None:
+        return _varlen_empty(p, q.dtype, return_state)
+    if alg is Algorithm.AUTO:
+        alg = Algorithm.CHUNK if scalar_gate and p.longest >= 64 else Algorithm.RECURRENT
+    H, gb, betab = p.shape.H, p.aux["g"], p.aux["beta"]
+    if alg is not Algorithm.CHUNK:
+        kp, vp, a, b = _delta_as_dplr(p.k, p.v, betab, gb, H)
+        ge = None if gb is None else _expand_heads(gb, H)
+        return _dplr_varlen_run(p, kp, vp, ge, a, b, alg, return_state, config)
+    cfg = config or default_config(p.shape.D, p.shape.E)
+    o, sn = _ChunkFn.apply(
+        p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), betab.contiguous(), _prep(gb), _state_in(p.s0),  # type: ignore[union-attr]
+        p.shape, cfg, p.seqs,
+    )  # fmt: skip
+    return _varlen_finish(p, o, sn, q.dtype, return_state)
 
 
 # ---------------------------------------------------------------------------------------------- generated modules
