@@ -75,9 +75,12 @@ __all__ = [
     "dplr_varlen",
     "gla",
     "gla_varlen",
+    "packed_load",
     "spec_grid",
+    "spec_grid_varlen",
     "spec_input",
     "spec_rows",
+    "varlen_cu",
 ]
 
 
@@ -1046,6 +1049,41 @@ def spec_grid(B: int, H: int, G: int, T: int, D: int, E: int, device: torch.devi
 
     h = ar(H, 1)
     return SpecGrid(ar(B, 0), h, h // (H // G), ar(T, 2), ar(D, 3), ar(E, 3), (B, H, T, D, E))
+
+
+def spec_grid_varlen(
+    cu_seqlens: torch.Tensor, H: int, G: int, total: int, D: int, E: int, device: torch.device
+) -> SpecGrid:
+    """`spec_grid` of a packed batch seen as one [1, H, total] batch: b and i are each token's sequence number
+    and position inside it (computed on the device: no host synchronisation)."""
+    cu = cu_seqlens.long()
+    tok = torch.arange(total, device=device)
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    grid = spec_grid(1, H, G, total, D, E, device)
+    row = (1, 1, total, 1)
+    return SpecGrid(seq.view(row), grid.h, grid.hk, (tok - cu[seq]).view(row), grid.d, grid.e, grid.shape)
+
+
+def varlen_cu(fn: str, cu_seqlens: object, device: torch.device) -> int:
+    """cu_seqlens' type, dtype, rank and device, checked without reading it (NAME_varlen); returns nseq."""
+    return _varlen_cu(fn, cu_seqlens, device)
+
+
+def packed_load(t: torch.Tensor, idx: tuple, axis: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """What a spec reads as x[b, ..., i, ...] (b: the sequence number, i at `axis`: the position inside it)
+    of a tensor packed along the sequence ([total, ...]: the batched shape without B, the sequence axis
+    first). Reads outside the sequence (i − 1 at its first token, say) give 0."""
+    idx = torch.broadcast_tensors(*(torch.as_tensor(x, device=t.device) for x in idx))
+    cu = cu_seqlens.long()
+    seq = idx[0].clamp(0, cu.numel() - 2)
+    pos = idx[axis]
+    ok = (idx[0] >= 0) & (idx[0] < cu.numel() - 1) & (pos >= 0) & (pos < cu[seq + 1] - cu[seq])
+    rest = [ix for j, ix in enumerate(idx) if j not in (0, axis)]
+    for ix, n in zip(rest, t.shape[1:], strict=True):
+        ok = ok & (ix >= 0) & (ix < n)
+    row = torch.where(ok, cu[seq] + pos, 0)
+    safe = tuple(torch.where(ok, ix, 0) for ix in rest)
+    return torch.where(ok, t[(row, *safe)], 0)
 
 
 def spec_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, G: int):
