@@ -10,6 +10,8 @@ gradients 1e-4 / 1e-4 against the per-sequence calls (the same kernels summing i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -254,6 +256,17 @@ def test_bad_inputs_raise_clear_value_errors(mods, label: str) -> None:
     call, match = next((c, m) for lab, c, m in _bad_calls(mods) if lab == label)
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_docs_example_runs_as_written(monkeypatch, capsys) -> None:
+    """docs/delta.md "Packed variable-length batches": its example, run from the repository root."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "docs" / "delta.md").read_text()
+    section = text.split("## Packed variable-length batches", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(root)
+    exec(compile(code, "docs/delta.md", "exec"), {})
+    assert capsys.readouterr().out.strip() == "torch.Size([44, 2, 16]) torch.Size([4, 2, 16, 16])"
 
 
 @pytest.mark.slow  # as the delta kernels' AOT test of tests/test_delta_rule.py: ~sm_90 compiles, run with -m slow
