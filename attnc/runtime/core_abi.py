@@ -147,7 +147,35 @@ DELTA_CHUNK_BWD = _core_signature(
     f"T H NBH NE_PART {_DELTA_REPS} REP_B REP_G NC",
     "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_DSN DOT_PRECISION",
 )
-DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, DELTA_CHUNK_FWD, DELTA_CHUNK_BWD)
+
+# Packed variable-length batches (NAME_varlen of a state block): the same kernels over [1, H, total, ...] rows,
+# one program per (E-block, sequence, head) walking only its sequence (CU: int32 offsets [nseq + 1], CO: int32
+# [nseq], the first slot of each sequence's stored states in its head's NCK / NC slots). The chunkwise (WY)
+# backward has no packed form: the packed chunked path's backward is the recurrent one.
+_DELTA_SEQS = "CU CO"
+DELTA_RECURRENT_FWD_VARLEN = _core_signature(
+    "_delta_recurrent_fwd_varlen_kernel",
+    f"Q K V G RA RB S0 OUT SN HS {_DELTA_SEQS}",
+    _DPLR_IN,
+    f"T H {_DELTA_REPS} REP_G REP_R NCK",
+    "D E BLOCK_D BLOCK_E G_MODE HAS_RANK1 HAS_S0 STORE_CKPT CKPT",
+)
+DELTA_RECURRENT_BWD_VARLEN = _core_signature(
+    "_delta_recurrent_bwd_varlen_kernel",
+    f"Q K V G RA RB HS DO DSN SCR DQ DK DV DG DA DB DS0 {_DELTA_SEQS}",
+    _DPLR_IN,
+    f"T H NBH {_DELTA_REPS} REP_G REP_R NCK",
+    "D E BLOCK_D BLOCK_E G_MODE HAS_RANK1 HAS_DSN CKPT",
+)
+DELTA_CHUNK_FWD_VARLEN = _core_signature(
+    "_delta_chunk_fwd_varlen_kernel",
+    f"Q K V BETA G S0 OUT SN HS {_DELTA_SEQS}",
+    _DELTA_IN,
+    f"T H {_DELTA_REPS} REP_B REP_G NC",
+    "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_S0 STORE_CKPT DOT_PRECISION",
+)
+DELTA_VARLEN = (DELTA_RECURRENT_FWD_VARLEN, DELTA_RECURRENT_BWD_VARLEN, DELTA_CHUNK_FWD_VARLEN)
+DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, DELTA_CHUNK_FWD, DELTA_CHUNK_BWD, *DELTA_VARLEN)
 
 
 def launch_core(

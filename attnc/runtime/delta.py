@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import importlib.util
+import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,19 +53,34 @@ from types import ModuleType
 
 import torch
 
-from .core_abi import DELTA_CHUNK_BWD, DELTA_CHUNK_FWD, DELTA_RECURRENT_BWD, DELTA_RECURRENT_FWD, launch_core
+from .core_abi import (
+    DELTA_CHUNK_BWD,
+    DELTA_CHUNK_FWD,
+    DELTA_CHUNK_FWD_VARLEN,
+    DELTA_RECURRENT_BWD,
+    DELTA_RECURRENT_BWD_VARLEN,
+    DELTA_RECURRENT_FWD,
+    DELTA_RECURRENT_FWD_VARLEN,
+    launch_core,
+)
 
 __all__ = [
     "Algorithm",
     "DeltaConfig",
     "default_config",
     "delta_rule",
+    "delta_rule_varlen",
     "dplr",
     "dplr_reference",
+    "dplr_varlen",
     "gla",
+    "gla_varlen",
+    "packed_load",
     "spec_grid",
+    "spec_grid_varlen",
     "spec_input",
     "spec_rows",
+    "varlen_cu",
 ]
 
 
@@ -157,6 +173,24 @@ class _Shape:
     T: int
     D: int
     E: int
+
+
+@dataclass(frozen=True)
+class _Seqs:
+    """A packed batch's sequences, as the varlen kernels read them (device tensors: no host synchronisation).
+    The kernels see the batch as B = 1, T = total; their programs are (E-block, sequence·H + head)."""
+
+    cu: torch.Tensor  # int32 [nseq + 1]: each sequence's first row, then total
+    nseq: int
+    total: int
+
+    def slots(self, interval: int) -> tuple[torch.Tensor, int]:
+        """Stored states one per `interval` tokens of each sequence (checkpoints, chunk-boundary states): the
+        first slot of each sequence (int32 [nseq], computed on the device) and the slots per head, an upper
+        bound known from the shapes: Σ_s ceil(n_s / C) ≤ total // C + nseq."""
+        n = ((self.cu[1:] - self.cu[:-1]).long() + interval - 1) // interval
+        co = (torch.cumsum(n, 0) - n).to(torch.int32)
+        return co, self.total // interval + self.nseq
 
 
 def _fail(fn: str, msg: str) -> ValueError:
@@ -325,21 +359,29 @@ def _recurrent_fwd(
     shape: _Shape,
     cfg: DeltaConfig,
     store_ckpt: bool,
+    seqs: _Seqs | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """o [B, H, T, E] fp32, the final state [B, H, E, D] fp32 and the checkpoints [B, H, NCK, E, D]."""
+    """o [B, H, T, E] fp32, the final state [B, H, E, D] fp32 and the checkpoints [B, H, NCK, E, D]. A packed
+    batch (`seqs`; B = 1, T = total): final states [nseq, H, E, D], checkpoints [H, slots, E, D]."""
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev = q.device
     o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
-    sn = torch.empty(B, H, E, D, device=dev, dtype=torch.float32)
-    nck = _cdiv(T, cfg.ckpt)
-    hs = torch.empty(B, H, nck, E, D, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
-    be = min(cfg.block_e, _next_pow2(E))
+    nst = B if seqs is None else seqs.nseq  # states: one per batch row, or per sequence
+    sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
     d = _dummy(q)
+    if seqs is None:
+        nck, co, sig = _cdiv(T, cfg.ckpt), {}, DELTA_RECURRENT_FWD
+        hs_shape: tuple[int, ...] = (B, H, nck, E, D)
+    else:
+        co_t, nck = seqs.slots(cfg.ckpt)
+        co, sig, hs_shape = {"CU": seqs.cu, "CO": co_t}, DELTA_RECURRENT_FWD_VARLEN, (H, nck, E, D)
+    hs = torch.empty(hs_shape, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    be = min(cfg.block_e, _next_pow2(E))
     launch_core(
-        kern, DELTA_RECURRENT_FWD, (_cdiv(E, be), B * H),
+        kern, sig, (_cdiv(E, be), nst * H),
         dict(Q=q, K=k, V=v, G=d if g is None else g, RA=d if a is None else a, RB=d if b is None else b,
-             S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs),
+             S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs, **co),
         dict(T=T, H=H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a), NCK=nck),
         dict(D=D, E=E, BLOCK_D=_next_pow2(D), BLOCK_E=be, G_MODE=_g_mode(g), HAS_RANK1=a is not None,
              HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, CKPT=cfg.ckpt),
@@ -369,14 +411,20 @@ def _recurrent_bwd(
     shape: _Shape,
     cfg: DeltaConfig,
     ckpt: int,
+    seqs: _Seqs | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of (q, k, v, g, a, b, initial_state), each shaped like its input (fp32)."""
+    """Gradients of (q, k, v, g, a, b, initial_state), each shaped like its input (fp32). A packed batch
+    (`seqs`): hs [H, slots, E, D] stored every `ckpt` tokens of each sequence, dsn and ds0 [nseq, H, E, D]."""
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev, f32 = q.device, torch.float32
     be = min(cfg.block_e, _next_pow2(E))
     ne, bd = _cdiv(E, be), _next_pow2(D)
-    nck = hs.shape[2]
+    if seqs is None:
+        nst, nck, co, sig = B, hs.shape[2], {}, DELTA_RECURRENT_BWD
+    else:
+        co_t, nck = seqs.slots(ckpt)
+        nst, co, sig = seqs.nseq, {"CU": seqs.cu, "CO": co_t}, DELTA_RECURRENT_BWD_VARLEN
     dq = torch.empty(ne, B, H, T, D, device=dev, dtype=f32)
     dk = torch.empty_like(dq)
     dv = torch.empty(B, H, T, E, device=dev, dtype=f32)
@@ -384,15 +432,15 @@ def _recurrent_bwd(
     dg = torch.empty(ne, B, H, T, *((D,) if gm == 2 else ()), device=dev, dtype=f32) if gm else _dummy(q)
     da = torch.empty_like(dq) if a is not None else _dummy(q)
     db = torch.empty_like(dq) if a is not None else _dummy(q)
-    ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
-    scr = torch.empty(ne * B * H, ckpt, be, bd, device=dev, dtype=f32)
+    ds0 = torch.empty(nst, H, E, D, device=dev, dtype=f32)
+    scr = torch.empty(ne * nst * H, ckpt, be, bd, device=dev, dtype=f32)
     d = _dummy(q)
     launch_core(
-        kern, DELTA_RECURRENT_BWD, (ne, B * H),
+        kern, sig, (ne, nst * H),
         dict(Q=q, K=k, V=v, G=d if g is None else g, RA=d if a is None else a, RB=d if b is None else b,
              HS=hs, DO=do.contiguous(), DSN=d if dsn is None else dsn.contiguous(), SCR=scr, DQ=dq, DK=dk,
-             DV=dv, DG=dg, DA=da, DB=db, DS0=ds0),
-        dict(T=T, H=H, NBH=B * H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a),
+             DV=dv, DG=dg, DA=da, DB=db, DS0=ds0, **co),
+        dict(T=T, H=H, NBH=nst * H, **_reps(shape, q, k, v), REP_G=_rep(shape, g), REP_R=_rep(shape, a),
              NCK=nck),
         dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=be, G_MODE=gm, HAS_RANK1=a is not None, HAS_DSN=dsn is not None,
              CKPT=ckpt),
@@ -412,24 +460,24 @@ def _recurrent_bwd(
 
 class _RecurrentFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, g, a, b, s0, shape, cfg):  # type: ignore[override]
+    def forward(ctx, q, k, v, g, a, b, s0, shape, cfg, seqs):  # type: ignore[override]
         store = any(ctx.needs_input_grad[:7])
-        o, sn, hs = _recurrent_fwd(q, k, v, g, a, b, s0, shape, cfg, store)
+        o, sn, hs = _recurrent_fwd(q, k, v, g, a, b, s0, shape, cfg, store, seqs)
         ctx.save_for_backward(q, k, v, g, a, b, hs)
-        ctx.meta = (shape, cfg, s0 is not None)
+        ctx.meta = (shape, cfg, s0 is not None, seqs)
         ctx.set_materialize_grads(False)
         return o, sn
 
     @staticmethod
     def backward(ctx, do, dsn):  # type: ignore[override]
         q, k, v, g, a, b, hs = ctx.saved_tensors
-        shape, cfg, has_s0 = ctx.meta
+        shape, cfg, has_s0, seqs = ctx.meta
         if do is None:
             do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        grads = _recurrent_bwd(q, k, v, g, a, b, hs, do, dsn, shape, cfg, cfg.ckpt)
+        grads = _recurrent_bwd(q, k, v, g, a, b, hs, do, dsn, shape, cfg, cfg.ckpt, seqs)
         inputs = (q, k, v, g, a, b)
         out = [None if gr is None else gr.to(x.dtype) for gr, x in zip(grads[:6], inputs, strict=True)]
-        return (*out, grads[6] if has_s0 else None, None, None)
+        return (*out, grads[6] if has_s0 else None, None, None, None)
 
 
 def _prep(x: torch.Tensor | None) -> torch.Tensor | None:
@@ -439,20 +487,29 @@ def _prep(x: torch.Tensor | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- chunked
 
 
-def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool):
+def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool, seqs=None):
+    """o, the final states and the chunk-boundary states (laid out as `_recurrent_fwd`'s checkpoints, one per
+    chunk, so that the recurrent backward restarts from them)."""
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev = q.device
     o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
-    sn = torch.empty(B, H, E, D, device=dev, dtype=torch.float32)
-    nc = _cdiv(T, cfg.chunk)
-    hs = torch.empty(B, H, nc, E, D, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    nst = B if seqs is None else seqs.nseq
+    sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
+    if seqs is None:
+        nc, co, sig = _cdiv(T, cfg.chunk), {}, DELTA_CHUNK_FWD
+        hs_shape: tuple[int, ...] = (B, H, nc, E, D)
+    else:
+        co_t, nc = seqs.slots(cfg.chunk)
+        co, sig, hs_shape = {"CU": seqs.cu, "CO": co_t}, DELTA_CHUNK_FWD_VARLEN, (H, nc, E, D)
+    hs = torch.empty(hs_shape, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
     be = min(cfg.block_e, _next_pow2(E))
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
     d = _dummy(q)
     launch_core(
-        kern, DELTA_CHUNK_FWD, (_cdiv(E, be), B * H),
-        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs),
+        kern, sig, (_cdiv(E, be), nst * H),
+        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs,
+             **co),
         dict(T=T, H=H, **_reps(shape, q, k, v), REP_B=_rep(shape, beta), REP_G=_rep(shape, g), NC=nc),
         dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=cfg.chunk, HAS_G=g is not None,
              HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32"),
@@ -513,34 +570,36 @@ class _ChunkFn(torch.autograd.Function):
     (`DeltaConfig.wy_backward`) or by the recurrent backward kernel (default)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, s0, shape, cfg):  # type: ignore[override]
+    def forward(ctx, q, k, v, beta, g, s0, shape, cfg, seqs):  # type: ignore[override]
         store = any(ctx.needs_input_grad[:6])
-        o, sn, hs = _chunk_fwd(q, k, v, beta, g, s0, shape, cfg, store)
+        o, sn, hs = _chunk_fwd(q, k, v, beta, g, s0, shape, cfg, store, seqs)
         ctx.save_for_backward(q, k, v, beta, g, hs)
-        ctx.meta = (shape, cfg, s0 is not None)
+        ctx.meta = (shape, cfg, s0 is not None, seqs)
         ctx.set_materialize_grads(False)
         return o, sn
 
     @staticmethod
     def backward(ctx, do, dsn):  # type: ignore[override]
         q, k, v, beta, g, hs = ctx.saved_tensors
-        shape, cfg, has_s0 = ctx.meta
+        shape, cfg, has_s0, seqs = ctx.meta
         H = shape.H
         if do is None:
             do = torch.zeros(shape.B, H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        if cfg.wy_backward:
+        if cfg.wy_backward and seqs is None:  # the chunkwise kernel has no packed form
             dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape, cfg)
         else:
-            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape, cfg)
+            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(
+                q, k, v, beta, g, hs, do, dsn, shape, cfg, seqs
+            )
         inputs = (q, k, v, beta, g)
         out = [
             None if gr is None else gr.to(x.dtype)
             for gr, x in zip((dq, dk, dv, dbeta, dg), inputs, strict=True)
         ]
-        return (*out, ds0 if has_s0 else None, None, None)
+        return (*out, ds0 if has_s0 else None, None, None, None)
 
 
-def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
+def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig, seqs=None):
     """The chunked path's gradients by the recurrent backward in DPLR form, restarted from the chunk-boundary
     states, with the chain rule back to (k, v, β, g) done by autograd on the elementwise mapping (the
     default; DeltaConfig(wy_backward=True) selects the chunkwise kernel)."""
@@ -552,7 +611,7 @@ def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: 
         gp = None if gl is None else _expand_heads(gl, H)
         grads = _recurrent_bwd(
             q, kp.contiguous(), vp.contiguous(), _prep(gp), a.contiguous(), b.contiguous(),
-            hs, do, dsn, shape, cfg, cfg.chunk,
+            hs, do, dsn, shape, cfg, cfg.chunk, seqs,
         )  # fmt: skip
         dq, dkp, dvp, dgp, da, db, ds0 = grads
         outs = [kp, vp, a, b] + ([gp] if gp is not None else [])
@@ -608,7 +667,7 @@ def dplr(
     cfg = config or default_config(shape.D, shape.E)
     o, sn = _RecurrentFn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), _prep(g), _prep(a), _prep(b),
-        _state_in(initial_state), shape, cfg,
+        _state_in(initial_state), shape, cfg, None,
     )  # fmt: skip
     return _finish(o, sn, q, return_state)
 
@@ -685,9 +744,280 @@ def delta_rule(
     cfg = config or default_config(shape.D, shape.E)
     o, sn = _ChunkFn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), _prep(g), _state_in(initial_state),
-        shape, cfg,
+        shape, cfg, None,
     )  # fmt: skip
     return _finish(o, sn, q, return_state)
+
+
+# ---------------------------------------------------------------------------------------------- packed batches
+# Variable-length sequences packed one after another (FlashAttention's varlen convention): per-token tensors
+# [total, heads, ...] (the batched [B, heads, T, ...] without B, sequence axis first), cu_seqlens int32
+# [nseq + 1] (0, ..., total), states [nseq, H, E, D]. The kernels see the batch as B = 1, T = total: one
+# program per (E-block, sequence, head) walks only its sequence (`_Seqs`); nothing crosses a boundary.
+
+
+def _varlen_cu(fn: str, cu_seqlens: object, device: torch.device) -> int:
+    """cu_seqlens' type, dtype, rank and device (no host synchronisation); returns nseq."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise _fail(fn, f"cu_seqlens must be an int32 tensor [nseq + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype is not torch.int32:
+        raise _fail(
+            fn, f"cu_seqlens must be int32 [nseq + 1] (FlashAttention's convention), got {cu_seqlens.dtype}"
+        )
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise _fail(fn, f"cu_seqlens must have shape [nseq + 1] (nseq >= 0), got {list(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise _fail(fn, f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
+    return cu_seqlens.numel() - 1
+
+
+def _varlen_offsets(fn: str, cu_seqlens: torch.Tensor, total: int) -> list[int]:
+    """cu_seqlens' values, checked (a host synchronisation for CUDA tensors)."""
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != total or any(hi < lo for lo, hi in itertools.pairwise(cu)):
+        raise _fail(
+            fn,
+            "cu_seqlens [nseq + 1] must hold non-decreasing offsets from 0 to total = "
+            f"{total} (q's first dimension), got {cu}",
+        )
+    return cu
+
+
+def _varlen_max(fn: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: object) -> int:
+    """The longest sequence: max_seqlen as given (no synchronisation for CUDA tensors), else read from
+    cu_seqlens (one synchronisation). CPU offsets are always checked: reading them costs nothing."""
+    bad = isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0
+    if max_seqlen is not None and bad:
+        raise _fail(
+            fn, f"max_seqlen must be a Python int >= 0 (the longest sequence) or None, got {max_seqlen!r}"
+        )
+    if max_seqlen is None or cu_seqlens.device.type == "cpu":
+        cu = _varlen_offsets(fn, cu_seqlens, total)
+        longest = max((hi - lo for lo, hi in itertools.pairwise(cu)), default=0)
+        return longest if max_seqlen is None else int(max_seqlen)  # type: ignore[call-overload]
+    return int(max_seqlen)  # type: ignore[call-overload]
+
+
+def _unpack(x: torch.Tensor | None) -> torch.Tensor | None:
+    """[total, heads, ...] → the kernels' [1, heads, total, ...] (a view)."""
+    return None if x is None else x.movedim(0, 1)[None]
+
+
+@dataclass(frozen=True)
+class _Packed:
+    """A checked packed call on the kernels' views ([1, heads, total, ...])."""
+
+    fn: str
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    aux: dict[str, torch.Tensor | None]
+    s0: torch.Tensor | None  # [nseq, H, E, D]
+    seqs: _Seqs
+    longest: int
+    shape: _Shape | None  # None for an empty batch (total = 0)
+    heads: int
+
+
+def _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, **aux) -> _Packed:
+    """Shapes, dtypes, devices and offsets of a packed call (errors name the parameter and its shape)."""
+    named = {"q": q, "k": k, "v": v, **aux}
+    for name, x in [*named.items(), ("initial_state", initial_state)]:
+        if x is not None and not isinstance(x, torch.Tensor):
+            raise _fail(fn, f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if q.dim() != 3:
+        raise _fail(fn, f"q must have shape [total, H, D] (the packed sequences), got {tuple(q.shape)}")
+    total, D = q.shape[0], q.shape[2]
+    want = {"k": "[total, Hk, D]", "v": "[total, Hv, E]", "a": "[total, Ha, D]", "b": "[total, Hb, D]"}
+    want |= {"beta": "[total, Hb]", "g": "[total, Hg] (scalar gate) or [total, Hg, D] (per channel)"}
+    for name, x in named.items():
+        if x is None or name == "q":
+            continue
+        ranks = (2, 3) if name == "g" else (2,) if name == "beta" else (3,)
+        keyed = name in ("k", "a", "b") or (name == "g" and x.dim() == 3)
+        if x.dim() not in ranks or x.shape[0] != total or (keyed and x.shape[2] != D):
+            raise _fail(
+                fn, f"{name} must have shape {want[name]} with total = {total}, D = {D}, got {tuple(x.shape)}"
+            )
+    nseq = _varlen_cu(fn, cu_seqlens, q.device)
+    longest = _varlen_max(fn, cu_seqlens, total, max_seqlen)
+    heads = max(x.shape[1] for x in named.values() if x is not None)
+    views = {n: _unpack(x) for n, x in aux.items()}
+    shape = None
+    if total:  # _check needs a token; an empty batch (every sequence empty) has no outputs to check
+        shape = _check(fn, _unpack(q), _unpack(k), _unpack(v), **views)  # type: ignore[arg-type]
+    E = v.shape[2]
+    if initial_state is not None:
+        want_s = (nseq, heads, E, D)
+        if tuple(initial_state.shape) != want_s or not initial_state.is_floating_point():
+            raise _fail(
+                fn,
+                f"initial_state must be a float tensor [nseq, H, E, D] = {list(want_s)} (one state per "
+                f"sequence), got {tuple(initial_state.shape)} {initial_state.dtype}",
+            )
+        if initial_state.device != q.device:
+            raise _fail(fn, f"initial_state is on {initial_state.device} but q is on {q.device}")
+    return _Packed(
+        fn, _unpack(q), _unpack(k), _unpack(v), views, initial_state, _Seqs(cu_seqlens, nseq, total),  # type: ignore[arg-type]
+        longest, shape, heads,
+    )  # fmt: skip
+
+
+def _varlen_finish(p: _Packed, o: torch.Tensor, sn: torch.Tensor, dtype: torch.dtype, return_state: bool):
+    """o [1, H, total, E] → [total, H, E] in q's dtype; the states [nseq, H, E, D]."""
+    o = o[0].transpose(0, 1).contiguous().to(dtype)
+    return (o, sn) if return_state else o
+
+
+def _varlen_empty(p: _Packed, dtype: torch.dtype, return_state: bool):
+    """Every sequence empty (total = 0): no outputs; each state is its initial one."""
+    E, D = p.v.shape[3], p.q.shape[3]
+    o = p.q.new_zeros((0, p.heads, E), dtype=dtype)
+    if p.s0 is not None:
+        sn = p.s0.float() if p.s0.dtype != torch.float64 else p.s0
+    else:
+        sn = p.q.new_zeros((p.seqs.nseq, p.heads, E, D), dtype=torch.float32)
+    return (o, sn) if return_state else o
+
+
+def _varlen_reference(p: _Packed, k, v, g, a, b):
+    """The reference of a packed batch: `dplr_reference` once per sequence on the host (reads cu_seqlens).
+    Returns o [1, H, total, E] and the states [nseq, H, E, D]."""
+    assert p.shape is not None
+    cu = _varlen_offsets(p.fn, p.seqs.cu, p.seqs.total)
+    ct = torch.float64 if any(x.dtype == torch.float64 for x in (p.q, k, v)) else torch.float32
+    outs, states = [], []
+    for s in range(len(cu) - 1):
+        lo, hi = cu[s], cu[s + 1]
+        s0 = None if p.s0 is None else p.s0[s : s + 1]
+        if hi == lo:  # an empty sequence: no output rows; its state is its initial one
+            zero = p.q.new_zeros((1, p.shape.H, p.shape.E, p.shape.D), dtype=ct)
+            states.append(zero if s0 is None else s0.to(ct))
+            continue
+        one = [None if x is None else x[:, :, lo:hi] for x in (p.q, k, v, g, a, b)]
+        o, st = dplr_reference(one[0], one[1], one[2], g=one[3], a=one[4], b=one[5], initial_state=s0)  # type: ignore[arg-type]
+        outs.append(o)
+        states.append(st)
+    return torch.cat(outs, 2), torch.cat(states, 0)
+
+
+def _dplr_varlen_run(p: _Packed, k, v, g, a, b, alg: Algorithm, return_state: bool, config):
+    assert p.shape is not None
+    if alg is Algorithm.REFERENCE:
+        o, sn = _varlen_reference(p, k, v, g, a, b)
+    else:
+        cfg = config or default_config(p.shape.D, p.shape.E)
+        o, sn = _RecurrentFn.apply(
+            p.q.contiguous(), k.contiguous(), v.contiguous(), _prep(g), _prep(a), _prep(b), _state_in(p.s0),
+            p.shape, cfg, p.seqs,
+        )  # fmt: skip
+    return _varlen_finish(p, o, sn, p.q.dtype, return_state)
+
+
+def dplr_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    a: torch.Tensor | None = None,
+    b: torch.Tensor | None = None,
+    *,
+    g: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """`dplr` on a packed batch of variable-length sequences: q [total, Hq, D], k [total, Hk, D],
+    v [total, Hv, E], a, b [total, Ha, D], g [total, Hg] or [total, Hg, D]; cu_seqlens int32 [nseq + 1]
+    (0, ..., total); initial_state and the returned state [nseq, H, E, D], one per sequence (each sequence
+    starts from its own, or zeros). Returns o [total, H, E] (q's dtype), and the states with return_state=True.
+    max_seqlen: None reads cu_seqlens on the host (one synchronisation for CUDA tensors, which also checks
+    its values); the Triton kernels themselves never need it. algorithm: "auto"/"recurrent" or "reference"
+    (the batched reference per sequence)."""
+    fn = "dplr_varlen"
+    alg = _algorithm(algorithm, fn)
+    if alg is Algorithm.CHUNK:
+        raise _fail(
+            fn,
+            "algorithm='chunk' covers the delta rule with scalar gates (delta_rule_varlen); use 'recurrent'",
+        )
+    p = _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, g=g, a=a, b=b)
+    if p.shape is None:
+        return _varlen_empty(p, q.dtype, return_state)
+    return _dplr_varlen_run(p, p.k, p.v, p.aux["g"], p.aux["a"], p.aux["b"], alg, return_state, config)
+
+
+def gla_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """`gla` on a packed batch (shapes and conventions as `dplr_varlen`; g [total, Hg, D] or [total, Hg])."""
+    if g is None:
+        raise _fail("gla_varlen", "g (the log-decay, [total, Hg, D] or [total, Hg]) is required")
+    return dplr_varlen(
+        q, k, v, g=g, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, initial_state=initial_state,
+        return_state=return_state, algorithm=algorithm, config=config,
+    )  # fmt: skip
+
+
+def delta_rule_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    g: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int | None = None,
+    initial_state: torch.Tensor | None = None,
+    return_state: bool = False,
+    algorithm: Algorithm | str = Algorithm.AUTO,
+    config: DeltaConfig | None = None,
+):
+    """`delta_rule` on a packed batch of variable-length sequences: q [total, Hq, D], k [total, Hk, D],
+    v [total, Hv, E], beta [total, Hb], g absent (DeltaNet), [total, Hg] (Gated DeltaNet) or [total, Hg, D]
+    (KDA); cu_seqlens, max_seqlen, the states and the output as `dplr_varlen`. algorithm: "chunk" (scalar
+    gates: chunks start at each sequence's first token; its backward is the recurrent kernel restarted from
+    the chunk-boundary states, whatever DeltaConfig.wy_backward says), "recurrent", "reference" or "auto"
+    (chunk for scalar gates when the longest sequence has ≥ 64 tokens, else recurrent)."""
+    fn = "delta_rule_varlen"
+    alg = _algorithm(algorithm, fn)
+    if beta is None:
+        raise _fail(fn, "beta (the writing strength, [total, Hb]) is required")
+    p = _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, beta=beta, g=g)
+    scalar_gate = g is None or g.dim() == 2
+    if alg is Algorithm.CHUNK and not scalar_gate:
+        raise _fail(
+            fn,
+            "algorithm='chunk' needs a scalar gate per token (g [total, Hg]) or none; per-channel gates "
+            "(KDA, g [total, Hg, D]) run with algorithm='recurrent'",
+        )
+    if p.shape is None:
+        return _varlen_empty(p, q.dtype, return_state)
+    if alg is Algorithm.AUTO:
+        alg = Algorithm.CHUNK if scalar_gate and p.longest >= 64 else Algorithm.RECURRENT
+    H, gb, betab = p.shape.H, p.aux["g"], p.aux["beta"]
+    if alg is not Algorithm.CHUNK:
+        kp, vp, a, b = _delta_as_dplr(p.k, p.v, betab, gb, H)
+        ge = None if gb is None else _expand_heads(gb, H)
+        return _dplr_varlen_run(p, kp, vp, ge, a, b, alg, return_state, config)
+    cfg = config or default_config(p.shape.D, p.shape.E)
+    o, sn = _ChunkFn.apply(
+        p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), betab.contiguous(), _prep(gb), _state_in(p.s0),  # type: ignore[union-attr]
+        p.shape, cfg, p.seqs,
+    )  # fmt: skip
+    return _varlen_finish(p, o, sn, q.dtype, return_state)
 
 
 # ---------------------------------------------------------------------------------------------- generated modules
@@ -719,6 +1049,41 @@ def spec_grid(B: int, H: int, G: int, T: int, D: int, E: int, device: torch.devi
 
     h = ar(H, 1)
     return SpecGrid(ar(B, 0), h, h // (H // G), ar(T, 2), ar(D, 3), ar(E, 3), (B, H, T, D, E))
+
+
+def spec_grid_varlen(
+    cu_seqlens: torch.Tensor, H: int, G: int, total: int, D: int, E: int, device: torch.device
+) -> SpecGrid:
+    """`spec_grid` of a packed batch seen as one [1, H, total] batch: b and i are each token's sequence number
+    and position inside it (computed on the device: no host synchronisation)."""
+    cu = cu_seqlens.long()
+    tok = torch.arange(total, device=device)
+    seq = torch.searchsorted(cu[1:], tok, right=True)
+    grid = spec_grid(1, H, G, total, D, E, device)
+    row = (1, 1, total, 1)
+    return SpecGrid(seq.view(row), grid.h, grid.hk, (tok - cu[seq]).view(row), grid.d, grid.e, grid.shape)
+
+
+def varlen_cu(fn: str, cu_seqlens: object, device: torch.device) -> int:
+    """cu_seqlens' type, dtype, rank and device, checked without reading it (NAME_varlen); returns nseq."""
+    return _varlen_cu(fn, cu_seqlens, device)
+
+
+def packed_load(t: torch.Tensor, idx: tuple, axis: int, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """What a spec reads as x[b, ..., i, ...] (b: the sequence number, i at `axis`: the position inside it)
+    of a tensor packed along the sequence ([total, ...]: the batched shape without B, the sequence axis
+    first). Reads outside the sequence (i − 1 at its first token, say) give 0."""
+    idx = torch.broadcast_tensors(*(torch.as_tensor(x, device=t.device) for x in idx))
+    cu = cu_seqlens.long()
+    seq = idx[0].clamp(0, cu.numel() - 2)
+    pos = idx[axis]
+    ok = (idx[0] >= 0) & (idx[0] < cu.numel() - 1) & (pos >= 0) & (pos < cu[seq + 1] - cu[seq])
+    rest = [ix for j, ix in enumerate(idx) if j not in (0, axis)]
+    for ix, n in zip(rest, t.shape[1:], strict=True):
+        ok = ok & (ix >= 0) & (ix < n)
+    row = torch.where(ok, cu[seq] + pos, 0)
+    safe = tuple(torch.where(ok, ix, 0) for ix in rest)
+    return torch.where(ok, t[(row, *safe)], 0)
 
 
 def spec_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, H: int, G: int):

@@ -64,6 +64,38 @@ def _head_rows(bh, H, T, REP_1, REP_2, REP_3, REP_4, REP_5):
 
 
 @triton.jit
+def _delta_seq(CU, CO, T, H, NCK, CKPT: tl.constexpr, VARLEN: tl.constexpr):
+    """A program's sequence. A batch (VARLEN False): state head bh = program_id(1) of [B, H, T, ...] inputs,
+    one sequence of T tokens, NCK stored states per head. A packed batch: bh = s·H + h for sequence s (its
+    states S0/SN/DS0 [nseq, H, E, D] are indexed by bh as a batch's), whose inputs [1, H/REP, total, ...] hold
+    every sequence of a head in one row block: sequence s starts at row CU[s] and has CU[s+1] − CU[s] tokens;
+    its stored states (one per CKPT tokens) start at slot CO[s] of its head's NCK slots. Returns the index the
+    input rows derive from (`_head_rows`: b = 0 in a packed batch), the first row, the length, the first
+    stored-state slot and their count."""
+    bh = tl.program_id(1)
+    if VARLEN:
+        s = bh // H
+        hb = bh % H
+        bos = tl.load(CU + s).to(tl.int64)
+        n = (tl.load(CU + s + 1).to(tl.int64) - bos).to(tl.int32)
+        hs0 = hb.to(tl.int64) * NCK + tl.load(CO + s).to(tl.int64)
+        nck = (n + CKPT - 1) // CKPT  # not tl.cdiv: a jit function, which breaks across interpreter modes
+    else:
+        hb = bh
+        bos = 0
+        n = T
+        hs0 = bh.to(tl.int64) * NCK
+        nck = NCK
+    return hb, bos, n, hs0, nck
+
+
+@triton.jit
+def _shift_rows(rq, rk, rv, rg, rr, bos):
+    """Five inputs' row bases moved to a sequence's first row (bos = 0 in a batch)."""
+    return rq + bos, rk + bos, rv + bos, rg + bos, rr + bos
+
+
+@triton.jit
 def _state_block(D, E, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr):
     """What every program works on: its state head bh (grid axis 1) and its rows of that head's [E, D] state
     (E-block: grid axis 0): the key and value offsets, their masks, and the block's offsets and mask in the
@@ -175,38 +207,70 @@ def _delta_step(S, k, v, g, a, b, G_MODE: tl.constexpr, HAS_RANK1: tl.constexpr)
 
 
 @triton.jit
-def _delta_recurrent_fwd_kernel(
-    Q, K, V, G, RA, RB, S0, OUT, SN, HS,  # core_abi.DELTA_RECURRENT_FWD
+def _delta_recurrent_fwd(
+    Q, K, V, G, RA, RB, S0, OUT, SN, HS, CU, CO,
     T, H, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
     HAS_RANK1: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, CKPT: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """o_t = S_t q_t token by token. Q/K/RA/RB [B, H/REP, T, D], V [B, H/REP_V, T, E], G [B, H/REP_G, T(, D)]
     (log w), S0/SN [B, H, E, D] fp32, OUT [B, H, T, E] fp32, HS [B, H, NCK, E, D] fp32 (state before token
-    c·CKPT)."""
+    c·CKPT). A packed batch (VARLEN, `_delta_seq`): B = 1 and T = total for the inputs and OUT, S0/SN
+    [nseq, H, E, D], HS [H, NCK, E, D] (each sequence's states from slot CO[s])."""
     bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
+    hb, bos, n, hs0, _ = _delta_seq(CU, CO, T, H, NCK, CKPT, VARLEN)
     S = _state_in(S0, bh, s_off, s_msk, D, E, HAS_S0)
-    rq, rk, rv, rg, rr = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_G, REP_R)
-    for t in range(0, T):
+    rq, rk, rv, rg, rr = _shift_rows(*_head_rows(hb, H, T, REP_Q, REP_K, REP_V, REP_G, REP_R), bos)
+    orow = hb.to(tl.int64) * T + bos  # OUT's row of the sequence's first token
+    for t in range(0, n):
         if STORE_CKPT:
             if t % CKPT == 0:
-                tl.store(HS + (bh.to(tl.int64) * NCK + t // CKPT) * E * D + s_off, S, mask=s_msk)
+                tl.store(HS + (hs0 + t // CKPT) * E * D + s_off, S, mask=s_msk)
         k = _load_vec(K + (rk + t) * D, offs_d, dmask)
         v = _load_vec(V + (rv + t) * E, offs_e, emask)
         q = _load_vec(Q + (rq + t) * D, offs_d, dmask)
         g, a, b = _load_gates(G, RA, RB, rg, rr, t, offs_d, dmask, k, D, G_MODE, HAS_RANK1, False)
         S = _delta_step(S, k, v, g, a, b, G_MODE, HAS_RANK1)
         o = _dsum(S * q[None, :], 1)
-        tl.store(OUT + (bh.to(tl.int64) * T + t) * E + offs_e, o, mask=emask)
+        tl.store(OUT + (orow + t) * E + offs_e, o, mask=emask)
     tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
 
 
 @triton.jit
-def _delta_recurrent_bwd_kernel(
-    Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0,  # core_abi.DELTA_RECURRENT_BWD
+def _delta_recurrent_fwd_kernel(
+    Q, K, V, G, RA, RB, S0, OUT, SN, HS,  # core_abi.DELTA_RECURRENT_FWD
+    T, H, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_RANK1: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, CKPT: tl.constexpr,
+):  # fmt: skip
+    """`_delta_recurrent_fwd` on a batch [B, H, T, ...]."""
+    _delta_recurrent_fwd(
+        Q, K, V, G, RA, RB, S0, OUT, SN, HS, Q, Q, T, H, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+        D, E, BLOCK_D, BLOCK_E, G_MODE, HAS_RANK1, HAS_S0, STORE_CKPT, CKPT, VARLEN=False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _delta_recurrent_fwd_varlen_kernel(
+    Q, K, V, G, RA, RB, S0, OUT, SN, HS, CU, CO,  # core_abi.DELTA_RECURRENT_FWD_VARLEN
+    T, H, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_RANK1: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, CKPT: tl.constexpr,
+):  # fmt: skip
+    """`_delta_recurrent_fwd` on a packed batch: grid (E-blocks, nseq·H); T = total, NCK = slots per head."""
+    _delta_recurrent_fwd(
+        Q, K, V, G, RA, RB, S0, OUT, SN, HS, CU, CO, T, H, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+        D, E, BLOCK_D, BLOCK_E, G_MODE, HAS_RANK1, HAS_S0, STORE_CKPT, CKPT, VARLEN=True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _delta_recurrent_bwd(
+    Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0, CU, CO,
     T, H, NBH, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
-    HAS_RANK1: tl.constexpr, HAS_DSN: tl.constexpr, CKPT: tl.constexpr,
+    HAS_RANK1: tl.constexpr, HAS_DSN: tl.constexpr, CKPT: tl.constexpr, VARLEN: tl.constexpr,
 ):  # fmt: skip
     """Gradients by the reverse-time recurrence (per token t, last first, with dS = ∂L/∂S_t):
 
@@ -217,22 +281,29 @@ def _delta_recurrent_bwd_kernel(
 
     DO [B, H, T, E] fp32; DSN [B, H, E, D] (∂L/∂S_T); SCR [NE·B·H, CKPT, BLOCK_E, BLOCK_D] fp32 scratch.
     Outputs per state head: DV [B, H, T, E], DS0 [B, H, E, D]; partial over E-blocks (leading NE axis):
-    DQ/DK/DA/DB [NE, B, H, T, D], DG [NE, B, H, T(, D)]."""
+    DQ/DK/DA/DB [NE, B, H, T, D], DG [NE, B, H, T(, D)]. A packed batch (VARLEN, `_delta_seq`): B = 1 and
+    T = total for the per-token tensors, DSN/DS0 [nseq, H, E, D], HS [H, NCK, E, D], NBH = nseq·H."""
     pid_e = tl.program_id(0)
     bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
+    hb, bos, n, hs0, nck = _delta_seq(CU, CO, T, H, NCK, CKPT, VARLEN)
     scr_off = tl.arange(0, BLOCK_E)[:, None] * BLOCK_D + offs_d[None, :]
     scr = SCR + (pid_e.to(tl.int64) * NBH + bh) * CKPT * BLOCK_E * BLOCK_D
-    part = pid_e.to(tl.int64) * NBH + bh  # this program's slice of the partial outputs
+    # This program's rows of the partial outputs [NE, B, H, T, ...] (B = 1 in a packed batch).
+    if VARLEN:
+        prow = (pid_e.to(tl.int64) * H + hb) * T + bos
+    else:
+        prow = (pid_e.to(tl.int64) * NBH + bh) * T
+    orow = hb.to(tl.int64) * T + bos  # DO's and DV's row of the sequence's first token
     dS = _state_in(DSN, bh, s_off, s_msk, D, E, HAS_DSN)
-    rq, rk, rv, rg, rr = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_G, REP_R)
-    for ci in range(0, NCK):
-        c = NCK - 1 - ci
-        S = tl.load(HS + (bh.to(tl.int64) * NCK + c) * E * D + s_off, mask=s_msk, other=0.0)
-        # Recompute the interval's states; tokens past T read zeros (w = 1, no write): the identity.
+    rq, rk, rv, rg, rr = _shift_rows(*_head_rows(hb, H, T, REP_Q, REP_K, REP_V, REP_G, REP_R), bos)
+    for ci in range(0, nck):
+        c = nck - 1 - ci
+        S = tl.load(HS + (hs0 + c) * E * D + s_off, mask=s_msk, other=0.0)
+        # Recompute the interval's states; tokens past the end read zeros (w = 1, no write): the identity.
         for j in range(0, CKPT):
             t = c * CKPT + j
-            vd = dmask & (offs_d * 0 + t < T)  # lanes of a token past T read zeros
-            ve = emask & (offs_e * 0 + t < T)
+            vd = dmask & (offs_d * 0 + t < n)  # lanes of a token past the sequence's end read zeros
+            ve = emask & (offs_e * 0 + t < n)
             tl.store(scr + j * BLOCK_E * BLOCK_D + scr_off, S)
             k = _load_vec(K + (rk + t) * D, offs_d, vd)
             v = _load_vec(V + (rv + t) * E, offs_e, ve)
@@ -242,23 +313,23 @@ def _delta_recurrent_bwd_kernel(
         for jj in range(0, CKPT):
             j = CKPT - 1 - jj
             t = c * CKPT + j
-            vd = dmask & (offs_d * 0 + t < T)  # lanes of a token past T read zeros
-            ve = emask & (offs_e * 0 + t < T)
+            vd = dmask & (offs_d * 0 + t < n)  # lanes of a token past the sequence's end read zeros
+            ve = emask & (offs_e * 0 + t < n)
             Sp = tl.load(scr + j * BLOCK_E * BLOCK_D + scr_off)  # S_{t-1}
             k = _load_vec(K + (rk + t) * D, offs_d, vd)
             v = _load_vec(V + (rv + t) * E, offs_e, ve)
             q = _load_vec(Q + (rq + t) * D, offs_d, vd)
-            do = _load_vec(DO + (bh.to(tl.int64) * T + t) * E, offs_e, ve)
+            do = _load_vec(DO + (orow + t) * E, offs_e, ve)
             g, a, b = _load_gates(G, RA, RB, rg, rr, t, offs_d, vd, k, D, G_MODE, HAS_RANK1, True)
             St = _delta_step(Sp, k, v, g, a, b, G_MODE, HAS_RANK1)
             dS += do[:, None] * q[None, :]
-            row = (part * T + t) * D
+            row = (prow + t) * D
             tl.store(DQ + row + offs_d, _dsum(St * do[:, None], 0), mask=vd)
             tl.store(DK + row + offs_d, _dsum(dS * v[:, None], 0), mask=vd)
-            tl.store(DV + (bh.to(tl.int64) * T + t) * E + offs_e, _dsum(dS * k[None, :], 1), mask=ve)
+            tl.store(DV + (orow + t) * E + offs_e, _dsum(dS * k[None, :], 1), mask=ve)
             if G_MODE == 1:
                 dg = _dsum(_dsum(Sp * dS, 0), 0) * tl.exp(g)
-                tl.store(DG + part * T + t + offs_d * 0, dg + offs_d * 0.0, mask=(offs_d == 0) & vd)
+                tl.store(DG + prow + t + offs_d * 0, dg + offs_d * 0.0, mask=(offs_d == 0) & vd)
             elif G_MODE == 2:
                 dg = _dsum(Sp * dS, 0) * tl.exp(g)
                 tl.store(DG + row + offs_d, dg, mask=vd)
@@ -275,11 +346,42 @@ def _delta_recurrent_bwd_kernel(
 
 
 @triton.jit
-def _delta_chunk_fwd_kernel(
-    Q, K, V, BETA, G, S0, OUT, SN, HS,  # core_abi.DELTA_CHUNK_FWD
+def _delta_recurrent_bwd_kernel(
+    Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0,  # core_abi.DELTA_RECURRENT_BWD
+    T, H, NBH, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_RANK1: tl.constexpr, HAS_DSN: tl.constexpr, CKPT: tl.constexpr,
+):  # fmt: skip
+    """`_delta_recurrent_bwd` on a batch [B, H, T, ...]."""
+    _delta_recurrent_bwd(
+        Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0, Q, Q,
+        T, H, NBH, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+        D, E, BLOCK_D, BLOCK_E, G_MODE, HAS_RANK1, HAS_DSN, CKPT, VARLEN=False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _delta_recurrent_bwd_varlen_kernel(
+    Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0, CU, CO,  # DELTA_RECURRENT_BWD_VARLEN
+    T, H, NBH, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, G_MODE: tl.constexpr,
+    HAS_RANK1: tl.constexpr, HAS_DSN: tl.constexpr, CKPT: tl.constexpr,
+):  # fmt: skip
+    """`_delta_recurrent_bwd` on a packed batch: grid (E-blocks, nseq·H); T = total, NCK = slots per head."""
+    _delta_recurrent_bwd(
+        Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0, CU, CO,
+        T, H, NBH, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
+        D, E, BLOCK_D, BLOCK_E, G_MODE, HAS_RANK1, HAS_DSN, CKPT, VARLEN=True,
+    )  # fmt: skip
+
+
+@triton.jit
+def _delta_chunk_fwd(
+    Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO,
     T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
     HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr,
 ):  # fmt: skip
     """(Gated) delta rule by chunks: S_t = α_t S_{t-1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, α_t = exp(g_t).
 
@@ -292,16 +394,20 @@ def _delta_chunk_fwd_kernel(
         U = Ũ − W Sᵀ,   O = diag(e^Γ) Q Sᵀ + (M ⊙ e^{Γ_i − Γ_j} Q Kᵀ) U,   S ← e^{Γ_last} S + Uᵀ diag(e^{Γ_last − Γ}) K
 
     (M: j ≤ i). Shapes as the recurrent kernel; BETA [B, H/REP_B, T], G [B, H/REP_G, T]; HS [B, H, NC, E, D]
-    holds the state entering every chunk."""
+    holds the state entering every chunk. A packed batch (VARLEN, `_delta_seq`): chunks start at each
+    sequence's first token; B = 1 and T = total for the inputs and OUT, S0/SN [nseq, H, E, D], HS [H, NC, E, D]
+    (NC slots per head, sequence s's chunks from slot CO[s])."""
     bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
+    hb, bos, n, hs0, nc = _delta_seq(CU, CO, T, H, NC, CHUNK, VARLEN)
     offs_c = tl.arange(0, CHUNK)
     S = _state_in(S0, bh, s_off, s_msk, D, E, HAS_S0)
-    rq, rk, rv, rb, rg = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_B, REP_G)
-    for c in range(0, NC):
+    rq, rk, rv, rb, rg = _shift_rows(*_head_rows(hb, H, T, REP_Q, REP_K, REP_V, REP_B, REP_G), bos)
+    orow = hb.to(tl.int64) * T + bos  # OUT's row of the sequence's first token
+    for c in range(0, nc):
         if STORE_CKPT:
-            tl.store(HS + (bh.to(tl.int64) * NC + c) * E * D + s_off, S, mask=s_msk)
+            tl.store(HS + (hs0 + c) * E * D + s_off, S, mask=s_msk)
         t = c * CHUNK + offs_c
-        tm = t < T  # tokens past T read zeros: β = 0, g = 0, no write (the identity)
+        tm = t < n  # tokens past the sequence's end read zeros: β = 0, g = 0, no write (the identity)
         kd = tm[:, None] & dmask[None, :]
         k_ptr = K + (rk + t[:, None]) * D + offs_d[None, :]
         # Products of two input tiles run in the input dtype (exact for fp16/bf16 inputs, fp32 accumulation);
@@ -321,15 +427,39 @@ def _delta_chunk_fwd_kernel(
         ).to(tl.float32)
         U += tl.dot(Tinv, beta[:, None] * Vc, input_precision=DOT_PRECISION)
         out = tl.exp(gam)[:, None] * qs + tl.dot(decay * qk, U, input_precision=DOT_PRECISION)
-        tl.store(
-            OUT + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :],
-            out,
-            mask=tm[:, None] & emask[None, :],
-        )
+        tl.store(OUT + (orow + t[:, None]) * E + offs_e[None, :], out, mask=tm[:, None] & emask[None, :])
         Uw = U * tl.exp(gl - gam)[:, None]
         Kc = tl.load(k_ptr, mask=kd, other=0.0).to(tl.float32)
         S = tl.exp(gl) * S + tl.dot(tl.trans(Uw), Kc, input_precision=DOT_PRECISION)
     tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
+
+
+@triton.jit
+def _delta_chunk_fwd_kernel(
+    Q, K, V, BETA, G, S0, OUT, SN, HS,  # core_abi.DELTA_CHUNK_FWD
+    T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """`_delta_chunk_fwd` on a batch [B, H, T, ...]."""
+    _delta_chunk_fwd(
+        Q, K, V, BETA, G, S0, OUT, SN, HS, Q, Q, T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
+        D, E, BLOCK_D, BLOCK_E, CHUNK, HAS_G, HAS_S0, STORE_CKPT, DOT_PRECISION, VARLEN=False,
+    )  # fmt: skip
+
+
+@triton.jit
+def _delta_chunk_fwd_varlen_kernel(
+    Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO,  # core_abi.DELTA_CHUNK_FWD_VARLEN
+    T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
+    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
+    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """`_delta_chunk_fwd` on a packed batch: grid (E-blocks, nseq·H); T = total, NC = chunk slots per head."""
+    _delta_chunk_fwd(
+        Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO, T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
+        D, E, BLOCK_D, BLOCK_E, CHUNK, HAS_G, HAS_S0, STORE_CKPT, DOT_PRECISION, VARLEN=True,
+    )  # fmt: skip
 
 
 @triton.jit

@@ -4,6 +4,9 @@ The kernels are the runtime library's, typed from their launch signatures (attnc
 generated kernels are (`KernelSignature.compile_args`), at the runtime's default schedule. `jobs` gives either
 what one state block selects (its DeltaPlan: gate shape, delta rule or general DPLR) or, with no plan, the widest
 variant of each kernel (`every_variant`: each gate mode and rank-1 combination the API can select).
+`varlen=True` gives the same jobs for the packed variable-length kernels (`*_varlen_kernel`,
+core_abi.DELTA_VARLEN: the same constexprs and launch options); the chunkwise (WY) backward has no packed form
+and is left out.
 """
 
 from __future__ import annotations
@@ -19,13 +22,28 @@ from .aot import CompileJob
 G_MODE = {GateShape.NONE: 0, GateShape.SCALAR: 1, GateShape.CHANNEL: 2}
 
 
+# Each batched kernel's packed counterpart (NAME_varlen of a state block).
+_VARLEN = {
+    core_abi.DELTA_RECURRENT_FWD.name: core_abi.DELTA_RECURRENT_FWD_VARLEN,
+    core_abi.DELTA_RECURRENT_BWD.name: core_abi.DELTA_RECURRENT_BWD_VARLEN,
+    core_abi.DELTA_CHUNK_FWD.name: core_abi.DELTA_CHUNK_FWD_VARLEN,
+}
+
+
 def jobs(
-    cc: int, dtype: str, head_dim: int, plan: DeltaPlan | None = None, *, every_variant: bool = False
+    cc: int,
+    dtype: str,
+    head_dim: int,
+    plan: DeltaPlan | None = None,
+    *,
+    every_variant: bool = False,
+    varlen: bool = False,
 ) -> list[CompileJob]:
     """Compile jobs at D = E = head_dim. With `plan`: the kernels that block launches (the recurrent forward and
     backward of its gate mode; for the delta rule with no gate or a scalar one, also the chunked forward and the
     chunked path's backward). Without: the widest variant of each kernel (per-channel gate and rank-1 part, the
-    scalar-gate backward the chunked path uses, both chunk kernels), or every variant."""
+    scalar-gate backward the chunked path uses, both chunk kernels), or every variant. `varlen`: the packed
+    kernels of the same variants instead (no chunkwise backward: the packed chunked path's is the recurrent one)."""
     kern = delta._kernels(interpret=False)
     D = E = head_dim
     cfg = delta.default_config(D, E)
@@ -38,6 +56,7 @@ def jobs(
     run = {"cc": cc, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
     def job(sig: KernelSignature, constexprs: dict[str, object]) -> CompileJob:
+        sig = _VARLEN[sig.name] if varlen else sig
         types, values = sig.compile_args(dtype, {**shape, **constexprs})
         return CompileJob(getattr(kern, sig.name), types, values, **run)
 
@@ -74,7 +93,7 @@ def jobs(
     for has_g in chunked:
         chunk = {"CHUNK": cfg.chunk, "HAS_G": has_g, "DOT_PRECISION": "tf32"}
         out.append(job(core_abi.DELTA_CHUNK_FWD, {**chunk, **flags}))
-        if plan is None:  # the chunkwise (WY) backward is opt-in (DeltaConfig.wy_backward)
+        if plan is None and not varlen:  # the chunkwise (WY) backward is opt-in (DeltaConfig.wy_backward)
             out.append(job(core_abi.DELTA_CHUNK_BWD, {**chunk, "HAS_DSN": True}))
     return out
 
