@@ -229,13 +229,13 @@ def _bad_calls(mods):
         return lambda: gd.gated_deltanet_varlen(*g_args, **({"cu_seqlens": cu, "backend": "triton"} | kw))
 
     return [
-        ("int64", gdn(cu_seqlens=cu.long()), r"cu_seqlens must be int32 \[nseq \+ 1\]"),
-        ("2d", gdn(cu_seqlens=cu[None]), r"cu_seqlens must have shape \[nseq \+ 1\]"),
-        ("list", gdn(cu_seqlens=[0, 3, 7]), r"cu_seqlens must be an int32 tensor"),
-        ("last", gdn(cu_seqlens=_cu((3, 3))), r"cu_seqlens \[nseq \+ 1\] must hold non-decreasing offsets from 0 to total = 7"),
-        ("first", gdn(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)), r"from 0 to total = 7"),
-        ("decreasing", gdn(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), r"non-decreasing"),
-        ("max_seqlen", gdn(max_seqlen=-1), r"max_seqlen must be a Python int >= 0"),
+        ("int64", gdn(cu_seqlens=cu.long()), r"cu_seqlens: expected an int32 tensor \[nseq \+ 1\]"),
+        ("2d", gdn(cu_seqlens=cu[None]), r"cu_seqlens: expected an int32 tensor \[nseq \+ 1\] .* of shape \[1, 3\]"),
+        ("list", gdn(cu_seqlens=[0, 3, 7]), r"cu_seqlens: expected an int32 tensor .* got list"),
+        ("last", gdn(cu_seqlens=_cu((3, 3))), r"cu_seqlens: offsets must start at 0, never decrease and end at the packed length 7"),
+        ("first", gdn(cu_seqlens=torch.tensor([1, 3, 7], dtype=torch.int32)), r"start at 0, .*packed length 7"),
+        ("decreasing", gdn(cu_seqlens=torch.tensor([0, 5, 3, 7], dtype=torch.int32)), r"never decrease"),
+        ("max_seqlen", gdn(max_seqlen=-1), r"max_seqlen for cu_seqlens: expected a non-negative int"),
         ("state", gdn(initial_state=torch.zeros(3, H, E, D)), r"initial_state must be a float tensor \[nseq, H, E, D\] = \[2, 2, 8, 16\]"),
         ("q rank", lambda: gd.gated_deltanet_varlen(xg["q"][None], *g_args[1:], cu_seqlens=cu), r"q: expected"),
         ("beta", lambda: gd.gated_deltanet_varlen(*g_args[:3], xg["beta"][:5], xg["g"], cu_seqlens=cu), r"beta"),

@@ -233,9 +233,11 @@ def test_varlen_bad_inputs(modules) -> None:
     lens = [3, 5]
     q, k, v, (g,), _ = _inputs("gated_linear", lens, 2, 2, torch.float32)
     fn = mod.gated_linear_linear_varlen
-    with pytest.raises(ValueError, match="cu_seqlens: expected int32"):
+    with pytest.raises(ValueError, match="cu_seqlens: expected an int32 tensor"):
         fn(q, k, v, g, cu_seqlens=_cu(lens).long())
-    with pytest.raises(ValueError, match="cu_seqlens: expected non-decreasing offsets from 0 to total = 8"):
+    with pytest.raises(
+        ValueError, match="cu_seqlens: offsets must start at 0, never decrease and end at the packed length 8"
+    ):
         fn(q, k, v, g, cu_seqlens=torch.tensor([0, 3, 7], dtype=torch.int32))
     with pytest.raises(ValueError, match=r"g: expected shape \[total, H\]"):
         fn(q, k, v, g[:, :1], cu_seqlens=_cu(lens))

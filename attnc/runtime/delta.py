@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import enum
 import importlib.util
-import itertools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +62,7 @@ from .core_abi import (
     DELTA_RECURRENT_FWD_VARLEN,
     launch_core,
 )
+from .varlen import check_offsets, longest_sequence, read_offsets, sync_allowed
 
 __all__ = [
     "Algorithm",
@@ -757,45 +757,33 @@ def delta_rule(
 
 
 def _varlen_cu(fn: str, cu_seqlens: object, device: torch.device) -> int:
-    """cu_seqlens' type, dtype, rank and device (no host synchronisation); returns nseq."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise _fail(fn, f"cu_seqlens must be an int32 tensor [nseq + 1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype is not torch.int32:
-        raise _fail(
-            fn, f"cu_seqlens must be int32 [nseq + 1] (FlashAttention's convention), got {cu_seqlens.dtype}"
-        )
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise _fail(fn, f"cu_seqlens must have shape [nseq + 1] (nseq >= 0), got {list(cu_seqlens.shape)}")
-    if cu_seqlens.device != device:
-        raise _fail(fn, f"cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    return cu_seqlens.numel() - 1
+    """cu_seqlens' type, dtype, rank and device (`varlen.check_offsets`, no host read); returns nseq."""
+    try:
+        return check_offsets("cu_seqlens", cu_seqlens, device).numel() - 1
+    except ValueError as err:
+        raise _fail(fn, str(err)) from None
 
 
 def _varlen_offsets(fn: str, cu_seqlens: torch.Tensor, total: int) -> list[int]:
-    """cu_seqlens' values, checked (a host synchronisation for CUDA tensors)."""
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != total or any(hi < lo for lo, hi in itertools.pairwise(cu)):
-        raise _fail(
-            fn,
-            "cu_seqlens [nseq + 1] must hold non-decreasing offsets from 0 to total = "
-            f"{total} (q's first dimension), got {cu}",
-        )
-    return cu
+    """cu_seqlens' values, checked (`varlen.read_offsets`: a host synchronisation for CUDA tensors)."""
+    try:
+        return read_offsets("cu_seqlens", cu_seqlens, total)
+    except ValueError as err:
+        raise _fail(fn, str(err)) from None
 
 
 def _varlen_max(fn: str, cu_seqlens: torch.Tensor, total: int, max_seqlen: object) -> int:
-    """The longest sequence: max_seqlen as given (no synchronisation for CUDA tensors), else read from
-    cu_seqlens (one synchronisation). CPU offsets are always checked: reading them costs nothing."""
-    bad = isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0
-    if max_seqlen is not None and bad:
-        raise _fail(
-            fn, f"max_seqlen must be a Python int >= 0 (the longest sequence) or None, got {max_seqlen!r}"
-        )
-    if max_seqlen is None or cu_seqlens.device.type == "cpu":
-        cu = _varlen_offsets(fn, cu_seqlens, total)
-        longest = max((hi - lo for lo, hi in itertools.pairwise(cu)), default=0)
-        return longest if max_seqlen is None else int(max_seqlen)  # type: ignore[call-overload]
-    return int(max_seqlen)  # type: ignore[call-overload]
+    """The longest sequence (`varlen.longest_sequence`): max_seqlen as given (no synchronisation for CUDA
+    tensors), else read from cu_seqlens (one synchronisation); CPU offsets are always checked."""
+    check = sync_allowed(cu_seqlens, max_seqlen is None)
+    try:
+        if max_seqlen is None and not check:
+            raise ValueError(
+                "max_seqlen: required under torch.compile (a traced graph cannot read the offsets)"
+            )
+        return longest_sequence("cu_seqlens", cu_seqlens, total, max_seqlen, check)
+    except ValueError as err:
+        raise _fail(fn, str(err)) from None
 
 
 def _unpack(x: torch.Tensor | None) -> torch.Tensor | None:

@@ -10,7 +10,6 @@ kernels file does.
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -36,6 +35,7 @@ from .layout import _next_pow2, triton_cdiv
 from .ops import _custom_op
 from .triton import _load_kernels
 from .tuning import _STATES, _config_from, _tuned_entry
+from .varlen import check_offsets, longest_sequence, read_offsets, sync_allowed
 
 # The generic core kernels (a standalone module, which vendors this runtime, points it at its own kernels
 # file instead: `attnc codegen --standalone` appends the core there).
@@ -508,40 +508,22 @@ def _lin_varlen_ext(total, nseq, cu, device):
 
 
 def _lin_varlen_cu(cu_seqlens, device):
-    """Validates cu_seqlens (without reading it on the host: its values are checked where it is read)."""
-    if not isinstance(cu_seqlens, torch.Tensor):
-        raise ValueError(f"cu_seqlens: expected an int32 tensor [nseq + 1], got {type(cu_seqlens).__name__}")
-    if cu_seqlens.dtype is not torch.int32:
-        raise ValueError(f"cu_seqlens: expected int32 (FlashAttention's convention), got {cu_seqlens.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(
-            f"cu_seqlens: expected a 1-d tensor [nseq + 1] (nseq >= 0), got {list(cu_seqlens.shape)}"
-        )
-    if cu_seqlens.device != device:
-        raise ValueError(
-            f"cu_seqlens: expected a tensor on {device} (where q is), got one on {cu_seqlens.device}"
-        )
-    return cu_seqlens.numel() - 1
+    """cu_seqlens' type, dtype, rank and device (`varlen.check_offsets`, no host read); returns nseq."""
+    return check_offsets("cu_seqlens", cu_seqlens, device).numel() - 1
 
 
 def _lin_varlen_check_values(cu_seqlens, total):
     """The offsets' values (a host synchronisation: the reference backend and max_seqlen=None take it)."""
-    cu = cu_seqlens.tolist()
-    if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in itertools.pairwise(cu)):
-        raise ValueError(
-            f"cu_seqlens: expected non-decreasing offsets from 0 to total = {total} (q's first dimension), got {cu}"
-        )
-    return cu
+    return read_offsets("cu_seqlens", cu_seqlens, total)
 
 
 def _lin_max_seqlen(cu_seqlens, total, max_seqlen):
-    """max_seqlen as given (no host synchronisation), else read from cu_seqlens (one synchronisation)."""
-    if max_seqlen is None:
-        cu = _lin_varlen_check_values(cu_seqlens, total)
-        return max((b - a for a, b in itertools.pairwise(cu)), default=0)
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen: expected a Python int >= 0 (the longest sequence), got {max_seqlen!r}")
-    return max_seqlen
+    """max_seqlen as given (no host synchronisation on CUDA), else read from cu_seqlens (one
+    synchronisation): `varlen.longest_sequence`, which also checks CPU offsets."""
+    check = sync_allowed(cu_seqlens, max_seqlen is None)
+    if max_seqlen is None and not check:
+        raise ValueError("max_seqlen: required under torch.compile (a traced graph cannot read the offsets)")
+    return longest_sequence("cu_seqlens", cu_seqlens, total, max_seqlen, check)
 
 
 def _lin_varlen_state(state, nseq, H, D, E, norm_sum, device):

@@ -33,7 +33,9 @@ def packed_view(t, nseq, max_len):
     return t.as_strided((nseq, t.shape[1], max_len, t.shape[2]), (0, t.stride(1), t.stride(0), t.stride(2)))
 
 
-def _offsets(name, cu, q):
+def check_offsets(name, cu, device):
+    """An offsets table's type, dtype, rank and device (no host synchronisation): the contiguous table.
+    Every packed entry point checks its offsets here (softmax, linear and delta-rule families)."""
     if not isinstance(cu, torch.Tensor):
         raise ValueError(
             f"{name}: expected an int32 tensor [nseq + 1] of sequence offsets, got {type(cu).__name__}"
@@ -42,9 +44,29 @@ def _offsets(name, cu, q):
         raise ValueError(
             f"{name}: expected an int32 tensor [nseq + 1] of sequence offsets, got {cu.dtype} of shape {list(cu.shape)}"
         )
-    if cu.device != q.device:
-        raise ValueError(f"{name}: expected a tensor on {q.device} (where q is), got one on {cu.device}")
+    if cu.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (where q is), got one on {cu.device}")
     return cu.contiguous()
+
+
+def read_offsets(name, cu, total):
+    """The offsets on the host (a synchronisation for CUDA tensors), checked: 0 first, never decreasing,
+    `total` last (a bad table would read out of bounds)."""
+    offs = cu.tolist()
+    if offs[0] != 0 or offs[-1] != total or any(a > b for a, b in itertools.pairwise(offs)):
+        shown = offs if len(offs) <= 12 else [*offs[:6], "...", *offs[-3:]]
+        raise ValueError(
+            f"{name}: offsets must start at 0, never decrease and end at the packed length {total}; got {shown}"
+        )
+    return offs
+
+
+def sync_allowed(cu, must_read):
+    """Whether a call may read its offsets on the host: where it must anyway (`must_read`: a max_seqlen not
+    given) and for CPU tensors; never while torch.compile traces (a graph reads no data)."""
+    if torch.compiler.is_compiling():
+        return False
+    return cu.device.type == "cpu" or must_read
 
 
 def _packed(name, t, text, q):
@@ -55,22 +77,18 @@ def _packed(name, t, text, q):
         raise ValueError(f"{name}: expected a tensor on {q.device} (where q is), got one on {t.device}")
 
 
-def _lengths(name, cu, total, max_len, check):
+def longest_sequence(name, cu, total, max_len, check):
     """The longest sequence (one host synchronisation when `max_len` is None) and, when `check`, the offsets'
-    validity (0 first, non-decreasing, `total` last): a bad table would read out of bounds."""
+    validity (`read_offsets`)."""
+    if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0):
+        raise ValueError(f"max_seqlen for {name}: expected a non-negative int, got {max_len!r}")
     if check or max_len is None:
-        offs = cu.tolist()  # the only host synchronisation of a varlen call
-        if offs[0] != 0 or offs[-1] != total or any(a > b for a, b in itertools.pairwise(offs)):
-            raise ValueError(
-                f"{name}: offsets must start at 0, never decrease and end at the packed length {total}; got {offs if len(offs) <= 12 else [*offs[:6], '...', *offs[-3:]]}"
-            )
+        offs = read_offsets(name, cu, total)  # the only host synchronisation of a varlen call
         longest = max((b - a for a, b in itertools.pairwise(offs)), default=0)
         if max_len is None:
             max_len = longest
         elif max_len < longest:
             raise ValueError(f"max_seqlen for {name}: {max_len} is below the longest sequence, {longest}")
-    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 0:
-        raise ValueError(f"max_seqlen for {name}: expected a non-negative int, got {max_len!r}")
     return min(max_len, total)  # no sequence is longer than the packed total (and the views need it)
 
 
@@ -87,7 +105,7 @@ def varlen_batch(name, q, k, v, cu_q, cu_k, max_q, max_k, same_length):
         raise ValueError(
             f"k, v: expected the same packed rows and heads, got {list(k.shape)} and {list(v.shape)}"
         )
-    cu_q = _offsets("cu_seqlens_q", cu_q, q)
+    cu_q = check_offsets("cu_seqlens_q", cu_q, q.device)
     if cu_k is None:
         if not same_length:
             raise ValueError(
@@ -95,7 +113,7 @@ def varlen_batch(name, q, k, v, cu_q, cu_k, max_q, max_k, same_length):
             )
         cu_k = cu_q
     else:
-        cu_k = _offsets("cu_seqlens_k", cu_k, q)
+        cu_k = check_offsets("cu_seqlens_k", cu_k, q.device)
     if cu_k.shape[0] != cu_q.shape[0]:
         raise ValueError(
             f"cu_seqlens_k: expected {cu_q.shape[0]} offsets (as cu_seqlens_q: one sequence each), got {cu_k.shape[0]}"
@@ -104,16 +122,13 @@ def varlen_batch(name, q, k, v, cu_q, cu_k, max_q, max_k, same_length):
         max_k = max_q  # as many keys as queries in every sequence
     # A synchronisation is allowed where one happens anyway (a max_seqlen to read) and on the CPU; a graph
     # being traced (torch.compile) reads no data: it needs the max_seqlens and trusts the offsets.
-    if torch.compiler.is_compiling():
-        missing = [n for n, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)) if m is None]
-        if missing:
-            raise ValueError(
-                f"{', '.join(missing)}: required under torch.compile (a traced graph cannot read the longest "
-                "sequence from the offsets)"
-            )
-        check = False
-    else:
-        check = not q.is_cuda or max_q is None or max_k is None
+    missing = [n for n, m in (("max_seqlen_q", max_q), ("max_seqlen_k", max_k)) if m is None]
+    if missing and torch.compiler.is_compiling():
+        raise ValueError(
+            f"{', '.join(missing)}: required under torch.compile (a traced graph cannot read the longest "
+            "sequence from the offsets)"
+        )
+    check = sync_allowed(cu_q, bool(missing))
     if same_length and cu_k is not cu_q:
         if q.shape[0] != k.shape[0] or (check and not torch.equal(cu_q, cu_k)):
             raise ValueError(
@@ -121,8 +136,8 @@ def varlen_batch(name, q, k, v, cu_q, cu_k, max_q, max_k, same_length):
                 "cu_seqlens_q (pass cu_seqlens_k=None)"
             )
         cu_k = cu_q  # one table: the kernels read the same offsets for both
-    max_q = _lengths("cu_seqlens_q", cu_q, q.shape[0], max_q, check)
-    max_k = _lengths("cu_seqlens_k", cu_k, k.shape[0], max_k, check)
+    max_q = longest_sequence("cu_seqlens_q", cu_q, q.shape[0], max_q, check)
+    max_k = longest_sequence("cu_seqlens_k", cu_k, k.shape[0], max_k, check)
     return cu_q, cu_k, max_q, max_k
 
 
