@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from .varlen import cut_to_sequence
+
 
 class Paged(NamedTuple):
     """A paged launch: the pages of k and v, the block table, the key counts and the page size."""
@@ -126,11 +128,7 @@ def paged_reference(fn, args, axes, paged):
             elif ax == "k":
                 a = gather_pages(a, paged.block_table, n, b).unsqueeze(0)
             elif ax is not None:
-                for dim, kind in enumerate(ax):
-                    if kind == "b":
-                        a = a.narrow(dim, b, 1)
-                    elif kind == "k":
-                        a = a.narrow(dim, 0, n)
+                a = cut_to_sequence(a, ax, b, {"k": n})
             call.append(a)
         o, lse = fn(*call)
         outs.append(o)

@@ -175,6 +175,17 @@ def varlen_views(q, k, v, nseq, max_q, max_k):
     return (q, k, v), (packed_view(q, nseq, max_q), packed_view(k, nseq, max_k), packed_view(v, nseq, max_k))
 
 
+def cut_to_sequence(a, kinds, s, lens):
+    """Sequence s of an auxiliary tensor laid out per sequence: per axis, "b" cut to row s, "q" / "k" (a
+    position axis) cut to that side's length `lens[side]`, None kept (the varlen and paged references)."""
+    for dim, kind in enumerate(kinds):
+        if kind == "b":
+            a = a.narrow(dim, s, 1)
+        elif kind is not None:
+            a = a.narrow(dim, 0, lens[kind])
+    return a
+
+
 def varlen_reference(fn, args, axes, cu_q, cu_k, max_q, out_shape, lse_dtype):
     """The reference of a varlen call: the batched reference `fn` (returning o and lse, or lse None) per
     sequence, a host loop: the readable oracle, not the fast path. `args`: the block's arguments (q, k, v
@@ -192,11 +203,7 @@ def varlen_reference(fn, args, axes, cu_q, cu_k, max_q, out_shape, lse_dtype):
             if ax in ("q", "k"):
                 a = a[bounds[ax][s] : bounds[ax][s + 1]].transpose(0, 1).unsqueeze(0)
             elif ax is not None:
-                for dim, kind in enumerate(ax):
-                    if kind == "b":
-                        a = a.narrow(dim, s, 1)
-                    elif kind is not None:
-                        a = a.narrow(dim, 0, lens[kind])
+                a = cut_to_sequence(a, ax, s, lens)
             call.append(a)
         if lens["q"] == 0:  # nothing to compute (and a 0-row call is no oracle of anything)
             stats.append(torch.full((heads, max_q), float("-inf"), dtype=lse_dtype, device=cu_q.device))
