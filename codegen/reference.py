@@ -430,14 +430,15 @@ def _varlen_lengths(att: Attention) -> tuple[str, str, str] | None:
     return str(dims[0].attr), str(dims[1].attr), str(dims[2].attr)
 
 
-def _varlen_axes(att: Attention) -> tuple[object, ...]:
-    """Per parameter, how the varlen reference cuts it to one sequence (`varlen.varlen_reference`): "q" / "k"
-    for the packed q and k, v; per axis of an auxiliary tensor "b" (the sequence), "q" / "k" (a position
-    axis) or None; None for scalars."""
+def _varlen_axes(att: Attention, query_positions: bool = True) -> tuple[object, ...]:
+    """Per parameter, how the varlen (or paged) reference cuts it to one sequence (`varlen.cut_to_sequence`):
+    "q" / "k" for q and k, v; per axis of an auxiliary tensor "b" (the sequence), "q" / "k" (a position axis;
+    without `query_positions`, as for the paged form's batched queries, q's axes are kept whole) or None;
+    None for scalars."""
     lengths = _varlen_lengths(att)
     assert lengths is not None
     batch, q_len, k_len = lengths
-    kinds = {batch: "b", k_len: "k", q_len: "q"}
+    kinds = {batch: "b", k_len: "k", **({q_len: "q"} if query_positions else {})}
     out: list[object] = []
     for p in att.params:
         if isinstance(p, TensorParam) and p.role in (Role.Q, Role.K, Role.V):
@@ -584,9 +585,6 @@ def _emit_paged(att: Attention, has_triton: bool) -> list[str]:
     """`NAME_paged`: the block's forward over a paged KV cache (`attnc.runtime.paged`), for a block whose
     queries have a length symbol of their own (the spec aligns them with the keys: `j <= i + N - M`)."""
     nm = att.name
-    lengths = _varlen_lengths(att)
-    assert lengths is not None
-    batch, _, k_len = lengths
     softmax = att.norm.kind is NormKind.SOFTMAX
     qn, kn, vn = (next(p.name for p in att.tensors if p.role is r) for r in (Role.Q, Role.K, Role.V))
     floats = [p.name for p in att.tensors if p.type.kind is DType.FLOAT]
@@ -627,15 +625,7 @@ def _emit_paged(att: Attention, has_triton: bool) -> list[str]:
     # The reference: each sequence's keys gathered from the pages, the batched reference on them, after the
     # batched call's checks on the logical shapes.
     L.append(f"    _{nm}_check_paged({largs})")
-    kinds = {batch: "b", k_len: "k"}
-    axes = tuple(
-        ("q" if p.role is Role.Q else "k")
-        if isinstance(p, TensorParam) and p.role in (Role.Q, Role.K, Role.V)
-        else tuple(kinds.get(str(d.attr)) if d.op is Op.SIZE else None for d in p.shape)
-        if isinstance(p, TensorParam)
-        else None
-        for p in att.params
-    )
+    axes = _varlen_axes(att, query_positions=False)
     ref = (
         f"lambda *a: {nm}_reference(*a, return_lse=True)"
         if softmax
