@@ -420,29 +420,27 @@ def _lin_recurrent(
     z_off = offs_d[:, None]  # z is a column [BLOCK_D, 1], as k~_t is here
     z_msk = dmask[:, None]
     S, z = _lin_state_in(S0, Z0, pid, s_off, s_msk, z_off, z_msk, D, E, HAS_S0)
-    q_row = _lin_head(QT, bh, N, D, bos)
-    k_row = _lin_head(KT, bk, N, D, bos)
-    v_row = _lin_head(V, bv, N, E, bos)
-    o_row = _lin_head(OUT, bh, N, E, bos)
-    g_row = _lin_head(GSTEP, bh, N, 1, bos)
-    den_row = _lin_head(DEN, bh, N, 1, bos)
+    # Rows addressed from (head, token) in the loop, not as six row pointers carried through it: that kept
+    # the batched kernel at its registers (sm_90) once the varlen form shared this body.
     for t in range(0, n):
-        q = _lin_percol(q_row + t * D, offs_d, dmask)
-        k = _lin_percol(k_row + t * D, offs_d, dmask)
-        v = _lin_perrow(v_row + t * E, offs_v, vmask)
+        q = _lin_percol(_lin_head(QT, bh, N, D, bos + t), offs_d, dmask)
+        k = _lin_percol(_lin_head(KT, bk, N, D, bos + t), offs_d, dmask)
+        v = _lin_perrow(_lin_head(V, bv, N, E, bos + t), offs_v, vmask)
         k32 = k.to(tl.float32)
         q32 = q.to(tl.float32)
         if HAS_DECAY:
-            g = tl.load(g_row + t)
+            g = tl.load(_lin_head(GSTEP, bh, N, 1, bos + t))
             S = S * tl.exp(g)
             z = z * tl.exp(g)
         S += k32 * v.to(tl.float32)
         o = _lin_colsum(q32 * S)
-        tl.store(o_row + t * E + offs_v[None, :], o, mask=vmask[None, :])
+        tl.store(_lin_head(OUT, bh, N, E, bos + t) + offs_v[None, :], o, mask=vmask[None, :])
         if NORM_SUM:
             z += k32
             den = _lin_colsum(q32 * z)
-            tl.store(den_row + t + offs_v[None, :] * 0, den, mask=(offs_v[None, :] == 0))
+            tl.store(
+                _lin_head(DEN, bh, N, 1, bos + t) + offs_v[None, :] * 0, den, mask=(offs_v[None, :] == 0)
+            )
     _lin_state_out(
         SO + pid.to(tl.int64) * D * E, ZO + pid.to(tl.int64) * D, S, z, s_off, s_msk, z_off, z_msk, pid_v,
         NORM_SUM,
