@@ -193,6 +193,21 @@ class _Seqs:
         return co, self.total // interval + self.nseq
 
 
+def _state_stack(seqs, interval, shape, sigs, store, q):  # type: ignore[no-untyped-def]
+    """A forward's stored states, one per `interval` tokens (checkpoints, chunk-boundary states): (slots per
+    head, the varlen kernels' offset arguments, the signature, the float32 stack or a dummy when not
+    stored). A batch stacks [B, H, slots, E, D]; a packed batch [H, slots, E, D] with each sequence's first
+    slot on the device (`_Seqs.slots`)."""
+    B, H, T, E, D = shape
+    if seqs is None:
+        n, co, sig, hs_shape = _cdiv(T, interval), {}, sigs[0], (B, H, _cdiv(T, interval), E, D)
+    else:
+        co_t, n = seqs.slots(interval)
+        co, sig, hs_shape = {"CU": seqs.cu, "CO": co_t}, sigs[1], (H, n, E, D)
+    hs = torch.empty(hs_shape, device=q.device, dtype=torch.float32) if store else _dummy(q)
+    return n, co, sig, hs
+
+
 def _fail(fn: str, msg: str) -> ValueError:
     return ValueError(f"{fn}: {msg}")
 
@@ -370,13 +385,9 @@ def _recurrent_fwd(
     nst = B if seqs is None else seqs.nseq  # states: one per batch row, or per sequence
     sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
     d = _dummy(q)
-    if seqs is None:
-        nck, co, sig = _cdiv(T, cfg.ckpt), {}, DELTA_RECURRENT_FWD
-        hs_shape: tuple[int, ...] = (B, H, nck, E, D)
-    else:
-        co_t, nck = seqs.slots(cfg.ckpt)
-        co, sig, hs_shape = {"CU": seqs.cu, "CO": co_t}, DELTA_RECURRENT_FWD_VARLEN, (H, nck, E, D)
-    hs = torch.empty(hs_shape, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    nck, co, sig, hs = _state_stack(
+        seqs, cfg.ckpt, (B, H, T, E, D), (DELTA_RECURRENT_FWD, DELTA_RECURRENT_FWD_VARLEN), store_ckpt, q
+    )
     be = min(cfg.block_e, _next_pow2(E))
     launch_core(
         kern, sig, (_cdiv(E, be), nst * H),
@@ -496,13 +507,9 @@ def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt
     o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
     nst = B if seqs is None else seqs.nseq
     sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
-    if seqs is None:
-        nc, co, sig = _cdiv(T, cfg.chunk), {}, DELTA_CHUNK_FWD
-        hs_shape: tuple[int, ...] = (B, H, nc, E, D)
-    else:
-        co_t, nc = seqs.slots(cfg.chunk)
-        co, sig, hs_shape = {"CU": seqs.cu, "CO": co_t}, DELTA_CHUNK_FWD_VARLEN, (H, nc, E, D)
-    hs = torch.empty(hs_shape, device=dev, dtype=torch.float32) if store_ckpt else _dummy(q)
+    nc, co, sig, hs = _state_stack(
+        seqs, cfg.chunk, (B, H, T, E, D), (DELTA_CHUNK_FWD, DELTA_CHUNK_FWD_VARLEN), store_ckpt, q
+    )
     be = min(cfg.block_e, _next_pow2(E))
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
     d = _dummy(q)
