@@ -13,7 +13,7 @@ import ast
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from attnc.dsl.analysis.plan import AuxGrad, AuxRead
+from attnc.dsl.analysis.plan import AuxGrad, AuxRead, plan_attention
 from attnc.dsl.analysis.ranges import index_status
 from attnc.dsl.ir import (
     Attention,
@@ -32,6 +32,7 @@ from attnc.dsl.ir import (
 from attnc.dsl.scope import Root, root_names
 
 from .emit import Emitter, code, constant, expr_from_string, name
+from .triton import tile_code
 
 if TYPE_CHECKING:
     from attnc.dsl.analysis.plan import AttentionPlan
@@ -275,6 +276,40 @@ def _closures(att: Attention, em: Emitter, only: set[str] | None = None) -> tupl
     return closures, spec_args
 
 
+def _summary_closures(em: Emitter, summaries) -> tuple[list[str], list[str]]:  # type: ignore[no-untyped-def]
+    """Per data-dependent mask term `A(i) == B(j)`: closures `_sum_q<n>(b, h, hk, i)`, `_sum_k<n>(b, hk, j)`
+    and their pairs, as the kernels' tile summaries and context parallelism's schedule read them."""
+    closures: list[str] = []
+    pairs = []
+    for n, (qside, kside) in enumerate(summaries):
+        for fn, params, root in ((f"_sum_q{n}", "b, h, hk, i", qside), (f"_sum_k{n}", "b, hk, j", kside)):
+            stmts, ret = em.body(root)
+            closures.append(f"    def {fn}({params}):")
+            closures += [f"        {st}" for st in stmts]
+            closures.append(f"        return {ret}")
+            closures.append("")
+        pairs.append(f"(_sum_q{n}, _sum_k{n})")
+    return closures, pairs
+
+
+def _keys_closure(att: Attention, plan) -> list[str]:  # type: ignore[no-untyped-def]
+    """The tile plan's key intervals of a query range [m0, m0 + bm) as a host closure `_keys` (nothing when
+    the mask has no plan, or a bound cannot be printed: every key is then a candidate)."""
+    tiles = plan.tiles
+    if att.mask is None or tiles is None:
+        return []
+    try:
+        ivs = [(tile_code.python_code(lo), tile_code.python_code(hi)) for lo, hi in tiles.kv_intervals]
+    except tile_code.Unprintable:
+        return []
+    body = ", ".join(f"({lo}, {hi})" for lo, hi in ivs)
+    return [
+        "    def _keys(m0, bm):  # the key positions [lo, hi) queries [m0, m0 + bm) may see (the tile plan)",
+        f"        return ({body}{',' if len(ivs) == 1 else ''})",
+        "",
+    ]
+
+
 @dataclass(frozen=True)
 class Extension:
     """What another emitter adds to a block's dispatching entry point (the linear family's forms: keyword
@@ -306,10 +341,23 @@ def emit_attention(
     call_args = ", ".join(p.name for p in att.params)
     context = _context(att)
 
+    # The reference in two parts: the checked arguments as the spec's closures (`_NAME_reference_spec`, which
+    # attnc.distributed also calls, with the global sizes, to evaluate local shards at global positions) and
+    # the runtime's chunked driver.
     L = _def(
         att,
         f"{nm}_reference",
         [f"Exact PyTorch reference for `{nm}` (norm = {att.norm.kind.value}).", "", doc_params, returns],
+    )
+    L.append(
+        f"    spec, context = _{nm}_reference_spec({call_args}, return_lse=return_lse, block_layout=block_layout)"
+    )
+    L.append(f"    return _rt._reference_run({nm!r}, spec, context, q, k, v, return_lse)")
+    L += ["", ""]
+    L += _def(
+        att,
+        f"_{nm}_reference_spec",
+        [f"The checked arguments of `{nm}` as the reference's `_Spec`, and the context of its errors."],
     )
     L += _checks(att)
     L.append("    _cdt = torch.float64 if q.dtype is torch.float64 else torch.float32")
@@ -321,18 +369,20 @@ def emit_attention(
     L += _hoisted(att, em.hoisted)
     L.append("")
     L += closures
+    plan = plan_attention(att)
+    keys = _keys_closure(att, plan)
+    if keys:
+        L += keys
+        spec_args.append("keys=_keys")
+    closures, pairs = _summary_closures(em, plan.summaries)
+    if pairs:
+        L += closures
+        spec_args.append(f"summaries=({', '.join(pairs)},)")
     L.append(f"    spec = _rt._Spec({att.norm.kind.value!r}, {', '.join(spec_args)})")
     L.append(
         "    spec = _rt._with_block_layout(spec, block_layout, q, k)  # a runtime block layout: a dense mask here"
     )
-    L.append("    try:")
-    L.append("        o, lse = _rt._attend(q.to(_cdt), k.to(_cdt), v.to(_cdt), spec, return_lse)")
-    L.append("    except RuntimeError as err:  # torch reports an integer division by zero this way")
-    L.append('        if "ZeroDivisionError" not in str(err):')
-    L.append("            raise")
-    L.append(f"        raise _rt._eval_error({nm!r}, err, {context}) from None")
-    L.append("    o = o.to(q.dtype)")
-    L.append("    return (o, lse) if return_lse else o")
+    L.append(f"    return spec, {context}")
     L += ["", ""]
 
     if kernels is not None:
@@ -756,15 +806,8 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
     plan = writer.plan
     # Per-tile summaries of data-dependent mask terms (`doc[b, i] == doc[b, j]`): the kernels skip key tiles
     # whose range of values cannot meet the query tile's.
-    pairs = []
-    for n, (qside, kside) in enumerate(writer.summaries):
-        for fn, params, root in ((f"_sum_q{n}", "b, h, hk, i", qside), (f"_sum_k{n}", "b, hk, j", kside)):
-            stmts, ret = em.body(root)
-            closures.append(f"    def {fn}({params}):")
-            closures += [f"        {st}" for st in stmts]
-            closures.append(f"        return {ret}")
-            closures.append("")
-        pairs.append(f"(_sum_q{n}, _sum_k{n})")
+    more, pairs = _summary_closures(em, writer.summaries)
+    closures += more
     L += _hoisted(att, [*kernels, *em.hoisted])
     L += closures
     aux = [p.name for p in att.aux_tensors]
@@ -818,6 +861,13 @@ def _emit_triton(att: Attention, writer: KernelWriter, doc_params: str, returns:
             output += f", {field}=({descs})"
     output += f", heavy={writer.heavy}" if writer.heavy else ""
     output += f", summaries=({', '.join(pairs)},)" if pairs else ""
+    # Which summed buffers are row terms (sink, eps, output epilogue: `_TritonSpec.once`), in the order
+    # `_triton_backward` returns them: kernel reads, dense pair reads, epilogue reads, feature-map reads.
+    once = [r.root in (Root.SINK, Root.EPS, Root.OUTPUT) for r in plan.kernel_reads()]
+    once += [False] * len(plan.pair_reads()) + [True] * len(plan.epilogue_reads())
+    if any(once):
+        once += [False] * (len(plan.feature_reads(Root.FEATURE_Q)) + len(plan.kv_reads()))
+        output += f", once={tuple(once)!r}"
     # The autotuner's best configs for this call's key (autotune/; None: the heuristic defaults).
     output += f", configs=_rt._tuned_configs(_STATE, _kern._{nm}_fwd_kernel, q, k, v, {writer.heavy!r})"
     L.append("    _kern = _STATE.kernels(interpret=not q.is_cuda)")

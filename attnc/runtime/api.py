@@ -20,7 +20,7 @@ from .checks import (
 from .layout import BlockLayout, _kernel_layout, _layout_from_op_args, _layout_op_args, _with_block_layout
 from .ops import _custom_op, _grad, _lse_dtype, _with_autograd
 from .paged import Paged, PagedKVCache, paged_batch, paged_reference
-from .reference import _attend, _clamp, _full, _sigmoid_scalar, _Spec, _to_int
+from .reference import _attend, _clamp, _full, _reference_run, _sigmoid_scalar, _Spec, _to_int
 from .triton import (
     _aux_args,
     _dense_output,
@@ -62,6 +62,7 @@ __all__ = [
     "_layout_op_args",
     "_load",
     "_lse_dtype",
+    "_reference_run",
     "_require_tensor",
     "_sigmoid_scalar",
     "_to_int",

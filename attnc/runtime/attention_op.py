@@ -15,6 +15,7 @@ tuple, and torch.compile(fullgraph=True) traces models that call them through th
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -208,6 +209,7 @@ def attention_ops(
     each argument to one sequence: `varlen.varlen_reference`), its varlen op, each with its backward op and
     autograd formula. Returns (batched op, varlen op or None)."""
     block = _Block(sig, triton_spec, reference, aux_grads, varlen_axes)
+    _BLOCKS[(os.path.realpath(file), name)] = block
     ops = []
     for form, suffix in (("batched", ""), ("varlen", "_varlen")):
         if form == "varlen" and varlen_axes is None:
@@ -223,6 +225,16 @@ def attention_ops(
             op.register_autograd(_autograd(block, bwd_op), setup_context=_setup_context(block))
         ops.append(op)
     return ops[0], ops[1]
+
+
+# Every registered block by (module file, name): what attnc.distributed reads of a generated operator (its
+# parameters, their axes, its launch description and reference).
+_BLOCKS: dict[tuple[str, str], _Block] = {}
+
+
+def registered_block(file: str, name: str) -> _Block | None:
+    """The block `name` of the generated module at `file`, once the module has been imported."""
+    return _BLOCKS.get((os.path.realpath(file), name))
 
 
 def _setup_context(block: _Block):

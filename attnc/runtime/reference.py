@@ -9,6 +9,8 @@ from typing import NamedTuple
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .checks import _eval_error
+
 _REF_CHUNK_ELEMENTS = 1 << 22  # score entries per query-row chunk: bounds memory in forward and backward
 _NEG_INF = float("-inf")
 
@@ -44,6 +46,11 @@ class _Spec(NamedTuple):
     output: object = None  # (o, b, h, hk, i, e) -> output epilogue
     feature_q: object = None  # (q, b, h, hk, i, d) -> feature map
     feature_k: object = None  # (k, b, hk, j, d) -> feature map
+    # The tile plan on the host: (m0, bm) -> ((lo, hi), ...), the key positions queries [m0, m0 + bm) may see
+    # (None: any); and the per-tile summaries of data-dependent mask terms (as in `_TritonSpec`). Context
+    # parallelism schedules its steps from them (attnc.distributed).
+    keys: object = None
+    summaries: tuple = ()
 
 
 def _clamp(x, min=None, max=None):
@@ -66,12 +73,29 @@ def _to_int(x):
     return x.long()
 
 
-def _attend(q, k, v, spec, return_lse):
+def _reference_run(name, spec, context, q, k, v, return_lse):
+    """A generated `NAME_reference`'s call: `_attend` in float32 (float64 for float64 inputs), the output back
+    in q's dtype; an integer division by zero in the spec's expressions (which torch reports as a
+    RuntimeError) becomes the ValueError of `_eval_error`, with `context` (sizes and scalars)."""
+    cdt = torch.float64 if q.dtype is torch.float64 else torch.float32
+    try:
+        o, lse = _attend(q.to(cdt), k.to(cdt), v.to(cdt), spec, return_lse)
+    except RuntimeError as err:
+        if "ZeroDivisionError" not in str(err):
+            raise
+        raise _eval_error(name, err, context) from None
+    o = o.to(q.dtype)
+    return (o, lse) if return_lse else o
+
+
+def _attend(q, k, v, spec, return_lse, positions=(0, 0)):
     """Exact attention over query-row chunks; `spec` holds the variant's expressions.
 
-    q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, E], already in the compute dtype.
+    q: [B, H, M, D], k: [B, G, N, D], v: [B, G, N, E], already in the compute dtype. `positions`: the
+    positions i and j of q's and k's first rows (context parallelism: global positions of local shards).
     Returns o: [B, H, M, E] and, for softmax, lse: [B, H, M].
     """
+    q_pos, k_pos = positions
     B, H, M, _ = q.shape
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
     rep = H // G if G else 1  # no heads at all (H = G = 0): an empty result, below
@@ -79,13 +103,13 @@ def _attend(q, k, v, spec, return_lse):
     if spec.feature_q is not None:
         b = torch.arange(B, device=dev).view(B, 1, 1, 1)
         h = torch.arange(H, device=dev).view(1, H, 1, 1)
-        i = torch.arange(M, device=dev).view(1, 1, M, 1)
+        i = (q_pos + torch.arange(M, device=dev)).view(1, 1, M, 1)
         d = torch.arange(q.shape[3], device=dev).view(1, 1, 1, -1)
         q = _full(spec.feature_q(q, b, h, h // rep, i, d), q.shape, q)
     if spec.feature_k is not None:
         b = torch.arange(B, device=dev).view(B, 1, 1, 1)
         hk = torch.arange(G, device=dev).view(1, G, 1, 1)
-        j = torch.arange(N, device=dev).view(1, 1, N, 1)
+        j = (k_pos + torch.arange(N, device=dev)).view(1, 1, N, 1)
         d = torch.arange(k.shape[3], device=dev).view(1, 1, 1, -1)
         k = _full(spec.feature_k(k, b, hk, j, d), k.shape, k)
     if rep > 1:
@@ -97,8 +121,8 @@ def _attend(q, k, v, spec, return_lse):
         shape = (B, H, mc, N)
         b = torch.arange(B, device=dev).view(B, 1, 1, 1)
         h = torch.arange(H, device=dev).view(1, H, 1, 1)
-        i = (i0 + torch.arange(mc, device=dev)).view(1, 1, mc, 1)
-        j = torch.arange(N, device=dev).view(1, 1, 1, N)
+        i = (q_pos + i0 + torch.arange(mc, device=dev)).view(1, 1, mc, 1)
+        j = (k_pos + torch.arange(N, device=dev)).view(1, 1, 1, N)
         qk = torch.matmul(qc, k.transpose(-1, -2))
         if spec.mask is None:
             idx = None
@@ -107,7 +131,7 @@ def _attend(q, k, v, spec, return_lse):
             # The score is evaluated only where the mask holds: gather those entries, evaluate, scatter back.
             idx = _full_bool(spec.mask(b, h, h // rep, i, j), shape, dev).nonzero(as_tuple=True)
             bi, hi, ii, ji = idx
-            s = _full(spec.score(bi, hi, hi // rep, ii + i0, ji, qk[idx]), bi.shape, qk)
+            s = _full(spec.score(bi, hi, hi // rep, ii + i0 + q_pos, ji + k_pos, qk[idx]), bi.shape, qk)
         lse = None
         if spec.norm == "softmax":
             if idx is not None:
@@ -134,7 +158,11 @@ def _attend(q, k, v, spec, return_lse):
                 if idx is None:
                     bias = spec.bias(b, h, h // rep, i, j) if spec.bias is not None else 0.0
                 else:
-                    bias = spec.bias(bi, hi, hi // rep, ii + i0, ji) if spec.bias is not None else 0.0
+                    bias = (
+                        spec.bias(bi, hi, hi // rep, ii + i0 + q_pos, ji + k_pos)
+                        if spec.bias is not None
+                        else 0.0
+                    )
                 s = torch.sigmoid(s + bias)
             if idx is not None:
                 s = qk.new_zeros(shape).index_put(idx, s)

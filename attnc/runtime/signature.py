@@ -22,6 +22,9 @@ in groups, always in this order:
                 the table's row stride and the page size, read only under the `_PAGED` constexpr (k and v
                 rows are then looked up through the table; `_N` and the keys' length symbol become the
                 sequence's); not in the combine
+    shift       context parallelism: the global positions of q's and k's local row 0, read only under the
+                `_SHIFT` constexpr (the spec's i and j, and the tile plan's bounds, are then global positions;
+                memory is indexed locally)
     summaries   per-tile min/max of data-dependent mask terms (only for specs that have such terms)
     layout      an explicit runtime block layout, read only under the `_LAYOUT` constexpr
     probe       the visit counter of tests, written only under the `_COUNT_VISITS` constexpr
@@ -86,6 +89,7 @@ class Group(enum.Enum):
     EXTENTS = "extents"
     VARLEN = "varlen"
     PAGED = "paged"
+    SHIFT = "shift"
     SUMMARIES = "summaries"
     LAYOUT = "layout"
     PROBE = "probe"
@@ -127,12 +131,14 @@ QKV_STRIDES = tuple(f"_s{t}_{a}" for t in ("q", "k", "v", "o") for a in ("b", "h
 EXTENTS = ("_NH", "_NG", "_M", "_N", "_D", "_E")
 VARLEN_GATE = "_VARLEN"
 PAGED_GATE = "_PAGED"
+SHIFT_GATE = "_SHIFT"
 AUX_GRAD_GATE = "_AUX_GRAD"  # the dQ kernel reduces auxiliary gradients (its aux_grads group is bound)
 CONSTEXPRS = (
     "_COUNT_VISITS",
     "_LAYOUT",
     VARLEN_GATE,
     PAGED_GATE,
+    SHIFT_GATE,
     "_BLOCK_M",
     "_BLOCK_N",
     "_BLOCK_D",
@@ -169,6 +175,9 @@ PAGED_GROUP = ParamGroup(
 # Packed variable-length batches (FlashAttention's varlen convention): [nseq + 1] int32 offsets of each
 # sequence's first row in the packed q (and o) and in the packed k and v.
 VARLEN_GROUP = ParamGroup(Group.VARLEN, (pointer("_CU_Q", "i32"), pointer("_CU_K", "i32")), gate=VARLEN_GATE)
+# Context parallelism (attnc.distributed): the global positions of local row 0 of q and of k. The kernels then
+# index the local tensors as always but evaluate the spec (score, mask, tile plan) at global positions.
+SHIFT_GROUP = ParamGroup(Group.SHIFT, (i32("_Q_POS"), i32("_K_POS")), gate=SHIFT_GATE)
 
 
 def summary_group(count: int) -> ParamGroup:
@@ -364,6 +373,7 @@ class BlockABI:
             STRIDES_GROUP,
             EXTENTS_GROUP,
             VARLEN_GROUP,
+            SHIFT_GROUP,
         ]
         if kind == "fwd_combine":
             groups.append(constexpr_group(_COMBINE_CONSTEXPRS))

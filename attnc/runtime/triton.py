@@ -178,6 +178,12 @@ class _TritonSpec(NamedTuple):
     # a paged KV cache (`paged.Paged`, forward only): k and v are then zero-stride stand-ins of the logical
     # shape, and the launch reads the pages
     paged: object = None
+    # context parallelism (attnc.distributed): (q_pos, k_pos), the global positions of the local q's and k's
+    # row 0. The spec's i and j are then global; the spec group's size symbols are the global ones.
+    shift: tuple = None
+    # per summed aux-gradient buffer (`_triton_backward`'s order): whether it is a row term (sink, eps, output
+    # epilogue), which one backward over the whole key range counts once (several key ranges: once in all)
+    once: tuple = ()
 
 
 def _rows(spec, B, H, M, X, dtype, device, packed=None):
@@ -237,13 +243,14 @@ def _sum_lead(buf, lead):
     return buf.sum(tuple(range(lead))) if lead else buf
 
 
-def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
+def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False, fp32=False):
     """dq, dk, dv (in the inputs' dtypes) from what the forward saved: o, oraw (o when there is no epilogue)
     and stat. No forward runs again: the dQ kernel computes the row delta Σ_e dO·O (minus d lse for softmax)
     from the tiles it loads anyway and stores it, and the dK/dV kernel, launched after it, reads it. q, k and
     v are contiguous; `dstat` may be None (no gradient reaches the log-sum-exp). `aux_grad`: reduce the
     gradients of the auxiliary reads the dQ kernel owns (returned as summed buffers, in the kernel's
-    order); without it that code is compiled out (the `_AUX_GRAD` gate) and nothing is allocated for it."""
+    order); without it that code is compiled out (the `_AUX_GRAD` gate) and nothing is allocated for it.
+    `fp32`: return dq, dk, dv in float32 (context parallelism accumulates them over key ranges)."""
     B, H, M, D = q.shape
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
     do = do.contiguous()
@@ -341,6 +348,8 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False):
         for d, ((lb, lh), _) in zip(dense, spec.pair_grads if aux_grad else (), strict=True)
     ]
     sums += [_sum_lead(b, lead) for b, lead in (*epilogue, *feature_q, *feature_k)]
+    if fp32:
+        return dq_out, dk_out, dv_out, sums
     return dq_out.to(q.dtype), dk_out.to(k.dtype), dv_out.to(v.dtype), sums
 
 
@@ -480,6 +489,8 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
         groups["varlen"] = (spec.varlen.cu_q, spec.varlen.cu_k)
     if pg is not None and sig.has(Group.PAGED):
         groups["paged"] = pg.group()
+    if spec.shift is not None:
+        groups["shift"] = tuple(int(p) for p in spec.shift)
     getattr(spec, _KERNEL_FIELDS[kind])[grid](**sig.bind(**groups), **kw)
 
 
@@ -506,11 +517,12 @@ def _summaries(spec, q, k, cfg):
     B, H, M = q.shape[:3]
     G, N = k.shape[1], k.shape[2]
     dev = q.device
+    q_pos, k_pos = spec.shift or (0, 0)  # the tiles' positions (context parallelism: global ones)
     b = torch.arange(B, device=dev).view(B, 1, 1)
     h = torch.arange(H, device=dev).view(1, H, 1)
     hk = torch.arange(G, device=dev).view(1, G, 1)
-    i = torch.arange(M, device=dev).view(1, 1, M)
-    j = torch.arange(N, device=dev).view(1, 1, N)
+    i = (q_pos + torch.arange(M, device=dev)).view(1, 1, M)
+    j = (k_pos + torch.arange(N, device=dev)).view(1, 1, N)
     for qfn, kfn in spec.summaries:
         qv = torch.as_tensor(qfn(b, h, h // (H // G), i), device=dev).to(torch.int64).broadcast_to(B, H, M)
         kv = torch.as_tensor(kfn(b, hk, j), device=dev).to(torch.int64).broadcast_to(B, G, N)

@@ -133,7 +133,22 @@ _ROOT_FIELD = {
 
 # Where each index variable lives in the kernels' tile code (program scalars b, h, hk; i along a tile's rows,
 # j along its columns); d, e and a transposed tile's j are placed per root (`feature_names`, `row_names`).
-_AT = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "i", Var.J: "j"}
+# The spec's index variables as the kernels name them. i and j are positions (`_pos_i`, `_pos_j`): the local
+# rows `i` and `j` themselves, except under `_SHIFT` (context parallelism), where they are global positions
+# and `i`, `j` stay the local rows that index memory and bound the masks.
+_AT = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "_pos_i", Var.J: "_pos_j"}
+
+
+def _position(var: str, local: str, offset: str) -> Stmts:
+    """`var` = the local row `local` as a position: itself, or under `_SHIFT` plus the launch's `offset`."""
+    return S(f"{var} = {local}\nif _SHIFT:\n    {var} = {local} + {offset}")
+
+
+def _shifted(var: str, offset: str) -> Stmts:
+    """A tile start (m0, n0) as a position: under `_SHIFT`, plus the launch's `offset`."""
+    return S(f"if _SHIFT:\n    {var} = {var} + {offset}")
+
+
 Stmts = list[ast.stmt]
 
 
@@ -243,7 +258,7 @@ class KernelWriter:
             at = {**_AT, Var.D: "offs_d[None, :]"}
             elem = "q.to(tl.float32)"
         else:
-            at = {**_AT, Var.J: "offs_n[None, :]", Var.D: "offs_d[:, None]"}
+            at = {**_AT, Var.D: "offs_d[:, None]"}
             elem = "kt.to(tl.float32)"
         return {ROOT_ELEMENT[root]: elem, **{v.value: at[v] for v in ROOT_VARS[root]}}
 
@@ -375,7 +390,7 @@ class KernelWriter:
     def _score_block(self, out: Stmts, i: str, j: str) -> None:
         """qk -> valid (bool tile) and s (float32 tile, the score where valid)."""
         att = self.att
-        names = {**self.pair_names(Root.SCORE), "i": i, "j": j}
+        names = self.pair_names(Root.SCORE)
         in_range = f"({i} < _M) & ({j} < _N)"
         if att.mask is None:
             out += S(f"valid = {in_range}")
@@ -469,10 +484,16 @@ class KernelWriter:
         with the range. A tile that several intervals cover is visited once: by the first interval containing
         it (the helper skips tiles of the earlier ones: the intervals need not be sorted)."""
         extent, intervals = ("_N", self.kv_intervals) if helper.var == "start_n" else ("_M", self.q_intervals)
+        offset = "_K_POS" if helper.var == "start_n" else "_Q_POS"
         out: Stmts = []
         for n, (lo, hi) in enumerate(intervals):
             out += S(f"lo{n} = {_bound(lo, range_lo, 'tl.maximum', '0')}")
             out += S(f"hi{n} = {_bound(hi, range_hi, 'tl.minimum', extent)}")
+            # Under `_SHIFT` the plan's bounds are positions: the loop's range is local rows.
+            out += S(
+                f"if _SHIFT:\n    lo{n} = tl.maximum(({lo}) - {offset}, {range_lo})\n"
+                f"    hi{n} = tl.minimum(({hi}) - {offset}, {range_hi})"
+            )
             out += self._loop_call(helper, f"lo{n}", f"hi{n}", n)
         return out
 
@@ -539,8 +560,19 @@ class KernelWriter:
         loop = S(f"for {var} in range((lo // {block}) * {block}, hi, {block}):\n    {{body}}", body=inner)
         # The program's own tile start, from its program id here rather than passed in: the tile plan's
         # bounds then fold as they do in one function (a register less on sm_90 for some dQ kernels).
-        own = "m0 = pid_m * _BLOCK_M" if var == "start_n" else "n0 = pid_n * _BLOCK_N"
-        return LoopHelper(name_, var, block, state, context, priors, [*S(own), *loop])
+        if var == "start_n":
+            own = [
+                *S("m0 = pid_m * _BLOCK_M"),
+                *_shifted("m0", "_Q_POS"),
+                *_position("_pos_i", "i", "_Q_POS"),
+            ]
+        else:
+            own = [
+                *S("n0 = pid_n * _BLOCK_N"),
+                *_shifted("n0", "_K_POS"),
+                *_position("_pos_j", "j", "_K_POS"),
+            ]
+        return LoopHelper(name_, var, block, state, context, priors, [*own, *loop])
 
     def _render_helper(self, h: LoopHelper) -> list[str]:
         shared = self.shared_params()
@@ -656,13 +688,17 @@ class KernelWriter:
 
     def _query_tile_prologue(self, kind: str) -> Stmts:
         """Program ids of a (query tile, batch, head) program, its offsets, and its q tile."""
-        return self._query_program(kind) + S(
-            """
+        return (
+            self._query_program(kind)
+            + S(
+                """
             offs_d = tl.arange(0, _BLOCK_D)
             offs_e = tl.arange(0, _BLOCK_E)
             i = offs_m[:, None]
             q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)
             """
+            )
+            + _position("_pos_i", "i", "_Q_POS")
         )
 
     def _forward_helper(self) -> LoopHelper:
@@ -674,9 +710,14 @@ class KernelWriter:
         B: Stmts = S(
             """
             n0 = start_n
+            if _SHIFT:
+                n0 = start_n + _K_POS
             visits += 1
             offs_n = start_n + tl.arange(0, _BLOCK_N)
             j = offs_n[None, :]
+            _pos_j = j
+            if _SHIFT:
+                _pos_j = j + _K_POS
             if _PAGED:
                 kv_page = tl.load(_BT + b.to(tl.int64) * _sbt_b + offs_n // _PAGE, mask=offs_n < _N, other=0)
                 kv_row = kv_page.to(tl.int64) * _PAGE + offs_n % _PAGE
@@ -735,6 +776,7 @@ class KernelWriter:
             m0 = pid_m * _BLOCK_M
             """
         )
+        L += _shifted("m0", "_Q_POS")
         L += self._own_summaries("q", "pid_bh", "pid_m")
         L += before_loop
         L += S("visits = pid_m * 0")
@@ -807,14 +849,18 @@ class KernelWriter:
     def combine(self) -> Kernel:
         """Merge the _NSPLIT partials of each row into the running statistics of one pass over all keys (the
         norm's `merge`: exactly (m, l, acc) of the unsplit loop), then run the forward's own epilogue."""
-        L: Stmts = self._query_program("fwd_combine") + S(
-            """
+        L: Stmts = (
+            self._query_program("fwd_combine")
+            + S(
+                """
             offs_e = tl.arange(0, _BLOCK_E)
             i = offs_m[:, None]
             m_i = tl.full([_BLOCK_M, 1], float('-inf'), tl.float32)
             l_i = tl.full([_BLOCK_M, 1], 0.0, tl.float32)
             acc = tl.full([_BLOCK_M, _BLOCK_E], 0.0, tl.float32)
             """
+            )
+            + _position("_pos_i", "i", "_Q_POS")
         )
         merge: Stmts = S(
             """
@@ -886,6 +932,7 @@ class KernelWriter:
             kt = tl.load(_K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h + offs_n[None, :] * _sk_n + offs_d[:, None] * _sk_d, mask=(offs_n[None, :] < _N) & (offs_d[:, None] < _D), other=0.0)
             """
         )
+        L += _position("_pos_j", "j", "_K_POS")
         kname = self._feature(att.feature_k, "kt", Root.FEATURE_K, L)
         L += S(
             f"""
@@ -896,14 +943,20 @@ class KernelWriter:
             n0 = pid_n * _BLOCK_N
             """
         )
+        L += _shifted("n0", "_K_POS")
         L += self._own_summaries("k", "pid_bg", "pid_n")
         self._in_loop = True
         B: Stmts = S(
             """
             m0 = start_m
+            if _SHIFT:
+                m0 = start_m + _Q_POS
             visits += 1
             offs_m = start_m + tl.arange(0, _BLOCK_M)
             i = offs_m[:, None]
+            _pos_i = i
+            if _SHIFT:
+                _pos_i = i + _Q_POS
             q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)
             """
         )
@@ -985,15 +1038,21 @@ class KernelWriter:
             L += S(f"{g} = (pid_m * 0).to(tl.float32)")
         L += _gated(self._row_aux_grads, reads)
         L += S("dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)\nm0 = pid_m * _BLOCK_M")
+        L += _shifted("m0", "_Q_POS")
         L += self._own_summaries("q", "pid_bh", "pid_m")
         L += self._program_load_code()
         self._in_loop = True
         B: Stmts = S(
             """
             n0 = start_n
+            if _SHIFT:
+                n0 = start_n + _K_POS
             visits += 1
             offs_n = start_n + tl.arange(0, _BLOCK_N)
             j = offs_n[None, :]
+            _pos_j = j
+            if _SHIFT:
+                _pos_j = j + _K_POS
             kt = tl.load(_K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h + offs_n[None, :] * _sk_n + offs_d[:, None] * _sk_d, mask=(offs_n[None, :] < _N) & (offs_d[:, None] < _D), other=0.0)
             """
         )
@@ -1286,7 +1345,7 @@ class KernelWriter:
             p = self.att.param(r.tensor)
             assert isinstance(p, TensorParam)
             g = self._read_grad(r, self.pair_names(r.root), B)
-            at = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "i", Var.J: "j"}
+            at = _AT
             flat, numel = "0", "1"
             for k in range(len(p.shape) - 1, -1, -1):
                 flat = f"{at[r.plain_vars[k]]}.to(tl.int64) * ({numel}) + {flat}"
@@ -1520,19 +1579,19 @@ def _program_lead(tile: Var, pid: str, head: Var, heads: str) -> tuple[tuple[Var
 # kernel's k features, transposed ([BLOCK_D, BLOCK_N]). The program's tile leads when its variable is no axis.
 _ROW_TILE = _GradTile(
     (Var.I, Var.E),
-    {Var.I: "i", Var.E: "offs_e[None, :]"},
+    {Var.I: "_pos_i", Var.E: "offs_e[None, :]"},
     ("(i < _M)", "(offs_e[None, :] < _E)"),
     _program_lead(Var.I, "pid_m", Var.H, "_NH"),
 )
 _Q_FEATURE_TILE = _GradTile(
     (Var.I, Var.D),
-    {Var.I: "i", Var.D: "offs_d[None, :]"},
+    {Var.I: "_pos_i", Var.D: "offs_d[None, :]"},
     ("(i < _M)", "(offs_d[None, :] < _D)"),
     _ROW_TILE.lead,
 )
 _K_FEATURE_TILE = _GradTile(
     (Var.D, Var.J),
-    {Var.D: "offs_d[:, None]", Var.J: "offs_n[None, :]"},
+    {Var.D: "offs_d[:, None]", Var.J: "_pos_j"},
     ("(offs_d[:, None] < _D)", "(offs_n[None, :] < _N)"),
     _program_lead(Var.J, "pid_n", Var.HK, "_NG"),
 )

@@ -29,17 +29,36 @@ _REL = {
 }
 
 
+# The Python flavour (`python_code`): the same expressions as host code, for the runtime's schedules
+# (attnc.distributed asks which key ranges a range of queries may see). Integers stay exact: floor division.
+_PY_TILE_NAMES = {TILE_M0: "m0", TILE_BM: "bm", TILE_N0: "n0", TILE_BN: "bn"}
+
+
+def python_code(e: sp.Basic) -> str:
+    """Python code for an integer or boolean sympy expression: tile symbols m0, bm (n0, bn), the spec's sizes
+    and scalars by their own names."""
+    return _print(e, True)
+
+
 def code(e: sp.Basic) -> str:
     """Triton code for an integer or boolean sympy expression."""
+    return _print(e, False)
+
+
+def _print(e: sp.Basic, py: bool) -> str:
+    def code(x: sp.Basic) -> str:
+        return _print(x, py)
+
     if e is sp.true:
         return "True"
     if e is sp.false:
         return "False"
     if isinstance(e, sp.Symbol):
         if e in _TILE_NAMES:
-            return _TILE_NAMES[e]
+            return (_PY_TILE_NAMES if py else _TILE_NAMES)[e]
         if e in (symbol_for_scalar(e.name, True), symbol_for_scalar(e.name, False)):
-            return scalar_name(e.name)  # a runtime scalar: the kernel's parameter for it
+            # a runtime scalar: the kernel's parameter for it (on the host: the scalar's own variable)
+            return e.name if py else scalar_name(e.name)
         return e.name
     if isinstance(e, sp.Integer):
         return str(int(e))
@@ -61,8 +80,10 @@ def code(e: sp.Basic) -> str:
         num, den = sp.fraction(sp.together(e.args[0]))
         if den == 1:
             return code(num)
-        return f"_floordiv({code(num)}, {code(den)})"
+        return f"({code(num)} // {code(den)})" if py else f"_floordiv({code(num)}, {code(den)})"
     if isinstance(e, sp.Min | sp.Max):
+        if py:
+            return ("min(" if isinstance(e, sp.Min) else "max(") + ", ".join(code(a) for a in e.args) + ")"
         fn = "tl.minimum" if isinstance(e, sp.Min) else "tl.maximum"
         out = code(e.args[0])
         for a in e.args[1:]:
@@ -74,13 +95,19 @@ def code(e: sp.Basic) -> str:
             raise Unprintable("Piecewise without a default")
         out = code(last)
         for val, c in reversed(cases):
-            out = f"tl.where({code(c)}, {code(val)}, {out})"
+            out = (
+                f"({code(val)} if {code(c)} else {out})" if py else f"tl.where({code(c)}, {code(val)}, {out})"
+            )
         return out
     if type(e) in _REL:
         return f"({code(e.lhs)} {_REL[type(e)]} {code(e.rhs)})"
     if isinstance(e, sp.And | sp.Or):
-        op = " & " if isinstance(e, sp.And) else " | "
+        op = (
+            (" and " if isinstance(e, sp.And) else " or ")
+            if py
+            else (" & " if isinstance(e, sp.And) else " | ")
+        )
         return "(" + op.join(code(a) for a in e.args) + ")"
     if isinstance(e, sp.Not):
-        return f"({code(e.args[0])} == 0)"
+        return f"(not {code(e.args[0])})" if py else f"({code(e.args[0])} == 0)"
     raise Unprintable(f"cannot print {type(e).__name__}: {e}")
