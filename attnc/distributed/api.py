@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import math
 import sys
 from dataclasses import dataclass, field
@@ -261,7 +262,14 @@ class _TritonPairs:
         stat = torch.empty((B, H, M), dtype=torch.float32, device=dev)
         cfg = _config(spec, "fwd", D, E)
         merge = _KernelConfig(cfg.block_m, cfg.block_n, 4, 1)
-        io = {"_OPART": opart, "_LPART": lpart, "_NSPLIT": opart.shape[1], "_O": o, "_ORAW": oraw, "_STAT": stat}
+        io = {
+            "_OPART": opart,
+            "_LPART": lpart,
+            "_NSPLIT": opart.shape[1],
+            "_O": o,
+            "_ORAW": oraw,
+            "_STAT": stat,
+        }
         _run(spec, "fwd_combine", (triton_cdiv(M, cfg.block_m), B * H), merge, io, qc, like_k, like_v, o)
         return o, oraw, stat
 
@@ -321,14 +329,16 @@ class _ReferencePairs:
 
         b, h, hk, i = self._rows_index(qc, q_pos)
         if spec.norm == "softmax" and spec.sink is not None:
-            sink = _full(spec.sink(b, h, hk, i), lse.shape + (1,), o).squeeze(-1)
+            sink = _full(spec.sink(b, h, hk, i), (*lse.shape, 1), o).squeeze(-1)
             tot = torch.logaddexp(lse, sink)
             o = o * torch.exp(lse - tot).nan_to_num(0.0)[..., None]
             lse = tot
         stat = lse
         if spec.norm == "sum":
             num, den = o[..., :-1], o[..., -1]
-            eps = _full(spec.eps(b, h, hk, i), den.shape + (1,), o).squeeze(-1) if spec.eps is not None else 0.0
+            eps = (
+                _full(spec.eps(b, h, hk, i), (*den.shape, 1), o).squeeze(-1) if spec.eps is not None else 0.0
+            )
             stat = den + eps
             alive = stat != 0
             o = torch.where(alive[..., None], num / torch.where(alive, stat, 1.0)[..., None], 0.0)
@@ -349,7 +359,7 @@ class _ReferencePairs:
 
     def backward(self, qc, kc, vc, q_pos, k_pos, saved, do, dstat, aux_grad, first, spec=None, leaves=()):  # type: ignore[no-untyped-def]
         spec = spec or self.call.ref_spec
-        o, oraw, stat = saved  # do: dO of the raw output (the epilogue's chain rule ran before)
+        _o, oraw, stat = saved  # do: dO of the raw output (the epilogue's chain rule ran before)
         c = self.cdt
         with torch.enable_grad():
             q_ = qc.detach().to(c).requires_grad_()
@@ -370,13 +380,15 @@ class _ReferencePairs:
                 loss = (do_ * po).sum()
             ins = [q_, k_, v_, *leaves] if aux_grad else [q_, k_, v_]
             grads = torch.autograd.grad(loss, ins, allow_unused=True)
-        dq, dk, dv = (g if g is not None else torch.zeros_like(x) for g, x in zip(grads[:3], ins[:3], strict=True))
+        dq, dk, dv = (
+            g if g is not None else torch.zeros_like(x) for g, x in zip(grads[:3], ins[:3], strict=True)
+        )
         return dq.float(), dk.float(), dv.float(), list(grads[3:])
 
 
 def _merge(parts, shape, softmax, device, cdt):  # type: ignore[no-untyped-def]
     """Partials of disjoint key ranges merged: by log-sum-exp for softmax (float32 or float64), else summed."""
-    B, H, M, E = shape
+    B, H, M, _E = shape
     if not parts:
         o = torch.zeros(shape, dtype=cdt, device=device)
         return o, torch.full((B, H, M), -math.inf, dtype=cdt, device=device) if softmax else None
@@ -469,7 +481,7 @@ def _ring_forward(call: _Call, pairs_impl, q, k, v):  # type: ignore[no-untyped-
             parts[qc].append(
                 pairs_impl.forward(_rows(q, qc), _rows(kb, kc), _rows(vb, kc), qc.start, kc.start)
             )
-    for t, (_, reqs) in pending.items():
+    for _, reqs in pending.values():
         _wait(reqs)
     outs = [pairs_impl.combine(parts[qc], _rows(q, qc), qc.start, k, v) for qc in qchunks]
     return outs
@@ -515,7 +527,7 @@ def _epilogue_backward(call: _Call, spec, leaves, qc, q_pos, o_raw, do):  # type
 
 def _row_terms(call: _Call, spec, leaves, qc, q_pos, saved, do_raw, dstat):  # type: ignore[no-untyped-def]
     """The reference's sink and eps gradients for a query chunk (row terms: once per chunk)."""
-    o, oraw, stat = saved
+    _o, oraw, stat = saved
     if not leaves or (spec.sink is None and spec.eps is None):
         return []
     from attnc.runtime.reference import _full
@@ -527,10 +539,10 @@ def _row_terms(call: _Call, spec, leaves, qc, q_pos, saved, do_raw, dstat):  # t
     with torch.enable_grad():
         if spec.norm == "softmax" and spec.sink is not None:
             delta = delta - (dstat.to(c) if dstat is not None else 0.0)
-            sink = _full(spec.sink(b, h, hk, i), stat.shape + (1,), oraw.to(c)).squeeze(-1)
+            sink = _full(spec.sink(b, h, hk, i), (*stat.shape, 1), oraw.to(c)).squeeze(-1)
             loss = -(delta * torch.exp(sink - stat.to(c))).sum()
         elif spec.norm == "sum" and spec.eps is not None:
-            eps = _full(spec.eps(b, h, hk, i), stat.shape + (1,), oraw.to(c)).squeeze(-1)
+            eps = _full(spec.eps(b, h, hk, i), (*stat.shape, 1), oraw.to(c)).squeeze(-1)
             z = torch.where(stat != 0, stat, 1.0).to(c)
             loss = -((delta / z) * (stat != 0).to(c) * eps).sum()
         else:
@@ -560,7 +572,6 @@ def _ring_backward(call: _Call, outs, q, k, v, aux, do, dstat, aux_grad):  # typ
             args[i] = args[i].detach().requires_grad_()
             leaves.append(args[i])
         mod, name = call.op.module, call.op.name
-        qi, ki, vi = call.op.sig.qkv
         spec, _ = getattr(mod, f"_{name}_reference_spec")(*args, return_lse=call.softmax)
         ref_aux = []
     per_chunk = {}
@@ -569,8 +580,9 @@ def _ring_backward(call: _Call, outs, q, k, v, aux, do, dstat, aux_grad):  # typ
         do_c = _rows(do, qc)
         ds_c = _rows(dstat[..., None], qc)[..., 0] if (dstat is not None and call.softmax) else None
         if call.backend == "reference":
-            do_raw, ep = _epilogue_backward(call, spec, leaves, qc, qc.start, oraw_c, do_c)
-            rows = _row_terms(call, spec, leaves, qc, qc.start, (o_c, oraw_c, stat_c), do_raw, ds_c)
+            qrows = _rows(q, qc)
+            do_raw, ep = _epilogue_backward(call, spec, leaves, qrows, qc.start, oraw_c, do_c)
+            rows = _row_terms(call, spec, leaves, qrows, qc.start, (o_c, oraw_c, stat_c), do_raw, ds_c)
             ref_aux = _add(ref_aux, ep) if ep else ref_aux
             ref_aux = _add(ref_aux, rows) if rows else ref_aux
             per_chunk[qc] = ((o_c, oraw_c, stat_c), do_raw, ds_c)
@@ -691,9 +703,11 @@ def context_parallel(
     names = [n for n, _ in sig.params]
     if len(args) > len(names):
         raise TypeError(f"{cop.name}: takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
-    args = list(args) + [None] * (len(names) - len(args))
+    # Scalars left out take the spec's defaults (those of the generated signature).
+    params = inspect.signature(getattr(cop.module, f"_{cop.name}_reference_spec")).parameters
+    args = list(args) + [params[n].default for n in names[len(args) :]]
     for n, (pname, ty) in enumerate(sig.params):
-        if args[n] is None and not ty.endswith("?"):
+        if (args[n] is None or args[n] is inspect.Parameter.empty) and ty == "Tensor":
             raise TypeError(f"{cop.name}: missing argument {pname!r}")
     qi, ki, vi = sig.qkv
     q, k, v = args[qi], args[ki], args[vi]
@@ -753,7 +767,9 @@ def context_parallel(
             tspec = getattr(cop.module, f"_{cop.name}_triton_spec")(*det, return_lse=sig.softmax)
             if tspec.fwd_split is None or tspec.combine is None:
                 raise ValueError(f"{cop.name}: its kernels have no split-KV forward, which the ring needs")
-    call = _Call(cop, group, rank, world, strat, backend, q_shard, k_shard, (B, H, G, D, E), det, ref_spec, tspec)
+    call = _Call(
+        cop, group, rank, world, strat, backend, q_shard, k_shard, (B, H, G, D, E), det, ref_spec, tspec
+    )
     _schedule(call)
     kk, vv = k, v
     if strat is Strategy.ALLGATHER and world > 1:
@@ -761,5 +777,7 @@ def context_parallel(
         kk = all_gather_grad(k.contiguous(), 2, group).index_select(2, order)
         vv = all_gather_grad(v.contiguous(), 2, group).index_select(2, order)
     floats = [n for n in sig.floats if n not in sig.qkv]
-    o, stat = _ContextParallel.apply(call, q.contiguous(), kk.contiguous(), vv.contiguous(), *(gargs[n] for n in floats))
+    o, stat = _ContextParallel.apply(
+        call, q.contiguous(), kk.contiguous(), vv.contiguous(), *(gargs[n] for n in floats)
+    )
     return (o, stat) if return_lse else o

@@ -99,7 +99,9 @@ def spawn_ranks(
                 errors.append(f"rank {rank}: {got['error']}")
                 results.append(got)
         if errors:
-            tbs = [f"rank {n}:\n{r['tb']}" for n, r in enumerate(results) if isinstance(r, dict) and "tb" in r]
+            tbs = [
+                f"rank {n}:\n{r['tb']}" for n, r in enumerate(results) if isinstance(r, dict) and "tb" in r
+            ]
             detail = "\n".join(tbs)
             raise RankFailure("; ".join(errors) + ("\n" + detail if detail else ""))
         return results

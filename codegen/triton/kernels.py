@@ -489,11 +489,13 @@ class KernelWriter:
         for n, (lo, hi) in enumerate(intervals):
             out += S(f"lo{n} = {_bound(lo, range_lo, 'tl.maximum', '0')}")
             out += S(f"hi{n} = {_bound(hi, range_hi, 'tl.minimum', extent)}")
-            # Under `_SHIFT` the plan's bounds are positions: the loop's range is local rows.
-            out += S(
-                f"if _SHIFT:\n    lo{n} = tl.maximum(({lo}) - {offset}, {range_lo})\n"
-                f"    hi{n} = tl.minimum(({hi}) - {offset}, {range_hi})"
-            )
+            # Under `_SHIFT` the plan's bounds are positions: the loop's range is local rows. (The fallback
+            # of a spec without a plan, [0, extent), is local already.)
+            if (lo, hi) != ("0", extent):
+                out += S(
+                    f"if _SHIFT:\n    lo{n} = tl.maximum(({lo}) - {offset}, {range_lo})\n"
+                    f"    hi{n} = tl.minimum(({hi}) - {offset}, {range_hi})"
+                )
             out += self._loop_call(helper, f"lo{n}", f"hi{n}", n)
         return out
 
