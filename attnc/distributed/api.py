@@ -408,23 +408,56 @@ def _peer(call: _Call, r: int) -> int:
     return dist.get_global_rank(call.group, r) if call.group is not None else r
 
 
-def _exchange(call: _Call, t: int, send: torch.Tensor | None, recv_like: torch.Tensor, key: str):  # type: ignore[no-untyped-def]
+def _exchange(call: _Call, t: int, send: torch.Tensor, key: str):  # type: ignore[no-untyped-def]
     """Post step t's transfers: receive rank (r - t)'s tensor if this rank needs it, send `send` to rank
-    (r + t) if that rank needs this one's. Returns (buffer or None, the pending requests)."""
+    (r + t) if that rank needs this one's. Returns (buffer or None, receive requests, send requests)."""
     r, R = call.rank, call.world
     src, dst = (r - t) % R, (r + t) % R
-    ops, buf = [], None
+    ops, buf, nrecv = [], None, 0
     if call.need[r][src]:
-        buf = torch.empty_like(recv_like)
+        buf = torch.empty_like(send)
         ops.append(dist.P2POp(dist.irecv, buf, _peer(call, src), call.group))
+        nrecv = 1
         if key == "kv":
             _count("received")
-    if call.need[dst][r] and send is not None:
+    if call.need[dst][r]:
         ops.append(dist.P2POp(dist.isend, send, _peer(call, dst), call.group))
         if key == "kv":
             _count("sent")
     reqs = dist.batch_isend_irecv(ops) if ops else []
-    return buf, reqs
+    return buf, reqs[:nrecv], reqs[nrecv:]
+
+
+def _blocks(call: _Call, kv: torch.Tensor, key: str):  # type: ignore[no-untyped-def]
+    """(step, source rank, its pairs, its k/v block) for each step this rank computes, in ring order. The
+    ring's transfers are posted one step ahead (at most two blocks in flight: the one computed and the
+    next); a rank posts the sends of the steps it does not compute too. A rank waits at step t only on
+    transfers its peers post by step t - 1, so no wait is circular. Sends are waited on at the end."""
+    r, R = call.rank, call.world
+    if call.strategy is not Strategy.RING or R == 1:
+        for t, s, pairs in _work(call):
+            yield t, s, pairs, kv
+        return
+    posted, sends = {}, []
+
+    def post(t: int) -> None:
+        if 1 <= t < R:
+            buf, recv, send = _exchange(call, t, kv, key)
+            posted[t] = (buf, recv)
+            sends.extend(send)
+
+    for t in range(R):
+        post(t + 1)  # the next step's transfers, before this step's compute
+        s = (r - t) % R
+        if t == 0:
+            if call.need[r][r]:
+                yield 0, r, call.pairs[(r, r)], kv
+            continue
+        buf, recv = posted.pop(t)
+        if buf is not None:
+            _wait(recv)
+            yield t, s, call.pairs[(r, s)], buf
+    _wait(sends)
 
 
 def _wait(reqs) -> None:  # type: ignore[no-untyped-def]
@@ -455,25 +488,11 @@ def _block_chunks(call: _Call, s: int) -> dict:
 
 def _ring_forward(call: _Call, pairs_impl, q, k, v):  # type: ignore[no-untyped-def]
     """(o, oraw, stat) per local query chunk, in local order."""
-    r = call.rank
     kv = torch.cat([k, v], dim=-1).contiguous()
     D = k.shape[-1]
-    qchunks = call.q_shard.chunks(r)
+    qchunks = call.q_shard.chunks(call.rank)
     parts = {qc: [] for qc in qchunks}
-    pending = {}
-    ring = call.strategy is Strategy.RING and call.world > 1
-    if ring:
-        # Post every transfer this rank takes part in, in step order (the sends other ranks need even at
-        # steps this rank does not compute), so that the next block arrives while this one is computed.
-        for t in range(1, call.world):
-            pending[t] = _exchange(call, t, kv, kv, "kv")
-    for t, _, pairs in _work(call):
-        if t == 0 or not ring:
-            blk = kv
-        else:
-            blk, reqs = pending[t]
-            _wait(reqs)
-            pending[t] = (blk, [])  # a gloo request is waited on once
+    for _, _, pairs, blk in _blocks(call, kv, "kv"):
         kb, vb = blk[..., :D], blk[..., D:]
         _count("steps")
         for qc, kc in pairs:
@@ -481,10 +500,7 @@ def _ring_forward(call: _Call, pairs_impl, q, k, v):  # type: ignore[no-untyped-
             parts[qc].append(
                 pairs_impl.forward(_rows(q, qc), _rows(kb, kc), _rows(vb, kc), qc.start, kc.start)
             )
-    for _, reqs in pending.values():
-        _wait(reqs)
-    outs = [pairs_impl.combine(parts[qc], _rows(q, qc), qc.start, k, v) for qc in qchunks]
-    return outs
+    return [pairs_impl.combine(parts[qc], _rows(q, qc), qc.start, k, v) for qc in qchunks]
 
 
 class _ContextParallel(torch.autograd.Function):
@@ -593,17 +609,8 @@ def _ring_backward(call: _Call, outs, q, k, v, aux, do, dstat, aux_grad):  # typ
     dv_own = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     sums: list = []
     firsts = set()
-    pending, grads_out = {}, []
-    if ring:
-        for t in range(1, call.world):
-            pending[t] = _exchange(call, t, kv, kv, "kv_bwd")
-    for t, s, pairs in _work(call):
-        if t == 0 or not ring:
-            blk = kv
-        else:
-            blk, reqs = pending[t]
-            _wait(reqs)
-            pending[t] = (blk, [])  # a gloo request is waited on once
+    grads_out = []
+    for t, s, pairs, blk in _blocks(call, kv, "kv_bwd"):
         kb, vb = blk[..., :D], blk[..., D:]
         dk_blk = torch.zeros(kb.shape, dtype=torch.float32, device=k.device)
         dv_blk = torch.zeros(vb.shape, dtype=torch.float32, device=v.device)
@@ -625,8 +632,6 @@ def _ring_backward(call: _Call, outs, q, k, v, aux, do, dstat, aux_grad):  # typ
             dv_own += dv_blk
         else:
             grads_out.append((t, s, torch.cat([dk_blk, dv_blk], dim=-1).contiguous()))
-    for _, (_, reqs) in pending.items():
-        _wait(reqs)
     # dK/dV of every block back to its owner (float32), summed there.
     if ring:
         like = torch.zeros((*k.shape[:3], k.shape[3] + v.shape[3]), dtype=torch.float32, device=k.device)
