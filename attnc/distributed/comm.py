@@ -78,7 +78,7 @@ def replicated(t: torch.Tensor, group) -> torch.Tensor:  # type: ignore[no-untyp
 def agree(values: list[int], group, what: str) -> None:  # type: ignore[no-untyped-def]
     """Every rank passes the same `values`, or every rank raises the same ValueError naming them (one
     collective: no rank is left waiting in a later one)."""
-    rank, world = world_of(group)
+    _, world = world_of(group)
     if world == 1:
         return
     mine = torch.tensor(values, dtype=torch.int64)

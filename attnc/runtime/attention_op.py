@@ -208,6 +208,7 @@ def attention_ops(
     each argument to one sequence: `varlen.varlen_reference`), its varlen op, each with its backward op and
     autograd formula. Returns (batched op, varlen op or None)."""
     block = _Block(sig, triton_spec, reference, aux_grads, varlen_axes)
+    _AXES[(file, name)] = varlen_axes
     ops = []
     for form, suffix in (("batched", ""), ("varlen", "_varlen")):
         if form == "varlen" and varlen_axes is None:
@@ -223,6 +224,18 @@ def attention_ops(
             op.register_autograd(_autograd(block, bwd_op), setup_context=_setup_context(block))
         ops.append(op)
     return ops[0], ops[1]
+
+
+# (module file, block name) -> the block's per-argument axis roles (`attention_ops`'s varlen_axes)
+_AXES: dict[tuple[str, str], tuple[object, ...] | None] = {}
+
+
+def block_axes(file: str, name: str) -> tuple[object, ...] | None:
+    """The axis roles the block `name` of the generated module at `file` registered, per parameter: "q" / "k"
+    for q and k, v; per axis of an auxiliary tensor "b" (batch), "q" / "k" (a sequence position) or None; None
+    for scalars. None for a block without a varlen form; KeyError for one no module registered in this
+    process. (What context parallelism shards along the sequence.)"""
+    return _AXES[(file, name)]
 
 
 def _setup_context(block: _Block):
