@@ -81,7 +81,9 @@ def _seq_axes(linear_fn: Callable[..., Any], nargs: int) -> list[tuple[int, ...]
             "whose q and k share their sequence length"
         )
     if len(axes) != nargs:
-        raise ValueError(f"linear_context_parallel: {name} takes {len(axes)} arguments (q, k, v, *aux); got {nargs}")
+        raise ValueError(
+            f"linear_context_parallel: {name} takes {len(axes)} arguments (q, k, v, *aux); got {nargs}"
+        )
     out: list[tuple[int, ...] | None] = []
     for ax in axes:
         if ax in ("q", "k"):
@@ -105,9 +107,13 @@ def _shape_key(args: Sequence[Any]) -> list[int]:
     return key
 
 
-def _check_local(args: Sequence[Any], seq: list[tuple[int, ...] | None], sharding: Sharding, world: int) -> None:
+def _check_local(
+    args: Sequence[Any], seq: list[tuple[int, ...] | None], sharding: Sharding, world: int
+) -> None:
     if sharding.world != world:
-        raise ValueError(f"linear_context_parallel: sharding.world = {sharding.world}, the group has {world} ranks")
+        raise ValueError(
+            f"linear_context_parallel: sharding.world = {sharding.world}, the group has {world} ranks"
+        )
     q, k, v = args[:3]
     for nm, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -160,7 +166,8 @@ def linear_context_parallel(
     seq = _seq_axes(linear_fn, len(args))
     if comm:  # before any local check: a rank that raised alone would leave the others in a collective
         layout = 1 if sharding.pieces == 2 else 0
-        agree([layout, sharding.world, sharding.shard, *_shape_key(args)], group, "the shard shapes")
+        what = "the shard shapes ([layout, world, shard length], then each argument's rank and shape)"
+        agree([layout, sharding.world, sharding.shard, *_shape_key(args)], group, what)
     _check_local(args, seq, sharding, world)
     causal = getattr(linear_fn, "causal", True)
     # Replicated learned inputs: every rank's loss reads them, so their gradient sums over ranks.
@@ -190,7 +197,9 @@ def linear_context_parallel(
     logd = everyone[:, n_state:].view(-1, *st_shape[:2], 2)
     # the gathered rows in global chunk order
     length = mine[0].length
-    row_of = {c.start // length: r * len(mine) + p for r in range(world) for p, c in enumerate(sharding.chunks(r))}
+    row_of = {
+        c.start // length: r * len(mine) + p for r in range(world) for p, c in enumerate(sharding.chunks(r))
+    }
     order = [row_of[m] for m in range(len(row_of))]
 
     # 3. the scan: the state entering each of this rank's chunks, and G at its start - 1
@@ -222,9 +231,7 @@ def linear_context_parallel(
         if s_in is None:
             outs.append(o0)
             continue
-        outs.append(
-            linear_fn(*a, **kw, position_offset=c.start, initial_state=s_in, initial_log_decay=g_in)
-        )
+        outs.append(linear_fn(*a, **kw, position_offset=c.start, initial_state=s_in, initial_log_decay=g_in))
     o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
     if comm and everyone.requires_grad and torch.is_grad_enabled():
         o = _Tie.apply(o, everyone)
