@@ -36,6 +36,29 @@ def _zero_load(n: Node, args: list[ast.expr]) -> ast.expr:
     )
 
 
+class _ShardLoads:
+    """Loads of a sequence shard (`NAME_linear(..., position_offset=)`): i and j are global positions, so an
+    auxiliary tensor's sequence axes (sized like q's positions) are read at i − position_offset, its local row;
+    every other load is `base`'s."""
+
+    def __init__(self, att: Attention, base: Callable[[Node, list[ast.expr]], ast.expr]) -> None:
+        q = next(p for p in att.tensors if p.role is Role.Q)
+        k = next(p for p in att.tensors if p.role is Role.K)
+        lengths = {str(t.shape[2].attr) for t in (q, k) if t.shape[2].op is Op.SIZE}
+        self.axes = {
+            p.name: {a for a, d in enumerate(p.shape) if d.op is Op.SIZE and str(d.attr) in lengths}
+            for p in att.aux_tensors
+        }
+        self.base = base
+
+    def __call__(self, n: Node, args: list[ast.expr]) -> ast.expr:
+        axes = self.axes.get(str(n.attr), set())
+        local = [
+            ast.BinOp(a, ast.Sub(), name("position_offset")) if k in axes else a for k, a in enumerate(args)
+        ]
+        return self.base(n, local)
+
+
 def _closure(em: Emitter, fn: str, params: str, root: Node, prelude: tuple[str, ...] = ()) -> list[str]:
     stmts, ret = em.body(root)
     body = [*prelude, *stmts]
@@ -132,6 +155,9 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     L.append(f'    backend: str = "{"triton" if has_triton else "reference"}",')
     L.append("    initial_state: torch.Tensor | None = None,")
     L.append("    return_state: bool = False,")
+    L.append("    position_offset: int = 0,")
+    L.append("    initial_log_decay: torch.Tensor | None = None,")
+    L.append("    return_log_decay: bool = False,")
     L.append("):")
     L.append(
         f'    """Linear-time forms of `{nm}`: algorithm "chunk" (chunked, carried state), "recurrent" (token by'
@@ -140,8 +166,22 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     L.append("")
     L.append(f"    initial_state / the returned state: {state_shape}, float32, the state after position")
     L.append(
-        "    N - 1 (the initial one sits at position -1). Returns o, or (o, state) when return_state=True."
+        "    P + N - 1 (the initial one sits at position P - 1), P = position_offset: the global position of"
     )
+    L.append(
+        "    row 0 (a shard of a longer sequence; per-position auxiliary tensors hold the shard's rows)."
+    )
+    L.append(
+        "    The log-decay G: at P - 1 as the call computes it (0 where it reads a per-position tensor there),"
+    )
+    L.append(
+        "    or initial_log_decay [B, H]; return_log_decay=True also returns G at P - 1 and P + N - 1 [B, H, 2]"
+    )
+    L.append(
+        "    float64 (zeros, and initial_log_decay unused, without a decay): a state carried over the call"
+    )
+    L.append("    decays by exp(G[..., 1] - G[..., 0]).")
+    L.append("    Returns o, then the state (return_state=True), then G (return_log_decay=True).")
     L.append('    """')
     L += _checks(att)
     L.append("    if algorithm not in _rt_lin._LINEAR_ALGORITHMS:")
@@ -157,6 +197,7 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
             f"        raise ValueError(\"algorithm='recurrent': {nm} is bidirectional (no causal mask), "
             "so it has no token-by-token form; use 'chunk'\")"
         )
+    L.append("    _rt_lin._lin_check_shard(position_offset, initial_log_decay, return_log_decay, algorithm)")
     L.append('    if algorithm == "parallel":')
     L.append("        if initial_state is not None or return_state:")
     L.append(
@@ -178,14 +219,14 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
     float_aux = [p for p in att.aux_tensors if p.type.kind is DType.FLOAT]
     for p in float_aux:
         L.append(f"    {p.name} = {p.name}.to(_cdt)")
-    L += _prologue_closures(att, form, _Loads(att), _zero_load)
+    L += _prologue_closures(att, form, _ShardLoads(att, _Loads(att)), _ShardLoads(att, _zero_load))
     L.append("    _Bq, _Hq, _Nq, _Dq = q.shape")
     L.append("    _Gv, _Ev = v.shape[1], v.shape[3]")
     L.append("    _rep = _Hq // _Gv")
     L.append("    _dev = q.device")
     L.append("    b = torch.arange(_Bq, device=_dev).view(_Bq, 1, 1)")
     L.append("    h = torch.arange(_Hq, device=_dev).view(1, _Hq, 1)")
-    L.append("    i = torch.arange(_Nq, device=_dev).view(1, 1, _Nq)")
+    L.append("    i = torch.arange(_Nq, device=_dev).view(1, 1, _Nq) + position_offset")
     L.append("    d = torch.arange(_Dq, device=_dev).view(1, 1, 1, _Dq)")
     L += _feature_lines(att, form, "q", "k")
     if form.log_decay is not None:
@@ -193,13 +234,14 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
             f", {p.name}.double()" if p.type.kind is DType.FLOAT else f", {p.name}" for p in att.aux_tensors
         )
         L.append(
-            "    # G at positions -1..N-1 in float64: chunks take differences of it (reads at -1 give 0)."
+            "    # G at positions P-1..P+N-1 in float64: chunks take differences of it (reads before row 0 give 0)."
         )
-        L.append("    _jj = torch.arange(-1, _Nq, device=_dev).view(1, 1, _Nq + 1)")
+        L.append("    _jj = torch.arange(-1, _Nq, device=_dev).view(1, 1, _Nq + 1) + position_offset")
         L.append(
             f"    _gfull = _rt._full(_lin_g(b, h, h // _rep, _jj{aux_args}), (_Bq, _Hq, _Nq + 1), "
             "torch.empty((), dtype=torch.float64, device=_dev))"
         )
+        L.append("    _gfull = _rt_lin._lin_g_start(_gfull, initial_log_decay)")
     else:
         L.append("    _gfull = None")
     L.append(
@@ -233,11 +275,18 @@ def emit_linear(att: Attention, form: LinearForm, has_triton: bool) -> list[str]
         L.append("    _alive = _den != 0")
         L.append("    o = torch.where(_alive[..., None], o / torch.where(_alive, _den, 1.0)[..., None], 0.0)")
     if att.output is not None:
-        L.append("    o = _rt._dense_output(_output, o, _rep)")
+        L.append("    o = _rt._dense_output(_output, o, _rep, position_offset)")
     L.append("    o = o.to(q.dtype)")
-    L.append("    if return_state:")
-    L.append(f"        return o, _rt_lin._lin_state_join(_so, _zo, {norm_sum})")
+    L.append("    if return_state or return_log_decay:")
+    L.append(
+        f"        return _rt_lin._lin_results(o, _so, _zo, {norm_sum}, _gfull, return_state, return_log_decay)"
+    )
     L.append("    return o")
+    L.append("")
+    L.append("")
+    L.append(
+        f"{nm}_linear.causal = {form.causal!r}  # attnc.distributed: a prefix (causal) or total state combination"
+    )
     return L
 
 

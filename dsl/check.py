@@ -73,6 +73,9 @@ GENERATED_NAMES = {
     "algorithm",
     "initial_state",
     "return_state",
+    "position_offset",  # the linear forms' shard arguments (context parallelism)
+    "initial_log_decay",
+    "return_log_decay",
     "block_layout",
     "cu_seqlens",  # the packed (varlen) entry points
     "max_seqlen",

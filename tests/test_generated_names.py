@@ -102,7 +102,7 @@ def test_spec_names_that_match_generated_locals(tmp_path: Path, backend: str) ->
 
 
 @pytest.mark.parametrize(
-    "reserved", ["algorithm", "initial_state", "return_state", "block_layout", "do", "ctx"]
+    "reserved", ["algorithm", "initial_state", "return_state", "position_offset", "block_layout", "do", "ctx"]
 )
 def test_reserved_names_are_refused_clearly(reserved: str) -> None:
     src = f"attention a(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D], {reserved}: [H]) {{\n    score = dot(q, k)\n}}\n"

@@ -237,6 +237,17 @@ def registered_block(file: str, name: str) -> _Block | None:
     return _BLOCKS.get((os.path.realpath(file), name))
 
 
+def block_axes(file: str, name: str) -> tuple[object, ...] | None:
+    """The axis roles the block `name` of the generated module at `file` registered, per parameter: "q" / "k"
+    for q and k, v; per axis of an auxiliary tensor "b" (batch), "q" / "k" (a sequence position) or None; None
+    for scalars. None for a block without a varlen form; KeyError for one no module registered in this
+    process. (What context parallelism shards along the sequence.)"""
+    block = registered_block(file, name)
+    if block is None:
+        raise KeyError((file, name))
+    return block.varlen_axes
+
+
 def _setup_context(block: _Block):
     def setup(ctx, inputs, output):
         # Tensors through save_for_backward (a layout's may be None), everything else by value.

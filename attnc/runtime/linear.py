@@ -332,6 +332,49 @@ def _lin_state_join(so, zo, norm_sum):
     return torch.cat([so, zo[..., None]], dim=-1) if norm_sum else so
 
 
+def _lin_check_shard(position_offset, initial_log_decay, return_log_decay, algorithm):
+    """The shard arguments of `NAME_linear` (context parallelism): position_offset, the global position of
+    row 0, is an int >= 0; the quadratic form takes none of them."""
+    if isinstance(position_offset, bool) or not isinstance(position_offset, int) or position_offset < 0:
+        raise ValueError(
+            f"position_offset={position_offset!r}: expected an int >= 0 (the global position of row 0)"
+        )
+    if algorithm == "parallel" and (position_offset or initial_log_decay is not None or return_log_decay):
+        raise ValueError(
+            "algorithm='parallel' takes no position_offset, initial_log_decay or return_log_decay; "
+            "use algorithm='chunk'"
+        )
+
+
+def _lin_g_start(gfull, initial_log_decay):
+    """G [B, H, N + 1] with its column 0 (position offset − 1, where the initial state sits) replaced by the
+    caller's `initial_log_decay` [B, H] (the G another shard computed there), or unchanged."""
+    if initial_log_decay is None:
+        return gfull
+    want = tuple(gfull.shape[:2])
+    t = initial_log_decay
+    if not isinstance(t, torch.Tensor) or tuple(t.shape) != want or not t.is_floating_point():
+        got = f"{list(t.shape)} {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"initial_log_decay: expected a floating-point tensor of shape [B, H] = {list(want)}, got {got}"
+        )
+    return torch.cat([t.to(gfull)[..., None], gfull[..., 1:]], dim=-1)
+
+
+def _lin_results(o, so, zo, norm_sum, gfull, return_state, return_log_decay):
+    """What `NAME_linear` returns with return_state / return_log_decay: o, then the final state, then G at
+    the first and last positions' ends [B, H, 2] (float64; zeros without a decay)."""
+    out = [o]
+    if return_state:
+        out.append(_lin_state_join(so, zo, norm_sum))
+    if return_log_decay:
+        if gfull is None:
+            out.append(o.new_zeros((*o.shape[:2], 2), dtype=torch.float64))
+        else:
+            out.append(gfull[..., [0, -1]])
+    return tuple(out)
+
+
 # ---- the core as a torch.library custom op: torch.compile(fullgraph=True) traces models calling it ----
 
 

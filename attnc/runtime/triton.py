@@ -196,13 +196,14 @@ def _rows(spec, B, H, M, X, dtype, device, packed=None):
     return packed_view(base, B, M), base
 
 
-def _dense_output(fn, o, rep):
-    """The epilogue `fn(o, b, h, hk, i, e)` over a whole [B, H, M, E] output (the linear family's forward)."""
+def _dense_output(fn, o, rep, offset=0):
+    """The epilogue `fn(o, b, h, hk, i, e)` over a whole [B, H, M, E] output (the linear family's forward);
+    i counts from `offset` (a shard's global position of row 0)."""
     B, H, M, E = o.shape
     dev = o.device
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.arange(H, device=dev).view(1, H, 1, 1)
-    i = torch.arange(M, device=dev).view(1, 1, M, 1)
+    i = torch.arange(M, device=dev).view(1, 1, M, 1) + offset
     e = torch.arange(E, device=dev).view(1, 1, 1, E)
     return _full(fn(o, b, h, h // rep, i, e), o.shape, o)
 
