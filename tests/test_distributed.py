@@ -204,6 +204,54 @@ def test_sliding_window_skips_steps(cache) -> None:  # type: ignore[no-untyped-d
         assert [p["received"] for p in probes] == [0, 1, 1, 1], probes
 
 
+# ---- the linear family through the same entry point ---------------------------------------------------------
+
+
+def _linear_public(rank: int, world: int, cache: str) -> dict:
+    """lightning through context_parallel: strategy None (the linear form's state passing) and the ring over
+    its quadratic kernels (norm = none: partials summed)."""
+    from attnc.distributed import context_parallel
+
+    op = _module("lightning", cache).lightning
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (0.5 * torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    decay = torch.rand(H, generator=g)
+    out = {}
+    for strategy, layout, backend in (
+        (None, "zigzag", "reference"),
+        (None, "contiguous", "triton"),
+        ("ring", "zigzag", "triton"),
+        ("ring", "contiguous", "reference"),
+    ):
+        sh = sharding_for(layout, world, N // world)
+        ql, kl, vl = (shard(t, 2, sh, rank).requires_grad_() for t in (q, k, v))
+        dl = decay.clone().requires_grad_()
+        o = context_parallel(op, ql, kl, vl, dl, strategy=strategy, layout=layout, backend=backend)
+        o.square().sum().backward()
+        out[(strategy, layout, backend)] = (o.detach(), ql.grad, kl.grad, vl.grad, dl.grad)
+    return out
+
+
+def test_linear_family_entry_point(cache) -> None:  # type: ignore[no-untyped-def]
+    op = _module("lightning", cache).lightning
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (0.5 * torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    decay = torch.rand(H, generator=g)
+    q, k, v, decay = (t.clone().requires_grad_() for t in (q, k, v, decay))
+    want = op(q, k, v, decay, backend="reference")
+    want.square().sum().backward()
+    res = spawn_ranks(2, _linear_public, cache, timeout_s=300)
+    for (strategy, layout, backend), _ in res[0].items():
+        sh = sharding_for(layout, 2, N // 2)
+        for n, ref in enumerate((want.detach(), q.grad, k.grad, v.grad)):
+            got = unshard([r[(strategy, layout, backend)][n] for r in res], 2, sh)
+            _close(got, ref, 1e-4, f"{strategy} {layout} {backend} output {n}")
+        for r in res:
+            _close(
+                r[(strategy, layout, backend)][4], decay.grad, 1e-4, f"{strategy} {layout} {backend} d decay"
+            )
+
+
 # ---- bad setups: clear errors on every rank, never a hang ---------------------------------------------------
 
 

@@ -56,6 +56,7 @@ from .shards import Chunk, Sharding, sharding_for
 class Strategy(enum.Enum):
     RING = "ring"
     ALLGATHER = "allgather"
+    STATE = "state"  # the linear family: chunked state passing (attnc.distributed.linear)
 
     @classmethod
     def parse(cls, value: Strategy | str) -> Strategy:
@@ -687,7 +688,7 @@ def context_parallel(
     op,
     *args,
     group=None,
-    strategy: Strategy | str = "ring",
+    strategy: Strategy | str | None = None,
     layout: str = "contiguous",
     backend: str | None = None,
     return_lse: bool = False,
@@ -698,13 +699,29 @@ def context_parallel(
     r holds rows [r·S, (r + 1)·S); "zigzag", chunks r and 2R − 1 − r of 2R). Auxiliary tensors with one
     sequence axis are this rank's shards too; the others, and scalars, are the same on every rank. Returns
     this rank's shard of o ([B, H, S_q, E]), and of the log-sum-exp ([B, H, S_q]) with return_lse=True.
-    strategy: "ring" (k/v blocks exchanged point to point, only where the mask lets a query see them) or
-    "allgather" (k and v gathered whole). Gradients reach q, k, v and the float auxiliary tensors, as those
+    strategy: "ring" (k/v blocks exchanged point to point, only where the mask lets a query see them),
+    "allgather" (k and v gathered whole) or, for blocks with a linear form, "state" (chunked state passing
+    across ranks, `attnc.distributed.linear`); None: "state" where the block has a linear form, else "ring". Gradients reach q, k, v and the float auxiliary tensors, as those
     of the single-process call over the whole sequence."""
     cop = _resolve(op)
     sig = cop.sig
-    strat = Strategy.parse(strategy)
+    linear = getattr(cop.module, f"{cop.name}_linear", None)
+    strat = Strategy.parse(strategy) if strategy is not None else Strategy.STATE if linear else Strategy.RING
     rank, world = world_of(group)
+    if strat is Strategy.STATE:
+        if linear is None:
+            raise ValueError(f"strategy='state' needs a block with a linear form; {cop.name} has none")
+        if return_lse:
+            raise ValueError(f"return_lse=True needs norm = softmax ({cop.name})")
+        from .linear import linear_context_parallel
+
+        q0 = args[sig.qkv[0]] if len(args) > sig.qkv[0] else None
+        if not isinstance(q0, torch.Tensor) or q0.dim() != 4:
+            raise ValueError(f"{cop.name}: q must be a 4-D shard [B, heads, S, dim]")
+        if backend is None:
+            backend = "triton" if q0.is_cuda and _has_triton() else "reference"
+        sh = sharding_for(layout, world, q0.shape[2])
+        return linear_context_parallel(linear, args, group=group, sharding=sh, backend=backend)
     names = [n for n, _ in sig.params]
     if len(args) > len(names):
         raise TypeError(f"{cop.name}: takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
