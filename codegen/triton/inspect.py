@@ -27,6 +27,7 @@ class Target:
     layout: bool = False  # compile the explicit-block-layout form (`_LAYOUT`) instead of the plain one
     varlen: bool = False  # the packed variable-length form (`_VARLEN`)
     paged: bool = False  # the paged-KV-cache form (`_PAGED`: the forward kernels)
+    shift: bool = False  # context parallelism's global positions (`_SHIFT`: attnc.distributed)
     # Compile what a launch compiles (`launch_specialised`): the runtime passes q, k, v and o contiguous, and
     # Triton's launcher specialises on the values. False: every stride an unknown int (any strides at all).
     launch: bool = True
@@ -57,7 +58,12 @@ def jobs(
     for kind in target.kernels:
         sig = by_kind[kind].signature
         cfg = (configs or {}).get(kind) or config or _schedule(kind, D, E, writer.heavy)
-        forms = ((Group.LAYOUT, target.layout), (Group.VARLEN, target.varlen), (Group.PAGED, target.paged))
+        forms = (
+            (Group.LAYOUT, target.layout),
+            (Group.VARLEN, target.varlen),
+            (Group.PAGED, target.paged),
+            (Group.SHIFT, target.shift),
+        )
         absent = [g for g in (Group.PROBE, *(g for g, on in forms if not on)) if sig.has(g)]
         types, constexprs = sig.compile_args(
             target.dtype, _schedule_constexprs(cfg, D, E, target.dtype == "fp32"), absent
