@@ -324,7 +324,10 @@ def inspect_jobs(
     recs = [r for r in program.recurrences if name in (None, r.name)]
     atts = _select(spec, name) if program.attentions and (name is None or not recs) else []
     kinds = ("fwd", "fwd_split") if form == "paged" else Target.kernels
-    target = Target(cc, dtype, head_dim, kinds, launch=launch, varlen=form == "varlen", paged=form == "paged")
+    target = Target(
+        cc, dtype, head_dim, kinds, launch=launch, varlen=form == "varlen", paged=form == "paged",
+        shift=form == "shift",
+    )  # fmt: skip
     jobs: list[CompileJob] = []
     if atts:
         kernels = _triton_kernels(compile_source(_read(spec), spec).__file__, interpret=False)
@@ -448,9 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument(
         "--form",
         default="batched",
-        choices=["batched", "varlen", "paged"],
-        help="the attention kernels' form: batched (default), varlen (NAME_varlen: packed sequences) or paged "
-        "(NAME_paged: the forward kernels over a paged KV cache)",
+        choices=["batched", "varlen", "paged", "shift"],
+        help="the attention kernels' form: batched (default), varlen (NAME_varlen: packed sequences), paged "
+        "(NAME_paged: the forward kernels over a paged KV cache) or shift (attnc.distributed's launches: "
+        "global positions)",
     )
     ins.add_argument(
         "--config",
