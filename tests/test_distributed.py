@@ -38,7 +38,7 @@ class Case:
 
 CASES = (
     Case("causal"),
-    Case("sliding_window", (6,), "window-6"),  # W smaller than every shard
+    Case("sliding_window", (8,), "window-8"),  # W smaller than every shard: half of one at 4 ranks
     Case("sliding_window", (40,), "window-40"),  # W larger than a shard
     Case("document"),
     Case("alibi"),
@@ -194,7 +194,7 @@ def test_zigzag_balances_causal(cache) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_sliding_window_skips_steps(cache) -> None:  # type: ignore[no-untyped-def]
-    """W = 6 < shard / 2 = 8 on 4 ranks: each rank computes at most 2 steps (its own block and its left
+    """W = shard / 2 = 8 on 4 ranks: each rank computes at most 2 steps (its own block and its left
     neighbour's), receives at most one block and sends only the block its right neighbour needs."""
     res = _results(4, cache)
     for layout in ("contiguous",):
@@ -273,6 +273,15 @@ def _whole_aux(rank: int, world: int, cache: str) -> None:
     context_parallel(op, q, q, q, doc, backend="reference")
 
 
+def _missing_aux(rank: int, world: int, cache: str) -> None:
+    from attnc.distributed import context_parallel
+
+    op = _module("document", cache).document
+    q = torch.randn(B, H, 16, D)
+    doc = torch.zeros(B, 16, dtype=torch.int32)
+    context_parallel(op, q, q, q, *((doc,) if rank == 0 else ()), backend="reference")  # rank 1 forgets it
+
+
 def _one_rank(rank: int, world: int, cache: str) -> float:
     from attnc.distributed import context_parallel
 
@@ -295,6 +304,15 @@ def test_whole_aux_instead_of_shard(cache) -> None:  # type: ignore[no-untyped-d
         spawn_ranks(2, _whole_aux, cache, timeout_s=60)
     assert "pass this rank's shard" in str(err.value)
     assert "rank 0: ValueError" in str(err.value) and "rank 1: ValueError" in str(err.value)
+
+
+def test_missing_aux_on_one_rank(cache) -> None:  # type: ignore[no-untyped-def]
+    """The rank that forgot an argument says which; the other names that rank: nobody waits."""
+    with pytest.raises(RankFailure) as err:
+        spawn_ranks(2, _missing_aux, cache, timeout_s=60)
+    text = str(err.value)
+    assert "rank 1: TypeError: document: missing argument 'doc'" in text
+    assert "rank 0: ValueError: context_parallel: rank 1 refused its arguments" in text
 
 
 def test_group_of_one(cache) -> None:  # type: ignore[no-untyped-def]

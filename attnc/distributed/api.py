@@ -684,6 +684,41 @@ def _sequence_axes(axes) -> list[int]:  # type: ignore[no-untyped-def]
     return [n for n, a in enumerate(axes or ()) if a in ("q", "k")]
 
 
+def _local_args(cop: _Op, args: tuple, return_lse: bool, backend: str | None):  # type: ignore[no-untyped-def]
+    """This rank's arguments checked (ValueError, TypeError): (args with defaults, backend, the shapes every
+    rank must agree on)."""
+    sig = cop.sig
+    names = [n for n, _ in sig.params]
+    if len(args) > len(names):
+        raise TypeError(f"{cop.name}: takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
+    # Scalars left out take the spec's defaults (those of the generated signature).
+    params = inspect.signature(getattr(cop.module, f"_{cop.name}_reference_spec")).parameters
+    args = list(args) + [params[n].default for n in names[len(args) :]]
+    for n, (pname, ty) in enumerate(sig.params):
+        if (args[n] is None or args[n] is inspect.Parameter.empty) and ty == "Tensor":
+            raise TypeError(f"{cop.name}: missing argument {pname!r}")
+    qi, ki, vi = sig.qkv
+    q, k, v = args[qi], args[ki], args[vi]
+    for pname, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{cop.name}: {pname} must be a 4-D shard [B, heads, S, dim], got {got}")
+    if return_lse and not sig.softmax:
+        raise ValueError(f"return_lse=True needs norm = softmax ({cop.name})")
+    if backend is None:
+        backend = "triton" if q.is_cuda and _has_triton() else "reference"
+    if backend not in ("reference", "triton"):
+        raise ValueError(f"backend={backend!r}: expected 'reference' or 'triton'")
+    B, H, Sq, D = q.shape
+    G, Sk, E = k.shape[1], k.shape[2], v.shape[3]
+    # Every rank's shapes, agreed in one collective before any other: a mismatch raises everywhere.
+    shape_list = [B, H, G, Sq, Sk, D, E, k.shape[0], v.shape[0], v.shape[1], v.shape[2]]
+    for n, a in enumerate(args):
+        if n not in sig.qkv and isinstance(a, torch.Tensor):
+            shape_list += [a.dim(), *a.shape]
+    return args, backend, shape_list
+
+
 def context_parallel(
     op,
     *args,
@@ -722,36 +757,18 @@ def context_parallel(
             backend = "triton" if q0.is_cuda and _has_triton() else "reference"
         sh = sharding_for(layout, world, q0.shape[2])
         return linear_context_parallel(linear, args, group=group, sharding=sh, backend=backend)
+    problem, shape_list = None, []
+    try:
+        args, backend, shape_list = _local_args(cop, args, return_lse, backend)
+    except (ValueError, TypeError) as err:  # raised on every rank, after the ranks have compared notes
+        problem = err
+    agree(shape_list, group, "the shards' shapes (B, H, G, S_q, S_k, D, E, then the other tensors')", problem)
     names = [n for n, _ in sig.params]
-    if len(args) > len(names):
-        raise TypeError(f"{cop.name}: takes {len(names)} arguments ({', '.join(names)}), got {len(args)}")
-    # Scalars left out take the spec's defaults (those of the generated signature).
-    params = inspect.signature(getattr(cop.module, f"_{cop.name}_reference_spec")).parameters
-    args = list(args) + [params[n].default for n in names[len(args) :]]
-    for n, (pname, ty) in enumerate(sig.params):
-        if (args[n] is None or args[n] is inspect.Parameter.empty) and ty == "Tensor":
-            raise TypeError(f"{cop.name}: missing argument {pname!r}")
+    axes = cop.block.varlen_axes or (None,) * len(names)
     qi, ki, vi = sig.qkv
     q, k, v = args[qi], args[ki], args[vi]
-    for pname, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{cop.name}: {pname} must be a 4-D shard [B, heads, S, dim], got {got}")
-    if return_lse and not sig.softmax:
-        raise ValueError(f"return_lse=True needs norm = softmax ({cop.name})")
-    if backend is None:
-        backend = "triton" if q.is_cuda and _has_triton() else "reference"
-    if backend not in ("reference", "triton"):
-        raise ValueError(f"backend={backend!r}: expected 'reference' or 'triton'")
     B, H, Sq, D = q.shape
     G, Sk, E = k.shape[1], k.shape[2], v.shape[3]
-    axes = cop.block.varlen_axes or (None,) * len(names)
-    # Every rank's shapes, agreed in one collective before any other: a mismatch raises everywhere.
-    shape_list = [B, H, G, Sq, Sk, D, E, k.shape[0], v.shape[0], v.shape[1], v.shape[2]]
-    for n, a in enumerate(args):
-        if n not in sig.qkv and isinstance(a, torch.Tensor):
-            shape_list += [a.dim(), *a.shape]
-    agree(shape_list, group, "the shards' shapes (B, H, G, S_q, S_k, D, E, then the other tensors')")
     if k.shape[0] != B or v.shape[:3] != k.shape[:3]:
         raise ValueError(
             f"{cop.name}: expected k [B, G, S_k, D] and v [B, G, S_k, E] with B = {B}, got k {list(k.shape)}, "

@@ -75,14 +75,30 @@ def replicated(t: torch.Tensor, group) -> torch.Tensor:  # type: ignore[no-untyp
     return _SumGrads.apply(t, group)
 
 
-def agree(values: list[int], group, what: str) -> None:  # type: ignore[no-untyped-def]
-    """Every rank passes the same `values`, or every rank raises the same ValueError naming them (one
-    collective: no rank is left waiting in a later one)."""
+def agree(values: list[int], group, what: str, problem: BaseException | None = None) -> None:  # type: ignore[no-untyped-def]
+    """Every rank passes the same `values` and found nothing wrong locally (`problem`), or every rank raises:
+    a rank with a problem its own error, the others a ValueError naming that rank, or, where the values
+    differ, the same ValueError naming them. Two small collectives that every rank reaches, whatever its
+    arguments: no rank is left waiting in a later one."""
     _, world = world_of(group)
     if world == 1:
+        if problem is not None:
+            raise problem
         return
-    mine = torch.tensor(values, dtype=torch.int64)
-    got = all_gather_cat(mine[None], 0, group)
+    head = torch.tensor([[int(problem is not None), len(values)]], dtype=torch.int64)
+    heads = all_gather_cat(head, 0, group)
+    width = int(heads[:, 1].max()) + 1
+    mine = torch.full((1, width), -1, dtype=torch.int64)
+    mine[0, 0] = len(values)
+    if values:
+        mine[0, 1 : len(values) + 1] = torch.tensor(values, dtype=torch.int64)
+    got = all_gather_cat(mine, 0, group)
+    if problem is not None:
+        raise problem
+    bad = [r for r in range(world) if int(heads[r, 0])]
+    if bad:
+        ranks = ", ".join(str(r) for r in bad)
+        raise ValueError(f"context_parallel: rank {ranks} refused its arguments (its own error says why)")
     if bool((got != got[0]).any()):
-        table = ", ".join(f"rank {r}: {got[r].tolist()}" for r in range(world))
+        table = ", ".join(f"rank {r}: {got[r, 1 : int(got[r, 0]) + 1].tolist()}" for r in range(world))
         raise ValueError(f"context_parallel: {what} differ across ranks ({table})")

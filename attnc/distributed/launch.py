@@ -41,6 +41,7 @@ def _worker(rank: int, world: int, port: int, backend: str, timeout_s: float, fn
         )
         try:
             result = fn(rank, world, *args)
+            dist.barrier()  # no rank tears its connections down while a peer still talks to it
         finally:
             dist.destroy_process_group()
         torch.save({"ok": True, "result": result}, path)
