@@ -267,13 +267,15 @@ def _closures(att: Attention, em: Emitter, only: set[str] | None = None) -> tupl
         root = roots.get(field_name)
         if root is None or (only is not None and field_name not in only):
             continue
-        stmts, ret = em.body(root)
-        closures.append(f"    def {fn}({_closure_params(scope)}):")
-        closures += [f"        {s}" for s in stmts]
-        closures.append(f"        return {ret}")
-        closures.append("")
+        closures += _closure(em, fn, _closure_params(scope), root)
         spec_args.append(f"{spec_field}={fn}")
     return closures, spec_args
+
+
+def _closure(em: Emitter, fn: str, params: str, root: Node) -> list[str]:
+    """`def fn(params): ...; return root` inside a generated entry point."""
+    stmts, ret = em.body(root)
+    return [f"    def {fn}({params}):", *(f"        {st}" for st in stmts), f"        return {ret}", ""]
 
 
 def _summary_closures(em: Emitter, summaries) -> tuple[list[str], list[str]]:  # type: ignore[no-untyped-def]
@@ -282,12 +284,8 @@ def _summary_closures(em: Emitter, summaries) -> tuple[list[str], list[str]]:  #
     closures: list[str] = []
     pairs = []
     for n, (qside, kside) in enumerate(summaries):
-        for fn, params, root in ((f"_sum_q{n}", "b, h, hk, i", qside), (f"_sum_k{n}", "b, hk, j", kside)):
-            stmts, ret = em.body(root)
-            closures.append(f"    def {fn}({params}):")
-            closures += [f"        {st}" for st in stmts]
-            closures.append(f"        return {ret}")
-            closures.append("")
+        closures += _closure(em, f"_sum_q{n}", "b, h, hk, i", qside)
+        closures += _closure(em, f"_sum_k{n}", "b, hk, j", kside)
         pairs.append(f"(_sum_q{n}, _sum_k{n})")
     return closures, pairs
 

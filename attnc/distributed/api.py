@@ -29,7 +29,6 @@ How a call runs (see docs/distributed.md):
 from __future__ import annotations
 
 import contextlib
-import enum
 import inspect
 import math
 import sys
@@ -50,24 +49,13 @@ from attnc.runtime.triton import (
 )
 
 from .comm import agree, all_gather_grad, replicated, world_of
-from .shards import Chunk, Sharding, sharding_for
+from .shards import Chunk, Option, Sharding, sharding_for
 
 
-class Strategy(enum.Enum):
+class Strategy(Option):
     RING = "ring"
     ALLGATHER = "allgather"
     STATE = "state"  # the linear family: chunked state passing (attnc.distributed.linear)
-
-    @classmethod
-    def parse(cls, value: Strategy | str) -> Strategy:
-        if isinstance(value, Strategy):
-            return value
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(
-                f"strategy={value!r}: expected one of {', '.join(repr(m.value) for m in cls)}"
-            ) from None
 
 
 # ---- the probe: what each call computed and communicated (tests, benchmarks) ----------------------------

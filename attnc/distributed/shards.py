@@ -15,20 +15,25 @@ from dataclasses import dataclass
 import torch
 
 
-class Layout(enum.Enum):
-    CONTIGUOUS = "contiguous"
-    ZIGZAG = "zigzag"
+class Option(enum.Enum):
+    """A typed option given as its member or its string value; a bad value names the choices."""
 
     @classmethod
-    def parse(cls, value: Layout | str) -> Layout:
-        if isinstance(value, Layout):
+    def parse(cls, value: object):  # type: ignore[no-untyped-def]
+        if isinstance(value, cls):
             return value
         try:
             return cls(value)
         except ValueError:
+            name = cls.__name__.lower()
             raise ValueError(
-                f"layout={value!r}: expected one of {', '.join(repr(m.value) for m in cls)}"
+                f"{name}={value!r}: expected one of {', '.join(repr(m.value) for m in cls)}"
             ) from None
+
+
+class Layout(Option):
+    CONTIGUOUS = "contiguous"
+    ZIGZAG = "zigzag"
 
 
 @dataclass(frozen=True)
