@@ -204,6 +204,30 @@ def test_sliding_window_skips_steps(cache) -> None:  # type: ignore[no-untyped-d
         assert [p["received"] for p in probes] == [0, 1, 1, 1], probes
 
 
+def _aligned_documents(rank: int, world: int, cache: str) -> dict:
+    """Document ids that change exactly at shard boundaries: the per-chunk summaries prove every other block
+    invisible, so each rank computes its own block only and no block is sent."""
+    from attnc.distributed import context_parallel
+    from attnc.distributed.api import ring_probe
+
+    op = _module("document", cache).document
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(B, H, N, D, generator=g) for _ in range(3))
+    doc = (torch.arange(N) // (N // world)).to(torch.int32).expand(B, N).contiguous()
+    sh = sharding_for("contiguous", world, N // world)
+    with ring_probe() as probe:
+        o = context_parallel(op, *(shard(t, 2, sh, rank) for t in (q, k, v)), shard(doc, 1, sh, rank))
+    want = shard(op(q, k, v, doc), 2, sh, rank)
+    return {"probe": dict(probe), "err": float((o - want).abs().max())}
+
+
+def test_document_summaries_skip_blocks(cache) -> None:  # type: ignore[no-untyped-def]
+    res = spawn_ranks(4, _aligned_documents, cache, timeout_s=300)
+    assert all(r["err"] <= 1e-5 for r in res), res
+    assert [r["probe"]["steps"] for r in res] == [1, 1, 1, 1], res
+    assert sum(r["probe"]["sent"] + r["probe"]["received"] for r in res) == 0, res
+
+
 # ---- the linear family through the same entry point ---------------------------------------------------------
 
 
