@@ -302,7 +302,7 @@ def _keys_closure(att: Attention, plan) -> list[str]:  # type: ignore[no-untyped
         return []
     body = ", ".join(f"({lo}, {hi})" for lo, hi in ivs)
     return [
-        "    def _keys(m0, bm):  # the key positions [lo, hi) queries [m0, m0 + bm) may see (the tile plan)",
+        "    def _keys(_m0, _bm):  # the key positions [lo, hi) queries [_m0, _m0 + _bm) may see (the tile plan)",
         f"        return ({body}{',' if len(ivs) == 1 else ''})",
         "",
     ]
@@ -348,9 +348,9 @@ def emit_attention(
         [f"Exact PyTorch reference for `{nm}` (norm = {att.norm.kind.value}).", "", doc_params, returns],
     )
     L.append(
-        f"    spec, context = _{nm}_reference_spec({call_args}, return_lse=return_lse, block_layout=block_layout)"
+        f"    spec, _context = _{nm}_reference_spec({call_args}, return_lse=return_lse, block_layout=block_layout)"
     )
-    L.append(f"    return _rt._reference_run({nm!r}, spec, context, q, k, v, return_lse)")
+    L.append(f"    return _rt._reference_run({nm!r}, spec, _context, q, k, v, return_lse)")
     L += ["", ""]
     L += _def(
         att,

@@ -31,12 +31,12 @@ _REL = {
 
 # The Python flavour (`python_code`): the same expressions as host code, for the runtime's schedules
 # (attnc.distributed asks which key ranges a range of queries may see). Integers stay exact: floor division.
-_PY_TILE_NAMES = {TILE_M0: "m0", TILE_BM: "bm", TILE_N0: "n0", TILE_BN: "bn"}
+_PY_TILE_NAMES = {TILE_M0: "_m0", TILE_BM: "_bm", TILE_N0: "_n0", TILE_BN: "_bn"}
 
 
 def python_code(e: sp.Basic) -> str:
-    """Python code for an integer or boolean sympy expression: tile symbols m0, bm (n0, bn), the spec's sizes
-    and scalars by their own names."""
+    """Python code for an integer or boolean sympy expression: tile symbols _m0, _bm (_n0, _bn: a leading
+    underscore is never a spec's name), the spec's sizes and scalars by their own names."""
     return _print(e, True)
 
 
