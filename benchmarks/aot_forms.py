@@ -2,6 +2,7 @@
 on a CPU by the ahead-of-time compile: Triton's full pipeline to a cubin, no GPU).
 
     python benchmarks/aot_forms.py --json benchmarks/results/aot_sm90_forms-DATE.json
+    python benchmarks/aot_forms.py --forms shift --json benchmarks/results/aot_sm90_shift-DATE.json
 
 The varlen form (`_VARLEN`): all five kernels; the paged form (`_PAGED`): the forward and split-KV forward, for
 the specs whose queries have their own length symbol (those that get `NAME_paged`), plus the bottom-right
@@ -37,7 +38,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--forms",
+        default="varlen,paged",
+        help="comma-separated: varlen, paged, shift (context parallelism's global positions: all five kernels)",
+    )
     args = ap.parse_args()
+    chosen = set(args.forms.split(","))
     specs = [
         *sorted((ROOT / "examples" / "specs").glob("*.attn")),
         *sorted((ROOT / "attnc" / "integrations" / "specs").glob("*.attn")),
@@ -52,9 +59,11 @@ def main() -> int:
             k = next(p for p in att.tensors if p.role is Role.K)
             paged = q.shape[2].op is Op.SIZE and k.shape[2].op is Op.SIZE and q.shape[2] != k.shape[2]
             for dtype, width in (("fp16", 64), ("bf16", 128)):
-                forms = [("varlen", Target(90, dtype, width, varlen=True))]
-                if paged:
+                forms = [("varlen", Target(90, dtype, width, varlen=True))] if "varlen" in chosen else []
+                if paged and "paged" in chosen:
                     forms.append(("paged", Target(90, dtype, width, ("fwd", "fwd_split"), paged=True)))
+                if "shift" in chosen:
+                    forms.append(("shift", Target(90, dtype, width, shift=True)))
                 for form, target in forms:
                     js = jobs(att, kernels, target)
                     runs += js
@@ -84,7 +93,7 @@ def main() -> int:
             }
         )
     out = {
-        "what": "sm_90 registers/spills of the varlen and paged kernel forms (ahead-of-time compile on a CPU)",
+        "what": f"sm_90 registers/spills of the {args.forms} kernel forms (ahead-of-time compile on a CPU)",
         "date": datetime.date.today().isoformat(),
         "device": "none (CPU-side compile for sm_90: triton.compile + ptxas)",
         "torch": torch.__version__,
