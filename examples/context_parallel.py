@@ -57,8 +57,10 @@ def main() -> int:
         err_o = float((unshard(parts["o"], 2, sh) - want.detach()).abs().max())
         err_dq = float((unshard(parts["dq"], 2, sh) - qf.grad).abs().max())
         ok = err_o < 1e-4 and err_dq < 1e-3
-        print(f"{args.strategy}/{args.layout} on {world} ranks: max |o - o_ref| = {err_o:.2e}, "
-              f"max |dq - dq_ref| = {err_dq:.2e}: {'OK' if ok else 'MISMATCH'}")
+        print(
+            f"{args.strategy}/{args.layout} on {world} ranks: max |o - o_ref| = {err_o:.2e}, "
+            f"max |dq - dq_ref| = {err_dq:.2e}: {'OK' if ok else 'MISMATCH'}"
+        )
     dist.destroy_process_group()
     return 0 if ok else 1
 
