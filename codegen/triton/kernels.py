@@ -391,7 +391,10 @@ class KernelWriter:
         """qk -> valid (bool tile) and s (float32 tile, the score where valid)."""
         att = self.att
         names = self.pair_names(Root.SCORE)
-        in_range = f"({i} < _M) & ({j} < _N)"
+        # In positions (`_m_end`, `_n_end`: the rows' ends as positions, from the loop helper's prelude), so
+        # that under `_SHIFT` the local rows need not stay live beside the positions in the loop.
+        i, j = "_pos_i", "_pos_j"
+        in_range = "(_pos_i < _m_end) & (_pos_j < _n_end)"
         if att.mask is None:
             out += S(f"valid = {in_range}")
         else:
@@ -574,6 +577,7 @@ class KernelWriter:
                 *_shifted("n0", "_K_POS"),
                 *_position("_pos_j", "j", "_K_POS"),
             ]
+        own += [*_position("_m_end", "_M", "_Q_POS"), *_position("_n_end", "_N", "_K_POS")]
         return LoopHelper(name_, var, block, state, context, priors, [*own, *loop])
 
     def _render_helper(self, h: LoopHelper) -> list[str]:
