@@ -253,3 +253,92 @@ def test_runtime_kernels_defs_match_their_signatures(path: str, sigs: tuple) -> 
         args = fns[sig.name].args.args
         assert tuple(a.arg for a in args) == sig.names, sig.name
         assert {a.arg for a in args if a.annotation is not None} == set(sig.constexprs), sig.name
+
+
+# ---- lean interior tiles ------------------------------------------------------------------------------------
+
+# What a bounds or mask comparison reads: the matrix's extents, the row ends the helper's prelude derives, and
+# the tile's row and column positions.
+_BOUNDS = {"_M", "_N", "M", "N", "_m_end", "_n_end", "_pos_i", "_pos_j", "i", "j", "offs_m", "offs_n"}
+
+
+def _specialise(body: list[ast.stmt], edge: bool) -> list[ast.stmt]:
+    """The statements a call with the constexpr EDGE = `edge` compiles: `if EDGE:` keeps one branch."""
+    out: list[ast.stmt] = []
+    for st in body:
+        if isinstance(st, ast.If) and isinstance(st.test, ast.Name) and st.test.id == "EDGE":
+            out += _specialise(st.body if edge else st.orelse, edge)
+            continue
+        st = ast.fix_missing_locations(ast.parse(ast.unparse(st)).body[0])  # a copy
+        for field in ("body", "orelse"):
+            if isinstance(getattr(st, field, None), list):
+                setattr(st, field, _specialise(getattr(st, field), edge))
+        out.append(st)
+    return out
+
+
+def _aux_guards(tree: ast.AST) -> set[int]:
+    """The nodes inside the mask of an auxiliary tensor's load (`tl.load(_a_g + ..., mask=...)`): the index
+    guards of a spec tensor's read, which belong to the spec's expression, not to the tile's bounds."""
+    out: set[int] = set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and ast.unparse(n.func) == "tl.load" and n.args:
+            if any(isinstance(x, ast.Name) and x.id.startswith("_a_") for x in ast.walk(n.args[0])):
+                for kw in n.keywords:
+                    if kw.arg == "mask":
+                        out |= {id(x) for x in ast.walk(kw.value)}
+    return out
+
+
+def _bounds_compares(body: list[ast.stmt]) -> list[str]:
+    tree = ast.Module(body, [])
+    guards = _aux_guards(tree)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and id(node) not in guards:
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            if names & _BOUNDS:
+                out.append(ast.unparse(node))
+    return out
+
+
+LEAN = [s for s in EXAMPLES if s not in ("document", "key_padding")]
+
+
+@pytest.mark.parametrize("stem", LEAN)
+def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
+    """The key loops of the forward and dQ run their interior tiles (EDGE = False) with no comparison against
+    the matrix's extents or the tile's positions: no load row mask, no in-range test, no mask. The boundary
+    tiles (EDGE = True) keep them. Every kernel calls the helper with EDGE = False for its interior."""
+    tree, writers = _module(stem)
+    fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for w in writers:
+        nm = w.att.name
+        for h in ("fwd_inner", "dq_inner"):
+            helper = fns[f"_{nm}_{h}"]
+            params = [a.arg for a in helper.args.args]
+            assert "EDGE" in params, (nm, h)
+            (loop,) = _tile_loops(helper)
+            lean = _bounds_compares(_specialise(loop.body, edge=False))
+            assert not lean, (nm, h, lean)
+            assert _bounds_compares(_specialise(loop.body, edge=True)), (nm, h)
+            at = params.index("EDGE")
+            for kind, callee in CALLS.items():
+                if callee != h:
+                    continue
+                calls = [
+                    n
+                    for n in ast.walk(fns[f"_{nm}_{kind}_kernel"])
+                    if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == helper.name
+                ]
+                edges = [ast.literal_eval(c.args[at]) for c in calls]
+                assert False in edges and True in edges, (nm, kind, edges)
+
+
+def test_specs_without_a_lean_interval_keep_one_call_per_interval() -> None:
+    """A mask the analysis cannot prove visible on whole tiles (document ids) gets no EDGE split: its helpers
+    and kernels are those of one loop per interval."""
+    tree, _ = _module("document")
+    fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    for h in HELPERS:
+        assert "EDGE" not in [a.arg for a in fns[f"_document_{h}"].args.args]

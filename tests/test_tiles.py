@@ -25,6 +25,7 @@ from attnc.dsl.analysis.tiles import (
     TilePlan,
     classify,
     dense_mask,
+    lean_tiles,
     plan_tiles,
     visited_fraction,
 )
@@ -237,6 +238,59 @@ def test_tiles_sound_and_exact(case: Case) -> None:
                         assert np.count_nonzero(cls != SKIP) == np.count_nonzero(counts > 0), where
                         assert np.array_equal(cls != SKIP, counts > 0), where
                         assert np.array_equal(cls == FULL, counts == area), where
+
+
+# Masks whose lean intervals must cover every whole, fully visible tile (the others are checked for soundness).
+LEAN_EXACT = {
+    "alibi",
+    "causal",
+    "cross",
+    "decode",
+    "bottom_right",
+    "sliding_window",
+    "window_mn",
+    "symmetric_window",
+    "chunked_local",
+    "chunked_mn",
+    "negated_causal",
+    "softcap",
+    "t5_bias",
+    "sink",
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_lean_tiles_are_fully_visible(case: Case) -> None:
+    """A tile the kernels run without bounds or mask arithmetic (`lean_tiles`) lies inside the matrix and every
+    one of its pairs is visible, by the dense oracle; for the masks of LEAN_EXACT, every whole, fully visible
+    tile is lean (the split loses nothing)."""
+    att = ATTENTIONS[case.name]
+    plan = _plan(att)
+    scalars = dict(case.scalars)
+    rng = np.random.default_rng(1)
+    for m, n in _size_pairs(att):
+        sizes = _sizes(att, m, n)
+        for trial in range(3 if plan.data_dependent else 1):
+            truth = dense_mask(att, sizes, scalars, _aux(att, m, n, rng))
+            for bm, bn in TILES:
+                counts, area = _tile_counts(truth, bm, bn)
+                whole = np.outer(np.arange(counts.shape[0]) < m // bm, np.arange(counts.shape[1]) < n // bn)
+                for by in ("query", "key"):
+                    lean = lean_tiles(att, plan, sizes, scalars, bm, bn, by=by)
+                    where = f"{case.id} M={m} N={n} tiles {bm}x{bn} by {by} (trial {trial})"
+                    bad = np.argwhere(lean & ~(whole & (counts == area)))
+                    assert bad.size == 0, f"{where}: lean tiles not whole and fully visible {bad}"
+                    if case.exact and case.name in LEAN_EXACT:
+                        assert np.array_equal(lean, whole & (counts == area)), where
+
+
+def test_lean_intervals_of_the_causal_mask() -> None:
+    """Keys j <= m0 are seen by every row of a query tile; queries i >= n0 + BN - 1 see every key of a tile."""
+    att = ATTENTIONS["causal"]
+    lean = lean_tiles(att, _plan(att), {"B": 1, "H": 1, "N": 256, "D": 8}, {}, 64, 32)
+    t, u = np.indices((4, 8))
+    assert np.array_equal(lean, u * 32 + 32 <= t * 64 + 1)
+    assert "(lean): [0, Min(N, m0 + 1))" in _plan(att).describe()
 
 
 def test_plans_are_small_and_exactly_described() -> None:

@@ -91,10 +91,16 @@ class TilePlan:
     # Set when the planner gave up on the mask (too many comparisons, or over its work or time budget): every
     # tile is then visited with the mask applied. Says why; `attnc show-ir` prints it.
     fallback: str | None = None
+    # Lean intervals: keys every row of a query tile [m0, m0 + BM) sees (and the transpose, queries every key
+    # of a key tile [n0, n0 + BN) is seen by), valid when that tile lies wholly inside [0, M) (resp. [0, N)).
+    # Subsets, never supersets: a kernel runs the tiles inside them, and inside [0, N), without bounds or mask
+    # arithmetic. Empty where the analysis cannot prove a key visible (a data-dependent conjunct, a relaxation).
+    kv_lean: tuple[Interval, ...] = ()
+    q_lean: tuple[Interval, ...] = ()
 
     def free_symbols(self) -> set[sp.Symbol]:
         exprs: list[sp.Basic] = [self.full, self.q_len, self.kv_len]
-        for lo, hi in self.kv_intervals + self.q_intervals:
+        for lo, hi in self.kv_intervals + self.q_intervals + self.kv_lean + self.q_lean:
             exprs += [lo, hi]
         out: set[sp.Symbol] = set()
         for e in exprs:
@@ -115,6 +121,8 @@ class TilePlan:
             f"{self.name}: keys visited by query tile [m0, m0 + BM): {ivs(self.kv_intervals)}",
             f"{self.name}: queries visited by key tile [n0, n0 + BN): {ivs(self.q_intervals)}",
             f"{self.name}: tile fully visible when: {show(self.full)}",
+            f"{self.name}: keys every row of a whole query tile sees (lean): {ivs(self.kv_lean)}",
+            f"{self.name}: queries every key of a whole key tile is seen by (lean): {ivs(self.q_lean)}",
         ]
         if self.fallback is not None:
             lines.append(f"{self.name}: fallback: {self.fallback}")
@@ -643,7 +651,11 @@ def _min(*args: sp.Expr) -> sp.Expr:
 @dataclass
 class _Solver:
     """Solves for variable x (j: the keys of a query tile; or i, transposed), the other variable y ranging
-    over the tile [y_lo, y_hi]; universe = [0, extent of x)."""
+    over the tile [y_lo, y_hi]; universe = [0, extent of x).
+
+    By default `reach` returns a superset of {x : some y of the tile satisfies f}. With `exact`, it returns a
+    subset of {x : every y of the tile satisfies f} instead (the lean intervals): each step that would
+    enlarge a set (a relaxation, an unknown conjunct, a hull) gives up on the set, returning nothing."""
 
     x: sp.Symbol
     y: sp.Symbol
@@ -655,6 +667,7 @@ class _Solver:
     # simplifies floor(Max(...)/c) and the like, which is where the time went.
     opaque: dict[sp.Basic, sp.Symbol]
     budget: _Budget
+    exact: bool = False
 
     def when(self, cond: sp.Basic, ivs: list[Interval]) -> list[Interval]:
         if cond is sp.true:
@@ -669,7 +682,7 @@ class _Solver:
         if isinstance(f, _Const):
             return self.when(f.value, [self.universe])
         if isinstance(f, _Unknown):
-            return [self.universe]
+            return [] if self.exact else [self.universe]
         if isinstance(f, _Or):
             out: list[Interval] = []
             for p in f.parts:
@@ -701,6 +714,8 @@ class _Solver:
                 out.append((lo, hi))
         if any(iv == self.universe for iv in out):
             return [self.universe]
+        if self.exact:  # a hull may hold points of neither interval: keep the first ones (still a subset)
+            return out[:MAX_INTERVALS]
         while len(out) > MAX_INTERVALS:
             (a_lo, a_hi), (b_lo, b_hi) = out[-2], out[-1]
             out[-2:] = [(_min(a_lo, b_lo), _max(a_hi, b_hi))]
@@ -712,8 +727,21 @@ class _Solver:
             self.notes.append(text)
 
     def reach_atom(self, f: _Atom) -> list[Interval]:
-        """{x : some y of the tile has d(x, y) <= 0 (or < 0)}, as a superset."""
+        """{x : some y of the tile has d(x, y) <= 0 (or < 0)}, as a superset; with `exact`, {x : every y of
+        the tile has d(x, y) <= 0}, as a subset."""
         x, y = self.x, self.y
+        if self.exact:
+            d = _expand(f.d)
+            a_terms, b_terms = [], []
+            for t in sp.Add.make_args(d):
+                if t.has(x) and t.has(y):  # floor((i - j) / C), i * j: no exact split into A(y) + B(x)
+                    return []
+                (b_terms if t.has(x) else a_terms).append(t)
+            a_bounds = _bounds(sp.Add(*a_terms), {y: self.ybox})
+            if a_bounds is None:
+                return []
+            # every y has A(y) + B(x) <= 0  <=>  B(x) <= -max A  (and -upper bound of A is stronger: a subset)
+            return self.solve(sp.Add(*b_terms), self.name(-a_bounds[1]), f.strict)
         d = _relax(f.d, (x, y), mixed_only=True)  # floor((i - j) / C) -> (i - j) / C - 1, ...
         if d is None:
             self.note(f"cannot separate {f.d}: not used for skipping")
@@ -762,6 +790,8 @@ class _Solver:
                     return self.solve(u, n + 1, True)
                 n = sp.floor(r / coef) + 1 if strict else sp.ceiling(r / coef)  # floor(u) >= r / coef
                 return self.solve(-u, -n, False)
+        if self.exact:  # a relaxation enlarges the set
+            return []
         relaxed = _relax(b, (x,), mixed_only=False)
         if relaxed is None or relaxed == b:
             self.note(f"cannot solve {b} <= r for {x}: not used for skipping")
@@ -849,7 +879,17 @@ def _plan_tiles(att: Attention, budget: _Budget) -> TilePlan:
     kv_universe: Interval = (sp.Integer(0), n_len)
     q_universe: Interval = (sp.Integer(0), m_len)
     if att.mask is None:
-        return TilePlan(att.name, m_len, n_len, (kv_universe,), (q_universe,), sp.true, False)
+        return TilePlan(
+            att.name,
+            m_len,
+            n_len,
+            (kv_universe,),
+            (q_universe,),
+            sp.true,
+            False,
+            kv_lean=(kv_universe,),
+            q_lean=(q_universe,),
+        )
 
     data_dependent = any(n.op is Op.LOAD for n in walk([att.mask]))
     try:
@@ -886,6 +926,12 @@ def _analyse(
     opaque: dict[sp.Basic, sp.Symbol] = {}
     kv = _Solver(_J, _I, ibox, kv_universe, notes, opaque, budget).reach(formula)
     q = _Solver(_I, _J, jbox, q_universe, notes, opaque, budget).reach(formula)
+    # The lean intervals hold for a whole tile only (a kernel checks that the tile lies inside the matrix):
+    # the rows are then exactly [m0, m0 + BM), unclipped, which keeps the bounds free of min(m0 + BM, M).
+    whole_i: Interval = (TILE_M0, TILE_M0 + TILE_BM - 1)
+    whole_j: Interval = (TILE_N0, TILE_N0 + TILE_BN - 1)
+    kv_lean = _Solver(_J, _I, whole_i, kv_universe, notes, opaque, budget, exact=True).reach(formula)
+    q_lean = _Solver(_I, _J, whole_j, q_universe, notes, opaque, budget, exact=True).reach(formula)
     definitions = {t: e for e, t in opaque.items()}
     full = _full(formula, {_I: ibox, _J: jbox}, budget)
 
@@ -910,6 +956,18 @@ def _analyse(
             out.append((lo, hi))
         return tuple(out)
 
+    def finish_lean(ivs: list[Interval], universe: Interval) -> tuple[Interval, ...]:
+        """As `finish`, but a subset: outside the twins' assumptions the intervals are empty."""
+        out = []
+        for lo, hi in ivs:
+            lo = _max(_rename(_substitute_raw(lo, definitions), untwin), universe[0])
+            hi = _min(_rename(_substitute_raw(hi, definitions), untwin), universe[1])
+            if valid is not sp.true:
+                hi = _pw((hi, valid), (universe[0], sp.true))
+            if _rel(hi, lo, False) is not sp.true:
+                out.append((lo, hi))
+        return tuple(out)
+
     full = sp.And(valid, _rename(full, untwin))
     for twin, scalar in untwin.items():  # notes were written with the twins' names (_C): use the scalars'
         notes = [n.replace(str(twin), str(scalar)) for n in notes]
@@ -922,6 +980,8 @@ def _analyse(
         full,
         data_dependent,
         tuple(notes),
+        kv_lean=finish_lean(kv_lean, kv_universe),
+        q_lean=finish_lean(q_lean, q_universe),
     )
 
 
@@ -1021,6 +1081,8 @@ class _Compiled:
     kv_bounds: Callable[..., list]  # (m0, BM, *symbols) -> [lo0, hi0, lo1, hi1, ...]
     q_bounds: Callable[..., list]  # (n0, BN, *symbols) -> ...
     full: Callable[..., bool]  # (m0, BM, n0, BN, *symbols) -> bool
+    kv_lean: Callable[..., list]  # (m0, BM, *symbols) -> [lo0, hi0, ...], as kv_bounds
+    q_lean: Callable[..., list]  # (n0, BN, *symbols) -> ...
 
 
 # The plan's expressions evaluated by a tree of closures, one per node kind (no exec of generated text).
@@ -1166,6 +1228,8 @@ def _compile(plan: TilePlan) -> _Compiled:
         fn(TILE_SYMBOLS[:2], [e for iv in plan.kv_intervals for e in iv]),
         fn(TILE_SYMBOLS[2:], [e for iv in plan.q_intervals for e in iv]),
         fn(TILE_SYMBOLS, plan.full),
+        fn(TILE_SYMBOLS[:2], [e for iv in plan.kv_lean for e in iv]),
+        fn(TILE_SYMBOLS[2:], [e for iv in plan.q_lean for e in iv]),
     )
 
 
@@ -1223,6 +1287,50 @@ def classify(
         if full:
             cls[t, u] = FULL
     return cls
+
+
+def lean_tiles(
+    att: Attention,
+    plan: TilePlan,
+    sizes: Mapping[str, int],
+    scalars: Mapping[str, int | float],
+    BM: int,
+    BN: int,
+    *,
+    by: Literal["query", "key"] = "query",
+) -> np.ndarray:
+    """bool [ceil(M / BM), ceil(N / BN)]: the tiles a kernel runs lean (no bounds, no mask) by the plan's
+    lean intervals. By query: for a query tile wholly inside [0, M), the key tiles lying wholly inside one of
+    its lean key intervals and inside [0, N); by key, the transpose. (The kernel also keeps to the visited
+    intervals: it never runs a tile that `classify` skips.)"""
+    if BM < 1 or BN < 1:
+        raise BindingError(f"tile sizes must be >= 1, got {BM}x{BN}")
+    b = bind(att, sizes, scalars)
+    m, n = b.M, b.N
+    out = np.zeros((-(-m // BM), -(-n // BN)), dtype=bool)
+    c = _compile(plan)
+    missing = sorted(str(s) for s in c.symbols if s not in b.values)
+    if missing:
+        raise BindingError(f"{att.name}: {_missing_text(att, missing)}")
+    vals = [b.values[s] for s in c.symbols]
+    if by == "query":
+        fn, size, extent, other, other_len = c.kv_lean, BM, m, BN, n
+    else:
+        fn, size, extent, other, other_len = c.q_lean, BN, n, BM, m
+    for t in range(extent // size):  # whole tiles only
+        try:
+            got = fn(t * size, size, *vals)
+        except ArithmeticError:
+            continue
+        for k in range(0, len(got), 2):
+            lo = -(-math.ceil(got[k]) // other) * other
+            hi = min(math.floor(got[k + 1]), other_len) // other * other
+            for u in range(max(lo, 0) // other, max(hi, 0) // other):
+                if by == "query":
+                    out[t, u] = True
+                else:
+                    out[u, t] = True
+    return out
 
 
 def visited_fraction(classes: np.ndarray) -> float:
