@@ -61,9 +61,22 @@ def test_one_loop_body_helper_per_kind_and_kernels_call_it(stem: str) -> None:
             assert not _tile_loops(kernel), f"{nm} {kind}: a tile loop body written in the kernel"
             called = [c for c in _calls(kernel) if c.startswith(f"_{nm}_") and c.endswith("_inner")]
             if kind in CALLS:
-                # Once per plan interval, in each of the two forms (plain range, runtime block layout).
-                n = len(w.kv_intervals if CALLS[kind] != "dkdv_inner" else w.q_intervals)
-                assert called == [f"_{nm}_{CALLS[kind]}"] * (2 * n), (nm, kind, called)
+                # Per plan interval, in each of the two forms (plain range, runtime block layout): one call, or
+                # where the helper splits off lean interior tiles (EDGE) the boundary tiles before them (unless
+                # the lean interval starts at 0), the lean ones and the boundary tiles after them.
+                kv = CALLS[kind] != "dkdv_inner"
+                intervals = w.kv_intervals if kv else w.q_intervals
+                lean = w.kv_lean if kv else w.q_lean
+                edge = "EDGE" in [a.arg for a in fns[f"_{nm}_{CALLS[kind]}"].args.args]
+                per = [
+                    1
+                    if not edge
+                    else 2
+                    if (lean[k] if len(lean) == len(intervals) else lean[0])[0] == "0"
+                    else 3
+                    for k in range(len(intervals))
+                ]
+                assert called == [f"_{nm}_{CALLS[kind]}"] * (2 * sum(per)), (nm, kind, called)
             else:
                 assert not called, (nm, kind, called)
         # The helper's parameters and each call's arguments agree in number.
