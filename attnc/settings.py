@@ -16,6 +16,9 @@ class Settings:
     tune_dir: Path  # studies' default journal storage: <cache_dir>/tune
     tuned_table: Path  # ATTNC_TUNED_CONFIGS: the best-config table the runtime reads (<tune_dir>/best.json)
     autotune: bool  # ATTNC_AUTOTUNE=1: a generated module may tune an untuned key on first call
+    # ATTNC_TMA: "auto" (default: tensor descriptors where the GPU has TMA, sm_90+, and the inputs qualify),
+    # "1" (wherever the inputs qualify, also under the Triton interpreter: tests) or "0" (pointer loads only)
+    tma: str
 
     @staticmethod
     def from_env() -> Settings:
@@ -28,7 +31,15 @@ class Settings:
             tune_dir=cache_dir / "tune",
             tuned_table=Path(env.get("ATTNC_TUNED_CONFIGS") or cache_dir / "tune" / "best.json"),
             autotune=env.get("ATTNC_AUTOTUNE", "") not in ("", "0"),
+            tma=_tma_mode(env.get("ATTNC_TMA", "auto")),
         )
+
+
+def _tma_mode(value: str) -> str:
+    v = value.strip().lower() or "auto"
+    if v not in ("auto", "1", "0"):
+        raise ValueError(f"ATTNC_TMA must be auto, 1 or 0, got {value!r}")
+    return v
 
 
 def settings() -> Settings:

@@ -222,7 +222,14 @@ def test_unused_layout_and_probe_groups_are_gated_and_bind_to_none() -> None:
         uniforms=[1.0] * len(sig.group(Group.UNIFORMS).params),
         strides=range(16),
         extents=range(6),
-        constexprs={"_BLOCK_M": 64, "_BLOCK_N": 64, "_BLOCK_D": 64, "_BLOCK_E": 64, "_DOT_PRECISION": "tf32"},
+        constexprs={
+            "_BLOCK_M": 64,
+            "_BLOCK_N": 64,
+            "_BLOCK_D": 64,
+            "_BLOCK_E": 64,
+            "_DOT_PRECISION": "tf32",
+            "_TMA": False,
+        },
     )
     assert list(bound) == list(sig.names)
     assert all(bound[n] is None for n in (*sig.group(Group.LAYOUT).names, *sig.group(Group.PROBE).names))

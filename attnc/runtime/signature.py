@@ -133,12 +133,16 @@ VARLEN_GATE = "_VARLEN"
 PAGED_GATE = "_PAGED"
 SHIFT_GATE = "_SHIFT"
 AUX_GRAD_GATE = "_AUX_GRAD"  # the dQ kernel reduces auxiliary gradients (its aux_grads group is bound)
+# The tile loops read q, k, v and dO through tensor descriptors (TMA on sm_90 and later: `cp.async.bulk.tensor`)
+# instead of pointer loads. A launch sets it when every such tensor qualifies (`triton._tma_ok`).
+TMA_GATE = "_TMA"
 CONSTEXPRS = (
     "_COUNT_VISITS",
     "_LAYOUT",
     VARLEN_GATE,
     PAGED_GATE,
     SHIFT_GATE,
+    TMA_GATE,
     "_BLOCK_M",
     "_BLOCK_N",
     "_BLOCK_D",

@@ -15,9 +15,11 @@ from typing import NamedTuple
 
 import torch
 
+from attnc.settings import settings
+
 from .layout import _fit_layout, _layout_args, _next_pow2, triton_cdiv
 from .reference import _full
-from .signature import BlockABI, Group
+from .signature import TMA_GATE, BlockABI, Group
 from .varlen import packed_view
 
 # ---- kernels files: the generated `*_triton.py` beside a module, and the runtime's own linear core ----
@@ -137,8 +139,11 @@ def _default_config(D, E, kernel="fwd", heavy=False):
     if kernel == "dkdv":  # one stage above 64: feature maps recomputed per tile spilled with two (sm_90)
         return _KernelConfig(16 if heavy and width > 64 else 32, 32, warps, stages if width <= 64 else 1)
     if heavy:  # above 64: 16×16 tiles for gathers; 32×16 for float32 weights (16×16 spilled there on sm_90)
+        # Float32 weights at 64 and below: one stage. With tile loads through TMA, decay_abs's dQ spilled
+        # 24 bytes at two stages (96 registers) and none at one; the other such specs change by a few registers.
+        one = heavy == 1 and width <= 64
         return _KernelConfig(
-            32 if heavy == 1 and width > 64 else 16, 32 if width <= 64 else 16, warps, stages
+            32 if heavy == 1 and width > 64 else 16, 32 if width <= 64 else 16, warps, 1 if one else stages
         )
     return _KernelConfig(64 if width <= 128 else 32, 32, warps, stages)
 
@@ -461,6 +466,8 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     H, M, D = q.shape[1:]
     G, N, E = k.shape[1], k.shape[2], v.shape[3]
     kw = _launch(cfg, q, D, E)
+    if TMA_GATE in sig.group(Group.CONSTEXPRS).names:
+        kw[TMA_GATE] = _tma_ok(spec, [t for n, t in io.items() if n in _TMA_TENSORS])
     strides = _strides(q, k, v, o)
     pg = spec.paged
     if pg is not None:  # the pages' rows, wherever the launch reads k and v
@@ -493,6 +500,54 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     if spec.shift is not None:
         groups["shift"] = tuple(int(p) for p in spec.shift)
     getattr(spec, _KERNEL_FIELDS[kind])[grid](**sig.bind(**groups), **kw)
+
+
+# What the tile loops may read through tensor descriptors: the key tiles (forward, dQ), the query and dO tiles
+# (dK/dV).
+_TMA_TENSORS = ("_Q", "_K", "_V", "_DO")
+
+
+def _tma_ok(spec, tensors):
+    """Whether this launch reads its tiles through tensor descriptors (`_TMA`). A descriptor needs a unit
+    last stride, 16-byte aligned other strides and a 16-byte aligned base (the TMA unit's rules); the paged
+    form gathers rows through the block table and keeps pointer loads. ATTNC_TMA (attnc.settings): "auto"
+    takes descriptors on a GPU with TMA (sm_90 and later), "1" wherever the tensors qualify (the Triton
+    interpreter runs them too: tests), "0" never."""
+    mode = settings().tma
+    if mode == "0" or spec.paged is not None or not tensors:
+        return False
+    if mode == "auto":
+        t = tensors[0]
+        if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+            return False
+        if torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
+            return False
+    if tensors[0].is_cuda:
+        _descriptor_allocator()
+    return True
+
+
+def _descriptor_allocator():
+    """Kernels that build tensor descriptors on the device need global scratch for them: Triton asks the
+    allocator set with `triton.set_allocator`. Set one (torch's caching allocator) unless the caller has."""
+    import triton
+
+    try:  # Triton keeps the current allocator in a context variable (triton/runtime/_allocation.py)
+        from triton.runtime import _allocation
+
+        unset = _allocation._allocator.get() is _allocation._NULL_ALLOCATOR
+    except (ImportError, AttributeError):  # another layout: set ours
+        unset = True
+    if unset:
+
+        def alloc(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+
+        triton.set_allocator(alloc)
 
 
 def _tile_minmax(values, block):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from attnc.dsl.ir import Attention
 
-from attnc.runtime.signature import Group, KernelSignature
+from attnc.runtime.signature import TMA_GATE, Group, KernelSignature
 from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig, _schedule_constexprs
 
 from .aot import CompileJob
@@ -31,6 +31,15 @@ class Target:
     # Compile what a launch compiles (`launch_specialised`): the runtime passes q, k, v and o contiguous, and
     # Triton's launcher specialises on the values. False: every stride an unknown int (any strides at all).
     launch: bool = True
+    # Tile loads through tensor descriptors (`_TMA`). None: as a launch decides (`runtime.triton._tma_ok`) for
+    # contiguous inputs: on sm_90 and later, with rows of 16-byte multiples, not in the paged form.
+    tma: bool | None = None
+
+    def uses_tma(self) -> bool:
+        if self.tma is not None:
+            return self.tma
+        size = {"fp16": 2, "bf16": 2, "fp32": 4}[self.dtype]
+        return self.cc >= 90 and self.launch and not self.paged and self.head_dim * size % 16 == 0
 
 
 # What the issue asks CI to compile: forward and backward for sm_90 at D = 64 in fp16 and D = 128 in bf16,
@@ -65,9 +74,10 @@ def jobs(
             (Group.SHIFT, target.shift),
         )
         absent = [g for g in (Group.PROBE, *(g for g, on in forms if not on)) if sig.has(g)]
-        types, constexprs = sig.compile_args(
-            target.dtype, _schedule_constexprs(cfg, D, E, target.dtype == "fp32"), absent
-        )
+        fixed = _schedule_constexprs(cfg, D, E, target.dtype == "fp32")
+        if TMA_GATE in sig.group(Group.CONSTEXPRS).names:
+            fixed[TMA_GATE] = target.uses_tma()
+        types, constexprs = sig.compile_args(target.dtype, fixed, absent)
         divisible = None
         if target.launch:
             types, constexprs, divisible = launch_specialised(sig, types, constexprs, D, E)

@@ -139,6 +139,23 @@ _ROOT_FIELD = {
 _AT = {Var.B: "b", Var.H: "h", Var.HK: "hk", Var.I: "_pos_i", Var.J: "_pos_j"}
 
 
+def _descriptors(*specs: tuple[str, str, str, str, str, str, str]) -> Stmts:
+    """Under `_TMA`, a tensor descriptor per (name, base pointer, rows, channels, row stride, block rows,
+    block channels): the 2-D [rows, channels] matrix of one (batch, head) at `base`, unit channel stride (the
+    launch checked it, `triton._tma_ok`), read in [block rows, block channels] tiles. Otherwise the name is
+    the base pointer itself, unused. Rows are at least 1: an idle varlen program has no rows, and a
+    descriptor needs some."""
+    tma: Stmts = []
+    plain: Stmts = []
+    for d, base, rows, chans, stride, brows, bchans in specs:
+        tma += S(
+            f"{d} = tl.make_tensor_descriptor({base}, shape=[tl.maximum({rows}, 1), {chans}],"
+            f" strides=[{stride}, 1], block_shape=[{brows}, {bchans}])"
+        )
+        plain += S(f"{d} = {base}")
+    return S("if _TMA:\n    {tma}\nelse:\n    {plain}", tma=tma, plain=plain)
+
+
 def _position(var: str, local: str, offset: str) -> Stmts:
     """`var` = the local row `local` as a position: itself, or under `_SHIFT` plus the launch's `offset`."""
     return S(f"{var} = {local}\nif _SHIFT:\n    {var} = {local} + {offset}")
@@ -402,20 +419,36 @@ class KernelWriter:
 
     # ---- shared tile code ---------------------------------------------------------------------------------
 
-    def _tile_load(self, target: str, ptr: str, rows: str, chans: str | None, other: str = "0.0") -> Stmts:
+    def _tile_load(
+        self,
+        target: str,
+        ptr: str,
+        rows: str,
+        chans: str | None,
+        other: str = "0.0",
+        desc: str | None = None,
+        transpose: bool = False,
+    ) -> Stmts:
         """`target = tl.load(ptr)` masked by the tile's row bounds `rows` and channel bounds `chans`. In a
         loop body with `EDGE`, the lean calls (EDGE = False) keep only the channel mask: their tiles lie
-        inside the matrix (`_intervals`)."""
+        inside the matrix (`_intervals`). `desc` (a tensor descriptor's name and the tile's first row, e.g.
+        "k_desc, start_n"): under `_TMA` the tile comes through it instead, rows by channels (`transpose`:
+        then transposed, for kᵀ). The descriptor's bounds are the matrix's, so its loads need no mask at all:
+        TMA fills rows and channels outside with zeros."""
         mask = f"({rows}) & ({chans})" if chans else rows
         edge = S(f"{target} = tl.load({ptr}, mask={mask}, other={other})")
-        if not self._edge:
+        if self._edge:
+            lean = S(
+                f"{target} = tl.load({ptr}, mask={chans}, other={other})"
+                if chans
+                else f"{target} = tl.load({ptr})"
+            )
+            edge = S("if EDGE:\n    {edge}\nelse:\n    {lean}", edge=edge, lean=lean)
+        if desc is None:
             return edge
-        lean = S(
-            f"{target} = tl.load({ptr}, mask={chans}, other={other})"
-            if chans
-            else f"{target} = tl.load({ptr})"
-        )
-        return S("if EDGE:\n    {edge}\nelse:\n    {lean}", edge=edge, lean=lean)
+        d, row = desc.split(", ")
+        tile = f"tl.trans({d}.load([{row}, 0]))" if transpose else f"{d}.load([{row}, 0])"
+        return S(f"if _TMA:\n    {target} = {tile}\nelse:\n    {{ptr}}", ptr=edge)
 
     def _score_block(self, out: Stmts, i: str, j: str) -> None:
         """qk -> valid (bool tile) and s (float32 tile, the score where valid)."""
@@ -833,6 +866,8 @@ class KernelWriter:
             "k_base + kv_row[None, :] * _sk_n + offs_d[:, None] * _sk_d",
             "offs_n[None, :] < _N",
             "offs_d[:, None] < _D",
+            desc="k_desc, start_n",
+            transpose=True,
         )
         # Under `_PAGED`, logical key n is row n % page of page block_table[b, n // page] (`kv_row`).
         kname = self._feature(att.feature_k, "kt", Root.FEATURE_K, B)
@@ -843,6 +878,7 @@ class KernelWriter:
             "v_base + kv_row[:, None] * _sv_n + offs_e[None, :] * _sv_d",
             "offs_n[:, None] < _N",
             "offs_e[None, :] < _E",
+            desc="v_desc, start_n",
         )
         self.norm.update(self, B)
         self._in_loop = False
@@ -852,6 +888,8 @@ class KernelWriter:
             "q_op",
             "k_base",
             "v_base",
+            "k_desc",
+            "v_desc",
             "b",
             "h",
             "hk",
@@ -891,6 +929,10 @@ class KernelWriter:
             acc = tl.full([_BLOCK_M, _BLOCK_E], 0.0, tl.float32)
             m0 = pid_m * _BLOCK_M
             """
+        )
+        L += _descriptors(
+            ("k_desc", "k_base", "_N", "_D", "_sk_n", "_BLOCK_N", "_BLOCK_D"),
+            ("v_desc", "v_base", "_N", "_E", "_sv_n", "_BLOCK_N", "_BLOCK_E"),
         )
         L += _shifted("m0", "_Q_POS")
         L += self._own_summaries("q", "pid_bh", "pid_m")
@@ -1077,6 +1119,7 @@ class KernelWriter:
             "_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d",
             "i < _M",
             "offs_d[None, :] < _D",
+            desc="q_desc, start_m",
         )
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, B, pad=True)
         B += S("qk = tl.dot({q}, k_op, input_precision=_DOT_PRECISION)", q=qname)
@@ -1089,6 +1132,7 @@ class KernelWriter:
             "_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d",
             "i < _M",
             "offs_e[None, :] < _E",
+            desc="do_desc, start_m",
         )
         B += S(
             f"""
@@ -1118,14 +1162,37 @@ class KernelWriter:
             "_DO",
             "_STAT",
             "_DELTA",
+            "q_desc",
+            "do_desc",
         )
         helper = self._helper(
             f"_{att.name}_dkdv_inner", "start_m", ("dkt", "dvt", "visits"), context, B, edge
         )
         self._loops["dkdv"] = helper
+        # Per query head h of the group: its program loads and the descriptors of its q and dO rows.
+        per_head = self._program_load_code() + _descriptors(
+            (
+                "q_desc",
+                "_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h",
+                "_M",
+                "_D",
+                "_sq_n",
+                "_BLOCK_M",
+                "_BLOCK_D",
+            ),
+            (
+                "do_desc",
+                "_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h",
+                "_M",
+                "_E",
+                "_so_n",
+                "_BLOCK_M",
+                "_BLOCK_E",
+            ),
+        )
         L += S(
             "visits = pid_n * 0\nfor hh in range(0, rep):\n    h = hk * rep + hh\n    {loads}\n    {loop}",
-            loads=self._program_load_code() or S("pass"),
+            loads=per_head,
             loop=self._tile_loop(helper, "0", "_M"),
         )
         if self.plan.kv_reads():
@@ -1164,6 +1231,26 @@ class KernelWriter:
             L += S(f"{g} = (pid_m * 0).to(tl.float32)")
         L += _gated(self._row_aux_grads, reads)
         L += S("dq = tl.full([_BLOCK_M, _BLOCK_D], 0.0, tl.float32)\nm0 = pid_m * _BLOCK_M")
+        L += _descriptors(
+            (
+                "k_desc",
+                "_K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h",
+                "_N",
+                "_D",
+                "_sk_n",
+                "_BLOCK_N",
+                "_BLOCK_D",
+            ),
+            (
+                "v_desc",
+                "_V + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h",
+                "_N",
+                "_E",
+                "_sv_n",
+                "_BLOCK_N",
+                "_BLOCK_E",
+            ),
+        )
         L += _shifted("m0", "_Q_POS")
         L += self._own_summaries("q", "pid_bh", "pid_m")
         L += self._program_load_code()
@@ -1187,6 +1274,8 @@ class KernelWriter:
             "_K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h + offs_n[None, :] * _sk_n + offs_d[:, None] * _sk_d",
             "offs_n[None, :] < _N",
             "offs_d[:, None] < _D",
+            desc="k_desc, start_n",
+            transpose=True,
         )
         kname = self._feature(att.feature_k, "kt", Root.FEATURE_K, B)
         B += self._tile_load(
@@ -1194,6 +1283,8 @@ class KernelWriter:
             "_V + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h + offs_n[None, :] * _sv_n + offs_e[:, None] * _sv_d",
             "offs_n[None, :] < _N",
             "offs_e[:, None] < _E",
+            desc="v_desc, start_n",
+            transpose=True,
         )
         B += S(f"qk = tl.dot(q_op, {kname}, input_precision=_DOT_PRECISION)")
         self._score_block(B, "i", "j")
@@ -1230,6 +1321,8 @@ class KernelWriter:
             *self._own_summary_names("q"),
             "_K",
             "_V",
+            "k_desc",
+            "v_desc",
             *dense,
             *(("pid_bh", *gathered) if gathered else ()),
             *gate,

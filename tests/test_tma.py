@@ -1,0 +1,182 @@
+"""Tile loads through tensor descriptors (`_TMA`: TMA, `cp.async.bulk.tensor`, on sm_90 and later).
+
+- Under the Triton interpreter with ATTNC_TMA=1 the descriptor path runs on CPU tensors: forward and
+  gradients against SDPA in float64 with the explicit dense mask, with ragged ends (the descriptor's bounds
+  zero-fill what the masks zeroed), grouped-query heads, a varlen batch and a value width E != D.
+- Inputs that do not qualify (rows that are not 16-byte multiples) take the pointer path, and still match.
+- The ahead-of-time compile for sm_90 shows TMA in the PTX of the forward, dQ and dK/dV kernels of every
+  spec form that qualifies, and none where the target does not (sm_80, any strides).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import pytest
+import torch
+from attnc.dsl.analysis.tiles import dense_mask
+from attnc.dsl.ir import Op, walk
+from attnc.dsl.lower import compile_to_ir
+
+from attnc.runtime import triton as rt
+
+from .test_reference_oracles import SPEC_DIR, Tol, assert_close
+
+pytest.importorskip("triton")
+
+F64 = torch.float64
+TOL = {torch.float32: Tol(5e-5, 5e-5), torch.float16: Tol(8e-3, 8e-3)}
+GRAD_TOL = {torch.float32: Tol(1e-4, 1e-4), torch.float16: Tol(3e-2, 3e-2)}
+
+
+@pytest.fixture
+def tma_on(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """ATTNC_TMA=1, and a record of each launch's decision."""
+    monkeypatch.setenv("ATTNC_TMA", "1")
+    seen: list[bool] = []
+    real = rt._tma_ok
+
+    def spy(spec: object, tensors: list[torch.Tensor]) -> bool:
+        seen.append(real(spec, tensors))
+        return seen[-1]
+
+    monkeypatch.setattr(rt, "_tma_ok", spy)
+    return seen
+
+
+def _sizes(att: object, **given: int) -> dict[str, int]:
+    names = {str(n.attr) for p in att.tensors for d in p.shape for n in walk([d]) if n.op is Op.SIZE}  # type: ignore[attr-defined]
+    return {s: v for s, v in given.items() if s in names}
+
+
+def _oracle(att: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scalars: dict) -> torch.Tensor:
+    B, H, M, D = q.shape
+    G, N = k.shape[1], k.shape[2]
+    sizes = _sizes(att, B=B, H=H, G=G, M=M, N=N, D=D, E=v.shape[3])
+    mask = torch.from_numpy(dense_mask(att, sizes, scalars, None))
+    rep = H // G
+    kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=D**-0.5)
+
+
+def _check(
+    mod: ModuleType, spec: str, shapes: tuple, dtype: torch.dtype, scalars: dict, seed: int = 5
+) -> None:
+    att = compile_to_ir((SPEC_DIR / f"{spec}.attn").read_text(), f"{spec}.attn").attentions[0]
+    gen = torch.Generator().manual_seed(seed)
+    base = [torch.randn(*s, generator=gen, dtype=F64).to(dtype).to(F64) for s in shapes]
+    args = [t.to(dtype).requires_grad_() for t in base]
+    ref = [t.clone().requires_grad_() for t in base]
+    o = getattr(mod, spec)(*args, backend="triton", **scalars)
+    want = _oracle(att, *ref, scalars)
+    assert_close(o, want, TOL[dtype], f"{spec} forward")
+    w = torch.randn(o.shape, generator=gen, dtype=F64)
+    got = torch.autograd.grad((o.to(F64) * w).sum(), args)
+    exp = torch.autograd.grad((want * w).sum(), ref)
+    for n, g, e in zip("qkv", got, exp, strict=True):
+        assert_close(g, e, GRAD_TOL[dtype], f"{spec} d{n}")
+
+
+CASES = [
+    pytest.param("causal", ((2, 2, 150, 16), (2, 2, 150, 16), (2, 2, 150, 16)), {}, id="causal-N150-D16"),
+    pytest.param(
+        "sliding_window", ((1, 4, 200, 32), (1, 2, 200, 32), (1, 2, 200, 32)), {"W": 90}, id="window-GQA-D32"
+    ),
+    pytest.param("cross", ((1, 2, 77, 16), (1, 2, 130, 16), (1, 2, 130, 24)), {}, id="cross-M77-N130-E24"),
+    pytest.param("decode", ((1, 4, 3, 16), (1, 2, 100, 16), (1, 2, 100, 16)), {}, id="decode-M3-N100"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(("spec", "shapes", "scalars"), CASES)
+def test_descriptor_path_matches_sdpa(
+    spec: str,
+    shapes: tuple,
+    scalars: dict,
+    dtype: torch.dtype,
+    tma_on: list[bool],
+    compiled: Callable[[str], ModuleType],
+) -> None:
+    _check(compiled(spec), spec, shapes, dtype, scalars)
+    assert tma_on and all(tma_on), tma_on  # the forward, dQ and dK/dV launches all took descriptors
+
+
+def test_rows_that_are_not_16_byte_multiples_take_pointer_loads(
+    tma_on: list[bool], compiled: Callable[[str], ModuleType]
+) -> None:
+    """D = 12 in float16: 24-byte rows, which a tensor descriptor cannot stride. The launches decide against
+    TMA and run the pointer path, with the same results."""
+    shapes = ((1, 2, 90, 12), (1, 2, 90, 12), (1, 2, 90, 12))
+    _check(compiled("causal"), "causal", shapes, torch.float16, {})
+    assert tma_on and not any(tma_on), tma_on
+
+
+def test_qualification_rules() -> None:
+    spec = rt._TritonSpec(None, None, None, "softmax", ())
+    x = torch.zeros(2, 3, 40, 64)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ATTNC_TMA", "1")
+        assert rt._tma_ok(spec, [x, x])
+        assert not rt._tma_ok(spec, [x, x.transpose(2, 3)])  # channel stride 40, not 1
+        assert not rt._tma_ok(spec, [x, x[..., 1:]])  # base 4 bytes past an aligned one
+        assert not rt._tma_ok(spec, [torch.zeros(2, 3, 40, 6)])  # 24-byte rows
+        mp.setenv("ATTNC_TMA", "0")
+        assert not rt._tma_ok(spec, [x])
+        mp.setenv("ATTNC_TMA", "auto")
+        assert not rt._tma_ok(spec, [x])  # CPU tensors: no TMA unit
+        mp.setenv("ATTNC_TMA", "sometimes")
+        with pytest.raises(ValueError, match="ATTNC_TMA must be auto, 1 or 0"):
+            rt._tma_ok(spec, [x])
+
+
+def test_varlen_batch_through_descriptors(tma_on: list[bool], compiled: Callable[[str], ModuleType]) -> None:
+    """Packed sequences: each program's descriptor spans its own sequence's rows (the bounds zero-fill past
+    its end, where the masks did), so the packed call matches the sequences run one by one."""
+    mod = compiled("causal")
+    gen = torch.Generator().manual_seed(2)
+    lens = [70, 130, 1]
+    q, k, v = (torch.randn(sum(lens), 2, 16, generator=gen) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    out = mod.causal_varlen(q, k, v, cu_seqlens_q=cu, max_seqlen_q=max(lens), backend="triton")
+    for s in range(len(lens)):
+        a, b = cu[s], cu[s + 1]
+        one = mod.causal(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), backend="triton")
+        torch.testing.assert_close(out[a:b], one[0].transpose(0, 1), atol=2e-6, rtol=2e-6)
+    assert tma_on and all(tma_on)
+
+
+@pytest.fixture(scope="module")
+def causal_reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The causal spec's forward, dQ and dK/dV kernels for sm_90 (fp16, D = 64, default schedules) as a launch
+    with qualifying inputs compiles them, and the forward with pointer loads and for sm_80."""
+    from attnc.codegen.triton.aot import compile_reports
+    from attnc.codegen.triton.inspect import Target, jobs
+
+    from attnc import codegen
+
+    path = SPEC_DIR / "causal.attn"
+    mod = codegen.compile_file(path, cache_dir=tmp_path_factory.mktemp("tma-cache"))
+    kernels = rt._triton_kernels(mod.__file__, interpret=False)
+    (att,) = compile_to_ir(path.read_text(), path.name).attentions
+    kinds = ("fwd", "bwd_dq", "bwd_dkdv")
+    todo = [
+        *jobs(att, kernels, Target(90, "fp16", 64, kinds)),
+        *jobs(att, kernels, Target(90, "fp16", 64, ("fwd",), tma=False)),
+        *jobs(att, kernels, Target(80, "fp16", 64, ("fwd",))),
+    ]
+    reps = compile_reports(todo, max_workers=2)
+    return dict(zip([*kinds, "fwd-pointers", "fwd-sm80"], reps, strict=True))
+
+
+def test_sm90_kernels_load_tiles_with_tma(causal_reports: dict[str, object]) -> None:
+    for kind in ("fwd", "bwd_dq", "bwd_dkdv"):
+        rep = causal_reports[kind]
+        assert rep.uses_tma and "cp.async.bulk.tensor" in rep.ptx, kind  # type: ignore[attr-defined]
+        assert rep.spill_bytes == 0, (kind, rep.spill_bytes)  # type: ignore[attr-defined]
+
+
+def test_pointer_targets_have_no_tma(causal_reports: dict[str, object]) -> None:
+    for kind in ("fwd-pointers", "fwd-sm80"):
+        rep = causal_reports[kind]
+        assert not rep.uses_tma and "cp.async.bulk.tensor" not in rep.ptx, kind  # type: ignore[attr-defined]
