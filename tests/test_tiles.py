@@ -14,6 +14,7 @@ compared with the dense mask from an independent numpy evaluator:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -212,32 +213,54 @@ def _tile_counts(mask: np.ndarray, bm: int, bn: int) -> tuple[np.ndarray, np.nda
     return counts, np.outer(heights, widths)
 
 
+@dataclass(frozen=True)
+class Grid:
+    """One tiling of one dense truth: sizes, tile shape, walk direction, and per tile the visible and
+    in-range pair counts."""
+
+    sizes: dict[str, int]
+    M: int
+    N: int
+    bm: int
+    bn: int
+    by: str
+    counts: np.ndarray
+    area: np.ndarray
+    where: str
+
+
+def _grids(case: Case, seed: int) -> Iterator[Grid]:
+    """Every size pair, trial (three random document layouts for data-dependent masks), tile shape and
+    walk direction of a case, with the dense oracle's tile counts."""
+    att = ATTENTIONS[case.name]
+    plan = _plan(att)
+    rng = np.random.default_rng(seed)
+    for m, n in _size_pairs(att):
+        sizes = _sizes(att, m, n)
+        for trial in range(3 if plan.data_dependent else 1):
+            truth = dense_mask(att, sizes, dict(case.scalars), _aux(att, m, n, rng))
+            for bm, bn in TILES:
+                counts, area = _tile_counts(truth, bm, bn)
+                for by in ("query", "key"):
+                    where = f"{case.id} M={m} N={n} tiles {bm}x{bn} by {by} (trial {trial})"
+                    yield Grid(sizes, m, n, bm, bn, by, counts, area, where)
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_tiles_sound_and_exact(case: Case) -> None:
     att = ATTENTIONS[case.name]
     plan = _plan(att)
-    scalars = dict(case.scalars)
-    rng = np.random.default_rng(0)
-    for m, n in _size_pairs(att):
-        sizes = _sizes(att, m, n)
-        for trial in range(3 if plan.data_dependent else 1):
-            aux = _aux(att, m, n, rng)
-            truth = dense_mask(att, sizes, scalars, aux)
-            for bm, bn in TILES:
-                counts, area = _tile_counts(truth, bm, bn)
-                for by in ("query", "key"):
-                    cls = classify(att, plan, sizes, scalars, bm, bn, by=by)
-                    where = f"{case.id} M={m} N={n} tiles {bm}x{bn} by {by} (trial {trial})"
-                    skipped_visible = np.argwhere((cls == SKIP) & (counts > 0))
-                    assert skipped_visible.size == 0, (
-                        f"{where}: visible pairs in SKIP tiles {skipped_visible}"
-                    )
-                    not_full = np.argwhere((cls == FULL) & (counts < area))
-                    assert not_full.size == 0, f"{where}: FULL tiles with masked pairs {not_full}"
-                    if case.exact:
-                        assert np.count_nonzero(cls != SKIP) == np.count_nonzero(counts > 0), where
-                        assert np.array_equal(cls != SKIP, counts > 0), where
-                        assert np.array_equal(cls == FULL, counts == area), where
+    for g in _grids(case, 0):
+        counts, area, where = g.counts, g.area, g.where
+        cls = classify(att, plan, g.sizes, dict(case.scalars), g.bm, g.bn, by=g.by)  # type: ignore[arg-type]
+        skipped_visible = np.argwhere((cls == SKIP) & (counts > 0))
+        assert skipped_visible.size == 0, f"{where}: visible pairs in SKIP tiles {skipped_visible}"
+        not_full = np.argwhere((cls == FULL) & (counts < area))
+        assert not_full.size == 0, f"{where}: FULL tiles with masked pairs {not_full}"
+        if case.exact:
+            assert np.count_nonzero(cls != SKIP) == np.count_nonzero(counts > 0), where
+            assert np.array_equal(cls != SKIP, counts > 0), where
+            assert np.array_equal(cls == FULL, counts == area), where
 
 
 # Masks whose lean intervals must cover every whole, fully visible tile (the others are checked for soundness).
@@ -266,22 +289,14 @@ def test_lean_tiles_are_fully_visible(case: Case) -> None:
     tile is lean (the split loses nothing)."""
     att = ATTENTIONS[case.name]
     plan = _plan(att)
-    scalars = dict(case.scalars)
-    rng = np.random.default_rng(1)
-    for m, n in _size_pairs(att):
-        sizes = _sizes(att, m, n)
-        for trial in range(3 if plan.data_dependent else 1):
-            truth = dense_mask(att, sizes, scalars, _aux(att, m, n, rng))
-            for bm, bn in TILES:
-                counts, area = _tile_counts(truth, bm, bn)
-                whole = np.outer(np.arange(counts.shape[0]) < m // bm, np.arange(counts.shape[1]) < n // bn)
-                for by in ("query", "key"):
-                    lean = lean_tiles(att, plan, sizes, scalars, bm, bn, by=by)
-                    where = f"{case.id} M={m} N={n} tiles {bm}x{bn} by {by} (trial {trial})"
-                    bad = np.argwhere(lean & ~(whole & (counts == area)))
-                    assert bad.size == 0, f"{where}: lean tiles not whole and fully visible {bad}"
-                    if case.exact and case.name in LEAN_EXACT:
-                        assert np.array_equal(lean, whole & (counts == area)), where
+    for g in _grids(case, 1):
+        rows, cols = g.counts.shape
+        whole = np.outer(np.arange(rows) < g.M // g.bm, np.arange(cols) < g.N // g.bn)
+        lean = lean_tiles(att, plan, g.sizes, dict(case.scalars), g.bm, g.bn, by=g.by)  # type: ignore[arg-type]
+        bad = np.argwhere(lean & ~(whole & (g.counts == g.area)))
+        assert bad.size == 0, f"{g.where}: lean tiles not whole and fully visible {bad}"
+        if case.exact and case.name in LEAN_EXACT:
+            assert np.array_equal(lean, whole & (g.counts == g.area)), g.where
 
 
 def test_lean_intervals_of_the_causal_mask() -> None:

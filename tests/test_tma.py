@@ -15,19 +15,14 @@ from types import ModuleType
 
 import pytest
 import torch
-from attnc.dsl.analysis.tiles import dense_mask
-from attnc.dsl.ir import Op, walk
 from attnc.dsl.lower import compile_to_ir
 
 from attnc.runtime import triton as rt
 
-from .test_reference_oracles import SPEC_DIR, Tol, assert_close
+from .dense_oracle import check_against_sdpa
+from .test_reference_oracles import SPEC_DIR
 
 pytest.importorskip("triton")
-
-F64 = torch.float64
-TOL = {torch.float32: Tol(5e-5, 5e-5), torch.float16: Tol(8e-3, 8e-3)}
-GRAD_TOL = {torch.float32: Tol(1e-4, 1e-4), torch.float16: Tol(3e-2, 3e-2)}
 
 
 @pytest.fixture
@@ -43,39 +38,6 @@ def tma_on(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
 
     monkeypatch.setattr(rt, "_tma_ok", spy)
     return seen
-
-
-def _sizes(att: object, **given: int) -> dict[str, int]:
-    names = {str(n.attr) for p in att.tensors for d in p.shape for n in walk([d]) if n.op is Op.SIZE}  # type: ignore[attr-defined]
-    return {s: v for s, v in given.items() if s in names}
-
-
-def _oracle(att: object, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scalars: dict) -> torch.Tensor:
-    B, H, M, D = q.shape
-    G, N = k.shape[1], k.shape[2]
-    sizes = _sizes(att, B=B, H=H, G=G, M=M, N=N, D=D, E=v.shape[3])
-    mask = torch.from_numpy(dense_mask(att, sizes, scalars, None))
-    rep = H // G
-    kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=D**-0.5)
-
-
-def _check(
-    mod: ModuleType, spec: str, shapes: tuple, dtype: torch.dtype, scalars: dict, seed: int = 5
-) -> None:
-    att = compile_to_ir((SPEC_DIR / f"{spec}.attn").read_text(), f"{spec}.attn").attentions[0]
-    gen = torch.Generator().manual_seed(seed)
-    base = [torch.randn(*s, generator=gen, dtype=F64).to(dtype).to(F64) for s in shapes]
-    args = [t.to(dtype).requires_grad_() for t in base]
-    ref = [t.clone().requires_grad_() for t in base]
-    o = getattr(mod, spec)(*args, backend="triton", **scalars)
-    want = _oracle(att, *ref, scalars)
-    assert_close(o, want, TOL[dtype], f"{spec} forward")
-    w = torch.randn(o.shape, generator=gen, dtype=F64)
-    got = torch.autograd.grad((o.to(F64) * w).sum(), args)
-    exp = torch.autograd.grad((want * w).sum(), ref)
-    for n, g, e in zip("qkv", got, exp, strict=True):
-        assert_close(g, e, GRAD_TOL[dtype], f"{spec} d{n}")
 
 
 CASES = [
@@ -98,7 +60,7 @@ def test_descriptor_path_matches_sdpa(
     tma_on: list[bool],
     compiled: Callable[[str], ModuleType],
 ) -> None:
-    _check(compiled(spec), spec, shapes, dtype, scalars)
+    check_against_sdpa(compiled(spec), spec, shapes, dtype, scalars)
     assert tma_on and all(tma_on), tma_on  # the forward, dQ and dK/dV launches all took descriptors
 
 
@@ -108,7 +70,7 @@ def test_rows_that_are_not_16_byte_multiples_take_pointer_loads(
     """D = 12 in float16: 24-byte rows, which a tensor descriptor cannot stride. The launches decide against
     TMA and run the pointer path, with the same results."""
     shapes = ((1, 2, 90, 12), (1, 2, 90, 12), (1, 2, 90, 12))
-    _check(compiled("causal"), "causal", shapes, torch.float16, {})
+    check_against_sdpa(compiled("causal"), "causal", shapes, torch.float16, {})
     assert tma_on and not any(tma_on), tma_on
 
 

@@ -1233,6 +1233,29 @@ def _compile(plan: TilePlan) -> _Compiled:
     )
 
 
+def _bound_plan(
+    att: Attention,
+    plan: TilePlan,
+    sizes: Mapping[str, int],
+    scalars: Mapping[str, int | float],
+    BM: int,
+    BN: int,
+    by: str,
+) -> tuple[int, int, _Compiled, list[int | float]]:
+    """(M, N, the compiled plan, the values of its symbols) for evaluating a plan on tiles BM x BN; raises
+    BindingError (or ValueError for `by`) with what is wrong."""
+    if BM < 1 or BN < 1:
+        raise BindingError(f"tile sizes must be >= 1, got {BM}x{BN}")
+    if by not in ("query", "key"):
+        raise ValueError(f"by must be 'query' or 'key', got {by!r}")
+    b = bind(att, sizes, scalars)
+    c = _compile(plan)
+    missing = sorted(str(s) for s in c.symbols if s not in b.values)
+    if missing:
+        raise BindingError(f"{att.name}: {_missing_text(att, missing)}")
+    return b.M, b.N, c, [b.values[s] for s in c.symbols]
+
+
 def classify(
     att: Attention,
     plan: TilePlan,
@@ -1246,19 +1269,9 @@ def classify(
     """int8 [ceil(M / BM), ceil(N / BN)]: SKIP, PARTIAL or FULL per tile, as a kernel would decide it from
     the plan: by="query" walks the key intervals of each query tile (forward, dQ); by="key" the query
     intervals of each key tile (dK/dV). FULL tiles are those visited for which `plan.full` holds."""
-    if BM < 1 or BN < 1:
-        raise BindingError(f"tile sizes must be >= 1, got {BM}x{BN}")
-    if by not in ("query", "key"):
-        raise ValueError(f"by must be 'query' or 'key', got {by!r}")
-    b = bind(att, sizes, scalars)
-    m, n = b.M, b.N
+    m, n, c, vals = _bound_plan(att, plan, sizes, scalars, BM, BN, by)
     nq, nk = -(-m // BM), -(-n // BN)
     cls = np.zeros((nq, nk), dtype=np.int8)
-    c = _compile(plan)
-    missing = sorted(str(s) for s in c.symbols if s not in b.values)
-    if missing:
-        raise BindingError(f"{att.name}: {_missing_text(att, missing)}")
-    vals = [b.values[s] for s in c.symbols]
     # Walk the tiles of one side; mark the tiles of the other side that its intervals touch.
     if by == "query":
         bounds_fn, size, count, other_size, other_len = c.kv_bounds, BM, nq, BN, n
@@ -1303,16 +1316,8 @@ def lean_tiles(
     lean intervals. By query: for a query tile wholly inside [0, M), the key tiles lying wholly inside one of
     its lean key intervals and inside [0, N); by key, the transpose. (The kernel also keeps to the visited
     intervals: it never runs a tile that `classify` skips.)"""
-    if BM < 1 or BN < 1:
-        raise BindingError(f"tile sizes must be >= 1, got {BM}x{BN}")
-    b = bind(att, sizes, scalars)
-    m, n = b.M, b.N
+    m, n, c, vals = _bound_plan(att, plan, sizes, scalars, BM, BN, by)
     out = np.zeros((-(-m // BM), -(-n // BN)), dtype=bool)
-    c = _compile(plan)
-    missing = sorted(str(s) for s in c.symbols if s not in b.values)
-    if missing:
-        raise BindingError(f"{att.name}: {_missing_text(att, missing)}")
-    vals = [b.values[s] for s in c.symbols]
     if by == "query":
         fn, size, extent, other, other_len = c.kv_lean, BM, m, BN, n
     else:
