@@ -66,7 +66,11 @@ def jobs(
     out = []
     for kind in target.kernels:
         sig = by_kind[kind].signature
-        cfg = (configs or {}).get(kind) or config or _schedule(kind, D, E, writer.heavy)
+        cfg = (
+            (configs or {}).get(kind)
+            or config
+            or _schedule(kind, D, E, writer.heavy, target.cc, target.dtype)
+        )
         forms = (
             (Group.LAYOUT, target.layout),
             (Group.VARLEN, target.varlen),
@@ -116,12 +120,17 @@ def launch_specialised(
     return types, constexprs, divisible
 
 
-def _schedule(kind: str, D: int, E: int, heavy: bool) -> _KernelConfig:
-    """The runtime's default schedule of each kernel (the combine: the split's rows, four warps)."""
+def _schedule(
+    kind: str, D: int, E: int, heavy: bool, cc: int | None = None, dtype: str = "fp16"
+) -> _KernelConfig:
+    """The runtime's default schedule of each kernel on a GPU of compute capability `cc` with `dtype` inputs
+    (the combine: the split's rows, four warps)."""
     if kind in ("fwd_split", "fwd_combine"):
         cfg = _default_split_config(D, E, heavy)
         return cfg if kind == "fwd_split" else _KernelConfig(cfg.block_m, cfg.block_n, 4, 1)
-    return _default_config(D, E, {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}[kind], heavy)
+    nbytes = 4 if dtype == "fp32" else 2
+    kernel = {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}[kind]
+    return _default_config(D, E, kernel, heavy, cc, nbytes)
 
 
 def all_jobs(
