@@ -135,9 +135,9 @@ def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2):
     `cc` (the GPU's compute capability, None off a GPU) and `nbytes` (the inputs' element size): on sm_90 and
     later, 16-bit inputs and head dims up to 128, the forward and dQ take FlashAttention-3's 128-row query
     tiles, the largest that compile with no spills for every example spec (sm_90 ahead-of-time compile,
-    fp16 at D = 64, bf16 at D = 128, as CI checks): forward 128 x 128 at D <= 64 (max 254 registers over the specs), 128 x 64 at
-    D <= 128 (128 x 128 spilled chunked_local); dQ 128 x 64 (max 241). dK/dV keeps its tiles (larger ones
-    spill)."""
+    fp16 at D = 64, bf16 at D = 128, as CI checks): forward 128 x 128 at D <= 64 (max 254 registers over the
+    specs), 128 x 64 at D <= 128 (128 x 128 spilled chunked_local); dQ 128 x 64 (max 241). dK/dV keeps its
+    tiles (larger ones spill)."""
     width = max(D, E)
     if cc is not None and cc >= 90 and nbytes == 2 and width <= 128 and not heavy:
         if kernel == "fwd":
@@ -528,12 +528,8 @@ def _tma_ok(spec, tensors):
     mode = settings().tma
     if mode == "0" or spec.paged is not None or not tensors:
         return False
-    if mode == "auto":
-        t = tensors[0]
-        if not t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
-            return False
-        if torch.cuda.get_device_capability(t.device)[0] < 9:
-            return False
+    if mode == "auto" and (_device_cc(tensors[0]) or 0) < 90:
+        return False
     for t in tensors:
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any(s * size % 16 for s in t.stride()[:-1]):
@@ -640,11 +636,22 @@ def _config(spec, kernel, D, E, x=None):
     tuned = (spec.configs or {}).get(kernel)
     if tuned:
         return tuned
-    cc = None
-    if x is not None and x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        major, minor = torch.cuda.get_device_capability(x.device)
-        cc = 10 * major + minor
+    cc = None if x is None else _device_cc(x)
     return _default_config(D, E, kernel, spec.heavy, cc, x.element_size() if x is not None else 2)
+
+
+def _device_cc(x):
+    """The compute capability (90 for sm_90) of the GPU that tensor `x` lives on, or None: a CPU tensor, or the
+    Triton interpreter (which runs on the host whatever the tensors' device)."""
+    if not x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(index):
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
 
 
 def _schedule_constexprs(cfg, D, E, fp32):

@@ -426,13 +426,13 @@ class KernelWriter:
         rows: str,
         chans: str | None,
         other: str = "0.0",
-        desc: str | None = None,
+        desc: tuple[str, str] | None = None,
         transpose: bool = False,
     ) -> Stmts:
         """`target = tl.load(ptr)` masked by the tile's row bounds `rows` and channel bounds `chans`. In a
         loop body with `EDGE`, the lean calls (EDGE = False) keep only the channel mask: their tiles lie
         inside the matrix (`_intervals`). `desc` (a tensor descriptor's name and the tile's first row, e.g.
-        "k_desc, start_n"): under `_TMA` the tile comes through it instead, rows by channels (`transpose`:
+        ("k_desc", "start_n")): under `_TMA` the tile comes through it instead, rows by channels (`transpose`:
         then transposed, for kᵀ). The descriptor's bounds are the matrix's, so its loads need no mask at all:
         TMA fills rows and channels outside with zeros."""
         mask = f"({rows}) & ({chans})" if chans else rows
@@ -446,7 +446,7 @@ class KernelWriter:
             edge = S("if EDGE:\n    {edge}\nelse:\n    {lean}", edge=edge, lean=lean)
         if desc is None:
             return edge
-        d, row = desc.split(", ")
+        d, row = desc
         tile = f"tl.trans({d}.load([{row}, 0]))" if transpose else f"{d}.load([{row}, 0])"
         return S(f"if _TMA:\n    {target} = {tile}\nelse:\n    {{ptr}}", ptr=edge)
 
@@ -594,12 +594,11 @@ class KernelWriter:
             extent, offset, whole = "_M", "_Q_POS", "pid_n * _BLOCK_N + _BLOCK_N <= _N"
         flo, fhi = lean
         up = f"(hi{n} + {blk} - 1) // {blk} * {blk}"  # the interval's end, rounded up to a tile
-        out = S(
-            f"f_lo = {flo}\nf_hi = {fhi}\nif _SHIFT:\n    f_lo = f_lo - {offset}\n    f_hi = f_hi - {offset}"
-        )
         lead = flo != "0"
+        out = S(f"f_hi = {fhi}\nif _SHIFT:\n    f_hi = f_hi - {offset}")
         start = f"lo{n} // {blk} * {blk}"
         if lead:
+            out += S(f"f_lo = {flo}\nif _SHIFT:\n    f_lo = f_lo - {offset}")
             start = f"tl.maximum({start}, tl.minimum((f_lo + {blk} - 1) // {blk} * {blk}, {up}))"
         out += S(
             f"""
@@ -866,7 +865,7 @@ class KernelWriter:
             "k_base + kv_row[None, :] * _sk_n + offs_d[:, None] * _sk_d",
             "offs_n[None, :] < _N",
             "offs_d[:, None] < _D",
-            desc="k_desc, start_n",
+            desc=("k_desc", "start_n"),
             transpose=True,
         )
         # Under `_PAGED`, logical key n is row n % page of page block_table[b, n // page] (`kv_row`).
@@ -878,7 +877,7 @@ class KernelWriter:
             "v_base + kv_row[:, None] * _sv_n + offs_e[None, :] * _sv_d",
             "offs_n[:, None] < _N",
             "offs_e[None, :] < _E",
-            desc="v_desc, start_n",
+            desc=("v_desc", "start_n"),
         )
         self.norm.update(self, B)
         self._in_loop = False
@@ -1119,7 +1118,7 @@ class KernelWriter:
             "_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d",
             "i < _M",
             "offs_d[None, :] < _D",
-            desc="q_desc, start_m",
+            desc=("q_desc", "start_m"),
         )
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, B, pad=True)
         B += S("qk = tl.dot({q}, k_op, input_precision=_DOT_PRECISION)", q=qname)
@@ -1132,7 +1131,7 @@ class KernelWriter:
             "_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d",
             "i < _M",
             "offs_e[None, :] < _E",
-            desc="do_desc, start_m",
+            desc=("do_desc", "start_m"),
         )
         B += S(
             f"""
@@ -1274,7 +1273,7 @@ class KernelWriter:
             "_K + b.to(tl.int64) * _sk_b + hk.to(tl.int64) * _sk_h + offs_n[None, :] * _sk_n + offs_d[:, None] * _sk_d",
             "offs_n[None, :] < _N",
             "offs_d[:, None] < _D",
-            desc="k_desc, start_n",
+            desc=("k_desc", "start_n"),
             transpose=True,
         )
         kname = self._feature(att.feature_k, "kt", Root.FEATURE_K, B)
@@ -1283,7 +1282,7 @@ class KernelWriter:
             "_V + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h + offs_n[None, :] * _sv_n + offs_e[:, None] * _sv_d",
             "offs_n[None, :] < _N",
             "offs_e[:, None] < _E",
-            desc="v_desc, start_n",
+            desc=("v_desc", "start_n"),
             transpose=True,
         )
         B += S(f"qk = tl.dot(q_op, {kname}, input_precision=_DOT_PRECISION)")
