@@ -365,11 +365,21 @@ class BlockABI:
         group = {"bwd_dq": self.aux_grads, "bwd_dkdv": self.aux_grads_kv}.get(kind)
         return group if group is not None and group.params else None
 
+    def _io(self, kind: str) -> tuple[Param, ...]:
+        """The kernel's tensors. dO is the inputs' dtype, as autograd hands it over (the kernels widen it where
+        they need float32): half the bytes of each dO tile's loads and registers, which the dK/dV kernel's
+        128 x 64 tiles need on sm_90 (D = 128: 336 spill bytes with a float32 dO, none with fp16). Under an
+        output epilogue (`_DOUT`) it is the float32 dO of the raw output that the dQ kernel writes."""
+        io = ATTENTION_IO[kind]
+        if kind in ("bwd_dq", "bwd_dkdv") and "_DOUT" not in self.backward.names:
+            io = tuple(pointer("_DO") if p.name == "_DO" else p for p in io)
+        return io
+
     def signature(self, kind: str) -> KernelSignature:
         if kind not in ATTENTION_IO:
             raise ValueError(f"kernel kind {kind!r}: expected one of {', '.join(ATTENTION_KINDS)}")
         groups = [
-            ParamGroup(Group.IO, ATTENTION_IO[kind]),
+            ParamGroup(Group.IO, self._io(kind)),
             *([self.backward] if kind == "bwd_dq" else []),
             *([aux] if (aux := self._aux(kind)) is not None else []),
             self.spec,

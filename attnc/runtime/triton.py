@@ -125,7 +125,7 @@ class _KernelConfig(NamedTuple):
     num_splits: int = 1  # split-KV forward only (decoding shapes): key-range splits per query tile
 
 
-def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2):
+def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2, kv_reads=False):
     """Fixed, sensible schedules per head dim and kernel until the autotuner owns them. The backward kernels
     iterate over narrower tiles than the forward: they keep more fp32 tiles alive (FlashAttention-2,
     section 3.1.2); `heavy` specs (a tensor gathered per (i, j) pair, or unnormalised float32 weights) get narrower
@@ -136,14 +136,20 @@ def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2):
     later, 16-bit inputs and head dims up to 128, the forward and dQ take FlashAttention-3's 128-row query
     tiles, the largest that compile with no spills for every example spec (sm_90 ahead-of-time compile,
     fp16 at D = 64, bf16 at D = 128, as CI checks): forward 128 x 128 at D <= 64 (max 254 registers over the
-    specs), 128 x 64 at D <= 128 (128 x 128 spilled chunked_local); dQ 128 x 64 (max 241). dK/dV keeps its
-    tiles (larger ones spill)."""
+    specs), 128 x 64 at D <= 128 (128 x 128 spilled chunked_local); dQ 128 x 64 (max 241); dK/dV 64 x 128
+    at D <= 64 (8 warps, 2 stages: max 246, keys as rows). dK/dV at D = 128 keeps its tiles: no larger one
+    compiles without spills for every spec (64 x 128 at one stage fits the masks, not linear_elu, prefix_lm or
+    softcap; 128 x 64 neither). `kv_reads`: k's feature map reads auxiliary tensors (whose gradient the dK/dV
+    kernel reduces): those keep the dK/dV tiles (a learned per-(j, d) map spilled 344 bytes at 64 x 128)."""
     width = max(D, E)
     if cc is not None and cc >= 90 and nbytes == 2 and width <= 128 and not heavy:
         if kernel == "fwd":
             return _KernelConfig(128, 128 if width <= 64 else 64, 8, 3)
         if kernel == "dq":
             return _KernelConfig(128, 64, 8, 2)
+        # dK/dV: keys as rows (`kernels.KEY_ROWS`), FlashAttention-2's backward shape.
+        if kernel == "dkdv" and width <= 64 and not kv_reads:
+            return _KernelConfig(64, 128, 8, 2)
     warps = 4 if width <= 64 else 8
     stages = 2 if width <= 128 else 1
     if kernel == "fwd":
@@ -154,8 +160,14 @@ def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2):
         # Float32 weights at 64 and below: one stage. With tile loads through TMA, decay_abs's dQ spilled
         # 24 bytes at two stages (96 registers) and none at one; the other such specs change by a few registers.
         one = heavy == 1 and width <= 64
+        # Gathers per (i, j) at 64 and below: eight warps. With dO in the inputs' dtype, t5_bias's dQ (aux
+        # gradients, fp16) spilled 28 bytes at four (96 registers) and none at eight (86; relpos_table 139 -> 128,
+        # document 122 -> 96).
         return _KernelConfig(
-            32 if heavy == 1 and width > 64 else 16, 32 if width <= 64 else 16, warps, 1 if one else stages
+            32 if heavy == 1 and width > 64 else 16,
+            32 if width <= 64 else 16,
+            8 if heavy == 2 else warps,
+            1 if one else stages,
         )
     return _KernelConfig(64 if width <= 128 else 32, 32, warps, stages)
 
@@ -289,7 +301,7 @@ def _triton_backward(spec, q, k, v, o, oraw, stat, do, dstat, aux_grad=False, fp
         do_raw = _rows(spec, B, H, M, E, torch.float32, q.device, lay and lay.total_q)[0]
     else:
         backward = [rows(o)]
-        do_raw = rows(do.to(torch.float32))
+        do_raw = rows(do.to(q.dtype))  # the inputs' dtype (`BlockABI._io`)
     if spec.norm != "softmax":
         dstat = stat  # not read: only softmax's dQ kernel subtracts d lse from the delta
     elif dstat is None:
@@ -637,7 +649,8 @@ def _config(spec, kernel, D, E, x=None):
     if tuned:
         return tuned
     cc = None if x is None else _device_cc(x)
-    return _default_config(D, E, kernel, spec.heavy, cc, x.element_size() if x is not None else 2)
+    nbytes = x.element_size() if x is not None else 2
+    return _default_config(D, E, kernel, spec.heavy, cc, nbytes, bool(spec.feature_kv_grads))
 
 
 def _device_cc(x):

@@ -69,7 +69,7 @@ def jobs(
         cfg = (
             (configs or {}).get(kind)
             or config
-            or _schedule(kind, D, E, writer.heavy, target.cc, target.dtype)
+            or _schedule(kind, D, E, writer.heavy, target.cc, target.dtype, bool(writer.plan.kv_reads()))
         )
         forms = (
             (Group.LAYOUT, target.layout),
@@ -121,16 +121,22 @@ def launch_specialised(
 
 
 def _schedule(
-    kind: str, D: int, E: int, heavy: bool, cc: int | None = None, dtype: str = "fp16"
+    kind: str,
+    D: int,
+    E: int,
+    heavy: bool,
+    cc: int | None = None,
+    dtype: str = "fp16",
+    kv_reads: bool = False,
 ) -> _KernelConfig:
     """The runtime's default schedule of each kernel on a GPU of compute capability `cc` with `dtype` inputs
-    (the combine: the split's rows, four warps)."""
+    (the combine: the split's rows, four warps); `kv_reads`: k's feature map reads auxiliary tensors."""
     if kind in ("fwd_split", "fwd_combine"):
         cfg = _default_split_config(D, E, heavy)
         return cfg if kind == "fwd_split" else _KernelConfig(cfg.block_m, cfg.block_n, 4, 1)
     nbytes = 4 if dtype == "fp32" else 2
     kernel = {"fwd": "fwd", "bwd_dkdv": "dkdv", "bwd_dq": "dq"}[kind]
-    return _default_config(D, E, kernel, heavy, cc, nbytes)
+    return _default_config(D, E, kernel, heavy, cc, nbytes, kv_reads)
 
 
 def all_jobs(

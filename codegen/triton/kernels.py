@@ -175,6 +175,17 @@ Stmts = list[ast.stmt]
 # bytes at 128 x 64; a feature-map spec spilled at the default tiles), where one loop does not spill.
 LEAN_LOOPS = ("fwd", "dq")
 
+# The dK/dV kernel's tile orientation, a condition on its constexpr tiles that Triton folds (each compile takes
+# one branch). Wider key tiles than query tiles run keys as rows, as FlashAttention-2's backward does (Dao,
+# 2023, Algorithm 2): the score tile is [BLOCK_N, BLOCK_M], dK and dV accumulate as [BLOCK_N, D] and the
+# weights enter dV = PᵀdO as the register (A) operand of the MMA. On sm_90 wgmma splits an A operand's rows
+# over warp groups, so 8 warps need 128 of them: at 64 x 128 (causal, D = 128, fp16) the [BLOCK_M, BLOCK_N]
+# orientation spilled 1484 bytes and this one none (239 registers); at 128 x 64 it is the other way round
+# (246 registers and no spill, against 372 bytes), hence the choice by shape. Tiles of equal size keep the
+# [BLOCK_M, BLOCK_N] form, and so do key tiles under 64 rows (one wgmma's M): at 16 x 32 (8 warps) keys as rows
+# spilled 40 bytes where the other form took 96 registers.
+KEY_ROWS = "(_BLOCK_N > _BLOCK_M) & (_BLOCK_N >= 64)"
+
 
 @dataclass(frozen=True)
 class LoopHelper:
@@ -468,8 +479,11 @@ class KernelWriter:
                 # Broadcast to a tile first: the interpreter mis-types `tile_bool & scalar_bool`.
                 m = expr_from_string(f"(({{m}}).to(tl.int32) + 0 * {i} + 0 * {j}) != 0", m=m)
             inner += S(f"valid = {in_range} & {{m}}", m=m)
-            if self.full is not None:
-                # A tile the analysis proves fully visible skips the mask arithmetic.
+            if self.full is not None and not (self._edge and not _reads_tensors(att.mask)):
+                # A tile the analysis proves fully visible skips the mask arithmetic. Not for index-only masks
+                # under the lean split: its edge tiles are the partly visible ones (and the matrix's last),
+                # so the cheap side is rarely taken, while two paths for `valid` cost registers (sm_90 causal
+                # forward, D = 64, 128 x 128 on 4 warps: 176 spill bytes with the branch, 0 without).
                 bounds += S(
                     f"if {{full}}:\n    valid = {in_range}\nelse:\n    {{inner}}", full=self.full, inner=inner
                 )
@@ -700,6 +714,7 @@ class KernelWriter:
             own = [
                 *S("n0 = pid_n * _BLOCK_N"),
                 *_shifted("n0", "_K_POS"),
+                *S(f"if {KEY_ROWS}:\n    j = offs_n[:, None]"),  # keys as rows (the dK/dV kernel's choice)
                 *_position("_pos_j", "j", "_K_POS"),
             ]
         own += [*_position("_m_end", "_M", "_Q_POS"), *_position("_n_end", "_N", "_K_POS")]
@@ -872,14 +887,14 @@ class KernelWriter:
         kname = self._feature(att.feature_k, "kt", Root.FEATURE_K, B)
         B += S("qk = tl.dot(q_op, {k}, input_precision=_DOT_PRECISION)", k=kname)
         self._score_block(B, "i", "j")
-        B += self._tile_load(
+        load_v = self._tile_load(
             "v",
             "v_base + kv_row[:, None] * _sv_n + offs_e[None, :] * _sv_d",
             "offs_n[:, None] < _N",
             "offs_e[None, :] < _E",
             desc=("v_desc", "start_n"),
         )
-        self.norm.update(self, B)
+        self.norm.update(self, B, load_v)
         self._in_loop = False
         edge, self._edge = self._edge, False
         context = (
@@ -1091,8 +1106,15 @@ class KernelWriter:
             f"""
             k_op = {kname}
             vt = tl.load(_V + b.to(tl.int64) * _sv_b + hk.to(tl.int64) * _sv_h + offs_n[None, :] * _sv_n + offs_e[:, None] * _sv_d, mask=(offs_n[None, :] < _N) & (offs_e[:, None] < _E), other=0.0)
-            dkt = tl.full([_BLOCK_D, _BLOCK_N], 0.0, tl.float32)
-            dvt = tl.full([_BLOCK_E, _BLOCK_N], 0.0, tl.float32)
+            if {KEY_ROWS}:
+                k_op = tl.trans(k_op)
+                v_op = tl.trans(vt)
+                dkt = tl.full([_BLOCK_N, _BLOCK_D], 0.0, tl.float32)
+                dvt = tl.full([_BLOCK_N, _BLOCK_E], 0.0, tl.float32)
+            else:
+                v_op = vt
+                dkt = tl.full([_BLOCK_D, _BLOCK_N], 0.0, tl.float32)
+                dvt = tl.full([_BLOCK_E, _BLOCK_N], 0.0, tl.float32)
             n0 = pid_n * _BLOCK_N
             """
         )
@@ -1121,32 +1143,52 @@ class KernelWriter:
             desc=("q_desc", "start_m"),
         )
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, B, pad=True)
-        B += S("qk = tl.dot({q}, k_op, input_precision=_DOT_PRECISION)", q=qname)
+        # q and its feature map are [BLOCK_M, D] in both orientations; with keys as rows the score's row
+        # index i becomes [1, BLOCK_M] after them (j is [BLOCK_N, 1]: the helper's prelude).
+        rows = S("i = offs_m[None, :]") + _position("_pos_i", "i", "_Q_POS")
+        B += S(
+            f"if {KEY_ROWS}:\n    {{rows}}\n    qk = tl.dot(k_op, tl.trans({{q}}), input_precision=_DOT_PRECISION)\n"
+            "else:\n    qk = tl.dot({q}, k_op, input_precision=_DOT_PRECISION)",
+            rows=rows,
+            q=qname,
+        )
         self._score_block(B, "i", "j")
         self._row_stats(B)
         self.norm.weights(self, B)
         w = self.norm.dot_type
         B += self._tile_load(
             "do",
-            "_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + i * _so_n + offs_e[None, :] * _so_d",
-            "i < _M",
+            "_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h + offs_m[:, None] * _so_n + offs_e[None, :] * _so_d",
+            "offs_m[:, None] < _M",
             "offs_e[None, :] < _E",
             desc=("do_desc", "start_m"),
         )
+        pw = f"({self.norm.dv_weights}).to({w})"
         B += S(
             f"""
-            dvt += tl.dot(tl.trans(do).to({w}), ({self.norm.dv_weights}).to({w}), input_precision=_DOT_PRECISION)
-            dp = tl.dot(do.to({w}), vt.to({w}), input_precision=_DOT_PRECISION)
+            if {KEY_ROWS}:
+                dvt += tl.dot({pw}, do.to({w}), input_precision=_DOT_PRECISION)
+                dp = tl.dot(v_op.to({w}), tl.trans(do).to({w}), input_precision=_DOT_PRECISION)
+            else:
+                dvt += tl.dot(tl.trans(do).to({w}), {pw}, input_precision=_DOT_PRECISION)
+                dp = tl.dot(do.to({w}), v_op.to({w}), input_precision=_DOT_PRECISION)
             """
         )
         self._dscore(B)
-        B += S(f"dkt += tl.dot(tl.trans({qname}).to({w}), dqk.to({w}), input_precision=_DOT_PRECISION)")
+        B += S(
+            f"""
+            if {KEY_ROWS}:
+                dkt += tl.dot(dqk.to({w}), {qname}.to({w}), input_precision=_DOT_PRECISION)
+            else:
+                dkt += tl.dot(tl.trans({qname}).to({w}), dqk.to({w}), input_precision=_DOT_PRECISION)
+            """
+        )
         self._in_loop = False
         edge, self._edge = self._edge, False
         context = (
             *self.program_loads.values(),
             "k_op",
-            "vt",
+            "v_op",
             "b",
             "h",
             "hk",
@@ -1194,6 +1236,7 @@ class KernelWriter:
             loads=per_head,
             loop=self._tile_loop(helper, "0", "_M"),
         )
+        L += S(f"if {KEY_ROWS}:\n    dkt = tl.trans(dkt)\n    dvt = tl.trans(dvt)")
         if self.plan.kv_reads():
             L += _gated(self._feature_aux_grads, Root.FEATURE_K)
         self._feature_grad(att.feature_k, "kt", Root.FEATURE_K, L)
@@ -1762,6 +1805,11 @@ def _bound_at_zero(root: Node) -> float:
             b = math.inf
         bound[n] = b if b <= _F32_MAX else math.inf
     return bound[root]
+
+
+def _reads_tensors(root: Node) -> bool:
+    """Whether an expression loads from a tensor (a document id, a block table): costly to evaluate per tile."""
+    return any(n.op is Op.LOAD for n in walk([root]))
 
 
 def _finite_at_zero(root: Node | None) -> bool:
