@@ -439,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ins.add_argument("spec", metavar="SPEC")
     ins.add_argument("--name", help="only this attention block")
-    ins.add_argument("--cc", type=int, default=90, choices=[80, 86, 89, 90], help="compute capability")
+    ins.add_argument("--cc", type=int, default=90, choices=[80, 86, 89, 90, 100], help="compute capability")
     ins.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"])
     ins.add_argument("--head-dim", type=int, default=64, help="D (= E) to compile for")
     ins.add_argument(

@@ -156,10 +156,10 @@ class SyntheticObjective:
 
 def bowl(optimum: Mapping[str, int], base_ms: float = 1.0) -> Callable[[Candidate], float]:
     """A smooth synthetic landscape with its unique minimum `base_ms` at `optimum` (log2 distance per
-    parameter), the shape tile-size landscapes roughly have."""
+    parameter, of 1 + the value: flags are 0 or 1), the shape tile-size landscapes roughly have."""
 
     def fn(c: Candidate) -> float:
-        d = sum((math.log2(c[k]) - math.log2(v)) ** 2 for k, v in optimum.items())
+        d = sum((math.log2(1 + c[k]) - math.log2(1 + v)) ** 2 for k, v in optimum.items())
         return base_ms * (1.0 + 0.25 * d)
 
     return fn

@@ -74,6 +74,11 @@ class GpuArch:
     registers_per_sm: int = 65536
     max_threads_per_block: int = MAX_THREADS_PER_BLOCK
     reg_models: Mapping[KernelKind, RegModel] = field(default_factory=_reg_models)
+    # Whether Triton 3.9 warp-specialises the attention kernels' key loops here (`_WS`). sm_100: yes (AOT:
+    # causal forward, D = 64, 128 x 128 on 8 warps compiles to 16 warps, 128 registers, no spill). sm_90:
+    # no; with two key loops in a kernel (the lean one and the boundary one) the compiler fails an MLIR
+    # dominance assertion on 4 warps and leaves the loops unpartitioned on 8.
+    warp_specialize: bool = False
 
     def regs(self, kind: KernelKind) -> RegModel:
         return self.reg_models.get(kind, _FWD_REGS)
@@ -85,6 +90,9 @@ ARCHS: dict[int, GpuArch] = {
     86: GpuArch(86, "Ampere (RTX 30, A10)", MAX_SHARED_BYTES[86]),
     89: GpuArch(89, "Ada (L4, RTX 40)", MAX_SHARED_BYTES[89]),
     90: GpuArch(90, "Hopper (H100, H200)", MAX_SHARED_BYTES[90]),
+    # The register model is sm_90's (uncalibrated on sm_100; the prescreen's compile checks it).
+    100: GpuArch(100, "Blackwell (B200)", MAX_SHARED_BYTES[100], warp_specialize=True),
+    120: GpuArch(120, "Blackwell (RTX 50)", MAX_SHARED_BYTES[120]),
 }
 
 
@@ -160,6 +168,10 @@ def _lin_estimate(c: Candidate, p: Problem) -> Estimate:
 def verdict(c: Candidate, p: Problem, arch: GpuArch) -> Verdict:
     """Whether `c` fits `arch`: within shared memory, threads per block, and registers (no spills)."""
     est = estimate(c, p, arch)
+    if c.get("warp_specialize") and not arch.warp_specialize:
+        return Verdict(
+            False, f"warp specialisation: Triton does not partition these key loops on sm_{arch.cc}", est
+        )
     if est.threads > arch.max_threads_per_block:
         return Verdict(False, f"{est.threads} threads exceed {arch.max_threads_per_block} per block", est)
     if est.shared_bytes > arch.max_shared_bytes:

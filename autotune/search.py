@@ -22,6 +22,7 @@ storage (TVM MetaSchedule's database keeps every candidate, not only the winner)
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import random
 import time
@@ -115,6 +116,8 @@ def tune(
     from optuna.trial import TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    feasible = [c for c in space.candidates() if _why_not(c, space, arch) is None]
+    space = _fix_constant_params(space, feasible)
     if storage is None or isinstance(storage, str):
         storage = open_storage(storage)
     name = key.study_name()
@@ -128,7 +131,6 @@ def tune(
     if KEY_ATTR not in study.user_attrs:
         study.set_user_attr(KEY_ATTR, key.to_json())
         study.set_user_attr(KEY_TEXT_ATTR, key.text())
-    feasible = [c for c in space.candidates() if _why_not(c, space, arch) is None]
     rng = random.Random(seed)
     if not any(t.params == space.default.as_dict() for t in study.get_trials(deepcopy=False)):
         study.enqueue_trial(space.default.as_dict(), user_attrs={"is_default": True})
@@ -183,6 +185,17 @@ def tune(
             trial.set_user_attr("error", m.error)
         study.tell(trial, m.time_ms)
     return result_of(study, key)
+
+
+def _fix_constant_params(space: KernelSpace, feasible: list[Candidate]) -> KernelSpace:
+    """The space with each parameter that takes one value over the feasible candidates fixed to it (e.g.
+    `warp_specialize` where the GPU cannot partition the loops): the sampler then searches only what can
+    vary, as it would without that parameter."""
+    params = []
+    for p in space.params:
+        values = {c.get(p.name, p.default) for c in feasible}
+        params.append(dataclasses.replace(p, choices=(values.pop(),)) if len(values) == 1 else p)
+    return dataclasses.replace(space, params=tuple(params))
 
 
 def _stale_after(trial_timeout: float | None) -> float:

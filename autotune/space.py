@@ -99,6 +99,8 @@ class Param:
 
     name: str
     choices: tuple[int, ...]
+    # The value of a candidate that does not name this parameter (one tuned before the parameter existed).
+    default: int | None = None
 
 
 @dataclass(frozen=True, order=True)
@@ -152,7 +154,7 @@ class KernelSpace:
         if c == self.default:
             return None
         for p in self.params:
-            v = c.get(p.name)
+            v = c.get(p.name, p.default)
             if v not in p.choices:
                 return f"{p.name}={v} not in {list(p.choices)}"
         for name, rule in self.constraints:
@@ -251,7 +253,12 @@ def _flash_space(kind: KernelKind, p: Problem) -> KernelSpace:
 
 @register(KernelKind.FWD)
 def _fwd_space(p: Problem) -> KernelSpace:
-    return _flash_space(KernelKind.FWD, p)
+    """The forward's tiles, warps and stages, and whether its key loops are warp-specialised (`_WS`: TMA
+    producer warps beside the MMA and softmax warps, FlashAttention-3's split; the resource model keeps it to
+    the GPUs where Triton partitions the loops)."""
+    base = _flash_space(KernelKind.FWD, p)
+    params = (*base.params, Param("warp_specialize", (0, 1), default=0))
+    return KernelSpace(base.kind, p, params, _default(base.kind, p, params), base.constraints)
 
 
 @register(KernelKind.DKDV)

@@ -23,7 +23,7 @@ from attnc.autotune.space import (
 
 DEVICE = DeviceInfo("synthetic GPU", 90, "3.9.0", "2.13.0")
 PROBLEM = Problem(64, 64, DType.FP16, 4096, 4096)
-OPTIMUM = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+OPTIMUM = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "warp_specialize": 0}
 
 
 def _key(name: str, kind: KernelKind = KernelKind.FWD, problem: Problem = PROBLEM) -> TuningKey:

@@ -30,7 +30,7 @@ IN_CI = os.environ.get("CI", "").lower() == "true"
 
 DEVICE = DeviceInfo("synthetic GPU", 90, "3.9.0", "2.13.0")
 PROBLEM = Problem(64, 64, DType.FP16, 2048, 2048)
-OPTIMUM = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
+OPTIMUM = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3, "warp_specialize": 0}
 
 
 def _key(name: str) -> TuningKey:
@@ -241,7 +241,7 @@ def test_exported_table_round_trips_and_merges(tmp_path):
     configs = load_table(table)
     assert set(configs) == {"other|key", _key("export").text()}, "other tables' entries stay"
     entry = configs[_key("export").text()]
-    assert set(entry["config"]) == {"block_m", "block_n", "num_warps", "num_stages"}
+    assert set(entry["config"]) == {"block_m", "block_n", "num_warps", "num_stages", "warp_specialize"}
     assert entry["trials"] == 4 and entry["time_ms"] > 0
 
 

@@ -229,6 +229,7 @@ def test_unused_layout_and_probe_groups_are_gated_and_bind_to_none() -> None:
             "_BLOCK_E": 64,
             "_DOT_PRECISION": "tf32",
             "_TMA": False,
+            "_WS": False,
         },
     )
     assert list(bound) == list(sig.names)

@@ -136,6 +136,10 @@ AUX_GRAD_GATE = "_AUX_GRAD"  # the dQ kernel reduces auxiliary gradients (its au
 # The tile loops read q, k, v and dO through tensor descriptors (TMA on sm_90 and later: `cp.async.bulk.tensor`)
 # instead of pointer loads. A launch sets it when every such tensor qualifies (`triton._tma_ok`).
 TMA_GATE = "_TMA"
+# The key loops are warp-specialised (`tl.range(..., warp_specialize=_WS)`: producer warps issue the TMA
+# loads, consumer warp groups the MMAs and the softmax). A schedule's choice (`_KernelConfig`), taken by a
+# launch only with `_TMA`: Triton 3.9 cannot partition a loop whose tiles come through pointer loads.
+WS_GATE = "_WS"
 CONSTEXPRS = (
     "_COUNT_VISITS",
     "_LAYOUT",
@@ -143,6 +147,7 @@ CONSTEXPRS = (
     PAGED_GATE,
     SHIFT_GATE,
     TMA_GATE,
+    WS_GATE,
     "_BLOCK_M",
     "_BLOCK_N",
     "_BLOCK_D",

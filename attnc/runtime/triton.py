@@ -19,7 +19,7 @@ from attnc.settings import settings
 
 from .layout import _fit_layout, _layout_args, _next_pow2, triton_cdiv
 from .reference import _full
-from .signature import TMA_GATE, BlockABI, Group
+from .signature import TMA_GATE, WS_GATE, BlockABI, Group
 from .varlen import packed_view
 
 # ---- kernels files: the generated `*_triton.py` beside a module, and the runtime's own linear core ----
@@ -123,6 +123,9 @@ class _KernelConfig(NamedTuple):
     num_warps: int
     num_stages: int
     num_splits: int = 1  # split-KV forward only (decoding shapes): key-range splits per query tile
+    # Warp-specialised key loops (`_WS`): a tuned choice for sm_100, where Triton 3.9 partitions them; on sm_90
+    # it does not compile a kernel with two key loops (the lean and the boundary one), see autotune/resource.py.
+    warp_specialize: int = 0
 
 
 def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2, kv_reads=False):
@@ -492,6 +495,7 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     kw = _launch(cfg, q, D, E)
     if TMA_GATE in sig.group(Group.CONSTEXPRS).names:
         kw[TMA_GATE] = _tma_ok(spec, [t for n, t in io.items() if n in _TMA_TENSORS])
+    kw[WS_GATE] = _ws_ok(kw, spec)
     strides = _strides(q, k, v, o)
     pg = spec.paged
     if pg is not None:  # the pages' rows, wherever the launch reads k and v
@@ -526,9 +530,16 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     getattr(spec, _KERNEL_FIELDS[kind])[grid](**sig.bind(**groups), **kw)
 
 
-# What the tile loops may read through tensor descriptors: the key tiles (forward, dQ), the query and dO tiles
-# (dK/dV).
-_TMA_TENSORS = ("_Q", "_K", "_V", "_DO")
+def _ws_ok(kw, spec):
+    """Whether this launch warp-specialises its key loops: the schedule asks for it, the tiles come through
+    tensor descriptors (Triton 3.9 cannot partition a loop of pointer loads) and no block layout wraps the
+    key loop in a loop of its own."""
+    return bool(kw.get(WS_GATE)) and bool(kw.get(TMA_GATE)) and spec.layout is None
+
+
+# What the kernels may read or write through tensor descriptors: the key tiles (forward, dQ), the query and dO
+# tiles (dK/dV), the forward's q and o tiles.
+_TMA_TENSORS = ("_Q", "_K", "_V", "_DO", "_O")
 
 
 def _tma_ok(spec, tensors):
@@ -676,6 +687,7 @@ def _schedule_constexprs(cfg, D, E, fp32):
         "_BLOCK_D": _next_pow2(D),
         "_BLOCK_E": _next_pow2(E),
         "_DOT_PRECISION": "ieee" if fp32 else "tf32",
+        WS_GATE: bool(cfg.warp_specialize),
     }
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from attnc.dsl.ir import Attention
 
-from attnc.runtime.signature import TMA_GATE, Group, KernelSignature
+from attnc.runtime.signature import TMA_GATE, WS_GATE, Group, KernelSignature
 from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig, _schedule_constexprs
 
 from .aot import CompileJob
@@ -81,6 +81,8 @@ def jobs(
         fixed = _schedule_constexprs(cfg, D, E, target.dtype == "fp32")
         if TMA_GATE in sig.group(Group.CONSTEXPRS).names:
             fixed[TMA_GATE] = target.uses_tma()
+        # As a launch decides (`runtime.triton._ws_ok`): warp specialisation with descriptors, no layout.
+        fixed[WS_GATE] = bool(fixed[WS_GATE]) and bool(fixed.get(TMA_GATE)) and not target.layout
         types, constexprs = sig.compile_args(target.dtype, fixed, absent)
         divisible = None
         if target.launch:
@@ -156,7 +158,13 @@ CONFIG_KINDS = {
     "split": "fwd_split",
     "combine": "fwd_combine",
 }
-_CONFIG_KEYS = {"BLOCK_M": "block_m", "BLOCK_N": "block_n", "warps": "num_warps", "stages": "num_stages"}
+_CONFIG_KEYS = {
+    "BLOCK_M": "block_m",
+    "BLOCK_N": "block_n",
+    "warps": "num_warps",
+    "stages": "num_stages",
+    "ws": "warp_specialize",  # 1: warp-specialised key loops (sm_100; see autotune/resource.py)
+}
 
 
 def parse_configs(texts: Sequence[str], head_dim: int) -> dict[str, _KernelConfig]:
@@ -197,6 +205,8 @@ def parse_config(text: str) -> dict[str, dict[str, int]]:
             raise ValueError(f"--config {text!r}: warps must be 1, 2, 4, 8 or 16")
         if key.strip() == "stages" and n < 1:
             raise ValueError(f"--config {text!r}: stages must be at least 1")
+        if key.strip() == "ws" and n not in (0, 1):
+            raise ValueError(f"--config {text!r}: ws must be 0 or 1")
         values[_CONFIG_KEYS[key.strip()]] = n
     if not values:
         raise ValueError(f"--config {text!r}: give at least one of {', '.join(_CONFIG_KEYS)}")

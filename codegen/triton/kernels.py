@@ -147,13 +147,18 @@ def _descriptors(*specs: tuple[str, str, str, str, str, str, str]) -> Stmts:
     descriptor needs some."""
     tma: Stmts = []
     plain: Stmts = []
-    for d, base, rows, chans, stride, brows, bchans in specs:
-        tma += S(
-            f"{d} = tl.make_tensor_descriptor({base}, shape=[tl.maximum({rows}, 1), {chans}],"
-            f" strides=[{stride}, 1], block_shape=[{brows}, {bchans}])"
-        )
-        plain += S(f"{d} = {base}")
+    for spec in specs:
+        tma += _descriptor(*spec)
+        plain += S(f"{spec[0]} = {spec[1]}")
     return S("if _TMA:\n    {tma}\nelse:\n    {plain}", tma=tma, plain=plain)
+
+
+def _descriptor(d: str, base: str, rows: str, chans: str, stride: str, brows: str, bchans: str) -> Stmts:
+    """`d` = the tensor descriptor of `_descriptors` (no `_TMA` test: the caller is under one)."""
+    return S(
+        f"{d} = tl.make_tensor_descriptor({base}, shape=[tl.maximum({rows}, 1), {chans}],"
+        f" strides=[{stride}, 1], block_shape=[{brows}, {bchans}])"
+    )
 
 
 def _position(var: str, local: str, offset: str) -> Stmts:
@@ -699,9 +704,9 @@ class KernelWriter:
             # and its prologue costs registers (decay_abs dQ, fp16, D = 64: a 16-byte spill, none with one
             # stage). The lean calls keep the launch's stages.
             steps += ", num_stages=1 if EDGE else None"
-            loop = S(f"for {var} in tl.range({steps}):\n    {{body}}", body=inner)
-        else:
-            loop = S(f"for {var} in range({steps}):\n    {{body}}", body=inner)
+        # `_WS`: every key loop of the kernel or none (sm_100, Triton 3.9: partitioning the lean loop alone
+        # fails to compile when the boundary loop follows it).
+        loop = S(f"for {var} in tl.range({steps}, warp_specialize=_WS):\n    {{body}}", body=inner)
         # The program's own tile start, from its program id here rather than passed in: the tile plan's
         # bounds then fold as they do in one function (a register less on sm_90 for some dQ kernels).
         if var == "start_n":
@@ -835,6 +840,19 @@ class KernelWriter:
 
     def _query_tile_prologue(self, kind: str) -> Stmts:
         """Program ids of a (query tile, batch, head) program, its offsets, and its q tile."""
+        ptr = S(
+            "q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d,"
+            " mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)"
+        )
+        if kind == "fwd":
+            # Under `_TMA` the forward's q tile comes through a descriptor too: a key loop that reads a
+            # pointer-loaded q does not warp-specialise (`_WS`). Not in the dQ kernel, where it costs
+            # registers (relpos_table dQ, sm_90, fp16, D = 64: 32 spill bytes with it, none without), nor
+            # in the split forward (no `_WS` there; 58 -> 72 registers at D = 64).
+            desc = ("q_desc", "_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h", "_M", "_D", "_sq_n")
+            ptr = _descriptors((*desc, "_BLOCK_M", "_BLOCK_D")) + S(
+                "if _TMA:\n    q = q_desc.load([pid_m * _BLOCK_M, 0])\nelse:\n    {ptr}", ptr=ptr
+            )
         return (
             self._query_program(kind)
             + S(
@@ -842,9 +860,9 @@ class KernelWriter:
             offs_d = tl.arange(0, _BLOCK_D)
             offs_e = tl.arange(0, _BLOCK_E)
             i = offs_m[:, None]
-            q = tl.load(_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h + i * _sq_n + offs_d[None, :] * _sq_d, mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)
             """
             )
+            + ptr
             + _position("_pos_i", "i", "_Q_POS")
         )
 
@@ -954,10 +972,11 @@ class KernelWriter:
         L += S("visits = pid_m * 0")
         L += self._tile_loop(helper, *key_range)
 
-    def _forward_epilogue(self, L: Stmts) -> None:
+    def _forward_epilogue(self, L: Stmts, tma_store: bool = False) -> None:
         """From the running statistics (m_i, l_i, acc) of a whole key range to o and the row statistic: the
         norm's finish (sink, normalisation), the output epilogue and the stores. Shared by the one-pass forward
-        and the split-KV combine, so both paths end in the very same code."""
+        and the split-KV combine, so both paths end in the very same code. `tma_store` (the forward): under
+        `_TMA`, o leaves through a tensor descriptor, whose bounds clip the rows and channels past the end."""
         self.norm.finish(self, L)
         L += _varlen_store_rebase("_O", *(("_ORAW",) if self.att.output is not None else ()))
         L += S(
@@ -970,17 +989,23 @@ class KernelWriter:
             L += S("tl.store(_ORAW + o_off, o, mask=o_mask)")
             out = self.expr(self.att.output, self.row_names(Root.OUTPUT), L)
             L += S("o = {out}", out=out)
-        L += S(
-            """
-            tl.store(_O + o_off, o.to(_O.dtype.element_ty), mask=o_mask)
-            tl.store(_STAT + pid_bh.to(tl.int64) * _PM + i, stat, mask=i < _M)
-            """
-        )
+        store = S("tl.store(_O + o_off, o.to(_O.dtype.element_ty), mask=o_mask)")
+        if tma_store:
+            desc = ("o_desc", "_O + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h", "_M", "_E", "_so_n")
+            tile = "tl.broadcast_to(o, [_BLOCK_M, _BLOCK_E]).to(_O.dtype.element_ty)"
+            store = S(
+                "if _TMA:\n    {desc}\n    o_desc.store([pid_m * _BLOCK_M, 0], {tile})\nelse:\n    {store}",
+                desc=_descriptor(*desc, "_BLOCK_M", "_BLOCK_E"),
+                tile=expr_from_string(tile),
+                store=store,
+            )
+        L += store
+        L += S("tl.store(_STAT + pid_bh.to(tl.int64) * _PM + i, stat, mask=i < _M)")
 
     def forward(self) -> Kernel:
         L: Stmts = []
         self._forward_loop(L, ("0", "_N"), [], "fwd")
-        self._forward_epilogue(L)
+        self._forward_epilogue(L, tma_store=True)
         L += S(
             """
             if _COUNT_VISITS:
