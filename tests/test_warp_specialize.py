@@ -96,8 +96,8 @@ def test_a_ws_schedule_matches_sdpa(
     seen: list[bool] = []
     real = rt._ws_ok
 
-    def spy(kw: dict, spec: object) -> bool:
-        seen.append(real(kw, spec))
+    def spy(asked: object, tma: object, layout: bool) -> bool:
+        seen.append(real(asked, tma, layout))
         return seen[-1]
 
     monkeypatch.setattr(rt, "_ws_ok", spy)

@@ -495,7 +495,7 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     kw = _launch(cfg, q, D, E)
     if TMA_GATE in sig.group(Group.CONSTEXPRS).names:
         kw[TMA_GATE] = _tma_ok(spec, [t for n, t in io.items() if n in _TMA_TENSORS])
-    kw[WS_GATE] = _ws_ok(kw, spec)
+    kw[WS_GATE] = _ws_ok(kw.get(WS_GATE), kw.get(TMA_GATE), spec.layout is not None)
     strides = _strides(q, k, v, o)
     pg = spec.paged
     if pg is not None:  # the pages' rows, wherever the launch reads k and v
@@ -530,11 +530,11 @@ def _run(spec, kind, grid, cfg, io, q, k, v, o, probe=None, name=None, backward=
     getattr(spec, _KERNEL_FIELDS[kind])[grid](**sig.bind(**groups), **kw)
 
 
-def _ws_ok(kw, spec):
-    """Whether this launch warp-specialises its key loops: the schedule asks for it, the tiles come through
-    tensor descriptors (Triton 3.9 cannot partition a loop of pointer loads) and no block layout wraps the
-    key loop in a loop of its own."""
-    return bool(kw.get(WS_GATE)) and bool(kw.get(TMA_GATE)) and spec.layout is None
+def _ws_ok(asked, tma, layout):
+    """Whether a launch (or the ahead-of-time compile of one) warp-specialises its key loops: the schedule
+    asks for it, the tiles come through tensor descriptors (Triton 3.9 cannot partition a loop of pointer
+    loads) and no block layout wraps the key loop in a loop of its own."""
+    return bool(asked) and bool(tma) and not layout
 
 
 # What the kernels may read or write through tensor descriptors: the key tiles (forward, dQ), the query and dO

@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from attnc.dsl.ir import Attention
 
 from attnc.runtime.signature import TMA_GATE, WS_GATE, Group, KernelSignature
-from attnc.runtime.triton import _default_config, _default_split_config, _KernelConfig, _schedule_constexprs
+from attnc.runtime.triton import (
+    _default_config,
+    _default_split_config,
+    _KernelConfig,
+    _schedule_constexprs,
+    _ws_ok,
+)
 
 from .aot import CompileJob
 from .kernels import KERNEL_KINDS, KernelWriter
@@ -81,8 +87,7 @@ def jobs(
         fixed = _schedule_constexprs(cfg, D, E, target.dtype == "fp32")
         if TMA_GATE in sig.group(Group.CONSTEXPRS).names:
             fixed[TMA_GATE] = target.uses_tma()
-        # As a launch decides (`runtime.triton._ws_ok`): warp specialisation with descriptors, no layout.
-        fixed[WS_GATE] = bool(fixed[WS_GATE]) and bool(fixed.get(TMA_GATE)) and not target.layout
+        fixed[WS_GATE] = _ws_ok(fixed[WS_GATE], fixed.get(TMA_GATE), target.layout)  # as a launch decides
         types, constexprs = sig.compile_args(target.dtype, fixed, absent)
         divisible = None
         if target.launch:

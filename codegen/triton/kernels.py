@@ -484,7 +484,8 @@ class KernelWriter:
                 # Broadcast to a tile first: the interpreter mis-types `tile_bool & scalar_bool`.
                 m = expr_from_string(f"(({{m}}).to(tl.int32) + 0 * {i} + 0 * {j}) != 0", m=m)
             inner += S(f"valid = {in_range} & {{m}}", m=m)
-            if self.full is not None and not (self._edge and not _reads_tensors(att.mask)):
+            index_only = self.plan.tiles is not None and not self.plan.tiles.data_dependent
+            if self.full is not None and not (self._edge and index_only):
                 # A tile the analysis proves fully visible skips the mask arithmetic. Not for index-only masks
                 # under the lean split: its edge tiles are the partly visible ones (and the matrix's last),
                 # so the cheap side is rarely taken, while two paths for `valid` cost registers (sm_90 causal
@@ -1830,11 +1831,6 @@ def _bound_at_zero(root: Node) -> float:
             b = math.inf
         bound[n] = b if b <= _F32_MAX else math.inf
     return bound[root]
-
-
-def _reads_tensors(root: Node) -> bool:
-    """Whether an expression loads from a tensor (a document id, a block table): costly to evaluate per tile."""
-    return any(n.op is Op.LOAD for n in walk([root]))
 
 
 def _finite_at_zero(root: Node | None) -> bool:
