@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from attnc.codegen.module import Target, module_name_for, render_all
+from attnc.codegen.module import Target, module_name_for, render_all, standalone_files
 from attnc.codegen.names import generated_names
 from attnc.codegen.version import ATTNC_VERSION, LANGUAGE_VERSION
 from attnc.dsl.analysis.linear import linear_form
@@ -152,18 +152,14 @@ def cmd_codegen(args: argparse.Namespace) -> int:
                     "using the quadratic kernels",
                     file=sys.stderr,
                 )
-        if args.standalone and program.recurrences:
-            names = ", ".join(r.name for r in program.recurrences)
-            raise UsageError(
-                f"{path}: --standalone does not vendor the delta-rule runtime yet, which the state block(s) "
-                f"{names} call; generate without --standalone (the module then imports attnc.runtime.delta)"
-            )
         main, kernels = render_all(program, source, target, tuned, standalone=args.standalone)
         out.mkdir(parents=True, exist_ok=True)
         dest = out / f"{module_name_for(path)}.py"
         files = [(dest, main)]
         if kernels is not None:
             files.insert(0, (dest.with_name(dest.stem + "_triton.py"), kernels))
+        if args.standalone:  # for state blocks, the delta runtime's kernels files (before the main module)
+            files[:0] = [(dest.with_name(dest.stem + sfx), t) for sfx, t in standalone_files(program, target)]
         for file, text in files:
             tmp = file.with_suffix(".py.tmp")
             tmp.write_text(text, encoding="utf-8")

@@ -83,7 +83,8 @@ def render_all(
     """The main module and, for Target.ALL, the Triton kernels file that goes beside it. `tuned` (a best-config
     table, `attnc codegen --tuned-from`) bakes this spec's tuned configs into the module. `standalone`
     (`attnc codegen --standalone`) vendors the runtime library into the module, and the linear core's
-    kernels into the kernels file, so that they need only torch and triton."""
+    kernels into the kernels file, so that they need only torch and triton (with, for state blocks, the delta
+    runtime's kernels files beside them: `standalone_files`)."""
     writers: list[KernelWriter | None] = [None] * len(program.attentions)
     kernels_text = None
     if target is Target.ALL:
@@ -106,8 +107,6 @@ def render_all(
     body.append("")
     body.append("from __future__ import annotations")
     body.append("")
-    if standalone and program.recurrences:
-        raise ValueError("--standalone does not vendor the delta-rule runtime (state blocks) yet")
     if standalone:
         # The runtime library, vendored: its modules' statements in dependency order, without their attnc
         # imports (codegen/vendor.py); `_rt` then names the vendored definitions, as it names the library.
@@ -118,6 +117,10 @@ def render_all(
             "_rt = types.SimpleNamespace(**{n: v for n, v in dict(globals()).items() if not n.startswith('__')})"
         )
         body.append("_rt_lin = _rt  # the linear family's runtime: part of the same vendored namespace")
+        if program.recurrences:  # the delta-rule runtime's names, as `attnc.runtime.delta` has them
+            body.append("_rt_delta = types.SimpleNamespace(")
+            body += [f"    {n}={v}," for n, v in vendor.delta_namespace().items()]
+            body.append(")")
     else:
         body.append("import math")
         body.append("from typing import Optional")
@@ -168,6 +171,17 @@ def render_all(
     if kernels_text is None:
         return main, None
     return main, _with_header(program, target, kernels_text)
+
+
+def standalone_files(program: Program, target: Target = Target.ALL) -> list[tuple[str, str]]:
+    """The files a standalone module (`render_all(..., standalone=True)`) needs beside itself and its kernels
+    file: for state blocks, the delta runtime's kernels files, each as (suffix of its name after the module's
+    stem, text), a copy of the library's file under a generated header (codegen/vendor.py says why they are
+    sibling files). Written for either target, as the library's are there for either (a state block runs its
+    Triton kernels on CUDA tensors whatever the target)."""
+    if not program.recurrences:
+        return []
+    return [(suffix, _with_header(program, target, text)) for suffix, text in vendor.delta_kernel_files()]
 
 
 def verify_text(text: str) -> bool:

@@ -7,6 +7,9 @@ Sizes are small (T <= 40, D, E <= 16): the Triton kernels run under the interpre
 
 from __future__ import annotations
 
+import ast
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -505,15 +508,124 @@ def test_attnc_inspect_compiles_a_state_blocks_kernels(capsys: pytest.CaptureFix
     assert all(r[6] == "0" for r in rows), rows  # spill bytes
 
 
-def test_codegen_standalone_refuses_a_state_block_cleanly(
-    tmp_path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """--standalone cannot vendor the delta-rule runtime yet: a usage error naming the block, not an internal
-    error, and nothing written."""
-    from attnc.cli import EXIT_USAGE, main
+# ---------------------------------------------------------------------------------------------- --standalone
+# (c, d, e: the runs below; T = 64 with algorithm="chunk" takes the chunked WY kernels, T = 12 the recurrent ones)
+_STANDALONE_CASES = [(v, 12, "recurrent") for v in VARIANTS] + [("gated_deltanet", 64, "chunk")]
+
+
+def _standalone_call(mod, variant, x, s0, algorithm, weights):
+    """One call of `variant` in `mod` on CPU (the Triton kernels under the interpreter): the output, the final
+    state and the gradients of a weighted sum of both by q and by the last auxiliary input (a gate)."""
+    import torch
+
+    leaves = {n: t.clone().requires_grad_(True) for n, t in x.items()}
+    fn = getattr(mod, variant)
+    o, sn = fn(**leaves, initial_state=s0, return_state=True, algorithm=algorithm, backend="triton")
+    wo, ws = weights
+    aux = list(leaves)[-1]
+    dq, daux = torch.autograd.grad((o * wo).sum() + (sn * ws).sum(), [leaves["q"], leaves[aux]])
+    return {"o": o.detach(), "state": sn.detach(), "dq": dq, "d" + aux: daux}
+
+
+def _standalone_inputs():
+    cases = {}
+    for variant, T, algorithm in _STANDALONE_CASES:
+        x = {n: t.float() for n, t in inputs(variant, T).items()}
+        gen = torch.Generator().manual_seed(7)
+        s0 = torch.randn(B, H, E, D, generator=gen) * 0.5
+        weights = (torch.randn(B, H, T, E, generator=gen), torch.randn(B, H, E, D, generator=gen))
+        cases[f"{variant}-{algorithm}"] = (variant, x, s0, algorithm, weights)
+    return cases
+
+
+def test_codegen_standalone_state_blocks_run_where_attnc_cannot_be_imported(tmp_path, mods) -> None:
+    """`attnc codegen --standalone` on every zoo state block: the module (with its kernels file and the delta
+    runtime's kernels beside it) imports nothing of attnc, and run in a process where attnc cannot be
+    imported it gives the output, final state and gradients of the module compiled the usual way."""
+    import inspect
+    import subprocess
+    import sys
+
+    from attnc.cli import main
+
+    from .test_runtime import _BLOCK_ATTNC
 
     out = tmp_path / "out"
-    assert main(["codegen", str(spec_path("gated_deltanet")), "-o", str(out), "--standalone"]) == EXIT_USAGE
-    err = capsys.readouterr().err
-    assert "--standalone does not vendor the delta-rule runtime" in err and "gated_deltanet" in err
-    assert "internal error" not in err and not out.exists()
+    for variant in VARIANTS:
+        assert main(["codegen", str(spec_path(variant)), "-o", str(out), "--standalone"]) == 0
+    written = sorted(f.name for f in out.iterdir())
+    assert written == sorted(
+        f"{v}{sfx}" for v in VARIANTS for sfx in (".py", "_triton.py", "_delta_kernels.py")
+    )
+    for f in out.iterdir():  # (c) no import of attnc anywhere in what was written, at any depth
+        tree = ast.parse(f.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                assert all(a.name.split(".")[0] != "attnc" for a in node.names), (f.name, ast.unparse(node))
+            elif isinstance(node, ast.ImportFrom):
+                assert node.level == 0 and (node.module or "").split(".")[0] != "attnc", (
+                    f.name,
+                    ast.unparse(node),
+                )
+
+    cases = _standalone_inputs()
+    torch.save(cases, tmp_path / "inputs.pt")
+    child = _BLOCK_ATTNC + textwrap.dedent(
+        f"""
+        import importlib.util, torch
+        {textwrap.indent(inspect.getsource(_standalone_call), "        ").strip()}
+        mods = {{}}
+        for variant in {VARIANTS!r}:
+            spec = importlib.util.spec_from_file_location(variant, {str(out)!r} + f"/{{variant}}.py")
+            mods[variant] = importlib.util.module_from_spec(spec)
+            sys.modules[variant] = mods[variant]
+            spec.loader.exec_module(mods[variant])
+        cases = torch.load({str(tmp_path / "inputs.pt")!r})
+        got = {{key: _standalone_call(mods[c[0]], *c) for key, c in cases.items()}}
+        try:
+            import attnc  # noqa: F401
+            blocked = False
+        except ImportError:
+            blocked = True
+        attnc_modules = sorted(m for m in sys.modules if m.split(".")[0] == "attnc")
+        torch.save({{"got": got, "blocked": blocked, "attnc": attnc_modules}}, {str(tmp_path / "got.pt")!r})
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", child], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    assert res.returncode == 0, res.stderr
+    got = torch.load(tmp_path / "got.pt")
+    assert got["blocked"] and got["attnc"] == []
+    for key, (variant, *args) in cases.items():
+        want = _standalone_call(mods[variant], variant, *args)
+        assert got["got"][key].keys() == want.keys()
+        for name, w in want.items():
+            torch.testing.assert_close(
+                got["got"][key][name], w, atol=1e-6, rtol=1e-6, msg=lambda m, k=key, n=name: f"{k} {n}: {m}"
+            )
+
+
+def test_vendoring_refuses_a_delta_runtime_file_missing_from_its_table(monkeypatch) -> None:
+    """codegen/vendor.py's `_DELTA` lists the delta runtime: a kernels file the runtime names but the table
+    leaves out, or a table kernels file that no vendored module names, fails the vendoring (never a module that
+    looks for a file it was not given), as does a module importing one that is not vendored before it."""
+    from attnc.codegen import vendor
+
+    def vendored(table):
+        monkeypatch.setattr(vendor, "_DELTA", table)
+        vendor.runtime_module.cache_clear()
+        vendor._delta_names.cache_clear()
+        try:
+            return vendor.runtime_module()
+        finally:
+            vendor.runtime_module.cache_clear()
+            vendor._delta_names.cache_clear()
+
+    with pytest.raises(AssertionError, match=r"names the runtime kernels file delta_kernels\.py"):
+        vendored((("delta.py", None),))
+    with pytest.raises(AssertionError, match=r"names the kernels file.*linear_kernels\.py"):
+        vendored((("delta.py", "delta_kernels.py"), ("delta.py", "linear_kernels.py")))
+    monkeypatch.setattr(vendor, "_MODULES", tuple(p for p in vendor._MODULES if p.name != "varlen.py"))
+    with pytest.raises(AssertionError, match="does not vendor before it"):
+        vendored((("delta.py", "delta_kernels.py"),))
