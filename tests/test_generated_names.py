@@ -152,13 +152,19 @@ def test_every_module_level_name_the_generator_emits_is_reserved(spec: str, path
     assert not _unreserved(kernels or "", kernels_ns, blocks), "kernels file names not reserved"
 
 
-@pytest.mark.parametrize("spec", ["causal.attn", "linear_elu.attn"])
-def test_every_module_level_name_of_a_standalone_module_is_reserved(spec: str) -> None:
-    """`attnc codegen --standalone` also defines the vendored runtime: its names are reserved for that mode."""
+@pytest.mark.parametrize(
+    "path",
+    [SPECS / "causal.attn", SPECS / "linear_elu.attn", REPO / "zoo" / "specs" / "gla.attn"],
+    ids=lambda p: p.name,
+)
+def test_every_module_level_name_of_a_standalone_module_is_reserved(path: Path) -> None:
+    """`attnc codegen --standalone` also defines the vendored runtime: its names are reserved for that mode.
+    (gla: a state block, with the delta runtime vendored; that runtime's own `gla` takes a prefixed name.)"""
     from attnc.codegen.module import render_all
     from attnc.codegen.names import generated_names
 
-    source = (SPECS / spec).read_text()
+    spec = path.name
+    source = path.read_text()
     program = compile_to_ir(source, spec)
     main, kernels = render_all(program, source, standalone=True)
     main_ns, kernels_ns = generated_names(standalone=True)
