@@ -21,8 +21,8 @@ timed region, for both), g = logsigmoid(x) / 16, beta = sigmoid(x), scale D^-0.5
 preflight oracle is a float64 token-by-token recurrence written here (`recurrence64`).
 
 Before any timing a correctness preflight checks attnc's chunked and recurrent forms against the spec's
-PyTorch reference, or the delta family's against `recurrence64` (and fla against them, on a GPU); at every benchmark shape fla's output is compared with
-ours before fla is timed there. Without a CUDA GPU only the preflight (Triton interpreter, float32), the
+PyTorch reference, or the delta family's against `recurrence64` (and fla against them, on a GPU); at every
+benchmark shape fla's output is compared with ours before fla is timed there. Without a CUDA GPU only the preflight (Triton interpreter, float32), the
 codegen timing and a check that `fla` imports run; GPU timings need a GPU.
 
 Results go, after every measurement, to `<out>/linear-<device>-<date>.json` (written atomically), with a PNG
