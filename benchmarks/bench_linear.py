@@ -13,9 +13,16 @@ with the same semantics: fla's own layout [B, T, H, K], feature maps applied in 
 region. Shapes: N = 512 ... 32k at B = 1, H = 16, D = E = 128, and the same N at B*N = 32k; bf16; forward
 and forward+backward (gradients of q, k, v).
 
+The delta-rule family (zoo/specs/, issue 12): `deltanet`, `gated_deltanet`, `kda` and `gla` (per-channel
+gates), through the generated entry points with algorithm="chunk" where the API accepts it and "auto"
+elsewhere (recorded per record), against fla's `chunk_delta_rule`, `chunk_gated_delta_rule`, `chunk_kda` and
+`chunk_gla` where the installed fla has them: q, k L2-normalised for the delta rules (in PyTorch, outside the
+timed region, for both), g = logsigmoid(x) / 16, beta = sigmoid(x), scale D^-0.5 on both sides. Their
+preflight oracle is a float64 token-by-token recurrence written here (`recurrence64`).
+
 Before any timing a correctness preflight checks attnc's chunked and recurrent forms against the spec's
-PyTorch reference (and fla against it, on a GPU); at every benchmark shape fla's output is compared with
-ours before fla is timed there. Without a CUDA GPU only the preflight (Triton interpreter, float32), the
+PyTorch reference, or the delta family's against `recurrence64` (and fla against them, on a GPU); at every
+benchmark shape fla's output is compared with ours before fla is timed there. Without a CUDA GPU only the preflight (Triton interpreter, float32), the
 codegen timing and a check that `fla` imports run; GPU timings need a GPU.
 
 Results go, after every measurement, to `<out>/linear-<device>-<date>.json` (written atomically), with a PNG
@@ -27,7 +34,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import importlib.util
+import inspect
 import json
 import math
 import platform
@@ -70,6 +79,7 @@ D_BENCH = 128  # D = E
 TOKENS = 32768  # B * N of the "tokens" series
 SEQS = (512, 1024, 2048, 4096, 8192, 16384, 32768)
 QUICK_SEQS = (1024, 4096, 32768)
+DELTA_CPU_SHAPE = (1, 1, 72, 16)  # (B, H, N, D = E): the delta family's CPU preflight (see preflight_shape)
 SERIES = ("b1", "tokens")
 SERIES_TEXT = {"b1": "B = 1", "tokens": f"B*N = {TOKENS // 1024}k"}
 IMPLS = ("attnc", "fla")
@@ -88,8 +98,8 @@ TARGETS = {
 }
 CPU_MESSAGE = (
     "No CUDA GPU found: GPU timings need a GPU. This run did the correctness preflight (attnc's chunked and "
-    "recurrent Triton kernels under the Triton interpreter, float32, against the PyTorch reference), the "
-    "codegen timing and a check that fla imports."
+    "recurrent Triton kernels under the Triton interpreter, float32, against the PyTorch reference; the delta "
+    "family against a float64 token-by-token recurrence), the codegen timing and a check that fla imports."
 )
 FWD_TOL: dict[torch.dtype, float] = bench.FWD_TOL
 GRAD_TOL: dict[torch.dtype, float] = bench.GRAD_TOL
@@ -103,10 +113,20 @@ GATE_TOL = FWD_TOL[DTYPE]  # attnc vs fla outputs at each benchmark shape, befor
 @dataclass(frozen=True)
 class LinearVariant:
     name: str
-    spec: str  # examples/specs/<spec>.attn, attention block <spec>
+    spec: str  # <spec_dir>/<spec>.attn, attention block <spec>
     linear: bool  # False: the softmax baseline
     settings: str  # auxiliary inputs, for the JSON
     fla: str | None  # the fla call with the same semantics (None: no counterpart)
+    fla_op: str | None = None  # the fla function it calls (an attribute of `Fla`)
+    spec_dir: str = "examples/specs"
+    # A state recurrence (`state S = ...`, the delta-rule family): attnc's algorithm is "chunk" where the API
+    # accepts it, else "auto"; the preflight's oracle is `recurrence64`, not the spec's reference.
+    delta: bool = False
+    l2norm_qk: bool = False  # q, k L2-normalised per token (PyTorch, outside the timed region, both sides)
+
+    @property
+    def path(self) -> Path:
+        return bench.REPO / self.spec_dir / f"{self.spec}.attn"
 
 
 VARIANTS: dict[str, LinearVariant] = {
@@ -118,6 +138,7 @@ VARIANTS: dict[str, LinearVariant] = {
             True,
             "elu+1 features, decay[h] = 2^(-8(h+1)/H) (ALiBi slopes, as in TransNormerLLM), causal, norm none",
             "chunk_simple_gla(elu(q)+1, elu(k)+1, v, g_gamma=-decay, scale=1.0)",
+            "chunk_simple_gla",
         ),
         LinearVariant(
             "retention",
@@ -125,6 +146,7 @@ VARIANTS: dict[str, LinearVariant] = {
             True,
             "gamma[h] = 1 - 2^(-5-h) (RetNet's and fla's), scale D^-0.5",
             "chunk_retention(q, k, v) (its fixed gamma[h] = 1 - 2^(-5-h), scale K^-0.5)",
+            "chunk_retention",
         ),
         LinearVariant(
             "gated_linear",
@@ -132,6 +154,7 @@ VARIANTS: dict[str, LinearVariant] = {
             True,
             "g = cumsum(logsigmoid(x) / 16), x ~ N(0, 1) per (b, h, i), scale D^-0.5",
             "chunk_simple_gla(q, k, v, g=first difference of our cumulative g, scale K^-0.5)",
+            "chunk_simple_gla",
         ),
         LinearVariant(
             "linear_elu",
@@ -139,6 +162,56 @@ VARIANTS: dict[str, LinearVariant] = {
             True,
             "elu+1 features, norm = sum(eps = 1e-6), causal",
             "chunk_linear_attn(elu(q)+1, elu(k)+1, v, scale=1.0, normalize=True) (its eps: 1e-10)",
+            "chunk_linear_attn",
+        ),
+        # The delta-rule family (zoo/specs/, issue 12): q, k L2-normalised for the delta rules (as the models and
+        # fla's tests do), log-gates g = logsigmoid(x) / 16 (fla's tests' gate_logit_normalizer), beta = sigmoid(x),
+        # x ~ N(0, 1); scale D^-0.5 on both sides (fla's default K^-0.5, passed explicitly).
+        LinearVariant(
+            "deltanet",
+            "deltanet",
+            True,
+            "S = S (I - beta k k^T) + beta v k^T, o = S q D^-0.5; q, k L2-normalised, beta = sigmoid(x)",
+            "chunk_delta_rule(q, k, v, beta, scale=K^-0.5) (q, k normalised by us: use_qk_l2norm_in_kernel=False)",
+            "chunk_delta_rule",
+            "zoo/specs",
+            delta=True,
+            l2norm_qk=True,
+        ),
+        LinearVariant(
+            "gated_deltanet",
+            "gated_deltanet",
+            True,
+            "S = S exp(g) (I - beta k k^T) + beta v k^T, g = logsigmoid(x)/16 per (b, h, i), beta = sigmoid(x); "
+            "q, k L2-normalised, scale D^-0.5",
+            "chunk_gated_delta_rule(q, k, v, g, beta, scale=K^-0.5) (g: log-space [B, T, H])",
+            "chunk_gated_delta_rule",
+            "zoo/specs",
+            delta=True,
+            l2norm_qk=True,
+        ),
+        LinearVariant(
+            "kda",
+            "kda",
+            True,
+            "S = S Diag(exp(g)) (I - beta k k^T) + beta v k^T, g = logsigmoid(x)/16 per (b, h, i, d) float32, "
+            "beta = sigmoid(x); q, k L2-normalised, scale D^-0.5",
+            "chunk_kda(q, k, v, g, beta, scale=K^-0.5) (g: log-space [B, T, H, K], use_gate_in_kernel=False)",
+            "chunk_kda",
+            "zoo/specs",
+            delta=True,
+            l2norm_qk=True,
+        ),
+        LinearVariant(
+            "gla",
+            "gla",
+            True,
+            "per-channel GLA: S = S Diag(exp(g)) + v k^T, g = logsigmoid(x)/16 per (b, h, i, d) float32, "
+            "scale D^-0.5; q, k as drawn (no normalisation)",
+            "chunk_gla(q, k, v, g, scale=K^-0.5) (g: log-space [B, T, H, K])",
+            "chunk_gla",
+            "zoo/specs",
+            delta=True,
         ),
         LinearVariant(
             "causal", "causal", False, "softmax, j <= i, scale D^-0.5 (the quadratic baseline)", None
@@ -146,6 +219,15 @@ VARIANTS: dict[str, LinearVariant] = {
     )
 }
 LINEAR = tuple(n for n, v in VARIANTS.items() if v.linear)
+DELTA = tuple(n for n, v in VARIANTS.items() if v.delta)
+# The delta family's auxiliary inputs, in the spec's parameter order (after q, k, v).
+DELTA_AUX: dict[str, tuple[str, ...]] = {
+    "deltanet": ("beta",),
+    "gated_deltanet": ("beta", "g"),
+    "kda": ("beta", "g"),
+    "gla": ("g",),
+}
+GATE_DIVISOR = 16.0  # g = logsigmoid(x) / 16, as fla's tests (gate_logit_normalizer)
 
 
 @dataclass
@@ -157,8 +239,33 @@ class Aux:
     fla_kwargs: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def make_aux(name: str, B: int, H: int, N: int, device: torch.device | str, *, seed: int = 0) -> Aux:
+def make_aux(
+    name: str,
+    B: int,
+    H: int,
+    N: int,
+    device: torch.device | str,
+    *,
+    seed: int = 0,
+    D: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Aux:
+    """D: the key width of per-channel gates (default D_BENCH); dtype: beta's (q's dtype: both sides get the
+    same rounded values). Log-gates are float32 on both sides."""
     heads = torch.arange(H, dtype=torch.float32)
+    if name in DELTA_AUX:
+        gen = torch.Generator().manual_seed(seed)
+        D = D_BENCH if D is None else D
+        extras, fla_kwargs = [], {}
+        for arg in DELTA_AUX[name]:
+            if arg == "beta":
+                t = torch.sigmoid(torch.randn(B, H, N, generator=gen)).to(dtype)
+            else:
+                shape = (B, H, N, D) if name in ("kda", "gla") else (B, H, N)
+                t = F.logsigmoid(torch.randn(*shape, generator=gen)) / GATE_DIVISOR
+            extras.append(t.to(device))
+            fla_kwargs[arg] = t.transpose(1, 2).contiguous().to(device)  # fla's [B, T, H] / [B, T, H, K]
+        return Aux(tuple(extras), fla_kwargs)
     if name == "lightning":
         decay = torch.exp2(-8.0 * (heads + 1) / H).to(device)
         return Aux((decay,), {"g_gamma": -decay})
@@ -188,14 +295,39 @@ class Fla:
     chunk_simple_gla: Callable[..., Any] | None = None
     chunk_retention: Callable[..., Any] | None = None
     chunk_linear_attn: Callable[..., Any] | None = None
+    chunk_delta_rule: Callable[..., Any] | None = None
+    chunk_gated_delta_rule: Callable[..., Any] | None = None
+    chunk_kda: Callable[..., Any] | None = None
+    chunk_gla: Callable[..., Any] | None = None
     error: str | None = None
+    missing: dict[str, str] = field(default_factory=dict)  # the ops this fla lacks, and why
 
     @property
     def available(self) -> bool:
         return self.error is None and self.chunk_simple_gla is not None
 
+    def has(self, name: str) -> bool:
+        """fla has variant `name`'s counterpart."""
+        op = VARIANTS[name].fla_op
+        return self.available and op is not None and getattr(self, op, None) is not None
+
     def info(self) -> dict[str, Any]:
-        return {"available": self.available, "version": self.version, "error": self.error}
+        return {
+            "available": self.available,
+            "version": self.version,
+            "error": self.error,
+            "missing": self.missing,
+        }
+
+
+# The delta family's fla ops: (module, function). Each is imported on its own, so that an fla without one
+# (chunk_kda is recent) still benchmarks the others.
+FLA_DELTA_OPS = (
+    ("fla.ops.delta_rule", "chunk_delta_rule"),
+    ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+    ("fla.ops.kda", "chunk_kda"),
+    ("fla.ops.gla", "chunk_gla"),
+)
 
 
 def load_fla() -> Fla:
@@ -210,12 +342,33 @@ def load_fla() -> Fla:
             from fla.ops.simple_gla import chunk_simple_gla
     except Exception as err:
         return Fla(error=f"{type(err).__name__}: {err}")
+    ops: dict[str, Any] = {}
+    missing: dict[str, str] = {}
+    for module, fn in FLA_DELTA_OPS:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ops[fn] = getattr(importlib.import_module(module), fn)
+        except Exception as err:
+            missing[fn] = f"{type(err).__name__}: {err}"
     return Fla(
         version=getattr(fla, "__version__", None),
         chunk_simple_gla=chunk_simple_gla,
         chunk_retention=chunk_retention,
         chunk_linear_attn=chunk_linear_attn,
+        missing=missing,
+        **ops,
     )
+
+
+def _seq_first(fn: Callable[..., Any]) -> dict[str, Any]:
+    """head_first=False where the op still has that argument (fla < 0.3 defaulted some ops to head-first
+    [B, H, T, K]); later versions take [B, T, H, K] only and have no such argument."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"head_first": False} if "head_first" in params else {}
 
 
 def elu1(x: torch.Tensor) -> torch.Tensor:
@@ -238,12 +391,70 @@ def fla_forward(
         return fla.chunk_simple_gla(q=q, k=k, v=v, g=aux.fla_kwargs["g"])[0]
     if name == "linear_elu":
         return fla.chunk_linear_attn(elu1(q), elu1(k), v, scale=1.0, normalize=True)[0]
+    if name in DELTA_AUX:
+        # Keywords only (argument orders differ between versions: chunk_kda(q, k, v, g, beta)); the scale
+        # explicitly (fla's default K^-0.5 is ours too); q and k arrive normalised (use_qk_l2norm_in_kernel
+        # stays at its default, False); the log-gates as they are (kda: use_gate_in_kernel=False, the default).
+        op = getattr(fla, str(VARIANTS[name].fla_op))
+        assert op is not None, f"this fla has no {VARIANTS[name].fla_op}"
+        kw = {a: aux.fla_kwargs[a] for a in DELTA_AUX[name]}
+        return op(q=q, k=k, v=v, **kw, scale=q.shape[-1] ** -0.5, **_seq_first(op))[0]
     raise ValueError(f"{name!r} has no fla counterpart")
 
 
 def to_fla(x: torch.Tensor) -> torch.Tensor:
     """[B, H, N, D] -> fla's [B, T, H, D], contiguous."""
     return x.transpose(1, 2).contiguous()
+
+
+def prepare_qk(name: str, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The variant's q and k as both implementations receive them: L2-normalised per token (in float32, then
+    rounded to their dtype) for the delta rules, else unchanged. Done once, outside the timed region."""
+    if not VARIANTS[name].l2norm_qk:
+        return q, k
+    return tuple(F.normalize(t.float(), p=2, dim=-1).to(t.dtype) for t in (q, k))  # type: ignore[return-value]
+
+
+def delta_kwargs(name: str, extras: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+    """attnc's auxiliary inputs of a delta-family variant by name (beta, g)."""
+    return dict(zip(DELTA_AUX[name], extras, strict=True))
+
+
+def recurrence64(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None = None,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The preflight's oracle for the delta family, token by token in float64, written from the papers' updates
+    independently of attnc's runtime: per (batch, head) a state S [E, D] (value x key channels), zero at first;
+    for each token t
+
+        S <- S Diag(exp(g_t))            (g [B, H, N]: a scalar gate; [B, H, N, D]: per key channel; None: 1)
+        S <- S + beta_t (v_t - S k_t) k_t^T   (the delta rule; beta None: S + v_t k_t^T, GLA)
+        o_t = scale * S q_t
+
+    which is DeltaNet (g None), Gated DeltaNet (scalar g), KDA (per-channel g: decay, then the delta correction
+    of the decayed state) and GLA (beta None). q, k, v [B, H, N, D|E]; returns o [B, H, N, E] and the final
+    S [B, H, E, D], float64 and differentiable."""
+    q, k, v = (t.double() for t in (q, k, v))
+    B, H, N, D = q.shape
+    scale = D**-0.5 if scale is None else scale
+    S = q.new_zeros(B, H, v.shape[-1], D)
+    outs = []
+    for t in range(N):
+        kt, vt = k[:, :, t], v[:, :, t]
+        if g is not None:
+            a = g[:, :, t].double().exp()
+            S = S * (a[..., None, None] if a.dim() == 2 else a[..., None, :])
+        u = vt
+        if beta is not None:
+            u = beta[:, :, t].double()[..., None] * (vt - torch.einsum("bhed,bhd->bhe", S, kt))
+        S = S + u[..., :, None] * kt[..., None, :]
+        outs.append(scale * torch.einsum("bhed,bhd->bhe", S, q[:, :, t]))
+    return torch.stack(outs, dim=2), S
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -469,8 +680,9 @@ def preflight_variant(
 
     if variant.linear and gpu:
         rec = {**base, "impl": "fla", "vs": "reference", "tol": tol, "call": variant.fla}
-        if not fla.available:
-            rec.update(status="unavailable", passed=None, error=fla.error)
+        if not fla.has(name):
+            why = fla.error or fla.missing.get(str(variant.fla_op))
+            rec.update(status="unavailable", passed=None, error=why)
         else:
             try:
                 leaves = [t.detach().clone().requires_grad_() for t in (q0, k0, v0)]
@@ -483,6 +695,90 @@ def preflight_variant(
                 rec.update(status="error", passed=False, error=f"{type(err).__name__}: {str(err)[:500]}")
         _print_preflight(res.add("preflight", rec))
     return ok
+
+
+def _chunk_refused(err: Exception) -> bool:
+    """The delta runtime's refusal of algorithm="chunk" (per-channel gates, today) — a ValueError naming the
+    algorithm — as opposed to a failure of the kernels."""
+    return isinstance(err, ValueError) and "algorithm='chunk'" in str(err)
+
+
+def preflight_delta(
+    res: Any, name: str, op: Callable[..., Any], fla: Fla, *, gpu: bool, B: int, H: int, N: int, D: int
+) -> tuple[bool, str]:
+    """A delta-family variant against `recurrence64` (float64, on the same rounded inputs): attnc's output,
+    gradients of q, k, v and final state with algorithm="chunk", or "auto" where the API refuses "chunk" (the
+    refusal is recorded); on a GPU also "recurrent", and fla's output and gradients. Returns (attnc passed,
+    the algorithm to time)."""
+    variant = VARIANTS[name]
+    device = torch.device("cuda" if gpu else "cpu")
+    dtype = DTYPE if gpu else torch.float32
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{name}-{B}-{H}-{N}-{D}".encode()))
+    q0, k0, v0, do0 = (torch.randn(B, H, N, D, generator=gen).to(device, dtype) for _ in range(4))
+    q0, k0 = prepare_qk(name, q0, k0)
+    aux = make_aux(name, B, H, N, device, seed=1, D=D, dtype=dtype)
+    base = {"variant": name, "B": B, "H": H, "N": N, "D": D, "dtype": str(dtype).replace("torch.", "")}
+    tol = {"fwd": FWD_TOL[dtype], "grad": GRAD_TOL[dtype]}
+
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q0, k0, v0)]
+    o_ref, s_ref = recurrence64(*ref_leaves, **delta_kwargs(name, aux.extras))
+    o_ref.backward(do0.double())
+    ref_grads = [t.grad for t in ref_leaves]
+    assert all(t is not None for t in ref_grads)
+
+    ok = True
+    chosen = "chunk"
+    algorithms = ["chunk", "recurrent"] if gpu else ["chunk"]
+    while algorithms:
+        alg = algorithms.pop(0)
+        rec: dict[str, Any] = {**base, "impl": f"attnc_{alg}", "vs": "recurrence64", "tol": tol}
+        try:
+            leaves = [t.detach().clone().requires_grad_() for t in (q0, k0, v0)]
+
+            def fwd(leaves: list[torch.Tensor] = leaves, alg: str = alg) -> Any:
+                return op(*leaves, *aux.extras, backend="triton", algorithm=alg, return_state=True)
+
+            (o, state), first_fwd = bench._timed(fwd, gpu)
+            _, first_bwd = bench._timed(lambda o=o: o.backward(do0), gpu)
+            errs = _errs(o, [t.grad for t in leaves], o_ref, ref_grads)
+            errs["state"] = bench.rel_err(state, s_ref)
+            passed = _passed(errs, dtype)
+            rec.update(
+                status="pass" if passed else "fail",
+                passed=passed,
+                max_rel_err=errs,
+                first_fwd_s=first_fwd,
+                first_bwd_s=first_bwd,
+            )
+        except Exception as err:
+            if alg == "chunk" and _chunk_refused(err):
+                # Not a failure: this API has no chunked form for the variant yet; "auto" picks what it has.
+                rec.update(status="unsupported", passed=None, error=f"{type(err).__name__}: {str(err)[:500]}")
+                _print_preflight(res.add("preflight", rec))
+                chosen = "auto"
+                algorithms.insert(0, "auto")
+                continue
+            rec.update(status="error", passed=False, error=f"{type(err).__name__}: {str(err)[:500]}")
+        ok = ok and bool(rec["passed"])
+        _print_preflight(res.add("preflight", rec))
+
+    if gpu:
+        rec = {**base, "impl": "fla", "vs": "recurrence64", "tol": tol, "call": variant.fla}
+        if not fla.has(name):
+            why = fla.error or fla.missing.get(str(variant.fla_op), f"no {variant.fla_op}")
+            rec.update(status="unavailable", passed=None, error=why)
+        else:
+            try:
+                leaves = [t.detach().clone().requires_grad_() for t in (q0, k0, v0)]
+                o = fla_forward(fla, name, *(to_fla(t) for t in leaves), aux).transpose(1, 2)
+                o.backward(do0)
+                errs = _errs(o, [t.grad for t in leaves], o_ref, ref_grads)
+                passed = _passed(errs, dtype)
+                rec.update(status="pass" if passed else "fail", passed=passed, max_rel_err=errs)
+            except Exception as err:
+                rec.update(status="error", passed=False, error=f"{type(err).__name__}: {str(err)[:500]}")
+        _print_preflight(res.add("preflight", rec))
+    return ok, chosen
 
 
 def _print_preflight(r: dict[str, Any]) -> None:
@@ -511,6 +807,12 @@ class Context:
     budget_s: float
     start: float
     device: str = "cuda"
+    algorithms: dict[str, str] = field(default_factory=dict)  # delta family: the preflight's choice
+
+    def algorithm(self, name: str) -> str:
+        """attnc's algorithm for a linear variant: "chunk"; the delta family: "chunk" where the preflight found
+        the API accepts it, else "auto" (also without a preflight)."""
+        return self.algorithms.get(name, "auto") if VARIANTS[name].delta else "chunk"
 
 
 def _base(name: str, B: int, N: int) -> dict[str, Any]:
@@ -548,13 +850,19 @@ def bench_shape(res: Any, ctx: Context, B: int, N: int) -> bool:
             res.add("records", {**base, "status": "skipped", "error": "attnc failed the preflight"})
             print(f"  {name:<13} B={B:<3} N={N:<6} skipped: attnc failed the preflight", flush=True)
             continue
-        aux = make_aux(name, B, H, N, device, seed=zlib.crc32(f"aux-{B}-{N}".encode()))
+        aux = make_aux(name, B, H, N, device, seed=zlib.crc32(f"aux-{B}-{N}".encode()), D=D, dtype=DTYPE)
         op = ctx.ops[name]
+        # The variant's q and k (normalised for the delta rules), made here, outside the timed region.
+        vq, vk = prepare_qk(name, q, k)
+        vfq, vfk = (fq, fk) if vq is q else (to_fla(vq), to_fla(vk))
+        alg = ctx.algorithm(name) if variant.linear else None
         impls: dict[str, tuple[Callable[..., torch.Tensor], tuple[torch.Tensor, ...]]] = {}
         if variant.linear:
             impls["attnc"] = (
-                lambda q, k, v, op=op, aux=aux: op(q, k, v, *aux.extras, backend="triton", algorithm="chunk"),
-                (q, k, v, dout),
+                lambda q, k, v, op=op, aux=aux, alg=alg: op(
+                    q, k, v, *aux.extras, backend="triton", algorithm=alg
+                ),
+                (vq, vk, v, dout),
             )
         else:
             impls["attnc"] = (lambda q, k, v, op=op: op(q, k, v, backend="triton"), (q, k, v, dout))
@@ -565,6 +873,9 @@ def bench_shape(res: Any, ctx: Context, B: int, N: int) -> bool:
                 na["fla"] = ("n/a", "no fla counterpart: the softmax baseline")
             elif not ctx.fla.available:
                 na["fla"] = ("unavailable", f"fla does not import: {ctx.fla.error}")
+            elif not ctx.fla.has(name):
+                why = ctx.fla.missing.get(str(variant.fla_op), "")
+                na["fla"] = ("unavailable", f"this fla has no {variant.fla_op}: {why}")
             elif not ctx.fla_ok.get(name, False):
                 na["fla"] = ("skipped", "fla failed the preflight")
             else:
@@ -578,14 +889,14 @@ def bench_shape(res: Any, ctx: Context, B: int, N: int) -> bool:
                 ours_o: torch.Tensor | None = None
                 try:
                     with torch.no_grad():
-                        ours_o = impls["attnc"][0](q, k, v)
-                        gate = bench.rel_err(fla_fn(fq, fk, fv).transpose(1, 2), ours_o)
+                        ours_o = impls["attnc"][0](vq, vk, v)
+                        gate = bench.rel_err(fla_fn(vfq, vfk, fv).transpose(1, 2), ours_o)
                 except Exception as err:
                     who = "fla" if ours_o is not None else "attnc (so fla is not compared)"
                     na["fla"] = ("error", f"{who}: {type(err).__name__}: {str(err)[:500]}")
                 else:
                     if gate <= GATE_TOL:
-                        impls["fla"] = (fla_fn, (fq, fk, fv, fdout))
+                        impls["fla"] = (fla_fn, (vfq, vfk, fv, fdout))
                     else:
                         na["fla"] = ("mismatch", f"max rel diff vs attnc {gate:.2e} > {GATE_TOL:.0e}")
                         print(
@@ -598,7 +909,7 @@ def bench_shape(res: Any, ctx: Context, B: int, N: int) -> bool:
             for impl, (fn, tensors) in impls.items():
                 rec = {**base, "impl": impl, "pass": pass_}
                 if impl == "attnc" and variant.linear:
-                    rec["algorithm"] = "chunk"
+                    rec["algorithm"] = alg
                 if gate is not None:
                     rec["max_rel_diff_attnc_vs_fla"] = gate
                 try:
@@ -696,7 +1007,7 @@ def write_plot(data: dict[str, Any], png: Path) -> str | None:
             if r == len(rows) - 1:
                 ax.set_xlabel("N", fontsize=8)
     handles = [
-        Line2D([], [], color=COLORS["attnc"], linestyle="-", label="attnc (chunk)"),
+        Line2D([], [], color=COLORS["attnc"], linestyle="-", label="attnc (chunk, or auto)"),
         Line2D([], [], color=COLORS["fla"], linestyle="--", label="fla (chunk)"),
         Line2D([], [], color="0.45", linestyle=":", label="attnc softmax causal"),
     ]
@@ -810,34 +1121,49 @@ def run_codegen(res: Any, variants: list[str], cache: Path) -> dict[str, Callabl
     for name in variants:
         v = VARIANTS[name]
         t0 = time.perf_counter()
-        mod = codegen.compile_file(SPEC_DIR / f"{v.spec}.attn", cache_dir=cache / "attnc")
+        mod = codegen.compile_file(v.path, cache_dir=cache / "attnc")
         seconds = time.perf_counter() - t0
         ops[name] = getattr(mod, v.spec)
-        res.add("codegen", {"variant": name, "spec": f"examples/specs/{v.spec}.attn", "codegen_s": seconds})
+        res.add("codegen", {"variant": name, "spec": f"{v.spec_dir}/{v.spec}.attn", "codegen_s": seconds})
         print(f"  {name:<13} {seconds * 1e3:8.1f} ms", flush=True)
     return ops
 
 
+def preflight_shape(name: str, gpu: bool) -> tuple[int, int, int, int]:
+    """(B, H, N, D = E) of a variant's preflight. On a GPU: B=2, H=4, N=1000 (ragged: not a multiple of the
+    chunk), D=E=128, bf16. On CPU (float32, Triton interpreter): B=1, H=2, N=80, D=E=32; the delta family
+    B=1, H=1, N=72 (ragged for chunks of 16, 32 and 64), D=E=16 (its backward is slow under the interpreter)."""
+    if gpu:
+        return 2, 4, 1000, D_BENCH
+    return DELTA_CPU_SHAPE if VARIANTS[name].delta else (1, 2, 80, 32)
+
+
 def run_preflight(
     res: Any, variants: list[str], ops: dict[str, Callable[..., Any]], fla: Fla, gpu: bool
-) -> tuple[dict[str, bool], dict[str, bool]]:
-    """On a GPU: B=2, H=4, N=1000 (ragged: not a multiple of the chunk), D=E=128, bf16. On CPU: B=1, H=2,
-    N=80, D=E=32, float32 under the Triton interpreter. Returns (attnc passed, fla passed) per variant."""
-    B, H, N, D = (2, 4, 1000, D_BENCH) if gpu else (1, 2, 80, 32)
+) -> tuple[dict[str, bool], dict[str, bool], dict[str, str]]:
+    """Every variant's preflight (`preflight_shape`). Returns (attnc passed, fla passed, attnc's algorithm for
+    the delta family) per variant."""
     print(
-        f"preflight at B={B} H={H} N={N} D=E={D} (max |err| / max(1, max |expected|), expected = the "
-        "reference in float32):",
+        "preflight (max |err| / max(1, max |expected|), expected = the spec's reference in float32, or for the "
+        "delta family the float64 recurrence):",
         flush=True,
     )
-    attnc_ok = {}
+    attnc_ok: dict[str, bool] = {}
+    algorithms: dict[str, str] = {}
     for name in variants:
-        attnc_ok[name] = preflight_variant(res, name, ops[name], fla, gpu=gpu, B=B, H=H, N=N, D=D)
+        B, H, N, D = preflight_shape(name, gpu)
+        if VARIANTS[name].delta:
+            attnc_ok[name], algorithms[name] = preflight_delta(
+                res, name, ops[name], fla, gpu=gpu, B=B, H=H, N=N, D=D
+            )
+        else:
+            attnc_ok[name] = preflight_variant(res, name, ops[name], fla, gpu=gpu, B=B, H=H, N=N, D=D)
     fla_ok = {
         r["variant"]: bool(r.get("passed"))
         for r in res.data["preflight"]
         if r["run"] == res.run and r["impl"] == "fla"
     }
-    return attnc_ok, fla_ok
+    return attnc_ok, fla_ok, algorithms
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -902,9 +1228,11 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "bfloat16" if gpu else "float32 (preflight only)",
             "impls": args.impls,
             "passes": args.passes,
-            "attnc_algorithm": "chunk (softmax causal: its fused kernels)",
+            "attnc_algorithm": "chunk (softmax causal: its fused kernels); the delta family: chunk where the API "
+            "accepts it, else auto (per variant in attnc_algorithms and in each record's `algorithm`)",
             "timing": f"triton.testing.do_bench median, warmup {opts.warmup_ms} ms, rep {opts.rep_ms} ms; "
-            "fla's layout [B, T, H, K] prepared outside the timed region, feature maps inside it",
+            "fla's layout [B, T, H, K] prepared outside the timed region, feature maps inside it; the delta "
+            "rules' L2-normalised q, k made outside it for both",
             "gate": f"fla timed at a shape only if max |o_fla - o_attnc| / max(1, max |o_attnc|) <= {GATE_TOL}",
             "budget_s": args.budget_s,
             "cold_caches": not args.keep_caches,
@@ -922,7 +1250,7 @@ def main(argv: list[str] | None = None) -> int:
         for n in args.variants
         for i in args.impls
         for p in args.passes
-        if i == "attnc" or (VARIANTS[n].linear and fla.available)
+        if i == "attnc" or (VARIANTS[n].linear and fla.has(n))
     }
     done: set[tuple[int, int]] = set()
     if args.resume and path.exists():
@@ -941,9 +1269,15 @@ def main(argv: list[str] | None = None) -> int:
 
     with bench.fresh_caches(args.keep_caches) as cache:
         ops = run_codegen(res, args.variants, cache)
-        attnc_ok, fla_ok = run_preflight(res, args.variants, ops, fla, gpu)
+        attnc_ok, fla_ok, algorithms = run_preflight(res, args.variants, ops, fla, gpu)
+        res.data["config"]["attnc_algorithms"] = {
+            n: algorithms.get(n, "chunk") for n in args.variants if VARIANTS[n].linear
+        }
+        res.save()
         if gpu:
-            ctx = Context(ops, fla, fla_ok, attnc_ok, opts, args.variants, args.budget_s, start)
+            ctx = Context(
+                ops, fla, fla_ok, attnc_ok, opts, args.variants, args.budget_s, start, algorithms=algorithms
+            )
             print("timings (bf16, ms = do_bench median):", flush=True)
             for B, N in plan_shapes(args.seqs, args.series):
                 if (B, N) in done:

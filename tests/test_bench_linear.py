@@ -1,7 +1,8 @@
 """benchmarks/bench_linear.py: the shapes, the fla call mapping (against a naive fla written from fla's
 documented semantics), the timing loop's gate and records (on CPU, a stand-in timer), the analysis (speedups,
-crossover, scaling ratio), resume, the plot, and the whole script on CPU (correctness preflight under the
-Triton interpreter + codegen timing + whether fla imports, no GPU timings)."""
+crossover, scaling ratio), resume, the plot, the delta family's CPU preflight (its kernels under the Triton
+interpreter against the benchmark's float64 recurrence), and the whole script on CPU (correctness preflight
+under the Triton interpreter + codegen timing + whether fla imports, no GPU timings)."""
 
 from __future__ import annotations
 
@@ -84,12 +85,89 @@ def _naive_linear_attn(
     return o, None
 
 
-def _naive_fla(bl: ModuleType) -> Any:
+def _naive_state_recurrence(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None,
+    g: torch.Tensor | None,
+    scale: float | None,
+) -> tuple[torch.Tensor, None]:
+    """fla's naive recurrences (fla/ops/kda/naive.py naive_recurrent_kda, fla/ops/gla/naive.py
+    naive_recurrent_gla) in their own orientation: layout [B, T, H, K], state [B, H, K, V];
+    S <- S * exp(g) (per key channel, or one scalar), then S += beta k (v - k^T S)^T (or k v^T without beta),
+    o = (scale q)^T S. Default scale K^-0.5."""
+    B, T, H, K = q.shape
+    scale = K**-0.5 if scale is None else scale
+    qh, kh, vh = (x.double().transpose(1, 2) for x in (q, k, v))  # [B, H, T, .]
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64)
+    o = torch.zeros_like(vh)
+    for i in range(T):
+        if g is not None:
+            gi = g[:, i].double().exp()  # [B, H] or [B, H, K]
+            S = S * (gi[..., None, None] if gi.dim() == 2 else gi[..., None])
+        ki, vi = kh[:, :, i], vh[:, :, i]
+        if beta is None:
+            S = S + ki[..., None] * vi[..., None, :]
+        else:
+            bi = beta[:, i].double()[..., None]
+            S = S + torch.einsum("bhk,bhv->bhkv", bi * ki, vi - (ki[..., None] * S).sum(-2))
+        o[:, :, i] = torch.einsum("bhk,bhkv->bhv", qh[:, :, i] * scale, S)
+    return o.transpose(1, 2).to(q.dtype), None
+
+
+def _naive_delta_rule(q: Any, k: Any, v: Any, beta: Any, scale: float | None = None) -> Any:
+    return _naive_state_recurrence(q, k, v, beta, None, scale)
+
+
+def _naive_gated_delta_rule(q: Any, k: Any, v: Any, g: Any, beta: Any, scale: float | None = None) -> Any:
+    assert g.shape == beta.shape  # one log-gate per token: [B, T, H]
+    return _naive_state_recurrence(q, k, v, beta, g, scale)
+
+
+def _naive_kda(q: Any, k: Any, v: Any, g: Any, beta: Any, scale: float | None = None, **kwargs: Any) -> Any:
+    assert g.shape == q.shape and not kwargs.get("use_gate_in_kernel", False)  # log-space [B, T, H, K]
+    return _naive_state_recurrence(q, k, v, beta, g, scale)
+
+
+def _naive_gla(q: Any, k: Any, v: Any, g: Any, scale: float | None = None, head_first: bool = True) -> Any:
+    """With an old fla's head_first=True default: [B, H, T, K] unless told otherwise."""
+    if head_first:
+        q, k, v, g = (x.transpose(1, 2) for x in (q, k, v, g))
+    o, _ = _naive_state_recurrence(q, k, v, None, g, scale)
+    return (o.transpose(1, 2) if head_first else o), None
+
+
+def _naive_fla(bl: ModuleType, **kw: Any) -> Any:
+    ops = {
+        "chunk_delta_rule": _naive_delta_rule,
+        "chunk_gated_delta_rule": _naive_gated_delta_rule,
+        "chunk_kda": _naive_kda,
+        "chunk_gla": _naive_gla,
+        **kw,
+    }
     return bl.Fla(
         version="naive",
         chunk_simple_gla=_naive_simple_gla,
         chunk_retention=_naive_retention,
         chunk_linear_attn=_naive_linear_attn,
+        **ops,
+    )
+
+
+DELTA = ["deltanet", "gated_deltanet", "kda", "gla"]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """`zoo("kda")`: the module generated from zoo/specs/kda.attn, once per module."""
+    import functools
+
+    from attnc import codegen
+
+    cache = tmp_path_factory.mktemp("attnc-zoo")
+    return functools.cache(
+        lambda spec: codegen.compile_file(REPO / "zoo" / "specs" / f"{spec}.attn", cache_dir=cache)
     )
 
 
@@ -108,6 +186,38 @@ def test_fla_calls_compute_our_variants(bl: ModuleType, compiled: Any, variant: 
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("variant", DELTA)
+def test_fla_delta_calls_and_the_oracle_compute_our_variants(bl: ModuleType, zoo: Any, variant: str) -> None:
+    """The delta family: the benchmark's fla calls (keywords, fla's [B, T, H] / [B, T, H, K] gates and beta,
+    the explicit scale, head_first=False where the op has it) and its float64 oracle `recurrence64` compute
+    what the zoo spec's reference computes."""
+    B, H, N, D = 2, 3, 21, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, H, N, D, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k = bl.prepare_qk(variant, q, k)
+    assert bl.VARIANTS[variant].l2norm_qk == (variant != "gla")
+    aux = bl.make_aux(variant, B, H, N, "cpu", seed=5, D=D)
+    op = getattr(zoo(variant), variant)
+    expected, state = op(q, k, v, *aux.extras, backend="reference", return_state=True)
+    got = bl.fla_forward(_naive_fla(bl), variant, *(bl.to_fla(t) for t in (q, k, v)), aux).transpose(1, 2)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    o64, s64 = bl.recurrence64(q, k, v, **bl.delta_kwargs(variant, aux.extras))
+    torch.testing.assert_close(o64, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s64, state.double(), rtol=1e-5, atol=1e-5)  # the state is float32
+
+
+def test_load_fla_reports_instead_of_raising(bl: ModuleType) -> None:
+    fla = bl.load_fla()
+    if importlib.util.find_spec("fla") is None:
+        assert not fla.available and "No module named 'fla'" in str(fla.error)
+        assert not any(fla.has(n) for n in bl.VARIANTS)
+    info = fla.info()
+    assert {"available", "version", "error", "missing"} <= info.keys()
+    partial = _naive_fla(bl, chunk_kda=None)
+    assert partial.has("deltanet") and partial.has("gla") and not partial.has("kda")
+    assert not partial.has("causal")
+
+
 def test_aux_inputs(bl: ModuleType) -> None:
     H = 16
     gamma = bl.make_aux("retention", 1, H, 8, "cpu").extras[0]
@@ -122,6 +232,21 @@ def test_aux_inputs(bl: ModuleType) -> None:
     assert step.shape == (2, 50, H) and step.is_contiguous()  # fla's [B, T, H]
     torch.testing.assert_close(torch.cumsum(step.double(), dim=1).transpose(1, 2), gcum.double())
     assert bl.make_aux("linear_elu", 1, H, 8, "cpu").extras == ()
+    for name, shapes in (
+        ("deltanet", [(2, H, 50)]),
+        ("gated_deltanet", [(2, H, 50), (2, H, 50)]),
+        ("kda", [(2, H, 50), (2, H, 50, 32)]),
+        ("gla", [(2, H, 50, 32)]),
+    ):
+        a = bl.make_aux(name, 2, H, 50, "cpu", seed=2, D=32, dtype=torch.bfloat16)
+        assert [tuple(t.shape) for t in a.extras] == shapes
+        for arg, t in bl.delta_kwargs(name, a.extras).items():
+            f = a.fla_kwargs[arg]
+            assert f.is_contiguous() and torch.equal(f, t.transpose(1, 2))  # fla's [B, T, H(, K)]
+            if arg == "beta":
+                assert t.dtype == torch.bfloat16 and bool(((t > 0) & (t < 1)).all())
+            else:  # log-gates in float32, in (-inf, 0): per-step decays in (0, 1), mild (logsigmoid / 16)
+                assert t.dtype == torch.float32 and bool((t < 0).all()) and float(t.min()) > -1.0
 
 
 def test_plan_shapes(bl: ModuleType) -> None:
@@ -141,7 +266,17 @@ def test_parse_args(bl: ModuleType) -> None:
     assert set(bl.RATIO_SEQS) <= set(quick.seqs)  # a smoke run still gives the scaling ratio
     full = bl.parse_args([])
     assert full.series == ["b1", "tokens"] and full.seqs == list(bl.SEQS)
-    assert full.variants == ["lightning", "retention", "gated_linear", "linear_elu", "causal"]
+    assert full.variants == [
+        "lightning",
+        "retention",
+        "gated_linear",
+        "linear_elu",
+        "deltanet",
+        "gated_deltanet",
+        "kda",
+        "gla",
+        "causal",
+    ]
     with pytest.raises(SystemExit):
         bl.parse_args(["--impls", "fla"])
     with pytest.raises(SystemExit):
@@ -212,6 +347,88 @@ def test_bench_shape_gates_fla_and_writes_records(
     n = len(calls)
     assert not bl.bench_shape(res, ctx, 1, 80)
     assert len(calls) == n and res.data["records"][-1]["status"] == "skipped"
+
+
+def test_bench_shape_delta_family(bl: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The delta family in the timing loop: both sides get the L2-normalised q, k (gla: as drawn), attnc the
+    preflight's algorithm ("auto" when it did not choose), fla its layout, gated per shape; an fla without an
+    op says `unavailable` for that variant only. attnc is stood in for by the oracle (no interpreter here)."""
+    monkeypatch.setattr(bl, "H_BENCH", 2)
+    monkeypatch.setattr(bl, "D_BENCH", 16)
+    monkeypatch.setattr(bl, "DTYPE", torch.float32)
+    seen: list[tuple[str, str]] = []
+
+    def normalised(x: torch.Tensor) -> bool:
+        return torch.allclose(x.double().norm(dim=-1), torch.ones((), dtype=torch.float64), atol=1e-5)
+
+    def fake_op(name: str) -> Any:
+        def op(q: Any, k: Any, v: Any, *extras: Any, backend: str, algorithm: str) -> torch.Tensor:
+            assert backend == "triton" and q.shape[1] == 2  # attnc's [B, H, N, D]
+            assert normalised(q) == normalised(k) == (name != "gla")
+            seen.append((name, algorithm))
+            return bl.recurrence64(q, k, v, **bl.delta_kwargs(name, extras))[0].to(q.dtype)
+
+        return op
+
+    def fake_measure(fn: Any, q: Any, k: Any, v: Any, dout: Any, backward: bool, opts: Any) -> dict[str, Any]:
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves)
+        assert o.shape == dout.shape
+        if backward:
+            o.backward(dout)
+            assert all(t.grad is not None for t in leaves)
+        return {"status": "ok", "ms": 1.0, "first_call_s": 0.0, "peak_mib": 0.0, "peak_extra_mib": 0.0}
+
+    monkeypatch.setattr(bl.bench, "_measure", fake_measure)
+    fla = _naive_fla(bl, chunk_kda=None)
+    fla.missing["chunk_kda"] = "ImportError: cannot import name 'chunk_kda'"
+    names = ["deltanet", "kda", "gla"]
+    ops = {n: fake_op(n) for n in names}
+    opts = bl.bench.BenchOptions(warmup_ms=1, rep_ms=1, impls=("attnc", "fla"), passes=("fwd", "fwd+bwd"))
+    ok = {n: True for n in names}
+    res = bl.bench.Results(tmp_path / "r.json", {"runs": [{}], "records": []})
+    ctx = bl.Context(
+        ops, fla, ok, ok, opts, names, 1e9, time.perf_counter(), "cpu", algorithms={"deltanet": "chunk"}
+    )
+    assert bl.bench_shape(res, ctx, 1, 40)
+    recs = json.loads((tmp_path / "r.json").read_text())["records"]
+    status = {(r["variant"], r["impl"], r["pass"]): r["status"] for r in recs}
+    assert status == {
+        **{(n, "attnc", p): "ok" for n in names for p in bl.PASSES},
+        **{(n, "fla", p): "ok" for n in ("deltanet", "gla") for p in bl.PASSES},
+        **{("kda", "fla", p): "unavailable" for p in bl.PASSES},
+    }
+    assert all("chunk_kda" in r["error"] for r in recs if r["status"] == "unavailable")
+    ours = {r["variant"]: r for r in recs if r["impl"] == "attnc"}
+    assert {n: r["algorithm"] for n, r in ours.items()} == {"deltanet": "chunk", "kda": "auto", "gla": "auto"}
+    assert {a for n, a in seen if n == "gla"} == {"auto"}
+    for n in ("deltanet", "gla"):  # the gate compared fla's output with ours at this shape before timing fla
+        assert ours[n]["max_rel_diff_attnc_vs_fla"] < 1e-5 and ours[n]["speedup_vs_fla"] == 1.0
+    assert "max_rel_diff_attnc_vs_fla" not in ours["kda"]
+
+
+def test_preflight_delta_family(bl: ModuleType, zoo: Any, tmp_path: Path) -> None:
+    """The CPU preflight of the delta family, as the script runs it (Triton interpreter, float32, the CPU
+    shape): attnc's kernels against the float64 recurrence, output, gradients of q, k, v and the final state;
+    "chunk" where the API takes it, else the refusal is recorded and "auto" is checked (and timed)."""
+    res = bl.bench.Results(tmp_path / "p.json", {"runs": [{}], "preflight": []})
+    fla = bl.Fla(error="not used on CPU")
+    for name in DELTA:
+        B, H, N, D = bl.preflight_shape(name, False)
+        assert (B, H, N, D) == bl.DELTA_CPU_SHAPE and N % 16 and N > 64  # ragged chunks, more than one
+        ok, alg = bl.preflight_delta(res, name, getattr(zoo(name), name), fla, gpu=False, B=B, H=H, N=N, D=D)
+        recs = [r for r in res.data["preflight"] if r["variant"] == name]
+        checked = [r for r in recs if r["status"] != "unsupported"]
+        assert ok and [r["impl"] for r in checked] == [f"attnc_{alg}"], recs
+        (r,) = checked
+        assert r["passed"] is True and r["vs"] == "recurrence64" and r["dtype"] == "float32"
+        assert r["max_rel_err"].keys() == {"o", "dq", "dk", "dv", "state"}
+        assert all(e <= 2e-4 for e in r["max_rel_err"].values()), r["max_rel_err"]
+        if name in ("deltanet", "gated_deltanet"):  # scalar gates: the chunked form exists today
+            assert alg == "chunk" and len(recs) == 1
+        elif alg == "auto":  # per-channel gates before their chunked form: the refusal is on record
+            assert [x["status"] for x in recs] == ["unsupported", "pass"] and "chunk" in recs[0]["error"]
+            assert recs[0]["passed"] is None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,7 +583,7 @@ def test_plot_only_redraws_the_png(bl: ModuleType, tmp_path: Path) -> None:
 # The whole script on CPU
 
 
-@pytest.mark.slow  # the whole script (~18 s); its parts are tested above
+@pytest.mark.slow  # the whole script (~20 s); its parts are tested above
 def test_cpu_run(tmp_path: Path) -> None:
     """The script as a user runs it, on a machine without a GPU (hidden from it if there is one)."""
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -402,20 +619,32 @@ def test_cpu_run(tmp_path: Path) -> None:
         assert data["fla"]["available"] is True or data["fla"]["error"]
     assert ("fla: importable" if data["fla"]["available"] else "fla: not importable") in proc.stdout
 
-    variants = {"lightning", "retention", "gated_linear", "linear_elu", "causal"}
+    delta = {"deltanet", "gated_deltanet", "kda", "gla"}
+    variants = {"lightning", "retention", "gated_linear", "linear_elu", "causal", *delta}
     assert {c["variant"] for c in data["codegen"]} == variants
     assert all(c["codegen_s"] > 0 for c in data["codegen"])
     pre = data["preflight"]
+    # The delta family's "chunk" refused by the API (per-channel gates, today) is on record, not a failure.
+    unsupported = [r for r in pre if r["status"] == "unsupported"]
+    assert all(r["impl"] == "attnc_chunk" and r["passed"] is None for r in unsupported)
+    pre = [r for r in pre if r["status"] != "unsupported"]
     assert pre and all(r["passed"] is True and r["status"] == "pass" for r in pre), [
         r for r in pre if not r.get("passed")
     ]
-    linear = variants - {"causal"}
+    algorithms = data["config"]["attnc_algorithms"]
+    assert {algorithms[v] for v in delta} <= {"chunk", "auto"}
+    assert {r["variant"] for r in unsupported} == {v for v in delta if algorithms[v] == "auto"}
+    linear = variants - {"causal"} - delta
     checks = {(r["variant"], r["impl"], r["vs"]) for r in pre}
     assert checks == {
         *((v, f"attnc_{a}", "reference") for v in linear for a in ("chunk", "recurrent")),
         *((v, "attnc_chunk", "attnc_recurrent") for v in linear),
         ("causal", "attnc", "reference"),
+        *((v, f"attnc_{algorithms[v]}", "recurrence64") for v in delta),
     }
     assert all({"o", "dq", "dk", "dv"} == r["max_rel_err"].keys() for r in pre if r["vs"] == "reference")
     assert all(r["max_rel_err"].keys() == {"state"} for r in pre if r["vs"] == "attnc_recurrent")
+    assert all(
+        r["max_rel_err"].keys() == {"o", "dq", "dk", "dv", "state"} for r in pre if r["vs"] == "recurrence64"
+    )
     assert not list(tmp_path.glob("*.tmp"))
