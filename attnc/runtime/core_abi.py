@@ -199,7 +199,7 @@ DELTA_CHUNK_STATE = _core_signature(
 )
 DELTA_CHUNK_OUT = _core_signature(
     "_dchunk_out_kernel",
-    "Q K V U GC HS O",
+    "Q K V U GC HS OUT",
     "Q K V",
     "T H NT REP_Q REP_K REP_V",
     "D E BLOCK_D BLOCK_E CHUNK SUB G_MODE DELTA DOT_PRECISION",

@@ -66,7 +66,9 @@ class ChunkConfig:
                 raise ValueError(f"ChunkConfig.{name} must be a power of two, got {n}")
         for name in ("block_e_state", "block_e_out"):
             if getattr(self, name) < 16:
-                raise ValueError(f"ChunkConfig.{name} must be at least 16 (tl.dot), got {getattr(self, name)}")
+                raise ValueError(
+                    f"ChunkConfig.{name} must be at least 16 (tl.dot), got {getattr(self, name)}"
+                )
 
 
 def default_chunk_config(D: int, E: int) -> ChunkConfig:
@@ -183,7 +185,7 @@ def chunk_forward(
     beo = min(cfg.block_e_out, be_full)
     launch_core(
         kern, DELTA_CHUNK_OUT, (NT, B * H, _cdiv(E, beo)),
-        dict(Q=q, K=k, V=v, U=ptr(u), GC=ptr(gc), HS=hs, O=o),
+        dict(Q=q, K=k, V=v, U=ptr(u), GC=ptr(gc), HS=hs, OUT=o),
         dict(T=T, H=H, NT=NT, REP_Q=_rep(H, q), REP_K=_rep(H, k), REP_V=_rep(H, v)),
         dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=beo, CHUNK=chunk, SUB=cfg.sub, G_MODE=g_mode, DELTA=delta,
              DOT_PRECISION=prec),

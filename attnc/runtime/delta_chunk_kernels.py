@@ -262,14 +262,14 @@ def _dchunk_state_kernel(
 
 @triton.jit
 def _dchunk_out_kernel(
-    Q, K, V, U, GC, HS, O,  # core_abi.DELTA_CHUNK_OUT
+    Q, K, V, U, GC, HS, OUT,  # core_abi.DELTA_CHUNK_OUT
     T, H, NT, REP_Q, REP_K, REP_V,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
     SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """O = (Q ⊙ e^Γ) Sᵀ + P U for one chunk and BLOCK_E value channels, grid (NT, B·H, E-blocks), with S the
     chunk's entering state (HS), U the pseudo-values (DELTA) or V, and P_ij = ⟨q_i, k_j⟩_Γ on j ≤ i
-    (`_decay` for a scalar gate, `_gram_channel` per channel). O [B, H, T, E] float32."""
+    (`_decay` for a scalar gate, `_gram_channel` per channel). OUT [B, H, T, E] float32."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     pid_e = tl.program_id(2)
@@ -307,4 +307,4 @@ def _dchunk_out_kernel(
     else:
         u = _rows(V, _head_row(bh, H, REP_V, T), t, tm, offs_e, emask, E).to(tl.float32)
     out = tl.dot(P, u, out, input_precision=DOT_PRECISION)
-    tl.store(O + (ro + t[:, None]) * E + offs_e[None, :], out, mask=tm[:, None] & emask[None, :])
+    tl.store(OUT + (ro + t[:, None]) * E + offs_e[None, :], out, mask=tm[:, None] & emask[None, :])
