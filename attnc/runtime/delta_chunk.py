@@ -47,11 +47,14 @@ class ChunkConfig:
 
     sub: rows of the per-channel sub-blocks (G_MODE 2: exact elementwise products on the diagonal blocks,
         tensor-core products off it); any power of two dividing the chunk (it is no dot dimension);
+    block_dk: key channels per step of the per-channel (G_MODE 2) intra-chunk products, which loop over
+        D-blocks so that few [C, block_dk] float32 tiles are live at once (≥ 16: a dot dimension);
     block_e_state / block_e_out: value channels (state rows) per program of the state pass / output kernel
         (the state pass's state-update product has M = block_e_state: 64 gives Hopper's wgmma);
     warps_*: warps per program of each kernel; stages: software-pipelining depth of every kernel."""
 
     sub: int = 16
+    block_dk: int = 64
     block_e_state: int = 64
     block_e_out: int = 128
     warps_prep: int = 4
@@ -60,11 +63,11 @@ class ChunkConfig:
     stages: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("sub", "block_e_state", "block_e_out"):
+        for name in ("sub", "block_dk", "block_e_state", "block_e_out"):
             n = getattr(self, name)
             if n < 1 or n & (n - 1):
                 raise ValueError(f"ChunkConfig.{name} must be a power of two, got {n}")
-        for name in ("block_e_state", "block_e_out"):
+        for name in ("block_dk", "block_e_state", "block_e_out"):
             if getattr(self, name) < 16:
                 raise ValueError(
                     f"ChunkConfig.{name} must be at least 16 (tl.dot), got {getattr(self, name)}"
@@ -73,18 +76,16 @@ class ChunkConfig:
 
 def default_chunk_config(D: int, E: int) -> ChunkConfig:
     """Schedules that compile for sm_90 without spills at D = E = 64 and 128 (fp16, bf16), every kernel with a
-    tl.dot on wgmma (tests/test_delta_chunk_fwd.py compiles them ahead of time): wider heads take 8 warps,
-    so that the [C, D] float32 tiles of the per-chunk kernels fit the register file."""
-    wide = max(D, E) > 64
-    return ChunkConfig(
-        sub=16,
-        block_e_state=64,
-        block_e_out=max(16, min(_next_pow2(E), 128)),
-        warps_prep=8 if wide else 4,
-        warps_state=8 if wide else 4,
-        warps_out=8 if wide else 4,
-        stages=1,
-    )
+    tl.dot on wgmma (tests/test_delta_chunk_fwd.py compiles them ahead of time). The per-channel (G_MODE 2)
+    products step over D-blocks of 32: at 64 the per-chunk kernels spill (8-600 B), their [C, BDK] float32
+    operands being held once per warpgroup. Heads up to 64 wide: 4 warps, 64 state rows per program of the
+    state pass. Wider: 8 warps, and 32 state rows per program of the state pass (at 64 its per-channel
+    variant spills 44 B; more programs also fill more SMs in the only sequential pass)."""
+    if max(D, E) <= 64:
+        return ChunkConfig(sub=16, block_dk=32, block_e_state=64, block_e_out=64, warps_prep=4, warps_state=4,
+                           warps_out=4, stages=1)  # fmt: skip
+    return ChunkConfig(sub=16, block_dk=32, block_e_state=32, block_e_out=128, warps_prep=8, warps_state=8,
+                       warps_out=8, stages=1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def chunk_forward(
     dev, f32 = q.device, torch.float32
     NT = _cdiv(T, chunk)
     bd, be_full = max(16, _next_pow2(D)), max(16, _next_pow2(E))
+    bdk = min(cfg.block_dk, bd)
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
     prec = "ieee" if fp32_in else "tf32"
     dummy = q.new_empty(1, dtype=f32)
@@ -169,7 +171,7 @@ def chunk_forward(
             kern, DELTA_CHUNK_PREP, (NT, B * H),
             dict(K=k, V=v, BETA=ptr(beta), G=ptr(g), GC=ptr(gc), AI=ptr(ai), W=ptr(w), UT=ptr(ut)),
             dict(T=T, H=H, REP_K=_rep(H, k), REP_V=_rep(H, v), REP_B=_rep(H, beta), REP_G=_rep(H, g)),
-            dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=be_full, CHUNK=chunk, SUB=cfg.sub, G_MODE=g_mode, DELTA=delta,
+            dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=be_full, CHUNK=chunk, BLOCK_DK=bdk, SUB=cfg.sub, G_MODE=g_mode, DELTA=delta,
                  STORE_AI=ai is not None, DOT_PRECISION=prec),
             num_warps=cfg.warps_prep, num_stages=cfg.stages,
         )  # fmt: skip
@@ -187,7 +189,7 @@ def chunk_forward(
         kern, DELTA_CHUNK_OUT, (NT, B * H, _cdiv(E, beo)),
         dict(Q=q, K=k, V=v, U=ptr(u), GC=ptr(gc), HS=hs, OUT=o),
         dict(T=T, H=H, NT=NT, REP_Q=_rep(H, q), REP_K=_rep(H, k), REP_V=_rep(H, v)),
-        dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=beo, CHUNK=chunk, SUB=cfg.sub, G_MODE=g_mode, DELTA=delta,
+        dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=beo, CHUNK=chunk, BLOCK_DK=bdk, SUB=cfg.sub, G_MODE=g_mode, DELTA=delta,
              DOT_PRECISION=prec),
         num_warps=cfg.warps_out, num_stages=cfg.stages,
     )  # fmt: skip

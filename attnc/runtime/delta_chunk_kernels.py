@@ -81,16 +81,18 @@ def _decay(gam, STRICT: tl.constexpr, CHUNK: tl.constexpr):
 
 @triton.jit
 def _gram_channel(
-    x, gi, Y, GC, ry, rgc, c0, T, offs_d, dmask,
+    x, gi, y, Y, GC, ry, rgc, c0, T, offs_d, dmask, acc,
     D: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, STRICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """M_ij = ⟨x_i, y_j⟩_Γ = Σ_d x_i[d] y_j[d] e^{Γ_i[d] − Γ_j[d]} for j < i (STRICT) or j ≤ i, else 0:
-    [C, C] float32, for per-channel Γ (GLA §4's secondary chunking, as flash-linear-attention's chunk_gla).
+    """acc + M, M_ij = ⟨x_i, y_j⟩_Γ = Σ_d x_i[d] y_j[d] e^{Γ_i[d] − Γ_j[d]} for j < i (STRICT) or j ≤ i, else 0:
+    [C, C] float32, for per-channel Γ (GLA §4's secondary chunking, as flash-linear-attention's chunk_gla),
+    summed over the key channels offs_d (one D-block: callers loop over D-blocks to bound the live tiles).
 
-    x [C, BD] fp32 (the chunk's query-side rows, zero past T), gi [C, BD] its Γ (rows past T: Γ of the last
-    real token); the key rows y_j (same positions) are read from Y at rows ry + c0 + j, their Γ from GC at
-    rows rgc + min(c0 + j, T − 1). Sub-blocks of SUB rows:
+    x [C, BDK] fp32 (the chunk's query-side rows, zero past T), gi [C, BD] its Γ (rows past T: Γ of the last
+    real token), y [C, BD] fp32 the chunk's key rows (the same positions; x itself for K Kᵀ); the diagonal
+    blocks read key rows again from Y at rows ry + c0 + j, their Γ from GC at rows rgc + min(c0 + j, T − 1).
+    Sub-blocks of SUB rows:
 
     - key block b, query rows i in later blocks (i > e, e = b's last row): with e's Γ as the reference,
       (x_i ⊙ e^{Γ_i − Γ_e}) · (y_j ⊙ e^{Γ_e − Γ_j}) has both exponents ≤ 0 (Γ is non-increasing): one
@@ -100,10 +102,6 @@ def _gram_channel(
       (−inf before the exp elsewhere)."""
     offs_c = tl.arange(0, CHUNK)
     blk = offs_c // SUB
-    acc = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
-    t = c0 + offs_c
-    tm = t < T
-    y = _rows(Y, ry, t, tm, offs_d, dmask, D).to(tl.float32)
     for b in tl.static_range(CHUNK // SUB - 1):
         e = tl.minimum(c0 + b * SUB + SUB - 1, T - 1)
         ge = tl.load(GC + (rgc + e) * D + offs_d, mask=dmask, other=0.0)
@@ -142,8 +140,8 @@ def _dchunk_prep_kernel(
     K, V, BETA, G, GC, AI, W, UT,  # core_abi.DELTA_CHUNK_PREP
     T, H, REP_K, REP_V, REP_B, REP_G,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, STORE_AI: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr,
+    STORE_AI: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One chunk's per-chunk factors, grid (NT, B·H): Γ = cumsum of g within the chunk (GC [B, H, T] or
     [B, H, T, D], float32); with DELTA, A, Tinv = (I + A)⁻¹ (AI [B, H, T, C], stored under STORE_AI),
@@ -164,40 +162,58 @@ def _dchunk_prep_kernel(
     tm = t < T
     ro = bh.to(tl.int64) * T  # this state head's rows of the outputs
     rk = _head_row(bh, H, REP_K, T)
+    rg = _head_row(bh, H, REP_G, T)
     gam = offs_c * 0.0
     if G_MODE == 1:
-        gam = _dcumsum(tl.load(G + _head_row(bh, H, REP_G, T) + t, mask=tm, other=0.0).to(tl.float32))
+        gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
         tl.store(GC + ro + t, gam, mask=tm)
-    elif G_MODE == 2:
-        gam = _dcumsum(_rows(G, _head_row(bh, H, REP_G, T), t, tm, offs_d, dmask, D).to(tl.float32))
-        tl.store(GC + (ro + t[:, None]) * D + offs_d[None, :], gam, mask=tm[:, None] & dmask[None, :])
-        tl.debug_barrier()  # `_gram_channel` reads this chunk's Γ rows back
     if DELTA:
         beta = tl.load(BETA + _head_row(bh, H, REP_B, T) + t, mask=tm, other=0.0).to(tl.float32)
-        Kn = _rows(K, rk, t, tm, offs_d, dmask, D)
         if G_MODE == 2:
-            kf = Kn.to(tl.float32)
-            A = _gram_channel(
-                kf, gam, K, GC, rk, ro, c0, T, offs_d, dmask, D, CHUNK, SUB, True, DOT_PRECISION
-            )
-            kb = kf * tl.exp(gam)
+            # Per D-block (the cumsum runs down each channel on its own): Γ, stored and read back by the
+            # diagonal sub-blocks of `_gram_channel`, then that block's share of A.
+            A = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+            for d0 in tl.static_range(0, BLOCK_D, BLOCK_DK):
+                od = d0 + tl.arange(0, BLOCK_DK)
+                dm = od < D
+                gam2 = _dcumsum(_rows(G, rg, t, tm, od, dm, D).to(tl.float32))
+                tl.store(GC + (ro + t[:, None]) * D + od[None, :], gam2, mask=tm[:, None] & dm[None, :])
+                tl.debug_barrier()
+                kf = _rows(K, rk, t, tm, od, dm, D).to(tl.float32)
+                A = _gram_channel(
+                    kf, gam2, kf, K, GC, rk, ro, c0, T, od, dm, A, D, CHUNK, SUB, True, DOT_PRECISION
+                )
         else:
+            Kn = _rows(K, rk, t, tm, offs_d, dmask, D)
             # two input tiles: the input dtype (ieee for fp32 inputs), fp32 accumulation
             kk = tl.dot(Kn, tl.trans(Kn), input_precision=DOT_PRECISION)
             if G_MODE == 1:
                 A = kk * _decay(gam, True, CHUNK)
-                kb = Kn.to(tl.float32) * tl.exp(gam)[:, None]
             else:
                 A = tl.where(offs_c[:, None] > offs_c[None, :], kk, 0.0)
-                kb = Kn.to(tl.float32)
         Tinv = _unit_lower_inverse(beta[:, None] * A, CHUNK)
         if STORE_AI:
             tl.store(AI + (ro + t[:, None]) * CHUNK + offs_c[None, :], Tinv, mask=tm[:, None])
-        w = tl.dot(Tinv, beta[:, None] * kb, input_precision=DOT_PRECISION)
-        tl.store(W + (ro + t[:, None]) * D + offs_d[None, :], w, mask=tm[:, None] & dmask[None, :])
+        if G_MODE == 2:
+            for d0 in tl.static_range(0, BLOCK_D, BLOCK_DK):
+                od = d0 + tl.arange(0, BLOCK_DK)
+                dm = od < D
+                gam2 = _rows(GC, ro, tl.minimum(t, T - 1), t >= 0, od, dm, D)
+                kb = _rows(K, rk, t, tm, od, dm, D).to(tl.float32) * tl.exp(gam2)
+                w = tl.dot(Tinv, beta[:, None] * kb, input_precision=DOT_PRECISION)
+                tl.store(W + (ro + t[:, None]) * D + od[None, :], w, mask=tm[:, None] & dm[None, :])
+        else:
+            kb = Kn.to(tl.float32)
+            if G_MODE == 1:
+                kb = kb * tl.exp(gam)[:, None]
+            w = tl.dot(Tinv, beta[:, None] * kb, input_precision=DOT_PRECISION)
+            tl.store(W + (ro + t[:, None]) * D + offs_d[None, :], w, mask=tm[:, None] & dmask[None, :])
         vb = beta[:, None] * _rows(V, _head_row(bh, H, REP_V, T), t, tm, offs_e, emask, E).to(tl.float32)
         ut = tl.dot(Tinv, vb, input_precision=DOT_PRECISION)
         tl.store(UT + (ro + t[:, None]) * E + offs_e[None, :], ut, mask=tm[:, None] & emask[None, :])
+    elif G_MODE == 2:
+        gam2 = _dcumsum(_rows(G, rg, t, tm, offs_d, dmask, D).to(tl.float32))
+        tl.store(GC + (ro + t[:, None]) * D + offs_d[None, :], gam2, mask=tm[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -265,7 +281,8 @@ def _dchunk_out_kernel(
     Q, K, V, U, GC, HS, OUT,  # core_abi.DELTA_CHUNK_OUT
     T, H, NT, REP_Q, REP_K, REP_V,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """O = (Q ⊙ e^Γ) Sᵀ + P U for one chunk and BLOCK_E value channels, grid (NT, B·H, E-blocks), with S the
     chunk's entering state (HS), U the pseudo-values (DELTA) or V, and P_ij = ⟨q_i, k_j⟩_Γ on j ≤ i
@@ -283,25 +300,39 @@ def _dchunk_out_kernel(
     tm = t < T
     ro = bh.to(tl.int64) * T
     rk = _head_row(bh, H, REP_K, T)
-    Qn = _rows(Q, _head_row(bh, H, REP_Q, T), t, tm, offs_d, dmask, D)
+    rq = _head_row(bh, H, REP_Q, T)
+    hs0 = (bh.to(tl.int64) * NT + c) * E * D  # the chunk's entering state in HS
+    # The inter-chunk term first, so that the state tile is dead before the intra-chunk product starts
+    # (register pressure on sm_90 at D = 128).
     if G_MODE == 2:
-        qf = Qn.to(tl.float32)
-        gam = _rows(GC, ro, tl.minimum(t, T - 1), t >= 0, offs_d, dmask, D)
-        P = _gram_channel(qf, gam, K, GC, rk, ro, c0, T, offs_d, dmask, D, CHUNK, SUB, False, DOT_PRECISION)
-        qg = qf * tl.exp(gam)
+        # Per D-block (a key channel's terms are independent), so that few [C, BDK] tiles are live at once.
+        out = tl.zeros((CHUNK, BLOCK_E), dtype=tl.float32)
+        P = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+        for d0 in tl.static_range(0, BLOCK_D, BLOCK_DK):
+            od = d0 + tl.arange(0, BLOCK_DK)
+            dm = od < D
+            qf = _rows(Q, rq, t, tm, od, dm, D).to(tl.float32)
+            gam = _rows(GC, ro, tl.minimum(t, T - 1), t >= 0, od, dm, D)
+            Sd = tl.load(HS + hs0 + offs_e[:, None] * D + od[None, :], mask=emask[:, None] & dm[None, :])
+            out = tl.dot(qf * tl.exp(gam), tl.trans(Sd), out, input_precision=DOT_PRECISION)
+            kf = _rows(K, rk, t, tm, od, dm, D).to(tl.float32)
+            P = _gram_channel(
+                qf, gam, kf, K, GC, rk, ro, c0, T, od, dm, P, D, CHUNK, SUB, False, DOT_PRECISION
+            )
     else:
+        Qn = _rows(Q, rq, t, tm, offs_d, dmask, D)
+        S = tl.load(HS + hs0 + offs_e[:, None] * D + offs_d[None, :], mask=emask[:, None] & dmask[None, :])
+        if G_MODE == 1:
+            gam = tl.load(GC + ro + tl.minimum(t, T - 1))
+            out = tl.dot(Qn.to(tl.float32) * tl.exp(gam)[:, None], tl.trans(S), input_precision=DOT_PRECISION)
+        else:
+            out = tl.dot(Qn.to(tl.float32), tl.trans(S), input_precision=DOT_PRECISION)
         Kn = _rows(K, rk, t, tm, offs_d, dmask, D)
         qk = tl.dot(Qn, tl.trans(Kn), input_precision=DOT_PRECISION)  # the input dtype, fp32 accumulation
         if G_MODE == 1:
-            gam = tl.load(GC + ro + tl.minimum(t, T - 1))
             P = qk * _decay(gam, False, CHUNK)
-            qg = Qn.to(tl.float32) * tl.exp(gam)[:, None]
         else:
             P = tl.where(offs_c[:, None] >= offs_c[None, :], qk, 0.0)
-            qg = Qn.to(tl.float32)
-    s_off = offs_e[:, None] * D + offs_d[None, :]
-    S = tl.load(HS + (bh.to(tl.int64) * NT + c) * E * D + s_off, mask=emask[:, None] & dmask[None, :])
-    out = tl.dot(qg, tl.trans(S), input_precision=DOT_PRECISION)
     if DELTA:
         u = _rows(U, ro, t, tm, offs_e, emask, E)
     else:
