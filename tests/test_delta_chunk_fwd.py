@@ -350,13 +350,8 @@ def aot_jobs(head_dim: int, dtype: str, variants: list[tuple[int, bool]]) -> lis
             specs.append(
                 (core_abi.DELTA_CHUNK_PREP, {**per_chunk, "BLOCK_E": bd, "STORE_AI": True}, cfg.warps_prep)
             )
-        specs.append(
-            (
-                core_abi.DELTA_CHUNK_STATE,
-                {"BLOCK_E": min(cfg.block_e_state, bd), "HAS_S0": True},
-                cfg.warps_state,
-            )
-        )
+        bes = cfg.block_e_state_channel if delta and gm == 2 else cfg.block_e_state
+        specs.append((core_abi.DELTA_CHUNK_STATE, {"BLOCK_E": min(bes, bd), "HAS_S0": True}, cfg.warps_state))
         specs.append(
             (core_abi.DELTA_CHUNK_OUT, {**per_chunk, "BLOCK_E": min(cfg.block_e_out, bd)}, cfg.warps_out)
         )

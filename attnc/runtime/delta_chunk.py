@@ -51,11 +51,14 @@ class ChunkConfig:
         D-blocks so that few [C, block_dk] float32 tiles are live at once (≥ 16: a dot dimension);
     block_e_state / block_e_out: value channels (state rows) per program of the state pass / output kernel
         (the state pass's state-update product has M = block_e_state: 64 gives Hopper's wgmma);
+    block_e_state_channel: block_e_state of the per-channel delta rule (KDA), whose state pass also holds
+        a [C, D] float32 Γ tile beside W and the decayed keys;
     warps_*: warps per program of each kernel; stages: software-pipelining depth of every kernel."""
 
     sub: int = 16
     block_dk: int = 64
     block_e_state: int = 64
+    block_e_state_channel: int = 64
     block_e_out: int = 128
     warps_prep: int = 4
     warps_state: int = 4
@@ -63,11 +66,11 @@ class ChunkConfig:
     stages: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("sub", "block_dk", "block_e_state", "block_e_out"):
+        for name in ("sub", "block_dk", "block_e_state", "block_e_state_channel", "block_e_out"):
             n = getattr(self, name)
             if n < 1 or n & (n - 1):
                 raise ValueError(f"ChunkConfig.{name} must be a power of two, got {n}")
-        for name in ("block_dk", "block_e_state", "block_e_out"):
+        for name in ("block_dk", "block_e_state", "block_e_state_channel", "block_e_out"):
             if getattr(self, name) < 16:
                 raise ValueError(
                     f"ChunkConfig.{name} must be at least 16 (tl.dot), got {getattr(self, name)}"
@@ -79,13 +82,14 @@ def default_chunk_config(D: int, E: int) -> ChunkConfig:
     tl.dot on wgmma (tests/test_delta_chunk_fwd.py compiles them ahead of time). The per-channel (G_MODE 2)
     products step over D-blocks of 32: at 64 the per-chunk kernels spill (8-600 B), their [C, BDK] float32
     operands being held once per warpgroup. Heads up to 64 wide: 4 warps, 64 state rows per program of the
-    state pass. Wider: 8 warps, and 32 state rows per program of the state pass (at 64 its per-channel
-    variant spills 44 B; more programs also fill more SMs in the only sequential pass)."""
+    state pass. Wider: 8 warps; the state pass keeps 64 rows per program (its state update then runs on
+    wgmma, M = 64) except for KDA, which takes 32 (at 64 it spills 44 B; its U = Ũ − W Sᵀ product, M = C,
+    is still on wgmma, and more programs fill more SMs in the only sequential pass)."""
     if max(D, E) <= 64:
-        return ChunkConfig(sub=16, block_dk=32, block_e_state=64, block_e_out=64, warps_prep=4, warps_state=4,
-                           warps_out=4, stages=1)  # fmt: skip
-    return ChunkConfig(sub=16, block_dk=32, block_e_state=32, block_e_out=128, warps_prep=8, warps_state=8,
-                       warps_out=8, stages=1)  # fmt: skip
+        return ChunkConfig(sub=16, block_dk=32, block_e_state=64, block_e_state_channel=64, block_e_out=64,
+                           warps_prep=4, warps_state=4, warps_out=4, stages=1)  # fmt: skip
+    return ChunkConfig(sub=16, block_dk=32, block_e_state=64, block_e_state_channel=32, block_e_out=128,
+                       warps_prep=8, warps_state=8, warps_out=8, stages=1)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -175,7 +179,7 @@ def chunk_forward(
                  STORE_AI=ai is not None, DOT_PRECISION=prec),
             num_warps=cfg.warps_prep, num_stages=cfg.stages,
         )  # fmt: skip
-    bes = min(cfg.block_e_state, be_full)
+    bes = min(cfg.block_e_state_channel if delta and g_mode == 2 else cfg.block_e_state, be_full)
     launch_core(
         kern, DELTA_CHUNK_STATE, (_cdiv(E, bes), B * H),
         dict(K=k, V=v, W=ptr(w), UT=ptr(ut), GC=ptr(gc), S0=ptr(s0), HS=hs, U=ptr(u), SN=sn),
