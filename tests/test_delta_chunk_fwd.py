@@ -274,6 +274,19 @@ def test_store_false_skips_tinv_only() -> None:
     torch.testing.assert_close(lean.sn, full.sn, atol=0, rtol=0)
 
 
+def test_default_schedule_matches_the_oracle() -> None:
+    """chunk_forward without a config (`default_chunk_config`) at its default chunk of 64."""
+    for variant in ("kda", "gated", "gla"):
+        case = Case(variant, H=2, T=70, D=16, E=24, hqk=1, chunk=64, sub=16)
+        x = make_inputs(case)
+        o_ref, s_ref = run_oracle(case, x)
+        q, k, v = (x[n].float() for n in ("q", "k", "v"))  # type: ignore[union-attr]
+        beta, g, s0 = (None if x[n] is None else x[n].float() for n in ("beta", "g", "s0"))  # type: ignore[union-attr]
+        r = dc.chunk_forward(q, k, v, beta, g, s0, delta=VARIANTS[variant][0])
+        torch.testing.assert_close(r.o.double(), o_ref, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(r.sn.double(), s_ref, atol=2e-5, rtol=1e-4)
+
+
 # ---------------------------------------------------------------------------------------------- stress
 
 

@@ -149,7 +149,8 @@ def _dchunk_prep_kernel(
 
     K [B, H/REP_K, T, D], V [B, H/REP_V, T, E], BETA [B, H/REP_B, T], G [B, H/REP_G, T(, D)] (any float
     dtype: β and g are never rounded to the inputs' dtype). Products of two input tiles (K Kᵀ) run in the
-    input dtype; products with float32 factors at DOT_PRECISION."""
+    input dtype; products with float32 factors at DOT_PRECISION. Per-channel gates (G_MODE 2) work on
+    BLOCK_DK key channels at a time (Γ, A's share, W), which bounds the live [C, BLOCK_DK] tiles."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     offs_c = tl.arange(0, CHUNK)
