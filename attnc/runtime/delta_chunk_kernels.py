@@ -123,16 +123,30 @@ def _gram_channel(
 
 
 @triton.jit
-def _unit_lower_inverse(A, CHUNK: tl.constexpr):
-    """(I + A)⁻¹ for a strictly lower-triangular A [C, C], by forward substitution: row i = e_i − Σ_{j<i}
-    A_ij Tinv_j (rows j < i are final). Unit lower triangular: the UT transform's T (Yang et al. 2024, §3)."""
+def _unit_lower_inverse(A, CHUNK: tl.constexpr, SUB: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(I + A)⁻¹ for a strictly lower-triangular A [C, C] (the UT transform's T, Yang et al. 2024, §3), by
+    blocks of SUB rows, as flash-linear-attention's solve_tril: with Ad the diagonal blocks of A and Ao the
+    rest, I + A = (I + Ad)(I + N), N = (I + Ad)⁻¹ Ao, so (I + A)⁻¹ = (I + N)⁻¹ (I + Ad)⁻¹.
+
+    - (I + Ad)⁻¹ by forward substitution, the r-th row of every block at once (rows of lower offsets are
+      final): SUB − 1 steps of one [C, C] product each, instead of C − 1 row-by-row steps;
+    - N is strictly block-lower, so N^{C/SUB} = 0 and (I + N)⁻¹ = Σ_k (−N)^k exactly: C/SUB − 1 Horner steps
+      X ← Tb − N X."""
     offs_c = tl.arange(0, CHUNK)
-    Tinv = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
-    for i in range(1, CHUNK):
-        a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)  # row i of A, indexed by j
-        row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * Tinv, 0)
-        Tinv = tl.where(offs_c[:, None] == i, row[None, :], Tinv)
-    return Tinv
+    eye = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
+    same = (offs_c[:, None] // SUB) == (offs_c[None, :] // SUB)
+    Ad = tl.where(same, A, 0.0)
+    Tb = eye
+    for r in range(1, SUB):
+        rows = (offs_c % SUB) == r
+        step = eye - tl.dot(tl.where(rows[:, None], Ad, 0.0), Tb, input_precision=DOT_PRECISION)
+        Tb = tl.where(rows[:, None], step, Tb)
+    X = Tb
+    if CHUNK > SUB:
+        N = tl.dot(Tb, tl.where(same, 0.0, A), input_precision=DOT_PRECISION)
+        for _ in tl.static_range(CHUNK // SUB - 1):
+            X = Tb - tl.dot(N, X, input_precision=DOT_PRECISION)
+    return X
 
 
 @triton.jit
@@ -192,7 +206,7 @@ def _dchunk_prep_kernel(
                 A = kk * _decay(gam, True, CHUNK)
             else:
                 A = tl.where(offs_c[:, None] > offs_c[None, :], kk, 0.0)
-        Tinv = _unit_lower_inverse(beta[:, None] * A, CHUNK)
+        Tinv = _unit_lower_inverse(beta[:, None] * A, CHUNK, SUB, DOT_PRECISION)
         if STORE_AI:
             tl.store(AI + (ro + t[:, None]) * CHUNK + offs_c[None, :], Tinv, mask=tm[:, None])
         if G_MODE == 2:
