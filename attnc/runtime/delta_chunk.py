@@ -45,8 +45,9 @@ def _cdiv(a: int, b: int) -> int:
 class ChunkConfig:
     """The schedule of the chunk-parallel forward (never part of the math).
 
-    sub: rows of the per-channel sub-blocks (G_MODE 2: exact elementwise products on the diagonal blocks,
-        tensor-core products off it); any power of two dividing the chunk (it is no dot dimension);
+    sub: rows of the sub-blocks: of the per-channel products (G_MODE 2: exact elementwise products on the
+        diagonal blocks, tensor-core products off it) and of the blocked (I + A)⁻¹ (sub − 1 substitution
+        steps, then chunk/sub − 1 merge steps); any power of two dividing the chunk (no dot dimension);
     block_dk: key channels per step of the per-channel (G_MODE 2) intra-chunk products, which loop over
         D-blocks so that few [C, block_dk] float32 tiles are live at once (≥ 16: a dot dimension);
     block_e_state / block_e_out: value channels (state rows) per program of the state pass / output kernel

@@ -20,7 +20,8 @@ Gated DeltaNet §3.3 for the gate), with Γ the chunk-local cumulative log-gate:
 Everything but the last line is independent per chunk, so the work splits into three launches, as
 flash-linear-attention's chunk_delta_rule / chunk_gla do:
 
-- `_dchunk_prep_kernel`, grid (NT, B·H): Γ (GC), A, Tinv (AI), W and Ũ (UT) of one chunk;
+- `_dchunk_prep_kernel`, grid (NT, B·H): Γ (GC), A, Tinv (AI; by blocks, `_unit_lower_inverse`), W and
+  Ũ (UT) of one chunk;
 - `_dchunk_state_kernel`, grid (E-blocks, B·H): the only sequential pass, chunk by chunk: the entering
   states HS, U = Ũ − W Sᵀ and S_next (SN at the end);
 - `_dchunk_out_kernel`, grid (NT, B·H, E-blocks): O = (Q ⊙ e^Γ) Sᵀ + P U.
