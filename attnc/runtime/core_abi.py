@@ -177,6 +177,35 @@ DELTA_CHUNK_FWD_VARLEN = _core_signature(
 DELTA_VARLEN = (DELTA_RECURRENT_FWD_VARLEN, DELTA_RECURRENT_BWD_VARLEN, DELTA_CHUNK_FWD_VARLEN)
 DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, DELTA_CHUNK_FWD, DELTA_CHUNK_BWD, *DELTA_VARLEN)
 
+# ---- the delta rule, chunk-parallel forward (delta_chunk_kernels.py) ------------------------------------------
+# Issue 12's decomposition: per-chunk factors in parallel over (chunk, head), one sequential state pass, the
+# outputs in parallel again. Pointers: q, k, v and beta in the input dtype; the gate G and every intermediate
+# (GC, AI, W, UT, HS, U, O, SN) float32. They live in their own kernels file, so they are not in
+# DELTA_KERNELS (whose defs test_kernel_structure holds to delta_kernels.py); DELTA_CHUNK_PARALLEL lists them.
+
+DELTA_CHUNK_PREP = _core_signature(
+    "_dchunk_prep_kernel",
+    "K V BETA G GC AI W UT",
+    "K V BETA",
+    "T H REP_K REP_V REP_B REP_G",
+    "D E BLOCK_D BLOCK_E CHUNK BLOCK_DK SUB G_MODE DELTA STORE_AI DOT_PRECISION",
+)
+DELTA_CHUNK_STATE = _core_signature(
+    "_dchunk_state_kernel",
+    "K V W UT GC S0 HS U SN",
+    "K V",
+    "T H NT REP_K REP_V",
+    "D E BLOCK_D BLOCK_E CHUNK G_MODE DELTA HAS_S0 DOT_PRECISION",
+)
+DELTA_CHUNK_OUT = _core_signature(
+    "_dchunk_out_kernel",
+    "Q K V U GC HS OUT",
+    "Q K V",
+    "T H NT REP_Q REP_K REP_V",
+    "D E BLOCK_D BLOCK_E CHUNK BLOCK_DK SUB G_MODE DELTA DOT_PRECISION",
+)
+DELTA_CHUNK_PARALLEL = (DELTA_CHUNK_PREP, DELTA_CHUNK_STATE, DELTA_CHUNK_OUT)
+
 
 def launch_core(
     kernels: object,
