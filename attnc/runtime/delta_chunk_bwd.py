@@ -54,12 +54,15 @@ class ChunkBwdSchedule:
     """Tiles and launch options of the four backward kernels (never part of the math).
 
     block_e_state: state rows (value channels) per program of the sequential pass (E splits over programs);
-    block_k: key channels per program of the dq/dk/dW kernel and per step of the WY kernel's D loop;
+    block_k: key channels per program of the dq/dk/dW kernel; block_k_wy: per step of the WY kernel's D loop;
+    block_d_intra: per step of the intra kernel's D loop (per-channel gates; else D is one tile);
     block_e: value channels per step of the loops over E; sub: rows of the per-channel sub-blocks;
     warps_*: num_warps of each kernel (multiples of 4: one warpgroup or more, for wgmma); num_stages."""
 
     block_e_state: int = 32
     block_k: int = 64
+    block_k_wy: int = 32
+    block_d_intra: int = 64
     block_e: int = 64
     sub: int = 16
     warps_intra: int = 4
@@ -75,13 +78,21 @@ def default_schedule(D: int, E: int, g_mode: int = 2) -> ChunkBwdSchedule:
     wide = max(D, E) > 64
     return ChunkBwdSchedule(
         block_e_state=32,
-        block_k=64 if not wide else 32 if g_mode == 2 else 64,
-        block_e=64 if not wide else 32,
-        warps_intra=8 if wide else 4,
-        warps_state=4 if not wide else 8,
-        warps_dqkw=4,
-        warps_wy=4 if not wide else 8,
+        block_k=32 if g_mode == 2 else 64,
+        block_k_wy=16 if g_mode == 2 else 64,
+        block_e=32,
+        block_d_intra=32 if wide else 64,
+        warps_intra=8,
+        warps_state=8 if wide else 4,
+        warps_dqkw=8,
+        warps_wy=8,
     )
+
+
+def intra_block_d(sch: ChunkBwdSchedule, D: int, g_mode: int) -> int:
+    """The intra kernel's BLOCK_D: all of D in one tile, except per-channel gates (a loop over D-blocks)."""
+    bd = max(16, _next_pow2(D))
+    return max(16, min(sch.block_d_intra, bd)) if g_mode == 2 else bd
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -117,9 +128,7 @@ def chunk_backward(
     delta: bool,
     chunk: int = 64,
     schedule: ChunkBwdSchedule | None = None,
-) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor
-]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(dq, dk, dv, dbeta, dg, ds0) of the chunked forward, from do = ∂L/∂o [B, H, T, E] and dsn = ∂L/∂S_T
     [B, H, E, D] (None: 0), per the contract of delta_chunk_design.md (the forward's intermediates gc, ai, w,
     hs, u; ut is not needed: ∂L/∂Ũ = ∂L/∂U). Gradients per input at the input's head count (shared heads
@@ -145,6 +154,7 @@ def chunk_backward(
 
     bd = max(16, _next_pow2(D))
     bk = max(16, min(sch.block_k, bd))
+    bkw = max(16, min(sch.block_k_wy, bd))
     be = max(16, min(sch.block_e, _next_pow2(E)))
     bes = max(16, min(sch.block_e_state, _next_pow2(E)))
     nk = _cdiv(D, bk)
@@ -166,7 +176,7 @@ def chunk_backward(
     launch_core(
         kern, DELTA_CBWD_INTRA, (NT, B * H),
         dict(Q=q, K=k, V=v, U=U, GC=GC, DO=do, PM=pm, KM=km, DPM=dpm, DU=du, DGS=dgs),
-        ints, dict(cx, BLOCK_D=bd, DOT_PRECISION=prec),
+        ints, dict(cx, BLOCK_D=intra_block_d(sch, D, gm), DOT_PRECISION=prec),
         num_warps=sch.warps_intra, num_stages=sch.num_stages,
     )  # fmt: skip
     dhs = torch.empty(B, H, NT, E, D, device=dev, dtype=f32)
@@ -196,7 +206,7 @@ def chunk_backward(
             kern, DELTA_CBWD_WY, (NT, B * H),
             dict(K=k, V=v, BETA=opt(beta), GC=GC, AI=opt(ai), DU=du, DW=dw, KM=km, PM=pm, DK=dk, DGK=dgk,
                  DGS=dgs, DV=dv, DBETA=d1 if dbeta is None else dbeta, DG=d1 if dg is None else dg),
-            dict(ints, NK=nk), dict(cx, BLOCK_K=bk, DOT_PRECISION=prec),
+            dict(ints, NK=nk), dict(cx, BLOCK_K=bkw, DOT_PRECISION=prec),
             num_warps=sch.warps_wy, num_stages=sch.num_stages,
         )  # fmt: skip
     return (
@@ -319,4 +329,5 @@ __all__ = [
     "chunk_backward",
     "chunk_forward_reference",
     "default_schedule",
+    "intra_block_d",
 ]

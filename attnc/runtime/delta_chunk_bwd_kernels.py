@@ -119,45 +119,62 @@ def _gam_at(GCb, rows, cols, c0, T, kmask, glast, D):
 
 @triton.jit
 def _g2_mat(
-    CM, X, G, Yb, GCb, glast, c0, T, offs_c, offs_k, kmask, D,
-    STRICT: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CM, Xb, Yb, GCb, c0, T, offs_c, D,
+    STRICT: tl.constexpr, CHUNK: tl.constexpr, SUB: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """M_ij = ⟨x_i, y_j⟩_Γ = Σ_d x_i[d] y_j[d] e^{Γ_i[d] − Γ_j[d]} for j ≤ i (j < i if STRICT), else 0, stored to
-    CM (the chunk's [C, C] scratch, row stride C). X, G: the chunk's x rows and Γ, [C, BK] registers; Yb:
-    y's row 0, GCb: Γ's row 0 (row stride D). Off-diagonal sub-blocks: with e the last row of key block b,
-    (x_i e^{Γ_i − Γ_e}) · (y_j e^{Γ_e − Γ_j}) for i > e ≥ j, one [C, BK] x [BK, SUB] product per key block.
-    Diagonal sub-blocks: elementwise, exact."""
+    CM (the chunk's [C, C] scratch, row stride C). Xb, Yb, GCb: row 0 of x, y and Γ (row stride D); the sum
+    over d runs in blocks of BK key channels (registers). Off-diagonal sub-blocks: with e the last row of key
+    block b, (x_i e^{Γ_i − Γ_e}) · (y_j e^{Γ_e − Γ_j}) for i > e ≥ j, one [C, BK] x [BK, SUB] product per key
+    block and D-block. Diagonal sub-blocks: elementwise, exact, all NS of them as one [NS, SUB, BK] tile."""
     NS: tl.constexpr = CHUNK // SUB
     offs_s = tl.arange(0, SUB)
+    lr = c0 + _last_row(c0, T, CHUNK)
     for b in tl.static_range(NS - 1):
         e = (b + 1) * SUB - 1
-        ge = _dsum(tl.where(offs_c[:, None] == e, G, 0.0), 0)
         rb = b * SUB + offs_s
-        Yt = _rows(Yb, rb[:, None], offs_k[None, :], c0, T, kmask[None, :], D)
-        Gt = _gam_at(GCb, rb[:, None], offs_k[None, :], c0, T, kmask[None, :], glast[None, :], D)
-        Yt = Yt * tl.exp(ge[None, :] - Gt)
-        Xm = X * tl.exp(tl.where(offs_c[:, None] > e, G - ge[None, :], float("-inf")))
-        m = tl.dot(Xm, tl.trans(Yt), input_precision=DOT_PRECISION)
+        m = tl.zeros((CHUNK, SUB), dtype=tl.float32)
+        for k0 in range(0, D, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            kmask = offs_k < D
+            glast = tl.load(GCb + lr * D + offs_k, mask=kmask, other=0.0)
+            G = _gam_at(GCb, offs_c[:, None], offs_k[None, :], c0, T, kmask[None, :], glast[None, :], D)
+            ge = _dsum(tl.where(offs_c[:, None] == e, G, 0.0), 0)
+            Yt = _rows(Yb, rb[:, None], offs_k[None, :], c0, T, kmask[None, :], D)
+            Gt = _gam_at(GCb, rb[:, None], offs_k[None, :], c0, T, kmask[None, :], glast[None, :], D)
+            Yt = Yt * tl.exp(ge[None, :] - Gt)
+            Xm = _rows(Xb, offs_c[:, None], offs_k[None, :], c0, T, kmask[None, :], D)
+            Xm = Xm * tl.exp(tl.where(offs_c[:, None] > e, G - ge[None, :], float("-inf")))
+            m += tl.dot(Xm, tl.trans(Yt), input_precision=DOT_PRECISION)
         tl.store(CM + offs_c[:, None] * CHUNK + rb[None, :], m)
     # the last key block's rows above the diagonal sub-block
     zl = (NS - 1) * SUB + offs_s
     zero = tl.zeros((CHUNK, SUB), dtype=tl.float32)
     tl.store(CM + offs_c[:, None] * CHUNK + zl[None, :], zero, mask=offs_c[:, None] < (NS - 1) * SUB)
-    # diagonal sub-blocks, all NS at once: [NS, SUB, BK]
+    # diagonal sub-blocks, all NS at once: [NS, SUB(i), SUB(j)]
     a2 = tl.arange(0, NS)[:, None]
     s3 = offs_s[None, :, None]
-    X3 = tl.reshape(X, (NS, SUB, X.shape[1]))
-    G3 = tl.reshape(G, (NS, SUB, G.shape[1]))
-    for jj in range(SUB):
-        rj = a2 * SUB + jj
-        yj = _rows(Yb, rj, offs_k[None, :], c0, T, kmask[None, :], D)
-        gj = _gam_at(GCb, rj, offs_k[None, :], c0, T, kmask[None, :], glast[None, :], D)
-        if STRICT:
-            keep = s3 > jj
-        else:
-            keep = s3 >= jj
-        m3 = _dsum(X3 * yj[:, None, :] * tl.exp(tl.where(keep, G3 - gj[:, None, :], float("-inf"))), 2)
-        tl.store(CM + (a2 * SUB + offs_s[None, :]) * CHUNK + rj, m3)
+    r3 = tl.arange(0, NS)[:, None, None] * SUB + s3
+    j3 = offs_s[None, None, :]
+    acc = tl.zeros((NS, SUB, SUB), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        kmask = offs_k < D
+        glast = tl.load(GCb + lr * D + offs_k, mask=kmask, other=0.0)
+        k3 = offs_k[None, None, :]
+        X3 = _rows(Xb, r3, k3, c0, T, kmask[None, None, :], D)
+        G3 = _gam_at(GCb, r3, k3, c0, T, kmask[None, None, :], glast[None, None, :], D)
+        for jj in range(SUB):
+            rj = a2 * SUB + jj
+            yj = _rows(Yb, rj, offs_k[None, :], c0, T, kmask[None, :], D)
+            gj = _gam_at(GCb, rj, offs_k[None, :], c0, T, kmask[None, :], glast[None, :], D)
+            if STRICT:
+                keep = s3 > jj
+            else:
+                keep = s3 >= jj
+            m3 = _dsum(X3 * yj[:, None, :] * tl.exp(tl.where(keep, G3 - gj[:, None, :], float("-inf"))), 2)
+            acc += tl.where(j3 == jj, m3[:, :, None], 0.0)
+    tl.store(CM + r3 * CHUNK + tl.arange(0, NS)[:, None, None] * SUB + j3, acc)
 
 
 @triton.jit
@@ -273,26 +290,21 @@ def _delta_cbwd_intra_kernel(
     rv = _head_row(bh, H, REP_V, T)
     cm = (bh.to(tl.int64) * NT * CHUNK + c0 + offs_c[:, None]) * CHUNK + offs_c[None, :]
     kd = tm[:, None] & dmask[None, :]
-    Qn = tl.load(Q + (rq + c0 + offs_c[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
-    Kn = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
     if G_MODE == 2:
-        gl = _gam_last(GC, srow, c0, T, offs_d, dmask, D, G_MODE, CHUNK)
-        gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_d, dmask, gl, D, G_MODE)
         PMc = PM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
         GCb = GC + srow * D
-        _g2_mat(
-            PMc, Qn.to(tl.float32), gam, K + rk * D, GCb, gl, c0, T, offs_c, offs_d, dmask, D,
-            False, CHUNK, SUB, DOT_PRECISION,
-        )  # fmt: skip
+        _g2_mat(PMc, Q + rq * D, K + rk * D, GCb, c0, T, offs_c, D, False, CHUNK, SUB, BLOCK_D, DOT_PRECISION)
         if DELTA:
+            KMc = KM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
             _g2_mat(
-                KM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK, Kn.to(tl.float32), gam, K + rk * D, GCb, gl,
-                c0, T, offs_c, offs_d, dmask, D, True, CHUNK, SUB, DOT_PRECISION,
-            )  # fmt: skip
+                KMc, K + rk * D, K + rk * D, GCb, c0, T, offs_c, D, True, CHUNK, SUB, BLOCK_D, DOT_PRECISION
+            )
         tl.debug_barrier()
         P = tl.load(PM + cm)
     else:
         # products of two input tiles in the input dtype (fp32 accumulation)
+        Qn = tl.load(Q + (rq + c0 + offs_c[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
+        Kn = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
         dec = offs_c[:, None] * 0.0 + 1.0
         if G_MODE == 1:
             gl = _gam_last(GC, srow, c0, T, offs_d, dmask, D, G_MODE, CHUNK)
@@ -440,32 +452,39 @@ def _delta_cbwd_dqkw_kernel(
         dKr += tl.dot(Ub.to(tl.float32), dSn, input_precision=DOT_PRECISION)
         if G_MODE != 0:
             sds += _dsum(S * dSn, 0)
-    Qc = tl.load(Q + (rq + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
-    Kc = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
     lr = _last_row(c0, T, CHUNK)
     tok = (srow + c0 + offs_c[:, None]) * D + offs_k[None, :]
+    if DELTA:
+        tl.store(DW + tok, dW, mask=kd)  # stored first: one [C, BK] tile fewer live below
     if G_MODE == 2:
+        # ordered so that few [C, BK] tiles are live at once (register pressure on sm_90)
         gl = _gam_last(GC, srow, c0, T, offs_k, kmask, D, G_MODE, CHUNK)
         gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_k, kmask, gl, D, G_MODE)
         DPMc = DPM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
         GCb = GC + srow * D
+        dq = tl.exp(gam) * dQs
         dqP = _g2_dx(
             DPMc, gam, K + rk * D, GCb, gl, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
         )
+        dq += dqP
+        Qc = tl.load(Q + (rq + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
+        dgam = Qc * dq
+        tl.store(DQ + tok, dq, mask=kd)
         dkP = _g2_dy(
             DPMc, gam, Q + rq * D, GCb, gl, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
         )
-        eg = tl.exp(gam)
-        kr = Kc * tl.exp(gl[None, :] - gam) * dKr
-        dq = eg * dQs
-        dgam = Qc * dq + Qc * dqP - Kc * dkP - kr
+        Kc = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
+        dk = tl.exp(gl[None, :] - gam) * dKr
+        kr = Kc * dk
+        dgam -= Kc * dkP + kr
         dgam += tl.where(offs_c[:, None] == lr, _dsum(kr, 0)[None, :] + (tl.exp(gl) * sds)[None, :], 0.0)
         tl.store(DGK + tok, dgam, mask=kd)
-        dq += dqP
-        dk = tl.exp(gl[None, :] - gam) * dKr + dkP
+        tl.store(DK + tok, dk + dkP, mask=kd)
     else:
         cm = (bh.to(tl.int64) * NT * CHUNK + c0 + offs_c[:, None]) * CHUNK + offs_c[None, :]
         dPd = tl.load(DPM + cm)  # dP ⊙ decay
+        Qc = tl.load(Q + (rq + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
+        Kc = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
         dq = dQs
         dk = dKr
         if G_MODE == 1:
@@ -482,10 +501,8 @@ def _delta_cbwd_dqkw_kernel(
             tl.store(DGK + (pid_k * tl.num_programs(2) + bh).to(tl.int64) * T + c0 + offs_c, dgam, mask=tm)
         dq += tl.dot(dPd, Kc, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(dPd), Qc, input_precision=DOT_PRECISION)
-    tl.store(DQ + tok, dq, mask=kd)
-    tl.store(DK + tok, dk, mask=kd)
-    if DELTA:
-        tl.store(DW + tok, dW, mask=kd)
+        tl.store(DQ + tok, dq, mask=kd)
+        tl.store(DK + tok, dk, mask=kd)
 
 
 @triton.jit
@@ -583,17 +600,21 @@ def _delta_cbwd_wy_kernel(
                 gl2 = _gam_last(GC, srow, c0, T, offs_k, kmask, D, G_MODE, CHUNK)
                 gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_k, kmask, gl2, D, G_MODE)
                 keg = Kc * tl.exp(gam) * dKb
+                dk += beta[:, None] * tl.exp(gam) * dKb
+                dgam = tl.load(DGK + tok, mask=kd, other=0.0) + beta[:, None] * keg
                 PMc = PM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
                 GCb = GC + srow * D
                 kb_ = K + rk * D
                 dx = _g2_dx(
                     PMc, gam, kb_, GCb, gl2, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
                 )
+                dk += dx
+                dgam += Kc * dx
                 dy = _g2_dy(
                     PMc, gam, kb_, GCb, gl2, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
                 )
-                dk += beta[:, None] * tl.exp(gam) * dKb + dx + dy
-                dgam = tl.load(DGK + tok, mask=kd, other=0.0) + beta[:, None] * keg + Kc * (dx - dy)
+                dk += dy
+                dgam -= Kc * dy
                 tl.store(DG + tok, _rev_cumsum(dgam), mask=kd)
             else:
                 if G_MODE == 1:
