@@ -156,13 +156,14 @@ def run_case(case: Case, seed: int = 0) -> None:
 CASES = [
     Case("deltanet", T=37),
     Case("gated", T=37),
-    Case("kda", B=2, H=4, T=37, D=32, E=16, chunk=32),  # off-diagonal sub-blocks (chunk 32 = 2 × SUB)
+    Case("kda", B=2, H=2, T=37, D=32, E=16, chunk=32),  # off-diagonal sub-blocks (chunk 32 = 2 × SUB)
     Case("gla", T=37, D=32, E=16),
     Case("gla1", T=37, D=16, E=32),
     Case("kda", T=1),
     Case("gated", T=100, chunk=32, D=16, E=32, dsn=False),
-    Case("kda", H=4, hk=2, T=37, D=16, E=32, dsn=False),
+    Case("kda", H=2, hk=1, T=37, D=16, E=32, dsn=False),
     Case("deltanet", H=4, hk=2, T=16, s0=False),
+    Case("gated", H=2, hk=1, T=20),  # a shared scalar gate
     Case("gla", T=100, chunk=32, D=16, E=16, s0=False),
     Case("kda", T=37, D=24, E=20),  # non-power-of-two head dims
     Case("deltanet", T=37, dtype=torch.float16),
