@@ -79,7 +79,7 @@ def default_schedule(D: int, E: int, g_mode: int = 2) -> ChunkBwdSchedule:
     return ChunkBwdSchedule(
         block_e_state=32,
         block_k=32 if g_mode == 2 else 64,
-        block_k_wy=16 if g_mode == 2 else 64,
+        block_k_wy=16 if g_mode == 2 else 32,
         block_e=32,
         block_d_intra=32 if wide else 64,
         warps_intra=8,
