@@ -148,6 +148,42 @@ DELTA_CHUNK_BWD = _core_signature(
     "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_DSN DOT_PRECISION",
 )
 
+# ---- the chunk-parallel delta-rule backward (delta_chunk_bwd_kernels.py) -----------------------------------
+# Parallel over chunks except the one state pass (DSTATE); G_MODE 0/1/2 and DELTA are constexprs. The
+# forward's intermediates (GC, AI, W, U, HS: delta_chunk_design.md) and the scratch products (PM, KM, DPM)
+# and partial gradients between the kernels are float32; q, k, v and beta in the input dtype.
+_CBWD_INTS = f"T H NT {_DELTA_REPS} REP_B"
+_CBWD_CONST = "D E {} BLOCK_E CHUNK SUB G_MODE DELTA"
+DELTA_CBWD_INTRA = _core_signature(
+    "_delta_cbwd_intra_kernel",
+    "Q K V U GC DO PM KM DPM DU DGS",
+    "Q K V",
+    _CBWD_INTS,
+    f"{_CBWD_CONST.format('BLOCK_D')} DOT_PRECISION",
+)
+DELTA_CBWD_DSTATE = _core_signature(
+    "_delta_cbwd_dstate_kernel",
+    "Q K W GC DO DSN DU DHS DS0",
+    "Q K",
+    _CBWD_INTS,
+    f"{_CBWD_CONST.format('BLOCK_D')} HAS_DSN DOT_PRECISION",
+)
+DELTA_CBWD_DQKW = _core_signature(
+    "_delta_cbwd_dqkw_kernel",
+    "Q K V U GC HS DO DU DHS DPM DQ DK DW DGK",
+    "Q K V",
+    _CBWD_INTS,
+    f"{_CBWD_CONST.format('BLOCK_K')} DOT_PRECISION",
+)
+DELTA_CBWD_WY = _core_signature(
+    "_delta_cbwd_wy_kernel",
+    "K V BETA GC AI DU DW KM PM DK DGK DGS DV DBETA DG",
+    "K V BETA",
+    f"T H NT NK {_DELTA_REPS} REP_B",
+    f"{_CBWD_CONST.format('BLOCK_K')} DOT_PRECISION",
+)
+DELTA_CHUNK_BWD_KERNELS = (DELTA_CBWD_INTRA, DELTA_CBWD_DSTATE, DELTA_CBWD_DQKW, DELTA_CBWD_WY)
+
 # Packed variable-length batches (NAME_varlen of a state block): the same kernels over [1, H, total, ...] rows,
 # one program per (E-block, sequence, head) walking only its sequence (CU: int32 offsets [nseq + 1], CO: int32
 # [nseq], the first slot of each sequence's stored states in its head's NCK / NC slots). The chunkwise (WY)
