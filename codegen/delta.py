@@ -253,7 +253,7 @@ def emit_recurrence(rec: Recurrence) -> str:
         "",
         f"    {doc_params}",
         f"    {returns}",
-        "    initial_state: [B, H, E, D] (float32); algorithm: 'auto', 'chunk' (scalar-gated delta rule only),",
+        "    initial_state: [B, H, E, D] (float32); algorithm: 'auto', 'chunk' (not a general rank-1 DPLR),",
         "    'recurrent'; backend: None (Triton on CUDA tensors, else the reference), 'reference' or 'triton'.",
         '    """',
     ]

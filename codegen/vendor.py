@@ -61,7 +61,8 @@ _MODULES = (
 # which delta.py will import): the lead adds each here, before delta.py, when it is merged; nothing else in
 # this file needs to change as long as the module names its kernels file by a string constant.
 _DELTA: tuple[tuple[str, str | None], ...] = (
-    # ("delta_chunk.py", "delta_chunk_kernels.py"),  <- for example, once merged
+    ("delta_chunk.py", "delta_chunk_kernels.py"),
+    ("delta_chunk_bwd.py", "delta_chunk_bwd_kernels.py"),
     ("delta.py", "delta_kernels.py"),
 )
 # attnc.runtime.delta: the module the generated code calls (as `_rt_delta`, codegen/delta.py).

@@ -491,7 +491,7 @@ def test_state_ir_verifier_rejects_malformed_matrices():
 
 def test_attnc_inspect_compiles_a_state_blocks_kernels(capsys: pytest.CaptureFixture[str]) -> None:
     """`attnc inspect` on a state block: the delta runtime's kernels in the variant its plan selects (scalar
-    gate: G_MODE=1, with the chunked forward), compiled for sm_90 with no spills."""
+    gate: G_MODE=1, with the chunk-parallel forward and backward), compiled for sm_90 with no spills."""
     pytest.importorskip("triton.backends.nvidia")
     from attnc.cli import main
 
@@ -502,7 +502,13 @@ def test_attnc_inspect_compiles_a_state_blocks_kernels(capsys: pytest.CaptureFix
     assert {
         "_delta_recurrent_fwd_kernel",
         "_delta_recurrent_bwd_kernel",
-        "_delta_chunk_fwd_kernel",
+        "_dchunk_prep_kernel",
+        "_dchunk_state_kernel",
+        "_dchunk_out_kernel",
+        "_delta_cbwd_intra_kernel",
+        "_delta_cbwd_dstate_kernel",
+        "_delta_cbwd_dqkw_kernel",
+        "_delta_cbwd_wy_kernel",
     } <= kernels
     assert all("G_MODE=1" in " ".join(r) for r in rows if "recurrent" in r[0])
     assert all(r[6] == "0" for r in rows), rows  # spill bytes
@@ -624,10 +630,11 @@ def test_vendoring_refuses_a_delta_runtime_file_missing_from_its_table(monkeypat
             vendor.runtime_module.cache_clear()
             vendor._delta_names.cache_clear()
 
+    before = vendor._DELTA[:-1]  # the delta modules delta.py imports from
     with pytest.raises(AssertionError, match=r"names the runtime kernels file delta_kernels\.py"):
-        vendored((("delta.py", None),))
+        vendored((*before, ("delta.py", None)))
     with pytest.raises(AssertionError, match=r"names the kernels file.*linear_kernels\.py"):
-        vendored((("delta.py", "delta_kernels.py"), ("delta.py", "linear_kernels.py")))
+        vendored((*before, ("delta.py", "delta_kernels.py"), ("delta.py", "linear_kernels.py")))
     monkeypatch.setattr(vendor, "_MODULES", tuple(p for p in vendor._MODULES if p.name != "varlen.py"))
     with pytest.raises(AssertionError, match="does not vendor before it"):
         vendored((("delta.py", "delta_kernels.py"),))

@@ -133,21 +133,6 @@ DELTA_RECURRENT_BWD = _core_signature(
     f"T H NBH {_DELTA_REPS} REP_G REP_R NCK",
     "D E BLOCK_D BLOCK_E G_MODE HAS_RANK1 HAS_DSN CKPT",
 )
-DELTA_CHUNK_FWD = _core_signature(
-    "_delta_chunk_fwd_kernel",
-    "Q K V BETA G S0 OUT SN HS",
-    _DELTA_IN,
-    f"T H {_DELTA_REPS} REP_B REP_G NC",
-    "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_S0 STORE_CKPT DOT_PRECISION",
-)
-DELTA_CHUNK_BWD = _core_signature(
-    "_delta_chunk_bwd_kernel",
-    "Q K V BETA G HS DO DSN DQ DK DV DBETA DG DS0",
-    _DELTA_IN,
-    f"T H NBH NE_PART {_DELTA_REPS} REP_B REP_G NC",
-    "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_DSN DOT_PRECISION",
-)
-
 # ---- the chunk-parallel delta-rule backward (delta_chunk_bwd_kernels.py) -----------------------------------
 # Parallel over chunks except the one state pass (DSTATE); G_MODE 0/1/2 and DELTA are constexprs. The
 # forward's intermediates (GC, AI, W, U, HS: delta_chunk_design.md) and the scratch products (PM, KM, DPM)
@@ -211,7 +196,7 @@ DELTA_CHUNK_FWD_VARLEN = _core_signature(
     "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_S0 STORE_CKPT DOT_PRECISION",
 )
 DELTA_VARLEN = (DELTA_RECURRENT_FWD_VARLEN, DELTA_RECURRENT_BWD_VARLEN, DELTA_CHUNK_FWD_VARLEN)
-DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, DELTA_CHUNK_FWD, DELTA_CHUNK_BWD, *DELTA_VARLEN)
+DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, *DELTA_VARLEN)
 
 # ---- the delta rule, chunk-parallel forward (delta_chunk_kernels.py) ------------------------------------------
 # Issue 12's decomposition: per-chunk factors in parallel over (chunk, head), one sequential state pass, the

@@ -30,10 +30,11 @@ Entry points (all take [B, H, T, D]-layout tensors; see docs/delta.md):
 - `dplr_reference(...)`: the exact token-by-token PyTorch recurrence (float32, or float64 for float64 input).
 
 Algorithms (`algorithm=`): "recurrent" (token by token, any variant; Triton forward and backward),
-"chunk" (the WY / UT-transform chunked forward for scalar gates — DeltaNet, Gated DeltaNet; its backward
-starts from the chunk-boundary states the forward stored and runs either the recurrent backward kernel
-(default) or the chunkwise WY backward kernel, DeltaConfig(wy_backward=True)), "reference"
-(PyTorch), "auto" (chunk for scalar gates when T ≥ 64, else recurrent). CPU tensors run the Triton kernels
+"chunk" (the delta rule in every gate form — DeltaNet, Gated DeltaNet, KDA — and GLA: the chunk-parallel
+kernels of delta_chunk.py / delta_chunk_bwd.py, WY / UT transform per chunk, forward and backward; packed
+batches run the scalar-gate chunk kernel of delta_kernels.py, whose backward is the recurrent kernel
+restarted from its chunk-boundary states), "reference" (PyTorch), "auto" (chunk when T ≥ 64 where the
+variant has a chunked form, else recurrent). CPU tensors run the Triton kernels
 under the Triton interpreter.
 
 Heads: every tensor's head count must divide the largest one, H; the state has H heads and an input with
@@ -53,8 +54,6 @@ from types import ModuleType
 import torch
 
 from .core_abi import (
-    DELTA_CHUNK_BWD,
-    DELTA_CHUNK_FWD,
     DELTA_CHUNK_FWD_VARLEN,
     DELTA_RECURRENT_BWD,
     DELTA_RECURRENT_BWD_VARLEN,
@@ -62,6 +61,8 @@ from .core_abi import (
     DELTA_RECURRENT_FWD_VARLEN,
     launch_core,
 )
+from .delta_chunk import chunk_forward
+from .delta_chunk_bwd import chunk_backward
 from .varlen import check_offsets, longest_sequence, read_offsets, sync_allowed
 
 __all__ = [
@@ -95,41 +96,44 @@ class Algorithm(str, enum.Enum):
 class DeltaConfig:
     """The schedule of the kernels (never part of the math).
 
-    chunk: tokens per chunk of the chunked forward (and the checkpoint interval of its backward), a power of
-        two ≥ 16 (tl.dot needs K ≥ 16);
+    chunk: tokens per chunk of the chunked algorithm, a power of two ≥ 16 (tl.dot needs K ≥ 16): the
+        chunk-parallel kernels' C (64 by default: wgmma-sized products at D = 128). The packed (varlen)
+        batch's chunk kernel caps it at `packed_chunk` (its whole-chunk tiles stay live in one program), which is
+        also the checkpoint interval of that path's recurrent backward;
     ckpt: checkpoint interval of the recurrent backward (the state entering every ckpt-th token is stored);
-    block_e: rows of the state (value channels) per program; E is split over programs;
-    num_warps: warps per program; wy_backward: see the field."""
+    block_e: rows of the state (value channels) per program of the recurrent kernels; E is split over programs;
+    num_warps: warps per program of the recurrent and packed chunk kernels (the chunk-parallel kernels take
+        theirs from `delta_chunk.default_chunk_config` and `delta_chunk_bwd.default_schedule`)."""
 
-    chunk: int = 32
+    chunk: int = 64
     ckpt: int = 32
     block_e: int = 32
     num_warps: int = 4
-    num_stages: int = 1  # the kernels are sequential over tokens/chunks: nothing to pipeline across loads
-    # Chunked path's backward: the chunkwise (WY) kernel, or (default) the recurrent backward kernel restarted
-    # from the chunk-boundary states. Both are exact and tested; the WY kernel still spills on sm_90
-    # (0.8-2.3 KB at D = 64 and 128), so it is opt-in until its register use is cut.
-    wy_backward: bool = False
+    num_stages: int = 1  # the recurrent kernels are sequential over tokens: nothing to pipeline across loads
+    packed_chunk: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "ckpt", "block_e"):
+        for name in ("chunk", "ckpt", "block_e", "packed_chunk"):
             n = getattr(self, name)
             if n < 1 or n & (n - 1):
                 raise ValueError(f"DeltaConfig.{name} must be a power of two, got {n}")
-        if self.chunk < 16:
-            raise ValueError(f"DeltaConfig.chunk must be at least 16 (tl.dot), got {self.chunk}")
+        for name in ("chunk", "packed_chunk"):
+            if getattr(self, name) < 16:
+                raise ValueError(
+                    f"DeltaConfig.{name} must be at least 16 (tl.dot), got {getattr(self, name)}"
+                )
 
 
 def default_config(D: int, E: int) -> DeltaConfig:
     """Schedules that compile for sm_90 without spills (tests/test_delta_rule.py compiles every kernel ahead
-    of time and checks): up to D = 64, chunks of 32 and 32 state rows per program on 4 warps; wider heads
-    (up to 128) chunks of 16 on 8 warps — chunks of 32 there spill 48 B in the chunk kernel, whose [C, D]
-    input tiles and fp32 operands of the tf32 products crowd the register file."""
+    of time and checks): chunks of 64 for the chunk-parallel kernels; the packed chunk kernel (one program
+    per (E-block, sequence, head) walking its chunks, whole [C, D] tiles live) takes chunks of 32 and 32 state
+    rows on 4 warps up to D = 64, and chunks of 16 on 8 warps for wider heads (32 spilled 48 B there)."""
     width = _next_pow2(max(D, 16))
     block_e = max(16, min(_next_pow2(E), 32))
     if width <= 64:
-        return DeltaConfig(chunk=32, ckpt=32, block_e=block_e, num_warps=4)
-    return DeltaConfig(chunk=16, ckpt=32, block_e=block_e, num_warps=8)
+        return DeltaConfig(chunk=64, ckpt=32, block_e=block_e, num_warps=4, packed_chunk=32)
+    return DeltaConfig(chunk=64, ckpt=32, block_e=block_e, num_warps=8, packed_chunk=16)
 
 
 def _next_pow2(n: int) -> int:
@@ -498,9 +502,13 @@ def _prep(x: torch.Tensor | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- chunked
 
 
-def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool, seqs=None):
-    """o, the final states and the chunk-boundary states (laid out as `_recurrent_fwd`'s checkpoints, one per
-    chunk, so that the recurrent backward restarts from them)."""
+def _packed_chunk(cfg: DeltaConfig) -> int:
+    return min(cfg.chunk, cfg.packed_chunk)
+
+
+def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool, seqs):
+    """A packed batch's o, final states and chunk-boundary states (laid out as `_recurrent_fwd`'s checkpoints,
+    one per chunk, so that the recurrent backward restarts from them)."""
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev = q.device
@@ -508,7 +516,7 @@ def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt
     nst = B if seqs is None else seqs.nseq
     sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
     nc, co, sig, hs = _state_stack(
-        seqs, cfg.chunk, (B, H, T, E, D), (DELTA_CHUNK_FWD, DELTA_CHUNK_FWD_VARLEN), store_ckpt, q
+        seqs, _packed_chunk(cfg), (B, H, T, E, D), (DELTA_CHUNK_FWD_VARLEN,) * 2, store_ckpt, q
     )
     be = min(cfg.block_e, _next_pow2(E))
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
@@ -518,7 +526,7 @@ def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt
         dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs,
              **co),
         dict(T=T, H=H, **_reps(shape, q, k, v), REP_B=_rep(shape, beta), REP_G=_rep(shape, g), NC=nc),
-        dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=cfg.chunk, HAS_G=g is not None,
+        dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=_packed_chunk(cfg), HAS_G=g is not None,
              HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32"),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
@@ -537,44 +545,42 @@ def _delta_as_dplr(k, v, beta, g, H):
     return ke, be[..., None] * ve, a, -be[..., None] * ke
 
 
-def _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig):
-    """Gradients of (q, k, v, beta, g, initial_state) by the chunkwise (WY) backward kernel."""
-    B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
-    kern = _kernels(interpret=q.device.type != "cuda")
-    dev, f32 = q.device, torch.float32
-    be = max(16, min(cfg.block_e, _next_pow2(E)))
-    ne, nc = _cdiv(E, be), hs.shape[2]
-    dq = torch.empty(ne, B, H, T, D, device=dev, dtype=f32)
-    dk = torch.empty(2 * ne, B, H, T, D, device=dev, dtype=f32)  # two parts per E-block, added below
-    dv = torch.empty(B, H, T, E, device=dev, dtype=f32)
-    dbeta = torch.empty(ne, B, H, T, device=dev, dtype=f32)
-    dg = torch.empty_like(dbeta) if g is not None else _dummy(q)
-    ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
-    fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
-    d = _dummy(q)
-    launch_core(
-        kern, DELTA_CHUNK_BWD, (ne, B * H),
-        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, HS=hs, DO=do.contiguous(),
-             DSN=d if dsn is None else dsn.contiguous(), DQ=dq, DK=dk, DV=dv, DBETA=dbeta, DG=dg, DS0=ds0),
-        dict(T=T, H=H, NBH=B * H, NE_PART=ne * B * H, **_reps(shape, q, k, v), REP_B=_rep(shape, beta),
-             REP_G=_rep(shape, g), NC=nc),
-        dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=be, CHUNK=cfg.chunk, HAS_G=g is not None,
-             HAS_DSN=dsn is not None, DOT_PRECISION="ieee" if fp32_in else "tf32"),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return (
-        _fold_heads(dq.sum(0), q.shape[1]),
-        _fold_heads(dk.sum(0), k.shape[1]),
-        _fold_heads(dv, v.shape[1]),
-        _fold_heads(dbeta.sum(0), beta.shape[1]),
-        None if g is None else _fold_heads(dg.sum(0), g.shape[1]),
-        ds0,
-    )
-
-
 class _ChunkFn(torch.autograd.Function):
-    """Chunked forward (WY); backward from the chunk-boundary states by the chunkwise kernel
-    (`DeltaConfig.wy_backward`) or by the recurrent backward kernel (default)."""
+    """The chunk-parallel algorithm on a batch: delta_chunk.chunk_forward, whose intermediates (the chunk-local
+    cumulative gates, the WY factors, the pseudo-values and the chunk-entering states) the backward
+    (delta_chunk_bwd.chunk_backward) reads instead of running the forward again."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, s0, shape, cfg, delta):  # type: ignore[override]
+        store = any(ctx.needs_input_grad[:6])
+        f = chunk_forward(q, k, v, beta, g, s0, delta=delta, chunk=cfg.chunk, store=store)
+        if store:
+            ctx.save_for_backward(q, k, v, beta, g, f.gc, f.ai, f.w, f.ut, f.hs, f.u)
+        ctx.meta = (shape, cfg, s0 is not None, delta)
+        ctx.set_materialize_grads(False)
+        return f.o, f.sn
+
+    @staticmethod
+    def backward(ctx, do, dsn):  # type: ignore[override]
+        q, k, v, beta, g, gc, ai, w, ut, hs, u = ctx.saved_tensors
+        shape, cfg, has_s0, delta = ctx.meta
+        if do is None:
+            do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
+        dq, dk, dv, dbeta, dg, ds0 = chunk_backward(
+            q, k, v, beta, g, do.contiguous(), None if dsn is None else dsn.contiguous(),
+            gc=gc, ai=ai, w=w, ut=ut, hs=hs, u=u, delta=delta, chunk=cfg.chunk,
+        )  # fmt: skip
+        out = [
+            None if gr is None or x is None else gr.to(x.dtype)
+            for gr, x in zip((dq, dk, dv, dbeta, dg), (q, k, v, beta, g), strict=True)
+        ]
+        return (*out, ds0 if has_s0 else None, None, None, None)
+
+
+class _PackedChunkFn(torch.autograd.Function):
+    """The chunked forward of a packed batch (`_delta_chunk_fwd_varlen_kernel`, scalar gates, chunks of
+    `DeltaConfig.packed_chunk` starting at each sequence's first token); backward by the recurrent kernel
+    restarted from the chunk-boundary states it stored."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, shape, cfg, seqs):  # type: ignore[override]
@@ -589,19 +595,12 @@ class _ChunkFn(torch.autograd.Function):
     def backward(ctx, do, dsn):  # type: ignore[override]
         q, k, v, beta, g, hs = ctx.saved_tensors
         shape, cfg, has_s0, seqs = ctx.meta
-        H = shape.H
         if do is None:
-            do = torch.zeros(shape.B, H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        if cfg.wy_backward and seqs is None:  # the chunkwise kernel has no packed form
-            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd(q, k, v, beta, g, hs, do, dsn, shape, cfg)
-        else:
-            dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(
-                q, k, v, beta, g, hs, do, dsn, shape, cfg, seqs
-            )
-        inputs = (q, k, v, beta, g)
+            do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
+        dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape, cfg, seqs)
         out = [
             None if gr is None else gr.to(x.dtype)
-            for gr, x in zip((dq, dk, dv, dbeta, dg), inputs, strict=True)
+            for gr, x in zip((dq, dk, dv, dbeta, dg), (q, k, v, beta, g), strict=True)
         ]
         return (*out, ds0 if has_s0 else None, None, None, None)
 
@@ -609,7 +608,7 @@ class _ChunkFn(torch.autograd.Function):
 def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig, seqs=None):
     """The chunked path's gradients by the recurrent backward in DPLR form, restarted from the chunk-boundary
     states, with the chain rule back to (k, v, β, g) done by autograd on the elementwise mapping (the
-    default; DeltaConfig(wy_backward=True) selects the chunkwise kernel)."""
+    packed batch's backward)."""
     H = shape.H
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_(True) for x in (k, v, beta)]
@@ -618,7 +617,7 @@ def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: 
         gp = None if gl is None else _expand_heads(gl, H)
         grads = _recurrent_bwd(
             q, kp.contiguous(), vp.contiguous(), _prep(gp), a.contiguous(), b.contiguous(),
-            hs, do, dsn, shape, cfg, cfg.chunk, seqs,
+            hs, do, dsn, shape, cfg, _packed_chunk(cfg), seqs,
         )  # fmt: skip
         dq, dkp, dvp, dgp, da, db, ds0 = grads
         outs = [kp, vp, a, b] + ([gp] if gp is not None else [])
@@ -660,18 +659,30 @@ def dplr(
     q [B, Hq, T, D], k [B, Hk, T, D], v [B, Hv, T, E], a, b [B, Ha, T, D] (both or neither),
     g [B, Hg, T] or [B, Hg, T, D] (log of w; absent: w = 1), initial_state [B, H, E, D].
     Returns o [B, H, T, E] (q's dtype), and the final state [B, H, E, D] (float32) with return_state=True.
-    The general form runs the recurrent algorithm ("auto" and "recurrent") or the PyTorch reference."""
+    With a rank-1 part: the recurrent algorithm ("auto" and "recurrent") or the PyTorch reference. Without
+    (GLA, or plain linear attention without g): also "chunk", which "auto" takes when T ≥ 64."""
     fn = "dplr"
     alg = _algorithm(algorithm, fn)
     shape = _check(fn, q, k, v, g=g, a=a, b=b, initial_state=initial_state)
-    if alg is Algorithm.CHUNK:
+    rank1 = a is not None or b is not None
+    if alg is Algorithm.CHUNK and rank1:
         raise _fail(
-            fn, "algorithm='chunk' covers the delta rule with scalar gates (delta_rule); use 'recurrent'"
+            fn,
+            "algorithm='chunk' covers the delta rule (delta_rule) and transitions without a rank-1 part (GLA); "
+            "a general a bᵀ part runs with algorithm='recurrent'",
         )
+    if alg is Algorithm.AUTO:
+        alg = Algorithm.CHUNK if not rank1 and shape.T >= 64 else Algorithm.RECURRENT
     if alg is Algorithm.REFERENCE:
         o, sn = dplr_reference(q, k, v, g=g, a=a, b=b, initial_state=initial_state)
         return (o, sn) if return_state else o
     cfg = config or default_config(shape.D, shape.E)
+    if alg is Algorithm.CHUNK:  # GLA: the chunk-parallel kernels without the delta correction
+        o, sn = _ChunkFn.apply(
+            q.contiguous(), k.contiguous(), v.contiguous(), None, _prep(g), _state_in(initial_state),
+            shape, cfg, False,
+        )  # fmt: skip
+        return _finish(o, sn, q, return_state)
     o, sn = _RecurrentFn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), _prep(g), _prep(a), _prep(b),
         _state_in(initial_state), shape, cfg, None,
@@ -725,22 +736,15 @@ def delta_rule(
     q [B, Hq, T, D], k [B, Hk, T, D] (L2-normalise it for the models' behaviour; not required),
     v [B, Hv, T, E], beta [B, Hb, T], initial_state [B, H, E, D] (float32). Returns o [B, H, T, E] in q's
     dtype, and the final state [B, H, E, D] (float32) with return_state=True.
-    algorithm: "chunk" (scalar gates only), "recurrent", "reference" or "auto" (chunk for scalar gates
-    when T ≥ 64, else recurrent)."""
+    algorithm: "chunk" (every gate form), "recurrent", "reference" or "auto" (chunk when T ≥ 64, else
+    recurrent)."""
     fn = "delta_rule"
     alg = _algorithm(algorithm, fn)
     if beta is None:
         raise _fail(fn, "beta (the writing strength, [B, Hb, T]) is required")
     shape = _check(fn, q, k, v, beta=beta, g=g, initial_state=initial_state)
-    scalar_gate = g is None or g.dim() == 3
-    if alg is Algorithm.CHUNK and not scalar_gate:
-        raise _fail(
-            fn,
-            "algorithm='chunk' needs a scalar gate per token (g [B, Hg, T]) or none; per-channel gates "
-            "(KDA, g [B, Hg, T, D]) run with algorithm='recurrent'",
-        )
     if alg is Algorithm.AUTO:
-        alg = Algorithm.CHUNK if scalar_gate and shape.T >= 64 else Algorithm.RECURRENT
+        alg = Algorithm.CHUNK if shape.T >= 64 else Algorithm.RECURRENT
     H = shape.H
     if alg is not Algorithm.CHUNK:
         kp, vp, a, b = _delta_as_dplr(k, v, beta, g, H)
@@ -751,7 +755,7 @@ def delta_rule(
     cfg = config or default_config(shape.D, shape.E)
     o, sn = _ChunkFn.apply(
         q.contiguous(), k.contiguous(), v.contiguous(), beta.contiguous(), _prep(g), _state_in(initial_state),
-        shape, cfg, None,
+        shape, cfg, True,
     )  # fmt: skip
     return _finish(o, sn, q, return_state)
 
@@ -984,7 +988,7 @@ def delta_rule_varlen(
     v [total, Hv, E], beta [total, Hb], g absent (DeltaNet), [total, Hg] (Gated DeltaNet) or [total, Hg, D]
     (KDA); cu_seqlens, max_seqlen, the states and the output as `dplr_varlen`. algorithm: "chunk" (scalar
     gates: chunks start at each sequence's first token; its backward is the recurrent kernel restarted from
-    the chunk-boundary states, whatever DeltaConfig.wy_backward says), "recurrent", "reference" or "auto"
+    the chunk-boundary states), "recurrent", "reference" or "auto"
     (chunk for scalar gates when the longest sequence has ≥ 64 tokens, else recurrent)."""
     fn = "delta_rule_varlen"
     alg = _algorithm(algorithm, fn)
@@ -1008,7 +1012,7 @@ def delta_rule_varlen(
         ge = None if gb is None else _expand_heads(gb, H)
         return _dplr_varlen_run(p, kp, vp, ge, a, b, alg, return_state, config)
     cfg = config or default_config(p.shape.D, p.shape.E)
-    o, sn = _ChunkFn.apply(
+    o, sn = _PackedChunkFn.apply(
         p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), betab.contiguous(), _prep(gb), _state_in(p.s0),  # type: ignore[union-attr]
         p.shape, cfg, p.seqs,
     )  # fmt: skip

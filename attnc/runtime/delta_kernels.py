@@ -14,14 +14,13 @@ Kernels:
 - `_delta_recurrent_bwd_kernel`: reverse-time recurrence of dS. Per checkpoint interval (last first) it
   recomputes the interval's states from the checkpoint into a per-program scratch buffer, then walks the
   interval backwards. Serves the chunked forward too (its chunk-boundary states are the checkpoints).
-- `_delta_chunk_fwd_kernel`: the delta rule with a scalar gate, T_t = α_t (I − β_t k_t k_tᵀ), by chunks in the
-  WY / UT-transform form (Yang et al. 2024, section 3; Gated DeltaNet, Yang, Kautz, Hatamizadeh 2024,
-  section 3.3): one small unit-lower-triangular solve per chunk, the state passed across chunks.
-  Log-gates are cumulated in float32 inside each chunk relative to the chunk's start, so every exponent
-  taken is ≤ 0 and nothing overflows at any T.
-- `_delta_chunk_bwd_kernel`: its chunkwise backward, chunk by chunk from the last, carrying dS and
-  recomputing each chunk's WY factors from the stored chunk-boundary state (opt-in: it still spills on sm_90;
-  by default the chunked path's backward is `_delta_recurrent_bwd_kernel` restarted from those states).
+- `_delta_chunk_fwd_varlen_kernel`: the delta rule with a scalar gate, T_t = α_t (I − β_t k_t k_tᵀ), by chunks in
+  the WY / UT-transform form (Yang et al. 2024, section 3; Gated DeltaNet, Yang, Kautz, Hatamizadeh 2024,
+  section 3.3) on a packed batch: one program per (E-block, sequence, head) walks its sequence's chunks (one
+  small unit-lower-triangular solve per chunk, the state passed across chunks). Log-gates are cumulated in
+  float32 inside each chunk relative to the chunk's start, so every exponent taken is ≤ 0 and nothing
+  overflows at any T. Its backward is `_delta_recurrent_bwd_varlen_kernel` restarted from the chunk-boundary
+  states. (Batches run the chunk-parallel kernels of delta_chunk_kernels.py / delta_chunk_bwd_kernels.py.)
 
 Builtins only (tl.reduce / tl.associative_scan with the standard combiners, tl.full): the kernels work in
 whichever mode Triton was imported in, which the interpreter-based CPU tests rely on. State and every
@@ -435,20 +434,6 @@ def _delta_chunk_fwd(
 
 
 @triton.jit
-def _delta_chunk_fwd_kernel(
-    Q, K, V, BETA, G, S0, OUT, SN, HS,  # core_abi.DELTA_CHUNK_FWD
-    T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """`_delta_chunk_fwd` on a batch [B, H, T, ...]."""
-    _delta_chunk_fwd(
-        Q, K, V, BETA, G, S0, OUT, SN, HS, Q, Q, T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
-        D, E, BLOCK_D, BLOCK_E, CHUNK, HAS_G, HAS_S0, STORE_CKPT, DOT_PRECISION, VARLEN=False,
-    )  # fmt: skip
-
-
-@triton.jit
 def _delta_chunk_fwd_varlen_kernel(
     Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO,  # core_abi.DELTA_CHUNK_FWD_VARLEN
     T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
@@ -460,113 +445,3 @@ def _delta_chunk_fwd_varlen_kernel(
         Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO, T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
         D, E, BLOCK_D, BLOCK_E, CHUNK, HAS_G, HAS_S0, STORE_CKPT, DOT_PRECISION, VARLEN=True,
     )  # fmt: skip
-
-
-@triton.jit
-def _delta_chunk_bwd_kernel(
-    Q, K, V, BETA, G, HS, DO, DSN, DQ, DK, DV, DBETA, DG, DS0,  # core_abi.DELTA_CHUNK_BWD
-    T, H, NBH, NE_PART, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_DSN: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Backward of `_delta_chunk_fwd_kernel`, chunk by chunk from the last, carrying dS = ∂L/∂(state leaving
-    the chunk). Per chunk it recomputes the forward's Γ, A, Tinv, W, U from the stored entering state S and
-    applies the chain rule to each line of the forward (notation as there; r = e^{Γ_last − Γ}, X = Tinv):
-
-        S' = e^{Γ_last} S + Uᵀ diag(r) K:  dU = diag(r) K dS'ᵀ, dK += diag(r) U dS', dS = e^{Γ_last} dS'
-        O = diag(e^Γ) Q Sᵀ + P U:          dU += Pᵀ dO, dP = dO Uᵀ, dQ = diag(e^Γ) dO S, dS += dOᵀ diag(e^Γ) Q
-        U = X diag(β) V − X diag(β e^Γ) K Sᵀ:  dW = −dU S, dS −= dUᵀ W, dX = dU (diag(β)V)ᵀ + dW (diag(βe^Γ)K)ᵀ
-        X = (I + A)⁻¹:                     dA = −Xᵀ dX Xᵀ on the strictly lower triangle
-        Γ = cumsum(g):                     dg_j = Σ_{i ≥ j} dΓ_i
-
-    Outputs as the recurrent backward: DV [B, H, T, E], DS0 [B, H, E, D]; partial over E-blocks
-    DQ [NE, B, H, T, D], DK [2, NE, B, H, T, D] (two parts), DBETA/DG [NE, B, H, T]; NE_PART = NE·B·H."""
-    bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
-    offs_c = tl.arange(0, CHUNK)
-    part = tl.program_id(0).to(tl.int64) * NBH + bh
-    dS = _state_in(DSN, bh, s_off, s_msk, D, E, HAS_DSN)
-    rq, rk, rv, rb, rg = _head_rows(bh, H, T, REP_Q, REP_K, REP_V, REP_B, REP_G)
-    lower = offs_c[:, None] > offs_c[None, :]
-    last = offs_c == CHUNK - 1
-    for ci in range(0, NC):
-        c = NC - 1 - ci
-        S = tl.load(HS + (bh.to(tl.int64) * NC + c) * E * D + s_off, mask=s_msk, other=0.0)
-        t = c * CHUNK + offs_c
-        tm = t < T
-        kd = tm[:, None] & dmask[None, :]
-        ve = tm[:, None] & emask[None, :]
-        Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
-        Vc = tl.load(V + (rv + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0).to(tl.float32)
-        dO = tl.load(DO + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0)
-        beta, gam, gl = _chunk_gates(BETA, G, rb, rg, t, tm, HAS_G, CHUNK)
-        eg = tl.exp(gam)
-        r = tl.exp(gl - gam)
-        kk = tl.dot(Kc, tl.trans(Kc), input_precision=DOT_PRECISION)
-        decay, X = _chunk_wy(kk, beta, gam, CHUNK)
-        Kb = (beta * eg)[:, None] * Kc
-        Vb = beta[:, None] * Vc
-        W = tl.dot(X, Kb, input_precision=DOT_PRECISION)
-        U = tl.dot(X, Vb, input_precision=DOT_PRECISION) - tl.dot(
-            W, tl.trans(S), input_precision=DOT_PRECISION
-        )
-        # the state leaving the chunk
-        kds = tl.dot(Kc, tl.trans(dS), input_precision=DOT_PRECISION)  # K dS'ᵀ, [C, BE]
-        dU = r[:, None] * kds
-        dK = r[:, None] * tl.dot(U, dS, input_precision=DOT_PRECISION)
-        dr = _dsum(U * kds, 1)
-        dgl = _dsum(_dsum(S * dS, 1), 0) * tl.exp(gl) + _dsum(dr * r, 0)
-        dgam = -dr * r
-        dSn = tl.exp(gl) * dS
-        # the outputs
-        Qc = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
-        qk = tl.dot(Qc, tl.trans(Kc), input_precision=DOT_PRECISION)
-        P = decay * qk
-        dU += tl.dot(tl.trans(P), dO, input_precision=DOT_PRECISION)
-        dP = tl.dot(dO, tl.trans(U), input_precision=DOT_PRECISION)
-        qs = tl.dot(Qc, tl.trans(S), input_precision=DOT_PRECISION)
-        dgam += _dsum(qs * dO, 1) * eg
-        dQ = eg[:, None] * tl.dot(dO, S, input_precision=DOT_PRECISION)
-        dSn += tl.dot(tl.trans(eg[:, None] * dO), Qc, input_precision=DOT_PRECISION)
-        dqk = dP * decay
-        dDm = dP * qk
-        dQ += tl.dot(dqk, Kc, input_precision=DOT_PRECISION)
-        dK += tl.dot(tl.trans(dqk), Qc, input_precision=DOT_PRECISION)
-        # Stored as soon as they are final (dK in two parts the host adds), and K, V re-read below, so that
-        # fewer [C, D] tiles stay live at once (register pressure on sm_90).
-        row = (part * T + t[:, None]) * D + offs_d[None, :]
-        tl.store(DQ + row, dQ, mask=kd)
-        tl.store(DK + row, dK, mask=kd)
-        Kc = tl.load(K + (rk + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
-        # U = Ũ − W Sᵀ with Ũ = X diag(β) V, W = X diag(β e^Γ) K
-        dW = -tl.dot(dU, S, input_precision=DOT_PRECISION)
-        dSn -= tl.dot(tl.trans(dU), W, input_precision=DOT_PRECISION)
-        dX = tl.dot(dU, tl.trans(Vb), input_precision=DOT_PRECISION)
-        dX += tl.dot(dW, tl.trans(Kb), input_precision=DOT_PRECISION)
-        dVb = tl.dot(tl.trans(X), dU, input_precision=DOT_PRECISION)
-        dKb = tl.dot(tl.trans(X), dW, input_precision=DOT_PRECISION)
-        tl.store(DV + (bh.to(tl.int64) * T + t[:, None]) * E + offs_e[None, :], beta[:, None] * dVb, mask=ve)
-        Vc = tl.load(V + (rv + t[:, None]) * E + offs_e[None, :], mask=ve, other=0.0).to(tl.float32)
-        dbeta = _dsum(Vc * dVb, 1)
-        kdkb = _dsum(Kc * dKb, 1)
-        dK = (beta * eg)[:, None] * dKb
-        dbeta += eg * kdkb
-        dgam += beta * kdkb * eg
-        # X = (I + A)⁻¹, A = strict-lower(β_i D_ij k_i·k_j)
-        dA = -tl.dot(
-            tl.trans(X), tl.dot(dX, tl.trans(X), input_precision=DOT_PRECISION), input_precision=DOT_PRECISION
-        )
-        dA = tl.where(lower, dA, 0.0)
-        dbeta += _dsum(dA * decay * kk, 1)
-        dDm += dA * beta[:, None] * kk
-        dkk = dA * beta[:, None] * decay
-        dK += tl.dot(dkk + tl.trans(dkk), Kc, input_precision=DOT_PRECISION)
-        M = dDm * decay
-        dgam += _dsum(M, 1) - _dsum(M, 0)
-        dgam += tl.where(last, dgl, 0.0)
-        dg = _dsum(dgam, 0) - _dcumsum(dgam) + dgam  # Σ_{i ≥ j} dΓ_i
-        tl.store(DK + NE_PART * T * D + row, dK, mask=kd)
-        tl.store(DBETA + part * T + t, dbeta, mask=tm)
-        if HAS_G:
-            tl.store(DG + part * T + t, dg, mask=tm)
-        dS = dSn
-    tl.store(DS0 + bh.to(tl.int64) * E * D + s_off, dS, mask=s_msk)

@@ -26,7 +26,6 @@ G_MODE = {GateShape.NONE: 0, GateShape.SCALAR: 1, GateShape.CHANNEL: 2}
 _VARLEN = {
     core_abi.DELTA_RECURRENT_FWD.name: core_abi.DELTA_RECURRENT_FWD_VARLEN,
     core_abi.DELTA_RECURRENT_BWD.name: core_abi.DELTA_RECURRENT_BWD_VARLEN,
-    core_abi.DELTA_CHUNK_FWD.name: core_abi.DELTA_CHUNK_FWD_VARLEN,
 }
 
 
@@ -60,26 +59,32 @@ def jobs(
         types, values = sig.compile_args(dtype, {**shape, **constexprs})
         return CompileJob(getattr(kern, sig.name), types, values, **run)
 
-    chunked: list[bool] = []  # HAS_G of the chunk kernels to compile
+    packed: list[bool] = []  # HAS_G of the packed chunk kernel to compile (varlen only)
+    parallel: list[tuple[int, bool]] = []  # (G_MODE, DELTA) of the chunk-parallel kernels (batches)
     if plan is not None:
         gm = G_MODE[plan.gate]
         fwd_modes = [(gm, True)]  # the delta rule runs as DPLR with a = α k: always a rank-1 part
         bwd_modes = [(gm, True, cfg.ckpt)]
-        if plan.kind is PlanKind.DELTA and plan.gate is not GateShape.CHANNEL:
-            chunked = [plan.gate is GateShape.SCALAR]
-            bwd_modes.append((gm, True, cfg.chunk))
+        if plan.kind is PlanKind.DELTA:
+            parallel = [(gm, True)]
+            if plan.gate is not GateShape.CHANNEL:
+                packed = [plan.gate is GateShape.SCALAR]
+                bwd_modes.append((gm, True, min(cfg.chunk, cfg.packed_chunk)))
     else:
         fwd_modes = [(2, True)] + ([(0, True), (1, True), (2, False)] if every_variant else [])
-        # (gate mode, rank-1, checkpoint interval): the recurrent path's, and the chunked path's (its chunk)
-        bwd_modes = [(2, True, cfg.ckpt), (1, True, cfg.chunk)]
+        # (gate mode, rank-1, checkpoint interval): the recurrent path's, and the packed chunked path's
+        bwd_modes = [(2, True, cfg.ckpt), (1, True, min(cfg.chunk, cfg.packed_chunk))]
         if every_variant:
             bwd_modes += [
                 (0, True, cfg.ckpt),
                 (1, True, cfg.ckpt),
                 (2, False, cfg.ckpt),
-                (0, True, cfg.chunk),
+                (0, True, min(cfg.chunk, cfg.packed_chunk)),
             ]
-        chunked = [True, False] if every_variant else [True]
+        packed = [True, False] if every_variant else [True]
+        parallel = [(2, True), (1, True), (2, False)]
+        if every_variant:
+            parallel += [(0, True), (1, False), (0, False)]
     bwd_modes = list(dict.fromkeys(bwd_modes))  # the checkpoint interval may equal the chunk
     flags = {"HAS_S0": True, "STORE_CKPT": True}
     out = [
@@ -90,12 +95,105 @@ def jobs(
         job(core_abi.DELTA_RECURRENT_BWD, {"G_MODE": gm, "HAS_RANK1": r1, "HAS_DSN": True, "CKPT": ckpt})
         for gm, r1, ckpt in bwd_modes
     ]
-    for has_g in chunked:
-        chunk = {"CHUNK": cfg.chunk, "HAS_G": has_g, "DOT_PRECISION": "tf32"}
-        out.append(job(core_abi.DELTA_CHUNK_FWD, {**chunk, **flags}))
-        if plan is None and not varlen:  # the chunkwise (WY) backward is opt-in (DeltaConfig.wy_backward)
-            out.append(job(core_abi.DELTA_CHUNK_BWD, {**chunk, "HAS_DSN": True}))
+    if varlen:
+        for has_g in packed:
+            chunk = {"CHUNK": min(cfg.chunk, cfg.packed_chunk), "HAS_G": has_g, "DOT_PRECISION": "tf32"}
+            out.append(job(core_abi.DELTA_CHUNK_FWD_VARLEN, {**chunk, **flags}))
+    else:
+        out += chunk_forward_jobs(cc, dtype, head_dim, parallel, cfg.chunk)
+        out += chunk_backward_jobs(cc, dtype, head_dim, parallel, cfg.chunk)
     return out
 
 
-__all__ = ["G_MODE", "jobs"]
+def chunk_forward_jobs(
+    cc: int, dtype: str, head_dim: int, variants: list[tuple[int, bool]], chunk: int = 64
+) -> list[CompileJob]:
+    """Jobs of every chunk-parallel forward kernel (delta_chunk.py) a (G_MODE, DELTA) variant launches, at
+    the default schedule, D = E = head_dim, bound as `chunk_forward` binds them (16-bit inputs: tf32)."""
+    from attnc.runtime import delta_chunk as dc
+
+    kern = dc._kernels(interpret=False)
+    cfg = dc.default_chunk_config(head_dim, head_dim)
+    bd = dc._next_pow2(head_dim)
+    out = []
+    for gm, delta_rule in variants:
+        common = {
+            "D": head_dim,
+            "E": head_dim,
+            "BLOCK_D": bd,
+            "CHUNK": chunk,
+            "G_MODE": gm,
+            "DELTA": delta_rule,
+        }
+        common["DOT_PRECISION"] = "tf32"
+        per_chunk = {"BLOCK_DK": min(cfg.block_dk, bd), "SUB": cfg.sub}
+        specs = []
+        if delta_rule or gm:  # linear attention without gate or delta rule has nothing to prepare
+            specs.append(
+                (core_abi.DELTA_CHUNK_PREP, {**per_chunk, "BLOCK_E": bd, "STORE_AI": True}, cfg.warps_prep)
+            )
+        bes = cfg.block_e_state_channel if (gm == 2 and delta_rule) else cfg.block_e_state
+        specs.append((core_abi.DELTA_CHUNK_STATE, {"BLOCK_E": min(bes, bd), "HAS_S0": True}, cfg.warps_state))
+        specs.append(
+            (core_abi.DELTA_CHUNK_OUT, {**per_chunk, "BLOCK_E": min(cfg.block_e_out, bd)}, cfg.warps_out)
+        )
+        for sig, extra, warps in specs:
+            types, values = sig.compile_args(dtype, {**common, **extra})
+            out.append(
+                CompileJob(
+                    getattr(kern, sig.name), types, values, cc=cc, num_warps=warps, num_stages=cfg.stages
+                )
+            )
+    return out
+
+
+def chunk_backward_jobs(
+    cc: int, dtype: str, head_dim: int, variants: list[tuple[int, bool]], chunk: int = 64
+) -> list[CompileJob]:
+    """Jobs of every chunk-parallel backward kernel (delta_chunk_bwd.py) of each (G_MODE, DELTA) variant at
+    the default schedule, D = E = head_dim."""
+    from attnc.runtime import delta_chunk_bwd as cb
+
+    kern = cb._kernels(interpret=False)
+    D = E = head_dim
+    out = []
+    for gm, delta_rule in variants:
+        sch = cb.default_schedule(D, E, gm)
+        base = {"D": D, "E": E, "CHUNK": chunk, "SUB": sch.sub, "G_MODE": gm, "DELTA": delta_rule}
+        prec = {"DOT_PRECISION": "tf32"}
+        forms = [
+            (
+                core_abi.DELTA_CBWD_INTRA,
+                {"BLOCK_D": cb.intra_block_d(sch, D, gm), "BLOCK_E": sch.block_e, **prec},
+                sch.warps_intra,
+            ),
+            (
+                core_abi.DELTA_CBWD_DSTATE,
+                {"BLOCK_D": D, "BLOCK_E": sch.block_e_state, "HAS_DSN": True, **prec},
+                sch.warps_state,
+            ),
+            (
+                core_abi.DELTA_CBWD_DQKW,
+                {"BLOCK_K": sch.block_k, "BLOCK_E": sch.block_e, **prec},
+                sch.warps_dqkw,
+            ),
+        ]
+        if delta_rule or gm:
+            forms.append(
+                (
+                    core_abi.DELTA_CBWD_WY,
+                    {"BLOCK_K": sch.block_k_wy, "BLOCK_E": sch.block_e, **prec},
+                    sch.warps_wy,
+                )
+            )
+        for sig, cx, warps in forms:
+            types, values = sig.compile_args(dtype, {**base, **cx})
+            out.append(
+                CompileJob(
+                    getattr(kern, sig.name), types, values, cc=cc, num_warps=warps, num_stages=sch.num_stages
+                )
+            )
+    return out
+
+
+__all__ = ["G_MODE", "chunk_backward_jobs", "chunk_forward_jobs", "jobs"]
