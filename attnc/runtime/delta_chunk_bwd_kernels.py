@@ -133,7 +133,7 @@ def _g2_mat(
     for b in tl.static_range(NS - 1):
         e = (b + 1) * SUB - 1
         rb = b * SUB + offs_s
-        m = tl.zeros((CHUNK, SUB), dtype=tl.float32)
+        m = tl.full((CHUNK, SUB), 0.0, tl.float32)
         for k0 in range(0, D, BK):
             offs_k = k0 + tl.arange(0, BK)
             kmask = offs_k < D
@@ -149,14 +149,14 @@ def _g2_mat(
         tl.store(CM + offs_c[:, None] * CHUNK + rb[None, :], m)
     # the last key block's rows above the diagonal sub-block
     zl = (NS - 1) * SUB + offs_s
-    zero = tl.zeros((CHUNK, SUB), dtype=tl.float32)
+    zero = tl.full((CHUNK, SUB), 0.0, tl.float32)
     tl.store(CM + offs_c[:, None] * CHUNK + zl[None, :], zero, mask=offs_c[:, None] < (NS - 1) * SUB)
     # diagonal sub-blocks, all NS at once: [NS, SUB(i), SUB(j)]
     a2 = tl.arange(0, NS)[:, None]
     s3 = offs_s[None, :, None]
     r3 = tl.arange(0, NS)[:, None, None] * SUB + s3
     j3 = offs_s[None, None, :]
-    acc = tl.zeros((NS, SUB, SUB), dtype=tl.float32)
+    acc = tl.full((NS, SUB, SUB), 0.0, tl.float32)
     for k0 in range(0, D, BK):
         offs_k = k0 + tl.arange(0, BK)
         kmask = offs_k < D
@@ -188,7 +188,7 @@ def _g2_dx(
     NS: tl.constexpr = CHUNK // SUB
     BK: tl.constexpr = G.shape[1]
     offs_s = tl.arange(0, SUB)
-    out = tl.zeros((CHUNK, BK), dtype=tl.float32)
+    out = tl.full((CHUNK, BK), 0.0, tl.float32)
     for b in tl.static_range(NS - 1):
         e = (b + 1) * SUB - 1
         ge = _dsum(tl.where(offs_c[:, None] == e, G, 0.0), 0)
@@ -204,7 +204,7 @@ def _g2_dx(
     a2 = tl.arange(0, NS)[:, None]
     s3 = offs_s[None, :, None]
     G3 = tl.reshape(G, (NS, SUB, BK))
-    acc = tl.zeros((NS, SUB, BK), dtype=tl.float32)
+    acc = tl.full((NS, SUB, BK), 0.0, tl.float32)
     for jj in range(SUB):
         rj = a2 * SUB + jj
         yj = _rows(Yb, rj, offs_k[None, :], c0, T, kmask[None, :], D)
@@ -226,7 +226,7 @@ def _g2_dy(
     NS: tl.constexpr = CHUNK // SUB
     BK: tl.constexpr = G.shape[1]
     offs_s = tl.arange(0, SUB)
-    out = tl.zeros((CHUNK, BK), dtype=tl.float32)
+    out = tl.full((CHUNK, BK), 0.0, tl.float32)
     for a in tl.static_range(1, NS):
         r = a * SUB
         gr = _dsum(tl.where(offs_c[:, None] == r, G, 0.0), 0)
@@ -242,7 +242,7 @@ def _g2_dy(
     a2 = tl.arange(0, NS)[:, None]
     s3 = offs_s[None, :, None]
     G3 = tl.reshape(G, (NS, SUB, BK))
-    acc = tl.zeros((NS, SUB, BK), dtype=tl.float32)
+    acc = tl.full((NS, SUB, BK), 0.0, tl.float32)
     for ii in range(SUB):
         ri = a2 * SUB + ii
         xi = _rows(Xb, ri, offs_k[None, :], c0, T, kmask[None, :], D)
@@ -314,7 +314,7 @@ def _delta_cbwd_intra_kernel(
         if DELTA:
             KK = tl.where(offs_c[:, None] > offs_c[None, :], tl.dot(Kn, tl.trans(Kn)) * dec, 0.0)
             tl.store(KM + cm, KK)
-    dP = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+    dP = tl.full((CHUNK, CHUNK), 0.0, tl.float32)
     for e0 in range(0, E, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         ve = tm[:, None] & (offs_e < E)[None, :]
@@ -365,7 +365,7 @@ def _delta_cbwd_dstate_kernel(
     if HAS_DSN:
         dS = tl.load(DSN + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
     else:
-        dS = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+        dS = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
     for ci in range(0, NT):
         c = NT - 1 - ci
         c0 = c * CHUNK
@@ -428,10 +428,10 @@ def _delta_cbwd_dqkw_kernel(
     rk = _head_row(bh, H, REP_K, T)
     rv = _head_row(bh, H, REP_V, T)
     st = (bh.to(tl.int64) * NT + c) * E * D
-    dQs = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
-    dKr = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
-    dW = tl.zeros((CHUNK, BLOCK_K), dtype=tl.float32)
-    sds = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    dQs = tl.full((CHUNK, BLOCK_K), 0.0, tl.float32)
+    dKr = tl.full((CHUNK, BLOCK_K), 0.0, tl.float32)
+    dW = tl.full((CHUNK, BLOCK_K), 0.0, tl.float32)
+    sds = tl.full((BLOCK_K,), 0.0, tl.float32)
     for e0 in range(0, E, BLOCK_E):
         offs_e = e0 + tl.arange(0, BLOCK_E)
         emask = offs_e < E
@@ -542,8 +542,8 @@ def _delta_cbwd_wy_kernel(
     if DELTA:
         beta = tl.load(BETA + rb + c0 + offs_c, mask=tm, other=0.0).to(tl.float32)
         X = tl.load(AI + (srow + c0 + offs_c[:, None]) * CHUNK + offs_c[None, :], mask=tm[:, None], other=0.0)
-        dX = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
-        dbeta = tl.zeros((CHUNK,), dtype=tl.float32)
+        dX = tl.full((CHUNK, CHUNK), 0.0, tl.float32)
+        dbeta = tl.full((CHUNK,), 0.0, tl.float32)
         for e0 in range(0, E, BLOCK_E):
             offs_e = e0 + tl.arange(0, BLOCK_E)
             ve = tm[:, None] & (offs_e < E)[None, :]

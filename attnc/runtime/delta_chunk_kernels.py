@@ -188,7 +188,7 @@ def _dchunk_prep_kernel(
         if G_MODE == 2:
             # Per D-block (the cumsum runs down each channel on its own): Γ, stored and read back by the
             # diagonal sub-blocks of `_gram_channel`, then that block's share of A.
-            A = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+            A = tl.full((CHUNK, CHUNK), 0.0, tl.float32)
             for d0 in tl.static_range(0, BLOCK_D, BLOCK_DK):
                 od = d0 + tl.arange(0, BLOCK_DK)
                 dm = od < D
@@ -257,7 +257,7 @@ def _dchunk_state_kernel(
     if HAS_S0:
         S = tl.load(S0 + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
     else:
-        S = tl.zeros((BLOCK_E, BLOCK_D), dtype=tl.float32)
+        S = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
     ro = bh.to(tl.int64) * T
     rk = _head_row(bh, H, REP_K, T)
     rv = _head_row(bh, H, REP_V, T)
@@ -322,8 +322,8 @@ def _dchunk_out_kernel(
     # (register pressure on sm_90 at D = 128).
     if G_MODE == 2:
         # Per D-block (a key channel's terms are independent), so that few [C, BDK] tiles are live at once.
-        out = tl.zeros((CHUNK, BLOCK_E), dtype=tl.float32)
-        P = tl.zeros((CHUNK, CHUNK), dtype=tl.float32)
+        out = tl.full((CHUNK, BLOCK_E), 0.0, tl.float32)
+        P = tl.full((CHUNK, CHUNK), 0.0, tl.float32)
         for d0 in tl.static_range(0, BLOCK_D, BLOCK_DK):
             od = d0 + tl.arange(0, BLOCK_DK)
             dm = od < D
