@@ -222,49 +222,11 @@ def test_kernel_defs_match_their_signatures() -> None:
 
 
 def aot_jobs(head_dim: int, dtype: str, variants: list[tuple[int, bool]]) -> list:
-    """sm_90 jobs of every backward kernel at the default schedule, D = E = head_dim, for each (G_MODE, DELTA)."""
-    from attnc.codegen.triton.aot import CompileJob
+    """sm_90 jobs of every chunk-parallel backward kernel of each (G_MODE, DELTA) variant at the default schedule
+    and C = 64 (codegen/triton/delta_aot.py, which `attnc inspect` uses too)."""
+    from attnc.codegen.triton import delta_aot
 
-    kern = cb._kernels(interpret=False)
-    D = E = head_dim
-    out = []
-    for gm, delta in variants:
-        sch = cb.default_schedule(D, E, gm)
-        base = {"D": D, "E": E, "CHUNK": 64, "SUB": sch.sub, "G_MODE": gm, "DELTA": delta}
-        prec = {"DOT_PRECISION": "tf32"}
-        forms = [
-            (
-                core_abi.DELTA_CBWD_INTRA,
-                {"BLOCK_D": cb.intra_block_d(sch, D, gm), "BLOCK_E": sch.block_e, **prec},
-                sch.warps_intra,
-            ),
-            (
-                core_abi.DELTA_CBWD_DSTATE,
-                {"BLOCK_D": D, "BLOCK_E": sch.block_e_state, "HAS_DSN": True, **prec},
-                sch.warps_state,
-            ),
-            (
-                core_abi.DELTA_CBWD_DQKW,
-                {"BLOCK_K": sch.block_k, "BLOCK_E": sch.block_e, **prec},
-                sch.warps_dqkw,
-            ),
-        ]
-        if delta or gm:
-            forms.append(
-                (
-                    core_abi.DELTA_CBWD_WY,
-                    {"BLOCK_K": sch.block_k_wy, "BLOCK_E": sch.block_e, **prec},
-                    sch.warps_wy,
-                )
-            )
-        for sig, cx, warps in forms:
-            types, values = sig.compile_args(dtype, {**base, **cx})
-            out.append(
-                CompileJob(
-                    getattr(kern, sig.name), types, values, cc=90, num_warps=warps, num_stages=sch.num_stages
-                )
-            )
-    return out
+    return delta_aot.chunk_backward_jobs(90, dtype, head_dim, variants)
 
 
 ALL_VARIANTS = [(0, True), (1, True), (2, True), (2, False), (1, False)]

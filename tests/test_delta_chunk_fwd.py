@@ -346,36 +346,11 @@ WIDEST = [(2, True), (1, True), (2, False)]
 
 
 def aot_jobs(head_dim: int, dtype: str, variants: list[tuple[int, bool]]) -> list:
-    """sm_90 jobs of every kernel a variant launches, at the default schedule (`default_chunk_config`) and
-    C = 64, D = E = head_dim, as `chunk_forward` binds them (16-bit inputs: tf32 products)."""
-    from attnc.codegen.triton.aot import CompileJob
+    """sm_90 jobs of every chunk-parallel forward kernel of each (G_MODE, DELTA) variant at the default schedule
+    and C = 64 (codegen/triton/delta_aot.py, which `attnc inspect` uses too)."""
+    from attnc.codegen.triton import delta_aot
 
-    kern = dc._kernels(interpret=False)
-    cfg = dc.default_chunk_config(head_dim, head_dim)
-    bd = dc._next_pow2(head_dim)
-    out = []
-    for gm, delta in variants:
-        common = {"D": head_dim, "E": head_dim, "BLOCK_D": bd, "CHUNK": 64, "G_MODE": gm, "DELTA": delta}
-        common["DOT_PRECISION"] = "tf32"
-        per_chunk = {"BLOCK_DK": min(cfg.block_dk, bd), "SUB": cfg.sub}
-        specs = []
-        if delta or gm:  # DeltaNet-free linear attention (G_MODE 0, no delta) has nothing to prepare
-            specs.append(
-                (core_abi.DELTA_CHUNK_PREP, {**per_chunk, "BLOCK_E": bd, "STORE_AI": True}, cfg.warps_prep)
-            )
-        bes = cfg.block_e_state_channel if delta and gm == 2 else cfg.block_e_state
-        specs.append((core_abi.DELTA_CHUNK_STATE, {"BLOCK_E": min(bes, bd), "HAS_S0": True}, cfg.warps_state))
-        specs.append(
-            (core_abi.DELTA_CHUNK_OUT, {**per_chunk, "BLOCK_E": min(cfg.block_e_out, bd)}, cfg.warps_out)
-        )
-        for sig, extra, warps in specs:
-            types, values = sig.compile_args(dtype, {**common, **extra})
-            out.append(
-                CompileJob(
-                    getattr(kern, sig.name), types, values, cc=90, num_warps=warps, num_stages=cfg.stages
-                )
-            )
-    return out
+    return delta_aot.chunk_forward_jobs(90, dtype, head_dim, variants)
 
 
 def _compile_and_check(cases: list[tuple[int, str]], variants: list[tuple[int, bool]]) -> None:
