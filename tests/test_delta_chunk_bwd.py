@@ -262,3 +262,60 @@ def test_every_backward_variant_compiles_for_sm90_without_spills() -> None:
         for dt in ("fp16", "bf16"):
             jobs += aot_jobs(hd, dt, ALL_VARIANTS)
     _compile_and_check(jobs)
+
+
+# ---------------------------------------------------------------------------------------------- packed batches
+
+PACKED_LENS = (37, 0, 16, 5, 1)  # ragged chunks, an empty sequence, an exact chunk, short ones (C = 16)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=lambda v: f"{v}-H2-Hqk1-lens37_0_16_5_1-C16-fp32")
+def test_packed_backward_matches_autograd_of_each_sequence(variant: str) -> None:
+    """The chunk-table form (delta_chunk.chunk_table, VARLEN) of the forward and backward kernels on a packed
+    batch, [1, heads, total, ...]: every gradient (q, k, v, β, g of shared heads, one initial state per
+    sequence) against torch.autograd through the float64 recurrence run on each sequence alone."""
+    from attnc.runtime import delta_chunk as dc
+
+    delta, _ = VARIANTS[variant]
+    nseq, total = len(PACKED_LENS), sum(PACKED_LENS)
+    case = Case(variant, H=2, hk=1, T=total, chunk=16)
+    x = make_inputs(case)
+    gen = torch.Generator().manual_seed(5)
+    s0 = torch.randn(nseq, 2, case.E, case.D, generator=gen, dtype=torch.float64) * 0.5
+    do = torch.randn(1, 2, total, case.E, generator=gen, dtype=torch.float64)
+    dsn = torch.randn(nseq, 2, case.E, case.D, generator=gen, dtype=torch.float64)
+    names = [n for n in ("q", "k", "v", "beta", "g") if x[n] is not None]
+    leaves = {n: x[n].clone().requires_grad_(True) for n in names}  # type: ignore[union-attr]
+    s0l = s0.clone().requires_grad_(True)
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENS).cumsum(0).tolist()], dtype=torch.int32)
+    loss = torch.zeros((), dtype=torch.float64)
+    for s in range(nseq):
+        lo, hi = int(cu[s]), int(cu[s + 1])
+        if hi == lo:  # an empty sequence returns its initial state
+            loss = loss + (s0l[s] * dsn[s]).sum()
+            continue
+        one = {n: t[:, :, lo:hi] for n, t in leaves.items()}
+        o, sn = oracle(one["q"], one["k"], one["v"], one.get("beta"), one.get("g"), s0l[s : s + 1], delta)
+        loss = loss + (o * do[:, :, lo:hi]).sum() + (sn * dsn[s : s + 1]).sum()
+    ref = dict(zip([*names, "s0"], torch.autograd.grad(loss, [*leaves.values(), s0l]), strict=True))
+
+    f32 = {n: x[n].float().contiguous() for n in names}  # type: ignore[union-attr]
+    table = dc.chunk_table(cu, total, 16)
+    assert table.slots == total // 16 + nseq
+    cfg = dc.ChunkConfig(sub=4, block_dk=16, block_e_state=16, block_e_out=16)
+    fw = dc.chunk_forward(
+        f32["q"], f32["k"], f32["v"], f32.get("beta"), f32.get("g"), s0.float(),
+        delta=delta, chunk=16, config=cfg, table=table,
+    )  # fmt: skip
+    assert fw.sn.shape == (nseq, 2, case.E, case.D) and fw.hs.shape[2] == table.slots
+    grads = cb.chunk_backward(
+        f32["q"], f32["k"], f32["v"], f32.get("beta"), f32.get("g"), do.float(), dsn.float(),
+        gc=fw.gc, ai=fw.ai, w=fw.w, ut=fw.ut, hs=fw.hs, u=fw.u, delta=delta, chunk=16, table=table,
+    )  # fmt: skip
+    got = dict(zip(("q", "k", "v", "beta", "g", "s0"), grads, strict=True))
+    for n, want in ref.items():
+        have = got[n]
+        assert have is not None and have.shape == want.shape, (n, None if have is None else have.shape)
+        err = (have.double() - want).abs().max().item()
+        scale = max(1.0, want.abs().max().item())
+        assert err <= TOL[torch.float32] * scale, f"d{n}: max error {err:.3g} (scale {scale:.3g})"

@@ -395,3 +395,51 @@ def test_default_schedules_compile_for_sm90_without_spills() -> None:
 def test_every_variant_compiles_for_sm90_without_spills() -> None:
     pytest.importorskip("triton.backends.nvidia")
     _compile_and_check([(64, "fp16"), (64, "bf16"), (128, "fp16"), (128, "bf16")], ALL_VARIANTS)
+
+
+# ---------------------------------------------------------------------------------------------- packed batches
+
+PACKED_LENS = (37, 0, 16, 5, 1)  # ragged chunks, an empty sequence, an exact chunk, short ones (C = 16)
+
+
+def test_chunk_table_lists_every_chunk_of_every_sequence() -> None:
+    """Slots: each sequence's chunks in order (first row, the sequence's end), then padding (total, total)."""
+    cu = torch.tensor([0, 37, 37, 53, 58, 59], dtype=torch.int32)
+    t = dc.chunk_table(cu, 59, 16)
+    rows = [(lo, hi) for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)]
+    want = [(r, hi) for lo, hi in rows for r in range(lo, hi, 16)]
+    assert t.slots == 59 // 16 + 5
+    want += [(59, 59)] * (t.slots - len(want))
+    assert list(zip(t.crow.tolist(), t.cend.tolist(), strict=True)) == want
+    assert t.co.tolist() == [0, 3, 3, 4, 5] and t.crow.dtype == t.cend.dtype == t.co.dtype == torch.int32
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS), ids=lambda v: f"{v}-H2-Hqk1-lens37_0_16_5_1-C16-fp32")
+def test_packed_batch_matches_the_recurrence_of_each_sequence(variant: str) -> None:
+    """The chunk-table form (VARLEN) on a packed batch [1, heads, total, ...]: each sequence's outputs and
+    final state against the float64 recurrence of that sequence alone, from its own initial state; an empty
+    sequence returns its initial state."""
+    delta, _ = VARIANTS[variant]
+    nseq, total = len(PACKED_LENS), sum(PACKED_LENS)
+    case = Case(variant, H=2, T=total, hqk=1)
+    x = make_inputs(case)
+    s0 = torch.randn(nseq, 2, case.E, case.D, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENS).cumsum(0).tolist()], dtype=torch.int32)
+    f32 = {n: None if x[n] is None else x[n].float().contiguous() for n in ("q", "k", "v", "beta", "g")}  # type: ignore[union-attr]
+    cfg = dc.ChunkConfig(sub=4, block_dk=16, block_e_state=16, block_e_out=16)
+    r = dc.chunk_forward(
+        f32["q"], f32["k"], f32["v"], f32["beta"], f32["g"], s0.float(),  # type: ignore[arg-type]
+        delta=delta, chunk=16, config=cfg, table=dc.chunk_table(cu, total, 16),
+    )  # fmt: skip
+    assert r.o.shape == (1, 2, total, case.E) and r.sn.shape == (nseq, 2, case.E, case.D)
+    atol, rtol = TOL[torch.float32]
+    for s in range(nseq):
+        lo, hi = int(cu[s]), int(cu[s + 1])
+        if hi == lo:
+            torch.testing.assert_close(r.sn[s].double(), s0[s].float().double(), atol=0, rtol=0)
+            continue
+        one = Case(variant, H=2, T=hi - lo, hqk=1)
+        xs = {n: None if t is None else t[:, :, lo:hi] for n, t in x.items() if n != "s0"}
+        o_ref, s_ref = run_oracle(one, {**xs, "s0": s0[s : s + 1]})
+        torch.testing.assert_close(r.o[:, :, lo:hi].double(), o_ref, atol=atol, rtol=rtol)
+        torch.testing.assert_close(r.sn[s : s + 1].double(), s_ref, atol=atol, rtol=rtol)

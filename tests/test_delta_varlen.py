@@ -3,7 +3,7 @@ a packed batch (cu_seqlens) against per-sequence calls of the batched `NAME` and
 recurrences of tests/test_delta_spec.py; GQA and a per-sequence auxiliary in a spec of its own; bad inputs;
 the sm_90 AOT of the varlen kernels.
 
-Sizes are small (H = 2, D = 16, E = 8, 58 tokens): the Triton kernels run under the interpreter on CPU.
+Sizes are small (H = 2, D = 16, E = 8, 95 tokens): the Triton kernels run under the interpreter on CPU.
 Tolerances (fp32 inputs): outputs and states 3e-5 absolute / 1e-4 relative against the float64 oracle;
 gradients 1e-4 / 1e-4 against the per-sequence calls (the same kernels summing in another order).
 """
@@ -22,7 +22,13 @@ import attnc
 from .test_delta_spec import F64, VARIANTS, inputs, oracle
 
 F32 = torch.float32
-LENS = (0, 1, 19, 33, 5)  # an empty sequence, a single token, two chunks of 32 (33), short ones
+LENS = (
+    0,
+    1,
+    19,
+    70,
+    5,
+)  # an empty sequence, a single token, two chunks of 64 (the second partial), short ones
 FWD_TOL = {"atol": 3e-5, "rtol": 1e-4}
 GRAD_TOL = {"atol": 1e-4, "rtol": 1e-4}
 H, E, D = 2, 8, 16
@@ -68,7 +74,7 @@ CASES = [
     (variant, alg, backend)
     for variant in VARIANTS
     for backend in ("reference", "triton")
-    for alg in (["recurrent", "chunk"] if variant in ("deltanet", "gated_deltanet") else ["recurrent"])
+    for alg in (["recurrent"] if variant == "rwkv7" else ["recurrent", "chunk"])  # chunk: no general a bᵀ
     if not (backend == "reference" and alg == "chunk")  # the reference has one algorithm
 ]
 
@@ -218,9 +224,8 @@ def test_shared_kv_heads_and_a_per_sequence_auxiliary(tmp_path, backend: str) ->
 
 
 def _bad_calls(mods):
-    gd, kda, rw = mods["gated_deltanet"], mods["kda"], mods["rwkv7"]
+    gd, rw = mods["gated_deltanet"], mods["rwkv7"]
     xg = {n: t.to(F32) for n, t in _pack(_sequences("gated_deltanet", (3, 4))).items()}
-    xk = {n: t.to(F32) for n, t in _pack(_sequences("kda", (3, 4))).items()}
     xr = {n: t.to(F32) for n, t in _pack(_sequences("rwkv7", (3, 4))).items()}
     cu = _cu((3, 4))
     g_args = list(xg.values())
@@ -239,16 +244,14 @@ def _bad_calls(mods):
         ("state", gdn(initial_state=torch.zeros(3, H, E, D)), r"initial_state must be a float tensor \[nseq, H, E, D\] = \[2, 2, 8, 16\]"),
         ("q rank", lambda: gd.gated_deltanet_varlen(xg["q"][None], *g_args[1:], cu_seqlens=cu), r"q: expected"),
         ("beta", lambda: gd.gated_deltanet_varlen(*g_args[:3], xg["beta"][:5], xg["g"], cu_seqlens=cu), r"beta"),
-        ("kda chunk", lambda: kda.kda_varlen(*xk.values(), cu_seqlens=cu, algorithm="chunk", backend="triton"),
-         r"per-channel gates .* run with algorithm='recurrent'"),
         ("rwkv7 chunk", lambda: rw.rwkv7_varlen(*xr.values(), cu_seqlens=cu, algorithm="chunk", backend="triton"),
-         r"algorithm='chunk' covers the delta rule with scalar gates .*use 'recurrent'"),
+         r"algorithm='chunk' covers the delta rule .* a general a bᵀ part runs with algorithm='recurrent'"),
         ("backend", gdn(backend="cuda"), r"backend='cuda': gated_deltanet_varlen has the backends"),
     ]  # fmt: skip
 
 
 _BAD = ["int64", "2d", "list", "last", "first", "decreasing", "max_seqlen", "state", "q rank", "beta",
-        "kda chunk", "rwkv7 chunk", "backend"]  # fmt: skip
+        "rwkv7 chunk", "backend"]  # fmt: skip
 
 
 @pytest.mark.parametrize("label", _BAD)
@@ -271,20 +274,31 @@ def test_docs_example_runs_as_written(monkeypatch, capsys) -> None:
 
 @pytest.mark.slow  # as the delta kernels' AOT test of tests/test_delta_rule.py: ~sm_90 compiles, run with -m slow
 def test_varlen_kernels_compile_for_sm90_without_spills() -> None:
-    """The packed kernels (core_abi.DELTA_VARLEN: recurrent forward and backward of every gate mode the zoo
-    selects, the chunked forward) compile for sm_90 at D = 64 and 128 without spills."""
+    """The packed kernels a packed batch launches (delta_aot.jobs(varlen=True): the recurrent forward and
+    backward, core_abi.DELTA_VARLEN, and the chunk-parallel forward and backward in their chunk-table form)
+    compile for sm_90 at D = 64 and 128 without spills, every chunk kernel with a tl.dot on wgmma at 128."""
     pytest.importorskip("triton.backends.nvidia")
     from attnc.codegen.triton import delta_aot
     from attnc.codegen.triton.aot import KernelReport, compile_reports, format_table
 
-    from attnc.runtime.core_abi import DELTA_VARLEN
+    from attnc.runtime import core_abi
 
     jobs = delta_aot.jobs(90, "fp16", 64, varlen=True) + delta_aot.jobs(90, "bf16", 128, varlen=True)
-    names = {sig.name for sig in DELTA_VARLEN}
+    sigs = (*core_abi.DELTA_VARLEN, *core_abi.DELTA_CHUNK_PARALLEL, *core_abi.DELTA_CHUNK_BWD_KERNELS)
     reports = compile_reports(jobs, max_workers=2, raise_on_error=False)
     failed = [str(r) for r in reports if not isinstance(r, KernelReport)]
     assert not failed, "\n".join(failed)
     print(format_table(reports))  # registers and spills, shown with -s
-    assert {r.name for r in reports} == names
+    assert {r.name for r in reports} == {sig.name for sig in sigs}
+    assert all(dict(j.constexprs).get("VARLEN", True) for j in jobs)  # only packed forms
     spills = [f"{r.name} {r.config}: {r.spill_bytes} B" for r in reports if r.spill_bytes]
     assert not spills, "\n".join(spills)
+    chunk = {sig.name for sig in sigs[len(core_abi.DELTA_VARLEN) :]}
+    no_dot = {core_abi.DELTA_CHUNK_PREP.name, core_abi.DELTA_CBWD_WY.name}  # GLA's: a cumsum, no tl.dot
+    no_wgmma = [
+        f"{r.name} {r.config}"
+        for j, r in zip(jobs, reports, strict=True)
+        if r.name in chunk and j.constexprs["D"] == 128 and not r.uses_wgmma
+        and (j.constexprs["DELTA"] or r.name not in no_dot)
+    ]  # fmt: skip
+    assert not no_wgmma, "no wgmma:\n" + "\n".join(no_wgmma)

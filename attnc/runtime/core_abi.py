@@ -24,7 +24,9 @@ from .signature import INPUT, Group, KernelSignature, ParamGroup, constexpr_grou
 def _core_signature(name: str, io: str, inputs: str, ints: str, constexprs: str) -> KernelSignature:
     """A signature from its groups' names (space-separated): the pointers (those named in `inputs` in the
     input dtype, the others float32), the ints, the constexprs."""
-    dtypes = {n: INPUT for n in inputs.split()} | {"CU": "i32", "CO": "i32"}  # packed batches' offsets
+    dtypes = {n: INPUT for n in inputs.split()} | {
+        n: "i32" for n in ("CU", "CO", "CROW", "CEND")
+    }  # packed batches' offsets
     return KernelSignature(
         name,
         (
@@ -138,31 +140,31 @@ DELTA_RECURRENT_BWD = _core_signature(
 # forward's intermediates (GC, AI, W, U, HS: delta_chunk_design.md) and the scratch products (PM, KM, DPM)
 # and partial gradients between the kernels are float32; q, k, v and beta in the input dtype.
 _CBWD_INTS = f"T H NT {_DELTA_REPS} REP_B"
-_CBWD_CONST = "D E {} BLOCK_E CHUNK SUB G_MODE DELTA"
+_CBWD_CONST = "D E {} BLOCK_E CHUNK SUB G_MODE DELTA VARLEN"
 DELTA_CBWD_INTRA = _core_signature(
     "_delta_cbwd_intra_kernel",
-    "Q K V U GC DO PM KM DPM DU DGS",
+    "Q K V U GC DO PM KM DPM DU DGS CROW CEND",
     "Q K V",
     _CBWD_INTS,
     f"{_CBWD_CONST.format('BLOCK_D')} DOT_PRECISION",
 )
 DELTA_CBWD_DSTATE = _core_signature(
     "_delta_cbwd_dstate_kernel",
-    "Q K W GC DO DSN DU DHS DS0",
+    "Q K W GC DO DSN DU DHS DS0 CU CO",
     "Q K",
     _CBWD_INTS,
     f"{_CBWD_CONST.format('BLOCK_D')} HAS_DSN DOT_PRECISION",
 )
 DELTA_CBWD_DQKW = _core_signature(
     "_delta_cbwd_dqkw_kernel",
-    "Q K V U GC HS DO DU DHS DPM DQ DK DW DGK",
+    "Q K V U GC HS DO DU DHS DPM DQ DK DW DGK CROW CEND",
     "Q K V",
     _CBWD_INTS,
     f"{_CBWD_CONST.format('BLOCK_K')} DOT_PRECISION",
 )
 DELTA_CBWD_WY = _core_signature(
     "_delta_cbwd_wy_kernel",
-    "K V BETA GC AI DU DW KM PM DK DGK DGS DV DBETA DG",
+    "K V BETA GC AI DU DW KM PM DK DGK DGS DV DBETA DG CROW CEND",
     "K V BETA",
     f"T H NT NK {_DELTA_REPS} REP_B",
     f"{_CBWD_CONST.format('BLOCK_K')} DOT_PRECISION",
@@ -188,14 +190,7 @@ DELTA_RECURRENT_BWD_VARLEN = _core_signature(
     f"T H NBH {_DELTA_REPS} REP_G REP_R NCK",
     "D E BLOCK_D BLOCK_E G_MODE HAS_RANK1 HAS_DSN CKPT",
 )
-DELTA_CHUNK_FWD_VARLEN = _core_signature(
-    "_delta_chunk_fwd_varlen_kernel",
-    f"Q K V BETA G S0 OUT SN HS {_DELTA_SEQS}",
-    _DELTA_IN,
-    f"T H {_DELTA_REPS} REP_B REP_G NC",
-    "D E BLOCK_D BLOCK_E CHUNK HAS_G HAS_S0 STORE_CKPT DOT_PRECISION",
-)
-DELTA_VARLEN = (DELTA_RECURRENT_FWD_VARLEN, DELTA_RECURRENT_BWD_VARLEN, DELTA_CHUNK_FWD_VARLEN)
+DELTA_VARLEN = (DELTA_RECURRENT_FWD_VARLEN, DELTA_RECURRENT_BWD_VARLEN)
 DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, *DELTA_VARLEN)
 
 # ---- the delta rule, chunk-parallel forward (delta_chunk_kernels.py) ------------------------------------------
@@ -206,24 +201,24 @@ DELTA_KERNELS = (DELTA_RECURRENT_FWD, DELTA_RECURRENT_BWD, *DELTA_VARLEN)
 
 DELTA_CHUNK_PREP = _core_signature(
     "_dchunk_prep_kernel",
-    "K V BETA G GC AI W UT",
+    "K V BETA G GC AI W UT CROW CEND",
     "K V BETA",
     "T H REP_K REP_V REP_B REP_G",
-    "D E BLOCK_D BLOCK_E CHUNK BLOCK_DK SUB G_MODE DELTA STORE_AI DOT_PRECISION",
+    "D E BLOCK_D BLOCK_E CHUNK BLOCK_DK SUB G_MODE DELTA STORE_AI VARLEN DOT_PRECISION",
 )
 DELTA_CHUNK_STATE = _core_signature(
     "_dchunk_state_kernel",
-    "K V W UT GC S0 HS U SN",
+    "K V W UT GC S0 HS U SN CU CO",
     "K V",
     "T H NT REP_K REP_V",
-    "D E BLOCK_D BLOCK_E CHUNK G_MODE DELTA HAS_S0 DOT_PRECISION",
+    "D E BLOCK_D BLOCK_E CHUNK G_MODE DELTA HAS_S0 VARLEN DOT_PRECISION",
 )
 DELTA_CHUNK_OUT = _core_signature(
     "_dchunk_out_kernel",
-    "Q K V U GC HS OUT",
+    "Q K V U GC HS OUT CROW CEND",
     "Q K V",
     "T H NT REP_Q REP_K REP_V",
-    "D E BLOCK_D BLOCK_E CHUNK BLOCK_DK SUB G_MODE DELTA DOT_PRECISION",
+    "D E BLOCK_D BLOCK_E CHUNK BLOCK_DK SUB G_MODE DELTA VARLEN DOT_PRECISION",
 )
 DELTA_CHUNK_PARALLEL = (DELTA_CHUNK_PREP, DELTA_CHUNK_STATE, DELTA_CHUNK_OUT)
 

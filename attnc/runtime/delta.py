@@ -54,14 +54,13 @@ from types import ModuleType
 import torch
 
 from .core_abi import (
-    DELTA_CHUNK_FWD_VARLEN,
     DELTA_RECURRENT_BWD,
     DELTA_RECURRENT_BWD_VARLEN,
     DELTA_RECURRENT_FWD,
     DELTA_RECURRENT_FWD_VARLEN,
     launch_core,
 )
-from .delta_chunk import chunk_forward
+from .delta_chunk import chunk_forward, chunk_table
 from .delta_chunk_bwd import chunk_backward
 from .varlen import check_offsets, longest_sequence, read_offsets, sync_allowed
 
@@ -97,43 +96,35 @@ class DeltaConfig:
     """The schedule of the kernels (never part of the math).
 
     chunk: tokens per chunk of the chunked algorithm, a power of two ≥ 16 (tl.dot needs K ≥ 16): the
-        chunk-parallel kernels' C (64 by default: wgmma-sized products at D = 128). The packed (varlen)
-        batch's chunk kernel caps it at `packed_chunk` (its whole-chunk tiles stay live in one program), which is
-        also the checkpoint interval of that path's recurrent backward;
+        chunk-parallel kernels' C (64 by default: wgmma-sized products at D = 128), in batches and in packed
+        (varlen) batches alike;
     ckpt: checkpoint interval of the recurrent backward (the state entering every ckpt-th token is stored);
     block_e: rows of the state (value channels) per program of the recurrent kernels; E is split over programs;
-    num_warps: warps per program of the recurrent and packed chunk kernels (the chunk-parallel kernels take
-        theirs from `delta_chunk.default_chunk_config` and `delta_chunk_bwd.default_schedule`)."""
+    num_warps: warps per program of the recurrent kernels (the chunk-parallel kernels take theirs from
+        `delta_chunk.default_chunk_config` and `delta_chunk_bwd.default_schedule`)."""
 
     chunk: int = 64
     ckpt: int = 32
     block_e: int = 32
     num_warps: int = 4
     num_stages: int = 1  # the recurrent kernels are sequential over tokens: nothing to pipeline across loads
-    packed_chunk: int = 32
 
     def __post_init__(self) -> None:
-        for name in ("chunk", "ckpt", "block_e", "packed_chunk"):
+        for name in ("chunk", "ckpt", "block_e"):
             n = getattr(self, name)
             if n < 1 or n & (n - 1):
                 raise ValueError(f"DeltaConfig.{name} must be a power of two, got {n}")
-        for name in ("chunk", "packed_chunk"):
-            if getattr(self, name) < 16:
-                raise ValueError(
-                    f"DeltaConfig.{name} must be at least 16 (tl.dot), got {getattr(self, name)}"
-                )
+        if self.chunk < 16:
+            raise ValueError(f"DeltaConfig.chunk must be at least 16 (tl.dot), got {self.chunk}")
 
 
 def default_config(D: int, E: int) -> DeltaConfig:
     """Schedules that compile for sm_90 without spills (tests/test_delta_rule.py compiles every kernel ahead
-    of time and checks): chunks of 64 for the chunk-parallel kernels; the packed chunk kernel (one program
-    per (E-block, sequence, head) walking its chunks, whole [C, D] tiles live) takes chunks of 32 and 32 state
-    rows on 4 warps up to D = 64, and chunks of 16 on 8 warps for wider heads (32 spilled 48 B there)."""
+    of time and checks): chunks of 64 for the chunk-parallel kernels (batched and packed); the recurrent
+    kernels hold 32 state rows per program, on 4 warps up to D = 64 and 8 for wider heads."""
     width = _next_pow2(max(D, 16))
     block_e = max(16, min(_next_pow2(E), 32))
-    if width <= 64:
-        return DeltaConfig(chunk=64, ckpt=32, block_e=block_e, num_warps=4, packed_chunk=32)
-    return DeltaConfig(chunk=64, ckpt=32, block_e=block_e, num_warps=8, packed_chunk=16)
+    return DeltaConfig(chunk=64, ckpt=32, block_e=block_e, num_warps=4 if width <= 64 else 8)
 
 
 def _next_pow2(n: int) -> int:
@@ -502,37 +493,6 @@ def _prep(x: torch.Tensor | None) -> torch.Tensor | None:
 # ---------------------------------------------------------------------------------------------- chunked
 
 
-def _packed_chunk(cfg: DeltaConfig) -> int:
-    return min(cfg.chunk, cfg.packed_chunk)
-
-
-def _chunk_fwd(q, k, v, beta, g, s0, shape: _Shape, cfg: DeltaConfig, store_ckpt: bool, seqs):
-    """A packed batch's o, final states and chunk-boundary states (laid out as `_recurrent_fwd`'s checkpoints,
-    one per chunk, so that the recurrent backward restarts from them)."""
-    B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
-    kern = _kernels(interpret=q.device.type != "cuda")
-    dev = q.device
-    o = torch.empty(B, H, T, E, device=dev, dtype=torch.float32)
-    nst = B if seqs is None else seqs.nseq
-    sn = torch.empty(nst, H, E, D, device=dev, dtype=torch.float32)
-    nc, co, sig, hs = _state_stack(
-        seqs, _packed_chunk(cfg), (B, H, T, E, D), (DELTA_CHUNK_FWD_VARLEN,) * 2, store_ckpt, q
-    )
-    be = min(cfg.block_e, _next_pow2(E))
-    fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
-    d = _dummy(q)
-    launch_core(
-        kern, sig, (_cdiv(E, be), nst * H),
-        dict(Q=q, K=k, V=v, BETA=beta, G=d if g is None else g, S0=d if s0 is None else s0, OUT=o, SN=sn, HS=hs,
-             **co),
-        dict(T=T, H=H, **_reps(shape, q, k, v), REP_B=_rep(shape, beta), REP_G=_rep(shape, g), NC=nc),
-        dict(D=D, E=E, BLOCK_D=max(16, _next_pow2(D)), BLOCK_E=max(16, be), CHUNK=_packed_chunk(cfg), HAS_G=g is not None,
-             HAS_S0=s0 is not None, STORE_CKPT=store_ckpt, DOT_PRECISION="ieee" if fp32_in else "tf32"),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return o, sn, hs
-
-
 def _delta_as_dplr(k, v, beta, g, H):
     """The delta rule's transition in DPLR form at H heads: a = α k, b = −β k, v' = β v (w = α)."""
     ke, ve, be = _expand_heads(k, H), _expand_heads(v, H), _expand_heads(beta, H)
@@ -546,87 +506,37 @@ def _delta_as_dplr(k, v, beta, g, H):
 
 
 class _ChunkFn(torch.autograd.Function):
-    """The chunk-parallel algorithm on a batch: delta_chunk.chunk_forward, whose intermediates (the chunk-local
-    cumulative gates, the WY factors, the pseudo-values and the chunk-entering states) the backward
-    (delta_chunk_bwd.chunk_backward) reads instead of running the forward again."""
+    """The chunk-parallel algorithm on a batch, or on a packed batch (`table`, delta_chunk.ChunkTable: the same
+    kernels over [1, heads, total, ...] rows, chunks starting at each sequence's first token):
+    delta_chunk.chunk_forward, whose intermediates (the chunk-local cumulative gates, the WY factors, the
+    pseudo-values and the chunk-entering states) the backward (delta_chunk_bwd.chunk_backward) reads instead
+    of running the forward again."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, s0, shape, cfg, delta):  # type: ignore[override]
+    def forward(ctx, q, k, v, beta, g, s0, shape, cfg, delta, table=None):  # type: ignore[override]
         store = any(ctx.needs_input_grad[:6])
-        f = chunk_forward(q, k, v, beta, g, s0, delta=delta, chunk=cfg.chunk, store=store)
+        f = chunk_forward(q, k, v, beta, g, s0, delta=delta, chunk=cfg.chunk, store=store, table=table)
         if store:
             ctx.save_for_backward(q, k, v, beta, g, f.gc, f.ai, f.w, f.ut, f.hs, f.u)
-        ctx.meta = (shape, cfg, s0 is not None, delta)
+        ctx.meta = (shape, cfg, s0 is not None, delta, table)
         ctx.set_materialize_grads(False)
         return f.o, f.sn
 
     @staticmethod
     def backward(ctx, do, dsn):  # type: ignore[override]
         q, k, v, beta, g, gc, ai, w, ut, hs, u = ctx.saved_tensors
-        shape, cfg, has_s0, delta = ctx.meta
+        shape, cfg, has_s0, delta, table = ctx.meta
         if do is None:
             do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
         dq, dk, dv, dbeta, dg, ds0 = chunk_backward(
             q, k, v, beta, g, do.contiguous(), None if dsn is None else dsn.contiguous(),
-            gc=gc, ai=ai, w=w, ut=ut, hs=hs, u=u, delta=delta, chunk=cfg.chunk,
+            gc=gc, ai=ai, w=w, ut=ut, hs=hs, u=u, delta=delta, chunk=cfg.chunk, table=table,
         )  # fmt: skip
         out = [
             None if gr is None or x is None else gr.to(x.dtype)
             for gr, x in zip((dq, dk, dv, dbeta, dg), (q, k, v, beta, g), strict=True)
         ]
-        return (*out, ds0 if has_s0 else None, None, None, None)
-
-
-class _PackedChunkFn(torch.autograd.Function):
-    """The chunked forward of a packed batch (`_delta_chunk_fwd_varlen_kernel`, scalar gates, chunks of
-    `DeltaConfig.packed_chunk` starting at each sequence's first token); backward by the recurrent kernel
-    restarted from the chunk-boundary states it stored."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, beta, g, s0, shape, cfg, seqs):  # type: ignore[override]
-        store = any(ctx.needs_input_grad[:6])
-        o, sn, hs = _chunk_fwd(q, k, v, beta, g, s0, shape, cfg, store, seqs)
-        ctx.save_for_backward(q, k, v, beta, g, hs)
-        ctx.meta = (shape, cfg, s0 is not None, seqs)
-        ctx.set_materialize_grads(False)
-        return o, sn
-
-    @staticmethod
-    def backward(ctx, do, dsn):  # type: ignore[override]
-        q, k, v, beta, g, hs = ctx.saved_tensors
-        shape, cfg, has_s0, seqs = ctx.meta
-        if do is None:
-            do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        dq, dk, dv, dbeta, dg, ds0 = _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape, cfg, seqs)
-        out = [
-            None if gr is None else gr.to(x.dtype)
-            for gr, x in zip((dq, dk, dv, dbeta, dg), (q, k, v, beta, g), strict=True)
-        ]
-        return (*out, ds0 if has_s0 else None, None, None, None)
-
-
-def _chunk_bwd_by_recurrence(q, k, v, beta, g, hs, do, dsn, shape: _Shape, cfg: DeltaConfig, seqs=None):
-    """The chunked path's gradients by the recurrent backward in DPLR form, restarted from the chunk-boundary
-    states, with the chain rule back to (k, v, β, g) done by autograd on the elementwise mapping (the
-    packed batch's backward)."""
-    H = shape.H
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_(True) for x in (k, v, beta)]
-        gl = None if g is None else g.detach().requires_grad_(True)
-        kp, vp, a, b = _delta_as_dplr(*leaves, gl, H)
-        gp = None if gl is None else _expand_heads(gl, H)
-        grads = _recurrent_bwd(
-            q, kp.contiguous(), vp.contiguous(), _prep(gp), a.contiguous(), b.contiguous(),
-            hs, do, dsn, shape, cfg, _packed_chunk(cfg), seqs,
-        )  # fmt: skip
-        dq, dkp, dvp, dgp, da, db, ds0 = grads
-        outs = [kp, vp, a, b] + ([gp] if gp is not None else [])
-        gouts = [dkp, dvp, da, db] + ([dgp] if gp is not None else [])
-        wrt = leaves + ([gl] if gl is not None else [])
-        dk, dv, dbeta, *rest = torch.autograd.grad(
-            outs, wrt, [x.to(o.dtype) for x, o in zip(gouts, outs, strict=True)], allow_unused=True
-        )
-    return dq, dk, dv, dbeta, (rest[0] if rest else None), ds0
+        return (*out, ds0 if has_s0 else None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- API
@@ -900,8 +810,23 @@ def _varlen_reference(p: _Packed, k, v, g, a, b):
     return torch.cat(outs, 2), torch.cat(states, 0)
 
 
+def _packed_chunk(p: _Packed, k, v, beta, g, delta: bool, return_state: bool, config):
+    """The chunk-parallel kernels on a packed batch (delta_chunk.ChunkTable: chunks start at each sequence's
+    first token; forward and backward, no host synchronisation)."""
+    assert p.shape is not None
+    cfg = config or default_config(p.shape.D, p.shape.E)
+    table = chunk_table(p.seqs.cu, p.seqs.total, cfg.chunk)
+    o, sn = _ChunkFn.apply(
+        p.q.contiguous(), k.contiguous(), v.contiguous(), _prep(beta), _prep(g), _state_in(p.s0),
+        p.shape, cfg, delta, table,
+    )  # fmt: skip
+    return _varlen_finish(p, o, sn, p.q.dtype, return_state)
+
+
 def _dplr_varlen_run(p: _Packed, k, v, g, a, b, alg: Algorithm, return_state: bool, config):
     assert p.shape is not None
+    if alg is Algorithm.CHUNK:  # no rank-1 part (GLA)
+        return _packed_chunk(p, k, v, None, g, False, return_state, config)
     if alg is Algorithm.REFERENCE:
         o, sn = _varlen_reference(p, k, v, g, a, b)
     else:
@@ -933,18 +858,23 @@ def dplr_varlen(
     (0, ..., total); initial_state and the returned state [nseq, H, E, D], one per sequence (each sequence
     starts from its own, or zeros). Returns o [total, H, E] (q's dtype), and the states with return_state=True.
     max_seqlen: None reads cu_seqlens on the host (one synchronisation for CUDA tensors, which also checks
-    its values); the Triton kernels themselves never need it. algorithm: "auto"/"recurrent" or "reference"
-    (the batched reference per sequence)."""
+    its values); the Triton kernels themselves never need it. algorithm: "recurrent", "reference" (the
+    batched reference per sequence), "chunk" (without a rank-1 part: GLA) or "auto" (chunk without a rank-1
+    part when the longest sequence has ≥ 64 tokens, else recurrent), as `dplr`."""
     fn = "dplr_varlen"
     alg = _algorithm(algorithm, fn)
-    if alg is Algorithm.CHUNK:
+    rank1 = a is not None or b is not None
+    if alg is Algorithm.CHUNK and rank1:
         raise _fail(
             fn,
-            "algorithm='chunk' covers the delta rule with scalar gates (delta_rule_varlen); use 'recurrent'",
+            "algorithm='chunk' covers the delta rule (delta_rule_varlen) and transitions without a rank-1 part "
+            "(GLA); a general a bᵀ part runs with algorithm='recurrent'",
         )
     p = _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, g=g, a=a, b=b)
     if p.shape is None:
         return _varlen_empty(p, q.dtype, return_state)
+    if alg is Algorithm.AUTO:
+        alg = Algorithm.CHUNK if not rank1 and p.longest >= 64 else Algorithm.RECURRENT
     return _dplr_varlen_run(p, p.k, p.v, p.aux["g"], p.aux["a"], p.aux["b"], alg, return_state, config)
 
 
@@ -986,37 +916,25 @@ def delta_rule_varlen(
 ):
     """`delta_rule` on a packed batch of variable-length sequences: q [total, Hq, D], k [total, Hk, D],
     v [total, Hv, E], beta [total, Hb], g absent (DeltaNet), [total, Hg] (Gated DeltaNet) or [total, Hg, D]
-    (KDA); cu_seqlens, max_seqlen, the states and the output as `dplr_varlen`. algorithm: "chunk" (scalar
-    gates: chunks start at each sequence's first token; its backward is the recurrent kernel restarted from
-    the chunk-boundary states), "recurrent", "reference" or "auto"
-    (chunk for scalar gates when the longest sequence has ≥ 64 tokens, else recurrent)."""
+    (KDA); cu_seqlens, max_seqlen, the states and the output as `dplr_varlen`. algorithm: "chunk" (every gate
+    form: the chunk-parallel kernels, forward and backward, with chunks starting at each sequence's first
+    token), "recurrent", "reference" or "auto" (chunk when the longest sequence has ≥ 64 tokens, else
+    recurrent)."""
     fn = "delta_rule_varlen"
     alg = _algorithm(algorithm, fn)
     if beta is None:
         raise _fail(fn, "beta (the writing strength, [total, Hb]) is required")
     p = _varlen_setup(fn, q, k, v, cu_seqlens, max_seqlen, initial_state, beta=beta, g=g)
-    scalar_gate = g is None or g.dim() == 2
-    if alg is Algorithm.CHUNK and not scalar_gate:
-        raise _fail(
-            fn,
-            "algorithm='chunk' needs a scalar gate per token (g [total, Hg]) or none; per-channel gates "
-            "(KDA, g [total, Hg, D]) run with algorithm='recurrent'",
-        )
     if p.shape is None:
         return _varlen_empty(p, q.dtype, return_state)
     if alg is Algorithm.AUTO:
-        alg = Algorithm.CHUNK if scalar_gate and p.longest >= 64 else Algorithm.RECURRENT
+        alg = Algorithm.CHUNK if p.longest >= 64 else Algorithm.RECURRENT
     H, gb, betab = p.shape.H, p.aux["g"], p.aux["beta"]
     if alg is not Algorithm.CHUNK:
         kp, vp, a, b = _delta_as_dplr(p.k, p.v, betab, gb, H)
         ge = None if gb is None else _expand_heads(gb, H)
         return _dplr_varlen_run(p, kp, vp, ge, a, b, alg, return_state, config)
-    cfg = config or default_config(p.shape.D, p.shape.E)
-    o, sn = _PackedChunkFn.apply(
-        p.q.contiguous(), p.k.contiguous(), p.v.contiguous(), betab.contiguous(), _prep(gb), _state_in(p.s0),  # type: ignore[union-attr]
-        p.shape, cfg, p.seqs,
-    )  # fmt: skip
-    return _varlen_finish(p, o, sn, q.dtype, return_state)
+    return _packed_chunk(p, p.k, p.v, betab, gb, True, return_state, config)
 
 
 # ---------------------------------------------------------------------------------------------- generated modules

@@ -23,7 +23,14 @@ import torch
 from .core_abi import DELTA_CHUNK_OUT, DELTA_CHUNK_PREP, DELTA_CHUNK_STATE, launch_core
 from .triton import _load_kernels
 
-__all__ = ["ChunkConfig", "ChunkForward", "chunk_forward", "default_chunk_config"]
+__all__ = [
+    "ChunkConfig",
+    "ChunkForward",
+    "ChunkTable",
+    "chunk_forward",
+    "chunk_table",
+    "default_chunk_config",
+]
 
 _KERNELS_FILE = Path(__file__).with_name("delta_chunk_kernels.py")
 
@@ -113,6 +120,45 @@ class ChunkForward:
     u: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class ChunkTable:
+    """A packed batch's chunks (FlashAttention's varlen packing: the kernels see B = 1, T = total), built on
+    the device with no host synchronisation. Chunks start at each sequence's first row and every C rows after
+    it; the last chunk of a sequence is cut at the sequence's end, exactly as a batch's last chunk at T.
+
+    cu int32 [nseq + 1]: each sequence's first row, then total; co int32 [nseq]: each sequence's first chunk
+    slot; crow / cend int32 [slots]: each slot's first row and its sequence's end row ((total, total) for a
+    padding slot); slots: an upper bound on the chunk count known from the shapes, Σ_s ⌈n_s / C⌉ ≤
+    total // C + nseq (per-chunk tensors, the entering states HS among them, have this many slots)."""
+
+    cu: torch.Tensor
+    co: torch.Tensor
+    crow: torch.Tensor
+    cend: torch.Tensor
+    nseq: int
+    slots: int
+    chunk: int
+
+
+def chunk_table(cu_seqlens: torch.Tensor, total: int, chunk: int) -> ChunkTable:
+    """The chunk table of a packed batch (cu_seqlens int32 [nseq + 1], already checked by the caller)."""
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    nseq = cu.numel() - 1
+    lens = (cu[1:] - cu[:-1]).long()
+    n = (lens + chunk - 1) // chunk
+    ends = torch.cumsum(n, 0)
+    co = ends - n
+    slots = total // chunk + nseq
+    slot = torch.arange(slots, device=cu.device)
+    seq = torch.searchsorted(ends, slot, right=True)  # the sequence of each slot (nseq: padding)
+    real = seq < nseq
+    sq = seq.clamp(max=max(nseq - 1, 0))
+    crow = cu[sq].long() + (slot - co[sq]) * chunk
+    crow = torch.where(real, crow, total).to(torch.int32)
+    cend = torch.where(real, cu[sq + 1].long(), total).to(torch.int32)
+    return ChunkTable(cu, co.to(torch.int32), crow, cend, nseq, slots, chunk)
+
+
 def _rep(H: int, x: torch.Tensor | None) -> int:
     return 1 if x is None else H // x.shape[1]
 
@@ -129,13 +175,17 @@ def chunk_forward(
     chunk: int = 64,
     store: bool = True,
     config: ChunkConfig | None = None,
+    table: ChunkTable | None = None,
 ) -> ChunkForward:
     """The chunk-parallel forward: S_t = S_{t−1} T_t + write_t, o_t = S_t q_t (no scale: fold it into q).
 
     q [B, Hq, T, D], k [B, Hk, T, D], v [B, Hv, T, E] (contiguous, any float dtype), beta [B, Hb, T] (delta
     only), g None | [B, Hg, T] | [B, Hg, T, D] (log-gates, ≤ 0), s0 None | [B, H, E, D] float32; every head
     count divides H = the largest. chunk: C, a power of two ≥ 16. store=False skips AI (Tinv), which only the
-    backward reads; the other intermediates are the forward's own hand-offs between its kernels."""
+    backward reads; the other intermediates are the forward's own hand-offs between its kernels.
+
+    table: a packed batch (`chunk_table`, at the same chunk): q, k, v, beta, g are [1, heads, total, ...],
+    s0 and the returned sn [nseq, H, E, D], hs [1, H, slots, E, D]."""
     B, _, T, D = q.shape
     E = v.shape[3]
     heads = [x.shape[1] for x in (q, k, v, beta, g) if x is not None]
@@ -148,7 +198,14 @@ def chunk_forward(
     g_mode = 0 if g is None else (1 if g.dim() == 3 else 2)
     kern = _kernels(interpret=q.device.type != "cuda")
     dev, f32 = q.device, torch.float32
-    NT = _cdiv(T, chunk)
+    if table is not None and (B != 1 or table.chunk != chunk):
+        raise ValueError(f"chunk_forward: a packed batch has B = 1 and the table's chunk {table.chunk}")
+    NT = _cdiv(T, chunk) if table is None else table.slots
+    nst = B if table is None else table.nseq  # states: one per batch entry or per sequence
+    i32 = q.new_empty(1, dtype=torch.int32)
+    seqs = dict(CU=i32, CO=i32) if table is None else dict(CU=table.cu, CO=table.co)
+    rows = dict(CROW=i32, CEND=i32) if table is None else dict(CROW=table.crow, CEND=table.cend)
+    varlen = table is not None
     bd, be_full = max(16, _next_pow2(D)), max(16, _next_pow2(E))
     bdk = min(cfg.block_dk, bd)
     fp32_in = all(x.dtype in (torch.float32, torch.float64) for x in (q, k, v))
@@ -166,7 +223,7 @@ def chunk_forward(
         u = torch.empty(B, H, T, E, device=dev, dtype=f32)
     hs = torch.empty(B, H, NT, E, D, device=dev, dtype=f32)
     o = torch.empty(B, H, T, E, device=dev, dtype=f32)
-    sn = torch.empty(B, H, E, D, device=dev, dtype=f32)
+    sn = torch.empty(nst, H, E, D, device=dev, dtype=f32)
 
     def ptr(x: torch.Tensor | None) -> torch.Tensor:
         return dummy if x is None else x
@@ -174,28 +231,28 @@ def chunk_forward(
     if delta or g_mode:
         launch_core(
             kern, DELTA_CHUNK_PREP, (NT, B * H),
-            dict(K=k, V=v, BETA=ptr(beta), G=ptr(g), GC=ptr(gc), AI=ptr(ai), W=ptr(w), UT=ptr(ut)),
+            dict(K=k, V=v, BETA=ptr(beta), G=ptr(g), GC=ptr(gc), AI=ptr(ai), W=ptr(w), UT=ptr(ut), **rows),
             dict(T=T, H=H, REP_K=_rep(H, k), REP_V=_rep(H, v), REP_B=_rep(H, beta), REP_G=_rep(H, g)),
             dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=be_full, CHUNK=chunk, BLOCK_DK=bdk, SUB=cfg.sub, G_MODE=g_mode, DELTA=delta,
-                 STORE_AI=ai is not None, DOT_PRECISION=prec),
+                 STORE_AI=ai is not None, VARLEN=varlen, DOT_PRECISION=prec),
             num_warps=cfg.warps_prep, num_stages=cfg.stages,
         )  # fmt: skip
     bes = min(cfg.block_e_state_channel if delta and g_mode == 2 else cfg.block_e_state, be_full)
     launch_core(
-        kern, DELTA_CHUNK_STATE, (_cdiv(E, bes), B * H),
-        dict(K=k, V=v, W=ptr(w), UT=ptr(ut), GC=ptr(gc), S0=ptr(s0), HS=hs, U=ptr(u), SN=sn),
+        kern, DELTA_CHUNK_STATE, (_cdiv(E, bes), nst * H),
+        dict(K=k, V=v, W=ptr(w), UT=ptr(ut), GC=ptr(gc), S0=ptr(s0), HS=hs, U=ptr(u), SN=sn, **seqs),
         dict(T=T, H=H, NT=NT, REP_K=_rep(H, k), REP_V=_rep(H, v)),
         dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=bes, CHUNK=chunk, G_MODE=g_mode, DELTA=delta, HAS_S0=s0 is not None,
-             DOT_PRECISION=prec),
+             VARLEN=varlen, DOT_PRECISION=prec),
         num_warps=cfg.warps_state, num_stages=cfg.stages,
     )  # fmt: skip
     beo = min(cfg.block_e_out, be_full)
     launch_core(
         kern, DELTA_CHUNK_OUT, (NT, B * H, _cdiv(E, beo)),
-        dict(Q=q, K=k, V=v, U=ptr(u), GC=ptr(gc), HS=hs, OUT=o),
+        dict(Q=q, K=k, V=v, U=ptr(u), GC=ptr(gc), HS=hs, OUT=o, **rows),
         dict(T=T, H=H, NT=NT, REP_Q=_rep(H, q), REP_K=_rep(H, k), REP_V=_rep(H, v)),
         dict(D=D, E=E, BLOCK_D=bd, BLOCK_E=beo, CHUNK=chunk, BLOCK_DK=bdk, SUB=cfg.sub, G_MODE=g_mode, DELTA=delta,
-             DOT_PRECISION=prec),
+             VARLEN=varlen, DOT_PRECISION=prec),
         num_warps=cfg.warps_out, num_stages=cfg.stages,
     )  # fmt: skip
     return ChunkForward(o=o, sn=sn, gc=gc, ai=ai, w=w, ut=ut, hs=hs, u=u)

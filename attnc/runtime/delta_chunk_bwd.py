@@ -28,6 +28,7 @@ from .core_abi import (
     DELTA_CBWD_WY,
     launch_core,
 )
+from .delta_chunk import ChunkTable
 from .triton import _load_kernels
 
 _KERNELS_FILE = Path(__file__).with_name("delta_chunk_bwd_kernels.py")
@@ -128,17 +129,27 @@ def chunk_backward(
     delta: bool,
     chunk: int = 64,
     schedule: ChunkBwdSchedule | None = None,
+    table: ChunkTable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """(dq, dk, dv, dbeta, dg, ds0) of the chunked forward, from do = ∂L/∂o [B, H, T, E] and dsn = ∂L/∂S_T
     [B, H, E, D] (None: 0), per the contract of delta_chunk_design.md (the forward's intermediates gc, ai, w,
     hs, u; ut is not needed: ∂L/∂Ũ = ∂L/∂U). Gradients per input at the input's head count (shared heads
-    summed over their group), float32; dbeta None without `delta`, dg None without a gate."""
+    summed over their group), float32; dbeta None without `delta`, dg None without a gate.
+
+    table: a packed batch (delta_chunk.chunk_table, at the forward's chunk): inputs [1, heads, total, ...],
+    dsn and ds0 [nseq, H, E, D], one state gradient per sequence."""
     if chunk < 16 or chunk & (chunk - 1):
         raise ValueError(f"chunk must be a power of two ≥ 16, got {chunk}")
     B, _, T, D = q.shape
     E = v.shape[-1]
     H = hs.shape[1]
     NT = hs.shape[2]
+    if table is not None and (B != 1 or table.chunk != chunk or table.slots != NT):
+        raise ValueError("chunk_backward: a packed batch has B = 1 and the forward's chunk table")
+    nst = B if table is None else table.nseq  # state gradients: one per batch entry or per sequence
+    i32 = q.new_empty(1, dtype=torch.int32)
+    seqs = dict(CU=i32, CO=i32) if table is None else dict(CU=table.cu, CO=table.co)
+    rows = dict(CROW=i32, CEND=i32) if table is None else dict(CROW=table.crow, CEND=table.cend)
     gm = _g_mode(g)
     sch = schedule or default_schedule(D, E, gm)
     sub = min(sch.sub, chunk)
@@ -166,6 +177,7 @@ def chunk_backward(
     }
     ints = {"T": T, "H": H, "NT": NT, **reps}
     cx = {"D": D, "E": E, "BLOCK_E": be, "CHUNK": chunk, "SUB": sub, "G_MODE": gm, "DELTA": delta}
+    cx["VARLEN"] = table is not None
     scratch = (B * H, NT * chunk, chunk)
     pm = torch.empty(scratch, device=dev, dtype=f32) if gm == 2 else d1
     km = torch.empty(scratch, device=dev, dtype=f32) if delta else d1
@@ -175,15 +187,15 @@ def chunk_backward(
     GC, U, W = opt(gc), opt(u), opt(w)
     launch_core(
         kern, DELTA_CBWD_INTRA, (NT, B * H),
-        dict(Q=q, K=k, V=v, U=U, GC=GC, DO=do, PM=pm, KM=km, DPM=dpm, DU=du, DGS=dgs),
+        dict(Q=q, K=k, V=v, U=U, GC=GC, DO=do, PM=pm, KM=km, DPM=dpm, DU=du, DGS=dgs, **rows),
         ints, dict(cx, BLOCK_D=intra_block_d(sch, D, gm), DOT_PRECISION=prec),
         num_warps=sch.warps_intra, num_stages=sch.num_stages,
     )  # fmt: skip
     dhs = torch.empty(B, H, NT, E, D, device=dev, dtype=f32)
-    ds0 = torch.empty(B, H, E, D, device=dev, dtype=f32)
+    ds0 = torch.empty(nst, H, E, D, device=dev, dtype=f32)
     launch_core(
-        kern, DELTA_CBWD_DSTATE, (_cdiv(E, bes), B * H),
-        dict(Q=q, K=k, W=W, GC=GC, DO=do, DSN=opt(dsn), DU=du, DHS=dhs, DS0=ds0),
+        kern, DELTA_CBWD_DSTATE, (_cdiv(E, bes), nst * H),
+        dict(Q=q, K=k, W=W, GC=GC, DO=do, DSN=opt(dsn), DU=du, DHS=dhs, DS0=ds0, **seqs),
         ints, dict(cx, BLOCK_D=bd, BLOCK_E=bes, HAS_DSN=dsn is not None, DOT_PRECISION=prec),
         num_warps=sch.warps_state, num_stages=sch.num_stages,
     )  # fmt: skip
@@ -194,7 +206,7 @@ def chunk_backward(
     launch_core(
         kern, DELTA_CBWD_DQKW, (nk, NT, B * H),
         dict(Q=q, K=k, V=v, U=U, GC=GC, HS=hs.contiguous(), DO=do, DU=du, DHS=dhs, DPM=dpm, DQ=dq, DK=dk,
-             DW=dw, DGK=dgk),
+             DW=dw, DGK=dgk, **rows),
         ints, dict(cx, BLOCK_K=bk, DOT_PRECISION=prec),
         num_warps=sch.warps_dqkw, num_stages=sch.num_stages,
     )  # fmt: skip
@@ -205,7 +217,7 @@ def chunk_backward(
         launch_core(
             kern, DELTA_CBWD_WY, (NT, B * H),
             dict(K=k, V=v, BETA=opt(beta), GC=GC, AI=opt(ai), DU=du, DW=dw, KM=km, PM=pm, DK=dk, DGK=dgk,
-                 DGS=dgs, DV=dv, DBETA=d1 if dbeta is None else dbeta, DG=d1 if dg is None else dg),
+                 DGS=dgs, DV=dv, DBETA=d1 if dbeta is None else dbeta, DG=d1 if dg is None else dg, **rows),
             dict(ints, NK=nk), dict(cx, BLOCK_K=bkw, DOT_PRECISION=prec),
             num_warps=sch.warps_wy, num_stages=sch.num_stages,
         )  # fmt: skip

@@ -71,6 +71,40 @@ def _head_row(bh, H, REP, T):
 
 
 @triton.jit
+def _chunk_span(CROW, CEND, c, T, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
+    """(first row, end row) of chunk slot c: c·C and T in a batch; in a packed batch (VARLEN) the chunk
+    table's entries (delta_chunk.ChunkTable), the end being the sequence's: rows past it are masked exactly
+    as a batch's rows past T. A padding slot is (total, total)."""
+    if VARLEN:
+        c0 = tl.load(CROW + c)
+        tn = tl.load(CEND + c)
+    else:
+        c0 = c * CHUNK
+        tn = T
+    return c0, tn
+
+
+@triton.jit
+def _seq_span(CU, CO, pid, H, T, NT, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
+    """The sequential pass's program `pid` (of B·H, packed: of nseq·H): (its head's index into the row-major
+    tensors, its sequence's first row, end row, first chunk slot, chunk count); packed batches have B = 1."""
+    if VARLEN:
+        seq = pid // H
+        bh = pid % H
+        row0 = tl.load(CU + seq)
+        tn = tl.load(CU + seq + 1)
+        cfirst = tl.load(CO + seq)
+        nc = (tn - row0 + CHUNK - 1) // CHUNK
+    else:
+        bh = pid
+        row0 = 0
+        tn = T
+        cfirst = 0
+        nc = NT
+    return bh, row0, tn, cfirst, nc
+
+
+@triton.jit
 def _last_row(c0, T, CHUNK: tl.constexpr):
     """The chunk-relative index of the chunk's last real token (padded tokens have g = 0: Γ_last is its Γ)."""
     return tl.minimum(T - c0, CHUNK) - 1
@@ -265,10 +299,11 @@ def _decay(gam, offs_c, STRICT: tl.constexpr):
 
 @triton.jit
 def _delta_cbwd_intra_kernel(
-    Q, K, V, U, GC, DO, PM, KM, DPM, DU, DGS,  # core_abi.DELTA_CBWD_INTRA
+    Q, K, V, U, GC, DO, PM, KM, DPM, DU, DGS, CROW, CEND,  # core_abi.DELTA_CBWD_INTRA
     T, H, NT, REP_Q, REP_K, REP_V, REP_B,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Per chunk (grid (NT, B·H)), independent of the recurrence:
         P_ij = ⟨q_i, k_j⟩_Γ (j ≤ i),  KK_ij = ⟨k_i, k_j⟩_Γ (j < i, DELTA),  dP = dO Uᵀ (j ≤ i),  dU_local = Pᵀ dO.
@@ -279,25 +314,30 @@ def _delta_cbwd_intra_kernel(
     Shapes: PM/KM/DPM [B·H, NT·C, C] fp32, DU [B, H, T, E] fp32, DGS [B, H, T] fp32."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    c0 = c * CHUNK
+    c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
+    if c0 >= tn:  # a packed batch's padding slot
+        return
+    cs = c * CHUNK  # the chunk's rows of the per-slot scratch (PM, KM, DPM)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < D
-    tm = c0 + offs_c < T
+    tm = c0 + offs_c < tn
     srow = bh.to(tl.int64) * T  # state-head rows (GC, DO, U, DU)
     rq = _head_row(bh, H, REP_Q, T)
     rk = _head_row(bh, H, REP_K, T)
     rv = _head_row(bh, H, REP_V, T)
-    cm = (bh.to(tl.int64) * NT * CHUNK + c0 + offs_c[:, None]) * CHUNK + offs_c[None, :]
+    cm = (bh.to(tl.int64) * NT * CHUNK + cs + offs_c[:, None]) * CHUNK + offs_c[None, :]
     kd = tm[:, None] & dmask[None, :]
     if G_MODE == 2:
-        PMc = PM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
+        PMc = PM + (bh.to(tl.int64) * NT * CHUNK + cs) * CHUNK
         GCb = GC + srow * D
-        _g2_mat(PMc, Q + rq * D, K + rk * D, GCb, c0, T, offs_c, D, False, CHUNK, SUB, BLOCK_D, DOT_PRECISION)
+        _g2_mat(
+            PMc, Q + rq * D, K + rk * D, GCb, c0, tn, offs_c, D, False, CHUNK, SUB, BLOCK_D, DOT_PRECISION
+        )
         if DELTA:
-            KMc = KM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
+            KMc = KM + (bh.to(tl.int64) * NT * CHUNK + cs) * CHUNK
             _g2_mat(
-                KMc, K + rk * D, K + rk * D, GCb, c0, T, offs_c, D, True, CHUNK, SUB, BLOCK_D, DOT_PRECISION
+                KMc, K + rk * D, K + rk * D, GCb, c0, tn, offs_c, D, True, CHUNK, SUB, BLOCK_D, DOT_PRECISION
             )
         tl.debug_barrier()
         P = tl.load(PM + cm)
@@ -307,8 +347,8 @@ def _delta_cbwd_intra_kernel(
         Kn = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
         dec = offs_c[:, None] * 0.0 + 1.0
         if G_MODE == 1:
-            gl = _gam_last(GC, srow, c0, T, offs_d, dmask, D, G_MODE, CHUNK)
-            gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_d, dmask, gl, D, G_MODE)
+            gl = _gam_last(GC, srow, c0, tn, offs_d, dmask, D, G_MODE, CHUNK)
+            gam = _gam_chunk(GC, srow, c0, tn, offs_c, offs_d, dmask, gl, D, G_MODE)
             dec = _decay(gam, offs_c, False)
         P = tl.where(offs_c[:, None] >= offs_c[None, :], tl.dot(Qn, tl.trans(Kn)) * dec, 0.0)
         if DELTA:
@@ -339,11 +379,11 @@ def _delta_cbwd_intra_kernel(
 
 @triton.jit
 def _delta_cbwd_dstate_kernel(
-    Q, K, W, GC, DO, DSN, DU, DHS, DS0,  # core_abi.DELTA_CBWD_DSTATE
+    Q, K, W, GC, DO, DSN, DU, DHS, DS0, CU, CO,  # core_abi.DELTA_CBWD_DSTATE
     T, H, NT, REP_Q, REP_K, REP_V, REP_B,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, HAS_DSN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, VARLEN: tl.constexpr,
+    HAS_DSN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """The one sequential pass (grid (E-blocks, B·H)), last chunk first, dS = ∂L/∂S' of the chunk (dS of the
     last chunk = DSN or 0). Per chunk: DHS[c] ← dS; DU ← DU + (K ⊙ e^{Γ_last − Γ}) dSᵀ (= dU, complete);
@@ -351,7 +391,8 @@ def _delta_cbwd_dstate_kernel(
     Each state row (value channel) is independent, so E splits over programs; D stays whole (the
     contractions over key channels need every column). DHS [B, H, NT, E, D], DSN/DS0 [B, H, E, D]."""
     pid_e = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(1)
+    bh, row0, tn, cfirst, nc = _seq_span(CU, CO, pid, H, T, NT, CHUNK, VARLEN)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -363,19 +404,20 @@ def _delta_cbwd_dstate_kernel(
     rq = _head_row(bh, H, REP_Q, T)
     rk = _head_row(bh, H, REP_K, T)
     if HAS_DSN:
-        dS = tl.load(DSN + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
+        dS = tl.load(DSN + pid.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
     else:
         dS = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
-    for ci in range(0, NT):
-        c = NT - 1 - ci
-        c0 = c * CHUNK
-        tm = c0 + offs_c < T
+    for ci in range(0, nc):
+        i = nc - 1 - ci
+        c = cfirst + i
+        c0 = row0 + i * CHUNK
+        tm = c0 + offs_c < tn
         kd = tm[:, None] & dmask[None, :]
         ve = tm[:, None] & emask[None, :]
         tl.store(DHS + (bh.to(tl.int64) * NT + c) * E * D + s_off, dS, mask=s_msk)
         Kc = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_d[None, :], mask=kd, other=0.0).to(tl.float32)
-        gl = _gam_last(GC, srow, c0, T, offs_d, dmask, D, G_MODE, CHUNK)
-        gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_d, dmask, gl, D, G_MODE)
+        gl = _gam_last(GC, srow, c0, tn, offs_d, dmask, D, G_MODE, CHUNK)
+        gam = _gam_chunk(GC, srow, c0, tn, offs_c, offs_d, dmask, gl, D, G_MODE)
         if G_MODE == 1:
             Kc = Kc * tl.exp(gl - gam)[:, None]
         elif G_MODE == 2:
@@ -395,15 +437,16 @@ def _delta_cbwd_dstate_kernel(
         if DELTA:
             Wc = tl.load(W + (srow + c0 + offs_c[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
             dS -= tl.dot(tl.trans(dU), Wc, input_precision=DOT_PRECISION)
-    tl.store(DS0 + bh.to(tl.int64) * E * D + s_off, dS, mask=s_msk)
+    tl.store(DS0 + pid.to(tl.int64) * E * D + s_off, dS, mask=s_msk)
 
 
 @triton.jit
 def _delta_cbwd_dqkw_kernel(
-    Q, K, V, U, GC, HS, DO, DU, DHS, DPM, DQ, DK, DW, DGK,  # core_abi.DELTA_CBWD_DQKW
+    Q, K, V, U, GC, HS, DO, DU, DHS, DPM, DQ, DK, DW, DGK, CROW, CEND,  # core_abi.DELTA_CBWD_DQKW
     T, H, NT, REP_Q, REP_K, REP_V, REP_B,
     D: tl.constexpr, E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Per (D-block, chunk, head), from S = HS[c], dS' = DHS[c], dU, dP (all contractions over E loop over
     E-blocks; r = e^{Γ_last − Γ}):
@@ -417,11 +460,14 @@ def _delta_cbwd_dqkw_kernel(
     pid_k = tl.program_id(0)
     c = tl.program_id(1)
     bh = tl.program_id(2)
-    c0 = c * CHUNK
+    c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
+    if c0 >= tn:  # a packed batch's padding slot
+        return
+    cs = c * CHUNK  # the chunk's rows of the per-slot scratch (PM, KM, DPM)
     offs_c = tl.arange(0, CHUNK)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     kmask = offs_k < D
-    tm = c0 + offs_c < T
+    tm = c0 + offs_c < tn
     kd = tm[:, None] & kmask[None, :]
     srow = bh.to(tl.int64) * T
     rq = _head_row(bh, H, REP_Q, T)
@@ -452,26 +498,26 @@ def _delta_cbwd_dqkw_kernel(
         dKr += tl.dot(Ub.to(tl.float32), dSn, input_precision=DOT_PRECISION)
         if G_MODE != 0:
             sds += _dsum(S * dSn, 0)
-    lr = _last_row(c0, T, CHUNK)
+    lr = _last_row(c0, tn, CHUNK)
     tok = (srow + c0 + offs_c[:, None]) * D + offs_k[None, :]
     if DELTA:
         tl.store(DW + tok, dW, mask=kd)  # stored first: one [C, BK] tile fewer live below
     if G_MODE == 2:
         # ordered so that few [C, BK] tiles are live at once (register pressure on sm_90)
-        gl = _gam_last(GC, srow, c0, T, offs_k, kmask, D, G_MODE, CHUNK)
-        gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_k, kmask, gl, D, G_MODE)
-        DPMc = DPM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
+        gl = _gam_last(GC, srow, c0, tn, offs_k, kmask, D, G_MODE, CHUNK)
+        gam = _gam_chunk(GC, srow, c0, tn, offs_c, offs_k, kmask, gl, D, G_MODE)
+        DPMc = DPM + (bh.to(tl.int64) * NT * CHUNK + cs) * CHUNK
         GCb = GC + srow * D
         dq = tl.exp(gam) * dQs
         dqP = _g2_dx(
-            DPMc, gam, K + rk * D, GCb, gl, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
+            DPMc, gam, K + rk * D, GCb, gl, c0, tn, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
         )
         dq += dqP
         Qc = tl.load(Q + (rq + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
         dgam = Qc * dq
         tl.store(DQ + tok, dq, mask=kd)
         dkP = _g2_dy(
-            DPMc, gam, Q + rq * D, GCb, gl, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
+            DPMc, gam, Q + rq * D, GCb, gl, c0, tn, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
         )
         Kc = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
         dk = tl.exp(gl[None, :] - gam) * dKr
@@ -481,15 +527,15 @@ def _delta_cbwd_dqkw_kernel(
         tl.store(DGK + tok, dgam, mask=kd)
         tl.store(DK + tok, dk + dkP, mask=kd)
     else:
-        cm = (bh.to(tl.int64) * NT * CHUNK + c0 + offs_c[:, None]) * CHUNK + offs_c[None, :]
+        cm = (bh.to(tl.int64) * NT * CHUNK + cs + offs_c[:, None]) * CHUNK + offs_c[None, :]
         dPd = tl.load(DPM + cm)  # dP ⊙ decay
         Qc = tl.load(Q + (rq + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
         Kc = tl.load(K + (rk + c0 + offs_c[:, None]) * D + offs_k[None, :], mask=kd, other=0.0).to(tl.float32)
         dq = dQs
         dk = dKr
         if G_MODE == 1:
-            gl = _gam_last(GC, srow, c0, T, offs_k, kmask, D, G_MODE, CHUNK)
-            gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_k, kmask, gl, D, G_MODE)
+            gl = _gam_last(GC, srow, c0, tn, offs_k, kmask, D, G_MODE, CHUNK)
+            gam = _gam_chunk(GC, srow, c0, tn, offs_c, offs_k, kmask, gl, D, G_MODE)
             dq = dq * tl.exp(gam)[:, None]
             dk = dk * tl.exp(gl - gam)[:, None]
             kr = _dsum(Kc * dk, 1)
@@ -507,10 +553,11 @@ def _delta_cbwd_dqkw_kernel(
 
 @triton.jit
 def _delta_cbwd_wy_kernel(
-    K, V, BETA, GC, AI, DU, DW, KM, PM, DK, DGK, DGS, DV, DBETA, DG,  # core_abi.DELTA_CBWD_WY
+    K, V, BETA, GC, AI, DU, DW, KM, PM, DK, DGK, DGS, DV, DBETA, DG, CROW, CEND,  # core_abi.DELTA_CBWD_WY
     T, H, NT, NK, REP_Q, REP_K, REP_V, REP_B,
     D: tl.constexpr, E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Per chunk (grid (NT, B·H)), the WY backward (Yang et al. 2024 §3 and its backward appendix; X = Tinv):
         W = X diag(β) (K ⊙ e^Γ), Ũ = X diag(β) V (dŨ = dU):
@@ -522,18 +569,21 @@ def _delta_cbwd_wy_kernel(
     [B, H, T], DG [B, H, T(, D)]. Without DELTA only dg."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
-    c0 = c * CHUNK
+    c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
+    if c0 >= tn:  # a packed batch's padding slot
+        return
+    cs = c * CHUNK  # the chunk's rows of the per-slot scratch (PM, KM, DPM)
     offs_c = tl.arange(0, CHUNK)
-    tm = c0 + offs_c < T
+    tm = c0 + offs_c < tn
     srow = bh.to(tl.int64) * T
     rk = _head_row(bh, H, REP_K, T)
     rv = _head_row(bh, H, REP_V, T)
     rb = _head_row(bh, H, REP_B, T)
-    cm = (bh.to(tl.int64) * NT * CHUNK + c0 + offs_c[:, None]) * CHUNK + offs_c[None, :]
+    cm = (bh.to(tl.int64) * NT * CHUNK + cs + offs_c[:, None]) * CHUNK + offs_c[None, :]
     dgam1 = offs_c * 0.0  # a scalar gate's dΓ, [C]
     if G_MODE == 1:
-        gl = _gam_last(GC, srow, c0, T, offs_c, tm, D, G_MODE, CHUNK)
-        gam1 = _gam_chunk(GC, srow, c0, T, offs_c, offs_c, tm, gl, D, G_MODE)
+        gl = _gam_last(GC, srow, c0, tn, offs_c, tm, D, G_MODE, CHUNK)
+        gam1 = _gam_chunk(GC, srow, c0, tn, offs_c, offs_c, tm, gl, D, G_MODE)
         dgam1 += tl.load(DGS + srow + c0 + offs_c, mask=tm, other=0.0)
         for kb in range(0, NK):
             dgam1 += tl.load(
@@ -567,8 +617,8 @@ def _delta_cbwd_wy_kernel(
             if G_MODE == 1:
                 Kb = Kb * tl.exp(gam1)[:, None]
             elif G_MODE == 2:
-                gl2 = _gam_last(GC, srow, c0, T, offs_k, kmask, D, G_MODE, CHUNK)
-                Kb = Kb * tl.exp(_gam_chunk(GC, srow, c0, T, offs_c, offs_k, kmask, gl2, D, G_MODE))
+                gl2 = _gam_last(GC, srow, c0, tn, offs_k, kmask, D, G_MODE, CHUNK)
+                Kb = Kb * tl.exp(_gam_chunk(GC, srow, c0, tn, offs_c, offs_k, kmask, gl2, D, G_MODE))
             dWb = tl.load(DW + tok, mask=kd, other=0.0)
             dX += tl.dot(dWb, tl.trans(beta[:, None] * Kb), input_precision=DOT_PRECISION)
         lower = offs_c[:, None] > offs_c[None, :]
@@ -597,21 +647,21 @@ def _delta_cbwd_wy_kernel(
             dKb = tl.dot(tl.trans(X), dWb, input_precision=DOT_PRECISION)  # ∂/∂(β K ⊙ e^Γ)
             dk = tl.load(DK + tok, mask=kd, other=0.0)
             if G_MODE == 2:
-                gl2 = _gam_last(GC, srow, c0, T, offs_k, kmask, D, G_MODE, CHUNK)
-                gam = _gam_chunk(GC, srow, c0, T, offs_c, offs_k, kmask, gl2, D, G_MODE)
+                gl2 = _gam_last(GC, srow, c0, tn, offs_k, kmask, D, G_MODE, CHUNK)
+                gam = _gam_chunk(GC, srow, c0, tn, offs_c, offs_k, kmask, gl2, D, G_MODE)
                 keg = Kc * tl.exp(gam) * dKb
                 dk += beta[:, None] * tl.exp(gam) * dKb
                 dgam = tl.load(DGK + tok, mask=kd, other=0.0) + beta[:, None] * keg
-                PMc = PM + (bh.to(tl.int64) * NT * CHUNK + c0) * CHUNK
+                PMc = PM + (bh.to(tl.int64) * NT * CHUNK + cs) * CHUNK
                 GCb = GC + srow * D
                 kb_ = K + rk * D
                 dx = _g2_dx(
-                    PMc, gam, kb_, GCb, gl2, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
+                    PMc, gam, kb_, GCb, gl2, c0, tn, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
                 )
                 dk += dx
                 dgam += Kc * dx
                 dy = _g2_dy(
-                    PMc, gam, kb_, GCb, gl2, c0, T, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
+                    PMc, gam, kb_, GCb, gl2, c0, tn, offs_c, offs_k, kmask, D, CHUNK, SUB, DOT_PRECISION
                 )
                 dk += dy
                 dgam -= Kc * dy

@@ -63,6 +63,43 @@ def _head_row(bh, H, REP, T):
 
 
 @triton.jit
+def _chunk_span(CROW, CEND, c, T, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
+    """(first row, end row) of chunk slot c: c·C and T in a batch; in a packed batch (VARLEN) the chunk
+    table's entries, the end being its sequence's (rows past it belong to the next sequence and are masked
+    exactly as rows past T are). A padding slot (the table has more slots than chunks) is (total, total)."""
+    if VARLEN:
+        c0 = tl.load(CROW + c)
+        tn = tl.load(CEND + c)
+    else:
+        c0 = c * CHUNK
+        tn = T
+    return c0, tn
+
+
+@triton.jit
+def _seq_span(CU, CO, pid, H, T, NT, CHUNK: tl.constexpr, VARLEN: tl.constexpr):
+    """What program `pid` (of B·H, or of nseq·H in a packed batch) of a sequential pass walks: (the state
+    head's index into the row-major inputs, its sequence's first row, its end row, its first chunk slot, its
+    number of chunks). Packed (VARLEN): B = 1, so the head is pid % H; the sequence pid // H spans rows
+    CU[s]..CU[s + 1] and chunk slots CO[s].. (each chunk starting at a multiple of C from the sequence's
+    first row)."""
+    if VARLEN:
+        seq = pid // H
+        bh = pid % H
+        row0 = tl.load(CU + seq)
+        tn = tl.load(CU + seq + 1)
+        cfirst = tl.load(CO + seq)
+        nc = (tn - row0 + CHUNK - 1) // CHUNK
+    else:
+        bh = pid
+        row0 = 0
+        tn = T
+        cfirst = 0
+        nc = NT
+    return bh, row0, tn, cfirst, nc
+
+
+@triton.jit
 def _rows(X, row0, t, tm, offs, omask, W: tl.constexpr):
     """The [C, BLOCK] tile of rows row0 + t of a row-major [*, W] tensor (zeros where masked)."""
     return tl.load(X + (row0 + t[:, None]) * W + offs[None, :], mask=tm[:, None] & omask[None, :], other=0.0)
@@ -152,11 +189,11 @@ def _unit_lower_inverse(A, CHUNK: tl.constexpr, SUB: tl.constexpr, DOT_PRECISION
 
 @triton.jit
 def _dchunk_prep_kernel(
-    K, V, BETA, G, GC, AI, W, UT,  # core_abi.DELTA_CHUNK_PREP
+    K, V, BETA, G, GC, AI, W, UT, CROW, CEND,  # core_abi.DELTA_CHUNK_PREP
     T, H, REP_K, REP_V, REP_B, REP_G,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_DK: tl.constexpr, SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr,
-    STORE_AI: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STORE_AI: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One chunk's per-chunk factors, grid (NT, B·H): Γ = cumsum of g within the chunk (GC [B, H, T] or
     [B, H, T, D], float32); with DELTA, A, Tinv = (I + A)⁻¹ (AI [B, H, T, C], stored under STORE_AI),
@@ -173,9 +210,11 @@ def _dchunk_prep_kernel(
     offs_e = tl.arange(0, BLOCK_E)
     dmask = offs_d < D
     emask = offs_e < E
-    c0 = c * CHUNK
+    c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
+    if c0 >= tn:  # a packed batch's padding slot
+        return
     t = c0 + offs_c
-    tm = t < T
+    tm = t < tn
     ro = bh.to(tl.int64) * T  # this state head's rows of the outputs
     rk = _head_row(bh, H, REP_K, T)
     rg = _head_row(bh, H, REP_G, T)
@@ -197,7 +236,7 @@ def _dchunk_prep_kernel(
                 tl.debug_barrier()
                 kf = _rows(K, rk, t, tm, od, dm, D).to(tl.float32)
                 A = _gram_channel(
-                    kf, gam2, kf, K, GC, rk, ro, c0, T, od, dm, A, D, CHUNK, SUB, True, DOT_PRECISION
+                    kf, gam2, kf, K, GC, rk, ro, c0, tn, od, dm, A, D, CHUNK, SUB, True, DOT_PRECISION
                 )
         else:
             Kn = _rows(K, rk, t, tm, offs_d, dmask, D)
@@ -214,7 +253,7 @@ def _dchunk_prep_kernel(
             for d0 in tl.static_range(0, BLOCK_D, BLOCK_DK):
                 od = d0 + tl.arange(0, BLOCK_DK)
                 dm = od < D
-                gam2 = _rows(GC, ro, tl.minimum(t, T - 1), t >= 0, od, dm, D)
+                gam2 = _rows(GC, ro, tl.minimum(t, tn - 1), t >= 0, od, dm, D)
                 kb = _rows(K, rk, t, tm, od, dm, D).to(tl.float32) * tl.exp(gam2)
                 w = tl.dot(Tinv, beta[:, None] * kb, input_precision=DOT_PRECISION)
                 tl.store(W + (ro + t[:, None]) * D + od[None, :], w, mask=tm[:, None] & dm[None, :])
@@ -234,19 +273,21 @@ def _dchunk_prep_kernel(
 
 @triton.jit
 def _dchunk_state_kernel(
-    K, V, W, UT, GC, S0, HS, U, SN,  # core_abi.DELTA_CHUNK_STATE
+    K, V, W, UT, GC, S0, HS, U, SN, CU, CO,  # core_abi.DELTA_CHUNK_STATE
     T, H, NT, REP_K, REP_V,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    G_MODE: tl.constexpr, DELTA: tl.constexpr, HAS_S0: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    G_MODE: tl.constexpr, DELTA: tl.constexpr, HAS_S0: tl.constexpr, VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """The sequential pass over chunks, grid (E-blocks, B·H): one program carries BLOCK_E rows of one head's
+    """The sequential pass over chunks, grid (E-blocks, B·H; packed: nseq·H, `_seq_span`): one program carries BLOCK_E rows of one head's
     state (rows of S evolve independently). Per chunk: HS[c] = S (the entering state, [B, H, NT, E, D]);
     with DELTA the pseudo-values U = Ũ − W Sᵀ (U [B, H, T, E]; Yang et al. 2024, §3: u_i = β_i(v_i −
     S_{i−1} Diag(α_i) k_i)), else U = V; then S ← S Diag(e^{Γ_last}) + Uᵀ (K ⊙ e^{Γ_last − Γ}). SN: the
     final state. Everything else of the chunk is left to the parallel kernels, so this loop is two
     [C, D] × [D, BE]-sized tensor-core products per chunk."""
     pid_e = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid = tl.program_id(1)
+    bh, row0, tn, cfirst, nc = _seq_span(CU, CO, pid, H, T, NT, CHUNK, VARLEN)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
@@ -254,17 +295,19 @@ def _dchunk_state_kernel(
     emask = offs_e < E
     s_off = offs_e[:, None] * D + offs_d[None, :]
     s_msk = emask[:, None] & dmask[None, :]
-    if HAS_S0:
-        S = tl.load(S0 + bh.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
+    if HAS_S0:  # S0 and SN: one state per program (batch or sequence, head)
+        S = tl.load(S0 + pid.to(tl.int64) * E * D + s_off, mask=s_msk, other=0.0).to(tl.float32)
     else:
         S = tl.full((BLOCK_E, BLOCK_D), 0.0, tl.float32)
     ro = bh.to(tl.int64) * T
     rk = _head_row(bh, H, REP_K, T)
     rv = _head_row(bh, H, REP_V, T)
-    for c in range(0, NT):
+    for i in range(0, nc):
+        c = cfirst + i
+        c0 = row0 + i * CHUNK
         tl.store(HS + (bh.to(tl.int64) * NT + c) * E * D + s_off, S, mask=s_msk)
-        t = c * CHUNK + offs_c
-        tm = t < T
+        t = c0 + offs_c
+        tm = t < tn
         if DELTA:
             w = _rows(W, ro, t, tm, offs_d, dmask, D)
             u = _rows(UT, ro, t, tm, offs_e, emask, E) - tl.dot(w, tl.trans(S), input_precision=DOT_PRECISION)
@@ -272,16 +315,16 @@ def _dchunk_state_kernel(
         else:
             u = _rows(V, rv, t, tm, offs_e, emask, E)
         k = _rows(K, rk, t, tm, offs_d, dmask, D)
-        last = tl.minimum(c * CHUNK + CHUNK - 1, T - 1)  # Γ_last: Γ of the chunk's last real token
+        last = tl.minimum(c0 + CHUNK - 1, tn - 1)  # Γ_last: Γ of the chunk's last real token
         if G_MODE == 1:
             gl = tl.load(GC + ro + last)
-            gam = tl.load(GC + ro + tl.minimum(t, T - 1))
+            gam = tl.load(GC + ro + tl.minimum(t, tn - 1))
             kd = k.to(tl.float32) * tl.exp(gl - gam)[:, None]
             S = S * tl.exp(gl)
             S = tl.dot(tl.trans(u.to(tl.float32)), kd, S, input_precision=DOT_PRECISION)
         elif G_MODE == 2:
             gl = tl.load(GC + (ro + last) * D + offs_d, mask=dmask, other=0.0)
-            gam = _rows(GC, ro, tl.minimum(t, T - 1), t >= 0, offs_d, dmask, D)
+            gam = _rows(GC, ro, tl.minimum(t, tn - 1), t >= 0, offs_d, dmask, D)
             kd = k.to(tl.float32) * tl.exp(gl[None, :] - gam)
             S = S * tl.exp(gl)[None, :]
             S = tl.dot(tl.trans(u.to(tl.float32)), kd, S, input_precision=DOT_PRECISION)
@@ -289,16 +332,16 @@ def _dchunk_state_kernel(
             S = tl.dot(tl.trans(u), k.to(tl.float32), S, input_precision=DOT_PRECISION)
         else:
             S = tl.dot(tl.trans(u), k, S, input_precision=DOT_PRECISION)  # two input tiles: the input dtype
-    tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
+    tl.store(SN + pid.to(tl.int64) * E * D + s_off, S, mask=s_msk)
 
 
 @triton.jit
 def _dchunk_out_kernel(
-    Q, K, V, U, GC, HS, OUT,  # core_abi.DELTA_CHUNK_OUT
+    Q, K, V, U, GC, HS, OUT, CROW, CEND,  # core_abi.DELTA_CHUNK_OUT
     T, H, NT, REP_Q, REP_K, REP_V,
     D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_DK: tl.constexpr, SUB: tl.constexpr, G_MODE: tl.constexpr, DELTA: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """O = (Q ⊙ e^Γ) Sᵀ + P U for one chunk and BLOCK_E value channels, grid (NT, B·H, E-blocks), with S the
     chunk's entering state (HS), U the pseudo-values (DELTA) or V, and P_ij = ⟨q_i, k_j⟩_Γ on j ≤ i
@@ -311,9 +354,11 @@ def _dchunk_out_kernel(
     offs_e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
     dmask = offs_d < D
     emask = offs_e < E
-    c0 = c * CHUNK
+    c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
+    if c0 >= tn:  # a packed batch's padding slot
+        return
     t = c0 + offs_c
-    tm = t < T
+    tm = t < tn
     ro = bh.to(tl.int64) * T
     rk = _head_row(bh, H, REP_K, T)
     rq = _head_row(bh, H, REP_Q, T)
@@ -328,18 +373,18 @@ def _dchunk_out_kernel(
             od = d0 + tl.arange(0, BLOCK_DK)
             dm = od < D
             qf = _rows(Q, rq, t, tm, od, dm, D).to(tl.float32)
-            gam = _rows(GC, ro, tl.minimum(t, T - 1), t >= 0, od, dm, D)
+            gam = _rows(GC, ro, tl.minimum(t, tn - 1), t >= 0, od, dm, D)
             Sd = tl.load(HS + hs0 + offs_e[:, None] * D + od[None, :], mask=emask[:, None] & dm[None, :])
             out = tl.dot(qf * tl.exp(gam), tl.trans(Sd), out, input_precision=DOT_PRECISION)
             kf = _rows(K, rk, t, tm, od, dm, D).to(tl.float32)
             P = _gram_channel(
-                qf, gam, kf, K, GC, rk, ro, c0, T, od, dm, P, D, CHUNK, SUB, False, DOT_PRECISION
+                qf, gam, kf, K, GC, rk, ro, c0, tn, od, dm, P, D, CHUNK, SUB, False, DOT_PRECISION
             )
     else:
         Qn = _rows(Q, rq, t, tm, offs_d, dmask, D)
         S = tl.load(HS + hs0 + offs_e[:, None] * D + offs_d[None, :], mask=emask[:, None] & dmask[None, :])
         if G_MODE == 1:
-            gam = tl.load(GC + ro + tl.minimum(t, T - 1))
+            gam = tl.load(GC + ro + tl.minimum(t, tn - 1))
             out = tl.dot(Qn.to(tl.float32) * tl.exp(gam)[:, None], tl.trans(S), input_precision=DOT_PRECISION)
         else:
             out = tl.dot(Qn.to(tl.float32), tl.trans(S), input_precision=DOT_PRECISION)

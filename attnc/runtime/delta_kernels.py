@@ -13,14 +13,10 @@ Kernels:
   optional); optionally stores the state entering every CKPT-th token (checkpoints for the backward).
 - `_delta_recurrent_bwd_kernel`: reverse-time recurrence of dS. Per checkpoint interval (last first) it
   recomputes the interval's states from the checkpoint into a per-program scratch buffer, then walks the
-  interval backwards. Serves the chunked forward too (its chunk-boundary states are the checkpoints).
-- `_delta_chunk_fwd_varlen_kernel`: the delta rule with a scalar gate, T_t = α_t (I − β_t k_t k_tᵀ), by chunks in
-  the WY / UT-transform form (Yang et al. 2024, section 3; Gated DeltaNet, Yang, Kautz, Hatamizadeh 2024,
-  section 3.3) on a packed batch: one program per (E-block, sequence, head) walks its sequence's chunks (one
-  small unit-lower-triangular solve per chunk, the state passed across chunks). Log-gates are cumulated in
-  float32 inside each chunk relative to the chunk's start, so every exponent taken is ≤ 0 and nothing
-  overflows at any T. Its backward is `_delta_recurrent_bwd_varlen_kernel` restarted from the chunk-boundary
-  states. (Batches run the chunk-parallel kernels of delta_chunk_kernels.py / delta_chunk_bwd_kernels.py.)
+  interval backwards.
+- `*_varlen_kernel`: the same on a packed batch (one program per (E-block, sequence, head) walking its
+  sequence). The chunked algorithm, batched and packed, is the chunk-parallel kernels of
+  delta_chunk_kernels.py / delta_chunk_bwd_kernels.py.
 
 Builtins only (tl.reduce / tl.associative_scan with the standard combiners, tl.full): the kernels work in
 whichever mode Triton was imported in, which the interpreter-based CPU tests rely on. State and every
@@ -151,35 +147,6 @@ def _load_gates(
         a = _load_vec(RA + (rr + t) * D, offs_d, vd)
         b = _load_vec(RB + (rr + t) * D, offs_d, vd)
     return g, a, b
-
-
-@triton.jit
-def _chunk_gates(BETA, G, rb, rg, t, tm, HAS_G: tl.constexpr, CHUNK: tl.constexpr):
-    """A chunk's β, its log-gates cumulated from the chunk's start Γ (0 without a gate; padded tokens: β = 0,
-    g = 0) and Γ at the chunk's end."""
-    offs_c = tl.arange(0, CHUNK)
-    beta = tl.load(BETA + rb + t, mask=tm, other=0.0).to(tl.float32)
-    if HAS_G:
-        gam = _dcumsum(tl.load(G + rg + t, mask=tm, other=0.0).to(tl.float32))
-    else:
-        gam = offs_c * 0.0
-    return beta, gam, _dsum(tl.where(offs_c == CHUNK - 1, gam, 0.0), 0)
-
-
-@triton.jit
-def _chunk_wy(kk, beta, gam, CHUNK: tl.constexpr):
-    """A chunk's decays e^{Γ_i − Γ_j} (j ≤ i, else 0: every exponent taken is ≤ 0) and Tinv = (I + A)⁻¹ for
-    A_ij = β_i e^{Γ_i − Γ_j} k_i·k_j (j < i; kk = K Kᵀ), by forward substitution: row i = e_i − Σ_{j<i} A_ij
-    Tinv_j (rows j < i are final)."""
-    offs_c = tl.arange(0, CHUNK)
-    decay = tl.exp(tl.where(offs_c[:, None] >= offs_c[None, :], gam[:, None] - gam[None, :], float("-inf")))
-    A = tl.where(offs_c[:, None] > offs_c[None, :], beta[:, None] * decay * kk, 0.0)
-    Tinv = tl.where(offs_c[:, None] == offs_c[None, :], 1.0, 0.0)
-    for i in range(1, CHUNK):
-        a_i = _dsum(tl.where(offs_c[:, None] == i, A, 0.0), 0)  # row i of A, indexed by j
-        row = tl.where(offs_c == i, 1.0, 0.0) - _dsum(a_i[:, None] * Tinv, 0)
-        Tinv = tl.where(offs_c[:, None] == i, row[None, :], Tinv)
-    return decay, Tinv
 
 
 @triton.jit
@@ -371,77 +338,4 @@ def _delta_recurrent_bwd_varlen_kernel(
         Q, K, V, G, RA, RB, HS, DO, DSN, SCR, DQ, DK, DV, DG, DA, DB, DS0, CU, CO,
         T, H, NBH, REP_Q, REP_K, REP_V, REP_G, REP_R, NCK,
         D, E, BLOCK_D, BLOCK_E, G_MODE, HAS_RANK1, HAS_DSN, CKPT, VARLEN=True,
-    )  # fmt: skip
-
-
-@triton.jit
-def _delta_chunk_fwd(
-    Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO,
-    T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    VARLEN: tl.constexpr,
-):  # fmt: skip
-    """(Gated) delta rule by chunks: S_t = α_t S_{t-1} (I − β_t k_t k_tᵀ) + β_t v_t k_tᵀ, α_t = exp(g_t).
-
-    Within a chunk entered with state S, with Γ_i = Σ_{j≤i} g_j (relative to the chunk's start), the state
-    after token i is S_i = e^{Γ_i} S + Σ_{j≤i} e^{Γ_i − Γ_j} u_j k_jᵀ, where the pseudo-values
-    u_i = β_i (v_i − α_i S_{i-1} k_i) solve the unit-lower-triangular system (I + A) U = diag(β) V −
-    diag(β e^Γ) K Sᵀ with A_ij = β_i e^{Γ_i − Γ_j} k_i·k_j (j < i). With Tinv = (I + A)⁻¹ (forward
-    substitution), W = Tinv diag(β e^Γ) K and Ũ = Tinv diag(β) V:
-
-        U = Ũ − W Sᵀ,   O = diag(e^Γ) Q Sᵀ + (M ⊙ e^{Γ_i − Γ_j} Q Kᵀ) U,   S ← e^{Γ_last} S + Uᵀ diag(e^{Γ_last − Γ}) K
-
-    (M: j ≤ i). Shapes as the recurrent kernel; BETA [B, H/REP_B, T], G [B, H/REP_G, T]; HS [B, H, NC, E, D]
-    holds the state entering every chunk. A packed batch (VARLEN, `_delta_seq`): chunks start at each
-    sequence's first token; B = 1 and T = total for the inputs and OUT, S0/SN [nseq, H, E, D], HS [H, NC, E, D]
-    (NC slots per head, sequence s's chunks from slot CO[s])."""
-    bh, offs_d, offs_e, dmask, emask, s_off, s_msk = _state_block(D, E, BLOCK_D, BLOCK_E)
-    hb, bos, n, hs0, nc = _delta_seq(CU, CO, T, H, NC, CHUNK, VARLEN)
-    offs_c = tl.arange(0, CHUNK)
-    S = _state_in(S0, bh, s_off, s_msk, D, E, HAS_S0)
-    rq, rk, rv, rb, rg = _shift_rows(*_head_rows(hb, H, T, REP_Q, REP_K, REP_V, REP_B, REP_G), bos)
-    orow = hb.to(tl.int64) * T + bos  # OUT's row of the sequence's first token
-    for c in range(0, nc):
-        if STORE_CKPT:
-            tl.store(HS + (hs0 + c) * E * D + s_off, S, mask=s_msk)
-        t = c * CHUNK + offs_c
-        tm = t < n  # tokens past the sequence's end read zeros: β = 0, g = 0, no write (the identity)
-        kd = tm[:, None] & dmask[None, :]
-        k_ptr = K + (rk + t[:, None]) * D + offs_d[None, :]
-        # Products of two input tiles run in the input dtype (exact for fp16/bf16 inputs, fp32 accumulation);
-        # products with fp32 intermediates at DOT_PRECISION. K is re-read for the state update so that no
-        # [C, D] tile stays live across the chunk (it would spill at D = 128).
-        Kn = tl.load(k_ptr, mask=kd, other=0.0)
-        Qn = tl.load(Q + (rq + t[:, None]) * D + offs_d[None, :], mask=kd, other=0.0)
-        kk = tl.dot(Kn, tl.trans(Kn), input_precision=DOT_PRECISION)
-        qk = tl.dot(Qn, tl.trans(Kn), input_precision=DOT_PRECISION)
-        qs = tl.dot(Qn.to(tl.float32), tl.trans(S), input_precision=DOT_PRECISION)  # Q Sᵀ, [C, BE]
-        beta, gam, gl = _chunk_gates(BETA, G, rb, rg, t, tm, HAS_G, CHUNK)
-        decay, Tinv = _chunk_wy(kk, beta, gam, CHUNK)
-        W = tl.dot(Tinv, (beta * tl.exp(gam))[:, None] * Kn.to(tl.float32), input_precision=DOT_PRECISION)
-        U = -tl.dot(W, tl.trans(S), input_precision=DOT_PRECISION)
-        Vc = tl.load(
-            V + (rv + t[:, None]) * E + offs_e[None, :], mask=tm[:, None] & emask[None, :], other=0.0
-        ).to(tl.float32)
-        U += tl.dot(Tinv, beta[:, None] * Vc, input_precision=DOT_PRECISION)
-        out = tl.exp(gam)[:, None] * qs + tl.dot(decay * qk, U, input_precision=DOT_PRECISION)
-        tl.store(OUT + (orow + t[:, None]) * E + offs_e[None, :], out, mask=tm[:, None] & emask[None, :])
-        Uw = U * tl.exp(gl - gam)[:, None]
-        Kc = tl.load(k_ptr, mask=kd, other=0.0).to(tl.float32)
-        S = tl.exp(gl) * S + tl.dot(tl.trans(Uw), Kc, input_precision=DOT_PRECISION)
-    tl.store(SN + bh.to(tl.int64) * E * D + s_off, S, mask=s_msk)
-
-
-@triton.jit
-def _delta_chunk_fwd_varlen_kernel(
-    Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO,  # core_abi.DELTA_CHUNK_FWD_VARLEN
-    T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
-    D: tl.constexpr, E: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr,
-    HAS_G: tl.constexpr, HAS_S0: tl.constexpr, STORE_CKPT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """`_delta_chunk_fwd` on a packed batch: grid (E-blocks, nseq·H); T = total, NC = chunk slots per head."""
-    _delta_chunk_fwd(
-        Q, K, V, BETA, G, S0, OUT, SN, HS, CU, CO, T, H, REP_Q, REP_K, REP_V, REP_B, REP_G, NC,
-        D, E, BLOCK_D, BLOCK_E, CHUNK, HAS_G, HAS_S0, STORE_CKPT, DOT_PRECISION, VARLEN=True,
     )  # fmt: skip

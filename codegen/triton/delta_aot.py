@@ -4,9 +4,9 @@ The kernels are the runtime library's, typed from their launch signatures (attnc
 generated kernels are (`KernelSignature.compile_args`), at the runtime's default schedule. `jobs` gives either
 what one state block selects (its DeltaPlan: gate shape, delta rule or general DPLR) or, with no plan, the widest
 variant of each kernel (`every_variant`: each gate mode and rank-1 combination the API can select).
-`varlen=True` gives the same jobs for the packed variable-length kernels (`*_varlen_kernel`,
-core_abi.DELTA_VARLEN: the same constexprs and launch options); the chunkwise (WY) backward has no packed form
-and is left out.
+`varlen=True` gives the same jobs for packed variable-length batches: the recurrent `*_varlen_kernel`s
+(core_abi.DELTA_VARLEN: the same constexprs and launch options) and the chunk-parallel kernels with
+VARLEN = True (their chunk-table form).
 """
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def jobs(
     varlen: bool = False,
 ) -> list[CompileJob]:
     """Compile jobs at D = E = head_dim. With `plan`: the kernels that block launches (the recurrent forward and
-    backward of its gate mode; for the delta rule with no gate or a scalar one, also the chunked forward and the
-    chunked path's backward). Without: the widest variant of each kernel (per-channel gate and rank-1 part, the
-    scalar-gate backward the chunked path uses, both chunk kernels), or every variant. `varlen`: the packed
-    kernels of the same variants instead (no chunkwise backward: the packed chunked path's is the recurrent one)."""
+    backward of its gate mode; the chunk-parallel forward and backward for the delta rule, every gate form,
+    and for a transition without a rank-1 part). Without: the widest variant of each kernel (per-channel gate
+    and rank-1 part; the chunk-parallel kernels of KDA, Gated DeltaNet and GLA), or every variant. `varlen`:
+    the packed forms of the same kernels."""
     kern = delta._kernels(interpret=False)
     D = E = head_dim
     cfg = delta.default_config(D, E)
@@ -59,57 +59,48 @@ def jobs(
         types, values = sig.compile_args(dtype, {**shape, **constexprs})
         return CompileJob(getattr(kern, sig.name), types, values, **run)
 
-    packed: list[bool] = []  # HAS_G of the packed chunk kernel to compile (varlen only)
-    parallel: list[tuple[int, bool]] = []  # (G_MODE, DELTA) of the chunk-parallel kernels (batches)
+    parallel: list[tuple[int, bool]] = []  # (G_MODE, DELTA) of the chunk-parallel kernels
     if plan is not None:
         gm = G_MODE[plan.gate]
         fwd_modes = [(gm, True)]  # the delta rule runs as DPLR with a = α k: always a rank-1 part
-        bwd_modes = [(gm, True, cfg.ckpt)]
         if plan.kind is PlanKind.DELTA:
             parallel = [(gm, True)]
-            if plan.gate is not GateShape.CHANNEL:
-                packed = [plan.gate is GateShape.SCALAR]
-                bwd_modes.append((gm, True, min(cfg.chunk, cfg.packed_chunk)))
+        elif (
+            plan.a is None
+        ):  # no rank-1 part: GLA (or plain linear attention), chunked without the delta rule
+            fwd_modes = [(gm, False)]
+            parallel = [(gm, False)]
     else:
         fwd_modes = [(2, True)] + ([(0, True), (1, True), (2, False)] if every_variant else [])
-        # (gate mode, rank-1, checkpoint interval): the recurrent path's, and the packed chunked path's
-        bwd_modes = [(2, True, cfg.ckpt), (1, True, min(cfg.chunk, cfg.packed_chunk))]
-        if every_variant:
-            bwd_modes += [
-                (0, True, cfg.ckpt),
-                (1, True, cfg.ckpt),
-                (2, False, cfg.ckpt),
-                (0, True, min(cfg.chunk, cfg.packed_chunk)),
-            ]
-        packed = [True, False] if every_variant else [True]
         parallel = [(2, True), (1, True), (2, False)]
         if every_variant:
             parallel += [(0, True), (1, False), (0, False)]
-    bwd_modes = list(dict.fromkeys(bwd_modes))  # the checkpoint interval may equal the chunk
     flags = {"HAS_S0": True, "STORE_CKPT": True}
     out = [
         job(core_abi.DELTA_RECURRENT_FWD, {"G_MODE": gm, "HAS_RANK1": r1, **flags, "CKPT": cfg.ckpt})
         for gm, r1 in fwd_modes
     ]
     out += [
-        job(core_abi.DELTA_RECURRENT_BWD, {"G_MODE": gm, "HAS_RANK1": r1, "HAS_DSN": True, "CKPT": ckpt})
-        for gm, r1, ckpt in bwd_modes
+        job(core_abi.DELTA_RECURRENT_BWD, {"G_MODE": gm, "HAS_RANK1": r1, "HAS_DSN": True, "CKPT": cfg.ckpt})
+        for gm, r1 in fwd_modes
     ]
-    if varlen:
-        for has_g in packed:
-            chunk = {"CHUNK": min(cfg.chunk, cfg.packed_chunk), "HAS_G": has_g, "DOT_PRECISION": "tf32"}
-            out.append(job(core_abi.DELTA_CHUNK_FWD_VARLEN, {**chunk, **flags}))
-    else:
-        out += chunk_forward_jobs(cc, dtype, head_dim, parallel, cfg.chunk)
-        out += chunk_backward_jobs(cc, dtype, head_dim, parallel, cfg.chunk)
+    out += chunk_forward_jobs(cc, dtype, head_dim, parallel, cfg.chunk, varlen=varlen)
+    out += chunk_backward_jobs(cc, dtype, head_dim, parallel, cfg.chunk, varlen=varlen)
     return out
 
 
 def chunk_forward_jobs(
-    cc: int, dtype: str, head_dim: int, variants: list[tuple[int, bool]], chunk: int = 64
+    cc: int,
+    dtype: str,
+    head_dim: int,
+    variants: list[tuple[int, bool]],
+    chunk: int = 64,
+    *,
+    varlen: bool = False,
 ) -> list[CompileJob]:
     """Jobs of every chunk-parallel forward kernel (delta_chunk.py) a (G_MODE, DELTA) variant launches, at
-    the default schedule, D = E = head_dim, bound as `chunk_forward` binds them (16-bit inputs: tf32)."""
+    the default schedule, D = E = head_dim, bound as `chunk_forward` binds them (16-bit inputs: tf32);
+    `varlen`: their packed form (VARLEN, the chunk table)."""
     from attnc.runtime import delta_chunk as dc
 
     kern = dc._kernels(interpret=False)
@@ -124,6 +115,7 @@ def chunk_forward_jobs(
             "CHUNK": chunk,
             "G_MODE": gm,
             "DELTA": delta_rule,
+            "VARLEN": varlen,
         }
         common["DOT_PRECISION"] = "tf32"
         per_chunk = {"BLOCK_DK": min(cfg.block_dk, bd), "SUB": cfg.sub}
@@ -148,10 +140,16 @@ def chunk_forward_jobs(
 
 
 def chunk_backward_jobs(
-    cc: int, dtype: str, head_dim: int, variants: list[tuple[int, bool]], chunk: int = 64
+    cc: int,
+    dtype: str,
+    head_dim: int,
+    variants: list[tuple[int, bool]],
+    chunk: int = 64,
+    *,
+    varlen: bool = False,
 ) -> list[CompileJob]:
     """Jobs of every chunk-parallel backward kernel (delta_chunk_bwd.py) of each (G_MODE, DELTA) variant at
-    the default schedule, D = E = head_dim."""
+    the default schedule, D = E = head_dim (`varlen`: their packed form)."""
     from attnc.runtime import delta_chunk_bwd as cb
 
     kern = cb._kernels(interpret=False)
@@ -159,7 +157,15 @@ def chunk_backward_jobs(
     out = []
     for gm, delta_rule in variants:
         sch = cb.default_schedule(D, E, gm)
-        base = {"D": D, "E": E, "CHUNK": chunk, "SUB": sch.sub, "G_MODE": gm, "DELTA": delta_rule}
+        base = {
+            "D": D,
+            "E": E,
+            "CHUNK": chunk,
+            "SUB": sch.sub,
+            "G_MODE": gm,
+            "DELTA": delta_rule,
+            "VARLEN": varlen,
+        }
         prec = {"DOT_PRECISION": "tf32"}
         forms = [
             (
