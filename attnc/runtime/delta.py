@@ -60,7 +60,7 @@ from .core_abi import (
     DELTA_RECURRENT_FWD_VARLEN,
     launch_core,
 )
-from .delta_chunk import chunk_forward, chunk_table
+from .delta_chunk import _cdiv, _next_pow2, chunk_forward, chunk_table
 from .delta_chunk_bwd import chunk_backward
 from .varlen import check_offsets, longest_sequence, read_offsets, sync_allowed
 
@@ -125,14 +125,6 @@ def default_config(D: int, E: int) -> DeltaConfig:
     width = _next_pow2(max(D, 16))
     block_e = max(16, min(_next_pow2(E), 32))
     return DeltaConfig(chunk=64, ckpt=32, block_e=block_e, num_warps=4 if width <= 64 else 8)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------- kernels

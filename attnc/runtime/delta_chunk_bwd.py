@@ -28,7 +28,7 @@ from .core_abi import (
     DELTA_CBWD_WY,
     launch_core,
 )
-from .delta_chunk import ChunkTable
+from .delta_chunk import ChunkTable, _cdiv, _next_pow2
 from .triton import _load_kernels
 
 _KERNELS_FILE = Path(__file__).with_name("delta_chunk_bwd_kernels.py")
@@ -37,14 +37,6 @@ _KERNELS_FILE = Path(__file__).with_name("delta_chunk_bwd_kernels.py")
 def _kernels(interpret: bool) -> ModuleType:
     """delta_chunk_bwd_kernels.py, loaded once per mode (`interpret`: CPU tensors, the Triton interpreter)."""
     return _load_kernels(_KERNELS_FILE, interpret)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 # ---------------------------------------------------------------------------------------------- schedule
