@@ -680,21 +680,38 @@ def preflight_variant(
 
     if variant.linear and gpu:
         rec = {**base, "impl": "fla", "vs": "reference", "tol": tol, "call": variant.fla}
-        if not fla.has(name):
-            why = fla.error or fla.missing.get(str(variant.fla_op))
-            rec.update(status="unavailable", passed=None, error=why)
-        else:
-            try:
-                leaves = [t.detach().clone().requires_grad_() for t in (q0, k0, v0)]
-                o = fla_forward(fla, name, *(to_fla(t) for t in leaves), aux).transpose(1, 2)
-                o.backward(do0)
-                errs = _errs(o, [t.grad for t in leaves], o_ref, ref_grads)
-                passed = _passed(errs, dtype)
-                rec.update(status="pass" if passed else "fail", passed=passed, max_rel_err=errs)
-            except Exception as err:
-                rec.update(status="error", passed=False, error=f"{type(err).__name__}: {str(err)[:500]}")
+        _fla_check(rec, fla, name, variant, (q0, k0, v0), aux, do0, o_ref, ref_grads, dtype)
         _print_preflight(res.add("preflight", rec))
     return ok
+
+
+def _fla_check(
+    rec: dict[str, Any],
+    fla: Fla,
+    name: str,
+    variant: LinearVariant,
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    aux: Aux,
+    do0: torch.Tensor,
+    o_ref: torch.Tensor,
+    ref_grads: list[torch.Tensor],
+    dtype: torch.dtype,
+) -> None:
+    """fla's forward and backward on the preflight's inputs against the oracle's, recorded in `rec` (status
+    unavailable when fla-core or the op is missing, error when it raises)."""
+    if not fla.has(name):
+        why = fla.error or fla.missing.get(str(variant.fla_op), f"no {variant.fla_op}")
+        rec.update(status="unavailable", passed=None, error=why)
+        return
+    try:
+        leaves = [t.detach().clone().requires_grad_() for t in qkv]
+        o = fla_forward(fla, name, *(to_fla(t) for t in leaves), aux).transpose(1, 2)
+        o.backward(do0)
+        errs = _errs(o, [t.grad for t in leaves], o_ref, ref_grads)
+        passed = _passed(errs, dtype)
+        rec.update(status="pass" if passed else "fail", passed=passed, max_rel_err=errs)
+    except Exception as err:
+        rec.update(status="error", passed=False, error=f"{type(err).__name__}: {str(err)[:500]}")
 
 
 def _chunk_refused(err: Exception) -> bool:
@@ -764,19 +781,7 @@ def preflight_delta(
 
     if gpu:
         rec = {**base, "impl": "fla", "vs": "recurrence64", "tol": tol, "call": variant.fla}
-        if not fla.has(name):
-            why = fla.error or fla.missing.get(str(variant.fla_op), f"no {variant.fla_op}")
-            rec.update(status="unavailable", passed=None, error=why)
-        else:
-            try:
-                leaves = [t.detach().clone().requires_grad_() for t in (q0, k0, v0)]
-                o = fla_forward(fla, name, *(to_fla(t) for t in leaves), aux).transpose(1, 2)
-                o.backward(do0)
-                errs = _errs(o, [t.grad for t in leaves], o_ref, ref_grads)
-                passed = _passed(errs, dtype)
-                rec.update(status="pass" if passed else "fail", passed=passed, max_rel_err=errs)
-            except Exception as err:
-                rec.update(status="error", passed=False, error=f"{type(err).__name__}: {str(err)[:500]}")
+        _fla_check(rec, fla, name, variant, (q0, k0, v0), aux, do0, o_ref, ref_grads, dtype)
         _print_preflight(res.add("preflight", rec))
     return ok, chosen
 

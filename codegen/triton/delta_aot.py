@@ -129,13 +129,7 @@ def chunk_forward_jobs(
         specs.append(
             (core_abi.DELTA_CHUNK_OUT, {**per_chunk, "BLOCK_E": min(cfg.block_e_out, bd)}, cfg.warps_out)
         )
-        for sig, extra, warps in specs:
-            types, values = sig.compile_args(dtype, {**common, **extra})
-            out.append(
-                CompileJob(
-                    getattr(kern, sig.name), types, values, cc=cc, num_warps=warps, num_stages=cfg.stages
-                )
-            )
+        out += _bind(kern, specs, dtype, common, cc, cfg.stages)
     return out
 
 
@@ -192,13 +186,25 @@ def chunk_backward_jobs(
                     sch.warps_wy,
                 )
             )
-        for sig, cx, warps in forms:
-            types, values = sig.compile_args(dtype, {**base, **cx})
-            out.append(
-                CompileJob(
-                    getattr(kern, sig.name), types, values, cc=cc, num_warps=warps, num_stages=sch.num_stages
-                )
-            )
+        out += _bind(kern, forms, dtype, base, cc, sch.num_stages)
+    return out
+
+
+def _bind(
+    kern: object,
+    forms: list[tuple[KernelSignature, dict[str, object], int]],
+    dtype: str,
+    common: dict[str, object],
+    cc: int,
+    stages: int,
+) -> list[CompileJob]:
+    """A job per (signature, its own constexprs, num_warps), typed from the signature at `dtype`."""
+    out = []
+    for sig, extra, warps in forms:
+        types, values = sig.compile_args(dtype, {**common, **extra})
+        out.append(
+            CompileJob(getattr(kern, sig.name), types, values, cc=cc, num_warps=warps, num_stages=stages)
+        )
     return out
 
 
