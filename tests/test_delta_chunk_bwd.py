@@ -11,16 +11,16 @@ kernel for sm_90 at the default schedule and asserts 0 spills and wgmma at D = 1
 
 from __future__ import annotations
 
-import ast
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 from attnc.runtime import core_abi
 from attnc.runtime import delta_chunk_bwd as cb
+
+from .test_delta_chunk_fwd import assert_defs_match
 
 TOL = {torch.float32: 5e-5, torch.float16: 2e-3}
 
@@ -204,18 +204,7 @@ def test_per_channel_stress_wider(case: Case) -> None:
 def test_kernel_defs_match_their_signatures() -> None:
     """Launches bind by name and the AOT compile types from core_abi: every `*_kernel` def of
     delta_chunk_bwd_kernels.py is its signature exactly (names, order, constexpr annotations)."""
-    src = (Path(core_abi.__file__).parent / "delta_chunk_bwd_kernels.py").read_text()
-    fns = {
-        n.name: n
-        for n in ast.parse(src).body
-        if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")
-    }
-    sigs = core_abi.DELTA_CHUNK_BWD_KERNELS
-    assert set(fns) == {s.name for s in sigs}
-    for sig in sigs:
-        args = fns[sig.name].args.args
-        assert tuple(a.arg for a in args) == sig.names, sig.name
-        assert {a.arg for a in args if a.annotation is not None} == set(sig.constexprs), sig.name
+    assert_defs_match("delta_chunk_bwd_kernels.py", core_abi.DELTA_CHUNK_BWD_KERNELS)
 
 
 # ---------------------------------------------------------------------------------------------- AOT

@@ -21,6 +21,7 @@ import torch
 
 from attnc.runtime import core_abi
 from attnc.runtime import delta_chunk as dc
+from attnc.runtime.signature import KernelSignature
 
 from .test_delta_rule import oracle_delta, oracle_gla, oracle_kda
 
@@ -321,21 +322,26 @@ def test_float32_channel_decay_stress_T2048() -> None:
 # ---------------------------------------------------------------------------------------------- signatures
 
 
-def test_kernel_defs_match_their_signatures() -> None:
-    """Each `def` of delta_chunk_kernels.py is its core_abi signature (names, order, constexprs): launches bind
-    by those names and the AOT compile types from them (as test_kernel_structure does for delta_kernels.py)."""
-    src = (Path(core_abi.__file__).parent / "delta_chunk_kernels.py").read_text()
+def assert_defs_match(kernels_file: str, sigs: tuple[KernelSignature, ...]) -> None:
+    """Every `*_kernel` def of the runtime's `kernels_file` is one of `sigs` exactly (names, order,
+    constexpr annotations), and every signature has its def."""
+    src = (Path(core_abi.__file__).parent / kernels_file).read_text()
     fns = {
         n.name: n
         for n in ast.parse(src).body
         if isinstance(n, ast.FunctionDef) and n.name.endswith("_kernel")
     }
-    sigs = core_abi.DELTA_CHUNK_PARALLEL
     assert set(fns) == {s.name for s in sigs}
     for sig in sigs:
         args = fns[sig.name].args.args
         assert tuple(a.arg for a in args) == sig.names, sig.name
         assert {a.arg for a in args if a.annotation is not None} == set(sig.constexprs), sig.name
+
+
+def test_kernel_defs_match_their_signatures() -> None:
+    """Each `def` of delta_chunk_kernels.py is its core_abi signature (names, order, constexprs): launches bind
+    by those names and the AOT compile types from them (as test_kernel_structure does for delta_kernels.py)."""
+    assert_defs_match("delta_chunk_kernels.py", core_abi.DELTA_CHUNK_PARALLEL)
 
 
 # ---------------------------------------------------------------------------------------------- AOT
