@@ -173,8 +173,9 @@ DELTA_CHUNK_BWD_KERNELS = (DELTA_CBWD_INTRA, DELTA_CBWD_DSTATE, DELTA_CBWD_DQKW,
 
 # Packed variable-length batches (NAME_varlen of a state block): the same kernels over [1, H, total, ...] rows,
 # one program per (E-block, sequence, head) walking only its sequence (CU: int32 offsets [nseq + 1], CO: int32
-# [nseq], the first slot of each sequence's stored states in its head's NCK / NC slots). The chunkwise (WY)
-# backward has no packed form: the packed chunked path's backward is the recurrent one.
+# [nseq], the first slot of each sequence's stored states in its head's NCK slots). The chunk-parallel
+# kernels below take packed batches through their VARLEN constexpr and a chunk table instead (CROW / CEND:
+# each slot's first row and its sequence's end, int32; CU / CO in their sequential passes).
 _DELTA_SEQS = "CU CO"
 DELTA_RECURRENT_FWD_VARLEN = _core_signature(
     "_delta_recurrent_fwd_varlen_kernel",

@@ -31,9 +31,8 @@ Entry points (all take [B, H, T, D]-layout tensors; see docs/delta.md):
 
 Algorithms (`algorithm=`): "recurrent" (token by token, any variant; Triton forward and backward),
 "chunk" (the delta rule in every gate form — DeltaNet, Gated DeltaNet, KDA — and GLA: the chunk-parallel
-kernels of delta_chunk.py / delta_chunk_bwd.py, WY / UT transform per chunk, forward and backward; packed
-batches run the scalar-gate chunk kernel of delta_kernels.py, whose backward is the recurrent kernel
-restarted from its chunk-boundary states), "reference" (PyTorch), "auto" (chunk when T ≥ 64 where the
+kernels of delta_chunk.py / delta_chunk_bwd.py, WY / UT transform per chunk, forward and backward, batched
+and packed), "reference" (PyTorch), "auto" (chunk when T ≥ 64 where the
 variant has a chunked form, else recurrent). CPU tensors run the Triton kernels
 under the Triton interpreter.
 
@@ -60,7 +59,7 @@ from .core_abi import (
     DELTA_RECURRENT_FWD_VARLEN,
     launch_core,
 )
-from .delta_chunk import _cdiv, _next_pow2, chunk_forward, chunk_table
+from .delta_chunk import _cdiv, _fold_heads, _g_mode, _next_pow2, chunk_forward, chunk_table
 from .delta_chunk_bwd import chunk_backward
 from .varlen import check_offsets, longest_sequence, read_offsets, sync_allowed
 
@@ -172,7 +171,7 @@ class _Seqs:
     total: int
 
     def slots(self, interval: int) -> tuple[torch.Tensor, int]:
-        """Stored states one per `interval` tokens of each sequence (checkpoints, chunk-boundary states): the
+        """Stored states one per `interval` tokens of each sequence (the recurrent kernels' checkpoints): the
         first slot of each sequence (int32 [nseq], computed on the device) and the slots per head, an upper
         bound known from the shapes: Σ_s ceil(n_s / C) ≤ total // C + nseq."""
         n = ((self.cu[1:] - self.cu[:-1]).long() + interval - 1) // interval
@@ -181,7 +180,7 @@ class _Seqs:
 
 
 def _state_stack(seqs, interval, shape, sigs, store, q):  # type: ignore[no-untyped-def]
-    """A forward's stored states, one per `interval` tokens (checkpoints, chunk-boundary states): (slots per
+    """A forward's stored states, one per `interval` tokens (the recurrent checkpoints): (slots per
     head, the varlen kernels' offset arguments, the signature, the float32 stack or a dummy when not
     stored). A batch stacks [B, H, slots, E, D]; a packed batch [H, slots, E, D] with each sequence's first
     slot on the device (`_Seqs.slots`)."""
@@ -346,10 +345,6 @@ def _reps(shape: _Shape, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> d
     return {"REP_Q": _rep(shape, q), "REP_K": _rep(shape, k), "REP_V": _rep(shape, v)}
 
 
-def _g_mode(g: torch.Tensor | None) -> int:
-    return 0 if g is None else (1 if g.dim() == 3 else 2)
-
-
 def _recurrent_fwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -388,14 +383,6 @@ def _recurrent_fwd(
     return o, sn, hs
 
 
-def _fold_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, H, ...] per state head → [B, heads, ...]: the gradient of a shared input sums over its state heads."""
-    B, H = x.shape[:2]
-    if heads == H:
-        return x
-    return x.reshape(B, heads, H // heads, *x.shape[2:]).sum(2)
-
-
 def _recurrent_bwd(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -408,11 +395,11 @@ def _recurrent_bwd(
     dsn: torch.Tensor | None,
     shape: _Shape,
     cfg: DeltaConfig,
-    ckpt: int,
     seqs: _Seqs | None = None,
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of (q, k, v, g, a, b, initial_state), each shaped like its input (fp32). A packed batch
     (`seqs`): hs [H, slots, E, D] stored every `ckpt` tokens of each sequence, dsn and ds0 [nseq, H, E, D]."""
+    ckpt = cfg.ckpt
     B, H, T, D, E = shape.B, shape.H, shape.T, shape.D, shape.E
     kern = _kernels(interpret=q.device.type != "cuda")
     dev, f32 = q.device, torch.float32
@@ -472,7 +459,7 @@ class _RecurrentFn(torch.autograd.Function):
         shape, cfg, has_s0, seqs = ctx.meta
         if do is None:
             do = torch.zeros(shape.B, shape.H, shape.T, shape.E, device=q.device, dtype=torch.float32)
-        grads = _recurrent_bwd(q, k, v, g, a, b, hs, do, dsn, shape, cfg, cfg.ckpt, seqs)
+        grads = _recurrent_bwd(q, k, v, g, a, b, hs, do, dsn, shape, cfg, seqs)
         inputs = (q, k, v, g, a, b)
         out = [None if gr is None else gr.to(x.dtype) for gr, x in zip(grads[:6], inputs, strict=True)]
         return (*out, grads[6] if has_s0 else None, None, None, None)

@@ -159,6 +159,19 @@ def chunk_table(cu_seqlens: torch.Tensor, total: int, chunk: int) -> ChunkTable:
     return ChunkTable(cu, co.to(torch.int32), crow, cend, nseq, slots, chunk)
 
 
+def _g_mode(g: torch.Tensor | None) -> int:
+    """The kernels' G_MODE: no gate (0), one log-gate per token [B, H, T] (1), one per key channel (2)."""
+    return 0 if g is None else (1 if g.dim() == 3 else 2)
+
+
+def _fold_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, H, ...] per state head → [B, heads, ...]: the gradient of a shared input sums over its state heads."""
+    B, H = x.shape[:2]
+    if heads == H:
+        return x
+    return x.reshape(B, heads, H // heads, *x.shape[2:]).sum(2)
+
+
 def _rep(H: int, x: torch.Tensor | None) -> int:
     return 1 if x is None else H // x.shape[1]
 
@@ -195,7 +208,7 @@ def chunk_forward(
         raise ValueError(f"chunk must be a power of two ≥ 16 and a multiple of sub={cfg.sub}, got {chunk}")
     if delta and beta is None:
         raise ValueError("chunk_forward: delta=True needs beta")
-    g_mode = 0 if g is None else (1 if g.dim() == 3 else 2)
+    g_mode = _g_mode(g)
     kern = _kernels(interpret=q.device.type != "cuda")
     dev, f32 = q.device, torch.float32
     if table is not None and (B != 1 or table.chunk != chunk):

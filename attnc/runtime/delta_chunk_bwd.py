@@ -28,7 +28,7 @@ from .core_abi import (
     DELTA_CBWD_WY,
     launch_core,
 )
-from .delta_chunk import ChunkTable, _cdiv, _next_pow2
+from .delta_chunk import ChunkTable, _cdiv, _fold_heads, _g_mode, _next_pow2
 from .triton import _load_kernels
 
 _KERNELS_FILE = Path(__file__).with_name("delta_chunk_bwd_kernels.py")
@@ -89,18 +89,6 @@ def intra_block_d(sch: ChunkBwdSchedule, D: int, g_mode: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- backward
-
-
-def _g_mode(g: torch.Tensor | None) -> int:
-    return 0 if g is None else (1 if g.dim() == 3 else 2)
-
-
-def _fold_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, H, ...] per state head → [B, heads, ...]: a shared input's gradient sums over its state heads."""
-    B, H = x.shape[:2]
-    if heads == H:
-        return x
-    return x.reshape(B, heads, H // heads, *x.shape[2:]).sum(2)
 
 
 def chunk_backward(
