@@ -315,8 +315,9 @@ def _delta_cbwd_intra_kernel(
     c = tl.program_id(0)
     bh = tl.program_id(1)
     c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
-    if c0 >= tn:  # a packed batch's padding slot
-        return
+    if VARLEN:  # a packed batch's padding slot (a batch has none: no test in its code)
+        if c0 >= tn:
+            return
     cs = c * CHUNK  # the chunk's rows of the per-slot scratch (PM, KM, DPM)
     offs_c = tl.arange(0, CHUNK)
     offs_d = tl.arange(0, BLOCK_D)
@@ -461,8 +462,9 @@ def _delta_cbwd_dqkw_kernel(
     c = tl.program_id(1)
     bh = tl.program_id(2)
     c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
-    if c0 >= tn:  # a packed batch's padding slot
-        return
+    if VARLEN:  # a packed batch's padding slot (a batch has none: no test in its code)
+        if c0 >= tn:
+            return
     cs = c * CHUNK  # the chunk's rows of the per-slot scratch (PM, KM, DPM)
     offs_c = tl.arange(0, CHUNK)
     offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -570,8 +572,9 @@ def _delta_cbwd_wy_kernel(
     c = tl.program_id(0)
     bh = tl.program_id(1)
     c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
-    if c0 >= tn:  # a packed batch's padding slot
-        return
+    if VARLEN:  # a packed batch's padding slot (a batch has none: no test in its code)
+        if c0 >= tn:
+            return
     cs = c * CHUNK  # the chunk's rows of the per-slot scratch (PM, KM, DPM)
     offs_c = tl.arange(0, CHUNK)
     tm = c0 + offs_c < tn

@@ -211,8 +211,9 @@ def _dchunk_prep_kernel(
     dmask = offs_d < D
     emask = offs_e < E
     c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
-    if c0 >= tn:  # a packed batch's padding slot
-        return
+    if VARLEN:  # a packed batch's padding slot (a batch has none: no test in its code)
+        if c0 >= tn:
+            return
     t = c0 + offs_c
     tm = t < tn
     ro = bh.to(tl.int64) * T  # this state head's rows of the outputs
@@ -355,8 +356,9 @@ def _dchunk_out_kernel(
     dmask = offs_d < D
     emask = offs_e < E
     c0, tn = _chunk_span(CROW, CEND, c, T, CHUNK, VARLEN)
-    if c0 >= tn:  # a packed batch's padding slot
-        return
+    if VARLEN:  # a packed batch's padding slot (a batch has none: no test in its code)
+        if c0 >= tn:
+            return
     t = c0 + offs_c
     tm = t < tn
     ro = bh.to(tl.int64) * T
