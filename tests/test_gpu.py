@@ -69,7 +69,14 @@ def test_cuda_kernels_match_oracles(spec: str, dtype: torch.dtype, D: int) -> No
     assert_close(o.cpu(), expected, FWD_TOL[dtype], f"{spec} forward")
     want = grads(expected, weights, ref, names)
     for n, g, w in zip(names, got, want, strict=True):
-        assert_close(g.cpu(), w, GRAD_TOL[dtype], f"{spec} d{n}")
+        assert_close(g.cpu(), _rounds_to_inf(w, g.dtype), GRAD_TOL[dtype], f"{spec} d{n}")
+
+
+def _rounds_to_inf(expected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The oracle's value where it fits `dtype`, else the infinity it rounds to there. A gradient must have its
+    parameter's dtype: lightning's d(decay) reaches 1e5 in this test, beyond float16's 65504, so float16
+    autograd of any implementation gives inf there (the kernels reduce in float32 and round once)."""
+    return torch.where(expected.to(dtype).isinf(), expected.sign() * torch.inf, expected)
 
 
 def test_forward_is_capturable_in_a_cuda_graph() -> None:
@@ -82,6 +89,30 @@ def test_forward_is_capturable_in_a_cuda_graph() -> None:
         out = mod.sliding_window(q, k, k, 128)
     graph.replay()
     torch.testing.assert_close(out, mod.sliding_window(q, k, k, 128))
+
+
+def test_reference_backend_backward_completes_on_cuda() -> None:
+    """backend="reference" through the custom op's backward on CUDA: it hung once (a helper thread waited on
+    by the autograd engine's device thread); run in a thread so that a hang fails instead of stalling."""
+    import threading
+
+    mod = _module("causal")
+    q, k, v = (torch.randn(1, 2, 64, 32, device="cuda", requires_grad=True) for _ in range(3))
+    done: list[bool] = []
+
+    def run() -> None:
+        mod.causal(q, k, v, backend="reference").sum().backward()
+        torch.cuda.synchronize()
+        done.append(True)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(120)
+    assert done, "the reference backward did not finish in 120 s"
+    ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*ref, is_causal=True).sum().backward()
+    for x, r in zip((q, k, v), ref, strict=True):
+        torch.testing.assert_close(x.grad, r.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("spec", ["causal", "sliding_window", "document"])

@@ -170,6 +170,37 @@ def test_two_specs_written_to_one_path_register_distinct_ops(tmp_path, backend) 
     torch.testing.assert_close(outs[1], want_b, atol=2e-5, rtol=2e-5)
 
 
+def test_reference_backward_recomputes_on_the_calling_thread(compiled, monkeypatch) -> None:
+    """The reference backend's backward recomputes the forward under autograd on the caller's thread, and its
+    gradients match SDPA's. (It used a helper thread: on CUDA the caller of a custom op's backward is the
+    autograd engine's device thread, which waited for the helper while the helper's autograd.grad queued its
+    work to it, so every CUDA backward with backend="reference" hung; seen on an H200.)"""
+    import threading
+
+    from attnc.runtime import attention_op
+
+    seen = []
+    grad = attention_op._grad
+
+    def spy(*a):
+        seen.append(threading.get_ident())
+        return grad(*a)
+
+    monkeypatch.setattr(attention_op, "_grad", spy)
+    mod = compiled("causal")
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (
+        torch.randn(2, 3, 33, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    )
+    do = torch.randn(2, 3, 33, 16, generator=gen, dtype=torch.float64)
+    mod.causal(q, k, v, backend="reference").backward(do)
+    assert seen == [threading.get_ident()], seen
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    F.scaled_dot_product_attention(*ref, is_causal=True).backward(do)
+    for t, r in zip((q, k, v), ref, strict=True):
+        torch.testing.assert_close(t.grad, r.grad, atol=1e-10, rtol=1e-10)
+
+
 def test_a_stale_kernels_file_is_refused(tmp_path) -> None:
     path = _write(tmp_path, "stale", _SPEC_A)
     mod = load_module_file(path, "attnc_test_stale")

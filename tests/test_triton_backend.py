@@ -103,6 +103,17 @@ def test_triton_matches_oracles(
         assert_close(lse[~dead], lse_ref[~dead].detach(), FWD_TOL[dtype], f"{spec} lse")
 
 
+@pytest.mark.parametrize(("D", "E"), [(64, 24), (128, 24), (64, 32), (32, 32), (24, 64)])
+def test_narrow_head_dims_keep_the_portable_tiles_on_sm90(D: int, E: int) -> None:
+    """q/k or v at most 32 wide: the sm_90 defaults are the portable tiles (the 128-row, 8-warp ones computed
+    wrong forwards on an H200 with v 24 or 32 wide), while 64-wide shapes keep the large ones."""
+    from attnc.runtime import triton as rt
+
+    for kernel in ("fwd", "dq", "dkdv"):
+        assert rt._default_config(D, E, kernel, cc=90, nbytes=2) == rt._default_config(D, E, kernel), kernel
+    assert rt._default_config(64, 64, "fwd", cc=90, nbytes=2).block_m == 128
+
+
 def test_lse_gradient_flows(compiled: Callable[[str], ModuleType]) -> None:
     """A loss on the log-sum-exp itself (as in distillation) gets the same gradients as the oracle."""
     case = Case("alibi", 37, 77, dtype=F64)

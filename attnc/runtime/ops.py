@@ -3,7 +3,6 @@ formula), so that torch.compile(fullgraph=True) traces models calling it without
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 
 import torch
@@ -37,22 +36,27 @@ def _attnc_ns_exists():
     return True
 
 
+# The dispatch keys a custom op's implementation runs below: the autograd keys (and ADInplaceOrView).
+_AUTOGRAD_KEYS = tuple(
+    k
+    for k in torch._C.DispatchKey.__members__.values()
+    if k.name.startswith("Autograd") or k.name == "ADInplaceOrView"
+)
+
+
 def _with_autograd(fn):
-    """Run `fn` with autograd available. A custom op's implementation runs below the autograd dispatch key
-    (thread-local), so the backward op recomputes the forward on a helper thread, on the caller's stream."""
-    stream = (
-        torch.cuda.current_stream() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    )
-
-    def run():
-        with torch.enable_grad():
-            if stream is None:
-                return fn()
-            with torch.cuda.stream(stream):
-                return fn()
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(run).result()
+    """Run `fn` with autograd available, on this thread. A custom op's implementation runs below the autograd
+    dispatch keys (they sit in the thread-local exclude set), so lift them for `fn` and enable grad mode: the
+    reentrant backward that torch.utils.checkpoint also runs. Not a helper thread: under a CUDA backward the
+    caller is the autograd engine's device thread, which the helper's autograd.grad would queue its CUDA work
+    to while that thread waits for the helper (a deadlock, seen on an H200)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        if exclude.has(key):
+            exclude = exclude.remove(key)
+    include = torch._C._dispatch_tls_local_include_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude), torch.enable_grad():
+        return fn()
 
 
 def _grad(outputs, inputs, grad_outputs):

@@ -145,7 +145,12 @@ def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2, kv_reads
     softcap; 128 x 64 neither). `kv_reads`: k's feature map reads auxiliary tensors (whose gradient the dK/dV
     kernel reduces): those keep the dK/dV tiles (a learned per-(j, d) map spilled 344 bytes at 64 x 128)."""
     width = max(D, E)
-    if cc is not None and cc >= 90 and nbytes == 2 and width <= 128 and not heavy:
+    # `narrow`: q/k or v at most 32 wide. On an H200 (Triton 3.6) the 128-row, 8-warp tiles computed wrong
+    # 16-bit forwards with v 24 or 32 wide beside D = 64 or 128 (cross, head_offset: most rows, with or without
+    # TMA, at one or three stages; right under the interpreter and with v 64 wide). Those shapes keep the
+    # portable tiles, which the float32 runs of the same specs used there and got right.
+    narrow = min(D, E) <= 32
+    if cc is not None and cc >= 90 and nbytes == 2 and width <= 128 and not heavy and not narrow:
         if kernel == "fwd":
             return _KernelConfig(128, 128 if width <= 64 else 64, 8, 3)
         if kernel == "dq":
