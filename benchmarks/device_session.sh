@@ -44,7 +44,7 @@ tail -5 "$OUT/gpu_tests.log"
 
 stamp "bench.py (limit ${BENCH_S} s)"
 timeout -k 10 "$BENCH_S" python3 benchmarks/bench.py --out "$OUT" --dims 128 --seqs 4096,16384 \
-    --budget-s $((BENCH_S - 70)) --learned alibi_slopes,sinks
+    --variants causal,sliding_window,document,alibi --budget-s $((BENCH_S - 70)) --learned alibi_slopes
 echo "bench rc=$?"
 
 stamp "bench_linear.py (limit ${LINEAR_S} s)"
