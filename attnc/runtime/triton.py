@@ -426,7 +426,7 @@ def _default_split_config(D, E, heavy):
     warps (FlashDecoding's choice for so small a tile). Heavy specs and head dims above 64 do not pipeline
     their loads: a second stage spills on sm_90 with a per-pair gather, and with tiles through TMA at D = 128
     (sigmoid_attn: 72 registers and 16 bytes of spills at two stages, 70 and none at one; the other example
-    specs move by 2 registers either way)."""
+    specs move by 4 registers at most, either way)."""
     base = _default_config(D, E, "fwd", heavy)
     return _KernelConfig(16, base.block_n, 4, 1 if heavy or max(D, E) > 64 else base.num_stages)
 
