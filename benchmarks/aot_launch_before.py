@@ -12,8 +12,8 @@ optionally compiles them at other schedules (e.g. today's defaults, read from to
 
 SCHEDULES: a folder of today's `attnc inspect` tables (SPEC_dD.txt, as the README's loop writes them), whose
 kernels' schedules both sides then share, or a JSON file {"causal_d64": {"fwd": [BLOCK_M, BLOCK_N, warps,
-stages], "bwd_dkdv": [...], ...}, ...}; a kernel it does not name keeps 8f2620c's default schedule. Writes OUT_DIR/SPEC_dD.txt (fp16, D = 64 and 128,
-sm_90) for every examples/specs/*.attn. The linear core's kernels (`_lin_*`) are not compiled here.
+stages], "bwd_dkdv": [...], ...}, ...}; a kernel it does not name keeps 8f2620c's default schedule. Writes
+OUT_DIR/SPEC_dD.txt (fp16, D = 64 and 128, sm_90) for every examples/specs/*.attn. The linear core's kernels (`_lin_*`) are not compiled here.
 """
 
 from __future__ import annotations
@@ -36,32 +36,11 @@ def launch_form(job: Any, qkv_strides: list[str]) -> Any:
     return dataclasses.replace(job, signature=types, constexprs=constexprs, divisible_by_16=divisible)
 
 
-_KINDS = {
-    "_fwd_kernel": "fwd",
-    "_bwd_dkdv_kernel": "bwd_dkdv",
-    "_bwd_dq_kernel": "bwd_dq",
-    "_fwd_split_kernel": "fwd_split",
-    "_fwd_combine_kernel": "fwd_combine",
-}
-
-
 def schedules_from_tables(folder: Path) -> dict[str, dict[str, list[int]]]:
-    """{table: {kind: [BLOCK_M, BLOCK_N, warps, stages]}} from `attnc inspect` tables: the attention kernels'
-    rows (name, target, warps, stages, ..., config with _BLOCK_M= and _BLOCK_N=); the linear core's `_lin_*`
-    rows are skipped (their names end like the attention kernels' and their tiles are named otherwise)."""
-    out: dict[str, dict[str, list[int]]] = {}
-    for path in sorted(folder.glob("*.txt")):
-        table: dict[str, list[int]] = {}
-        for line in path.read_text().splitlines():
-            parts = line.split()
-            if len(parts) < 5 or not parts[0].startswith("_") or parts[0].startswith("_lin_"):
-                continue
-            kind = next((k for end, k in _KINDS.items() if parts[0].endswith(end)), None)
-            tiles = dict(p.split("=", 1) for p in parts if p.startswith(("_BLOCK_M=", "_BLOCK_N=")))
-            if kind and len(tiles) == 2:
-                table[kind] = [int(tiles["_BLOCK_M"]), int(tiles["_BLOCK_N"]), int(parts[2]), int(parts[3])]
-        out[path.stem] = table
-    return out
+    """{table: {kind: [BLOCK_M, BLOCK_N, warps, stages]}} from a folder of `attnc inspect` tables."""
+    from aot_table import read_schedules  # beside this file (its folder is sys.path[0] when run)
+
+    return {path.stem: read_schedules(path) for path in sorted(folder.glob("*.txt"))}
 
 
 def main(argv: list[str]) -> int:

@@ -28,6 +28,32 @@ def read_table(path: Path) -> dict[str, tuple[int, int]]:
     return rows
 
 
+# The attention kernels' kinds by the end of their names (`_<attention>_<kind>_kernel`).
+KINDS = {
+    "_fwd_kernel": "fwd",
+    "_bwd_dkdv_kernel": "bwd_dkdv",
+    "_bwd_dq_kernel": "bwd_dq",
+    "_fwd_split_kernel": "fwd_split",
+    "_fwd_combine_kernel": "fwd_combine",
+}
+
+
+def read_schedules(path: Path) -> dict[str, list[int]]:
+    """{kind: [BLOCK_M, BLOCK_N, warps, stages]} of the attention kernels' sm_90 rows of an `attnc inspect`
+    table. The linear core's `_lin_*` rows are skipped: their names end like the attention kernels' and their
+    tiles are named otherwise."""
+    out: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines()[2:]:
+        cells = line.split()
+        if len(cells) < 7 or cells[1] != "sm_90" or cells[0].startswith("_lin_"):
+            continue
+        kind = next((k for end, k in KINDS.items() if cells[0].endswith(end)), None)
+        tiles = dict(c.split("=", 1) for c in cells if c.startswith(("_BLOCK_M=", "_BLOCK_N=")))
+        if kind and len(tiles) == 2:
+            out[kind] = [int(tiles["_BLOCK_M"]), int(tiles["_BLOCK_N"]), int(cells[2]), int(cells[3])]
+    return out
+
+
 def earlier_before(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
     """{table: {kernel: (registers, spill bytes)}} of the "before" side of an earlier comparison JSON."""
     out: dict[str, dict[str, tuple[int, int]]] = {}

@@ -51,19 +51,14 @@ def test_earlier_comparison_fills_missing_tables_only_if_measured_ones_agree(
         tool.compare(before, after, {"a_d64": {"_a_fwd_kernel": (101, 0)}})
 
 
-def test_before_side_reads_its_schedules_from_todays_tables(tmp_path: Path) -> None:
-    """benchmarks/aot_launch_before.py shares the after tables' schedules: each attention kernel's tiles,
-    warps and stages by kind; the linear core's `_lin_*` rows (whose names end like a dQ's) are not read."""
-    spec = importlib.util.spec_from_file_location("attnc_aot_before", TOOL.with_name("aot_launch_before.py"))
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    (tmp_path / "retention_d64.txt").write_text(
+def test_schedules_read_from_todays_tables(tool: ModuleType, tmp_path: Path) -> None:
+    """What benchmarks/aot_launch_before.py shares with the after side: each attention kernel's tiles, warps and
+    stages by kind; the linear core's `_lin_*` rows (whose names end like a dQ's) are not read."""
+    table = tmp_path / "retention_d64.txt"
+    table.write_text(
         HEADER
         + "_retention_fwd_kernel  sm_90  8  3  1024  128  0  yes  yes  770  _BLOCK_D=64 _BLOCK_M=128 _BLOCK_N=64\n"
         + "_retention_bwd_dq_kernel  sm_90  4  2  1024  101  0  no  yes  428  _BLOCK_M=32 _BLOCK_N=16 _TMA=True\n"
         + "_lin_bwd_dq_kernel  sm_90  8  2  81920  168  0  yes  no  213  BLOCK_D=128 BLOCK_V=64 CHUNK=64\n"
     )
-    assert mod.schedules_from_tables(tmp_path) == {
-        "retention_d64": {"fwd": [128, 64, 8, 3], "bwd_dq": [32, 16, 4, 2]}
-    }
+    assert tool.read_schedules(table) == {"fwd": [128, 64, 8, 3], "bwd_dq": [32, 16, 4, 2]}
