@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from attnc.codegen.triton.kernels import KERNEL_KINDS, KernelWriter
+from attnc.codegen.triton.kernels import KERNEL_KINDS, PER_TILE_LOOPS, Edge, KernelWriter
 from attnc.codegen.triton.module import render_kernels
 from attnc.dsl.lower import compile_to_ir
 
@@ -63,7 +63,8 @@ def test_one_loop_body_helper_per_kind_and_kernels_call_it(stem: str) -> None:
             if kind in CALLS:
                 # Per plan interval, in each of the two forms (plain range, runtime block layout): one call, or
                 # where the helper splits off lean interior tiles (EDGE) the boundary tiles before them (unless
-                # the lean interval starts at 0), the lean ones and the boundary tiles after them.
+                # the lean interval starts at 0), the lean ones and the boundary tiles after them; and for a
+                # per-tile helper (`_per_tile`) one more, the whole interval under `_TMA`.
                 kv = CALLS[kind] != "dkdv_inner"
                 intervals = w.kv_intervals if kv else w.q_intervals
                 lean = w.kv_lean if kv else w.q_lean
@@ -76,6 +77,8 @@ def test_one_loop_body_helper_per_kind_and_kernels_call_it(stem: str) -> None:
                     else 3
                     for k in range(len(intervals))
                 ]
+                if edge and CALLS[kind].split("_")[0] in PER_TILE_LOOPS and w._per_tile:
+                    per = [n + 1 for n in per]
                 assert called == [f"_{nm}_{CALLS[kind]}"] * (2 * sum(per)), (nm, kind, called)
             else:
                 assert not called, (nm, kind, called)
@@ -283,17 +286,37 @@ def test_runtime_kernels_defs_match_their_signatures(path: str, sigs: tuple) -> 
 _BOUNDS = {"_M", "_N", "M", "N", "_m_end", "_n_end", "_pos_i", "_pos_j", "i", "j", "offs_m", "offs_n"}
 
 
-def _specialise(body: list[ast.stmt], edge: bool) -> list[ast.stmt]:
-    """The statements a call with the constexpr EDGE = `edge` compiles: `if EDGE:` keeps one branch."""
+def _constexpr_test(test: ast.expr, env: dict[str, int]) -> bool | None:
+    """The value of an `if` test on the constexprs in `env` (`EDGE`, `EDGE == 1`, `_TMA`), else None."""
+    if isinstance(test, ast.Name) and test.id in env:
+        return bool(env[test.id])
+    if (
+        isinstance(test, ast.Compare)
+        and isinstance(test.left, ast.Name)
+        and test.left.id in env
+        and len(test.ops) == 1
+        and isinstance(test.comparators[0], ast.Constant)
+    ):
+        a, b = env[test.left.id], test.comparators[0].value
+        return {ast.Eq: a == b, ast.NotEq: a != b}[type(test.ops[0])]
+    return None
+
+
+def _specialise(body: list[ast.stmt], edge: Edge, **env: int) -> list[ast.stmt]:
+    """The statements a call with the constexpr EDGE = `edge` compiles (and the constexprs in `env`): each
+    `if` on them keeps one branch."""
+    env = {"EDGE": int(edge), **env}
     out: list[ast.stmt] = []
     for st in body:
-        if isinstance(st, ast.If) and isinstance(st.test, ast.Name) and st.test.id == "EDGE":
-            out += _specialise(st.body if edge else st.orelse, edge)
+        taken = _constexpr_test(st.test, env) if isinstance(st, ast.If) else None
+        if taken is not None:
+            assert isinstance(st, ast.If)
+            out += _specialise(st.body if taken else st.orelse, edge, **env)
             continue
         st = ast.fix_missing_locations(ast.parse(ast.unparse(st)).body[0])  # a copy
         for field in ("body", "orelse"):
             if isinstance(getattr(st, field, None), list):
-                setattr(st, field, _specialise(getattr(st, field), edge))
+                setattr(st, field, _specialise(getattr(st, field), edge, **env))
         out.append(st)
     return out
 
@@ -328,9 +351,11 @@ LEAN = [s for s in EXAMPLES if s not in ("document", "key_padding")]
 
 @pytest.mark.parametrize("stem", LEAN)
 def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
-    """The key loops of the forward and dQ run their interior tiles (EDGE = False) with no comparison against
+    """The key loops of the forward and dQ run their interior tiles (EDGE = LEAN) with no comparison against
     the matrix's extents or the tile's positions: no load row mask, no in-range test, no mask. The boundary
-    tiles (EDGE = True) keep them. Every kernel calls the helper with EDGE = False for its interior."""
+    tiles (EDGE = BOUNDARY) keep them. Every kernel calls the helper with EDGE = LEAN for its interior; a
+    per-tile helper's call (EDGE = PER_TILE, tiles through TMA) keeps them only under its runtime test of the
+    tile against the lean interval."""
     tree, writers = _module(stem)
     fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     for w in writers:
@@ -340,9 +365,18 @@ def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
             params = [a.arg for a in helper.args.args]
             assert "EDGE" in params, (nm, h)
             (loop,) = _tile_loops(helper)
-            lean = _bounds_compares(_specialise(loop.body, edge=False))
+            lean = _bounds_compares(_specialise(loop.body, Edge.LEAN))
             assert not lean, (nm, h, lean)
-            assert _bounds_compares(_specialise(loop.body, edge=True)), (nm, h)
+            assert _bounds_compares(_specialise(loop.body, Edge.BOUNDARY)), (nm, h)
+            per_tile = h.split("_")[0] in PER_TILE_LOOPS and w._per_tile
+            if per_tile:
+                body = _specialise(loop.body, Edge.PER_TILE, _TMA=1, _PAGED=0)
+                tests = [st for st in body if isinstance(st, ast.If)]
+                (branch,) = [st for st in tests if "lean_lo" in ast.unparse(st.test)]
+                outside = [st for st in body if st is not branch]
+                assert not _bounds_compares(outside), (nm, h, _bounds_compares(outside))
+                assert not _bounds_compares(branch.orelse), (nm, h)
+                assert _bounds_compares(branch.body), (nm, h)
             at = params.index("EDGE")
             for kind, callee in CALLS.items():
                 if callee != h:
@@ -352,8 +386,9 @@ def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
                     for n in ast.walk(fns[f"_{nm}_{kind}_kernel"])
                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == helper.name
                 ]
-                edges = [ast.literal_eval(c.args[at]) for c in calls]
-                assert False in edges and True in edges, (nm, kind, edges)
+                edges = {ast.literal_eval(c.args[at]) for c in calls}
+                want = {Edge.LEAN, Edge.BOUNDARY} | ({Edge.PER_TILE} if per_tile else set())
+                assert edges == want, (nm, kind, edges)
 
 
 def test_specs_without_a_lean_interval_keep_one_call_per_interval() -> None:

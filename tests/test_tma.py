@@ -20,7 +20,20 @@ from attnc.dsl.lower import compile_to_ir
 from attnc.runtime import triton as rt
 
 from .dense_oracle import check_against_sdpa
-from .test_reference_oracles import SPEC_DIR
+from .test_reference_oracles import (
+    F64,
+    FWD_TOL,
+    GRAD_TOL,
+    SPEC_DIR,
+    Case,
+    assert_close,
+    grad_names,
+    grads,
+    leaves,
+    make_args,
+    oracles,
+    run_generated,
+)
 
 pytest.importorskip("triton")
 
@@ -62,6 +75,38 @@ def test_descriptor_path_matches_sdpa(
 ) -> None:
     check_against_sdpa(compiled(spec), spec, shapes, dtype, scalars)
     assert tma_on and all(tma_on), tma_on  # the forward, dQ and dK/dV launches all took descriptors
+
+
+# Specs whose forward runs each interval's key tiles as one loop under TMA (`KernelWriter._per_tile`: weights
+# other than the softmax's, or a heavy score), sigmoid's among them (its weights read the mask again), and
+# head_offset, whose dQ kernel stores the epilogue's dO through a descriptor.
+PER_TILE = ["retention", "linear_elu", "decay_abs", "sigmoid_attn", "relpos_table", "head_offset"]
+
+
+@pytest.mark.parametrize("spec", PER_TILE)
+def test_one_key_loop_per_interval_through_descriptors(
+    spec: str, tma_on: list[bool], compiled: Callable[[str], ModuleType]
+) -> None:
+    """Interior and boundary key tiles in one loop, the mask chosen per tile (EDGE = PER_TILE): forward and
+    gradients against the spec's oracles, over 150 rows (64-row tiles: interior, diagonal and ragged ones)."""
+    from attnc.codegen.triton.kernels import KernelWriter
+
+    (att,) = compile_to_ir((SPEC_DIR / f"{spec}.attn").read_text(), f"{spec}.attn").attentions
+    w = KernelWriter(att)
+    assert spec == "head_offset" or (w._per_tile and w.kv_lean), spec
+    case = Case(spec, 150, 150, dtype=torch.float32, B=1, H=2)
+    args, names = make_args(case), grad_names(make_args(case))
+    got_args = leaves(args, case.dtype)
+    o = run_generated(compiled(spec), spec, got_args, backend="triton")
+    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
+    got = grads(o, weights, got_args, names)
+    for name, oracle in oracles(case.info, autograd_only=True).items():
+        ref_args = leaves(args, F64)
+        want = oracle(ref_args)
+        assert_close(o, want, FWD_TOL[case.dtype], f"{case} vs {name}")
+        for n, g, wg in zip(names, got, grads(want, weights, ref_args, names), strict=True):
+            assert_close(g, wg, GRAD_TOL[case.dtype], f"{case}: d/d{n} vs {name}")
+    assert tma_on and all(tma_on), tma_on
 
 
 def test_rows_that_are_not_16_byte_multiples_take_pointer_loads(

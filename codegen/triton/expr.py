@@ -160,7 +160,23 @@ class TritonExprs:
                 return mag
             # A constant fractional exponent: NaN for a negative base, as torch's pow.
             return expr_from_string("tl.exp2({b} * tl.log2({a}))", a=args[0], b=args[1])
-        # A tile exponent (an integer one: a decay gamma ** (i - j)): the helper gives torch's pow for
+        expo = args[1]
+        if ex.op is Op.TO_FLOAT and ex.args[0].dtype is DType.INT and isinstance(expo, ast.Call):
+            assert isinstance(expo.func, ast.Attribute)  # `(n).to(tl.float32)`: the int tile is its receiver
+            expo = expo.func.value
+        if (ex.dtype is DType.INT or expo is not args[1]) and not uniform[1]:
+            # An int tile exponent (a decay gamma ** (i - j)): `_pow_int` skips `_pow`'s fraction tests, and a
+            # Triton-valued uniform base stays a scalar (retention's forward, sm_90, fp16, D = 64: 128 -> ? regs).
+            literal = isinstance(args[0], ast.Constant) or (
+                isinstance(args[0], ast.UnaryOp) and isinstance(args[0].operand, ast.Constant)
+            )
+            base = (
+                self._float_tile(args[0], args[1], True)
+                if literal
+                else expr_from_string("({a}).to(tl.float32)", a=args[0])
+            )
+            return expr_from_string("_pow_int({a}, {b})", a=base, b=expo)
+        # A tile exponent (a float one): the helper gives torch's pow for
         # negative and zero bases, where exp2(b * log2(a)) is NaN. Both operands as float32 tiles.
         base, expo = (
             self._float_tile(x, other, u)

@@ -29,6 +29,7 @@ import copy
 import math
 import textwrap
 from dataclasses import dataclass
+from enum import IntEnum
 
 import sympy as sp
 from attnc.dsl.analysis.plan import PAIR_ROOTS, ROW_ROOTS, AttentionPlan, AuxGrad, AuxRead, plan_attention
@@ -180,6 +181,20 @@ Stmts = list[ast.stmt]
 # bytes at 128 x 64; a feature-map spec spilled at the default tiles), where one loop does not spill.
 LEAN_LOOPS = ("fwd", "dq")
 
+# The lean loops whose interval is one call under `_TMA` (EDGE = PER_TILE) for some specs (`_per_tile`):
+# descriptor loads need no bounds, so the lean and boundary tiles load alike and only the mask differs, which
+# the helper picks per tile with a warp-uniform branch. One pipelined loop body instead of two.
+PER_TILE_LOOPS = ("fwd",)
+
+
+class Edge(IntEnum):
+    """The `EDGE` constexpr of a lean loop's helper call: which tiles of its range get the bounds and mask."""
+
+    LEAN = 0  # none: every tile lies inside the matrix and is wholly visible
+    BOUNDARY = 1  # all of them
+    PER_TILE = 2  # those outside [lean_lo, lean_hi), chosen per tile at run time (tiles through TMA only)
+
+
 # The dK/dV kernel's tile orientation, a condition on its constexpr tiles that Triton folds (each compile takes
 # one branch). Wider key tiles than query tiles run keys as rows, as FlashAttention-2's backward does (Dao,
 # 2023, Algorithm 2): the score tile is [BLOCK_N, BLOCK_M], dK and dV accumulate as [BLOCK_N, D] and the
@@ -204,9 +219,10 @@ class LoopHelper:
     context: tuple[str, ...]
     priors: int  # how many earlier plan intervals a call may have to skip (max intervals - 1)
     body: Stmts
-    # Whether the helper takes the `EDGE` constexpr: its calls then split each interval into boundary tiles
-    # (EDGE = True: bounds and mask applied) and lean ones (EDGE = False: neither; see `_intervals`).
+    # Whether the helper takes the `EDGE` constexpr (an `Edge`) and the lean interval's bounds: its calls then
+    # split each interval into boundary tiles (bounds and mask applied) and lean ones (neither; `_lean_split`).
     edge: bool = False
+    kind: str = ""  # fwd, dq or dkdv
 
 
 @dataclass(frozen=True)
@@ -240,9 +256,9 @@ class KernelWriter:
         tiles = _tile_code(att, self.plan)
         self.kv_intervals, self.q_intervals, self.full = tiles.kv_intervals, tiles.q_intervals, tiles.full
         self.kv_lean, self.q_lean = tiles.kv_lean, tiles.q_lean
-        # Whether the loop body being built has the `EDGE` constexpr (a helper whose plan has lean intervals):
-        # its loads and score then drop the bounds and the mask in the calls with EDGE = False.
-        self._edge = False
+        # The loop variable of the loop body being built when it has the `EDGE` constexpr (a helper whose plan has
+        # lean intervals), else None: its loads and score then drop the bounds and the mask on lean tiles.
+        self._edge: str | None = None
         self._kernels: tuple[list[str], list[Kernel]] | None = None
         self._calls: list[ast.Call] = []
         self._loops: dict[str, LoopHelper] = {}
@@ -459,7 +475,8 @@ class KernelWriter:
                 if chans
                 else f"{target} = tl.load({ptr})"
             )
-            edge = S("if EDGE:\n    {edge}\nelse:\n    {lean}", edge=edge, lean=lean)
+            # Per-tile calls (tiles through TMA) load their pointer tiles, the block table's, with the bounds.
+            edge = S(f"if EDGE != {int(Edge.LEAN)}:\n    {{edge}}\nelse:\n    {{lean}}", edge=edge, lean=lean)
         if desc is None:
             return edge
         d, row = desc
@@ -495,24 +512,53 @@ class KernelWriter:
                 )
             else:
                 bounds += inner
-        if self._edge:
-            # A lean tile is inside the matrix and wholly visible: `valid` is a constant true tile, which Triton
-            # folds out of every `tl.where(valid, ...)` below (no compare, no select on the tile). A tile, not
-            # the scalar True: a score that is uniform over the tile must still broadcast to one.
-            out += S(
-                "if EDGE:\n    {bounds}\nelse:\n    valid = tl.full([_BLOCK_M, _BLOCK_N], True, tl.int1)",
-                bounds=bounds,
-            )
-        else:
+        softmax = self.norm.kind is NormKind.SOFTMAX
+        # The softmax works in base 2: the score comes out already times log2(e) (`log2_score`), so that
+        # `dot(q, k) * scale` costs one multiply per element, by the hoisted uniform scale·log2(e).
+        target, fill = ("s2", "float('-inf')") if softmax else ("s", "0.0")
+        if not self._edge:
             out += bounds
-        if self.norm.kind is NormKind.SOFTMAX:
-            # The softmax works in base 2: the score comes out already times log2(e) (`log2_score`), so that
-            # `dot(q, k) * scale` costs one multiply per element, by the hoisted uniform scale·log2(e).
-            s2 = self.expr(self.log2_score(), names, out)
-            out += S("s2 = tl.where(valid, {s}, float('-inf'))", s=s2)
+            sc = self.expr(self.log2_score() if softmax else att.score, names, out)
+            out += S(f"{target} = tl.where(valid, {{s}}, {fill})", s=sc)
             return
-        s = self.expr(att.score, names, out)
-        out += S("s = tl.where(valid, {s}, 0.0)", s=s)
+        # The score once, before the branches: a per-tile call compiles both of them.
+        out += S("sc = {s}", s=self.expr(self.log2_score() if softmax else att.score, names, out))
+
+        def masked() -> Stmts:
+            return S(f"{target} = tl.where(valid, sc, {fill})")
+
+        # A lean tile is inside the matrix and wholly visible: `valid` is a constant true tile, which Triton
+        # folds out of every `tl.where(valid, ...)` (no compare, no select on the tile). A tile, not the scalar
+        # True: a score that is uniform over the tile must still broadcast to one. Per tile (EDGE = PER_TILE),
+        # the branch sets the masked score too, so that the score tile, not a bool tile beside it, is what the
+        # two paths merge (a merged `valid` held 37 more registers in causal's forward, sm_90, D = 128).
+        full = S("valid = tl.full([_BLOCK_M, _BLOCK_N], True, tl.int1)")
+        var = self._edge
+        out += S(
+            f"""
+            if EDGE == {int(Edge.PER_TILE)}:
+                if ({var} < lean_lo) | ({var} >= lean_hi):
+                    {{bounds}}
+                    {{edge_score}}
+                else:
+                    {{full}}
+                    {{lean_score}}
+            elif EDGE == {int(Edge.BOUNDARY)}:
+                {{bounds2}}
+                {{edge_score2}}
+            else:
+                {{full2}}
+                {{lean_score2}}
+            """,
+            bounds=bounds,
+            edge_score=masked(),
+            full=full,
+            lean_score=masked(),
+            bounds2=copy.deepcopy(bounds),
+            edge_score2=masked(),
+            full2=copy.deepcopy(full),
+            lean_score2=masked(),
+        )
 
     def log2_score(self) -> Node:
         """The score times log2(e), the constant pushed into sums and onto a uniform factor of a product
@@ -558,15 +604,24 @@ class KernelWriter:
 
     # ---- tile loops: one helper per kind, called per interval and per form --------------------------------
 
-    def _loop_call(self, helper: LoopHelper, lo: str, hi: str, prior: int, edge: bool = True) -> Stmts:
-        """`state = helper(state, lo, hi, PRIOR, [EDGE,] earlier intervals' bounds, context, shared)`."""
+    def _loop_call(
+        self,
+        helper: LoopHelper,
+        lo: str,
+        hi: str,
+        prior: int,
+        edge: Edge = Edge.BOUNDARY,
+        lean: tuple[str, str] = ("0", "0"),
+    ) -> Stmts:
+        """`state = helper(state, lo, hi, PRIOR, [EDGE, lean_lo, lean_hi,] earlier intervals' bounds, context,
+        shared)`; `lean`: the lean tiles' bounds for EDGE = PER_TILE."""
         pairs = [a for p in range(helper.priors) for a in ((f"lo{p}", f"hi{p}") if p < prior else ("0", "0"))]
         args = [
             *helper.state,
             lo,
             hi,
             str(prior),
-            *((str(edge),) if helper.edge else ()),
+            *((str(int(edge)), *lean) if helper.edge else ()),
             *pairs,
             *helper.context,
         ]
@@ -627,11 +682,28 @@ class KernelWriter:
             lean_hi{n} = tl.maximum(lean_lo{n}, tl.minimum(tl.maximum(f_hi, 0) // {blk} * {blk}, {up}))
             """
         )
+        calls: Stmts = []
         if lead:
-            out += self._loop_call(helper, f"lo{n}", f"lean_lo{n}", n)
-        out += self._loop_call(helper, f"lean_lo{n}", f"lean_hi{n}", n, edge=False)
-        out += self._loop_call(helper, f"lean_hi{n}", f"hi{n}", n)
-        return out
+            calls += self._loop_call(helper, f"lo{n}", f"lean_lo{n}", n)
+        calls += self._loop_call(helper, f"lean_lo{n}", f"lean_hi{n}", n, edge=Edge.LEAN)
+        calls += self._loop_call(helper, f"lean_hi{n}", f"hi{n}", n)
+        if helper.kind not in PER_TILE_LOOPS or not self._per_tile:
+            return out + calls
+        # Tiles through TMA: one call over the same tiles, the mask chosen per tile (`PER_TILE_LOOPS`).
+        one = self._loop_call(
+            helper, f"lo{n}", f"hi{n}", n, edge=Edge.PER_TILE, lean=(f"lean_lo{n}", f"lean_hi{n}")
+        )
+        return out + S("if _TMA:\n    {one}\nelse:\n    {calls}", one=one, calls=calls)
+
+    @property
+    def _per_tile(self) -> bool:
+        """Whether the lean loops of `PER_TILE_LOOPS` take one call per interval under `_TMA`: for weights
+        other than the softmax's, or a heavy score. Measured on sm_90 (fp16, default tiles, registers): those
+        hold fewer registers with one loop body (forwards: lightning D = 128 192 -> 109, linear_bidir D = 64
+        242 -> 174, relpos_table D = 128 145 -> 114, decay_abs D = 128 117 -> 92), the light softmax ones with
+        two (causal D = 128 142 against 170, alibi D = 64 170 against 213, sliding_window D = 128 151 against
+        175): their lean body is the smaller, and ptxas allocates the two apart."""
+        return self.norm.kind is not NormKind.SOFTMAX or self.heavy > 0
 
     def _tile_loop(self, helper: LoopHelper, range_lo: str, range_hi: str) -> Stmts:
         """The loop in both forms: under `_LAYOUT`, an outer loop over the blocks the runtime layout lists for
@@ -704,7 +776,7 @@ class KernelWriter:
             # Boundary calls visit a tile or two: software-pipelining them (the launch's stages) buys no overlap
             # and its prologue costs registers (decay_abs dQ, fp16, D = 64: a 16-byte spill, none with one
             # stage). The lean calls keep the launch's stages.
-            steps += ", num_stages=1 if EDGE else None"
+            steps += f", num_stages=1 if EDGE == {int(Edge.BOUNDARY)} else None"
         # `_WS`: every key loop of the kernel or none (sm_100, Triton 3.9: partitioning the lean loop alone
         # fails to compile when the boundary loop follows it).
         loop = S(f"for {var} in tl.range({steps}, warp_specialize=_WS):\n    {{body}}", body=inner)
@@ -724,7 +796,9 @@ class KernelWriter:
                 *_position("_pos_j", "j", "_K_POS"),
             ]
         own += [*_position("_m_end", "_M", "_Q_POS"), *_position("_n_end", "_N", "_K_POS")]
-        return LoopHelper(name_, var, block, state, context, priors, [*own, *loop], edge)
+        return LoopHelper(
+            name_, var, block, state, context, priors, [*own, *loop], edge, name_.rsplit("_", 2)[-2]
+        )
 
     def _render_helper(self, h: LoopHelper) -> list[str]:
         shared = self.shared_params()
@@ -734,7 +808,7 @@ class KernelWriter:
             "lo",
             "hi",
             "PRIOR",
-            *(("EDGE",) if h.edge else ()),
+            *(("EDGE", "lean_lo", "lean_hi") if h.edge else ()),
             *(f"p{p}_{e}" for p in range(h.priors) for e in ("lo", "hi")),
             *h.context,
             *shared,
@@ -873,7 +947,7 @@ class KernelWriter:
             return self._loops["fwd"]
         att = self.att
         self._in_loop = True
-        self._edge = "fwd" in LEAN_LOOPS and bool(self.kv_lean)
+        self._edge = "start_n" if "fwd" in LEAN_LOOPS and self.kv_lean else None
         B: Stmts = S(
             """
             n0 = start_n
@@ -915,7 +989,7 @@ class KernelWriter:
         )
         self.norm.update(self, B, load_v)
         self._in_loop = False
-        edge, self._edge = self._edge, False
+        edge, self._edge = self._edge is not None, None
         context = (
             *self.program_loads.values(),
             "q_op",
@@ -1147,7 +1221,7 @@ class KernelWriter:
         L += _shifted("n0", "_K_POS")
         L += self._own_summaries("k", "pid_bg", "pid_n")
         self._in_loop = True
-        self._edge = "dkdv" in LEAN_LOOPS and bool(self.q_lean)
+        self._edge = "start_m" if "dkdv" in LEAN_LOOPS and self.q_lean else None
         B: Stmts = S(
             """
             m0 = start_m
@@ -1210,7 +1284,7 @@ class KernelWriter:
             """
         )
         self._in_loop = False
-        edge, self._edge = self._edge, False
+        edge, self._edge = self._edge is not None, None
         context = (
             *self.program_loads.values(),
             "k_op",
@@ -1291,6 +1365,11 @@ class KernelWriter:
         else:
             self._epilogue_chain_rule(L)
         self._row_stats(L, compute_delta=True)
+        if att.output is not None:
+            # The key loop's dots take dO rounded to the inputs' dtype, as without an epilogue (they rounded it
+            # per tile anyway): a float32 do carried into the loop held 28 more registers (head_offset's dQ,
+            # sm_90, fp16, D = 128). The row's delta above and the _DO store keep float32.
+            L += S("do = do.to(q.dtype)")
         reads = self.plan.kernel_reads()
         partials = tuple(f"ga{n}" for n, r in enumerate(reads) if r.grad is AuxGrad.PROGRAM)
         # A gathered read's loop code writes its histogram row itself: it needs the program and its buffer.
@@ -1323,7 +1402,7 @@ class KernelWriter:
         L += self._own_summaries("q", "pid_bh", "pid_m")
         L += self._program_load_code()
         self._in_loop = True
-        self._edge = "dq" in LEAN_LOOPS and bool(self.kv_lean)
+        self._edge = "start_n" if "dq" in LEAN_LOOPS and self.kv_lean else None
         B: Stmts = S(
             """
             n0 = start_n
@@ -1365,7 +1444,7 @@ class KernelWriter:
         dense: list[str] = []
         B += _gated(lambda out: dense.extend(self._dense_pair_grads(out)))
         self._in_loop = False
-        edge, self._edge = self._edge, False
+        edge, self._edge = self._edge is not None, None
         # The key loop holds gated code only for score (and sigmoid bias) reads: epilogue and feature-map
         # reductions run after it, so their blocks do not thread the gate through the loop helper.
         in_loop = self.plan.pair_reads() or any(r.root in PAIR_ROOTS for r in reads)
@@ -1443,7 +1522,14 @@ class KernelWriter:
             d = self.expr(gradients(att.output, [elem])[elem], names, L)
             # The where keeps a derivative that is not finite off the output (rows beyond M) out of dO.
             L += S("do = tl.where(o_mask, dout * {d}, 0.0)", d=d)
-        L += S("tl.store(_DO + o_off, do, mask=o_mask)")
+        # Through a descriptor under `_TMA` (as the dK/dV kernel reads it back): the pointer store's 64-bit
+        # address tile held 36 more registers (head_offset's dQ, sm_90, fp16, D = 128: 231 -> 195).
+        desc = ("do_out", "_DO + b.to(tl.int64) * _so_b + h.to(tl.int64) * _so_h", "_M", "_E", "_so_n")
+        L += S(
+            "if _TMA:\n    {desc}\n    do_out.store([pid_m * _BLOCK_M, 0], do)\nelse:\n    {store}",
+            desc=_descriptor(*desc, "_BLOCK_M", "_BLOCK_E"),
+            store=S("tl.store(_DO + o_off, do, mask=o_mask)"),
+        )
         L += _gated(self._epilogue_aux_grads)
 
     def _epilogue_aux_grads(self, L: Stmts) -> None:
@@ -1675,7 +1761,7 @@ class KernelWriter:
             )
             value[Root.SINK] = "dsink"
         if any(r.root is Root.EPS for _, r in rows):
-            L += S("deps = tl.where((i < _M) & (stat != 0), -delta / stat_safe, 0.0)")
+            L += S("deps = tl.where((i < _M) & (stat != 0), -delta * stat_inv, 0.0)")
             value[Root.EPS] = "deps"
         for n, r in rows:
             names = self.row_names(r.root)

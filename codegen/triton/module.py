@@ -47,6 +47,16 @@ def _pow(a, b):
     signed = tl.where(b == tl.floor(b), tl.where(odd, -m, m), float("nan"))
     m = tl.where(a < 0, signed, m)
     return tl.where(b == 0, 1.0, tl.where(a == 1, 1.0, m))
+
+
+@triton.jit
+def _pow_int(a, n):
+    """torch's pow for a float base and an int exponent tile (a decay gamma ** (i - j)): |a| ** n, negative
+    for a negative base and odd n, and a ** 0 = 1 (exp2(0 * log2 0) alone is NaN). An int exponent needs no
+    test for a fraction, and the base may stay a scalar (its log2 then computed once, not per element)."""
+    m = tl.exp2(n.to(tl.float32) * tl.log2(tl.abs(a)))
+    m = tl.where(n % 2 != 0, tl.where(a < 0, -m, m), m)
+    return tl.where(n == 0, 1.0, m)
 '''
 
 
