@@ -77,7 +77,7 @@ def test_one_loop_body_helper_per_kind_and_kernels_call_it(stem: str) -> None:
                     else 3
                     for k in range(len(intervals))
                 ]
-                if edge and CALLS[kind].split("_")[0] in PER_TILE_LOOPS and w._per_tile:
+                if edge and CALLS[kind].split("_")[0] in PER_TILE_LOOPS and w._per_tile(kind):
                     per = [n + 1 for n in per]
                 assert called == [f"_{nm}_{CALLS[kind]}"] * (2 * sum(per)), (nm, kind, called)
             else:
@@ -368,7 +368,7 @@ def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
             lean = _bounds_compares(_specialise(loop.body, Edge.LEAN))
             assert not lean, (nm, h, lean)
             assert _bounds_compares(_specialise(loop.body, Edge.BOUNDARY)), (nm, h)
-            per_tile = h.split("_")[0] in PER_TILE_LOOPS and w._per_tile
+            per_tile = h.split("_")[0] in PER_TILE_LOOPS and w._per_tile("fwd_split")
             if per_tile:
                 body = _specialise(loop.body, Edge.PER_TILE, _TMA=1, _PAGED=0)
                 tests = [st for st in body if isinstance(st, ast.If)]
@@ -387,7 +387,9 @@ def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == helper.name
                 ]
                 edges = {ast.literal_eval(c.args[at]) for c in calls}
-                want = {Edge.LEAN, Edge.BOUNDARY} | ({Edge.PER_TILE} if per_tile else set())
+                want = {Edge.LEAN, Edge.BOUNDARY} | (
+                    {Edge.PER_TILE} if per_tile and w._per_tile(kind) else set()
+                )
                 assert edges == want, (nm, kind, edges)
 
 

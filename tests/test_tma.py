@@ -93,7 +93,7 @@ def test_one_key_loop_per_interval_through_descriptors(
 
     (att,) = compile_to_ir((SPEC_DIR / f"{spec}.attn").read_text(), f"{spec}.attn").attentions
     w = KernelWriter(att)
-    assert spec == "head_offset" or (w._per_tile and w.kv_lean), spec
+    assert spec == "head_offset" or (w._per_tile("fwd") and w.kv_lean), spec
     case = Case(spec, 150, 150, dtype=torch.float32, B=1, H=2)
     args, names = make_args(case), grad_names(make_args(case))
     got_args = leaves(args, case.dtype)

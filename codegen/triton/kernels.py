@@ -259,6 +259,7 @@ class KernelWriter:
         # The loop variable of the loop body being built when it has the `EDGE` constexpr (a helper whose plan has
         # lean intervals), else None: its loads and score then drop the bounds and the mask on lean tiles.
         self._edge: str | None = None
+        self._kernel = ""  # the kind of kernel being written (`KERNEL_KINDS`), for `_per_tile`
         self._kernels: tuple[list[str], list[Kernel]] | None = None
         self._calls: list[ast.Call] = []
         self._loops: dict[str, LoopHelper] = {}
@@ -687,7 +688,7 @@ class KernelWriter:
             calls += self._loop_call(helper, f"lo{n}", f"lean_lo{n}", n)
         calls += self._loop_call(helper, f"lean_lo{n}", f"lean_hi{n}", n, edge=Edge.LEAN)
         calls += self._loop_call(helper, f"lean_hi{n}", f"hi{n}", n)
-        if helper.kind not in PER_TILE_LOOPS or not self._per_tile:
+        if helper.kind not in PER_TILE_LOOPS or not self._per_tile(self._kernel):
             return out + calls
         # Tiles through TMA: one call over the same tiles, the mask chosen per tile (`PER_TILE_LOOPS`).
         one = self._loop_call(
@@ -695,14 +696,15 @@ class KernelWriter:
         )
         return out + S("if _TMA:\n    {one}\nelse:\n    {calls}", one=one, calls=calls)
 
-    @property
-    def _per_tile(self) -> bool:
-        """Whether the lean loops of `PER_TILE_LOOPS` take one call per interval under `_TMA`: for weights
-        other than the softmax's, or a heavy score. Measured on sm_90 (fp16, default tiles, registers): those
-        hold fewer registers with one loop body (forwards: lightning D = 128 192 -> 109, linear_bidir D = 64
-        242 -> 174, relpos_table D = 128 145 -> 114, decay_abs D = 128 117 -> 92), the light softmax ones with
-        two (causal D = 128 142 against 170, alibi D = 64 170 against 213, sliding_window D = 128 151 against
-        175): their lean body is the smaller, and ptxas allocates the two apart."""
+    def _per_tile(self, kernel: str) -> bool:
+        """Whether kernel `kernel` calls the lean loops of `PER_TILE_LOOPS` once per interval under `_TMA`:
+        the split forward, and the forward for weights other than the softmax's or a heavy score. Measured on
+        sm_90 (fp16, default tiles, registers): those hold fewer registers with one loop body (forwards:
+        lightning D = 128 192 -> 109, linear_bidir D = 64 242 -> 174, relpos_table D = 128 145 -> 114; split
+        forwards: chunked_local D = 64 72 -> 67), the light softmax forwards with two (causal D = 128 142
+        against 170, alibi D = 64 170 against 213, sliding_window D = 128 151 against 175)."""
+        if kernel == "fwd_split":
+            return True
         return self.norm.kind is not NormKind.SOFTMAX or self.heavy > 0
 
     def _tile_loop(self, helper: LoopHelper, range_lo: str, range_hi: str) -> Stmts:
@@ -920,13 +922,19 @@ class KernelWriter:
             " mask=(i < _M) & (offs_d[None, :] < _D), other=0.0)"
         )
         if kind == "fwd":
-            # Under `_TMA` the forward's q tile comes through a descriptor too: a key loop that reads a
-            # pointer-loaded q does not warp-specialise (`_WS`). Not in the dQ kernel, where it costs
-            # registers (relpos_table dQ, sm_90, fp16, D = 64: 32 spill bytes with it, none without), nor
-            # in the split forward (no `_WS` there; 58 -> 72 registers at D = 64).
+            # Under `_TMA` the forward's q tile comes through a descriptor when the kernel warp-specialises
+            # (`_WS`: a key loop that reads a pointer-loaded q does not) or its intervals split into a lean
+            # and a boundary loop; otherwise a pointer load. Measured on sm_90 (fp16, registers): the two-loop
+            # forwards hold fewer with the descriptor (chunked_local D = 128: 175 against 188, causal 142
+            # against 150), the one-loop ones with the pointer load (key_padding D = 128: 142 against 175,
+            # linear_elu 165 against 204), as the dQ kernel does (relpos_table D = 64: 32 spill bytes with
+            # the descriptor) and the split forward (58 -> 72 registers at D = 64).
+            split = bool(self.kv_lean) and "fwd" in LEAN_LOOPS and not self._per_tile(kind)
             desc = ("q_desc", "_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h", "_M", "_D", "_sq_n")
-            ptr = _descriptors((*desc, "_BLOCK_M", "_BLOCK_D")) + S(
-                "if _TMA:\n    q = q_desc.load([pid_m * _BLOCK_M, 0])\nelse:\n    {ptr}", ptr=ptr
+            ptr = S(
+                f"if {'_TMA' if split else '_TMA and _WS'}:\n    {{desc}}\n    q = q_desc.load([pid_m * _BLOCK_M, 0])\nelse:\n    {{ptr}}",
+                desc=_descriptor(*desc, "_BLOCK_M", "_BLOCK_D"),
+                ptr=ptr,
             )
         return (
             self._query_program(kind)
@@ -1022,6 +1030,7 @@ class KernelWriter:
         """The forward up to the end of its key loop over `key_range` (all keys, or one split's): q tile,
         running statistics (m_i, l_i, acc) and the key loop."""
         att = self.att
+        self._kernel = kind
         L += self._query_tile_prologue(kind)
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
         helper = self._forward_helper()
