@@ -11,7 +11,7 @@ import ast
 from pathlib import Path
 
 import pytest
-from attnc.codegen.triton.kernels import KERNEL_KINDS, PER_TILE_LOOPS, Edge, KernelWriter
+from attnc.codegen.triton.kernels import KERNEL_KINDS, ONE_CALL_LOOPS, Edge, KernelWriter
 from attnc.codegen.triton.module import render_kernels
 from attnc.dsl.lower import compile_to_ir
 
@@ -63,8 +63,8 @@ def test_one_loop_body_helper_per_kind_and_kernels_call_it(stem: str) -> None:
             if kind in CALLS:
                 # Per plan interval, in each of the two forms (plain range, runtime block layout): one call, or
                 # where the helper splits off lean interior tiles (EDGE) the boundary tiles before them (unless
-                # the lean interval starts at 0), the lean ones and the boundary tiles after them; and for a
-                # per-tile helper (`_per_tile`) one more, the whole interval under `_TMA`.
+                # the lean interval starts at 0), the lean ones and the boundary tiles after them; and where the
+                # kernel calls it once per interval under `_TMA` (`_one_call`) one more, the whole interval.
                 kv = CALLS[kind] != "dkdv_inner"
                 intervals = w.kv_intervals if kv else w.q_intervals
                 lean = w.kv_lean if kv else w.q_lean
@@ -77,7 +77,7 @@ def test_one_loop_body_helper_per_kind_and_kernels_call_it(stem: str) -> None:
                     else 3
                     for k in range(len(intervals))
                 ]
-                if edge and CALLS[kind].split("_")[0] in PER_TILE_LOOPS and w._per_tile(kind):
+                if edge and CALLS[kind].split("_")[0] in ONE_CALL_LOOPS and w._one_call(kind):
                     per = [n + 1 for n in per]
                 assert called == [f"_{nm}_{CALLS[kind]}"] * (2 * sum(per)), (nm, kind, called)
             else:
@@ -353,9 +353,9 @@ LEAN = [s for s in EXAMPLES if s not in ("document", "key_padding")]
 def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
     """The key loops of the forward and dQ run their interior tiles (EDGE = LEAN) with no comparison against
     the matrix's extents or the tile's positions: no load row mask, no in-range test, no mask. The boundary
-    tiles (EDGE = BOUNDARY) keep them. Every kernel calls the helper with EDGE = LEAN for its interior; a
-    per-tile helper's call (EDGE = PER_TILE, tiles through TMA) keeps them only under its runtime test of the
-    tile against the lean interval."""
+    tiles (EDGE = BOUNDARY) keep them, and so does a whole interval's call under TMA: in the dQ (MASKED) on
+    every tile, in the forward (PER_TILE) only under its runtime test of the tile against the lean interval.
+    Every kernel calls the helper with EDGE = LEAN for its interior."""
     tree, writers = _module(stem)
     fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     for w in writers:
@@ -368,8 +368,9 @@ def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
             lean = _bounds_compares(_specialise(loop.body, Edge.LEAN))
             assert not lean, (nm, h, lean)
             assert _bounds_compares(_specialise(loop.body, Edge.BOUNDARY)), (nm, h)
-            per_tile = h.split("_")[0] in PER_TILE_LOOPS and w._per_tile("fwd_split")
-            if per_tile:
+            assert _bounds_compares(_specialise(loop.body, Edge.MASKED)), (nm, h)
+            one = Edge[ONE_CALL_LOOPS[h.split("_")[0]]]
+            if one is Edge.PER_TILE:
                 body = _specialise(loop.body, Edge.PER_TILE, _TMA=1, _PAGED=0)
                 tests = [st for st in body if isinstance(st, ast.If)]
                 (branch,) = [st for st in tests if "lean_lo" in ast.unparse(st.test)]
@@ -387,9 +388,7 @@ def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
                     if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == helper.name
                 ]
                 edges = {ast.literal_eval(c.args[at]) for c in calls}
-                want = {Edge.LEAN, Edge.BOUNDARY} | (
-                    {Edge.PER_TILE} if per_tile and w._per_tile(kind) else set()
-                )
+                want = {Edge.LEAN, Edge.BOUNDARY} | ({one} if w._one_call(kind) else set())
                 assert edges == want, (nm, kind, edges)
 
 

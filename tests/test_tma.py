@@ -77,9 +77,10 @@ def test_descriptor_path_matches_sdpa(
     assert tma_on and all(tma_on), tma_on  # the forward, dQ and dK/dV launches all took descriptors
 
 
-# Specs whose forward runs each interval's key tiles as one loop under TMA (`KernelWriter._per_tile`: weights
-# other than the softmax's, or a heavy score), sigmoid's among them (its weights read the mask again), and
-# head_offset, whose dQ kernel stores the epilogue's dO through a descriptor.
+# Specs whose forward runs each interval's key tiles as one loop under TMA (`KernelWriter._one_call`: weights
+# other than the softmax's, or a heavy score; their dQ too, all tiles masked, but relpos_table's), sigmoid's
+# among them (its weights read the mask again), and head_offset, whose dQ kernel stores the epilogue's dO
+# through a descriptor.
 PER_TILE = ["retention", "linear_elu", "decay_abs", "sigmoid_attn", "relpos_table", "head_offset"]
 
 
@@ -93,7 +94,7 @@ def test_one_key_loop_per_interval_through_descriptors(
 
     (att,) = compile_to_ir((SPEC_DIR / f"{spec}.attn").read_text(), f"{spec}.attn").attentions
     w = KernelWriter(att)
-    assert spec == "head_offset" or (w._per_tile("fwd") and w.kv_lean), spec
+    assert spec == "head_offset" or (w._one_call("fwd") and w.kv_lean), spec
     case = Case(spec, 150, 150, dtype=torch.float32, B=1, H=2)
     args, names = make_args(case), grad_names(make_args(case))
     got_args = leaves(args, case.dtype)

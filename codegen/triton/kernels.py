@@ -181,10 +181,12 @@ Stmts = list[ast.stmt]
 # bytes at 128 x 64; a feature-map spec spilled at the default tiles), where one loop does not spill.
 LEAN_LOOPS = ("fwd", "dq")
 
-# The lean loops whose interval is one call under `_TMA` (EDGE = PER_TILE) for some specs (`_per_tile`):
-# descriptor loads need no bounds, so the lean and boundary tiles load alike and only the mask differs, which
-# the helper picks per tile with a warp-uniform branch. One pipelined loop body instead of two.
-PER_TILE_LOOPS = ("fwd",)
+# The lean loops whose interval is one call under `_TMA` for some kernels (`_one_call`), and that call's EDGE:
+# descriptor loads need no bounds, so the lean and boundary tiles load alike and only the mask differs. The
+# forward's helper picks it per tile with a warp-uniform branch (PER_TILE); the dQ's masks every tile (MASKED),
+# which held fewer registers there than the branch (retention D = 64: 72 against 77, decay_abs D = 64 no
+# spill against 36 bytes). One pipelined loop body instead of two.
+ONE_CALL_LOOPS = {"fwd": "PER_TILE", "dq": "MASKED"}
 
 
 class Edge(IntEnum):
@@ -193,6 +195,7 @@ class Edge(IntEnum):
     LEAN = 0  # none: every tile lies inside the matrix and is wholly visible
     BOUNDARY = 1  # all of them
     PER_TILE = 2  # those outside [lean_lo, lean_hi), chosen per tile at run time (tiles through TMA only)
+    MASKED = 3  # all of them, at the launch's stages (a whole interval's call: tiles through TMA only)
 
 
 # The dK/dV kernel's tile orientation, a condition on its constexpr tiles that Triton folds (each compile takes
@@ -259,7 +262,7 @@ class KernelWriter:
         # The loop variable of the loop body being built when it has the `EDGE` constexpr (a helper whose plan has
         # lean intervals), else None: its loads and score then drop the bounds and the mask on lean tiles.
         self._edge: str | None = None
-        self._kernel = ""  # the kind of kernel being written (`KERNEL_KINDS`), for `_per_tile`
+        self._kernel = ""  # the kind of kernel being written (`KERNEL_KINDS`), for `_one_call`
         self._kernels: tuple[list[str], list[Kernel]] | None = None
         self._calls: list[ast.Call] = []
         self._loops: dict[str, LoopHelper] = {}
@@ -544,7 +547,7 @@ class KernelWriter:
                 else:
                     {{full}}
                     {{lean_score}}
-            elif EDGE == {int(Edge.BOUNDARY)}:
+            elif EDGE != {int(Edge.LEAN)}:
                 {{bounds2}}
                 {{edge_score2}}
             else:
@@ -688,23 +691,25 @@ class KernelWriter:
             calls += self._loop_call(helper, f"lo{n}", f"lean_lo{n}", n)
         calls += self._loop_call(helper, f"lean_lo{n}", f"lean_hi{n}", n, edge=Edge.LEAN)
         calls += self._loop_call(helper, f"lean_hi{n}", f"hi{n}", n)
-        if helper.kind not in PER_TILE_LOOPS or not self._per_tile(self._kernel):
+        if helper.kind not in ONE_CALL_LOOPS or not self._one_call(self._kernel):
             return out + calls
-        # Tiles through TMA: one call over the same tiles, the mask chosen per tile (`PER_TILE_LOOPS`).
-        one = self._loop_call(
-            helper, f"lo{n}", f"hi{n}", n, edge=Edge.PER_TILE, lean=(f"lean_lo{n}", f"lean_hi{n}")
-        )
+        # Tiles through TMA: one call over the same tiles (`ONE_CALL_LOOPS`).
+        edge = Edge[ONE_CALL_LOOPS[helper.kind]]
+        one = self._loop_call(helper, f"lo{n}", f"hi{n}", n, edge=edge, lean=(f"lean_lo{n}", f"lean_hi{n}"))
         return out + S("if _TMA:\n    {one}\nelse:\n    {calls}", one=one, calls=calls)
 
-    def _per_tile(self, kernel: str) -> bool:
-        """Whether kernel `kernel` calls the lean loops of `PER_TILE_LOOPS` once per interval under `_TMA`:
-        the split forward, and the forward for weights other than the softmax's or a heavy score. Measured on
-        sm_90 (fp16, default tiles, registers): those hold fewer registers with one loop body (forwards:
-        lightning D = 128 192 -> 109, linear_bidir D = 64 242 -> 174, relpos_table D = 128 145 -> 114; split
-        forwards: chunked_local D = 64 72 -> 67), the light softmax forwards with two (causal D = 128 142
-        against 170, alibi D = 64 170 against 213, sliding_window D = 128 151 against 175)."""
+    def _one_call(self, kernel: str) -> bool:
+        """Whether kernel `kernel` calls its lean loop of `ONE_CALL_LOOPS` once per interval under `_TMA`:
+        the split forward; the forward for weights other than the softmax's or a heavy score; the dQ for
+        weights other than the softmax's. Measured on sm_90 (fp16, default tiles, registers): those hold fewer
+        registers with one loop body (forwards: lightning D = 128 192 -> 109, linear_bidir D = 64 242 -> 174,
+        relpos_table D = 128 145 -> 114; split forwards: chunked_local D = 64 72 -> 67; dQ: retention D = 64
+        84 -> 72, gated_linear D = 64 84 -> 68), the others with two (causal's forward D = 128 142 against
+        170, alibi's D = 64 170 against 213; t5_bias's dQ D = 64 63 against 70)."""
         if kernel == "fwd_split":
             return True
+        if kernel == "bwd_dq":
+            return self.norm.kind is not NormKind.SOFTMAX
         return self.norm.kind is not NormKind.SOFTMAX or self.heavy > 0
 
     def _tile_loop(self, helper: LoopHelper, range_lo: str, range_hi: str) -> Stmts:
@@ -929,7 +934,7 @@ class KernelWriter:
             # against 150), the one-loop ones with the pointer load (key_padding D = 128: 142 against 175,
             # linear_elu 165 against 204), as the dQ kernel does (relpos_table D = 64: 32 spill bytes with
             # the descriptor) and the split forward (58 -> 72 registers at D = 64).
-            split = bool(self.kv_lean) and "fwd" in LEAN_LOOPS and not self._per_tile(kind)
+            split = bool(self.kv_lean) and "fwd" in LEAN_LOOPS and not self._one_call(kind)
             desc = ("q_desc", "_Q + b.to(tl.int64) * _sq_b + h.to(tl.int64) * _sq_h", "_M", "_D", "_sq_n")
             ptr = S(
                 f"if {'_TMA' if split else '_TMA and _WS'}:\n    {{desc}}\n    q = q_desc.load([pid_m * _BLOCK_M, 0])\nelse:\n    {{ptr}}",
@@ -1364,6 +1369,7 @@ class KernelWriter:
 
     def dq(self) -> Kernel:
         att = self.att
+        self._kernel = "bwd_dq"
         L: Stmts = self._query_tile_prologue("bwd_dq")
         qname = self._feature(att.feature_q, "q", Root.FEATURE_Q, L, pad=True)
         L += S(f"q_op = {qname}")
