@@ -305,13 +305,16 @@ def inspect_jobs(
     launch: bool = True,
     form: str = "batched",
     configs: dict | None = None,
+    aux_grads: bool = True,
 ) -> list[CompileJob]:
     """The compile jobs of `attnc inspect SPEC`: every Triton kernel of the spec's blocks (or the one named) at
     the runtime's default schedules, the linear core's kernels for blocks with a linear form, and the delta-rule
     runtime's kernels for state blocks. `launch`: compile as a launch with the runtime's contiguous inputs
     does (`launch_specialised`), else for arbitrary strides. `form`: the attention kernels' batched form, or
     their varlen (`_VARLEN`) or paged (`_PAGED`: the forward kernels) form; `configs`: schedules per kernel
-    kind (`--config`) instead of the defaults. benchmarks/aot_loop_cost.py compiles the same jobs."""
+    kind (`--config`) instead of the defaults; `aux_grads`: the backward kernels with their auxiliary-gradient
+    code (a launch whose learned inputs need a gradient), else without (`--no-aux-grads`).
+    benchmarks/aot_loop_cost.py compiles the same jobs."""
     from attnc.codegen.module import compile_source
     from attnc.codegen.triton.inspect import Target, all_jobs
     from attnc.runtime.triton import _triton_kernels
@@ -322,7 +325,7 @@ def inspect_jobs(
     kinds = ("fwd", "fwd_split") if form == "paged" else Target.kernels
     target = Target(
         cc, dtype, head_dim, kinds, launch=launch, varlen=form == "varlen", paged=form == "paged",
-        shift=form == "shift",
+        shift=form == "shift", aux_grads=aux_grads,
     )  # fmt: skip
     jobs: list[CompileJob] = []
     if atts:
@@ -363,6 +366,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         launch=not args.any_strides,
         form=args.form,
         configs=configs or None,
+        aux_grads=not args.no_aux_grads,
     )
     reports = compile_reports(jobs, max_workers=args.jobs, raise_on_error=False)
     ok = [r for r in reports if not isinstance(r, AOTCompileError)]
@@ -459,6 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="compile at this schedule instead of the default: BLOCK_M, BLOCK_N, warps, stages, for every "
         "attention kernel or for one KIND (fwd, dkdv, dq, split, combine); repeatable, e.g. "
         "--config BLOCK_M=128,BLOCK_N=64,warps=8,stages=3 --config dq:BLOCK_M=64",
+    )
+    ins.add_argument(
+        "--no-aux-grads",
+        action="store_true",
+        help="compile the backward kernels as a launch whose learned inputs need no gradient does: without "
+        "their auxiliary-gradient code (the _AUX_GRAD gate off)",
     )
     ins.add_argument("-j", "--jobs", type=int, default=2, help="parallel compile processes")
     ins.set_defaults(func=cmd_inspect)

@@ -175,13 +175,16 @@ def test_gqa_shared_layout_with_window_mask(mods: dict[str, ModuleType]) -> None
     assert all(probe[f"{k}_config"].block_n <= kb for k in ("fwd", "dkdv", "dq"))  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("tma", ["auto", "1"], ids=["pointers", "descriptors"])
 def test_split_kv_decoding_with_a_layout(
-    mods: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch
+    mods: dict[str, ModuleType], monkeypatch: pytest.MonkeyPatch, tma: str
 ) -> None:
     """Top-k retrieval while decoding: 4 query rows attend key blocks {0, 3} (of 64 keys) and, bottom-right
     causal, nothing past their position. The split-KV path runs (one key tile per split) and the splits
-    holding unlisted blocks visit nothing."""
+    holding unlisted blocks visit nothing. With tiles through descriptors (ATTNC_TMA=1, which the interpreter
+    runs) the split forward calls its key loop once per listed block, the mask chosen per tile."""
     B, H, G, M, N, qb, kb = 1, 2, 1, 4, 256, 16, 64
+    monkeypatch.setenv("ATTNC_TMA", tma)
     mod = mods["decode"]
     monkeypatch.setattr(attnc.runtime.triton, "_SPLIT_MIN_TILES", 1)  # the runtime library decides splits
     idx = torch.tensor([3, 0, 2, 1], dtype=torch.int32).view(1, 1, 1, 4).expand(B, H, 1, 4)

@@ -62,3 +62,27 @@ def test_inspect_compiles_at_the_given_schedule_and_form() -> None:
     assert "_BLOCK_M=16" in rows[1]  # the split forward keeps its default (decoding) schedule
     bad = _inspect("examples/specs/decode.attn", "--config", "dq:BLOCK_M=24")
     assert bad.returncode != 0 and "BLOCK_M must be a power of two" in bad.stderr
+
+
+def test_no_aux_grads_compiles_the_backward_without_its_aux_gradient_code() -> None:
+    """`--no-aux-grads`: the dQ kernel as a launch whose learned inputs need no gradient compiles it, the gate
+    off and its aux-gradient buffers unbound (alibi's slopes gradient); the default keeps them."""
+    from attnc.cli import inspect_jobs
+
+    def dq(aux: bool):  # type: ignore[no-untyped-def]
+        (job,) = [
+            j
+            for j in inspect_jobs(
+                str(ROOT / "examples/specs/alibi.attn"), None, 90, "fp16", 64, aux_grads=aux
+            )
+            if j.fn.__name__ == "_alibi_bwd_dq_kernel"
+        ]
+        return job
+
+    with_aux, without = dq(True), dq(False)
+    assert with_aux.constexprs["_AUX_GRAD"] is True and "_GA0" in with_aux.signature
+    assert without.constexprs["_AUX_GRAD"] is False and "_GA0" not in without.signature
+    run = _inspect("examples/specs/alibi.attn", "--no-aux-grads")
+    assert run.returncode == 0, run.stderr
+    (row,) = [line for line in run.stdout.splitlines() if line.startswith("_alibi_bwd_dq_kernel")]
+    assert "_AUX_GRAD=False" in row

@@ -40,6 +40,9 @@ class Target:
     # Tile loads through tensor descriptors (`_TMA`). None: as a launch decides (`runtime.triton._tma_ok`) for
     # contiguous inputs: on sm_90 and later, with rows of 16-byte multiples, not in the paged form.
     tma: bool | None = None
+    # Compile the dQ and dK/dV kernels with their auxiliary-gradient code (`_AUX_GRAD`), as a launch whose
+    # learned inputs need a gradient does; False: as one where none does (the gated groups unbound).
+    aux_grads: bool = True
 
     def uses_tma(self) -> bool:
         if self.tma is not None:
@@ -83,7 +86,8 @@ def jobs(
             (Group.PAGED, target.paged),
             (Group.SHIFT, target.shift),
         )
-        absent = [g for g in (Group.PROBE, *(g for g, on in forms if not on)) if sig.has(g)]
+        unbound = () if target.aux_grads else (Group.AUX_GRADS, Group.AUX_GRADS_KV)
+        absent = [g for g in (Group.PROBE, *(g for g, on in forms if not on), *unbound) if sig.has(g)]
         fixed = _schedule_constexprs(cfg, D, E, target.dtype == "fp32")
         if TMA_GATE in sig.group(Group.CONSTEXPRS).names:
             fixed[TMA_GATE] = target.uses_tma()
