@@ -138,18 +138,22 @@ def test_qualification_rules() -> None:
             rt._tma_ok(spec, [x])
 
 
-def test_varlen_batch_through_descriptors(tma_on: list[bool], compiled: Callable[[str], ModuleType]) -> None:
+@pytest.mark.parametrize("spec", ["causal", "sigmoid_attn"])
+def test_varlen_batch_through_descriptors(
+    spec: str, tma_on: list[bool], compiled: Callable[[str], ModuleType]
+) -> None:
     """Packed sequences: each program's descriptor spans its own sequence's rows (the bounds zero-fill past
-    its end, where the masks did), so the packed call matches the sequences run one by one."""
-    mod = compiled("causal")
+    its end, where the masks did), so the packed call matches the sequences run one by one. sigmoid_attn's
+    forward runs one key loop per interval (`KernelWriter._one_call`), the mask chosen per tile."""
+    mod = compiled(spec)
     gen = torch.Generator().manual_seed(2)
     lens = [70, 130, 1]
     q, k, v = (torch.randn(sum(lens), 2, 16, generator=gen) for _ in range(3))
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-    out = mod.causal_varlen(q, k, v, cu_seqlens_q=cu, max_seqlen_q=max(lens), backend="triton")
+    out = getattr(mod, f"{spec}_varlen")(q, k, v, cu_seqlens_q=cu, max_seqlen_q=max(lens), backend="triton")
     for s in range(len(lens)):
         a, b = cu[s], cu[s + 1]
-        one = mod.causal(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), backend="triton")
+        one = getattr(mod, spec)(*(t[a:b].transpose(0, 1)[None] for t in (q, k, v)), backend="triton")
         torch.testing.assert_close(out[a:b], one[0].transpose(0, 1), atol=2e-6, rtol=2e-6)
     assert tma_on and all(tma_on)
 
