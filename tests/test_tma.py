@@ -19,21 +19,9 @@ from attnc.dsl.lower import compile_to_ir
 
 from attnc.runtime import triton as rt
 
+from . import test_reference_oracles as ro
 from .dense_oracle import check_against_sdpa
-from .test_reference_oracles import (
-    F64,
-    FWD_TOL,
-    GRAD_TOL,
-    SPEC_DIR,
-    Case,
-    assert_close,
-    grad_names,
-    grads,
-    leaves,
-    make_args,
-    oracles,
-    run_generated,
-)
+from .test_reference_oracles import SPEC_DIR
 
 pytest.importorskip("triton")
 
@@ -95,18 +83,18 @@ def test_one_key_loop_per_interval_through_descriptors(
     (att,) = compile_to_ir((SPEC_DIR / f"{spec}.attn").read_text(), f"{spec}.attn").attentions
     w = KernelWriter(att)
     assert spec == "head_offset" or (w._one_call("fwd") and w.kv_lean), spec
-    case = Case(spec, 150, 150, dtype=torch.float32, B=1, H=2)
-    args, names = make_args(case), grad_names(make_args(case))
-    got_args = leaves(args, case.dtype)
-    o = run_generated(compiled(spec), spec, got_args, backend="triton")
-    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=F64)
-    got = grads(o, weights, got_args, names)
-    for name, oracle in oracles(case.info, autograd_only=True).items():
-        ref_args = leaves(args, F64)
+    case = ro.Case(spec, 150, 150, dtype=torch.float32, B=1, H=2)
+    args, names = ro.make_args(case), ro.grad_names(ro.make_args(case))
+    got_args = ro.leaves(args, case.dtype)
+    o = ro.run_generated(compiled(spec), spec, got_args, backend="triton")
+    weights = torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=ro.F64)
+    got = ro.grads(o, weights, got_args, names)
+    for name, oracle in ro.oracles(case.info, autograd_only=True).items():
+        ref_args = ro.leaves(args, ro.F64)
         want = oracle(ref_args)
-        assert_close(o, want, FWD_TOL[case.dtype], f"{case} vs {name}")
-        for n, g, wg in zip(names, got, grads(want, weights, ref_args, names), strict=True):
-            assert_close(g, wg, GRAD_TOL[case.dtype], f"{case}: d/d{n} vs {name}")
+        ro.assert_close(o, want, ro.FWD_TOL[case.dtype], f"{case} vs {name}")
+        for n, g, wg in zip(names, got, ro.grads(want, weights, ref_args, names), strict=True):
+            ro.assert_close(g, wg, ro.GRAD_TOL[case.dtype], f"{case}: d/d{n} vs {name}")
     assert tma_on and all(tma_on), tma_on
 
 
