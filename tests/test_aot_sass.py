@@ -56,7 +56,7 @@ def causal_fwd(tmp_path_factory: pytest.TempPathFactory) -> KernelReport:
 
 def test_causal_forward_key_loop_is_isolated(causal_fwd: KernelReport) -> None:
     assert causal_fwd.uses_wgmma and causal_fwd.sass_scope == "loop", causal_fwd.sass_note
-    # Two key loops: the interior tiles' (EDGE = False: no bounds, no mask) and the boundary tiles'. The
+    # Two key loops: the interior tiles' (EDGE = LEAN: no bounds, no mask) and the boundary tiles'. The
     # interior one is much the smaller (353 vs 978 instructions when written); the headline is the larger.
     lean, edge = sorted(causal_fwd.sass_loops)
     assert len(causal_fwd.sass_loops) == 2 and lean < 0.6 * edge, causal_fwd.sass_loops

@@ -466,7 +466,7 @@ class KernelWriter:
         transpose: bool = False,
     ) -> Stmts:
         """`target = tl.load(ptr)` masked by the tile's row bounds `rows` and channel bounds `chans`. In a
-        loop body with `EDGE`, the lean calls (EDGE = False) keep only the channel mask: their tiles lie
+        loop body with `EDGE`, the lean calls (EDGE = LEAN) keep only the channel mask: their tiles lie
         inside the matrix (`_intervals`). `desc` (a tensor descriptor's name and the tile's first row, e.g.
         ("k_desc", "start_n")): under `_TMA` the tile comes through it instead, rows by channels (`transpose`:
         then transposed, for kᵀ). The descriptor's bounds are the matrix's, so its loads need no mask at all:
@@ -662,10 +662,12 @@ class KernelWriter:
 
     def _lean_split(self, helper: LoopHelper, n: int, lean: tuple[str, str]) -> Stmts:
         """Interval n's tiles [lo_n, hi_n) in three calls: boundary tiles before the lean interval, the tiles
-        wholly inside it (EDGE = False), the boundary tiles after it. The lean ones must also lie inside the
+        wholly inside it (EDGE = LEAN), the boundary tiles after it. The lean ones must also lie inside the
         matrix: the program's own tile whole (else the lean range is empty) and the tiles below the extent.
         Tile starts stay multiples of the block (the helper starts at lo rounded down), so every tile of the
-        interval is visited exactly once, as by one call; a lean interval starting at 0 needs no first call."""
+        interval is visited exactly once, as by one call; a lean interval starting at 0 needs no first call.
+        Where the kernel takes the one-call form (`_one_call`), under `_TMA` one call visits [lo_n, hi_n) instead,
+        told the lean bounds (EDGE = PER_TILE) or masking every tile (EDGE = MASKED)."""
         blk = helper.block
         if helper.var == "start_n":
             extent, offset, whole = "_N", "_K_POS", "pid_m * _BLOCK_M + _BLOCK_M <= _M"
