@@ -369,7 +369,7 @@ def test_interior_tiles_carry_no_bounds_or_mask_comparison(stem: str) -> None:
             assert not lean, (nm, h, lean)
             assert _bounds_compares(_specialise(loop.body, Edge.BOUNDARY)), (nm, h)
             assert _bounds_compares(_specialise(loop.body, Edge.MASKED)), (nm, h)
-            one = Edge[ONE_CALL_LOOPS[h.split("_")[0]]]
+            one = ONE_CALL_LOOPS[h.split("_")[0]]
             if one is Edge.PER_TILE:
                 body = _specialise(loop.body, Edge.PER_TILE, _TMA=1, _PAGED=0)
                 tests = [st for st in body if isinstance(st, ast.If)]

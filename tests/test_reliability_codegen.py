@@ -706,3 +706,31 @@ def test_negative_base_integer_power_triton(build) -> None:
     s = q.double() @ k.double().transpose(-1, -2) + bias
     want = torch.softmax(s, -1) @ v.double()
     torch.testing.assert_close(mod.a(q, k, v, backend="triton").double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_per_head_decay_with_negative_and_zero_bases_triton(tmp_path: Path) -> None:
+    """retention's gamma[h] ** (i - j) with a loaded per-head base (`_pow_int`, the base kept a scalar): torch's
+    pow for negative bases (the sign alternates with i - j), a zero base (1 on the diagonal, 0 below) and 1, in
+    the forward and the q, k, v gradients, against the formula in float64."""
+    mod = compile_file(SPECS / "retention.attn", cache_dir=tmp_path)
+    gen = torch.Generator().manual_seed(4)
+    B, H, N, D = 1, 4, 40, 16
+    q, k, v = (torch.randn(B, H, N, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    gamma = torch.tensor([-0.9, 0.0, 1.0, 0.5], dtype=torch.float64)
+
+    def formula(q, k, v):  # type: ignore[no-untyped-def]
+        n = torch.arange(N, dtype=torch.float64)
+        d = n[:, None] - n[None, :]
+        decay = torch.where(d >= 0, gamma[:, None, None] ** d.clamp(min=0), 0.0)
+        return (q @ k.transpose(-1, -2) * D**-0.5 * decay) @ v
+
+    leaves = [x.float().requires_grad_() for x in (q, k, v)]
+    out = mod.retention(*leaves, gamma.float(), backend="triton", algorithm="parallel")
+    ref = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = formula(*ref)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4)
+    w = torch.randn(want.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((out.double() * w).sum(), leaves)
+    exp = torch.autograd.grad((want * w).sum(), ref)
+    for name, g, e in zip("qkv", got, exp, strict=True):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4, msg=f"d{name}")

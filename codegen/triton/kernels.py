@@ -181,13 +181,6 @@ Stmts = list[ast.stmt]
 # bytes at 128 x 64; a feature-map spec spilled at the default tiles), where one loop does not spill.
 LEAN_LOOPS = ("fwd", "dq")
 
-# The lean loops whose interval is one call under `_TMA` for some kernels (`_one_call`), and that call's EDGE:
-# descriptor loads need no bounds, so the lean and boundary tiles load alike and only the mask differs. The
-# forward's helper picks it per tile with a warp-uniform branch (PER_TILE); the dQ's masks every tile (MASKED),
-# which held fewer registers there than the branch (retention D = 64: 72 against 77, decay_abs D = 64 no
-# spill against 36 bytes). One pipelined loop body instead of two.
-ONE_CALL_LOOPS = {"fwd": "PER_TILE", "dq": "MASKED"}
-
 
 class Edge(IntEnum):
     """The `EDGE` constexpr of a lean loop's helper call: which tiles of its range get the bounds and mask."""
@@ -196,6 +189,14 @@ class Edge(IntEnum):
     BOUNDARY = 1  # all of them
     PER_TILE = 2  # those outside [lean_lo, lean_hi), chosen per tile at run time (tiles through TMA only)
     MASKED = 3  # all of them, at the launch's stages (a whole interval's call: tiles through TMA only)
+
+
+# The lean loops whose interval is one call under `_TMA` for some kernels (`_one_call`), and that call's EDGE:
+# descriptor loads need no bounds, so the lean and boundary tiles load alike and only the mask differs. The
+# forward's helper picks it per tile with a warp-uniform branch (PER_TILE); the dQ's masks every tile (MASKED),
+# which held fewer registers there than the branch (retention D = 64: 72 against 77, decay_abs D = 64 no
+# spill against 36 bytes). One pipelined loop body instead of two.
+ONE_CALL_LOOPS = {"fwd": Edge.PER_TILE, "dq": Edge.MASKED}
 
 
 # The dK/dV kernel's tile orientation, a condition on its constexpr tiles that Triton folds (each compile takes
@@ -225,7 +226,7 @@ class LoopHelper:
     # Whether the helper takes the `EDGE` constexpr (an `Edge`) and the lean interval's bounds: its calls then
     # split each interval into boundary tiles (bounds and mask applied) and lean ones (neither; `_lean_split`).
     edge: bool = False
-    kind: str = ""  # fwd, dq or dkdv
+    kind: str = ""  # fwd, dq or dkdv (the helper is _<block>_<kind>_inner)
 
 
 @dataclass(frozen=True)
@@ -479,7 +480,8 @@ class KernelWriter:
                 if chans
                 else f"{target} = tl.load({ptr})"
             )
-            # Per-tile calls (tiles through TMA) load their pointer tiles, the block table's, with the bounds.
+            # Every call but the lean ones loads with the bounds (under TMA only the block table's load is a
+            # pointer load).
             edge = S(f"if EDGE != {int(Edge.LEAN)}:\n    {{edge}}\nelse:\n    {{lean}}", edge=edge, lean=lean)
         if desc is None:
             return edge
@@ -536,32 +538,25 @@ class KernelWriter:
         # True: a score that is uniform over the tile must still broadcast to one. Per tile (EDGE = PER_TILE),
         # the branch sets the masked score too, so that the score tile, not a bool tile beside it, is what the
         # two paths merge (a merged `valid` held 37 more registers in causal's forward, sm_90, D = 128).
-        full = S("valid = tl.full([_BLOCK_M, _BLOCK_N], True, tl.int1)")
+        edge = [*bounds, *masked()]
+        lean = [*S("valid = tl.full([_BLOCK_M, _BLOCK_N], True, tl.int1)"), *masked()]
         var = self._edge
         out += S(
             f"""
             if EDGE == {int(Edge.PER_TILE)}:
                 if ({var} < lean_lo) | ({var} >= lean_hi):
-                    {{bounds}}
-                    {{edge_score}}
+                    {{edge}}
                 else:
-                    {{full}}
-                    {{lean_score}}
+                    {{lean}}
             elif EDGE != {int(Edge.LEAN)}:
-                {{bounds2}}
-                {{edge_score2}}
+                {{edge2}}
             else:
-                {{full2}}
-                {{lean_score2}}
+                {{lean2}}
             """,
-            bounds=bounds,
-            edge_score=masked(),
-            full=full,
-            lean_score=masked(),
-            bounds2=copy.deepcopy(bounds),
-            edge_score2=masked(),
-            full2=copy.deepcopy(full),
-            lean_score2=masked(),
+            edge=edge,
+            lean=lean,
+            edge2=copy.deepcopy(edge),
+            lean2=copy.deepcopy(lean),
         )
 
     def log2_score(self) -> Node:
@@ -696,7 +691,7 @@ class KernelWriter:
         if helper.kind not in ONE_CALL_LOOPS or not self._one_call(self._kernel):
             return out + calls
         # Tiles through TMA: one call over the same tiles (`ONE_CALL_LOOPS`).
-        edge = Edge[ONE_CALL_LOOPS[helper.kind]]
+        edge = ONE_CALL_LOOPS[helper.kind]
         one = self._loop_call(helper, f"lo{n}", f"hi{n}", n, edge=edge, lean=(f"lean_lo{n}", f"lean_hi{n}"))
         return out + S("if _TMA:\n    {one}\nelse:\n    {calls}", one=one, calls=calls)
 
@@ -745,7 +740,7 @@ class KernelWriter:
 
     def _helper(
         self,
-        name_: str,
+        kind: str,
         var: str,
         state: tuple[str, ...],
         context: tuple[str, ...],
@@ -805,9 +800,8 @@ class KernelWriter:
                 *_position("_pos_j", "j", "_K_POS"),
             ]
         own += [*_position("_m_end", "_M", "_Q_POS"), *_position("_n_end", "_N", "_K_POS")]
-        return LoopHelper(
-            name_, var, block, state, context, priors, [*own, *loop], edge, name_.rsplit("_", 2)[-2]
-        )
+        name_ = f"_{self.att.name}_{kind}_inner"
+        return LoopHelper(name_, var, block, state, context, priors, [*own, *loop], edge, kind)
 
     def _render_helper(self, h: LoopHelper) -> list[str]:
         shared = self.shared_params()
@@ -1023,7 +1017,7 @@ class KernelWriter:
             *self._own_summary_names("q"),
         )
         helper = self._helper(
-            f"_{att.name}_fwd_inner",
+            "fwd",
             "start_n",
             ("m_i", "l_i", "acc", "visits"),
             context,
@@ -1322,9 +1316,7 @@ class KernelWriter:
             "q_desc",
             "do_desc",
         )
-        helper = self._helper(
-            f"_{att.name}_dkdv_inner", "start_m", ("dkt", "dvt", "visits"), context, B, edge
-        )
+        helper = self._helper("dkdv", "start_m", ("dkt", "dvt", "visits"), context, B, edge)
         self._loops["dkdv"] = helper
         # Per query head h of the group: its program loads and the descriptors of its q and dO rows.
         per_head = self._program_load_code() + _descriptors(
@@ -1382,11 +1374,6 @@ class KernelWriter:
         else:
             self._epilogue_chain_rule(L)
         self._row_stats(L, compute_delta=True)
-        if att.output is not None:
-            # The key loop's dots take dO rounded to the inputs' dtype, as without an epilogue (they rounded it
-            # per tile anyway): a float32 do carried into the loop held 28 more registers (head_offset's dQ,
-            # sm_90, fp16, D = 128). The row's delta above and the _DO store keep float32.
-            L += S("do = do.to(q.dtype)")
         reads = self.plan.kernel_reads()
         partials = tuple(f"ga{n}" for n, r in enumerate(reads) if r.grad is AuxGrad.PROGRAM)
         # A gathered read's loop code writes its histogram row itself: it needs the program and its buffer.
@@ -1491,9 +1478,7 @@ class KernelWriter:
             *(("pid_bh", *gathered) if gathered else ()),
             *gate,
         )
-        helper = self._helper(
-            f"_{att.name}_dq_inner", "start_n", ("dq", "visits", *partials), context, B, edge
-        )
+        helper = self._helper("dq", "start_n", ("dq", "visits", *partials), context, B, edge)
         self._loops["dq"] = helper
         L += S("visits = pid_m * 0")
         L += self._tile_loop(helper, "0", "_N")
