@@ -65,7 +65,7 @@ MAIN_PER_BLOCK = frozenset(
     }
 )
 # codegen/triton/module.py: the kernels file's imports and helpers.
-KERNELS_FIXED = frozenset({"triton", "tl", "_floordiv", "_floormod", "_tanh", "_pow", "_pow_int"})
+KERNELS_FIXED = frozenset({"triton", "tl", "_floordiv", "_floormod", "_tanh", "_pow", "_pow_int", "_dot_as"})
 # codegen/triton/kernels.py: each block's kernels and their inlined inner loops.
 KERNELS_PER_BLOCK = frozenset(
     {

@@ -37,7 +37,7 @@ SPEC_DIR = Path(__file__).resolve().parents[1] / "examples" / "specs"
 NEG_INF = float("-inf")
 F64 = torch.float64
 DTYPES = [torch.float32, torch.float64]
-_DT_NAME = {torch.float32: "fp32", torch.float64: "fp64"}
+_DT_NAME = {torch.float16: "fp16", torch.float32: "fp32", torch.float64: "fp64"}
 
 Args = dict[str, Any]  # parameter name -> tensor or Python scalar, in the generated signature's order
 

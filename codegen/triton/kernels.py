@@ -1278,10 +1278,10 @@ class KernelWriter:
             f"""
             if {KEY_ROWS}:
                 dvt += tl.dot({pw}, do.to({w}), input_precision=_DOT_PRECISION)
-                dp = tl.dot(v_op.to({w}), tl.trans(do).to({w}), input_precision=_DOT_PRECISION)
+                dp = _dot_as(v_op, tl.trans(do), {w}, _DOT_PRECISION)
             else:
                 dvt += tl.dot(tl.trans(do).to({w}), {pw}, input_precision=_DOT_PRECISION)
-                dp = tl.dot(do.to({w}), v_op.to({w}), input_precision=_DOT_PRECISION)
+                dp = _dot_as(do, v_op, {w}, _DOT_PRECISION)
             """
         )
         self._dscore(B)
@@ -1441,7 +1441,7 @@ class KernelWriter:
         self._score_block(B, "i", "j")
         self.norm.weights(self, B)
         w = self.norm.dot_type
-        B += S(f"dp = tl.dot(do.to({w}), vt.to({w}), input_precision=_DOT_PRECISION)")
+        B += S(f"dp = _dot_as(do, vt, {w}, _DOT_PRECISION)")
         self._dscore(B)
         B += S(f"dq += tl.dot(dqk.to({w}), tl.trans({kname}).to({w}), input_precision=_DOT_PRECISION)")
         B += _gated(self._pair_aux_grads, reads)
