@@ -399,3 +399,28 @@ def test_specs_without_a_lean_interval_keep_one_call_per_interval() -> None:
     fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     for h in HELPERS:
         assert "EDGE" not in [a.arg for a in fns[f"_document_{h}"].args.args]
+
+
+def _tma_conditions(fn: ast.FunctionDef) -> list[str]:
+    """The conditions of the `if`s that choose a descriptor load (`if _TMA ...: x = desc.load(...)`)."""
+    return [
+        ast.unparse(n.test)
+        for n in ast.walk(fn)
+        if isinstance(n, ast.If) and "_TMA" in ast.unparse(n.test) and ".load(" in ast.unparse(n.body[0])
+    ]
+
+
+@pytest.mark.parametrize(
+    ("stem", "by_pointer"), [("linear_bidir", True), ("linear_elu", True), ("lightning", False)]
+)
+def test_the_masked_dq_of_a_key_feature_map_loads_by_pointer(stem: str, by_pointer: bool) -> None:
+    """The one-call dQ (EDGE = MASKED) of a key feature map with products in the inputs' dtype takes its k and
+    v tiles by pointer under TMA too (`KernelWriter` dQ loop, measured on sm_90); with float32 products
+    (lightning) and in the other helpers they keep the descriptor loads."""
+    tree, _ = _module(stem)
+    fns = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    masked = f"_TMA & (EDGE != {int(Edge.MASKED)})"
+    dq = _tma_conditions(fns[f"_{stem}_dq_inner"])
+    assert len(dq) == 2 and all(c == (masked if by_pointer else "_TMA") for c in dq), dq
+    for h in ("fwd_inner", "dkdv_inner"):
+        assert masked not in _tma_conditions(fns[f"_{stem}_{h}"]), h

@@ -465,13 +465,15 @@ class KernelWriter:
         other: str = "0.0",
         desc: tuple[str, str] | None = None,
         transpose: bool = False,
+        masked_by_pointer: bool = False,
     ) -> Stmts:
         """`target = tl.load(ptr)` masked by the tile's row bounds `rows` and channel bounds `chans`. In a
         loop body with `EDGE`, the lean calls (EDGE = LEAN) keep only the channel mask: their tiles lie
         inside the matrix (`_intervals`). `desc` (a tensor descriptor's name and the tile's first row, e.g.
         ("k_desc", "start_n")): under `_TMA` the tile comes through it instead, rows by channels (`transpose`:
         then transposed, for kᵀ). The descriptor's bounds are the matrix's, so its loads need no mask at all:
-        TMA fills rows and channels outside with zeros."""
+        TMA fills rows and channels outside with zeros. `masked_by_pointer`: the call with every tile masked
+        (EDGE = MASKED) loads by pointer even under `_TMA`."""
         mask = f"({rows}) & ({chans})" if chans else rows
         edge = S(f"{target} = tl.load({ptr}, mask={mask}, other={other})")
         if self._edge:
@@ -487,7 +489,8 @@ class KernelWriter:
             return edge
         d, row = desc
         tile = f"tl.trans({d}.load([{row}, 0]))" if transpose else f"{d}.load([{row}, 0])"
-        return S(f"if _TMA:\n    {target} = {tile}\nelse:\n    {{ptr}}", ptr=edge)
+        tma = f"_TMA & (EDGE != {int(Edge.MASKED)})" if masked_by_pointer else "_TMA"
+        return S(f"if {tma}:\n    {target} = {tile}\nelse:\n    {{ptr}}", ptr=edge)
 
     def _score_block(self, out: Stmts, i: str, j: str) -> None:
         """qk -> valid (bool tile) and s (float32 tile, the score where valid)."""
@@ -1407,6 +1410,12 @@ class KernelWriter:
         L += self._program_load_code()
         self._in_loop = True
         self._edge = "start_n" if "dq" in LEAN_LOOPS and self.kv_lean else None
+        # The one-call dQ (EDGE = MASKED, every tile masked) of a key feature map with products in the inputs'
+        # dtype (linear_bidir, linear_elu) loads k and v by pointer even under TMA: k goes through registers
+        # for its map either way, and sm_90 held fewer registers so (linear_bidir D = 64: 125 -> 114, D = 128
+        # 197 -> 181; linear_elu 128 -> 120, 203 -> 192). With float32 products (lightning) it held more
+        # (D = 128: 98 -> 116), and k alone by pointer held more (linear_bidir D = 64: 127).
+        by_pointer = att.feature_k is not None and self.norm.dot_type != "tl.float32"
         B: Stmts = S(
             """
             n0 = start_n
@@ -1427,6 +1436,7 @@ class KernelWriter:
             "offs_d[:, None] < _D",
             desc=("k_desc", "start_n"),
             transpose=True,
+            masked_by_pointer=by_pointer,
         )
         kname = self._feature(att.feature_k, "kt", Root.FEATURE_K, B)
         B += self._tile_load(
@@ -1436,6 +1446,7 @@ class KernelWriter:
             "offs_e[:, None] < _E",
             desc=("v_desc", "start_n"),
             transpose=True,
+            masked_by_pointer=by_pointer,
         )
         B += S(f"qk = tl.dot(q_op, {kname}, input_precision=_DOT_PRECISION)")
         self._score_block(B, "i", "j")
