@@ -180,3 +180,45 @@ def test_pointer_targets_have_no_tma(causal_reports: dict[str, object]) -> None:
     for kind in ("fwd-pointers", "fwd-sm80"):
         rep = causal_reports[kind]
         assert not rep.uses_tma and "cp.async.bulk.tensor" not in rep.ptx, kind  # type: ignore[attr-defined]
+
+
+# A key feature map with products in the inputs' dtype (its one-call dQ loads k and v by pointer where the
+# helper has a MASKED call) and a mask no tile is provably inside (document ids): the helpers have no EDGE.
+FEATURE_DOC = """
+attention fdoc(q: [B, H, N, D], k: [B, H, N, D], v: [B, H, N, D], doc: [B, N] int32) {
+    feature q = elu(q) + 1
+    feature k = elu(k) + 1
+    score = dot(q, k)
+    mask  = doc[b, i] == doc[b, j]
+    norm  = sum(eps = 1e-6)
+}
+"""
+
+
+def test_a_key_feature_map_without_lean_tiles_through_descriptors(tma_on: list[bool], tmp_path) -> None:
+    """Forward and q/k/v gradients against the formula (Katharopoulos et al. 2020, eq. 5 with the document
+    mask), float64 oracle, 70 rows in three documents, under ATTNC_TMA=1."""
+    from attnc.codegen.module import compile_source
+
+    mod = compile_source(FEATURE_DOC, "fdoc.attn", cache_dir=tmp_path)
+    gen = torch.Generator().manual_seed(7)
+    base = [torch.randn(1, 2, 70, 16, generator=gen, dtype=torch.float64) for _ in range(3)]
+    doc = torch.tensor([[0] * 20 + [1] * 33 + [2] * 17], dtype=torch.int32)
+    args = [t.to(torch.float32).requires_grad_() for t in base]
+    ref = [t.clone().requires_grad_() for t in base]
+    o = mod.fdoc(*args, doc, backend="triton")
+
+    def phi(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.elu(x) + 1
+
+    q, k, v = ref
+    same = (doc[0][:, None] == doc[0][None, :]).to(torch.float64)
+    s = phi(q) @ phi(k).transpose(-1, -2) * same
+    want = (s @ v) / (s.sum(-1, keepdim=True) + 1e-6)
+    ro.assert_close(o, want, ro.FWD_TOL[torch.float32], "fdoc forward")
+    w = torch.randn(o.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((o.to(torch.float64) * w).sum(), args)
+    exp = torch.autograd.grad((want * w).sum(), ref)
+    for n, g, e in zip("qkv", got, exp, strict=True):
+        ro.assert_close(g, e, ro.GRAD_TOL[torch.float32], f"fdoc d{n}")
+    assert tma_on and all(tma_on), tma_on

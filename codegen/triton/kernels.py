@@ -489,7 +489,8 @@ class KernelWriter:
             return edge
         d, row = desc
         tile = f"tl.trans({d}.load([{row}, 0]))" if transpose else f"{d}.load([{row}, 0])"
-        tma = f"_TMA & (EDGE != {int(Edge.MASKED)})" if masked_by_pointer else "_TMA"
+        # Without `EDGE` (no lean interval) the helper has no MASKED call to tell apart: descriptors.
+        tma = f"_TMA & (EDGE != {int(Edge.MASKED)})" if masked_by_pointer and self._edge else "_TMA"
         return S(f"if {tma}:\n    {target} = {tile}\nelse:\n    {{ptr}}", ptr=edge)
 
     def _score_block(self, out: Stmts, i: str, j: str) -> None:
