@@ -165,9 +165,11 @@ def _default_config(D, E, kernel="fwd", heavy=False, cc=None, nbytes=2, kv_reads
     if kernel == "dkdv":  # one stage above 64: feature maps recomputed per tile spilled with two (sm_90)
         return _KernelConfig(16 if heavy and width > 64 else 32, 32, warps, stages if width <= 64 else 1)
     if heavy:  # above 64: 16×16 tiles for gathers; 32×16 for float32 weights (16×16 spilled there on sm_90)
-        # Float32 weights at 64 and below: one stage. With tile loads through TMA, decay_abs's dQ spilled
-        # 24 bytes at two stages (96 registers) and none at one; the other such specs change by a few registers.
-        one = heavy == 1 and width <= 64
+        # Float32 weights: one stage. With tile loads through TMA, decay_abs's dQ spilled 24 bytes at two stages
+        # (D = 64, 96 registers) and none at one; at D = 128 with aux gradients retention's spilled 28 bytes
+        # (fp16) and 8 (bf16) at two stages and none at one (128, 130 registers; decay_abs, gated_linear and
+        # lightning none either way).
+        one = heavy == 1
         # Gathers per (i, j) at 64 and below: eight warps. With dO in the inputs' dtype, t5_bias's dQ (aux
         # gradients, fp16) spilled 28 bytes at four (96 registers) and none at eight (86; relpos_table 139 -> 128,
         # document 122 -> 96).
